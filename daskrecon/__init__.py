@@ -1,0 +1,30 @@
+"""daskrecon: DeepInverse imaging inverse problems on Dask clusters."""
+
+from daskrecon.context import DistributedContext
+from daskrecon.distribute import distribute, register
+from daskrecon.errors import DaskreconError
+from daskrecon.fidelity import DistributedDataFidelity
+from daskrecon.measurements import DistributedMeasurements
+from daskrecon.physics import (
+    DistributedLinearPhysics,
+    DistributedPhysics,
+    DistributedStackedLinearPhysics,
+    DistributedStackedPhysics,
+)
+from daskrecon.reduction import reduction_plan
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DaskreconError",
+    "DistributedContext",
+    "DistributedDataFidelity",
+    "DistributedLinearPhysics",
+    "DistributedMeasurements",
+    "DistributedPhysics",
+    "DistributedStackedLinearPhysics",
+    "DistributedStackedPhysics",
+    "distribute",
+    "reduction_plan",
+    "register",
+]

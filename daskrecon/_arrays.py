@@ -1,0 +1,66 @@
+"""Driver-side conversions between torch tensors, numpy arrays and futures."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from deepinv.utils import TensorList
+from distributed import Client, Future
+
+from daskrecon.errors import WorkerTaskError
+
+__all__ = ["as_numpy", "gather_tensors", "scatter_to_owners"]
+
+
+def as_numpy(t: torch.Tensor | np.ndarray, name: str = "x") -> np.ndarray:
+    """A contiguous host copy (or view) of ``t``, with a message naming ``name`` when it is no array."""
+    if isinstance(t, np.ndarray):
+        return np.ascontiguousarray(t)
+    if isinstance(t, torch.Tensor):
+        return np.ascontiguousarray(t.detach().resolve_conj().cpu().numpy())
+    raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def scatter_to_owners(client: Client, arrays: Sequence[np.ndarray], owners: Sequence[str]) -> list[Future]:
+    """Send ``arrays[i]`` to worker ``owners[i]``, one message per worker."""
+    futures: list[Future | None] = [None] * len(arrays)
+    by_owner: dict[str, list[int]] = {}
+    for i, w in enumerate(owners):
+        by_owner.setdefault(w, []).append(i)
+    for w, idx in by_owner.items():
+        placed = client.scatter([arrays[i] for i in idx], workers=[w], hash=False)
+        for i, f in zip(idx, placed):
+            futures[i] = f
+    return futures  # type: ignore[return-value]
+
+
+def gather_arrays(client: Client, futures: Sequence[Future], what: str = "task") -> list[np.ndarray]:
+    """Gather, turning a worker exception into :class:`WorkerTaskError` naming the item."""
+    try:
+        return client.gather(list(futures))
+    except Exception as exc:
+        failed = [i for i, f in enumerate(futures) if f.status == "error"]
+        where = f" (failed for {what} index {failed[0]})" if failed else ""
+        import traceback
+
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        raise WorkerTaskError(
+            f"{type(exc).__name__} in a worker task{where}: {exc}\n--- worker traceback ---\n{tb}"
+        ) from exc
+
+
+def gather_tensors(
+    client: Client, futures: Sequence[Future], device: torch.device, what: str = "operator"
+) -> list[torch.Tensor]:
+    """Gather futures of arrays into torch tensors on ``device``."""
+    return [torch.from_numpy(np.asarray(a)).to(device) for a in gather_arrays(client, futures, what)]
+
+
+def gather_one(client: Client, future: Future, device: torch.device, what: str = "reduction") -> torch.Tensor:
+    return gather_tensors(client, [future], device, what)[0]
+
+
+def tensor_list(tensors: Sequence[torch.Tensor]) -> TensorList:
+    return TensorList(list(tensors))

@@ -1,0 +1,251 @@
+"""Code that runs inside Dask tasks, on the workers.
+
+Everything here is a module-level function, so a task pickles as a reference to it
+plus its (small or array) arguments. Operators, fidelities and models are built once
+per worker by a *build* task and then live in worker memory as that task's result;
+compute tasks receive them as dependencies and exchange only numpy arrays (dask's
+memory accounting understands numpy, not torch: see the engineering notes §2.6).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from dask.sizeof import sizeof
+
+__all__ = [
+    "build_object",
+    "forward_op",
+    "sum_arrays",
+    "worker_device",
+]
+
+
+@sizeof.register(torch.Tensor)
+def _sizeof_tensor(t: torch.Tensor) -> int:
+    return t.element_size() * t.nelement()
+
+
+@sizeof.register(torch.nn.Module)
+def _sizeof_module(m: torch.nn.Module) -> int:
+    tensors = list(m.parameters()) + list(m.buffers())
+    return 1000 + sum(t.element_size() * t.nelement() for t in tensors)
+
+
+# --------------------------------------------------------------------- devices, arrays
+def worker_device(device_mode: str | None) -> torch.device:
+    """The device this worker computes on: its (first visible) GPU unless told "cpu"."""
+    if device_mode != "cpu" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def module_device(obj: Any) -> torch.device:
+    """Device of a module's first buffer or parameter (cpu when it has none)."""
+    if isinstance(obj, torch.nn.Module):
+        for t in obj.buffers():
+            return t.device
+        for t in obj.parameters():
+            return t.device
+    return torch.device("cpu")
+
+
+def to_tensor(a: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
+    return t.to(device)
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().resolve_conj().cpu().numpy()
+
+
+def set_torch_threads(n: int) -> None:
+    """Bound torch's intra-op threads in this worker process (called by the plugin)."""
+    torch.set_num_threads(max(1, int(n)))
+    os.environ["DASKRECON_TORCH_THREADS"] = str(n)
+
+
+# --------------------------------------------------------------------- building objects
+def build_object(
+    source: Any,
+    index: int,
+    factory_kwargs: dict | None,
+    device_mode: str | None,
+) -> Any:
+    """Build (or receive) the object of one operator index on this worker.
+
+    ``source`` is either the object itself (unpickled once, here) or a factory
+    ``factory(index, device, factory_kwargs)`` in deepinv's convention.
+    """
+    device = worker_device(device_mode)
+    if isinstance(source, torch.nn.Module):
+        obj = source
+    elif callable(source):
+        obj = source(index, device, factory_kwargs)
+    else:
+        obj = source
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.to(device)
+        obj.eval()
+    return obj
+
+
+def place_array(a: np.ndarray) -> np.ndarray:
+    """Identity task: keeps an array in worker memory with a recomputable lineage."""
+    return a
+
+
+def build_measurement(factory: Callable, index: int, shared: Any, device_mode: str | None) -> np.ndarray:
+    """Run a measurement factory ``factory(index, device, shared)`` on the worker."""
+    y = factory(index, worker_device(device_mode), shared)
+    return to_numpy(torch.as_tensor(y))
+
+
+# --------------------------------------------------------------------- per-operator tasks
+@contextlib.contextmanager
+def _seeded(seed: int | None):
+    """Draw from ``seed`` inside the block, leaving the worker's global RNG as it was."""
+    if seed is None:
+        yield
+        return
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def forward_op(op: torch.nn.Module, x: np.ndarray, kwargs: dict, seed: int | None, noise: bool) -> np.ndarray:
+    """``A_i(x)`` (``noise=False``) or ``forward_i(x)`` with noise drawn from ``seed``."""
+    dev = module_device(op)
+    with torch.no_grad(), _seeded(seed):
+        xt = to_tensor(x, dev)
+        out = op.forward(xt, **kwargs) if noise else op.A(xt, **kwargs)
+    return to_numpy(out)
+
+
+def adjoint_op(op: torch.nn.Module, y: np.ndarray, kwargs: dict) -> np.ndarray:
+    """``A_iᵀ y_i``."""
+    dev = module_device(op)
+    with torch.no_grad():
+        return to_numpy(op.A_adjoint(to_tensor(y, dev), **kwargs))
+
+
+def vjp_op(op: torch.nn.Module, x: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """``(∂A_i/∂x)ᵀ v_i``; by autograd when the operator is not linear."""
+    dev = module_device(op)
+    xt, vt = to_tensor(x, dev), to_tensor(v, dev)
+    with torch.enable_grad():
+        return to_numpy(op.A_vjp(xt, vt))
+
+
+def adjoint_A_op(op: torch.nn.Module, x: np.ndarray, kwargs: dict) -> np.ndarray:
+    """``A_iᵀ A_i x``."""
+    dev = module_device(op)
+    with torch.no_grad():
+        return to_numpy(op.A_adjoint_A(to_tensor(x, dev), **kwargs))
+
+
+def sqnorm_op(op: torch.nn.Module, x0: np.ndarray, max_iter: int, tol: float) -> float:
+    """``‖A_i‖²`` by the operator's own power method."""
+    dev = module_device(op)
+    with torch.no_grad():
+        out = op.compute_sqnorm(to_tensor(x0, dev), max_iter=max_iter, tol=tol, verbose=False)
+    return float(out)
+
+
+def dagger_op(op: torch.nn.Module, y: np.ndarray, kwargs: dict) -> np.ndarray:
+    """``A_i^† y_i`` by the operator's own pseudo-inverse.
+
+    Solver options are passed only where the operator's ``A_dagger`` names them (a
+    closed-form pseudo-inverse such as ``BlurFFT``'s takes none).
+    """
+    named = inspect.signature(op.A_dagger).parameters
+    kwargs = {k: v for k, v in kwargs.items() if k in named}
+    dev = module_device(op)
+    with torch.no_grad():
+        return to_numpy(op.A_dagger(to_tensor(y, dev), **kwargs))
+
+
+def _uses_chain_rule(fidelity: Any) -> bool:
+    from deepinv.optim.data_fidelity import L2, DataFidelity
+
+    return type(fidelity).grad in (DataFidelity.grad, L2.grad)
+
+
+def _check_measurement(index: int, ax: torch.Tensor, y: torch.Tensor) -> None:
+    if tuple(ax.shape) != tuple(y.shape):
+        from daskrecon.errors import ShapeError
+
+        raise ShapeError(
+            f"y[{index}] has shape {tuple(y.shape)} but operator {index} maps x to shape {tuple(ax.shape)}; "
+            "check the image shape and that y is in operator order"
+        )
+
+
+def fidelity_grad_op(
+    op: torch.nn.Module, fidelity: Any, x: np.ndarray, y: np.ndarray, index: int, kwargs: dict
+) -> np.ndarray:
+    """``∇_x d_i(A_i x, y_i) = (∂A_i/∂x)ᵀ ∇d_i(A_i x, y_i)``.
+
+    For fidelities whose gradient is the chain rule (``L2``, any plain ``DataFidelity``)
+    this costs one ``A`` and one ``A_vjp``, not ``L2.grad``'s ``AᵀA x − Aᵀ y`` (one
+    more operator pass); other fidelities use their own ``grad``.
+    """
+    dev = module_device(op)
+    xt, yt = to_tensor(x, dev), to_tensor(y, dev)
+    if _uses_chain_rule(fidelity):
+        with torch.no_grad():
+            ax = op.A(xt)
+            _check_measurement(index, ax, yt)
+            g = fidelity.d.grad(ax, yt, **kwargs)
+        with torch.enable_grad():
+            out = op.A_vjp(xt, g)
+    else:
+        with torch.enable_grad():
+            out = fidelity.grad(xt, yt, op, **kwargs)
+    return to_numpy(out)
+
+
+def fidelity_fn_op(
+    op: torch.nn.Module, fidelity: Any, x: np.ndarray, y: np.ndarray, index: int, kwargs: dict
+) -> np.ndarray:
+    """``d_i(A_i x, y_i)`` per batch element."""
+    dev = module_device(op)
+    from deepinv.optim.data_fidelity import DataFidelity
+
+    with torch.no_grad():
+        xt, yt = to_tensor(x, dev), to_tensor(y, dev)
+        if type(fidelity).fn is DataFidelity.fn:
+            ax = op.A(xt)
+            _check_measurement(index, ax, yt)
+            out = fidelity.d(ax, yt, **kwargs)
+        else:
+            out = fidelity.fn(xt, yt, op, **kwargs)
+    return to_numpy(torch.as_tensor(out))
+
+
+# --------------------------------------------------------------------- reductions
+def sum_arrays(*arrays: np.ndarray) -> np.ndarray:
+    """Sum in argument order (fixed order = bitwise reproducible)."""
+    out = np.array(arrays[0], copy=True)
+    for a in arrays[1:]:
+        if a.shape != out.shape:
+            raise ValueError(
+                f"cannot sum per-operator results of shapes {out.shape} and {a.shape}: "
+                "reduce_op='sum'/'mean' needs operators with equal output shapes"
+            )
+        out += a
+    return out
+
+
+def describe(obj: Any) -> dict:
+    """What the driver needs to know about a built operator."""
+    from deepinv.physics import LinearPhysics
+
+    return {"linear": isinstance(obj, LinearPhysics), "type": type(obj).__name__}

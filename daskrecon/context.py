@@ -1,0 +1,356 @@
+"""`DistributedContext`: owns or attaches to a Dask cluster for the lifetime of a ``with`` block."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import dask
+import torch
+from distributed import Client, LocalCluster
+from distributed.deploy import Cluster
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from daskrecon.errors import ClusterConnectionError, DeviceError
+from daskrecon.sharding import SHARDINGS, assign_owners
+
+__all__ = ["DistributedContext"]
+
+_DEVICE_MODES = (None, "cpu", "gpu")
+_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def _available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+class DistributedContext:
+    """Connection to the Dask cluster that runs daskrecon's tasks.
+
+    Use it as a context manager. A context that starts a cluster closes it on exit;
+    a cluster or client it was given is left running.
+
+    Parameters
+    ----------
+    cluster : None, str, distributed.Client or distributed.deploy.Cluster
+        ``None`` starts a local cluster sized to this machine: one worker per GPU
+        (``dask_cuda.LocalCUDACluster`` when it is installed) when GPUs are visible and
+        ``device_mode`` allows them, else CPU worker processes. A string is a
+        scheduler address (``"tcp://host:8786"``). A ``Cluster`` may come from
+        dask-jobqueue (``SLURMCluster``...), dask-cuda or anything else.
+    n_workers : int, optional
+        Workers of the local cluster (default: the GPU count, else ``min(cores, 4)``).
+    threads_per_worker : int, optional
+        Dask threads per local worker (default 1).
+    memory_limit : str or int, optional
+        Memory limit per local worker (``"2GiB"``...), default ``"auto"``.
+    device_mode : {None, "cpu", "gpu"}
+        ``None``: GPUs when the workers have them, else CPU. ``"gpu"`` without a GPU
+        raises :class:`~daskrecon.errors.DeviceError`.
+    sharding : {"round_robin", "block"}
+        Which worker owns which operator (see :func:`daskrecon.sharding.assign_owners`).
+        Results never depend on it.
+    seed : int, optional
+        Seeds the driver's torch RNG. Noise drawn on workers is seeded per operator
+        from the driver's RNG, so it does not depend on the number of workers.
+    processes : bool
+        Local cluster with worker processes (default) or threads.
+    dashboard_address : str
+        Where the local cluster's dashboard listens; localhost only by default.
+    timeout : float
+        Seconds to wait for a scheduler or for the first worker.
+    torch_threads : int, optional
+        torch intra-op threads per worker. Default for a local cluster: cores divided
+        by ``n_workers * threads_per_worker`` so that the machine is not oversubscribed;
+        attached clusters are left as they are unless this is given.
+    fan_in : int
+        Largest number of partial results one reduction task sums (default 4).
+    backend, cleanup, seed_offset, deterministic
+        Accepted for compatibility with ``deepinv.distributed.DistributedContext``.
+        ``backend`` has no meaning on Dask (a warning is given if set); ``cleanup=False``
+        keeps a cluster this context started running after exit; ``seed_offset`` is
+        irrelevant since results do not depend on ranks; ``deterministic=True`` sets
+        cuDNN to deterministic mode on the driver.
+    **cluster_kwargs
+        Passed to the local cluster class.
+
+    Attributes
+    ----------
+    rank : int
+        Always 0: this process is the driver.
+    world_size : int
+        Number of workers.
+    device : torch.device
+        Where results returned to the driver are placed.
+    client : distributed.Client
+    dashboard_link : str or None
+
+    Examples
+    --------
+    >>> import daskrecon as dr
+    >>> with dr.DistributedContext(n_workers=1, processes=False, dashboard_address=":0") as ctx:
+    ...     ctx.world_size
+    1
+    """
+
+    def __init__(
+        self,
+        cluster: None | str | Client | Cluster = None,
+        *,
+        n_workers: int | None = None,
+        threads_per_worker: int | None = None,
+        memory_limit: str | int | None = None,
+        device_mode: str | None = None,
+        sharding: str = "round_robin",
+        seed: int | None = None,
+        processes: bool = True,
+        dashboard_address: str = "127.0.0.1:8787",
+        timeout: float = 30.0,
+        torch_threads: int | None = None,
+        fan_in: int = 4,
+        backend: str | None = None,
+        cleanup: bool = True,
+        seed_offset: bool = True,
+        deterministic: bool = False,
+        **cluster_kwargs: Any,
+    ) -> None:
+        if device_mode not in _DEVICE_MODES:
+            raise ValueError(f"device_mode must be one of {_DEVICE_MODES}, got {device_mode!r}")
+        if sharding not in SHARDINGS:
+            raise ValueError(f"sharding must be one of {SHARDINGS}, got {sharding!r}")
+        for name, value in (("n_workers", n_workers), ("threads_per_worker", threads_per_worker),
+                            ("torch_threads", torch_threads)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(fan_in, int) or fan_in < 2:
+            raise ValueError(f"fan_in must be an int >= 2, got {fan_in!r}")
+        if not (cluster is None or isinstance(cluster, (str, Client, Cluster))):
+            raise TypeError(
+                "cluster must be None (start a local cluster), a scheduler address string, "
+                f"a distributed.Client or a Cluster object, got {type(cluster).__name__}"
+            )
+        if backend is not None:
+            warnings.warn(f"backend={backend!r} is ignored: daskrecon communicates through Dask", stacklevel=2)
+        self._cluster_arg = cluster
+        self.n_workers = n_workers
+        self.threads_per_worker = threads_per_worker
+        self.memory_limit = memory_limit
+        self.device_mode = device_mode
+        self.sharding = sharding
+        self.seed = seed
+        self.seed_offset = seed_offset
+        self.deterministic = deterministic
+        self.processes = processes
+        self.dashboard_address = dashboard_address
+        self.timeout = timeout
+        self.torch_threads = torch_threads
+        self.fan_in = fan_in
+        self.cleanup = cleanup
+        self.cluster_kwargs = cluster_kwargs
+        self.rank = 0
+        self._client: Client | None = None
+        self._cluster: Cluster | None = None
+        self._owns_client = False
+        self._owns_cluster = False
+
+    # ------------------------------------------------------------------ lifecycle
+    def __enter__(self) -> DistributedContext:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def start(self) -> DistributedContext:
+        """Start or connect to the cluster (``__enter__`` calls this)."""
+        if self._client is not None:
+            return self
+        if self.device_mode == "gpu" and self._cluster_arg is None and not torch.cuda.is_available():
+            raise DeviceError(
+                "device_mode='gpu' but torch sees no CUDA device on this machine; "
+                "use device_mode=None (auto) or 'cpu', or pass a cluster whose workers have GPUs"
+            )
+        arg = self._cluster_arg
+        if arg is None:
+            self._cluster = self._start_local_cluster()
+            self._owns_cluster = True
+            self._client = Client(self._cluster)
+            self._owns_client = True
+        elif isinstance(arg, Client):
+            self._client = arg
+        else:
+            self._client = self._connect(arg)
+            self._owns_client = True
+        try:
+            self._client.wait_for_workers(1, timeout=self.timeout)
+        except Exception as exc:
+            self.close()
+            raise ClusterConnectionError(
+                f"no worker joined the cluster within timeout={self.timeout}s; "
+                "scale the cluster (e.g. cluster.scale(jobs=...)) or raise timeout"
+            ) from exc
+        self._configure_workers()
+        if self.seed is not None:
+            torch.manual_seed(self.seed)
+        if self.deterministic:
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
+        return self
+
+    def close(self) -> None:
+        """Close what this context started; leave what it was given running."""
+        if self._client is not None and self._owns_client:
+            self._client.close()
+        if self._cluster is not None and self._owns_cluster and self.cleanup:
+            self._cluster.close()
+        self._client = None
+        self._cluster = None
+
+    def _connect(self, arg: str | Cluster) -> Client:
+        try:
+            return Client(arg, timeout=self.timeout)
+        except (OSError, TimeoutError) as exc:
+            where = arg if isinstance(arg, str) else getattr(arg, "scheduler_address", repr(arg))
+            raise ClusterConnectionError(
+                f"could not reach the Dask scheduler at {where!r} within timeout={self.timeout}s: {exc}. "
+                "Check the address and that the scheduler is running, or pass cluster=None for a local cluster"
+            ) from exc
+
+    def _local_sizes(self, n_gpus: int) -> tuple[int, int, int]:
+        cores = _available_cores()
+        n_workers = self.n_workers or (n_gpus if n_gpus else max(1, min(cores, 4)))
+        threads = self.threads_per_worker or 1
+        torch_threads = self.torch_threads or max(1, cores // (n_workers * threads))
+        return n_workers, threads, torch_threads
+
+    def _start_local_cluster(self) -> Cluster:
+        use_gpu = self.device_mode != "cpu" and torch.cuda.is_available()
+        n_gpus = torch.cuda.device_count() if use_gpu else 0
+        n_workers, threads, torch_threads = self._local_sizes(n_gpus)
+        self._local_torch_threads = torch_threads
+        kwargs = dict(
+            n_workers=n_workers,
+            threads_per_worker=threads,
+            dashboard_address=self.dashboard_address,
+        )
+        if self.memory_limit is not None:
+            kwargs["memory_limit"] = self.memory_limit
+        kwargs.update(self.cluster_kwargs)
+        env = {k: str(torch_threads) for k in _THREAD_ENV}
+        saved = {k: os.environ.get(k) for k in _THREAD_ENV}
+        # Nanny writes its pre-spawn environment into this process too (notes §2.5):
+        # restore the driver's own thread settings afterwards.
+        try:
+            with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
+                if use_gpu:
+                    return self._start_gpu_cluster(kwargs)
+                return LocalCluster(processes=self.processes, host="127.0.0.1", **kwargs)
+        except OSError as exc:
+            raise ClusterConnectionError(f"could not start a local Dask cluster: {exc}") from exc
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    def _start_gpu_cluster(self, kwargs: dict) -> Cluster:
+        kwargs = dict(kwargs, threads_per_worker=1)
+        try:
+            from dask_cuda import LocalCUDACluster
+        except ImportError:
+            from daskrecon._gpu import gpu_spec_cluster
+
+            return gpu_spec_cluster(**kwargs)
+        return LocalCUDACluster(**kwargs)
+
+    def _configure_workers(self) -> None:
+        threads = self.torch_threads or getattr(self, "_local_torch_threads", None)
+        if threads is not None:
+            self.client.register_plugin(_TorchThreads(threads), name="daskrecon-torch-threads")
+        if self.device_mode == "gpu":
+            has_gpu = self.client.run(torch.cuda.is_available)
+            if not any(has_gpu.values()):
+                raise DeviceError(
+                    "device_mode='gpu' but no worker of the cluster sees a CUDA device "
+                    f"(workers: {sorted(has_gpu)}); start GPU workers or use device_mode=None"
+                )
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def client(self) -> Client:
+        """The :class:`distributed.Client` (raises outside the ``with`` block)."""
+        if self._client is None:
+            raise RuntimeError("DistributedContext is not started: use it in a `with` block or call start()")
+        return self._client
+
+    @property
+    def cluster(self) -> Cluster | None:
+        """The cluster object, when one is known."""
+        return self._cluster or getattr(self._client, "cluster", None)
+
+    def workers(self) -> list[str]:
+        """Addresses of the current workers, sorted (a stable order for sharding)."""
+        return sorted(self.client.scheduler_info(n_workers=-1)["workers"])
+
+    @property
+    def world_size(self) -> int:
+        """Number of workers."""
+        return len(self.workers())
+
+    @property
+    def is_dist(self) -> bool:
+        """True while connected (work runs on a cluster); deepinv's older name."""
+        return self._client is not None
+
+    use_dist = is_dist
+
+    @property
+    def device(self) -> torch.device:
+        """Device of tensors returned to the driver."""
+        if self.device_mode != "cpu" and torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    @property
+    def dashboard_link(self) -> str | None:
+        """URL of the Dask dashboard, when one is served."""
+        try:
+            return self.client.dashboard_link
+        except Exception:  # no bokeh / no dashboard
+            return None
+
+    def owners(self, n_items: int) -> list[str]:
+        """Worker address owning each of ``n_items`` items under this context's sharding."""
+        workers = self.workers()
+        return [workers[k] for k in assign_owners(n_items, len(workers), self.sharding)]
+
+    def local_indices(self, num_items: int) -> list[int]:
+        """All indices: the driver sees every item (deepinv compatibility)."""
+        return list(range(num_items))
+
+    def __repr__(self) -> str:
+        if self._client is None:
+            return "DistributedContext(not started)"
+        return (
+            f"DistributedContext(workers={self.world_size}, sharding={self.sharding!r}, "
+            f"device_mode={self.device_mode!r}, dashboard={self.dashboard_link})"
+        )
+
+
+class _TorchThreads(WorkerPlugin):
+    """Worker plugin: bound torch's intra-op threads on every (also restarted) worker."""
+
+    idempotent = True
+
+    def __init__(self, n_threads: int) -> None:
+        self.n_threads = n_threads
+
+    def setup(self, worker: Any) -> None:
+        from daskrecon._worker import set_torch_threads
+
+        set_torch_threads(self.n_threads)

@@ -1,0 +1,197 @@
+"""`distribute()`: wrap a deepinv object into its distributed counterpart, by type.
+
+Dispatch is a :func:`functools.singledispatch` registry keyed on the deepinv class,
+so the most specific class wins (``StackedPhysicsDataFidelity`` before
+``DataFidelity``) and users can register their own types with :func:`register`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from deepinv.optim.data_fidelity import DataFidelity
+from deepinv.physics import LinearPhysics, Physics
+from deepinv.physics.forward import StackedLinearPhysics, StackedPhysics
+
+from daskrecon.context import DistributedContext
+from daskrecon.fidelity import DistributedDataFidelity
+from daskrecon.physics import DistributedLinearPhysics, DistributedPhysics
+
+__all__ = ["distribute", "register"]
+
+_KIND_OPTIONS: dict[str, frozenset[str]] = {
+    "physics": frozenset({"num_operators", "factory_kwargs", "gather_strategy", "dtype"}),
+    "linear_physics": frozenset({"num_operators", "factory_kwargs", "gather_strategy", "dtype"}),
+    "data_fidelity": frozenset({"num_operators", "factory_kwargs", "reduction"}),
+    "denoiser": frozenset({"tiling_strategy", "patch_size", "overlap", "tiling_dims", "max_batch_size",
+                           "strategy_kwargs", "blend", "dtype", "border"}),
+}
+_KIND_OPTIONS["prior"] = _KIND_OPTIONS["denoiser"]
+_ALL_OPTIONS = frozenset().union(*_KIND_OPTIONS.values())
+_HANDLERS: dict[str, Callable[..., Any]] = {}
+
+
+def distribute(obj: Any, ctx: DistributedContext, *, type_object: str = "auto", **options: Any) -> Any:
+    """Return the distributed counterpart of a deepinv object.
+
+    Parameters
+    ----------
+    obj : StackedPhysics, list of Physics, factory, DataFidelity, list of DataFidelity,
+          StackedPhysicsDataFidelity, Denoiser or Prior
+        What to distribute. A factory ``f(i, device, factory_kwargs)`` needs
+        ``num_operators``; its kind is detected by building operator 0 on the driver
+        (pass ``type_object`` to skip that).
+    ctx : DistributedContext
+        A started context.
+    type_object : {"auto", "physics", "linear_physics", "data_fidelity", "denoiser", "prior"}
+        Force the kind instead of detecting it.
+    **options
+        Per kind. Physics: ``num_operators``, ``factory_kwargs``, ``gather_strategy``,
+        ``dtype``. Data fidelity: ``num_operators``, ``factory_kwargs``, ``reduction``.
+        Denoiser / prior: ``patch_size``, ``overlap``, ``tiling_strategy``,
+        ``tiling_dims``, ``max_batch_size``, ``strategy_kwargs``, ``blend``, ``border``.
+        An option that does not apply to the detected kind raises ``TypeError``.
+
+    Returns
+    -------
+    DistributedPhysics, DistributedLinearPhysics, DistributedDataFidelity,
+    DistributedProcessing or DistributedPrior
+
+    Raises
+    ------
+    ValueError
+        ``obj`` cannot be placed (unknown type, empty or mixed list, factory without
+        ``num_operators``), or ``type_object`` is unknown.
+    TypeError
+        An option unknown or not meant for the kind of ``obj``.
+    """
+    unknown = set(options) - _ALL_OPTIONS
+    if unknown:
+        raise TypeError(f"distribute() got unexpected keyword arguments {sorted(unknown)}; "
+                        f"known options: {sorted(_ALL_OPTIONS)}")
+    if type_object == "auto":
+        kind = _detect(obj, options)
+    elif type_object in _HANDLERS:
+        kind = type_object
+    else:
+        raise ValueError(f"type_object must be 'auto' or one of {sorted(_HANDLERS)}, got {type_object!r}")
+    misplaced = set(options) - _KIND_OPTIONS[kind]
+    if misplaced:
+        raise TypeError(f"options {sorted(misplaced)} do not apply to {kind!r} objects "
+                        f"(accepted: {sorted(_KIND_OPTIONS[kind])})")
+    return _HANDLERS[kind](obj, ctx, **options)
+
+
+# ---------------------------------------------------------------------- detection
+@functools.singledispatch
+def _kind_of(obj: Any, options: dict) -> str:
+    if callable(obj) and not isinstance(obj, torch.nn.Module):
+        return _probe_factory(obj, options)
+    raise ValueError(
+        f"cannot distribute an object of type {type(obj).__name__}: expected StackedPhysics, a list of Physics, "
+        "a factory with num_operators, a DataFidelity (or a list of them), a Denoiser or a Prior"
+    )
+
+
+@_kind_of.register
+def _(obj: StackedPhysics, options: dict) -> str:
+    return "linear_physics" if isinstance(obj, StackedLinearPhysics) else "physics"
+
+
+@_kind_of.register
+def _(obj: Physics, options: dict) -> str:
+    return "linear_physics" if isinstance(obj, LinearPhysics) else "physics"
+
+
+@_kind_of.register
+def _(obj: DataFidelity, options: dict) -> str:
+    return "data_fidelity"
+
+
+@_kind_of.register(list)
+@_kind_of.register(tuple)
+def _(obj: list, options: dict) -> str:
+    if not obj:
+        raise ValueError("cannot distribute an empty list")
+    if all(isinstance(o, Physics) for o in obj):
+        return "linear_physics" if all(isinstance(o, LinearPhysics) for o in obj) else "physics"
+    if all(isinstance(o, DataFidelity) for o in obj):
+        return "data_fidelity"
+    kinds = sorted({type(o).__name__ for o in obj})
+    raise ValueError(f"a list to distribute must hold only Physics or only DataFidelity objects, got {kinds}")
+
+
+def _probe_factory(factory: Callable, options: dict) -> str:
+    n = options.get("num_operators")
+    if not isinstance(n, int) or n < 1:
+        raise ValueError("When using a factory, you must provide num_operators (a positive int)")
+    try:
+        probe = factory(0, torch.device("cpu"), options.get("factory_kwargs"))
+    except Exception as exc:
+        raise ValueError(
+            f"could not detect what the factory builds (calling factory(0, 'cpu', factory_kwargs) failed: {exc}); "
+            "pass type_object='physics', 'linear_physics' or 'data_fidelity'"
+        ) from exc
+    if isinstance(probe, (Physics, DataFidelity)):
+        return _kind_of(probe, options)
+    raise ValueError(f"the factory returned a {type(probe).__name__}, expected a Physics or a DataFidelity")
+
+
+def _detect(obj: Any, options: dict) -> str:
+    return _kind_of(obj, options)
+
+
+def register(cls: type, kind: str) -> None:
+    """Let :func:`distribute` treat instances of ``cls`` (a user type) as ``kind``.
+
+    Parameters
+    ----------
+    cls : type
+    kind : {"physics", "linear_physics", "data_fidelity", "denoiser", "prior"}
+    """
+    if kind not in _HANDLERS:
+        raise ValueError(f"kind must be one of {sorted(_HANDLERS)}, got {kind!r}")
+    _kind_of.register(cls, lambda obj, options: kind)
+
+
+# ---------------------------------------------------------------------- handlers
+def _physics_handler(linear: bool) -> Callable[..., DistributedPhysics]:
+    def handler(obj: Any, ctx: DistributedContext, *, num_operators: int | None = None,
+                factory_kwargs: dict | None = None, gather_strategy: str = "concatenated",
+                dtype: torch.dtype | None = None) -> DistributedPhysics:
+        if isinstance(obj, StackedPhysics):
+            factory: Any = list(obj.physics_list)
+        elif isinstance(obj, Physics):
+            factory = [obj]
+        elif isinstance(obj, (list, tuple)):
+            factory = list(obj)
+        elif callable(obj):
+            if not isinstance(num_operators, int) or num_operators < 1:
+                raise ValueError("When using a factory for physics, you must provide num_operators (a positive int)")
+            factory = obj
+        else:
+            raise ValueError(f"cannot build physics from a {type(obj).__name__}")
+        if not callable(factory):
+            if num_operators is not None and num_operators != len(factory):
+                raise ValueError(f"num_operators={num_operators} but {len(factory)} operators were given")
+            num_operators = len(factory)
+        cls = DistributedLinearPhysics if linear else DistributedPhysics
+        return cls(ctx, num_operators, factory, factory_kwargs=factory_kwargs,
+                   gather_strategy=gather_strategy, dtype=dtype)
+
+    return handler
+
+
+def _fidelity_handler(obj: Any, ctx: DistributedContext, *, num_operators: int | None = None,
+                      factory_kwargs: dict | None = None, reduction: str = "sum") -> DistributedDataFidelity:
+    return DistributedDataFidelity(ctx, obj, num_operators, factory_kwargs=factory_kwargs, reduction=reduction)
+
+
+_HANDLERS.update(
+    physics=_physics_handler(linear=False),
+    linear_physics=_physics_handler(linear=True),
+    data_fidelity=_fidelity_handler,
+)
