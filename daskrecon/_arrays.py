@@ -9,7 +9,7 @@ import torch
 from deepinv.utils import TensorList
 from distributed import Client, Future
 
-from daskrecon.errors import WorkerTaskError
+from daskrecon.errors import DaskreconError, WorkerTaskError
 
 __all__ = ["as_numpy", "gather_tensors", "scatter_to_owners"]
 
@@ -40,6 +40,8 @@ def gather_arrays(client: Client, futures: Sequence[Future], what: str = "task")
     """Gather, turning a worker exception into :class:`WorkerTaskError` naming the item."""
     try:
         return client.gather(list(futures))
+    except DaskreconError:
+        raise  # our own checks, raised on a worker: the message already names the argument
     except Exception as exc:
         failed = [i for i, f in enumerate(futures) if f.status == "error"]
         where = f" (failed for {what} index {failed[0]})" if failed else ""

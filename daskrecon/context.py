@@ -248,7 +248,9 @@ class DistributedContext:
             with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
                 if use_gpu:
                     return self._start_gpu_cluster(kwargs)
-                return LocalCluster(processes=self.processes, host="127.0.0.1", **kwargs)
+                if self.processes:
+                    kwargs.setdefault("host", "127.0.0.1")  # listen on localhost only
+                return LocalCluster(processes=self.processes, **kwargs)
         except OSError as exc:
             raise ClusterConnectionError(f"could not start a local Dask cluster: {exc}") from exc
         finally:

@@ -1,0 +1,66 @@
+import pytest
+import torch
+from distributed import Client, LocalCluster
+
+import daskrecon as dr
+from daskrecon.errors import ClusterConnectionError, DeviceError
+
+
+def test_local_cluster_attributes_and_threads(ctx):
+    assert ctx.rank == 0 and ctx.world_size == 2 and ctx.is_dist and ctx.use_dist
+    assert ctx.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert ctx.dashboard_link and ctx.dashboard_link.startswith("http://127.0.0.1")
+    threads = ctx.client.run(torch.get_num_threads)
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    assert sum(threads.values()) <= max(cores, len(threads))  # workers x torch threads never oversubscribe
+    assert ctx.local_indices(3) == [0, 1, 2]
+    assert len(set(ctx.owners(4))) == 2
+
+
+def test_closes_only_what_it_started():
+    with dr.DistributedContext(n_workers=1, processes=False, dashboard_address=":0") as c:
+        cluster = c.cluster
+        assert cluster.status.name == "running"
+    assert cluster.status.name == "closed"
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as cl, Client(cl) as client:
+        with dr.DistributedContext(client) as c:
+            assert c.client is client
+        assert client.status == "running"
+        with dr.DistributedContext(cl) as c:  # a Cluster object
+            assert c.world_size == 1
+        with dr.DistributedContext(cl.scheduler_address) as c:  # an address
+            assert c.world_size == 1
+        assert cl.status.name == "running"
+
+
+def test_gpu_requested_without_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(DeviceError, match="device_mode='gpu'"):
+        dr.DistributedContext(device_mode="gpu").start()
+
+
+def test_unreachable_scheduler_times_out_with_message():
+    with pytest.raises(ClusterConnectionError, match="could not reach the Dask scheduler at 'tcp://127.0.0.1:9'"):
+        dr.DistributedContext("tcp://127.0.0.1:9", timeout=2).start()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(device_mode="tpu"), "device_mode must be one of"),
+        (dict(sharding="random"), "sharding must be one of"),
+        (dict(n_workers=0), "n_workers must be a positive int"),
+        (dict(fan_in=1), "fan_in must be an int >= 2"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        dr.DistributedContext(**kwargs)
+
+
+def test_not_started():
+    with pytest.raises(RuntimeError, match="not started"):
+        dr.DistributedContext().client

@@ -1,0 +1,163 @@
+import pytest
+import torch
+import deepinv as dinv
+from deepinv.utils import TensorList
+
+import daskrecon as dr
+from daskrecon.errors import LinearityError, MeasurementError, WorkerTaskError
+from daskrecon.testing import assert_adjoint, assert_allclose, assert_matches_serial
+
+from helpers import H, W, Exploding, Square, blurs, counting_blur_factory, heterogeneous, noisy_measurements, read_builds
+
+
+@pytest.fixture
+def x():
+    return torch.rand(2, 3, H, W)
+
+
+@pytest.mark.parametrize("form", ["stacked", "list", "factory"])
+def test_matches_stacked_linear_physics(ctx, x, form):
+    ops = blurs(4)
+    ref = dinv.physics.stack(*ops)
+    obj = {"stacked": ref, "list": ops, "factory": lambda i, device, kw: ops[i]}[form]
+    d = dr.distribute(obj, ctx, num_operators=4) if form == "factory" else dr.distribute(obj, ctx)
+    assert isinstance(d, dr.DistributedLinearPhysics) and isinstance(d, dinv.physics.LinearPhysics)
+    y = noisy_measurements(ops, x)
+    assert_matches_serial(d, ref, x, y, methods=("A", "A_adjoint", "A_adjoint_A", "A_A_adjoint", "A_vjp"))
+    assert_adjoint(d, x, y)
+
+
+def test_heterogeneous_output_shapes(ctx):
+    ops = heterogeneous()
+    ref = dinv.physics.stack(*ops)
+    x = torch.rand(1, 3, 36, 30)
+    d = dr.distribute(ref, ctx)
+    y = noisy_measurements(ops, x)
+    out = d.A(x)
+    assert [tuple(t.shape) for t in out] == [(1, 3, 36, 30), (1, 3, 18, 15), (1, 3, 36, 30)]
+    assert_matches_serial(d, ref, x, y)
+    with pytest.raises(WorkerTaskError, match="equal output shapes"):
+        d.A(x, reduce_op="sum")
+
+
+def test_gather_and_reduce_op_semantics(ctx, x):
+    ops = blurs(3)
+    ref = dinv.physics.stack(*ops)
+    d = dr.distribute(ops, ctx)
+    y = noisy_measurements(ops, x)
+    local = d.A(x, gather=False)
+    assert type(local) is list and len(local) == 3
+    assert isinstance(d.A(x), TensorList)
+    per_op = d.A_adjoint(y, reduce_op=None)
+    assert isinstance(per_op, TensorList) and len(per_op) == 3
+    assert_allclose(per_op, [op.A_adjoint(y[i]) for i, op in enumerate(ops)])
+    assert type(d.A_adjoint(y, reduce_op=None, gather=False)) is list
+    total = d.A_adjoint(y)
+    assert_allclose(d.A_adjoint(y, reduce_op="mean"), total / 3)
+    assert_allclose(d.A_adjoint(y, gather=False), total)
+    assert_allclose(d.A(x, reduce_op="sum"), sum(op.A(x) for op in ops))
+    assert type(d.A_A_adjoint(y, gather=False)) is list
+    with pytest.raises(ValueError, match="reduce_op"):
+        d.A_adjoint(y, reduce_op="max")
+
+
+def test_norms_and_pseudo_inverse(ctx):
+    ops = blurs(3)
+    ref = dinv.physics.stack(*ops)
+    d = dr.distribute(ref, ctx)
+    x0 = torch.rand(1, 3, 24, 24)
+    local = d.compute_sqnorm(x0, max_iter=30, tol=1e-6, verbose=False)
+    per_op = sum(op.compute_sqnorm(x0, max_iter=30, tol=1e-6, verbose=False) for op in ops)
+    assert local.item() == pytest.approx(per_op.item(), rel=1e-2)  # power methods start at random vectors
+    exact = d.compute_sqnorm(x0, max_iter=30, tol=1e-6, verbose=False, local_only=False)
+    serial = ref.compute_sqnorm(x0, max_iter=30, tol=1e-6, verbose=False)
+    assert exact.item() == pytest.approx(serial.item(), rel=1e-3)
+    assert exact.item() <= local.item() * (1 + 1e-2)  # the local value is an upper bound
+
+    x = torch.rand(1, 3, 24, 24)
+    y = noisy_measurements(ops, x)
+    approx = d.A_dagger(y)
+    assert_allclose(approx, sum(op.A_dagger(y[i]) for i, op in enumerate(ops)) / 3, atol=1e-4)
+    exact = d.A_dagger(y, local_only=False, max_iter=60, tol=1e-7)
+    assert_allclose(exact, ref.A_dagger(y, max_iter=60, tol=1e-7), atol=1e-3)
+
+
+def test_forward_noise_is_seeded_by_the_driver(ctx):
+    ops = blurs(3)
+    for op in ops:
+        op.noise_model = dinv.physics.GaussianNoise(sigma=0.1)
+    d = dr.distribute(ops, ctx)
+    x = torch.rand(1, 3, 16, 16)
+    torch.manual_seed(7)
+    y1 = d(x)
+    torch.manual_seed(7)
+    y2 = d.forward(x)
+    y3 = d(x)
+    assert_allclose(y1, y2, atol=0)
+    assert not torch.equal(y2[0], y3[0])
+    noise = [y1[i] - ops[i].A(x) for i in range(3)]
+    assert all(0.05 < n.std().item() < 0.2 for n in noise)
+    assert not torch.equal(noise[0], noise[1])  # independent streams per operator
+
+
+def test_nonlinear_physics_forward_and_autograd_vjp(ctx):
+    ops = [Square(0.5), Square(2.0)]
+    ref = dinv.physics.stack(*ops)
+    d = dr.distribute(ref, ctx)
+    assert type(d) is dr.DistributedPhysics
+    x = torch.rand(1, 1, 8, 8)
+    v = noisy_measurements(ops, x)
+    assert_allclose(d.A(x), ref.A(x))
+    expected = sum(ops[i].A_vjp(x, v[i]) for i in range(2))
+    assert_allclose(d.A_vjp(x, v), expected)
+    assert_allclose(expected, 2 * x * (0.5 * v[0] + 2.0 * v[1]))
+    with pytest.raises(LinearityError, match="A_adjoint needs linear operators"):
+        d.A_adjoint(v)
+
+
+def test_factory_builds_each_operator_once_on_its_worker(ctx):
+    before = sum(ctx.client.run(read_builds).values())
+    d = dr.distribute(counting_blur_factory, ctx, num_operators=4, type_object="linear_physics")
+    x = torch.rand(1, 3, 16, 16)
+    for _ in range(3):
+        y = d.A(x)
+        d.A_adjoint(y)
+    builds = ctx.client.run(read_builds)
+    assert sum(builds.values()) - before == 4
+    assert len([b for b in builds.values() if b]) == 2  # spread over both workers
+
+
+def test_graph_does_not_grow_with_calls(ctx):
+    d = dr.distribute(blurs(3), ctx)
+    f = dr.distribute(dinv.optim.L2(), ctx)
+    x = torch.rand(1, 3, 16, 16)
+    y = d.A(x)
+    count = lambda: ctx.client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks))
+    f.grad(x, y, d)
+    first = count()
+    for _ in range(5):
+        f.grad(x, y, d)
+    assert count() <= first + 1
+
+
+def test_measurement_length_mismatch(ctx, x):
+    d = dr.distribute(blurs(3), ctx)
+    y = d.A(x)
+    with pytest.raises(MeasurementError, match="y has 2 entries but the physics has 3 operators"):
+        d.A_adjoint(TensorList([y[0], y[1]]))
+    with pytest.raises(MeasurementError, match="single tensor"):
+        d.A_adjoint(y[0])
+
+
+def test_worker_exception_reaches_the_driver_with_traceback(ctx):
+    d = dr.distribute([blurs(1)[0], Exploding()], ctx)
+    with pytest.raises(WorkerTaskError) as info:
+        d.A(torch.rand(1, 3, 8, 8))
+    msg = str(info.value)
+    assert "boom from operator A" in msg and "operator index 1" in msg and "worker traceback" in msg
+    assert "helpers.py" in msg  # the frame that raised, on the worker
+
+
+def test_linear_class_rejects_nonlinear_operators(ctx):
+    with pytest.raises(LinearityError, match=r"operators \[1\] are not LinearPhysics"):
+        dr.DistributedLinearPhysics(ctx, 2, [blurs(1)[0], Square(1.0)])
