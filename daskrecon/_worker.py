@@ -77,11 +77,14 @@ def build_object(
     index: int,
     factory_kwargs: dict | None,
     device_mode: str | None,
+    fast: bool = False,
 ) -> Any:
     """Build (or receive) the object of one operator index on this worker.
 
     ``source`` is either the object itself (unpickled once, here) or a factory
-    ``factory(index, device, factory_kwargs)`` in deepinv's convention.
+    ``factory(index, device, factory_kwargs)`` in deepinv's convention. With
+    ``fast=True`` a known faster equivalent is substituted
+    (:func:`daskrecon.operators.specialize`).
     """
     device = worker_device(device_mode)
     if isinstance(source, torch.nn.Module):
@@ -93,6 +96,10 @@ def build_object(
     if isinstance(obj, torch.nn.Module):
         obj = obj.to(device)
         obj.eval()
+    if fast:
+        from daskrecon.operators import specialize
+
+        obj = specialize(obj)
     return obj
 
 
@@ -248,4 +255,5 @@ def describe(obj: Any) -> dict:
     """What the driver needs to know about a built operator."""
     from deepinv.physics import LinearPhysics
 
-    return {"linear": isinstance(obj, LinearPhysics), "type": type(obj).__name__}
+    inner = getattr(obj, "op", obj)
+    return {"linear": isinstance(obj, LinearPhysics), "type": type(inner).__name__, "wrapper": type(obj).__name__}

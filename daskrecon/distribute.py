@@ -23,8 +23,8 @@ from daskrecon.physics import DistributedLinearPhysics, DistributedPhysics
 __all__ = ["distribute", "register"]
 
 _KIND_OPTIONS: dict[str, frozenset[str]] = {
-    "physics": frozenset({"num_operators", "factory_kwargs", "gather_strategy", "dtype"}),
-    "linear_physics": frozenset({"num_operators", "factory_kwargs", "gather_strategy", "dtype"}),
+    "physics": frozenset({"num_operators", "factory_kwargs", "gather_strategy", "dtype", "fast_operators"}),
+    "linear_physics": frozenset({"num_operators", "factory_kwargs", "gather_strategy", "dtype", "fast_operators"}),
     "data_fidelity": frozenset({"num_operators", "factory_kwargs", "reduction"}),
     "denoiser": frozenset({"tiling_strategy", "patch_size", "overlap", "tiling_dims", "max_batch_size",
                            "strategy_kwargs", "blend", "dtype", "border"}),
@@ -50,7 +50,7 @@ def distribute(obj: Any, ctx: DistributedContext, *, type_object: str = "auto", 
         Force the kind instead of detecting it.
     **options
         Per kind. Physics: ``num_operators``, ``factory_kwargs``, ``gather_strategy``,
-        ``dtype``. Data fidelity: ``num_operators``, ``factory_kwargs``, ``reduction``.
+        ``dtype``, ``fast_operators``. Data fidelity: ``num_operators``, ``factory_kwargs``, ``reduction``.
         Denoiser / prior: ``patch_size``, ``overlap``, ``tiling_strategy``,
         ``tiling_dims``, ``max_batch_size``, ``strategy_kwargs``, ``blend``, ``border``.
         An option that does not apply to the detected kind raises ``TypeError``.
@@ -161,7 +161,7 @@ def register(cls: type, kind: str) -> None:
 def _physics_handler(linear: bool) -> Callable[..., DistributedPhysics]:
     def handler(obj: Any, ctx: DistributedContext, *, num_operators: int | None = None,
                 factory_kwargs: dict | None = None, gather_strategy: str = "concatenated",
-                dtype: torch.dtype | None = None) -> DistributedPhysics:
+                dtype: torch.dtype | None = None, fast_operators: bool = True) -> DistributedPhysics:
         if isinstance(obj, StackedPhysics):
             factory: Any = list(obj.physics_list)
         elif isinstance(obj, Physics):
@@ -180,7 +180,7 @@ def _physics_handler(linear: bool) -> Callable[..., DistributedPhysics]:
             num_operators = len(factory)
         cls = DistributedLinearPhysics if linear else DistributedPhysics
         return cls(ctx, num_operators, factory, factory_kwargs=factory_kwargs,
-                   gather_strategy=gather_strategy, dtype=dtype)
+                   gather_strategy=gather_strategy, dtype=dtype, fast_operators=fast_operators)
 
     return handler
 

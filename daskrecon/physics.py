@@ -57,6 +57,9 @@ class DistributedPhysics(Physics):
     gather_strategy : {"naive", "concatenated", "broadcast"}
         Accepted for compatibility with deepinv; on Dask every strategy returns the
         same result, fetched by the client.
+    fast_operators : bool
+        Let workers evaluate operators with a known faster equivalent of the same linear
+        map (:mod:`daskrecon.operators`: circular blurs by FFT). Default True.
 
     Notes
     -----
@@ -75,6 +78,7 @@ class DistributedPhysics(Physics):
         factory_kwargs: dict | None = None,
         dtype: torch.dtype | None = None,
         gather_strategy: str = "concatenated",
+        fast_operators: bool = True,
         **kwargs: Any,
     ) -> None:
         if kwargs:
@@ -91,13 +95,14 @@ class DistributedPhysics(Physics):
         self.dtype = dtype or torch.float32
         self.gather_strategy = gather_strategy
         self.factory_kwargs = factory_kwargs
+        self.fast_operators = fast_operators
         self.owners = ctx.owners(num_operators)
         self._token = uuid.uuid4().hex[:8]
         sources = [factory] * num_operators if callable(factory) and not isinstance(factory, Physics) else list(factory)
         client = ctx.client
         self.operators: list[Future] = [
             client.submit(
-                _worker.build_object, src, i, factory_kwargs, ctx.device_mode,
+                _worker.build_object, src, i, factory_kwargs, ctx.device_mode, fast_operators,
                 key=f"physics-{self._token}-{i}", workers=[w], allow_other_workers=True, pure=False,
             )
             for i, (src, w) in enumerate(zip(sources, self.owners))

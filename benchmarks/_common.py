@@ -1,0 +1,69 @@
+"""Shared pieces of the benchmarks: problems, timing, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def blur_problem(n_ops: int, size: int, channels: int = 3, seed: int = 0, use_fft: bool = False):
+    """n_ops circular Gaussian blurs, sigma from 1 to 4; noisy y from x_true; x far from x_true."""
+    import torch
+    import deepinv as dinv
+    from deepinv.physics.functional.blur import gaussian_blur
+
+    sigmas = [1.0 + 3.0 * i / max(1, n_ops - 1) for i in range(n_ops)]
+    ops = [dinv.physics.Blur(filter=gaussian_blur(sigma=(s, s)), padding="circular", use_fft=use_fft) for s in sigmas]
+    g = torch.Generator().manual_seed(seed)
+    x_true = torch.rand(1, channels, size, size, generator=g)
+    y = dinv.utils.TensorList([op.A(x_true) + 0.01 * torch.randn(op.A(x_true).shape, generator=g) for op in ops])
+    x = torch.rand(1, channels, size, size, generator=g)
+    return ops, x, y
+
+
+def timeit(fn, repeats: int, warmup: int = 1) -> dict:
+    for _ in range(warmup):
+        out = fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "min_s": min(times), "times_s": times, "_out": out}
+
+
+def machine() -> dict:
+    import torch
+
+    return {
+        "cpu_count": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cuda": torch.cuda.is_available(),
+    }
+
+
+def write(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    clean = json.loads(json.dumps(payload, default=lambda o: None))
+    path.write_text(json.dumps(clean, indent=2) + "\n")
+    return path
+
+
+def table(rows: list[tuple[str, float]], ref: float) -> str:
+    lines = [f"{'variant':52s} {'median s':>9s} {'÷ best deepinv.distributed':>27s}"]
+    for name, t in rows:
+        lines.append(f"{name:52s} {t:9.3f} {t / ref:27.2f}")
+    return "\n".join(lines)

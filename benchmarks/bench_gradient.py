@@ -1,0 +1,113 @@
+"""L2 gradient of N circular Gaussian blurs on a 1×3×S×S image.
+
+Runs in one process, in this order, on the same problem:
+plain deepinv (``L2().grad`` on ``StackedLinearPhysics``); deepinv.distributed in one
+process; deepinv.distributed under ``torchrun --nproc_per_node=2`` (gloo); for
+information, deepinv.distributed in one process with the blurs built as
+``Blur(use_fft=True)``; daskrecon on a local cluster of 2 worker processes, with its
+default worker-side FFT evaluation of circular blurs and with ``fast_operators=False``. Prints each median and its ratio to the best
+deepinv.distributed time, checks every variant computes the same gradient, and writes
+``benchmarks/results/gradient.json``.
+
+    python benchmarks/bench_gradient.py                # the issue's workload: 16 ops, 1024²
+    python benchmarks/bench_gradient.py --size 256     # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import blur_problem, machine, table, timeit, write  # noqa: E402
+
+
+def run_deepinv_distributed(nproc: int, args, use_fft: bool = False) -> dict:
+    script = os.path.join(os.path.dirname(__file__), "_deepinv_distributed_gradient.py")
+    opts = ["--n-ops", str(args.n_ops), "--size", str(args.size), "--repeats", str(args.repeats)]
+    opts += ["--use-fft"] if use_fft else []
+    if nproc == 1:
+        cmd = [sys.executable, script, *opts]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *opts]
+    env = dict(os.environ)
+    env.pop("RANK", None), env.pop("WORLD_SIZE", None)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+    if not lines:
+        raise RuntimeError(f"deepinv.distributed ({nproc} proc) failed:\n{out.stdout}\n{out.stderr}")
+    return json.loads(lines[0][len("RESULT "):])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n-ops", type=int, default=16)
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--out", default="gradient")
+    args = p.parse_args()
+
+    import torch
+    from deepinv.optim import L2
+    from deepinv.physics import stack
+
+    import daskrecon as dr
+
+    ops, x, y = blur_problem(args.n_ops, args.size)
+    results: dict = {"workload": vars(args), "machine": machine()}
+
+    stacked = stack(*ops)
+    plain = timeit(lambda: L2().grad(x, y, stacked), args.repeats)
+    reference = plain.pop("_out")
+    plain["torch_threads"] = torch.get_num_threads()
+    results["plain_deepinv"] = plain
+
+    results["deepinv_distributed_1proc"] = run_deepinv_distributed(1, args)
+    results["deepinv_distributed_torchrun2"] = run_deepinv_distributed(2, args)
+
+    results["deepinv_distributed_1proc_blur_use_fft"] = run_deepinv_distributed(1, args, use_fft=True)
+
+    with dr.DistributedContext(n_workers=args.workers, threads_per_worker=1, dashboard_address=":0") as ctx:
+        for name, fast in (("daskrecon", True), ("daskrecon_fast_operators_off", False)):
+            dphys = dr.distribute(stack(*ops), ctx, fast_operators=fast)
+            dfid = dr.distribute(L2(), ctx)
+            dfid.grad(x, y, dphys)  # places y on the workers once, as a reconstruction would
+            d = timeit(lambda: dfid.grad(x, y, dphys), args.repeats)
+            g = d.pop("_out")
+            d["max_abs_diff_vs_plain"] = float((g - reference).abs().max())
+            d["workers"] = ctx.world_size
+            d["torch_threads_per_worker"] = sorted(ctx.client.run(torch.get_num_threads).values())
+            results[name] = d
+            del dphys, dfid
+
+    for k in ("deepinv_distributed_1proc", "deepinv_distributed_torchrun2", "deepinv_distributed_1proc_blur_use_fft"):
+        results[k]["checksum_diff_vs_plain"] = abs(results[k]["checksum"] - float(reference.double().sum()))
+    best = min(results["deepinv_distributed_1proc"]["median_s"], results["deepinv_distributed_torchrun2"]["median_s"])
+    results["ratio_daskrecon_vs_best_deepinv_distributed"] = results["daskrecon"]["median_s"] / best
+    results["ratio_daskrecon_vs_plain_deepinv"] = results["daskrecon"]["median_s"] / plain["median_s"]
+    results["ratio_daskrecon_fast_operators_off_vs_best_deepinv_distributed"] = (
+        results["daskrecon_fast_operators_off"]["median_s"] / best)
+    results["ratio_daskrecon_vs_deepinv_distributed_blur_use_fft"] = (
+        results["daskrecon"]["median_s"] / results["deepinv_distributed_1proc_blur_use_fft"]["median_s"])
+    rows = [
+        ("plain deepinv (1 process)", plain["median_s"]),
+        ("deepinv.distributed (1 process)", results["deepinv_distributed_1proc"]["median_s"]),
+        ("deepinv.distributed (torchrun x2, gloo)", results["deepinv_distributed_torchrun2"]["median_s"]),
+        (f"daskrecon ({args.workers} workers)", results["daskrecon"]["median_s"]),
+        (f"daskrecon ({args.workers} workers, fast_operators=False)", results["daskrecon_fast_operators_off"]["median_s"]),
+        ("[info] deepinv.distributed, Blur(use_fft=True), 1 process", results["deepinv_distributed_1proc_blur_use_fft"]["median_s"]),
+    ]
+    print(f"L2 gradient, {args.n_ops} circular blurs, 1x3x{args.size}x{args.size}, median of {args.repeats}")
+    print(table(rows, best))
+    print(f"daskrecon / best deepinv.distributed = {results['ratio_daskrecon_vs_best_deepinv_distributed']:.2f}")
+    print(f"max |daskrecon - plain deepinv| = {results['daskrecon']['max_abs_diff_vs_plain']:.2e} "
+          f"(fast_operators=False: {results['daskrecon_fast_operators_off']['max_abs_diff_vs_plain']:.2e})")
+    print("wrote", write(args.out, results))
+
+
+if __name__ == "__main__":
+    main()
