@@ -11,7 +11,10 @@ from daskrecon.physics import (
     DistributedStackedLinearPhysics,
     DistributedStackedPhysics,
 )
+from daskrecon.processing import DistributedPrior, DistributedProcessing
+from daskrecon.receptive import receptive_radius
 from daskrecon.reduction import reduction_plan
+from daskrecon import strategies
 
 __version__ = "0.1.0"
 
@@ -22,9 +25,13 @@ __all__ = [
     "DistributedLinearPhysics",
     "DistributedMeasurements",
     "DistributedPhysics",
+    "DistributedPrior",
+    "DistributedProcessing",
     "DistributedStackedLinearPhysics",
     "DistributedStackedPhysics",
     "distribute",
+    "receptive_radius",
     "reduction_plan",
     "register",
+    "strategies",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -257,3 +258,97 @@ def describe(obj: Any) -> dict:
 
     inner = getattr(obj, "op", obj)
     return {"linear": isinstance(obj, LinearPhysics), "type": type(inner).__name__, "wrapper": type(obj).__name__}
+
+
+# --------------------------------------------------------------------- models and tiles
+_MODEL_PAYLOADS: dict[str, bytes] = {}
+_MODELS: dict[tuple[str, str | None], Any] = {}
+MODEL_LOADS: dict[str, int] = {}
+_MODEL_LOCK = threading.Lock()
+
+
+def store_model_payload(key: str, payload: bytes) -> None:
+    """Keep a pickled model until the first task on this worker needs it (plugin setup)."""
+    _MODEL_PAYLOADS[key] = payload
+
+
+def forget_model(key: str) -> None:
+    _MODEL_PAYLOADS.pop(key, None)
+    for k in [k for k in _MODELS if k[0] == key]:
+        _MODELS.pop(k, None)
+
+
+def get_model(key: str, device_mode: str | None) -> Any:
+    """The model of ``key`` on this worker's device, unpickled once per worker process."""
+    model = _MODELS.get((key, device_mode))
+    if model is None:
+        with _MODEL_LOCK:  # several dask threads may ask at once: load once
+            model = _MODELS.get((key, device_mode))
+            if model is None:
+                payload = _MODEL_PAYLOADS.get(key)
+                if payload is None:
+                    raise RuntimeError(
+                        f"model {key} has not reached this worker: its plugin was unregistered "
+                        "(DistributedProcessing.close()) or the worker joined without plugins"
+                    )
+                import cloudpickle
+
+                model = cloudpickle.loads(payload)
+                if isinstance(model, torch.nn.Module):
+                    model = model.to(worker_device(device_mode)).eval()
+                _MODELS[(key, device_mode)] = model
+                MODEL_LOADS[key] = MODEL_LOADS.get(key, 0) + 1
+    return model
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def _run_patches(model: Any, method: str, strategy: Any, xt: torch.Tensor, indices: list[int],
+                 max_batch_size: int | None, args: tuple, kwargs: dict) -> list[tuple[int, torch.Tensor]]:
+    fn = model if method == "__call__" else getattr(model, method)
+    args, kwargs = _to_device(args, xt.device), _to_device(kwargs, xt.device)
+    pairs = strategy.get_local_patches(xt, indices)
+    batches = strategy.apply_batching([p for _, p in pairs], max_batch_size)
+    grad = torch.enable_grad() if method == "grad" else torch.no_grad()
+    with grad:
+        outs = [fn(b, *args, **kwargs).detach() for b in batches]
+    results = strategy.unpack_batched_results(outs, len(pairs))
+    return [(i, strategy.trim_patch(i, r)) for (i, _), r in zip(pairs, results)]
+
+
+def model_device(model: Any, device_mode: str | None) -> torch.device:
+    return module_device(model) if isinstance(model, torch.nn.Module) else worker_device(device_mode)
+
+
+def process_patches(model_key: str, device_mode: str | None, method: str, strategy: Any, x: np.ndarray,
+                    indices: list[int], max_batch_size: int | None, args: tuple, kwargs: dict) -> list[tuple[int, np.ndarray]]:
+    """Process some patches of an image held by this worker; return ``(index, trimmed output)`` pairs."""
+    model = get_model(model_key, device_mode)
+    xt = to_tensor(x, model_device(model, device_mode))
+    return [(i, to_numpy(r)) for i, r in _run_patches(model, method, strategy, xt, indices, max_batch_size, args, kwargs)]
+
+
+def process_block(block: np.ndarray, model_key: str, device_mode: str | None, method: str, tiling: dict,
+                  max_batch_size: int | None, args: tuple, kwargs: dict) -> np.ndarray:
+    """``map_overlap`` function: exact overlap tiling of one (halo-extended) block."""
+    from daskrecon.strategies import OverlapTilingStrategy
+    from daskrecon.tiling import default_batch
+
+    model = get_model(model_key, device_mode)
+    strategy = OverlapTilingStrategy(block.shape, **tiling)
+    n = strategy.get_num_patches()
+    per_batch = max_batch_size or default_batch(n, int(np.prod(strategy.window_shape())), target_tasks=1)
+    xt = to_tensor(block, model_device(model, device_mode))
+    out = torch.zeros_like(xt)
+    for start in range(0, n, per_batch):
+        indices = list(range(start, min(start + per_batch, n)))
+        strategy.reduce_patches(out, _run_patches(model, method, strategy, xt, indices, per_batch, args, kwargs))
+    return to_numpy(out).astype(block.dtype, copy=False)

@@ -12,13 +12,16 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from deepinv.models import Denoiser
 from deepinv.optim.data_fidelity import DataFidelity
+from deepinv.optim.prior import Prior
 from deepinv.physics import LinearPhysics, Physics
 from deepinv.physics.forward import StackedLinearPhysics, StackedPhysics
 
 from daskrecon.context import DistributedContext
 from daskrecon.fidelity import DistributedDataFidelity
 from daskrecon.physics import DistributedLinearPhysics, DistributedPhysics
+from daskrecon.processing import DistributedPrior, DistributedProcessing
 
 __all__ = ["distribute", "register"]
 
@@ -27,7 +30,7 @@ _KIND_OPTIONS: dict[str, frozenset[str]] = {
     "linear_physics": frozenset({"num_operators", "factory_kwargs", "gather_strategy", "dtype", "fast_operators"}),
     "data_fidelity": frozenset({"num_operators", "factory_kwargs", "reduction"}),
     "denoiser": frozenset({"tiling_strategy", "patch_size", "overlap", "tiling_dims", "max_batch_size",
-                           "strategy_kwargs", "blend", "dtype", "border"}),
+                           "strategy_kwargs", "blend", "align", "dtype"}),
 }
 _KIND_OPTIONS["prior"] = _KIND_OPTIONS["denoiser"]
 _ALL_OPTIONS = frozenset().union(*_KIND_OPTIONS.values())
@@ -51,8 +54,8 @@ def distribute(obj: Any, ctx: DistributedContext, *, type_object: str = "auto", 
     **options
         Per kind. Physics: ``num_operators``, ``factory_kwargs``, ``gather_strategy``,
         ``dtype``, ``fast_operators``. Data fidelity: ``num_operators``, ``factory_kwargs``, ``reduction``.
-        Denoiser / prior: ``patch_size``, ``overlap``, ``tiling_strategy``,
-        ``tiling_dims``, ``max_batch_size``, ``strategy_kwargs``, ``blend``, ``border``.
+        Denoiser / prior: ``patch_size`` (256), ``overlap`` (64), ``tiling_strategy``,
+        ``tiling_dims``, ``max_batch_size``, ``strategy_kwargs``, ``blend``, ``align``.
         An option that does not apply to the detected kind raises ``TypeError``.
 
     Returns
@@ -92,7 +95,8 @@ def _kind_of(obj: Any, options: dict) -> str:
         return _probe_factory(obj, options)
     raise ValueError(
         f"cannot distribute an object of type {type(obj).__name__}: expected StackedPhysics, a list of Physics, "
-        "a factory with num_operators, a DataFidelity (or a list of them), a Denoiser or a Prior"
+        "a factory with num_operators, a DataFidelity (or a list of them), a Denoiser or a Prior; "
+        "for another network pass type_object='denoiser'"
     )
 
 
@@ -109,6 +113,16 @@ def _(obj: Physics, options: dict) -> str:
 @_kind_of.register
 def _(obj: DataFidelity, options: dict) -> str:
     return "data_fidelity"
+
+
+@_kind_of.register
+def _(obj: Denoiser, options: dict) -> str:
+    return "denoiser"
+
+
+@_kind_of.register
+def _(obj: Prior, options: dict) -> str:
+    return "prior"
 
 
 @_kind_of.register(list)
@@ -190,8 +204,26 @@ def _fidelity_handler(obj: Any, ctx: DistributedContext, *, num_operators: int |
     return DistributedDataFidelity(ctx, obj, num_operators, factory_kwargs=factory_kwargs, reduction=reduction)
 
 
+def _tiling_options(options: dict) -> dict:
+    options = dict(options)
+    options.pop("dtype", None)  # outputs keep the input's dtype
+    if "tiling_strategy" in options:
+        options["strategy"] = options.pop("tiling_strategy")
+    return options
+
+
+def _denoiser_handler(obj: Any, ctx: DistributedContext, **options: Any) -> DistributedProcessing:
+    return DistributedProcessing(ctx, obj, **_tiling_options(options))
+
+
+def _prior_handler(obj: Any, ctx: DistributedContext, **options: Any) -> DistributedPrior:
+    return DistributedPrior(ctx, obj, **_tiling_options(options))
+
+
 _HANDLERS.update(
     physics=_physics_handler(linear=False),
     linear_physics=_physics_handler(linear=True),
     data_fidelity=_fidelity_handler,
+    denoiser=_denoiser_handler,
+    prior=_prior_handler,
 )

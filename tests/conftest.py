@@ -43,3 +43,19 @@ def ctx_block():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def ctx1():
+    import daskrecon as dr
+
+    with dr.DistributedContext(n_workers=1, processes=True, dashboard_address=":0", torch_threads=1) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def ctx3():
+    import daskrecon as dr
+
+    with dr.DistributedContext(n_workers=3, processes=True, dashboard_address=":0", torch_threads=1) as c:
+        yield c

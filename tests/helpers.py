@@ -61,3 +61,49 @@ def counting_blur_factory(i, device, factory_kwargs):
 
 def read_builds(dask_worker):
     return getattr(dask_worker, "daskrecon_builds", 0)
+
+
+def small_dncnn(channels=3, depth=6, dim=2, seed=0):
+    """A random-weight DnCNN: stride 1, receptive radius = depth."""
+    from deepinv.models import DnCNN
+
+    torch.manual_seed(seed)
+    return DnCNN(channels, channels, depth=depth, nf=16, pretrained=None, dim=dim).eval()
+
+
+class TwoStripes:
+    """A custom strategy: the rows cut in two halves, each with a halo of `halo` rows."""
+
+    from daskrecon.strategies import DistributedSignalStrategy as _Base
+
+    class Strategy(_Base):
+        def __init__(self, img_size, halo=8):
+            super().__init__(img_size)
+            self.halo = halo
+            h = self.img_size[-2]
+            self.cut = h // 2
+
+        def get_num_patches(self):
+            return 2
+
+        def _rows(self, i):
+            h = self.img_size[-2]
+            return (slice(0, min(h, self.cut + self.halo)), 0) if i == 0 else (slice(max(0, self.cut - self.halo), h), self.cut - max(0, self.cut - self.halo))
+
+        def get_local_patches(self, x, local_indices):
+            return [(i, x[..., self._rows(i)[0], :]) for i in local_indices]
+
+        def apply_batching(self, patches, max_batch_size=None):
+            self._batching_metadata = {"original_batch_size": patches[0].shape[0]}
+            return list(patches)  # different heights: one per batch
+
+        def unpack_batched_results(self, processed_batches, num_patches):
+            return list(processed_batches)
+
+        def reduce_patches(self, out_tensor, local_pairs):
+            for i, p in local_pairs:
+                if i == 0:
+                    out_tensor[..., : self.cut, :] = p[..., : self.cut, :]
+                else:
+                    off = self._rows(1)[1]
+                    out_tensor[..., self.cut :, :] = p[..., off:, :]

@@ -102,16 +102,18 @@ def test_distributed_measurements_input(ctx):
     assert_allclose(built.get_by_global_index(2), 2 * y[2], atol=0)
 
 
-def test_bitwise_identical_across_worker_counts_and_shardings(ctx, ctx_block):
+def test_bitwise_identical_across_worker_counts_and_shardings(ctx, ctx_block, ctx1, ctx3):
     ops, y, x = problem(7)
     results = []
-    for c in (ctx, ctx_block):
-        results.append(dr.distribute(L2(), c).grad(x, y, dr.distribute(ops, c)))
-    for n in (1, 3):
-        with dr.DistributedContext(n_workers=n, processes=True, dashboard_address=":0", torch_threads=1) as c:
-            results.append(dr.distribute(L2(), c).grad(x, y, dr.distribute(ops, c)))
-    for r in results[1:]:
-        assert torch.equal(r, results[0])
+    for c in (ctx, ctx_block, ctx1, ctx3):
+        for fast in (True, False):
+            results.append(dr.distribute(L2(), c).grad(x, y, dr.distribute(ops, c, fast_operators=fast)))
+    assert not torch.equal(results[0], results[1])  # the two operator paths really differ...
+    results = results[0::2] + results[1::2]
+    for r in results[1:4]:
+        assert torch.equal(r, results[0])  # ...but each is bitwise the same everywhere
+    for r in results[5:]:
+        assert torch.equal(r, results[4])
 
 
 def test_errors_name_the_argument(ctx):

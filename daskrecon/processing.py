@@ -1,0 +1,302 @@
+"""`DistributedProcessing` and `DistributedPrior`: a denoiser (or prior) applied tile by tile on workers.
+
+A ``torch.Tensor`` in gives a tensor out: the image is sent to the workers once, tiles
+are processed in fixed batches (one task per batch) and only the tiles' cores come
+back to be assembled. A ``dask.array.Array`` in gives a lazy dask array out, through
+``map_overlap`` with ``depth = overlap`` and ``boundary="none"``: each chunk is tiled
+inside its task, so an image in Zarr larger than memory streams chunk by chunk.
+
+The model is pickled once, sent to every worker once (a worker plugin, which also
+reaches workers that join or restart later), unpickled by the first task that needs it
+and cached on the worker's device; tasks carry only a key.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import cloudpickle
+import dask.array as da
+import numpy as np
+import torch
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from daskrecon import _worker
+from daskrecon._arrays import as_numpy, gather_arrays
+from daskrecon.context import DistributedContext
+from daskrecon.errors import ShapeError
+from daskrecon.strategies import DistributedSignalStrategy, OverlapTilingStrategy, create_strategy
+from daskrecon.tiling import default_batch, round_up
+
+__all__ = ["DistributedPrior", "DistributedProcessing", "default_align"]
+
+
+class _ModelPlugin(WorkerPlugin):
+    """Delivers a pickled model to every worker, present and future."""
+
+    def __init__(self, key: str, payload: bytes) -> None:
+        self.key = key
+        self.payload = payload
+
+    def setup(self, worker: Any) -> None:
+        # Runs on the worker's event loop: store bytes only, unpickle in the first task.
+        _worker.store_model_payload(self.key, self.payload)
+
+    def teardown(self, worker: Any) -> None:
+        _worker.forget_model(self.key)
+
+
+def default_align(model: Any) -> int:
+    """Down-sampling factor a network's tiles must align to (8 for DRUNet, 1 for stride-1 CNNs)."""
+    net = getattr(model, "denoiser", model)
+    name = type(net).__name__
+    if name == "DRUNet":
+        return 8
+    if name == "UNet":
+        return 2 ** max(0, int(getattr(net, "scales", 4)) - 1)
+    return 1
+
+
+def _release(client: Any, name: str) -> None:
+    try:
+        client.unregister_worker_plugin(name)
+    except Exception:  # the cluster may be gone already
+        pass
+
+
+class DistributedProcessing:
+    """Apply a denoiser (any ``f(x, *args, **kwargs)``) tile by tile on the workers.
+
+    Parameters
+    ----------
+    ctx : DistributedContext
+    processor : callable
+        Usually a ``deepinv.models.Denoiser``; called as ``processor(batch, *args, **kwargs)``
+        on batches of tiles (a ``Prior`` with ``method="prox"`` works the same way).
+    strategy : str or DistributedSignalStrategy, optional
+        ``"overlap_tiling"`` (default, alias ``"smart_tiling"``), ``"basic"``, or an instance
+        of a :class:`~daskrecon.strategies.DistributedSignalStrategy` subclass (tensors only).
+    strategy_kwargs : dict, optional
+        Extra options of the named strategy.
+    patch_size : int or sequence of int
+        Core size of a tile; a patch at least the image size gives one tile.
+    overlap : int or sequence of int
+        Context each tile gets on every side that is not the image border. Exact when at
+        least the network's receptive radius (see :func:`daskrecon.receptive_radius`).
+    tiling_dims : int or sequence of int, optional
+        Dimensions to tile (default: all spatial dimensions).
+    max_batch_size : int, optional
+        Tiles per network call (and per task). Default: chosen from the tile geometry only,
+        so results are bitwise the same on any number of workers.
+    align : int, optional
+        Window origins multiple of this; default from the network (8 for DRUNet).
+    blend : {None, "cosine"}
+        Cross-fade neighbouring tiles instead of cutting at the seams.
+    method : str
+        Method of ``processor`` to call (``"__call__"``, ``"prox"``, ``"grad"``).
+
+    Examples
+    --------
+    >>> dden = dr.distribute(DnCNN(pretrained=None), ctx, patch_size=128, overlap=20)  # doctest: +SKIP
+    >>> out = dden(x)                          # tensor in, tensor out
+    >>> lazy = dden(da.from_zarr("big.zarr"))  # dask array in, lazy dask array out
+    >>> lazy.to_zarr("denoised.zarr")          # streams chunk by chunk
+
+    Notes
+    -----
+    A lazy array computes on Dask's default client, which is the most recently started
+    one. With several contexts alive in one process, compute on this one explicitly:
+    ``ctx.client.compute(lazy)`` or ``with ctx.client.as_current(): ...``.
+    """
+
+    def __init__(
+        self,
+        ctx: DistributedContext,
+        processor: Any,
+        *,
+        strategy: str | DistributedSignalStrategy | None = None,
+        strategy_kwargs: dict | None = None,
+        patch_size: int | Sequence[int] = 256,
+        overlap: int | Sequence[int] = 64,
+        tiling_dims: int | Sequence[int] | None = None,
+        max_batch_size: int | None = None,
+        align: int | None = None,
+        blend: str | None = None,
+        method: str = "__call__",
+        **kwargs: Any,
+    ) -> None:
+        if kwargs:
+            raise TypeError(f"unexpected keyword arguments {sorted(kwargs)} for DistributedProcessing")
+        if not callable(processor) and not hasattr(processor, method):
+            raise TypeError(f"processor must be callable, got {type(processor).__name__}")
+        if strategy is None:
+            strategy = "overlap_tiling"
+        if isinstance(strategy, str):
+            create_strategy(strategy, (1, 1, 8, 8))  # unknown names fail here, not at the first call
+        elif not isinstance(strategy, DistributedSignalStrategy):
+            raise TypeError("strategy must be a name or a DistributedSignalStrategy instance, "
+                            f"got {type(strategy).__name__}")
+        if max_batch_size is not None and (not isinstance(max_batch_size, int) or max_batch_size < 1):
+            raise ValueError(f"max_batch_size must be a positive int or None, got {max_batch_size!r}")
+        for name, v in (("patch_size", patch_size), ("overlap", overlap)):
+            vals = [v] if isinstance(v, int) else list(v)
+            if any((not isinstance(a, int)) or a < (1 if name == "patch_size" else 0) for a in vals):
+                raise ValueError(f"{name} must be {'positive' if name == 'patch_size' else 'non-negative'} "
+                                 f"int(s), got {v!r}")
+        self.ctx = ctx
+        self.processor = processor
+        self.strategy = strategy
+        self.strategy_kwargs = dict(strategy_kwargs or {})
+        self.patch_size = patch_size
+        self.overlap = overlap
+        self.tiling_dims = tiling_dims
+        self.max_batch_size = max_batch_size
+        self.align = align if align is not None else default_align(processor)
+        self.blend = blend
+        self.method = method
+        self.key = f"{type(processor).__name__}-{uuid.uuid4().hex[:10]}"
+        self._plugin_name = f"daskrecon-model-{self.key}"
+        # Not released when this object is garbage collected: a lazy dask array made by it
+        # may be computed later. close() (or the end of the context) releases it.
+        ctx.client.register_plugin(_ModelPlugin(self.key, cloudpickle.dumps(processor)), name=self._plugin_name)
+        self._strategies: dict[tuple, DistributedSignalStrategy] = {}
+
+    # ------------------------------------------------------------------ public
+    def __call__(self, x: Any, *args: Any, gather: bool = True, **kwargs: Any) -> Any:
+        """Process ``x``: a tensor gives a tensor, a dask array a lazy dask array."""
+        return self.run(x, self.method, args, kwargs)
+
+    forward = __call__
+
+    def run(self, x: Any, method: str, args: tuple = (), kwargs: dict | None = None) -> Any:
+        """Process ``x`` with ``processor.<method>(tile, *args, **kwargs)``."""
+        kwargs = kwargs or {}
+        if isinstance(x, da.Array):
+            return self._run_dask(x, method, args, kwargs)
+        if isinstance(x, torch.Tensor):
+            return self._run_tensor(x, method, args, kwargs)
+        raise TypeError(f"x must be a torch.Tensor or a dask.array.Array, got {type(x).__name__}")
+
+    def close(self) -> None:
+        """Remove the model from the workers (lazy arrays made by this object can no longer compute)."""
+        _release(self.ctx.client, self._plugin_name)
+
+    def __repr__(self) -> str:
+        return (f"DistributedProcessing({type(self.processor).__name__}, patch_size={self.patch_size}, "
+                f"overlap={self.overlap}, strategy={getattr(self.strategy, 'name', self.strategy)!r})")
+
+    # ------------------------------------------------------------------ tensors
+    def strategy_for(self, shape: Sequence[int]) -> DistributedSignalStrategy:
+        """The strategy used for an input of ``shape`` (built once per shape)."""
+        shape = tuple(shape)
+        if isinstance(self.strategy, DistributedSignalStrategy):
+            if tuple(self.strategy.img_size) != shape:
+                raise ShapeError(f"the custom strategy was built for img_size {tuple(self.strategy.img_size)} "
+                                 f"but x has shape {shape}; build one per input shape")
+            return self.strategy
+        if shape not in self._strategies:
+            opts = dict(patch_size=self.patch_size, overlap=self.overlap, align=self.align, blend=self.blend)
+            self._strategies[shape] = create_strategy(self.strategy, shape, self.tiling_dims,
+                                                      **{**opts, **self.strategy_kwargs})
+        return self._strategies[shape]
+
+    def _batches(self, strategy: DistributedSignalStrategy) -> list[list[int]]:
+        n = strategy.get_num_patches()
+        if n < 1:
+            raise ValueError("the tiling strategy produced no patches")
+        if self.max_batch_size:
+            per = self.max_batch_size
+        elif isinstance(strategy, OverlapTilingStrategy):
+            per = default_batch(n, math.prod(strategy.window_shape()) * strategy.img_size[0])
+        else:
+            per = default_batch(n, 1, max_pixels=2**62)
+        return [list(range(s, min(s + per, n))) for s in range(0, n, per)]
+
+    def _run_tensor(self, x: torch.Tensor, method: str, args: tuple, kwargs: dict) -> torch.Tensor:
+        if x.dim() < 3:
+            raise ShapeError(f"x must be (B, C, *spatial), got shape {tuple(x.shape)}")
+        strategy = self.strategy_for(x.shape)
+        client = self.ctx.client
+        x_fut = client.scatter(as_numpy(x), broadcast=True, hash=False)
+        batches = self._batches(strategy)
+        futs = [
+            client.submit(_worker.process_patches, self.key, self.ctx.device_mode, method, strategy, x_fut,
+                          idx, len(idx), args, kwargs, pure=False)
+            for idx in batches
+        ]
+        out = torch.zeros(x.shape, dtype=x.dtype)
+        pairs = [(i, torch.from_numpy(a)) for group in gather_arrays(client, futs, "tile batch") for i, a in group]
+        strategy.reduce_patches(out, pairs)
+        return out.to(self.ctx.device)
+
+    # ------------------------------------------------------------------ dask arrays
+    def _run_dask(self, x: da.Array, method: str, args: tuple, kwargs: dict) -> da.Array:
+        if isinstance(self.strategy, DistributedSignalStrategy) or self.strategy == "basic":
+            raise TypeError("dask arrays are processed with overlap tiling inside each chunk; "
+                            "custom and 'basic' strategies apply to torch tensors")
+        if x.ndim < 3:
+            raise ShapeError(f"x must be (B, C, *spatial), got shape {x.shape}")
+        if x.numblocks[1] != 1:
+            x = x.rechunk({1: -1})  # the network needs every channel of a pixel
+        probe = OverlapTilingStrategy(x.shape, self.tiling_dims, self.patch_size, self.overlap, self.align, self.blend)
+        depth = {d: 0 for d in range(x.ndim)}
+        for d, o in zip(probe.tiling_dims, probe.overlap):
+            depth[d] = o
+            chunks = x.chunks[d]
+            if len(chunks) > 1 and chunks[-1] < o <= min(chunks[:-1]):
+                # a short remainder chunk: fold it into its neighbour rather than fail
+                chunks = chunks[:-2] + (chunks[-2] + chunks[-1],)
+                x = x.rechunk({d: chunks})
+            if len(chunks) > 1 and min(chunks) < o:
+                raise ShapeError(f"chunks along axis {d} ({min(chunks)} px) are smaller than overlap={o}: "
+                                 f"rechunk to at least {o} (ideally >= 2048) along that axis")
+            if len(chunks) > 1 and any(c % self.align for c in chunks[:-1]):
+                raise ShapeError(f"chunks along axis {d} must be multiples of align={self.align} "
+                                 f"for this network, got {chunks[:3]}...; rechunk to multiples of {self.align}")
+        for d in range(x.ndim):
+            if d not in probe.tiling_dims and d > 1 and x.numblocks[d] > 1:
+                x = x.rechunk({d: -1})
+        tiling = dict(tiling_dims=probe.tiling_dims, patch_size=probe.patch_size, overlap=probe.overlap,
+                      align=self.align, blend=self.blend)
+        meta = np.empty((0,) * x.ndim, dtype=x.dtype)
+        return x.map_overlap(
+            _worker.process_block, depth=depth, boundary="none", dtype=x.dtype, meta=meta,
+            model_key=self.key, device_mode=self.ctx.device_mode, method=method, tiling=tiling,
+            max_batch_size=self.max_batch_size, args=args, kwargs=kwargs,
+        )
+
+
+class DistributedPrior:
+    """A deepinv ``Prior`` (PnP, RED, ...) whose ``prox`` and ``grad`` run tile by tile.
+
+    Takes the options of :class:`DistributedProcessing`. ``prox(x, sigma_denoiser=…)``
+    calls ``prior.prox`` on tiles; ``grad(x, …)`` calls ``prior.grad`` on tiles. Both
+    are exact for priors that act locally (a denoiser with a bounded receptive field).
+    """
+
+    def __init__(self, ctx: DistributedContext, prior: Any, **options: Any) -> None:
+        self.prior = prior
+        self.processing = DistributedProcessing(ctx, prior, method="prox", **options)
+
+    @staticmethod
+    def _data(x: Any) -> Any:
+        return getattr(x, "data", x) if not isinstance(x, (torch.Tensor, da.Array)) else x
+
+    def prox(self, x: Any, *args: Any, sigma_denoiser: float | None = None, **kwargs: Any) -> Any:
+        """``prior.prox`` tile by tile; ``x`` may be a tensor, a dask array or a ``DistributedSignal``."""
+        if sigma_denoiser is not None:
+            kwargs["sigma_denoiser"] = sigma_denoiser
+        return self.processing.run(self._data(x), "prox", args, kwargs)
+
+    def grad(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        """``prior.grad`` tile by tile."""
+        return self.processing.run(self._data(x), "grad", args, kwargs)
+
+    def close(self) -> None:
+        self.processing.close()
+
+    def __repr__(self) -> str:
+        return f"DistributedPrior({type(self.prior).__name__}, {self.processing!r})"
