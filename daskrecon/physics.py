@@ -99,6 +99,7 @@ class DistributedPhysics(Physics):
         self.owners = ctx.owners(num_operators)
         self._token = uuid.uuid4().hex[:8]
         sources = [factory] * num_operators if callable(factory) and not isinstance(factory, Physics) else list(factory)
+        self._sources = sources
         client = ctx.client
         self.operators: list[Future] = [
             client.submit(
@@ -290,6 +291,14 @@ class DistributedPhysics(Physics):
         return total
 
     # ------------------------------------------------------------------ misc
+    def fingerprint(self) -> str:
+        """A hash of what defines the operators (their pickled sources and factory arguments)."""
+        import hashlib
+
+        import cloudpickle
+
+        return hashlib.sha256(cloudpickle.dumps((self._sources, self.factory_kwargs))).hexdigest()[:16]
+
     def __len__(self) -> int:
         return self.num_operators
 

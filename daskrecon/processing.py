@@ -13,6 +13,7 @@ and cached on the worker's device; tasks carry only a key.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import uuid
 from collections.abc import Sequence
@@ -161,7 +162,9 @@ class DistributedProcessing:
         self._plugin_name = f"daskrecon-model-{self.key}"
         # Not released when this object is garbage collected: a lazy dask array made by it
         # may be computed later. close() (or the end of the context) releases it.
-        ctx.client.register_plugin(_ModelPlugin(self.key, cloudpickle.dumps(processor)), name=self._plugin_name)
+        payload = cloudpickle.dumps(processor)
+        self._fingerprint = hashlib.sha256(payload).hexdigest()[:16]
+        ctx.client.register_plugin(_ModelPlugin(self.key, payload), name=self._plugin_name)
         self._strategies: dict[tuple, DistributedSignalStrategy] = {}
 
     # ------------------------------------------------------------------ public
@@ -179,6 +182,10 @@ class DistributedProcessing:
         if isinstance(x, torch.Tensor):
             return self._run_tensor(x, method, args, kwargs)
         raise TypeError(f"x must be a torch.Tensor or a dask.array.Array, got {type(x).__name__}")
+
+    def fingerprint(self) -> str:
+        """A hash of the pickled model (weights included)."""
+        return self._fingerprint
 
     def close(self) -> None:
         """Remove the model from the workers (lazy arrays made by this object can no longer compute)."""

@@ -111,7 +111,7 @@ def plan_tiles(shape: tuple[int, ...], patch: tuple[int, ...], overlap: tuple[in
     return [Tile(i, tuple(combo)) for i, combo in enumerate(itertools.product(*per_axis))]
 
 
-def default_batch(n_tiles: int, window_pixels: int, max_pixels: int = 2**22, target_tasks: int = 8) -> int:
+def default_batch(n_tiles: int, window_pixels: int, max_pixels: int = 2**20, target_tasks: int = 8) -> int:
     """Tiles per batch when the user gave none: a function of the geometry only.
 
     At least ``target_tasks`` batches when there are that many tiles (so several workers

@@ -69,7 +69,7 @@ def test_blend_weights_are_a_partition_of_unity(case, width):
 def test_default_batch_depends_on_geometry_only():
     assert default_batch(4, 320 * 320) == 1
     assert default_batch(64, 320 * 320) == 8
-    assert default_batch(4096, 320 * 320) == 40  # bounded by memory, not by 4096 / 8
+    assert default_batch(4096, 320 * 320) == 10  # bounded by memory (2**20 window pixels), not by 4096 / 8
     assert default_batch(1, 10) == 1
 
 

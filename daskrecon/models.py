@@ -1,0 +1,58 @@
+"""The denoiser bundled with daskrecon, and loading users' own weight files safely."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["BUNDLED_DENOISER", "bundled_denoiser", "load_state_dict"]
+
+#: Architecture of the bundled weights (a small DnCNN: stride 1, receptive radius 8).
+BUNDLED_DENOISER = dict(in_channels=3, out_channels=3, depth=8, nf=32)
+_WEIGHTS = "dncnn_small.pt"
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a weight file as a state dict, refusing anything that is not one.
+
+    Uses ``torch.load(weights_only=True)``, so a file cannot run code when loaded.
+    Accepts a plain state dict or a checkpoint with a ``"state_dict"`` entry.
+
+    Raises
+    ------
+    FileNotFoundError
+        The file does not exist.
+    ValueError
+        The file is not a (weights-only) state dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weight file {str(path)!r} does not exist")
+    try:
+        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{str(path)!r} is not a weights-only torch state dict ({type(exc).__name__}: {exc})") from exc
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise ValueError(f"{str(path)!r} does not hold a state dict (a mapping of names to tensors)")
+    return obj
+
+
+def bundled_denoiser(device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The small DnCNN shipped with daskrecon (trained by ``scripts/train_denoiser.py``).
+
+    A blind Gaussian denoiser for RGB images in [0, 1], trained for noise levels in
+    [0, 0.2] on scikit-image's bundled images; ``sigma`` arguments are ignored.
+    Exact under overlap tiling with ``overlap >= 8``.
+    """
+    from deepinv.models import DnCNN
+
+    model = DnCNN(**BUNDLED_DENOISER, pretrained=None)
+    weights = resources.files("daskrecon.data").joinpath(_WEIGHTS)
+    with resources.as_file(weights) as path:
+        model.load_state_dict(load_state_dict(path))
+    return model.to(device).eval()
