@@ -14,6 +14,7 @@ from daskrecon.physics import (
 from daskrecon.processing import DistributedPrior, DistributedProcessing
 from daskrecon.receptive import receptive_radius
 from daskrecon.reduction import reduction_plan
+from daskrecon.solvers import reconstruct
 from daskrecon import strategies
 
 __version__ = "0.1.0"
@@ -31,6 +32,7 @@ __all__ = [
     "DistributedStackedPhysics",
     "distribute",
     "receptive_radius",
+    "reconstruct",
     "reduction_plan",
     "register",
     "strategies",

@@ -17,13 +17,16 @@ import numpy as np
 import torch
 from skimage import data, util
 
-TRAIN = ["hubble_deep_field", "immunohistochemistry", "motorcycle_left", "motorcycle_right", "retina", "rocket",
+TRAIN = ["hubble_deep_field", "immunohistochemistry", "stereo_motorcycle", "retina", "rocket",
          "camera", "moon", "brick", "grass", "gravel", "coins", "page", "text"]
 HELD_OUT = ["astronaut", "chelsea", "coffee"]
 
 
 def rgb(name: str) -> torch.Tensor:
-    img = util.img_as_float32(getattr(data, name)())
+    img = getattr(data, name)()
+    if isinstance(img, tuple):  # stereo_motorcycle: (left, right, disparity)
+        img = img[0]
+    img = util.img_as_float32(img)
     if img.ndim == 2:
         img = np.stack([img] * 3, -1)
     return torch.from_numpy(img[..., :3]).permute(2, 0, 1).contiguous()

@@ -1,0 +1,64 @@
+"""The ``daskrecon`` command."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="DeepInverse reconstructions on Dask clusters.")
+
+
+@app.command()
+def demo(
+    size: int = typer.Option(256, help="Image side in pixels."),
+    iterations: int = typer.Option(30, help="PnP iterations."),
+    workers: Optional[int] = typer.Option(None, help="Local workers (default: sized to the machine)."),
+    output: str = typer.Option("daskrecon-demo", help="Output directory."),
+    progress: bool = typer.Option(True, help="Show the progress bar."),
+) -> None:
+    """Deblur a bundled image from 3 blurred, noisy views with the bundled denoiser (no input needed)."""
+    from daskrecon.demo import run_demo
+
+    run_demo(size=size, iterations=iterations, n_workers=workers, output=output, progress=progress, echo=typer.echo)
+
+
+@app.command()
+def info(scheduler: Optional[str] = typer.Option(None, help="Also check that this scheduler answers.")) -> None:
+    """Versions, GPUs and (optionally) whether a scheduler is reachable."""
+    import platform
+
+    import dask
+    import deepinv
+    import distributed
+    import torch
+    import zarr
+
+    import daskrecon
+
+    typer.echo(f"daskrecon {daskrecon.__version__}  python {platform.python_version()}")
+    typer.echo(f"torch {torch.__version__}  deepinv {deepinv.__version__}  dask {dask.__version__}  "
+               f"distributed {distributed.__version__}  zarr {zarr.__version__}")
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    typer.echo(f"GPUs: {n}" + "".join(f"\n  cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(n)))
+    for extra in ("dask_cuda", "dask_jobqueue", "bokeh"):
+        try:
+            mod = __import__(extra)
+            typer.echo(f"{extra}: {getattr(mod, '__version__', 'installed')}")
+        except ImportError:
+            typer.echo(f"{extra}: not installed")
+    if scheduler:
+        from daskrecon import DistributedContext
+        from daskrecon.errors import ClusterConnectionError
+
+        try:
+            with DistributedContext(scheduler, timeout=10) as ctx:
+                typer.echo(f"scheduler {scheduler}: reachable, {ctx.world_size} workers")
+        except ClusterConnectionError as exc:
+            typer.echo(f"scheduler {scheduler}: NOT reachable ({exc})")
+            raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    app()

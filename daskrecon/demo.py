@@ -1,0 +1,120 @@
+"""The zero-input demo: multi-blur deconvolution of a bundled image with the bundled denoiser."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["demo_problem", "run_demo"]
+
+
+def _psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return 10 * math.log10(1.0 / torch.mean((x.clamp(0, 1) - ref) ** 2).item())
+
+
+def demo_problem(size: int = 256, noise: float = 0.03, seed: int = 0):
+    """scikit-image's astronaut at ``size``², three circular blurs with Gaussian noise.
+
+    Returns ``(x_true, operators, y)``; ``y`` is drawn with per-operator generators, so it
+    is the same on every machine and for any number of workers.
+    """
+    import deepinv as dinv
+    from deepinv.physics.functional.blur import gaussian_blur
+    from skimage import data, transform, util
+
+    img = util.img_as_float32(transform.resize(data.astronaut(), (size, size), anti_aliasing=True))
+    x_true = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))[None].float()
+    kernels = [gaussian_blur(sigma=(1.0, 1.0)), gaussian_blur(sigma=(2.0, 2.0)),
+               gaussian_blur(sigma=(1.5, 3.0), angle=30)]
+    ops = []
+    for i, k in enumerate(kernels):
+        op = dinv.physics.Blur(filter=k, padding="circular")
+        op.noise_model = dinv.physics.GaussianNoise(sigma=noise, rng=torch.Generator().manual_seed(seed + i))
+        ops.append(op)
+    with torch.no_grad():
+        y = dinv.utils.TensorList([op(x_true) for op in ops])
+    return x_true, ops, y
+
+
+def _figures(out: Path, x_true: torch.Tensor, y0: torch.Tensor, x: torch.Tensor, history: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def show(ax, t, title):
+        ax.imshow(t[0].clamp(0, 1).permute(1, 2, 0).cpu().numpy())
+        ax.set_title(title)
+        ax.axis("off")
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.3))
+    show(axes[0], x_true, "ground truth")
+    show(axes[1], y0, f"measurement 1 of 3 ({_psnr(y0, x_true):.2f} dB)")
+    show(axes[2], x, f"daskrecon PnP ({_psnr(x, x_true):.2f} dB)")
+    fig.tight_layout()
+    fig.savefig(out / "demo.png", dpi=100)
+    plt.close(fig)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    its = [h["iteration"] for h in history]
+    a1.plot(its, [h["psnr"] for h in history], marker="o")
+    a1.set(xlabel="iteration", ylabel="PSNR (dB)", title="PSNR")
+    a2.semilogy(its, [h["data_fidelity"] for h in history], marker="o")
+    a2.set(xlabel="iteration", ylabel="Σ_i ½‖A_i x − y_i‖²", title="data fidelity")
+    fig.tight_layout()
+    fig.savefig(out / "convergence.png", dpi=100)
+    plt.close(fig)
+
+
+def run_demo(
+    size: int = 256,
+    iterations: int = 30,
+    n_workers: int | None = None,
+    output: str | Path = "daskrecon-demo",
+    noise: float = 0.03,
+    sigma_denoiser: float = 0.03,
+    progress: bool = True,
+    dashboard_address: str = "127.0.0.1:8787",
+    echo: Any = print,
+) -> dict:
+    """Run the demo and write ``reconstruction.zarr``, ``demo.png``, ``convergence.png`` and ``summary.json``."""
+    import zarr
+
+    import daskrecon as dr
+    from daskrecon.models import bundled_denoiser
+
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    x_true, ops, y = demo_problem(size, noise)
+    with dr.DistributedContext(n_workers=n_workers, dashboard_address=dashboard_address) as ctx:
+        echo(f"Dask cluster: {ctx.world_size} workers; dashboard: {ctx.dashboard_link}")
+        dphys = dr.distribute(ops, ctx)
+        dden = dr.distribute(bundled_denoiser(), ctx, patch_size=max(32, size // 2), overlap=8)
+        x = dr.reconstruct(dphys, y, dden, n_iter=iterations, sigma_denoiser=sigma_denoiser, x_true=x_true,
+                           progress=progress)
+        history = list(dr.reconstruct.history)
+    seconds = time.perf_counter() - t0
+    zarr.save_array(str(out / "reconstruction.zarr"), x.cpu().numpy())
+    _figures(out, x_true, y[0], x, history)
+    summary = {
+        "image": f"skimage astronaut, 1x3x{size}x{size}",
+        "operators": "3 circular Gaussian blurs (sigma 1, 2, (1.5, 3) at 30 degrees) + Gaussian noise "
+                     f"sigma={noise}",
+        "iterations": iterations,
+        "psnr_measurements_db": [_psnr(y[i], x_true) for i in range(len(y))],
+        "psnr_reconstruction_db": _psnr(x, x_true),
+        "seconds": seconds,
+        "outputs": [str(out / n) for n in ("reconstruction.zarr", "demo.png", "convergence.png", "summary.json")],
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    best = max(summary["psnr_measurements_db"])
+    echo(f"PSNR: best measurement {best:.2f} dB -> reconstruction {summary['psnr_reconstruction_db']:.2f} dB "
+         f"(+{summary['psnr_reconstruction_db'] - best:.2f} dB) in {seconds:.0f} s")
+    echo(f"wrote {', '.join(summary['outputs'])}")
+    return summary

@@ -1,0 +1,56 @@
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from daskrecon.checkpoint import Checkpoint, CheckpointMismatchError
+
+
+def test_round_trip_and_slots(tmp_path):
+    ck = Checkpoint(tmp_path / "ck")
+    assert not ck.exists()
+    a, b = np.random.rand(2, 3, 8, 8).astype("f4"), np.random.rand(2, 3, 8, 8).astype("f4")
+    ck.save(1, a, {"p": 1})
+    ck.save(2, b, {"p": 1}, {"history": [1, 2]})
+    got = ck.load()
+    assert got.iteration == 2 and np.array_equal(got.x, b) and got.extra == {"history": [1, 2]}
+    ck.check({"p": 1})
+    with pytest.raises(CheckpointMismatchError, match="p, q differ"):
+        ck.check({"p": 2, "q": 0})
+
+
+CHILD = textwrap.dedent(
+    """
+    import os, signal, sys, numpy as np
+    from daskrecon.checkpoint import Checkpoint
+    ck = Checkpoint(sys.argv[1])
+    mode = sys.argv[2]
+    ck.save(1, np.full((1, 4, 1024, 1024), 1.0, np.float32), {"p": 1})
+    if mode == "before-commit":   # data of iteration 2 written, killed before the commit
+        os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
+    print("writing", flush=True)
+    ck.save(2, np.random.rand(1, 4, 1024, 1024).astype(np.float32) + 2, {"p": 1})
+    print("done", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("mode", ["during-write", "before-commit"])
+def test_killed_writer_leaves_the_last_commit_intact(tmp_path, mode):
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "ck"), mode], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    if mode == "during-write":
+        time.sleep(0.05)  # inside the 16 MB zarr write
+        proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    got = Checkpoint(tmp_path / "ck").load()
+    assert got.iteration == 1 and (got.x == 1.0).all()
+    assert not os.path.exists(tmp_path / "ck" / "COMMIT.json.tmp") or mode == "before-commit"

@@ -1,0 +1,29 @@
+import pytest
+import torch
+
+from daskrecon.models import bundled_denoiser, load_state_dict
+
+
+def test_bundled_denoiser_denoises():
+    torch.manual_seed(0)
+    model = bundled_denoiser()
+    x = torch.nn.functional.avg_pool2d(torch.rand(1, 3, 96, 96), 5, stride=1, padding=2)  # a smooth image
+    y = x + 0.1 * torch.randn_like(x)
+    with torch.no_grad():
+        assert torch.mean((model(y) - x) ** 2) < 0.5 * torch.mean((y - x) ** 2)
+    assert sum(p.numel() for p in model.parameters()) * 4 < 2 * 2**20  # <= 2 MB of weights
+
+
+def test_weight_files_are_loaded_as_state_dicts_only(tmp_path):
+    good = tmp_path / "w.pth"
+    torch.save({"state_dict": {"a": torch.ones(2)}}, good)
+    assert torch.equal(load_state_dict(good)["a"], torch.ones(2))
+    evil = tmp_path / "evil.pth"
+    torch.save(torch.nn.Linear(2, 2), evil)  # a pickled module: refused by weights_only
+    with pytest.raises(ValueError, match="not a weights-only torch state dict"):
+        load_state_dict(evil)
+    with pytest.raises(ValueError, match="does not hold a state dict"):
+        torch.save([1, 2], tmp_path / "list.pth")
+        load_state_dict(tmp_path / "list.pth")
+    with pytest.raises(FileNotFoundError):
+        load_state_dict(tmp_path / "missing.pth")
