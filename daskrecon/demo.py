@@ -18,7 +18,7 @@ def _psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
     return 10 * math.log10(1.0 / torch.mean((x.clamp(0, 1) - ref) ** 2).item())
 
 
-def demo_problem(size: int = 256, noise: float = 0.03, seed: int = 0):
+def demo_problem(size: int = 256, noise: float = 0.05, seed: int = 0):
     """scikit-image's astronaut at ``size``², three circular blurs with Gaussian noise.
 
     Returns ``(x_true, operators, y)``; ``y`` is drawn with per-operator generators, so it
@@ -56,7 +56,7 @@ def _figures(out: Path, x_true: torch.Tensor, y0: torch.Tensor, x: torch.Tensor,
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.3))
     show(axes[0], x_true, "ground truth")
     show(axes[1], y0, f"measurement 1 of 3 ({_psnr(y0, x_true):.2f} dB)")
-    show(axes[2], x, f"daskrecon PnP ({_psnr(x, x_true):.2f} dB)")
+    show(axes[2], x, f"daskrecon reconstruction ({_psnr(x, x_true):.2f} dB)")
     fig.tight_layout()
     fig.savefig(out / "demo.png", dpi=100)
     plt.close(fig)
@@ -76,8 +76,11 @@ def run_demo(
     iterations: int = 30,
     n_workers: int | None = None,
     output: str | Path = "daskrecon-demo",
-    noise: float = 0.03,
-    sigma_denoiser: float = 0.03,
+    noise: float = 0.05,
+    sigma_denoiser: float = 0.05,
+    algorithm: str = "red",
+    step_size: float = 0.3,
+    red_weight: float = 0.3,
     progress: bool = True,
     dashboard_address: str = "127.0.0.1:8787",
     echo: Any = print,
@@ -96,8 +99,8 @@ def run_demo(
         echo(f"Dask cluster: {ctx.world_size} workers; dashboard: {ctx.dashboard_link}")
         dphys = dr.distribute(ops, ctx)
         dden = dr.distribute(bundled_denoiser(), ctx, patch_size=max(32, size // 2), overlap=8)
-        x = dr.reconstruct(dphys, y, dden, n_iter=iterations, sigma_denoiser=sigma_denoiser, x_true=x_true,
-                           progress=progress)
+        x = dr.reconstruct(dphys, y, dden, algorithm=algorithm, n_iter=iterations, step_size=step_size,
+                           red_weight=red_weight, sigma_denoiser=sigma_denoiser, x_true=x_true, progress=progress)
         history = list(dr.reconstruct.history)
     seconds = time.perf_counter() - t0
     zarr.save_array(str(out / "reconstruction.zarr"), x.cpu().numpy())
@@ -106,6 +109,7 @@ def run_demo(
         "image": f"skimage astronaut, 1x3x{size}x{size}",
         "operators": "3 circular Gaussian blurs (sigma 1, 2, (1.5, 3) at 30 degrees) + Gaussian noise "
                      f"sigma={noise}",
+        "algorithm": f"{algorithm} (step {step_size}, RED weight {red_weight}) with the bundled DnCNN",
         "iterations": iterations,
         "psnr_measurements_db": [_psnr(y[i], x_true) for i in range(len(y))],
         "psnr_reconstruction_db": _psnr(x, x_true),

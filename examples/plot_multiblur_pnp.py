@@ -18,7 +18,7 @@ from daskrecon.models import bundled_denoiser
 SIZE = int(os.environ.get("DASKRECON_EXAMPLE_SIZE", 256))
 
 if __name__ == "__main__":
-    x_true, physics_list, y = demo_problem(SIZE)  # astronaut, blurs sigma 1, 2, (1.5, 3)@30°, noise 0.03
+    x_true, physics_list, y = demo_problem(SIZE)  # astronaut, blurs sigma 1, 2, (1.5, 3)@30°, noise 0.05
     with dr.DistributedContext() as ctx:
         print("dashboard:", ctx.dashboard_link)
         physics = dr.distribute(physics_list, ctx)
