@@ -344,11 +344,10 @@ def process_block(block: np.ndarray, model_key: str, device_mode: str | None, me
 
     model = get_model(model_key, device_mode)
     strategy = OverlapTilingStrategy(block.shape, **tiling)
-    n = strategy.get_num_patches()
-    per_batch = max_batch_size or default_batch(n, int(np.prod(strategy.window_shape())), target_tasks=1)
+    per_batch = max_batch_size or default_batch(strategy.get_num_patches(), int(np.prod(strategy.window_shape())),
+                                                target_tasks=1)
     xt = to_tensor(block, model_device(model, device_mode))
     out = torch.zeros_like(xt)
-    for start in range(0, n, per_batch):
-        indices = list(range(start, min(start + per_batch, n)))
+    for indices in strategy.batches(per_batch):
         strategy.reduce_patches(out, _run_patches(model, method, strategy, xt, indices, per_batch, args, kwargs))
     return to_numpy(out).astype(block.dtype, copy=False)

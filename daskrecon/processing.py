@@ -214,12 +214,10 @@ class DistributedProcessing:
         n = strategy.get_num_patches()
         if n < 1:
             raise ValueError("the tiling strategy produced no patches")
-        if self.max_batch_size:
-            per = self.max_batch_size
-        elif isinstance(strategy, OverlapTilingStrategy):
-            per = default_batch(n, math.prod(strategy.window_shape()) * strategy.img_size[0])
-        else:
-            per = default_batch(n, 1, max_pixels=2**62)
+        if isinstance(strategy, OverlapTilingStrategy):
+            per = self.max_batch_size or default_batch(n, math.prod(strategy.window_shape()) * strategy.img_size[0])
+            return strategy.batches(per)
+        per = self.max_batch_size or default_batch(n, 1, max_pixels=2**62)
         return [list(range(s, min(s + per, n))) for s in range(0, n, per)]
 
     def _run_tensor(self, x: torch.Tensor, method: str, args: tuple, kwargs: dict) -> torch.Tensor:

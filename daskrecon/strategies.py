@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from daskrecon.tiling import Tile, blend_weights_1d, plan_tiles, round_up
+from daskrecon.tiling import Tile, batch_tiles, blend_weights_1d, plan_tiles, round_up
 
 __all__ = [
     "BasicStrategy",
@@ -130,6 +130,9 @@ class OverlapTilingStrategy(DistributedSignalStrategy):
         ``"cosine"``: neighbouring tiles are cross-faded over ``overlap`` pixels around
         each seam (raised-cosine weights summing to one) instead of cut at the seam; for
         networks whose receptive field is larger than any affordable overlap.
+    uniform_windows : bool
+        Every window ``patch + 2 * overlap`` (deepinv's geometry) instead of minimal
+        windows that carry no context beyond the image border.
     """
 
     name = "overlap_tiling"
@@ -142,6 +145,7 @@ class OverlapTilingStrategy(DistributedSignalStrategy):
         overlap: int | Sequence[int] = 32,
         align: int = 1,
         blend: str | None = None,
+        uniform_windows: bool = False,
         **kwargs,
     ) -> None:
         super().__init__(img_size)
@@ -155,8 +159,9 @@ class OverlapTilingStrategy(DistributedSignalStrategy):
         self.patch_size = tuple(round_up(p, self.align) for p in _per_dim(patch_size, n, "patch_size"))
         self.overlap = tuple(round_up(o, self.align) for o in _per_dim(overlap, n, "overlap"))
         self.blend = blend
+        self.uniform_windows = uniform_windows
         spatial = tuple(self.img_size[d] for d in self.tiling_dims)
-        self.tiles: list[Tile] = plan_tiles(spatial, self.patch_size, self.overlap, self.align)
+        self.tiles: list[Tile] = plan_tiles(spatial, self.patch_size, self.overlap, self.align, uniform_windows)
 
     def get_num_patches(self) -> int:
         return len(self.tiles)
@@ -168,7 +173,16 @@ class OverlapTilingStrategy(DistributedSignalStrategy):
         return tuple(full)
 
     def window_shape(self) -> tuple[int, ...]:
-        return tuple(a.win_stop - a.win_start for a in self.tiles[0].axes)
+        """The largest window, per tiled dimension."""
+        return tuple(max(t.axes[k].win_stop - t.axes[k].win_start for t in self.tiles) for k in range(len(self.tiling_dims)))
+
+    def batches(self, per_batch: int) -> list[list[int]]:
+        """Tile indices grouped by window shape, at most ``per_batch`` per group."""
+        return batch_tiles(self.tiles, per_batch)
+
+    def processed_pixels(self) -> int:
+        """Spatial pixels the network processes (windows, halos included), per sample."""
+        return sum(math.prod(a.win_stop - a.win_start for a in t.axes) for t in self.tiles)
 
     def get_local_patches(self, x: torch.Tensor, local_indices: Sequence[int]) -> list[tuple[int, torch.Tensor]]:
         return [(i, x[self._index(self.tiles[i].window())]) for i in local_indices]
@@ -288,5 +302,5 @@ def create_strategy(strategy_name: str, img_size: Sequence[int], tiling_dims=Non
         raise ValueError(f"unknown tiling strategy {strategy_name!r}; choose one of {sorted(_BY_NAME)} "
                          "or pass a DistributedSignalStrategy instance") from None
     if cls is BasicStrategy:
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("patch_size", "overlap", "align", "blend")}
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("patch_size", "overlap", "align", "blend", "uniform_windows")}
     return cls(img_size, tiling_dims=tiling_dims, **kwargs)

@@ -2,8 +2,7 @@
 
 Along each tiled axis of length ``D`` the image is cut into disjoint *cores* of
 ``patch`` pixels (the last one shorter) that cover ``[0, D)`` exactly once. Each core is
-processed inside a *window* of ``patch + 2 * overlap`` pixels (all windows of an axis
-have the same length, so tiles batch together), placed so that:
+processed inside a *window*, placed so that:
 
 * a window never leaves the image: at the image border the window *is* the border, so a
   network with zero padding sees exactly what it sees on the whole image;
@@ -11,9 +10,15 @@ have the same length, so tiles batch together), placed so that:
   of real context inside its window.
 
 So for a stride-1 network whose receptive radius is at most ``overlap``, the core of
-every tile equals the whole-image output, borders included. Window origins are
-multiples of ``align`` (for networks that down-sample), except the last window of an
-axis whose length is not a multiple of ``align``, which is flush with the border.
+every tile equals the whole-image output, borders included.
+
+Windows are *minimal* by default: ``core ± overlap`` clipped to the image, so a border
+tile carries no useless context (for a 2×2 grid of 256-pixel cores with overlap 32 that
+is 19 % fewer pixels than uniform windows). Tiles of equal window shape batch together.
+``uniform=True`` gives every window ``patch + 2 * overlap`` pixels, shifted inwards at the
+border (deepinv's geometry, without its padding). Window origins are multiples of
+``align`` (for networks that down-sample), except, with uniform windows, the last one of
+an axis whose length is not a multiple of ``align``, which is flush with the border.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ import itertools
 import math
 from dataclasses import dataclass
 
-__all__ = ["AxisTile", "Tile", "axis_tiles", "blend_weights_1d", "default_batch", "plan_tiles", "round_up"]
+__all__ = ["AxisTile", "Tile", "axis_tiles", "batch_tiles", "blend_weights_1d", "default_batch", "plan_tiles",
+           "round_up"]
 
 
 @dataclass(frozen=True)
@@ -57,7 +63,7 @@ def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def axis_tiles(size: int, patch: int, overlap: int, align: int = 1) -> list[AxisTile]:
+def axis_tiles(size: int, patch: int, overlap: int, align: int = 1, uniform: bool = False) -> list[AxisTile]:
     """Tiles of one axis of length ``size``.
 
     Parameters
@@ -70,6 +76,8 @@ def axis_tiles(size: int, patch: int, overlap: int, align: int = 1) -> list[Axis
         Context on each internal side, ``>= 0``; a multiple of ``align``.
     align : int
         Window origins are multiples of it (but see the module notes for the last one).
+    uniform : bool
+        All windows ``patch + 2 * overlap`` long instead of minimal (see the module notes).
 
     Returns
     -------
@@ -79,6 +87,8 @@ def axis_tiles(size: int, patch: int, overlap: int, align: int = 1) -> list[Axis
     Examples
     --------
     >>> [(t.core_start, t.core_stop, t.win_start, t.win_stop) for t in axis_tiles(100, 40, 8)]
+    [(0, 40, 0, 48), (40, 80, 32, 88), (80, 100, 72, 100)]
+    >>> [(t.core_start, t.core_stop, t.win_start, t.win_stop) for t in axis_tiles(100, 40, 8, uniform=True)]
     [(0, 40, 0, 56), (40, 80, 32, 88), (80, 100, 44, 100)]
     """
     if size < 1:
@@ -96,6 +106,9 @@ def axis_tiles(size: int, patch: int, overlap: int, align: int = 1) -> list[Axis
     last_origin = size - window
     for start in range(0, size, patch):
         stop = min(start + patch, size)
+        if not uniform:
+            tiles.append(AxisTile(start, stop, max(start - overlap, 0), min(stop + overlap, size)))
+            continue
         origin = min(max(start - overlap, 0), last_origin // align * align)
         if origin + window < stop + (overlap if stop < size else 0):
             origin = last_origin  # flush with the border; the only unaligned case
@@ -103,12 +116,26 @@ def axis_tiles(size: int, patch: int, overlap: int, align: int = 1) -> list[Axis
     return tiles
 
 
-def plan_tiles(shape: tuple[int, ...], patch: tuple[int, ...], overlap: tuple[int, ...], align: int = 1) -> list[Tile]:
+def plan_tiles(
+    shape: tuple[int, ...], patch: tuple[int, ...], overlap: tuple[int, ...], align: int = 1, uniform: bool = False
+) -> list[Tile]:
     """Cartesian product of :func:`axis_tiles` over the tiled axes, row-major (last axis fastest)."""
     if not (len(shape) == len(patch) == len(overlap)):
         raise ValueError(f"shape {shape}, patch {patch} and overlap {overlap} must have one entry per tiled axis")
-    per_axis = [axis_tiles(s, p, o, align) for s, p, o in zip(shape, patch, overlap)]
+    per_axis = [axis_tiles(s, p, o, align, uniform) for s, p, o in zip(shape, patch, overlap)]
     return [Tile(i, tuple(combo)) for i, combo in enumerate(itertools.product(*per_axis))]
+
+
+def batch_tiles(tiles: list[Tile], per_batch: int) -> list[list[int]]:
+    """Group tile indices into batches of equal window shape, at most ``per_batch`` each.
+
+    Shapes are taken in order of first appearance and indices stay sorted inside a
+    shape, so the grouping depends on the geometry alone.
+    """
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for t in tiles:
+        by_shape.setdefault(tuple(a.win_stop - a.win_start for a in t.axes), []).append(t.index)
+    return [idx[s:s + per_batch] for idx in by_shape.values() for s in range(0, len(idx), per_batch)]
 
 
 def default_batch(n_tiles: int, window_pixels: int, max_pixels: int = 2**20, target_tasks: int = 8) -> int:

@@ -23,16 +23,21 @@ def test_tiling_dims_selects_axes():
         OverlapTilingStrategy((1, 3, 40, 40), patch_size=(8, 8, 8))
 
 
-def test_patches_batch_and_unbatch_round_trip():
-    s = OverlapTilingStrategy((2, 3, 30, 30), patch_size=10, overlap=3)
+@pytest.mark.parametrize("uniform", [True, False])
+def test_patches_batch_and_unbatch_round_trip(uniform):
+    s = OverlapTilingStrategy((2, 3, 30, 30), patch_size=10, overlap=3, uniform_windows=uniform)
     x = torch.rand(2, 3, 30, 30)
-    pairs = s.get_local_patches(x, list(range(s.get_num_patches())))
-    batches = s.apply_batching([p for _, p in pairs], max_batch_size=4)
-    assert [b.shape[0] for b in batches] == [8, 8, 2]  # 4 patches x batch 2, ...
-    back = s.unpack_batched_results(batches, len(pairs))
     out = torch.zeros_like(x)
-    s.reduce_patches(out, [(i, s.trim_patch(i, p)) for (i, _), p in zip(pairs, back)])
+    for idx in s.batches(4):
+        pairs = s.get_local_patches(x, idx)
+        batches = s.apply_batching([p for _, p in pairs], max_batch_size=4)
+        assert all(b.shape[0] == 2 * len(idx) for b in batches)  # 2 samples per patch
+        back = s.unpack_batched_results(batches, len(pairs))
+        s.reduce_patches(out, [(i, s.trim_patch(i, p)) for (i, _), p in zip(pairs, back)])
     assert torch.equal(out, x)
+    sizes = {tuple(p.shape) for _, p in s.get_local_patches(x, range(9))}
+    assert sizes == ({(2, 3, 16, 16)} if uniform else {(2, 3, 13, 13), (2, 3, 13, 16), (2, 3, 16, 13), (2, 3, 16, 16)})
+    assert s.processed_pixels() == (9 * 16 * 16 if uniform else (13 + 16 + 13) ** 2)
 
 
 def test_align_rounds_patch_and_overlap_up():

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from hypothesis import assume, given, settings, strategies as st
 
-from daskrecon.tiling import axis_tiles, blend_weights_1d, default_batch, plan_tiles
+from daskrecon.tiling import axis_tiles, batch_tiles, blend_weights_1d, default_batch, plan_tiles
 
 
 @st.composite
@@ -14,14 +14,18 @@ def axis_case(draw):
     return size, patch, overlap, align
 
 
-@given(axis_case())
+@given(axis_case(), st.booleans())
 @settings(max_examples=400)
-def test_cores_cover_the_axis_once_and_windows_hold_their_core_with_context(case):
+def test_cores_cover_the_axis_once_and_windows_hold_their_core_with_context(case, uniform):
     size, patch, overlap, align = case
-    tiles = axis_tiles(size, patch, overlap, align)
+    tiles = axis_tiles(size, patch, overlap, align, uniform)
     covered = np.zeros(size, int)
     widths = {t.win_stop - t.win_start for t in tiles}
-    assert len(widths) == 1  # all windows of an axis batch together
+    if uniform:
+        assert len(widths) == 1  # all windows of an axis batch together
+    elif len(tiles) > 1:  # minimal: exactly core ± overlap, clipped to the image
+        assert all((t.win_start, t.win_stop) == (max(t.core_start - overlap, 0), min(t.core_stop + overlap, size))
+                   for t in tiles)
     for t in tiles:
         covered[t.core_start:t.core_stop] += 1
         assert 0 <= t.win_start <= t.core_start < t.core_stop <= t.win_stop <= size
@@ -29,18 +33,27 @@ def test_cores_cover_the_axis_once_and_windows_hold_their_core_with_context(case
             assert t.core_start - t.win_start >= overlap
         if t.win_stop < size:
             assert t.win_stop - t.core_stop >= overlap
-        if t.win_stop < size or size % align == 0:
+        if t.win_stop < size or size % align == 0 or not uniform:
             assert t.win_start % align == 0
     assert (covered == 1).all()
 
 
-@given(axis_case())
-def test_one_tile_when_patch_covers_the_axis(case):
+@given(axis_case(), st.booleans())
+def test_one_tile_when_patch_covers_the_axis(case, uniform):
     size, patch, overlap, align = case
     assume(size <= patch + 2 * overlap)
-    assert [(t.core_start, t.core_stop, t.win_start, t.win_stop) for t in axis_tiles(size, patch, overlap, align)] == [
-        (0, size, 0, size)
-    ]
+    tiles = axis_tiles(size, patch, overlap, align, uniform)
+    assert [(t.core_start, t.core_stop, t.win_start, t.win_stop) for t in tiles] == [(0, size, 0, size)]
+
+
+@given(st.integers(1, 80), st.integers(1, 80), st.integers(1, 20), st.integers(0, 8), st.integers(1, 5))
+def test_batches_group_equal_windows_and_cover_every_tile_once(h, w, p, o, per):
+    tiles = plan_tiles((h, w), (p, p), (o, o))
+    batches = batch_tiles(tiles, per)
+    assert sorted(i for b in batches for i in b) == list(range(len(tiles)))
+    for b in batches:
+        assert 1 <= len(b) <= per
+        assert len({tuple(tiles[i].axes[k].win_stop - tiles[i].axes[k].win_start for k in range(2)) for i in b}) == 1
 
 
 @given(st.integers(1, 60), st.integers(1, 60), st.integers(1, 20), st.integers(0, 8))
@@ -61,8 +74,11 @@ def test_blend_weights_are_a_partition_of_unity(case, width):
     size, patch, overlap, align = case
     width = min(width, overlap, patch)  # tapers stay inside windows and do not cross a core
     total = np.zeros(size)
-    for t in axis_tiles(size, patch, overlap, align):
-        total[t.win_start:t.win_stop] += blend_weights_1d(t, size, width)
+    for uniform in (False, True):
+        total[:] = 0
+        for t in axis_tiles(size, patch, overlap, align, uniform):
+            total[t.win_start:t.win_stop] += blend_weights_1d(t, size, width)
+        np.testing.assert_allclose(total, 1.0, atol=1e-12)
     np.testing.assert_allclose(total, 1.0, atol=1e-12)
 
 
