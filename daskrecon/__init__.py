@@ -1,5 +1,6 @@
 """daskrecon: DeepInverse imaging inverse problems on Dask clusters."""
 
+from daskrecon.bundle import DistributedBundle, FactoryConfig, TilingConfig, make_distrib_bundle
 from daskrecon.context import DistributedContext
 from daskrecon.distribute import distribute, register
 from daskrecon.errors import DaskreconError
@@ -14,6 +15,7 @@ from daskrecon.physics import (
 from daskrecon.processing import DistributedPrior, DistributedProcessing
 from daskrecon.receptive import receptive_radius
 from daskrecon.reduction import reduction_plan
+from daskrecon.signal import DistributedSignal
 from daskrecon.solvers import reconstruct
 from daskrecon import strategies
 
@@ -21,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DaskreconError",
+    "DistributedBundle",
     "DistributedContext",
     "DistributedDataFidelity",
     "DistributedLinearPhysics",
@@ -28,9 +31,13 @@ __all__ = [
     "DistributedPhysics",
     "DistributedPrior",
     "DistributedProcessing",
+    "DistributedSignal",
+    "FactoryConfig",
+    "TilingConfig",
     "DistributedStackedLinearPhysics",
     "DistributedStackedPhysics",
     "distribute",
+    "make_distrib_bundle",
     "receptive_radius",
     "reconstruct",
     "reduction_plan",

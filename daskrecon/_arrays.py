@@ -11,7 +11,7 @@ from distributed import Client, Future
 
 from daskrecon.errors import DaskreconError, WorkerTaskError
 
-__all__ = ["as_numpy", "gather_tensors", "scatter_to_owners"]
+__all__ = ["as_numpy", "gather_tensors", "place", "scatter_to_owners"]
 
 
 def as_numpy(t: torch.Tensor | np.ndarray, name: str = "x") -> np.ndarray:
@@ -23,17 +23,23 @@ def as_numpy(t: torch.Tensor | np.ndarray, name: str = "x") -> np.ndarray:
     raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
 
 
+def place(client: Client, array: np.ndarray, worker: str | None = None) -> Future:
+    """Put ``array`` in cluster memory (on ``worker`` if given) *with lineage*.
+
+    Unlike ``scatter``, the array travels inside a task, so the scheduler keeps it and
+    recomputes the key on another worker if the one holding it dies (scattered data is
+    simply lost: "already forgotten"). The price is a copy on the scheduler while the
+    key is alive.
+    """
+    from daskrecon import _worker
+
+    restrict = dict(workers=[worker], allow_other_workers=True) if worker else {}
+    return client.submit(_worker.place_array, array, pure=False, **restrict)
+
+
 def scatter_to_owners(client: Client, arrays: Sequence[np.ndarray], owners: Sequence[str]) -> list[Future]:
-    """Send ``arrays[i]`` to worker ``owners[i]``, one message per worker."""
-    futures: list[Future | None] = [None] * len(arrays)
-    by_owner: dict[str, list[int]] = {}
-    for i, w in enumerate(owners):
-        by_owner.setdefault(w, []).append(i)
-    for w, idx in by_owner.items():
-        placed = client.scatter([arrays[i] for i in idx], workers=[w], hash=False)
-        for i, f in zip(idx, placed):
-            futures[i] = f
-    return futures  # type: ignore[return-value]
+    """Place ``arrays[i]`` on worker ``owners[i]``, recomputable after a worker loss."""
+    return [place(client, a, w) for a, w in zip(arrays, owners)]
 
 
 def gather_arrays(client: Client, futures: Sequence[Future], what: str = "task") -> list[np.ndarray]:

@@ -293,9 +293,13 @@ def get_model(key: str, device_mode: str | None) -> Any:
                     )
                 import cloudpickle
 
-                model = cloudpickle.loads(payload)
+                model, options = cloudpickle.loads(payload)
                 if isinstance(model, torch.nn.Module):
                     model = model.to(worker_device(device_mode)).eval()
+                    if options.get("channels_last") and any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
+                        # oneDNN and cuDNN convolutions run 20-30 % faster on NHWC tensors
+                        model = model.to(memory_format=torch.channels_last)
+                        model._daskrecon_channels_last = True
                 _MODELS[(key, device_mode)] = model
                 MODEL_LOADS[key] = MODEL_LOADS.get(key, 0) + 1
     return model
@@ -313,13 +317,24 @@ def _to_device(value: Any, device: torch.device) -> Any:
 
 def _run_patches(model: Any, method: str, strategy: Any, xt: torch.Tensor, indices: list[int],
                  max_batch_size: int | None, args: tuple, kwargs: dict) -> list[tuple[int, torch.Tensor]]:
+    """Process some patches: ``max_batch_size`` tiles per network call.
+
+    Default: one tile per call on the CPU (measured fastest per pixel with oneDNN), all
+    of them on a GPU.
+    """
     fn = model if method == "__call__" else getattr(model, method)
     args, kwargs = _to_device(args, xt.device), _to_device(kwargs, xt.device)
     pairs = strategy.get_local_patches(xt, indices)
-    batches = strategy.apply_batching([p for _, p in pairs], max_batch_size)
+    per_call = max_batch_size or (len(pairs) if xt.device.type == "cuda" else 1)
+    batches = strategy.apply_batching([p for _, p in pairs], per_call)
+    nhwc = getattr(model, "_daskrecon_channels_last", False)
     grad = torch.enable_grad() if method == "grad" else torch.no_grad()
     with grad:
-        outs = [fn(b, *args, **kwargs).detach() for b in batches]
+        outs = []
+        for b in batches:
+            if nhwc and b.dim() == 4:
+                b = b.contiguous(memory_format=torch.channels_last)
+            outs.append(fn(b, *args, **kwargs).detach().contiguous())
     results = strategy.unpack_batched_results(outs, len(pairs))
     return [(i, strategy.trim_patch(i, r)) for (i, _), r in zip(pairs, results)]
 
@@ -349,5 +364,5 @@ def process_block(block: np.ndarray, model_key: str, device_mode: str | None, me
     xt = to_tensor(block, model_device(model, device_mode))
     out = torch.zeros_like(xt)
     for indices in strategy.batches(per_batch):
-        strategy.reduce_patches(out, _run_patches(model, method, strategy, xt, indices, per_batch, args, kwargs))
+        strategy.reduce_patches(out, _run_patches(model, method, strategy, xt, indices, max_batch_size, args, kwargs))
     return to_numpy(out).astype(block.dtype, copy=False)

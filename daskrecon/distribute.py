@@ -30,7 +30,7 @@ _KIND_OPTIONS: dict[str, frozenset[str]] = {
     "linear_physics": frozenset({"num_operators", "factory_kwargs", "gather_strategy", "dtype", "fast_operators"}),
     "data_fidelity": frozenset({"num_operators", "factory_kwargs", "reduction"}),
     "denoiser": frozenset({"tiling_strategy", "patch_size", "overlap", "tiling_dims", "max_batch_size",
-                           "strategy_kwargs", "blend", "align", "dtype"}),
+                           "strategy_kwargs", "blend", "align", "channels_last", "dtype"}),
 }
 _KIND_OPTIONS["prior"] = _KIND_OPTIONS["denoiser"]
 _ALL_OPTIONS = frozenset().union(*_KIND_OPTIONS.values())

@@ -19,7 +19,7 @@ from deepinv.utils import TensorList
 from distributed import Future
 
 from daskrecon import _worker
-from daskrecon._arrays import as_numpy, gather_arrays, gather_one, gather_tensors
+from daskrecon._arrays import as_numpy, gather_arrays, gather_one, gather_tensors, place
 from daskrecon.context import DistributedContext
 from daskrecon.errors import LinearityError, MeasurementError
 from daskrecon.measurements import DistributedMeasurements
@@ -126,8 +126,7 @@ class DistributedPhysics(Physics):
             return x
         if isinstance(x, TensorList):
             raise TypeError(f"{name} must be a single torch.Tensor (an image), got a TensorList")
-        arr = as_numpy(x, name)
-        return self.ctx.client.scatter(arr, broadcast=True, hash=False)
+        return place(self.ctx.client, as_numpy(x, name))
 
     def _place_y(self, y: Any, name: str = "y") -> list[Future]:
         """Futures of ``y_1 … y_N`` on their owners; a TensorList is placed once and reused."""

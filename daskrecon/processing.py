@@ -26,7 +26,7 @@ import torch
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from daskrecon import _worker
-from daskrecon._arrays import as_numpy, gather_arrays
+from daskrecon._arrays import as_numpy, gather_arrays, place
 from daskrecon.context import DistributedContext
 from daskrecon.errors import ShapeError
 from daskrecon.strategies import DistributedSignalStrategy, OverlapTilingStrategy, create_strategy
@@ -90,14 +90,18 @@ class DistributedProcessing:
     tiling_dims : int or sequence of int, optional
         Dimensions to tile (default: all spatial dimensions).
     max_batch_size : int, optional
-        Tiles per network call (and per task). Default: chosen from the tile geometry only,
-        so results are bitwise the same on any number of workers.
+        Tiles per network call and per task. Default: tasks of tiles chosen from the tile
+        geometry only (so results are bitwise the same on any number of workers), run one
+        tile per call on CPU workers (fastest there) and all at once on GPU workers.
     align : int, optional
         Window origins multiple of this; default from the network (8 for DRUNet).
     blend : {None, "cosine"}
         Cross-fade neighbouring tiles instead of cutting at the seams.
     method : str
         Method of ``processor`` to call (``"__call__"``, ``"prox"``, ``"grad"``).
+    channels_last : bool
+        Run 2-D convolutional networks in NHWC memory format on the workers (20-30 %
+        faster on CPU; results differ from NCHW by float rounding, ~1e-7).
 
     Examples
     --------
@@ -127,6 +131,7 @@ class DistributedProcessing:
         align: int | None = None,
         blend: str | None = None,
         method: str = "__call__",
+        channels_last: bool = True,
         **kwargs: Any,
     ) -> None:
         if kwargs:
@@ -162,7 +167,7 @@ class DistributedProcessing:
         self._plugin_name = f"daskrecon-model-{self.key}"
         # Not released when this object is garbage collected: a lazy dask array made by it
         # may be computed later. close() (or the end of the context) releases it.
-        payload = cloudpickle.dumps(processor)
+        payload = cloudpickle.dumps((processor, {"channels_last": channels_last}))
         self._fingerprint = hashlib.sha256(payload).hexdigest()[:16]
         ctx.client.register_plugin(_ModelPlugin(self.key, payload), name=self._plugin_name)
         self._strategies: dict[tuple, DistributedSignalStrategy] = {}
@@ -225,11 +230,11 @@ class DistributedProcessing:
             raise ShapeError(f"x must be (B, C, *spatial), got shape {tuple(x.shape)}")
         strategy = self.strategy_for(x.shape)
         client = self.ctx.client
-        x_fut = client.scatter(as_numpy(x), broadcast=True, hash=False)
+        x_fut = place(client, as_numpy(x))
         batches = self._batches(strategy)
         futs = [
             client.submit(_worker.process_patches, self.key, self.ctx.device_mode, method, strategy, x_fut,
-                          idx, len(idx), args, kwargs, pure=False)
+                          idx, self.max_batch_size, args, kwargs, pure=False)
             for idx in batches
         ]
         out = torch.zeros(x.shape, dtype=x.dtype)

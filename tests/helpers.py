@@ -107,3 +107,17 @@ class TwoStripes:
                 else:
                     off = self._rows(1)[1]
                     out_tensor[..., self.cut :, :] = p[..., off:, :]
+
+
+class SlowBlur(dinv.physics.Blur):
+    """A circular blur that takes `delay` seconds per call: to kill a worker mid-task."""
+
+    def __init__(self, sigma, delay=0.4):
+        super().__init__(filter=gaussian_blur(sigma=(sigma, sigma)), padding="circular")
+        self.delay = delay
+
+    def A(self, x, **kwargs):
+        import time
+
+        time.sleep(self.delay)
+        return super().A(x, **kwargs)

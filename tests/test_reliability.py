@@ -1,0 +1,65 @@
+"""Worker loss in the middle of a computation: it finishes, and bitwise equal to an undisturbed run."""
+
+import os
+import threading
+import time
+
+import pytest
+import torch
+from deepinv.optim import L2
+
+import daskrecon as dr
+
+from helpers import SlowBlur, noisy_measurements, small_dncnn
+
+
+@pytest.fixture(scope="module")
+def nanny_ctx():
+    with dr.DistributedContext(n_workers=2, processes=True, dashboard_address=":0", torch_threads=1) as c:
+        yield c
+
+
+def kill_one_worker_soon(ctx, delay):
+    """Hard-kill (os._exit) one worker process after `delay` s; its nanny starts a new one."""
+    victim = ctx.workers()[0]
+
+    def go():
+        time.sleep(delay)
+        try:
+            ctx.client.run(os._exit, 1, workers=[victim])
+        except Exception:
+            pass  # the call itself fails: the worker died while answering
+
+    t = threading.Thread(target=go)
+    t.start()
+    return t
+
+
+def test_gradient_survives_a_killed_worker(nanny_ctx):
+    ops = [SlowBlur(1.0 + 0.5 * i, 0.0) for i in range(6)]
+    x = torch.rand(1, 3, 32, 32)
+    y = noisy_measurements(ops, torch.rand(1, 3, 32, 32))
+    expected = dr.distribute(L2(), nanny_ctx).grad(x, y, dr.distribute(ops, nanny_ctx, fast_operators=False))
+    slow = [SlowBlur(1.0 + 0.5 * i, 0.5) for i in range(6)]
+    d = dr.distribute(slow, nanny_ctx, fast_operators=False)
+    f = dr.distribute(L2(), nanny_ctx)
+    before = set(nanny_ctx.workers())
+    killer = kill_one_worker_soon(nanny_ctx, 0.7)
+    g = f.grad(x, y, d)  # operators, measurements and x are rebuilt from their lineage
+    killer.join()
+    assert set(nanny_ctx.workers()) != before  # a worker really was replaced
+    assert torch.equal(g, expected)
+    assert torch.equal(f.grad(x, y, d), expected)  # and the next call works on the new worker
+
+
+def test_denoising_survives_a_killed_worker(nanny_ctx):
+    model = small_dncnn(3)
+    x = torch.rand(1, 3, 160, 160)
+    d = dr.distribute(model, nanny_ctx, patch_size=16, overlap=6, max_batch_size=1)
+    expected = d(x)
+    before = set(nanny_ctx.workers())
+    killer = kill_one_worker_soon(nanny_ctx, 0.3)
+    out = d(x)  # the model reaches the new worker through its plugin
+    killer.join()
+    assert set(nanny_ctx.workers()) != before
+    assert torch.equal(out, expected)
