@@ -291,12 +291,10 @@ class DistributedPhysics(Physics):
 
     # ------------------------------------------------------------------ misc
     def fingerprint(self) -> str:
-        """A hash of what defines the operators (their pickled sources and factory arguments)."""
-        import hashlib
+        """A hash of what defines the operators (their state and factory arguments), stable across processes."""
+        from daskrecon.checkpoint import fingerprint
 
-        import cloudpickle
-
-        return hashlib.sha256(cloudpickle.dumps((self._sources, self.factory_kwargs))).hexdigest()[:16]
+        return fingerprint((self._sources, self.factory_kwargs, self.fast_operators))
 
     def __len__(self) -> int:
         return self.num_operators

@@ -13,7 +13,6 @@ and cached on the worker's device; tasks carry only a key.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import uuid
 from collections.abc import Sequence
@@ -168,7 +167,9 @@ class DistributedProcessing:
         # Not released when this object is garbage collected: a lazy dask array made by it
         # may be computed later. close() (or the end of the context) releases it.
         payload = cloudpickle.dumps((processor, {"channels_last": channels_last}))
-        self._fingerprint = hashlib.sha256(payload).hexdigest()[:16]
+        from daskrecon.checkpoint import fingerprint
+
+        self._fingerprint = fingerprint((processor, channels_last))
         ctx.client.register_plugin(_ModelPlugin(self.key, payload), name=self._plugin_name)
         self._strategies: dict[tuple, DistributedSignalStrategy] = {}
 

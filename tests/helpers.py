@@ -121,3 +121,22 @@ class SlowBlur(dinv.physics.Blur):
 
         time.sleep(self.delay)
         return super().A(x, **kwargs)
+
+
+def solver_problem():
+    """A small deterministic deblurring problem (same in every process)."""
+    torch.manual_seed(0)
+    ops = blurs(3)
+    x_true = torch.rand(1, 3, 40, 36)
+    y = noisy_measurements(ops, x_true, sigma=0.02)
+    return ops, y, small_dncnn(3)
+
+
+def run_solver(ctx, checkpoint=None, resume=False, n_iter=8, callback=None):
+    import daskrecon as dr
+
+    ops, y, model = solver_problem()
+    d = dr.distribute(ops, ctx)
+    den = dr.distribute(model, ctx, patch_size=16, overlap=6)
+    return dr.reconstruct(d, y, den, n_iter=n_iter, step_size=0.3, progress=False, checkpoint=checkpoint,
+                          resume=resume, callback=callback)

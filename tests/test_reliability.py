@@ -63,3 +63,4 @@ def test_denoising_survives_a_killed_worker(nanny_ctx):
     killer.join()
     assert set(nanny_ctx.workers()) != before
     assert torch.equal(out, expected)
+

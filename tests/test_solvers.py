@@ -76,3 +76,42 @@ def test_bad_input(problem):
         dr.reconstruct(dphys, dinv.utils.TensorList([y[0], y[1]]), dden, n_iter=1, progress=False)
     with pytest.raises(ValueError, match="algorithm must be one of"):
         dr.reconstruct(dphys, y, dden, algorithm="admm", progress=False)
+
+
+DRIVER = """
+import sys, time
+sys.path.insert(0, {tests!r})
+import daskrecon as dr
+from helpers import run_solver
+if __name__ == "__main__":
+    with dr.DistributedContext(n_workers=2, dashboard_address=":0", torch_threads=1) as ctx:
+        run_solver(ctx, checkpoint={ckpt!r}, callback=lambda k, x: time.sleep(0.5))
+"""
+
+
+def test_driver_killed_mid_run_resumes_bitwise_equal(ctx, tmp_path):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import run_solver
+
+    ckpt = tmp_path / "ck"
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER.format(tests=os.path.dirname(__file__), ckpt=str(ckpt)))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        commit = ckpt / "COMMIT.json"
+        if commit.exists() and json.loads(commit.read_text())["iteration"] >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # the driver dies between or during iterations
+    proc.wait(timeout=30)
+    done = json.loads((ckpt / "COMMIT.json").read_text())["iteration"]
+    assert 3 <= done < 8
+    resumed = run_solver(ctx, checkpoint=str(ckpt), resume=True)
+    assert torch.equal(resumed, run_solver(ctx))

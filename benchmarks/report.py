@@ -1,0 +1,56 @@
+"""Print the README's benchmark tables (markdown) from benchmarks/results/*.json.
+
+    python benchmarks/report.py
+"""
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def gradient() -> str:
+    d = json.loads((RESULTS / "gradient.json").read_text())
+    best = min(d["deepinv_distributed_1proc"]["median_s"], d["deepinv_distributed_torchrun2"]["median_s"])
+    rows = [("plain deepinv, 1 process", "plain_deepinv"),
+            ("deepinv.distributed, 1 process", "deepinv_distributed_1proc"),
+            ("deepinv.distributed, torchrun ×2 (gloo)", "deepinv_distributed_torchrun2"),
+            ("**daskrecon, 2 workers**", "daskrecon"),
+            ("daskrecon, 2 workers, `fast_operators=False`", "daskrecon_fast_operators_off"),
+            ("*(info)* deepinv.distributed with `Blur(use_fft=True)`, 1 process",
+             "deepinv_distributed_1proc_blur_use_fft")]
+    out = ["| variant | median s | ÷ best deepinv.distributed |", "|---|---|---|"]
+    out += [f"| {name} | {d[k]['median_s']:.2f} | {d[k]['median_s'] / best:.2f} |" for name, k in rows]
+    return "\n".join(out)
+
+
+def tiling() -> str:
+    d = json.loads((RESULTS / "tiling.json").read_text())
+    out = ["| case | untiled call | deepinv.distributed 1 proc | torchrun ×2 | **daskrecon 2 workers** | "
+           "÷ best deepinv.distributed | efficiency (after halo) | max error vs untiled |",
+           "|---|---|---|---|---|---|---|---|"]
+    names = {"drunet": "DRUNet 1×3×512², patch 256, overlap 32", "dncnn": "DnCNN 1×3×1024², patch 256, overlap 20"}
+    for case, name in names.items():
+        if case not in d:
+            continue
+        c = d[case]
+        out.append(
+            f"| {name} | {c['untiled']['median_s']:.2f} s | {c['deepinv_distributed_1proc']['median_s']:.2f} s | "
+            f"{c['deepinv_distributed_torchrun2']['median_s']:.2f} s | **{c['daskrecon']['median_s']:.2f} s** | "
+            f"{c['ratio_daskrecon_vs_best_deepinv_distributed']:.2f} | {c['efficiency_untiled_over_daskrecon']:.2f} "
+            f"({c.get('efficiency_after_halo', float('nan')):.2f}) | {c['daskrecon']['max_abs_diff_vs_untiled']:.1e} |")
+    return "\n".join(out)
+
+
+def denoiser() -> str:
+    d = json.loads((Path(__file__).parents[1] / "daskrecon" / "data" / "dncnn_small.json").read_text())
+    out = ["| noise σ | noisy PSNR | denoised PSNR | gain |", "|---|---|---|---|"]
+    for k, v in d["held_out_psnr"].items():
+        out.append(f"| {k.split('=')[1]} | {v['noisy_psnr']:.2f} dB | {v['denoised_psnr']:.2f} dB | "
+                   f"+{v['denoised_psnr'] - v['noisy_psnr']:.2f} dB |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    for title, fn in (("gradient", gradient), ("tiling", tiling), ("bundled denoiser", denoiser)):
+        print(f"## {title}\n\n{fn()}\n")
