@@ -203,7 +203,7 @@ def reconstruct(
                     x_new = denoise(x - step_size * grad)
                 else:
                     x_new = x - step_size * (grad + red_weight * (x - denoise(x)))
-                value = float(fidelity.fn(x_new, y, physics).sum()) if progress else float("nan")
+                value = float(fidelity.fn(x_new, y, physics).sum())  # one more A_i per operator: cheap, recorded
             change = float(torch.linalg.vector_norm(x_new - x) / max(float(torch.linalg.vector_norm(x)), 1e-12))
             x = x_new
             row = {"iteration": k + 1, "data_fidelity": value, "relative_change": change}

@@ -39,6 +39,7 @@ def test_matches_a_plain_deepinv_loop(problem, algorithm):
     assert_allclose(out, plain_loop(ops, y, model, x0, 4, 0.3, algorithm), atol=1e-4)
     hist = dr.reconstruct.history
     assert [h["iteration"] for h in hist] == [1, 2, 3, 4] and all("psnr" in h for h in hist)
+    assert all(h["data_fidelity"] > 0 for h in hist)  # recorded even without a progress bar
 
 
 def test_resume_after_a_crash_is_bitwise_equal(problem, tmp_path):
