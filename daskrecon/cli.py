@@ -25,6 +25,21 @@ def demo(
 
 
 @app.command()
+def reconstruct(
+    config: str = typer.Argument(..., help="A TOML or YAML file (see `python -c 'import daskrecon.config as c; print(c.__doc__)'`)."),
+    check: bool = typer.Option(False, "--check", help="Time one operator task and one tile, project the total, and stop."),
+) -> None:
+    """Run the reconstruction described by CONFIG."""
+    from daskrecon.config import ConfigError, run_config
+
+    try:
+        run_config(config, check=check, echo=typer.echo)
+    except ConfigError as exc:
+        typer.echo(f"config error: {exc}", err=True)
+        raise typer.Exit(2)
+
+
+@app.command()
 def info(scheduler: Optional[str] = typer.Option(None, help="Also check that this scheduler answers.")) -> None:
     """Versions, GPUs and (optionally) whether a scheduler is reachable."""
     import platform

@@ -1,0 +1,101 @@
+import numpy as np
+import pytest
+from skimage import io, util
+from typer.testing import CliRunner
+
+from daskrecon.cli import app
+from daskrecon.demo import demo_problem
+
+CONFIG = """
+[input]
+measurements = ["y0.npy", "y1.npy", "y2.png"]
+ground_truth = "truth.npy"
+
+[[operators]]
+type = "blur"
+sigma = [1.0, 1.0]
+[[operators]]
+type = "blur"
+sigma = [2.0, 2.0]
+[[operators]]
+type = "blur"
+sigma = [1.5, 3.0]
+angle = 30.0
+
+[denoiser]
+patch_size = 32
+overlap = 8
+
+[solver]
+algorithm = "red"
+iterations = 4
+step_size = 0.3
+red_weight = 0.3
+
+[output]
+path = "{out}"
+
+[cluster]
+kind = "local"
+n_workers = 1
+"""
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    x, ops, y = demo_problem(48)
+    for i in range(2):
+        np.save(tmp_path / f"y{i}.npy", y[i].numpy())
+    io.imsave(str(tmp_path / "y2.png"), util.img_as_ubyte(np.clip(y[2][0].permute(1, 2, 0).numpy(), 0, 1)),
+              check_contrast=False)
+    np.save(tmp_path / "truth.npy", x.numpy())
+    return tmp_path
+
+
+def run(path, *extra):
+    return CliRunner().invoke(app, ["reconstruct", str(path), *extra])
+
+
+def test_reconstruct_from_a_config(inputs):
+    cfg = inputs / "run.toml"
+    cfg.write_text(CONFIG.format(out="result.zarr"))
+    result = run(cfg)
+    assert result.exit_code == 0, result.output
+    import zarr
+
+    assert zarr.open_array(str(inputs / "result.zarr")).shape == (1, 3, 48, 48)
+    again = run(cfg)  # the output exists now
+    assert again.exit_code == 2 and "output.overwrite = true" in again.output
+    png = inputs / "png.toml"
+    png.write_text(CONFIG.format(out="result.png"))
+    assert run(png).exit_code == 0 and io.imread(str(inputs / "result.png")).shape == (48, 48, 3)
+
+
+def test_check_projects_the_run(inputs):
+    cfg = inputs / "run.toml"
+    cfg.write_text(CONFIG.format(out="result.zarr"))
+    result = run(cfg, "--check")
+    assert result.exit_code == 0, result.output
+    assert "one gradient (3 operator tasks)" in result.output and "projected:" in result.output
+    assert not (inputs / "result.zarr").exists()
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c.replace('[solver]', '[solvers]'), "unknown sections ['solvers']"),
+        (lambda c: c.replace('type = "blur"\nsigma = [2.0, 2.0]', 'type = "wiener"'), "operators[1].type must be one of"),
+        (lambda c: c.replace('iterations = 4', 'iterations = "four"'), "solver.iterations must be int"),
+        (lambda c: c.replace('"y0.npy", ', ''), "3 [[operators]] for 2 input.measurements"),
+        (lambda c: c.replace('"y0.npy"', '"missing.npy"'), "input"),
+        (lambda c: c.replace('kind = "local"', 'kind = "k8s"'), "cluster.kind must be"),
+        (lambda c: c + "\noops =\n", "not valid TOML"),
+        (lambda c: c.replace("overlap = 8", "overlap = 8\nstride = 4"), "unknown keys ['stride'] in denoiser"),
+    ],
+)
+def test_bad_configs_name_the_key(inputs, edit, message):
+    cfg = inputs / "bad.toml"
+    cfg.write_text(edit(CONFIG.format(out="result.zarr")))
+    result = run(cfg)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
