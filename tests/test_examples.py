@@ -14,3 +14,34 @@ def test_example_runs(script, tmp_path):
     out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=240)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+
+
+def test_slurm_job_script_without_slurm():
+    pytest.importorskip("dask_jobqueue")  # the [hpc] extra; installed by the [test] extra too
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("slurm_example", EXAMPLES[0].parent / "slurm_cluster.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cluster = module.make_cluster()
+    try:
+        script = cluster.job_script()
+    finally:
+        cluster.close()
+    assert "#SBATCH --gres=gpu:1" in script and "#SBATCH -t 02:00:00" in script
+    assert "--resources GPU=1" in script and "module load cuda" in script
+    assert "distributed.cli.dask_worker" in script
+
+
+def test_notebook_cells_run(tmp_path):
+    import json
+
+    nb = json.loads((EXAMPLES[0].parent / "dashboard.ipynb").read_text())
+    code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+    code = code.replace("demo_problem(512)", "demo_problem(64)").replace("n_iter=30", "n_iter=2")
+    script = tmp_path / "notebook.py"
+    script.write_text("if __name__ == '__main__':\n" + "\n".join("    " + l for l in code.splitlines()))
+    env = dict(os.environ, MPLBACKEND="Agg")
+    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert (tmp_path / "daskrecon-report.html").stat().st_size > 10_000
