@@ -1,0 +1,67 @@
+"""PnP, 5 iterations, 3 circular blurs + DnCNN (random weights, patch 256, overlap 20) on 1x3x512x512.
+
+deepinv.distributed (its demo's loop: distributed L2 gradient, then PnP prox with the tiled
+denoiser) in one process and under torchrun x2, against ``daskrecon.reconstruct`` on 2 workers,
+in one run. Writes benchmarks/results/pnp.json.
+
+    python benchmarks/bench_pnp.py
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import machine, table, timeit, write  # noqa: E402
+from _pnp_problem import problem  # noqa: E402
+
+
+def deepinv_distributed(nproc: int, args) -> dict:
+    script = os.path.join(os.path.dirname(__file__), "_deepinv_distributed_pnp.py")
+    opts = ["--size", str(args.size), "--iterations", str(args.iterations), "--repeats", str(args.repeats)]
+    cmd = [sys.executable, script, *opts] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *opts]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+    if not lines:
+        raise RuntimeError(f"deepinv.distributed ({nproc}) failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+    return json.loads(lines[0][7:])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--iterations", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=1)
+    args = p.parse_args()
+    import torch
+
+    import daskrecon as dr
+
+    ops, y, model, x_true = problem(args.size)
+    res = {"workload": vars(args), "machine": machine()}
+    res["deepinv_distributed_1proc"] = deepinv_distributed(1, args)
+    res["deepinv_distributed_torchrun2"] = deepinv_distributed(2, args)
+    with dr.DistributedContext(n_workers=2, threads_per_worker=1, dashboard_address=":0") as ctx:
+        dphys = dr.distribute(ops, ctx)
+        dden = dr.distribute(model, ctx, patch_size=256, overlap=20)
+        dr.reconstruct(dphys, y, dden, n_iter=1, step_size=0.3, x0=torch.zeros_like(x_true), progress=False)  # warm-up
+        d = timeit(lambda: dr.reconstruct(dphys, y, dden, n_iter=args.iterations, step_size=0.3,
+                                          x0=torch.zeros_like(x_true), progress=False), args.repeats, warmup=0)
+        out = d.pop("_out")
+        d["checksum_diff_vs_deepinv_1proc"] = abs(float(out.double().sum()) - res["deepinv_distributed_1proc"]["checksum"])
+        res["daskrecon"] = d
+    best = min(res["deepinv_distributed_1proc"]["median_s"], res["deepinv_distributed_torchrun2"]["median_s"])
+    res["ratio_daskrecon_vs_best_deepinv_distributed"] = d["median_s"] / best
+    print(f"PnP {args.iterations} iterations, 3 blurs + DnCNN, 1x3x{args.size}^2")
+    print(table([("deepinv.distributed (1 process)", res["deepinv_distributed_1proc"]["median_s"]),
+                 ("deepinv.distributed (torchrun x2, gloo)", res["deepinv_distributed_torchrun2"]["median_s"]),
+                 ("daskrecon reconstruct (2 workers)", d["median_s"])], best))
+    print(f"daskrecon / best deepinv.distributed = {res['ratio_daskrecon_vs_best_deepinv_distributed']:.2f}")
+    print("wrote", write("pnp", res))
+
+
+if __name__ == "__main__":
+    main()
