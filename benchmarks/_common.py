@@ -67,3 +67,18 @@ def table(rows: list[tuple[str, float]], ref: float) -> str:
     for name, t in rows:
         lines.append(f"{name:52s} {t:9.3f} {t / ref:27.2f}")
     return "\n".join(lines)
+
+
+def run_deepinv_distributed(script: str, nproc: int, opts: list[str]) -> dict:
+    """Run a deepinv.distributed benchmark script in one process or under torchrun; return its RESULT line."""
+    import subprocess
+
+    path = os.path.join(os.path.dirname(__file__), script)
+    cmd = [sys.executable, path, *opts] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", path, *opts]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if not lines:
+        raise RuntimeError(f"deepinv.distributed ({nproc} proc) failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return json.loads(lines[0][len("RESULT "):])

@@ -16,30 +16,16 @@ deepinv.distributed time, checks every variant computes the same gradient, and w
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import blur_problem, machine, table, timeit, write  # noqa: E402
+from _common import blur_problem, machine, run_deepinv_distributed, table, timeit, write  # noqa: E402
 
 
-def run_deepinv_distributed(nproc: int, args, use_fft: bool = False) -> dict:
-    script = os.path.join(os.path.dirname(__file__), "_deepinv_distributed_gradient.py")
+def deepinv_distributed(nproc: int, args, use_fft: bool = False) -> dict:
     opts = ["--n-ops", str(args.n_ops), "--size", str(args.size), "--repeats", str(args.repeats)]
-    opts += ["--use-fft"] if use_fft else []
-    if nproc == 1:
-        cmd = [sys.executable, script, *opts]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *opts]
-    env = dict(os.environ)
-    env.pop("RANK", None), env.pop("WORLD_SIZE", None)
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
-    if not lines:
-        raise RuntimeError(f"deepinv.distributed ({nproc} proc) failed:\n{out.stdout}\n{out.stderr}")
-    return json.loads(lines[0][len("RESULT "):])
+    return run_deepinv_distributed("_deepinv_distributed_gradient.py", nproc, opts + (["--use-fft"] if use_fft else []))
 
 
 def main() -> None:
@@ -66,10 +52,10 @@ def main() -> None:
     plain["torch_threads"] = torch.get_num_threads()
     results["plain_deepinv"] = plain
 
-    results["deepinv_distributed_1proc"] = run_deepinv_distributed(1, args)
-    results["deepinv_distributed_torchrun2"] = run_deepinv_distributed(2, args)
+    results["deepinv_distributed_1proc"] = deepinv_distributed(1, args)
+    results["deepinv_distributed_torchrun2"] = deepinv_distributed(2, args)
 
-    results["deepinv_distributed_1proc_blur_use_fft"] = run_deepinv_distributed(1, args, use_fft=True)
+    results["deepinv_distributed_1proc_blur_use_fft"] = deepinv_distributed(1, args, use_fft=True)
 
     with dr.DistributedContext(n_workers=args.workers, threads_per_worker=1, dashboard_address=":0") as ctx:
         for name, fast in (("daskrecon", True), ("daskrecon_fast_operators_off", False)):

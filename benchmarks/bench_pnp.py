@@ -8,26 +8,17 @@ in one run. Writes benchmarks/results/pnp.json.
 """
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import machine, table, timeit, write  # noqa: E402
+from _common import machine, run_deepinv_distributed, table, timeit, write  # noqa: E402
 from _pnp_problem import problem  # noqa: E402
 
 
 def deepinv_distributed(nproc: int, args) -> dict:
-    script = os.path.join(os.path.dirname(__file__), "_deepinv_distributed_pnp.py")
     opts = ["--size", str(args.size), "--iterations", str(args.iterations), "--repeats", str(args.repeats)]
-    cmd = [sys.executable, script, *opts] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *opts]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
-    if not lines:
-        raise RuntimeError(f"deepinv.distributed ({nproc}) failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
-    return json.loads(lines[0][7:])
+    return run_deepinv_distributed("_deepinv_distributed_pnp.py", nproc, opts)
 
 
 def main() -> None:

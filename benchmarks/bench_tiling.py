@@ -22,29 +22,21 @@ import json
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import machine, table, timeit, write  # noqa: E402
+from _common import machine, run_deepinv_distributed, table, timeit, write  # noqa: E402
 from _models import make_model  # noqa: E402
 
 CASES = {"drunet": dict(size=512, patch=256, overlap=32), "dncnn": dict(size=1024, patch=256, overlap=20)}
 
 
 def deepinv_distributed(nproc: int, model: str, size: int, patch: int, overlap: int, repeats: int) -> dict:
-    script = os.path.join(os.path.dirname(__file__), "_deepinv_distributed_tiling.py")
     opts = ["--model", model, "--size", str(size), "--patch", str(patch), "--overlap", str(overlap),
             "--repeats", str(repeats)]
-    cmd = [sys.executable, script, *opts] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *opts]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
-    if not lines:
-        raise RuntimeError(f"deepinv.distributed ({nproc}) failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    return json.loads(lines[0][7:])
+    return run_deepinv_distributed("_deepinv_distributed_tiling.py", nproc, opts)
 
 
 def run_case(name: str, repeats: int, workers: int) -> dict:

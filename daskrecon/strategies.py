@@ -106,6 +106,14 @@ def _tiling_dims(img_size: torch.Size, tiling_dims: int | Sequence[int] | None) 
     return dims
 
 
+def _place(img_size: torch.Size, tiling_dims: Sequence[int], slices: Sequence[slice]) -> tuple[slice, ...]:
+    """A full index into a signal of ``img_size`` with ``slices`` on the tiled dimensions."""
+    full = [slice(None)] * len(img_size)
+    for d, s in zip(tiling_dims, slices):
+        full[d] = s
+    return tuple(full)
+
+
 class OverlapTilingStrategy(DistributedSignalStrategy):
     """Exact overlap tiling (``"overlap_tiling"``, alias ``"smart_tiling"``).
 
@@ -167,10 +175,7 @@ class OverlapTilingStrategy(DistributedSignalStrategy):
         return len(self.tiles)
 
     def _index(self, slices: Sequence[slice]) -> tuple[slice, ...]:
-        full = [slice(None)] * len(self.img_size)
-        for d, s in zip(self.tiling_dims, slices):
-            full[d] = s
-        return tuple(full)
+        return _place(self.img_size, self.tiling_dims, slices)
 
     def window_shape(self) -> tuple[int, ...]:
         """The largest window, per tiled dimension."""
@@ -266,10 +271,7 @@ class BasicStrategy(DistributedSignalStrategy):
         return len(self.blocks)
 
     def _index(self, slices: Sequence[slice]) -> tuple[slice, ...]:
-        full = [slice(None)] * len(self.img_size)
-        for d, s in zip(self.tiling_dims, slices):
-            full[d] = s
-        return tuple(full)
+        return _place(self.img_size, self.tiling_dims, slices)
 
     def get_local_patches(self, x: torch.Tensor, local_indices: Sequence[int]) -> list[tuple[int, torch.Tensor]]:
         return [(i, x[self._index(self.blocks[i])].clone()) for i in local_indices]
