@@ -271,6 +271,13 @@ class DistributedContext:
         return LocalCUDACluster(**kwargs)
 
     def _configure_workers(self) -> None:
+        from daskrecon._scheduler import ReleaseOrphanedRestrictions
+
+        try:
+            self.client.register_plugin(ReleaseOrphanedRestrictions())
+        except Exception as exc:  # a remote scheduler without daskrecon installed
+            warnings.warn(f"could not install daskrecon's scheduler plugin ({exc}); if every worker of the "
+                          "cluster dies at once, work may wait for ever", stacklevel=3)
         threads = self.torch_threads or getattr(self, "_local_torch_threads", None)
         if threads is not None:
             self.client.register_plugin(_TorchThreads(threads), name="daskrecon-torch-threads")

@@ -64,3 +64,24 @@ def test_denoising_survives_a_killed_worker(nanny_ctx):
     assert set(nanny_ctx.workers()) != before
     assert torch.equal(out, expected)
 
+
+
+def test_single_worker_killed_mid_call():
+    """With one worker, its death loses everything: all is rebuilt from lineage on the replacement.
+
+    Needs daskrecon's scheduler plugin: without it the restricted tasks wait in no-worker for ever.
+    """
+    ops = [SlowBlur(1.0 + 0.5 * i, 0.0) for i in range(4)]
+    x = torch.rand(1, 3, 32, 32)
+    y = noisy_measurements(ops, torch.rand(1, 3, 32, 32))
+    with dr.DistributedContext(n_workers=1, processes=True, dashboard_address=":0", torch_threads=1) as ctx:
+        f = dr.distribute(L2(), ctx)
+        expected = f.grad(x, y, dr.distribute(ops, ctx, fast_operators=False))
+        d = dr.distribute([SlowBlur(1.0 + 0.5 * i, 0.5) for i in range(4)], ctx, fast_operators=False)
+        f.grad(x, y, d)  # operators built, y placed
+        before = ctx.workers()
+        killer = kill_one_worker_soon(ctx, 0.6)
+        g = f.grad(x, y, d)
+        killer.join()
+        assert ctx.workers() != before
+        assert torch.equal(g, expected)
