@@ -6,7 +6,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from deepinv.utils import TensorList
 from distributed import Client, Future
 
 from daskrecon.errors import DaskreconError, WorkerTaskError
@@ -68,7 +67,3 @@ def gather_tensors(
 
 def gather_one(client: Client, future: Future, device: torch.device, what: str = "reduction") -> torch.Tensor:
     return gather_tensors(client, [future], device, what)[0]
-
-
-def tensor_list(tensors: Sequence[torch.Tensor]) -> TensorList:
-    return TensorList(list(tensors))
