@@ -30,11 +30,13 @@ CHILD = textwrap.dedent(
     from daskrecon.checkpoint import Checkpoint
     ck = Checkpoint(sys.argv[1])
     mode = sys.argv[2]
-    ck.save(1, np.full((1, 4, 1024, 1024), 1.0, np.float32), {"p": 1})
+    shape = (1, 4, 2048, 2048)  # 64 MiB of incompressible data: its write takes well over 50 ms
+    ck.save(1, np.full(shape, 1.0, np.float32), {"p": 1})
+    data = np.random.default_rng(0).random(shape, dtype=np.float32) + 2
     if mode == "before-commit":   # data of iteration 2 written, killed before the commit
         os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
     print("writing", flush=True)
-    ck.save(2, np.random.rand(1, 4, 1024, 1024).astype(np.float32) + 2, {"p": 1})
+    ck.save(2, data, {"p": 1})
     print("done", flush=True)
     """
 )
@@ -47,7 +49,7 @@ def test_killed_writer_leaves_the_last_commit_intact(tmp_path, mode):
     proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "ck"), mode], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "writing"
     if mode == "during-write":
-        time.sleep(0.05)  # inside the 16 MB zarr write
+        time.sleep(0.05)  # inside the 64 MiB zarr write
         proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
