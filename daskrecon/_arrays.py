@@ -10,7 +10,7 @@ from distributed import Client, Future
 
 from daskrecon.errors import DaskreconError, WorkerTaskError
 
-__all__ = ["as_numpy", "gather_tensors", "place", "scatter_to_owners"]
+__all__ = ["as_numpy", "gather_tensors", "place", "place_on_owners"]
 
 
 def as_numpy(t: torch.Tensor | np.ndarray, name: str = "x") -> np.ndarray:
@@ -36,7 +36,7 @@ def place(client: Client, array: np.ndarray, worker: str | None = None) -> Futur
     return client.submit(_worker.place_array, array, pure=False, **restrict)
 
 
-def scatter_to_owners(client: Client, arrays: Sequence[np.ndarray], owners: Sequence[str]) -> list[Future]:
+def place_on_owners(client: Client, arrays: Sequence[np.ndarray], owners: Sequence[str]) -> list[Future]:
     """Place ``arrays[i]`` on worker ``owners[i]``, recomputable after a worker loss."""
     return [place(client, a, w) for a, w in zip(arrays, owners)]
 

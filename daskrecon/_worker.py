@@ -256,8 +256,7 @@ def describe(obj: Any) -> dict:
     """What the driver needs to know about a built operator."""
     from deepinv.physics import LinearPhysics
 
-    inner = getattr(obj, "op", obj)
-    return {"linear": isinstance(obj, LinearPhysics), "type": type(inner).__name__, "wrapper": type(obj).__name__}
+    return {"linear": isinstance(obj, LinearPhysics), "type": type(getattr(obj, "op", obj)).__name__}
 
 
 # --------------------------------------------------------------------- models and tiles

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -11,11 +10,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from daskrecon.solvers import psnr as _psnr
+
 __all__ = ["demo_problem", "run_demo"]
-
-
-def _psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return 10 * math.log10(1.0 / torch.mean((x.clamp(0, 1) - ref) ** 2).item())
 
 
 def demo_problem(size: int = 256, noise: float = 0.05, seed: int = 0):

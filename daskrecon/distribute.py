@@ -76,7 +76,7 @@ def distribute(obj: Any, ctx: DistributedContext, *, type_object: str = "auto", 
         raise TypeError(f"distribute() got unexpected keyword arguments {sorted(unknown)}; "
                         f"known options: {sorted(_ALL_OPTIONS)}")
     if type_object == "auto":
-        kind = _detect(obj, options)
+        kind = _kind_of(obj, options)
     elif type_object in _HANDLERS:
         kind = type_object
     else:
@@ -152,10 +152,6 @@ def _probe_factory(factory: Callable, options: dict) -> str:
     if isinstance(probe, (Physics, DataFidelity)):
         return _kind_of(probe, options)
     raise ValueError(f"the factory returned a {type(probe).__name__}, expected a Physics or a DataFidelity")
-
-
-def _detect(obj: Any, options: dict) -> str:
-    return _kind_of(obj, options)
 
 
 def register(cls: type, kind: str) -> None:

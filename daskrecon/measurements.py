@@ -10,7 +10,7 @@ from deepinv.utils import TensorList
 from distributed import Future
 
 from daskrecon import _worker
-from daskrecon._arrays import as_numpy, gather_tensors, scatter_to_owners
+from daskrecon._arrays import as_numpy, gather_tensors, place_on_owners
 from daskrecon.context import DistributedContext
 from daskrecon.errors import MeasurementError
 
@@ -64,7 +64,7 @@ class DistributedMeasurements:
             arrays = [as_numpy(t, f"y[{i}]") for i, t in enumerate(y)]
             n = len(arrays)
             self.owners = list(owners) if owners is not None else ctx.owners(n)
-            self.futures: list[Future] = scatter_to_owners(client, arrays, self.owners)
+            self.futures: list[Future] = place_on_owners(client, arrays, self.owners)
             self.shapes = [tuple(a.shape) for a in arrays]
             self.dtypes = [a.dtype for a in arrays]
         else:

@@ -70,7 +70,8 @@ def _problem(physics: DistributedPhysics, ys: list[torch.Tensor], denoiser: Any,
     }
 
 
-def _psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
+def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """PSNR in dB of ``x`` (clipped to [0, 1]) against ``ref``."""
     mse = torch.mean((x.clamp(0, 1) - ref) ** 2).item()
     return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
 
@@ -208,7 +209,7 @@ def reconstruct(
             x = x_new
             row = {"iteration": k + 1, "data_fidelity": value, "relative_change": change}
             if x_true is not None:
-                row["psnr"] = _psnr(x, x_true)
+                row["psnr"] = psnr(x, x_true)
             history.append(row)
             if ckpt is not None and ((k + 1) % checkpoint_every == 0 or k + 1 == n_iter):
                 ckpt.save(k + 1, x.cpu().numpy(), problem, {"history": history})
