@@ -5,19 +5,29 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import dask.array as da
+import numpy as np
 import torch
+from deepinv.optim import distance as _distance
 from deepinv.optim.data_fidelity import DataFidelity, StackedPhysicsDataFidelity
 from distributed import Future
 
 from daskrecon import _worker
 from daskrecon._arrays import gather_one
 from daskrecon.context import DistributedContext
-from daskrecon.physics import DistributedPhysics
+from daskrecon.errors import MeasurementError, ShapeError
+from daskrecon.physics import DistributedPhysics, _as_dask
 from daskrecon.reduction import tree_reduce
 
 __all__ = ["DistributedDataFidelity"]
 
 _REDUCTIONS = ("sum", "mean")
+
+# Distances that act pixel by pixel: d(u, y) = Σ_pixels φ(u_p, y_p), so chunk-wise values add up.
+SEPARABLE_DISTANCES = tuple(
+    getattr(_distance, n) for n in ("L2Distance", "L1Distance", "PoissonLikelihoodDistance", "LogPoissonLikelihoodDistance")
+    if hasattr(_distance, n)
+)
 
 FidelityFactory = Callable[[int, torch.device, "dict | None"], DataFidelity]
 
@@ -140,6 +150,8 @@ class DistributedDataFidelity:
         gather : bool
             Kept for deepinv compatibility; the driver always receives the full sum.
         """
+        if isinstance(x, da.Array):
+            return self._chunked("fn", x, y, physics, kwargs)
         total = self._run(_worker.fidelity_fn_op, x, y, physics, kwargs)
         return self._scale(gather_one(self.ctx.client, total, self.ctx.device, "data fidelity fn"), physics.num_operators)
 
@@ -147,8 +159,47 @@ class DistributedDataFidelity:
 
     def grad(self, x: torch.Tensor, y: Any, physics: DistributedPhysics, gather: bool = True, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``Σ_i (∂A_i/∂x)ᵀ ∇d_i(A_i x, y_i)``, shape of ``x``."""
+        if isinstance(x, da.Array):
+            return self._chunked("grad", x, y, physics, kwargs)
         total = self._run(_worker.fidelity_grad_op, x, y, physics, kwargs)
         return self._scale(gather_one(self.ctx.client, total, self.ctx.device, "data fidelity grad"), physics.num_operators)
+
+    def _chunked(self, method: str, x: da.Array, y: Any, physics: Any, kwargs: dict) -> da.Array:
+        """``fn`` / ``grad`` on a dask array: lazily, chunk by chunk, for local operators and
+        pixel-wise distances; otherwise on the assembled image."""
+        physics = self._check_physics(physics)
+        n = physics.num_operators
+        ys = [y[i] for i in range(len(y))] if hasattr(y, "__len__") and not isinstance(y, torch.Tensor) else [y]
+        if len(ys) != n:
+            raise MeasurementError(f"y has {len(ys)} entries but the physics has {n} operators")
+        fids = [self._sources(i) for i in range(n)]
+        pointwise = all(isinstance(f, DataFidelity) and _worker._uses_chain_rule(f) and isinstance(f.d, SEPARABLE_DISTANCES)
+                        for f in fids)
+        if kwargs or not pointwise or not physics.chunkable:
+            from deepinv.utils import TensorList
+
+            yt = TensorList([torch.from_numpy(np.asarray(_as_dask(v, f"y[{i}]").compute())) for i, v in enumerate(ys)])
+            res = getattr(self, method)(torch.from_numpy(np.asarray(x.compute())), yt, physics, **kwargs)
+            return da.from_array(res.cpu().numpy())
+        terms = []
+        for i, (form, fid, yi) in enumerate(zip(physics.local_forms(), fids, ys)):
+            u = form.apply(x)
+            yi = _as_dask(yi, f"y[{i}]")
+            if yi.shape != u.shape:
+                raise ShapeError(f"y[{i}] has shape {yi.shape} but operator {i} maps x to shape {u.shape}; "
+                                 "check the image shape and that y is in operator order")
+            yi = yi.astype(u.dtype).rechunk(u.chunks)
+            if method == "grad":
+                r = da.map_blocks(_worker.pointwise_grad_block, u, yi, distance=fid.d, dtype=u.dtype)
+                terms.append(form.adjoint(r, x.chunks))
+            else:
+                v = da.map_blocks(_worker.pointwise_value_block, u, yi, distance=fid.d, dtype=np.float64,
+                                  chunks=(u.chunks[0], *((1,) * len(c) for c in u.chunks[1:])))
+                terms.append(v.sum(axis=(1, 2, 3)))
+        total = terms[0]
+        for t in terms[1:]:  # operator order: the same sum on any cluster
+            total = total + t
+        return total / n if self.reduction == "mean" else total
 
     def prox(self, x: torch.Tensor, y: Any, physics: DistributedPhysics, *args: Any, gamma: float = 1.0, **kwargs: Any) -> torch.Tensor:
         """Proximal operator of a single shared fidelity on the whole stack.

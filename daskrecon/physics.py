@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import dask.array as da
 import numpy as np
 import torch
 from deepinv.physics import LinearPhysics, Physics
@@ -36,6 +37,18 @@ GATHER_STRATEGIES = ("naive", "concatenated", "broadcast")
 _REDUCE_OPS = ("sum", "mean")
 
 Factory = Callable[[int, torch.device, "dict | None"], Physics]
+
+
+def _is_chunked(y: Any) -> bool:
+    return isinstance(y, (list, tuple)) and len(y) > 0 and all(isinstance(v, da.Array) for v in y)
+
+
+def _as_dask(v: Any, name: str) -> da.Array:
+    if isinstance(v, da.Array):
+        return v
+    if isinstance(v, torch.Tensor):
+        return da.from_array(v.detach().cpu().numpy())
+    raise TypeError(f"{name} must be a dask array or a tensor, got {type(v).__name__}")
 
 
 class DistributedPhysics(Physics):
@@ -115,6 +128,7 @@ class DistributedPhysics(Physics):
                                       "physics factory")
             self.linear = [d["linear"] for d in described]
         self._y_cache: tuple[Any, tuple, DistributedMeasurements] | None = None
+        self._local: list | None = None
         self._check_linearity()
 
     def _check_linearity(self) -> None:
@@ -198,7 +212,12 @@ class DistributedPhysics(Physics):
 
     # ------------------------------------------------------------------ forward model
     def A(self, x: torch.Tensor, gather: bool = True, reduce_op: str | None = None, **kwargs: Any):
-        """``[A_1 x, …, A_N x]`` in operator order (``reduce_op`` sums or averages them)."""
+        """``[A_1 x, …, A_N x]`` in operator order (``reduce_op`` sums or averages them).
+
+        ``x`` may be a (B, C, H, W) dask array: see :meth:`local_forms`.
+        """
+        if isinstance(x, da.Array):
+            return self._chunked("A", x, reduce_op)
         futs = self._submit_each(_worker.forward_op, self._place_x(x), kwargs, None, False)
         return self._finish(futs, gather, reduce_op, f"A(x), x of shape {tuple(x.shape)}: operator")
 
@@ -219,12 +238,16 @@ class DistributedPhysics(Physics):
     def A_adjoint(self, y: Any, gather: bool = True, reduce_op: str | None = "sum", **kwargs: Any):
         """``Σ_i A_iᵀ y_i`` (``reduce_op=None``: the per-operator ``A_iᵀ y_i``)."""
         self._require_linear("A_adjoint")
+        if _is_chunked(y):
+            return self._chunked("A_adjoint", list(y), reduce_op)
         futs = self._submit_each(_worker.adjoint_op, kwargs, per_op=[self._place_y(y)])
         return self._finish(futs, gather, reduce_op, "A_adjoint(y): operator")
 
     def A_adjoint_A(self, x: torch.Tensor, gather: bool = True, reduce_op: str | None = "sum", **kwargs: Any):
         """``Σ_i A_iᵀ A_i x``."""
         self._require_linear("A_adjoint_A")
+        if isinstance(x, da.Array):
+            return self._chunked("A_adjoint_A", x, reduce_op)
         futs = self._submit_each(_worker.adjoint_A_op, kwargs, per_op=[[self._place_x(x)] * self.num_operators])
         return self._finish(futs, gather, reduce_op, "A_adjoint_A(x): operator")
 
@@ -288,6 +311,64 @@ class DistributedPhysics(Physics):
         if verbose:
             print(f"Computed local norm upper bound: ||A||_2^2 <= {total.item():.4f}")
         return total
+
+    # ------------------------------------------------------------------ chunk-wise (dask arrays)
+    def local_forms(self) -> list:
+        """The chunk-wise form of each operator (:func:`daskrecon.local.local_form`), ``None`` where global.
+
+        When every operator is local, :meth:`A`, :meth:`A_adjoint` and :meth:`A_adjoint_A`
+        take and return dask arrays lazily, chunk by chunk (``map_overlap``), so an image
+        larger than the cluster's memory streams from and to Zarr. Otherwise a dask array
+        is assembled and goes through the per-operator tasks.
+        """
+        if self._local is None:
+            from daskrecon.local import local_form
+
+            if all(isinstance(s, Physics) for s in self._sources):
+                self._local = [local_form(s) for s in self._sources]
+            else:
+                client = self.ctx.client
+                futs = [client.submit(_worker.local_form_of, op, pure=False) for op in self.operators]
+                self._local = gather_arrays(client, futs, "local form of operator")
+        return self._local
+
+    @property
+    def chunkable(self) -> bool:
+        """Whether every operator has a chunk-wise form."""
+        return all(f is not None for f in self.local_forms())
+
+    def _chunked(self, method: str, arg: Any, reduce_op: str | None):
+        if reduce_op not in (None, *_REDUCE_OPS):
+            raise ValueError(f"reduce_op must be None, 'sum' or 'mean', got {reduce_op!r}")
+        n = self.num_operators
+        if method == "A_adjoint" and len(arg) != n:
+            raise MeasurementError(f"y has {len(arg)} entries but the physics has {n} operators")
+        if not self.chunkable:
+            return self._assembled(method, arg, reduce_op)
+        forms = self.local_forms()
+        if method == "A":
+            out = [f.apply(arg) for f in forms]
+        elif method == "A_adjoint":
+            out = [f.adjoint(_as_dask(v, f"y[{i}]")) for i, (f, v) in enumerate(zip(forms, arg))]
+        else:
+            out = [f.adjoint(f.apply(arg), arg.chunks) for f in forms]
+        if reduce_op is None:
+            return out
+        total = out[0]
+        for term in out[1:]:  # operator order: the same sum on any cluster
+            total = total + term
+        return total / n if reduce_op == "mean" else total
+
+    def _assembled(self, method: str, arg: Any, reduce_op: str | None):
+        """A global operator on a dask array: compute it, use the per-operator tasks, wrap the result."""
+        if method == "A_adjoint":
+            tensors = TensorList([torch.from_numpy(np.asarray(_as_dask(v, f"y[{i}]").compute())) for i, v in enumerate(arg)])
+            res = self.A_adjoint(tensors, reduce_op=reduce_op)
+        else:
+            res = getattr(self, method)(torch.from_numpy(np.asarray(arg.compute())), reduce_op=reduce_op)
+        if isinstance(res, torch.Tensor):
+            return da.from_array(res.cpu().numpy())
+        return [da.from_array(t.cpu().numpy()) for t in res]
 
     # ------------------------------------------------------------------ misc
     def fingerprint(self) -> str:

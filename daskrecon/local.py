@@ -1,0 +1,259 @@
+"""Chunk-wise local operators: deepinv operators applied to chunked Dask arrays.
+
+An operator is *local* when an output pixel depends on a bounded neighbourhood of the
+input: blurs (``Blur`` with circular, reflect, replicate or zero padding, ``BlurFFT``),
+``Downsampling``, ``Inpainting``, ``Denoising``. On a Dask array such an operator runs
+chunk by chunk with :func:`dask.array.map_overlap`: the halo is the kernel's half-size,
+the image border gets the operator's own padding (periodic halos for circular padding;
+torch's reflect/replicate/zero padding applied inside the border chunks), so the result
+equals the whole-image operator while each task holds one chunk. ``Aᵀ`` is the
+vector-Jacobian product of the same chunk function, hence the exact adjoint.
+
+:func:`local_form` is a registry: ``local_form.register(MyPhysics)`` with a function that
+returns a :class:`LocalOperator` (or ``None`` for "not local") makes a user's operator
+stream through Zarr too. Global operators (tomography, MRI, any other ``Physics``) return
+``None`` and keep the per-operator task path on the assembled image.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import torch
+from deepinv.physics import Blur, BlurFFT, Denoising, Downsampling, Inpainting
+
+from daskrecon import _worker
+from daskrecon.errors import ShapeError
+from daskrecon.operators import FFTConvolution
+
+__all__ = ["LocalOperator", "local_form"]
+
+PADDINGS = ("circular", "reflect", "replicate", "zeros", "constant")
+
+
+@dataclass(frozen=True, eq=False)
+class LocalOperator:
+    """A linear operator that acts on a bounded neighbourhood of each pixel.
+
+    ``A(x) = (k ⋆ pad(x))[::factor, ::factor] · mask`` on ``(B, C, H, W)`` images, with
+    deepinv's conventions: ``filter`` is a deepinv filter ``(b, c, h, w)`` (convolution,
+    not correlation, centre ``h // 2`` for odd sizes), ``padding`` one of deepinv's modes.
+    ``filter=None`` means no convolution; ``mask=None`` no mask.
+
+    Parameters
+    ----------
+    filter : numpy.ndarray, optional
+    padding : {"circular", "reflect", "replicate", "zeros", "constant"}
+    factor : int
+        Subsampling factor (``Downsampling``).
+    mask : numpy.ndarray, optional
+        Broadcastable to the image, ``(1 | B, 1 | C, H, W)`` (``Inpainting``).
+    name : str
+        For messages.
+    """
+
+    filter: np.ndarray | None = None
+    padding: str = "circular"
+    factor: int = 1
+    mask: np.ndarray | None = None
+    name: str = "operator"
+
+    def __post_init__(self) -> None:
+        if self.padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {PADDINGS}, got {self.padding!r}")
+        if not isinstance(self.factor, int) or self.factor < 1:
+            raise ValueError(f"factor must be a positive int, got {self.factor!r}")
+        if self.filter is not None and self.filter.ndim != 4:
+            raise ValueError(f"filter must be (b, c, h, w), got shape {self.filter.shape}")
+
+    # ------------------------------------------------------------------ geometry (pure)
+    @property
+    def depth(self) -> tuple[int, int]:
+        """Halo of a chunk of ``x`` in pixels, per spatial axis."""
+        if self.filter is None:
+            return (0, 0)
+        return (self.filter.shape[-2] // 2, self.filter.shape[-1] // 2)
+
+    @property
+    def _conv(self) -> bool:
+        return self.filter is not None or self.factor > 1
+
+    def _kernel(self, dtype: np.dtype) -> np.ndarray:
+        # A pure subsampling is a 1×1 identity kernel: one code path for both.
+        k = self.filter if self.filter is not None else np.ones((1, 1, 1, 1))
+        return np.asarray(k, dtype=dtype)
+
+    def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Shape of ``A(x)`` for an ``x`` of ``shape``."""
+        f = self.factor
+        return (*shape[:-2], math.ceil(shape[-2] / f), math.ceil(shape[-1] / f))
+
+    def min_chunk(self, n_chunks: int) -> int:
+        """Smallest chunk (in pixels of ``x``) the operator can run on exactly."""
+        d = max(self.depth)
+        if not d:
+            return 1
+        # A halo reads d pixels of a neighbour; reflect padding reads d + 1 inside a border chunk.
+        return 2 * d + 1 if n_chunks > 1 else d + 1
+
+    def fit_chunks(self, chunks: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
+        """``chunks`` with the spatial ones made valid: multiples of the factor, none too small."""
+        return (chunks[0], chunks[1], *(fit_axis(chunks[a], self.min_chunk(len(chunks[a])), self.factor) for a in (2, 3)))
+
+    # ------------------------------------------------------------------ graphs
+    def _mask_like(self, a: da.Array) -> da.Array:
+        m = np.asarray(self.mask, dtype=a.dtype)
+        m = m.reshape((1,) * (4 - m.ndim) + m.shape)
+        if m.shape[-2:] != a.shape[-2:]:
+            raise ShapeError(f"{self.name}: mask of shape {m.shape} does not fit an image of shape {a.shape}")
+        return da.from_array(m, chunks=(-1, -1, a.chunks[2], a.chunks[3]))
+
+    def apply(self, x: da.Array) -> da.Array:
+        """``A(x)``, lazily, chunk by chunk."""
+        x = _as_images(x, self.name)
+        if self._conv:
+            f = self.factor
+            if x.shape[2] % f or x.shape[3] % f:
+                raise ShapeError(f"{self.name}: image of {x.shape[2]}×{x.shape[3]} pixels is not a multiple of the "
+                                 f"downsampling factor {f}")
+            x = x.rechunk(self.fit_chunks(x.chunks))
+            out_chunks = (x.chunks[0], x.chunks[1], *(tuple(math.ceil(c / f) for c in x.chunks[a]) for a in (2, 3)))
+            x = self._overlap(_worker.local_forward_block, x.rechunk({0: -1, 1: -1}), self.depth, out_chunks,
+                              x.numblocks[2:])
+        if self.mask is not None:
+            x = x * self._mask_like(x)
+        return x
+
+    def adjoint(self, y: da.Array, x_chunks: tuple[tuple[int, ...], ...] | None = None) -> da.Array:
+        """``Aᵀ(y)``, lazily, chunk by chunk (the exact adjoint of :meth:`apply`)."""
+        y = _as_images(y, self.name)
+        if self.mask is not None:
+            y = y * self._mask_like(y)
+        if not self._conv:
+            return y
+        f = self.factor
+        xc = x_chunks or (y.chunks[0], y.chunks[1], *(tuple(f * c for c in y.chunks[a]) for a in (2, 3)))
+        xc = self.fit_chunks(xc)
+        y = y.rechunk((-1, -1, *(tuple(c // f for c in xc[a]) for a in (2, 3))))
+        out_chunks = (y.chunks[0], y.chunks[1], *xc[2:])
+        halo = tuple(-(-d // f) for d in self.depth)
+        return self._overlap(_worker.local_adjoint_block, y, halo, out_chunks, y.numblocks[2:])
+
+    def _overlap(self, fn: Any, a: da.Array, halo: tuple[int, int], out_chunks: tuple, nblocks: tuple) -> da.Array:
+        a = a.rechunk({0: -1, 1: -1})
+        return da.map_overlap(
+            fn, a,
+            depth={0: 0, 1: 0, 2: halo[0], 3: halo[1]},
+            boundary="periodic" if self.padding == "circular" else "none",
+            trim=False, chunks=(a.chunks[0], a.chunks[1], *out_chunks[2:]), dtype=a.dtype,
+            meta=np.empty((0,) * 4, a.dtype), allow_rechunk=False,
+            filt=self._kernel(a.dtype), padding=self.padding, radius=self.depth, factor=self.factor,
+            nblocks=tuple(nblocks),
+        )
+
+
+def fit_axis(sizes: tuple[int, ...], minimum: int, factor: int = 1) -> tuple[int, ...]:
+    """Chunk sizes along one axis, as close to ``sizes`` as possible, such that every chunk is
+    a multiple of ``factor`` and at least ``minimum`` (or the whole axis if it is shorter).
+
+    Boundaries are moved down to a multiple of ``factor``; a chunk left too small is merged
+    into its left neighbour (or, for the first, the right one).
+    """
+    total = sum(sizes)
+    if total <= max(minimum, factor) or total % factor:
+        return (total,)
+    edges, pos = [], 0
+    for s in sizes[:-1]:
+        pos += s
+        edges.append(pos - pos % factor)
+    out, prev = [], 0
+    for e in [*edges, total]:
+        if e - prev >= minimum and total - e >= (minimum if e < total else 0):
+            out.append(e - prev)
+            prev = e
+    if prev < total:
+        if out:
+            out[-1] += total - prev
+        else:
+            out.append(total - prev)
+    return tuple(out)
+
+
+def _as_images(a: Any, name: str) -> da.Array:
+    if not isinstance(a, da.Array):
+        raise TypeError(f"{name}: chunk-wise operators take dask arrays, got {type(a).__name__}")
+    if a.ndim != 4:
+        raise ShapeError(f"{name}: chunk-wise operators take (B, C, H, W) arrays, got shape {a.shape}")
+    if not np.issubdtype(a.dtype, np.floating):
+        raise TypeError(f"{name}: chunk-wise operators take real floating-point arrays, got {a.dtype}")
+    return a
+
+
+# ---------------------------------------------------------------------- registry
+@functools.singledispatch
+def local_form(op: Any) -> LocalOperator | None:
+    """The chunk-wise form of a deepinv operator, or ``None`` if it is not local.
+
+    Register your own: ``@local_form.register`` on a function of your class that returns
+    a :class:`LocalOperator`.
+    """
+    return None
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+@local_form.register
+def _(op: FFTConvolution) -> LocalOperator | None:
+    return local_form(op.op)
+
+
+@local_form.register
+def _(op: Blur) -> LocalOperator | None:
+    f = op.filter
+    if f is None or f.dim() != 4 or f.is_complex() or op.padding not in PADDINGS:
+        return None  # 3-D blurs and "valid" padding change the geometry: whole-image path
+    return LocalOperator(filter=_np(f), padding=op.padding, name=type(op).__name__)
+
+
+@local_form.register
+def _(op: BlurFFT) -> LocalOperator | None:
+    f = op.filter
+    if f is None or f.dim() != 4 or f.is_complex():
+        return None
+    # BlurFFT centres a filter of even size at h // 2, conv2d at h // 2 - 1: one zero row
+    # (column) at the end makes the size odd and the two centres agree.
+    f = _np(f)
+    h, w = f.shape[-2:]
+    f = np.pad(f, ((0, 0), (0, 0), (0, 1 - h % 2), (0, 1 - w % 2)))
+    return LocalOperator(filter=f, padding="circular", name="BlurFFT")
+
+
+@local_form.register
+def _(op: Downsampling) -> LocalOperator | None:
+    if op.padding not in PADDINGS or not isinstance(op.factor, int):
+        return None
+    f = op.filter
+    if f is not None and (f.dim() != 4 or f.is_complex()):
+        return None
+    return LocalOperator(filter=None if f is None else _np(f), padding=op.padding, factor=int(op.factor),
+                         name="Downsampling")
+
+
+@local_form.register
+def _(op: Inpainting) -> LocalOperator | None:
+    m = op.mask
+    if not isinstance(m, torch.Tensor) or m.is_complex():
+        return None
+    return LocalOperator(mask=_np(m), name="Inpainting")
+
+
+@local_form.register
+def _(op: Denoising) -> LocalOperator | None:
+    return LocalOperator(name="Denoising")
