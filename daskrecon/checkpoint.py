@@ -45,58 +45,123 @@ class Checkpoint:
     Parameters
     ----------
     path : str or Path
-        A local directory (created if missing).
+        A local directory (created if missing) or an fsspec URL (``s3://bucket/run``,
+        ``gs://…``, ``file://…``; the protocol's package must be installed). On object
+        stores the commit file is written with one PUT, which they make atomic.
+    storage_options : dict, optional
+        Passed to fsspec for URLs (credentials, endpoint).
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        self._commit = self.path / "COMMIT.json"
-        self._array = self.path / "x.zarr"
+    def __init__(self, path: str | os.PathLike, storage_options: dict | None = None) -> None:
+        from fsspec.core import url_to_fs
+        from fsspec.implementations.local import LocalFileSystem
+
+        self.url = str(path)
+        self.fs, root = url_to_fs(self.url, **(storage_options or {}))
+        self.local = isinstance(self.fs, LocalFileSystem)
+        self.path = Path(root) if self.local else root
+        self.storage_options = None if self.local else (storage_options or {})
+        self._commit = f"{root}/COMMIT.json"
+        self._array = str(Path(root) / "x.zarr") if self.local else f"{self.url.rstrip('/')}/x.zarr"
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.url!r})"
 
     def exists(self) -> bool:
-        return self._commit.is_file()
+        return self.fs.isfile(self._commit)
+
+    def meta(self) -> dict:
+        """The commit record: iteration, slot, problem, extra."""
+        if not self.exists():
+            raise FileNotFoundError(f"no committed checkpoint in {self.url!r}")
+        return json.loads(self.fs.cat_file(self._commit))
 
     def load(self) -> Committed:
-        """The last committed iterate."""
-        if not self.exists():
-            raise FileNotFoundError(f"no committed checkpoint in {str(self.path)!r}")
-        meta = json.loads(self._commit.read_text())
-        x = zarr.open_array(str(self._array), mode="r")[meta["slot"]]
+        """The last committed iterate (read whole)."""
+        meta = self.meta()
+        x = self.open_array("r")[meta["slot"]]
         return Committed(meta["iteration"], np.asarray(x), meta["problem"], meta.get("extra", {}))
+
+    def committed(self) -> Any:
+        """The last committed iterate as a dask array, read chunk by chunk from the store."""
+        import dask.array as da
+
+        meta = self.meta()
+        return da.from_zarr(self.open_array("r"))[meta["slot"]]
 
     def check(self, problem: dict) -> None:
         """Refuse to resume a different problem, naming what differs."""
-        saved = json.loads(self._commit.read_text())["problem"]
+        saved = self.meta()["problem"]
         differ = sorted(k for k in set(saved) | set(problem) if saved.get(k) != problem.get(k))
         if differ:
             raise CheckpointMismatchError(
-                f"checkpoint {str(self.path)!r} was written for a different problem: {', '.join(differ)} differ; "
+                f"checkpoint {self.url!r} was written for a different problem: {', '.join(differ)} differ; "
                 "use a new checkpoint directory or resume=False to start over"
             )
 
-    def save(self, iteration: int, x: np.ndarray, problem: dict, extra: dict | None = None) -> None:
-        """Write ``x`` into the free slot, then commit it atomically."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        slot = 0
-        if self.exists():
-            slot = 1 - json.loads(self._commit.read_text())["slot"]
-        arr = self._open_array(x)
-        arr[slot] = x
-        tmp = self._commit.with_suffix(".json.tmp")
-        with open(tmp, "w") as f:
-            json.dump({"iteration": iteration, "slot": slot, "problem": problem, "extra": extra or {}}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._commit)
+    def _free_slot(self) -> int:
+        return 1 - self.meta()["slot"] if self.exists() else 0
 
-    def _open_array(self, x: np.ndarray) -> Any:
-        shape = (2, *x.shape)
-        if self._array.exists():
-            arr = zarr.open_array(str(self._array), mode="r+")
-            if arr.shape == shape and arr.dtype == x.dtype:
+    def save(self, iteration: int, x: np.ndarray, problem: dict, extra: dict | None = None) -> None:
+        """Write ``x`` (a numpy array) into the free slot, then commit it atomically."""
+        slot = self._free_slot()
+        arr = self._prepare(x.shape, x.dtype, (1, *x.shape))  # one chunk per slot: a slot is written whole
+        arr[slot] = x
+        self._write_commit(iteration, slot, problem, extra)
+
+    def save_dask(self, iteration: int, x: Any, problem: dict, extra: dict | None = None,
+                  also: dict | None = None) -> dict:
+        """Stream a dask array into the free slot chunk by chunk, then commit it atomically.
+
+        ``also`` maps names to lazy values (reductions of the same graph) computed in the
+        same pass; their values are returned and, with ``extra``, stored in the commit
+        record by a callable ``extra(values) -> dict`` or as given.
+        """
+        import dask
+        import dask.array as da
+
+        slot = self._free_slot()
+        chunks = tuple(c[0] for c in x.chunks)
+        x = x.rechunk(chunks)  # regular chunks, aligned with the store's: writes need no lock
+        arr = self._prepare(x.shape, x.dtype, (1, *chunks))
+        region = (slice(slot, slot + 1), *(slice(None),) * x.ndim)
+        stored = da.store(x[None], arr, regions=region, lock=False, compute=False)
+        names = list(also or {})
+        _, *values = dask.compute(stored, *[also[k] for k in names])
+        out = dict(zip(names, values))
+        self._write_commit(iteration, slot, problem, extra(out) if callable(extra) else extra)
+        return out
+
+    def _write_commit(self, iteration: int, slot: int, problem: dict, extra: dict | None) -> None:
+        record = json.dumps({"iteration": iteration, "slot": slot, "problem": problem, "extra": extra or {}})
+        if self.local:
+            tmp = self._commit + ".tmp"
+            with open(tmp, "w") as f:
+                f.write(record)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._commit)
+        else:
+            self.fs.pipe_file(self._commit, record.encode())
+
+    def open_array(self, mode: str = "r") -> Any:
+        return zarr.open_array(self._array, mode=mode, storage_options=self.storage_options)
+
+    def _prepare(self, shape: tuple, dtype: Any, chunks: tuple) -> Any:
+        self.fs.makedirs(str(self.path), exist_ok=True)
+        full = (2, *shape)
+        try:
+            arr = self.open_array("r+")
+            if arr.shape == full and arr.dtype == dtype and tuple(arr.chunks) == tuple(chunks):
                 return arr
-        chunks = (1, *x.shape)  # one chunk per slot: a slot is written whole
-        return zarr.create_array(str(self._array), shape=shape, chunks=chunks, dtype=x.dtype, overwrite=True)
+        except (FileNotFoundError, zarr.errors.NodeNotFoundError):
+            pass
+        if self.exists():
+            # A new layout replaces both slots: drop the commit first, so a crash from here
+            # on leaves "no checkpoint", never a commit pointing into a rewritten array.
+            self.fs.rm_file(self._commit)
+        return zarr.create_array(self._array, shape=full, chunks=chunks, dtype=dtype, overwrite=True,
+                                 storage_options=self.storage_options)
 
 
 def fingerprint(obj: Any) -> str:

@@ -88,6 +88,17 @@ class LocalOperator:
         k = self.filter if self.filter is not None else np.ones((1, 1, 1, 1))
         return np.asarray(k, dtype=dtype)
 
+    def norm_bound(self) -> float:
+        """An upper bound of ``‖A‖²``: ``‖k‖₁² · max|m|²`` (Young's inequality; exact for a
+        non-negative blur kernel that sums to 1 under circular padding)."""
+        bound = 1.0
+        if self.filter is not None:
+            k = np.abs(np.asarray(self.filter, dtype=np.float64))
+            bound *= float(k.sum(axis=(-2, -1)).max()) ** 2
+        if self.mask is not None:
+            bound *= float(np.abs(np.asarray(self.mask, dtype=np.float64)).max()) ** 2
+        return bound
+
     def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """Shape of ``A(x)`` for an ``x`` of ``shape``."""
         f = self.factor
@@ -106,9 +117,11 @@ class LocalOperator:
         return (chunks[0], chunks[1], *(fit_axis(chunks[a], self.min_chunk(len(chunks[a])), self.factor) for a in (2, 3)))
 
     # ------------------------------------------------------------------ graphs
-    def _mask_like(self, a: da.Array) -> da.Array:
+    def _mask_like(self, a: da.Array) -> da.Array | np.ndarray:
         m = np.asarray(self.mask, dtype=a.dtype)
         m = m.reshape((1,) * (4 - m.ndim) + m.shape)
+        if m.shape[-2:] == (1, 1):
+            return m  # a per-channel (or scalar) weight broadcasts as it is
         if m.shape[-2:] != a.shape[-2:]:
             raise ShapeError(f"{self.name}: mask of shape {m.shape} does not fit an image of shape {a.shape}")
         return da.from_array(m, chunks=(-1, -1, a.chunks[2], a.chunks[3]))

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import cloudpickle
+import dask.array as da
 import numpy as np
 import torch
 from deepinv.utils import TensorList
@@ -140,8 +141,19 @@ def reconstruct(
 
     Returns
     -------
-    torch.Tensor
+    torch.Tensor or dask.array.Array
         The last iterate. ``reconstruct.history`` holds the per-iteration metrics.
+
+    Notes
+    -----
+    **Out of core.** When ``y`` (a list with one array per operator) or ``x0`` are dask
+    arrays — e.g. ``da.from_zarr`` — and every operator is local
+    (:mod:`daskrecon.local`), each iteration is one lazy graph streamed chunk by chunk
+    from the committed iterate in ``checkpoint`` (a Zarr store, local or fsspec URL) to
+    the free slot, and committed atomically: memory is bounded by the chunks in flight,
+    not the image. The result is a dask array reading the last committed iterate. The
+    reported data fidelity is ``f`` at the start of the iteration (it shares ``A x`` with
+    the gradient; the in-memory path evaluates it after the step).
 
     Raises
     ------
@@ -158,6 +170,17 @@ def reconstruct(
         raise TypeError("physics must be a DistributedPhysics: dr.distribute(physics, ctx)")
     if not isinstance(n_iter, int) or n_iter < 0:
         raise ValueError(f"n_iter must be a non-negative int, got {n_iter!r}")
+    if isinstance(x0, da.Array) or (isinstance(y, (list, tuple)) and any(isinstance(v, da.Array) for v in y)):
+        from daskrecon.streaming import reconstruct_chunked
+
+        out, history = reconstruct_chunked(
+            physics, y, denoiser, data_fidelity=data_fidelity, algorithm=algorithm, n_iter=n_iter,
+            step_size=step_size, sigma_denoiser=sigma_denoiser, red_weight=red_weight, x0=x0,
+            checkpoint=checkpoint, resume=resume, overwrite=overwrite, callback=callback, progress=progress,
+            x_true=x_true,
+        )
+        reconstruct.history = history
+        return out
     ctx = physics.ctx
     if isinstance(y, (TensorList, list, tuple)):
         ys = _items(y)

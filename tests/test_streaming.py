@@ -1,0 +1,112 @@
+"""Out-of-core reconstruction: iterations streamed from one Zarr slot to the other (daskrecon.streaming)."""
+
+import json
+
+import dask.array as da
+import numpy as np
+import pytest
+import torch
+import deepinv as dinv
+
+import daskrecon as dr
+from daskrecon.checkpoint import Checkpoint
+from daskrecon.errors import DaskreconError
+from daskrecon.streaming import working_chunks
+from daskrecon.local import local_form
+
+from helpers import blurs, noisy_measurements, small_dncnn
+
+CH = (1, 3, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def problem(ctx):
+    torch.manual_seed(0)
+    ops = blurs(2) + [dinv.physics.Blur(filter=torch.ones(1, 1, 3, 3) / 9, padding="reflect")]
+    x_true = torch.rand(1, 3, 80, 72)
+    y = noisy_measurements(ops, x_true, sigma=0.02)
+    dphys = dr.distribute(ops, ctx)
+    dden = dr.distribute(small_dncnn(3), ctx, patch_size=16, overlap=6)
+    return ops, x_true, y, dphys, dden
+
+
+def _dask(ts):
+    return [da.from_array(t.numpy(), chunks=CH) for t in ts]
+
+
+@pytest.mark.parametrize("algorithm", ["pnp", "red"])
+def test_streamed_iterations_match_the_in_memory_path(ctx, problem, tmp_path, algorithm):
+    ops, x_true, y, dphys, dden = problem
+    x0 = torch.full_like(x_true, 0.5)
+    with ctx.client.as_current():
+        ref = dr.reconstruct(dphys, y, dden, algorithm=algorithm, n_iter=3, step_size=0.3, x0=x0, progress=False)
+        out = dr.reconstruct(dphys, _dask(y), dden, algorithm=algorithm, n_iter=3, step_size=0.3,
+                             x0=da.from_array(x0.numpy(), chunks=CH), checkpoint=str(tmp_path / "ck"), progress=False,
+                             x_true=x_true)
+        assert isinstance(out, da.Array)
+        got = out.compute()
+    assert float((ref - x0).abs().max()) > 0.05  # the iterations moved
+    np.testing.assert_allclose(got, ref.numpy(), atol=5e-5)
+    hist = dr.reconstruct.history
+    assert [h["iteration"] for h in hist] == [1, 2, 3]
+    assert all(h["data_fidelity"] > 0 and np.isfinite(h["psnr"]) and h["relative_change"] > 0 for h in hist)
+    meta = json.loads((tmp_path / "ck" / "COMMIT.json").read_text())
+    assert meta["iteration"] == 3 and len(meta["extra"]["history"]) == 3
+
+
+def test_resume_after_a_crash_is_bitwise_equal(ctx, problem, tmp_path):
+    ops, x_true, y, dphys, dden = problem
+    kw = dict(n_iter=4, step_size=0.3, progress=False)
+    with ctx.client.as_current():
+        full = dr.reconstruct(dphys, _dask(y), dden, checkpoint=str(tmp_path / "a"), **kw).compute()
+
+        def crash(k, x):
+            if k == 2:
+                raise KeyboardInterrupt("simulated crash after iteration 2")
+
+        with pytest.raises(KeyboardInterrupt):
+            dr.reconstruct(dphys, _dask(y), dden, checkpoint=str(tmp_path / "b"), callback=crash, **kw)
+        assert Checkpoint(tmp_path / "b").meta()["iteration"] == 2
+        with pytest.raises(DaskreconError, match="already holds a checkpoint"):
+            dr.reconstruct(dphys, _dask(y), dden, checkpoint=str(tmp_path / "b"), **kw)
+        seen = []
+        resumed = dr.reconstruct(dphys, _dask(y), dden, checkpoint=str(tmp_path / "b"), resume=True,
+                                 callback=lambda k, x: seen.append(k), **kw).compute()
+        assert seen == [3, 4]
+        assert np.array_equal(resumed, full)
+        with pytest.raises(ValueError, match="step_size differ"):
+            dr.reconstruct(dphys, _dask(y), dden, checkpoint=str(tmp_path / "b"), resume=True, n_iter=5,
+                           step_size=0.2, progress=False)
+
+
+def test_fsspec_url_checkpoint(ctx, problem, tmp_path):
+    ops, x_true, y, dphys, dden = problem
+    with ctx.client.as_current():
+        out = dr.reconstruct(dphys, _dask(y), dden, n_iter=1, step_size=0.3, progress=False,
+                             checkpoint=f"file://{tmp_path}/remote")
+        assert out.shape == x_true.shape and np.isfinite(out.compute()).all()
+    assert (tmp_path / "remote" / "COMMIT.json").is_file()
+
+
+def test_refusals_write_nothing(ctx, problem, tmp_path):
+    ops, x_true, y, dphys, dden = problem
+    bad = [t.clone() for t in y]
+    bad[1][0, 0, 3, 3] = float("nan")
+    with ctx.client.as_current():
+        with pytest.raises(ValueError, match=r"y\[1\] has 1 non-finite"):
+            dr.reconstruct(dphys, _dask(bad), dden, n_iter=1, step_size=0.3, progress=False,
+                           checkpoint=str(tmp_path / "nan"))
+        tomo = dr.distribute([dinv.physics.Tomography(angles=4, img_width=16)], ctx)
+        with pytest.raises(DaskreconError, match=r"operators \[0\] have no chunk-wise form"):
+            dr.reconstruct(tomo, [da.zeros((1, 1, 16, 4))], dden, n_iter=1, step_size=0.3, progress=False,
+                           checkpoint=str(tmp_path / "tomo"))
+    assert not (tmp_path / "nan").exists() and not (tmp_path / "tomo").exists()
+
+
+def test_working_chunks_are_regular_and_valid():
+    forms = [local_form(dinv.physics.Downsampling(img_size=(3, 100, 90), filter="gaussian", factor=4))]
+    c = working_chunks((1, 3, 100, 90), ((1,), (3,), (30, 30, 30, 10), (25, 25, 25, 15)), forms)
+    for axis, total in ((2, 100), (3, 90)):
+        sizes = c[axis]
+        assert sum(sizes) == total and len(set(sizes[:-1])) <= 1 and sizes[0] % 4 == 0
+        assert sizes[0] >= forms[0].min_chunk(len(sizes))
