@@ -1,10 +1,12 @@
-"""`DistributedSignal`: the iterate of a reconstruction, optionally committed to Zarr at every update."""
+"""`DistributedSignal`: the iterate of a reconstruction, as a tensor or as a chunked array in Zarr."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
+import dask.array as da
+import numpy as np
 import torch
 
 from daskrecon.checkpoint import Checkpoint
@@ -12,6 +14,9 @@ from daskrecon.context import DistributedContext
 from daskrecon.errors import ShapeError
 
 __all__ = ["DistributedSignal"]
+
+#: ``.data`` of a chunked signal is a tensor up to this size, else a dask array.
+FITS_BYTES = 256 * 2**20
 
 
 class DistributedSignal:
@@ -23,53 +28,108 @@ class DistributedSignal:
     shape : sequence of int
         ``(B, C, *spatial)``.
     dtype : torch.dtype
-    init : torch.Tensor, optional
+    init : torch.Tensor or dask array, optional
         Initial value (default zeros).
     store : str, optional
-        A local directory: every :meth:`update_` is committed there crash-safely
-        (double-buffered Zarr array + atomic commit file, :mod:`daskrecon.checkpoint`),
-        so the last complete state survives a crash; :meth:`restore` reads it back.
+        A local directory or an fsspec URL (``s3://…``): every :meth:`update_` is
+        committed there crash-safely (double-buffered Zarr array + atomic commit record,
+        :mod:`daskrecon.checkpoint`): the stored state is never half old, half new, and
+        :meth:`restore` reads the last complete one back.
+    chunks : tuple of int, optional
+        Makes the signal *chunked*: its value is a dask array with these chunks, written
+        chunk by chunk to ``store`` (or persisted in cluster memory when ``store`` is
+        None), so it may be larger than the driver's memory. Given a dask ``init``, its
+        chunks are used.
+    storage_options : dict, optional
+        fsspec options for a URL ``store``.
+    fits_bytes : int
+        A chunked signal's :attr:`data` is a tensor up to this size, else a dask array.
 
     Notes
     -----
-    The driver holds the current value as a tensor (the iterate must fit the driver);
-    every distributed operation takes it from :attr:`data`. ``iteration`` counts updates.
+    ``iteration`` counts updates. Without ``chunks`` the driver holds the value as a
+    tensor, as deepinv's ``DistributedSignal`` does.
     """
 
     def __init__(self, ctx: DistributedContext, shape: Sequence[int], dtype: torch.dtype = torch.float32,
-                 init: torch.Tensor | None = None, store: str | None = None) -> None:
+                 init: Any = None, store: str | None = None, *, chunks: Sequence[int] | None = None,
+                 storage_options: dict | None = None, fits_bytes: int = FITS_BYTES) -> None:
         self.ctx = ctx
         self.shape = torch.Size(shape)
         self.dtype = dtype
-        self._store = Checkpoint(store) if store else None
-        self._data = torch.zeros(self.shape, dtype=dtype, device=ctx.device)
+        self.fits_bytes = fits_bytes
+        self._np_dtype = torch.empty((), dtype=dtype).numpy().dtype
+        if chunks is None and isinstance(init, da.Array):
+            chunks = tuple(c[0] for c in init.chunks)
+        self.chunks = None if chunks is None else tuple(int(c) for c in chunks)
+        if self.chunks is not None and len(self.chunks) != len(self.shape):
+            raise ShapeError(f"chunks {self.chunks} do not match the signal's {len(self.shape)} axes")
+        self._store = Checkpoint(store, storage_options) if store else None
+        self._tensor: torch.Tensor | None = None
+        self._array: da.Array | None = None
         self.iteration = 0
         if init is not None:
             self.update_(init)
             self.iteration = 0
+        elif self.chunks is None:
+            self._tensor = torch.zeros(self.shape, dtype=dtype, device=ctx.device)
+        else:
+            self._array = da.zeros(tuple(self.shape), chunks=self.chunks, dtype=self._np_dtype)
 
     @property
-    def data(self) -> torch.Tensor:
-        """The current value."""
-        return self._data
+    def chunked(self) -> bool:
+        return self.chunks is not None
+
+    @property
+    def data(self) -> Any:
+        """The current value: a tensor, or a dask array for a chunked signal above ``fits_bytes``."""
+        if not self.chunked:
+            return self._tensor
+        arr = self.array
+        if arr.nbytes <= self.fits_bytes:
+            return torch.from_numpy(np.asarray(arr.compute())).to(self.ctx.device)
+        return arr
 
     @data.setter
-    def data(self, value: torch.Tensor) -> None:
+    def data(self, value: Any) -> None:
         self.update_(value)
 
     tensor = data
 
+    @property
+    def array(self) -> da.Array:
+        """The current value as a dask array (lazy; read chunk by chunk from the store)."""
+        if not self.chunked:
+            return da.from_array(self._tensor.detach().cpu().numpy())
+        return self._array
+
     def update_(self, value: Any) -> DistributedSignal:
-        """Replace the value (a tensor of the signal's shape) and commit it if a store is set."""
-        value = getattr(value, "data", value) if isinstance(value, DistributedSignal) else value
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"update_ takes a torch.Tensor (or a DistributedSignal), got {type(value).__name__}")
-        if value.shape != self.shape:
+        """Replace the value (a tensor or a dask array of the signal's shape); commit it if a store is set."""
+        if isinstance(value, DistributedSignal):
+            value = value.array if value.chunked else value.data
+        if not isinstance(value, (torch.Tensor, da.Array)):
+            raise TypeError(f"update_ takes a torch.Tensor or a dask array (or a DistributedSignal), got "
+                            f"{type(value).__name__}")
+        if tuple(value.shape) != tuple(self.shape):
             raise ShapeError(f"update_ got shape {tuple(value.shape)} for a signal of shape {tuple(self.shape)}")
-        self._data = value.detach().to(device=self.ctx.device, dtype=self.dtype).clone()
+        if isinstance(value, torch.Tensor) and (value.is_complex() != self.dtype.is_complex):
+            raise TypeError(f"update_ got a {value.dtype} tensor for a {self.dtype} signal")
         self.iteration += 1
+        if not self.chunked:
+            if isinstance(value, da.Array):
+                value = torch.from_numpy(np.asarray(value.compute()))
+            self._tensor = value.detach().to(device=self.ctx.device, dtype=self.dtype).clone()
+            if self._store is not None:
+                self._store.save(self.iteration, self._tensor.cpu().numpy(), {"shape": list(self.shape)})
+            return self
+        if isinstance(value, torch.Tensor):
+            value = da.from_array(value.detach().cpu().numpy(), chunks=self.chunks)
+        value = value.astype(self._np_dtype).rechunk(self.chunks)
         if self._store is not None:
-            self._store.save(self.iteration, self._data.cpu().numpy(), {"shape": list(self.shape)})
+            self._store.save_dask(self.iteration, value, {"shape": list(self.shape)})
+            self._array = self._store.committed()
+        else:
+            self._array = value.persist()  # held by the workers, not the driver
         return self
 
     copy_ = update_
@@ -78,13 +138,18 @@ class DistributedSignal:
         """Load the last committed value from the store."""
         if self._store is None:
             raise ValueError("this signal has no store to restore from")
+        if self.chunked:
+            self._array = self._store.committed()
+            self.iteration = self._store.meta()["iteration"]
+            return self
         saved = self._store.load()
-        self._data = torch.from_numpy(saved.x).to(device=self.ctx.device, dtype=self.dtype)
+        self._tensor = torch.from_numpy(saved.x).to(device=self.ctx.device, dtype=self.dtype)
         self.iteration = saved.iteration
         return self
 
-    def clone(self) -> torch.Tensor:
-        return self._data.clone()
+    def clone(self) -> Any:
+        return self._tensor.clone() if not self.chunked else self.array.copy()
 
     def __repr__(self) -> str:
-        return f"DistributedSignal(shape={tuple(self.shape)}, iteration={self.iteration})"
+        kind = f"chunks={self.chunks}" if self.chunked else "tensor"
+        return f"DistributedSignal(shape={tuple(self.shape)}, {kind}, iteration={self.iteration})"
