@@ -109,11 +109,14 @@ def main() -> None:
             # Measurements: y = A x_true + noise, written chunk by chunk.
             t0 = time.perf_counter()
             shape, chunks = (1, 3, size, size), (1, 3, chunk, chunk)
-            x_true = da.map_blocks(_scene, da.empty(shape, chunks=chunks, dtype=np.float32), dtype=np.float32)
-            x_true.to_zarr(os.path.join(work, "x_true.zarr"), overwrite=True)
-            x_true = da.from_zarr(os.path.join(work, "x_true.zarr"))
-            noise = da.random.default_rng(1).standard_normal(shape, chunks=chunks, dtype=np.float32)
-            (dphys.A(x_true)[0] + 0.02 * noise).to_zarr(os.path.join(work, "y.zarr"), overwrite=True)
+            done = os.path.join(work, "inputs.done")
+            if not (args.dir and os.path.exists(done)):  # --dir keeps the inputs of an earlier run
+                x_true = da.map_blocks(_scene, da.empty(shape, chunks=chunks, dtype=np.float32), dtype=np.float32)
+                x_true.to_zarr(os.path.join(work, "x_true.zarr"), overwrite=True)
+                x_true = da.from_zarr(os.path.join(work, "x_true.zarr"))
+                noise = da.random.default_rng(1).standard_normal(shape, chunks=chunks, dtype=np.float32)
+                (dphys.A(x_true)[0] + 0.02 * noise).to_zarr(os.path.join(work, "y.zarr"), overwrite=True)
+                open(done, "w").close()
             t_setup = time.perf_counter() - t0
             y = da.from_zarr(os.path.join(work, "y.zarr"))
             print(f"wrote x_true and y in {t_setup:.0f} s", flush=True)

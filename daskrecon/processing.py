@@ -67,6 +67,19 @@ def _release(client: Any, name: str) -> None:
         pass
 
 
+def _param_dtype(processor: Any) -> torch.dtype | None:
+    module = processor if isinstance(processor, torch.nn.Module) else getattr(processor, "denoiser", None)
+    if not isinstance(module, torch.nn.Module):
+        return None
+    return next((p.dtype for p in module.parameters() if p.dtype.is_floating_point), None)
+
+
+def _torch_dtype(dtype: Any) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return torch.from_numpy(np.empty((), dtype=dtype)).dtype
+
+
 class DistributedProcessing:
     """Apply a denoiser (any ``f(x, *args, **kwargs)``) tile by tile on the workers.
 
@@ -172,6 +185,8 @@ class DistributedProcessing:
         self._fingerprint = fingerprint((processor, channels_last))
         ctx.client.register_plugin(_ModelPlugin(self.key, payload), name=self._plugin_name)
         self._strategies: dict[tuple, DistributedSignalStrategy] = {}
+        self._param_dtype = _param_dtype(processor)
+        self._activations: dict[tuple, float | None] = {}
 
     # ------------------------------------------------------------------ public
     def __call__(self, x: Any, *args: Any, gather: bool = True, **kwargs: Any) -> Any:
@@ -183,11 +198,48 @@ class DistributedProcessing:
     def run(self, x: Any, method: str, args: tuple = (), kwargs: dict | None = None) -> Any:
         """Process ``x`` with ``processor.<method>(tile, *args, **kwargs)``."""
         kwargs = kwargs or {}
+        if not isinstance(x, (da.Array, torch.Tensor)):
+            raise TypeError(f"x must be a torch.Tensor or a dask.array.Array, got {type(x).__name__}")
+        self.check_dtype(x.dtype)
         if isinstance(x, da.Array):
             return self._run_dask(x, method, args, kwargs)
-        if isinstance(x, torch.Tensor):
-            return self._run_tensor(x, method, args, kwargs)
-        raise TypeError(f"x must be a torch.Tensor or a dask.array.Array, got {type(x).__name__}")
+        return self._run_tensor(x, method, args, kwargs)
+
+    def check_dtype(self, dtype: Any) -> None:
+        """Refuse inputs the network cannot take: complex values, or a float type other than its weights'.
+
+        Casting silently would either lose precision (float64 → float32) or double the
+        memory of every tile; the caller decides.
+        """
+        t = _torch_dtype(dtype)
+        if t.is_complex:
+            raise TypeError(f"the denoiser takes real images, got {t}; pass x.real, x.abs() or a 2-channel "
+                            "real view (torch.view_as_real) as the network expects")
+        if not t.is_floating_point:
+            raise TypeError(f"the denoiser takes floating-point images, got {t}; convert with x.float()")
+        if self._param_dtype is not None and t != self._param_dtype:
+            raise TypeError(f"x is {t} but the denoiser's weights are {self._param_dtype}; convert x "
+                            f"(x.to({self._param_dtype})) or the model (model.to({t})) before distributing it")
+
+    def _tile_bytes(self, method: str, shape: Sequence[int], window: Sequence[int], tiles: int, args: tuple,
+                    kwargs: dict, itemsize: int) -> int:
+        """Bytes of one network call on ``tiles`` windows (input, output, two largest activations)."""
+        from daskrecon.memory import activation_channels
+
+        key = (method, shape[1], len(shape) - 2, repr(args), repr(sorted(kwargs.items())))
+        if key not in self._activations:
+            dtype = self._param_dtype or torch.float32
+            self._activations[key] = activation_channels(self.processor, method, shape[1], len(shape) - 2, dtype,
+                                                          args, kwargs)
+        act = self._activations[key] or 0.0
+        return int(tiles * shape[0] * math.prod(window) * itemsize * (2 * shape[1] + 2 * act))
+
+    def _check_memory(self, need: int, what: str) -> None:
+        from daskrecon.memory import check_fits
+
+        check_fits(self.ctx.client, need, what,
+                   f"lower patch_size (now {self.patch_size}) or max_batch_size (now {self.max_batch_size}), or give "
+                   "the workers more memory")
 
     def fingerprint(self) -> str:
         """A hash of the pickled model (weights included)."""
@@ -231,8 +283,16 @@ class DistributedProcessing:
             raise ShapeError(f"x must be (B, C, *spatial), got shape {tuple(x.shape)}")
         strategy = self.strategy_for(x.shape)
         client = self.ctx.client
-        x_fut = place(client, as_numpy(x))
         batches = self._batches(strategy)
+        if isinstance(strategy, OverlapTilingStrategy):
+            gpu = self.ctx.device_mode != "cpu" and self.ctx.device.type == "cuda"
+            per_call = self.max_batch_size or (max(len(b) for b in batches) if gpu else 1)
+            window = strategy.window_shape()
+            need = x.element_size() * x.nelement() + self._tile_bytes(method, x.shape, window, per_call, args, kwargs,
+                                                                      x.element_size())
+            self._check_memory(need, f"one denoiser call on {per_call} tile(s) of {'×'.join(map(str, window))} pixels "
+                                     f"(image {tuple(x.shape)}, {x.dtype}, held whole by the task)")
+        x_fut = place(client, as_numpy(x))
         futs = [
             client.submit(_worker.process_patches, self.key, self.ctx.device_mode, method, strategy, x_fut,
                           idx, self.max_batch_size, args, kwargs, pure=False)
@@ -272,6 +332,13 @@ class DistributedProcessing:
                 x = x.rechunk({d: -1})
         tiling = dict(tiling_dims=probe.tiling_dims, patch_size=probe.patch_size, overlap=probe.overlap,
                       align=self.align, blend=self.blend)
+        itemsize = np.dtype(x.dtype).itemsize
+        block = [max(c) + 2 * depth[d] if d > 1 else max(c) for d, c in enumerate(x.chunks)]
+        window = [min(p + 2 * o, block[d]) for d, p, o in zip(probe.tiling_dims, probe.patch_size, probe.overlap)]
+        need = 3 * math.prod(block) * itemsize + self._tile_bytes(method, block, window, self.max_batch_size or 1,
+                                                                  args, kwargs, itemsize)
+        self._check_memory(need, f"one chunk task (chunk with halo {'×'.join(map(str, block))}, {x.dtype}) "
+                                 f"tiled in windows of {'×'.join(map(str, window))} pixels")
         meta = np.empty((0,) * x.ndim, dtype=x.dtype)
         return x.map_overlap(
             _worker.process_block, depth=depth, boundary="none", dtype=x.dtype, meta=meta,

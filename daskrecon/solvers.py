@@ -197,6 +197,11 @@ def reconstruct(
     if x0 is None:
         x0 = physics.A_adjoint(y) / physics.num_operators
     _check_finite("x0", x0)
+    model = denoiser.processing if prior is not None else denoiser
+    model.check_dtype(x0.dtype)
+    for i, t in enumerate(ys):
+        if t.is_complex() and not x0.is_complex():
+            raise TypeError(f"y[{i}] is complex but x0 is real: the denoiser takes real images")
     if step_size is None:
         step_size = 1.0 / float(physics.compute_sqnorm(x0, verbose=False))
     problem = _problem(physics, ys, denoiser, x0, algorithm, step_size, sigma_denoiser, red_weight)

@@ -84,6 +84,9 @@ def reconstruct_chunked(
 
     # One pass over the inputs before anything is written: no NaN/Inf may enter a run.
     named = [(f"y[{i}]", v) for i, v in enumerate(ys)] + ([("x0", x0)] if x0 is not None else [])
+    model = denoiser.processing if prior is not None else denoiser
+    for name, v in named:
+        model.check_dtype(v.dtype)  # before any pass over the data
     bad = dask.compute(*[(~da.isfinite(v)).sum() for _, v in named])
     for (name, _), count in zip(named, bad):
         if count:
@@ -92,10 +95,9 @@ def reconstruct_chunked(
     if x0 is None:
         x0 = physics.A_adjoint(ys) / n
     chunks = working_chunks(x0.shape, x0.chunks, forms)
-    x0 = x0.rechunk(chunks).astype(np.float32)
+    x0 = x0.rechunk(chunks)
     if step_size is None:
         step_size = 1.0 / sum(f.norm_bound() for f in forms)
-    model = getattr(denoiser, "processing", denoiser)
     problem = {
         "algorithm": algorithm,
         "operators": physics.fingerprint(),
@@ -123,7 +125,7 @@ def reconstruct_chunked(
     else:
         ckpt.save_dask(0, x0, problem, {"history": []})
 
-    truth = None if x_true is None else _as_dask(x_true, "x_true").rechunk(chunks).astype(np.float32)
+    truth = None if x_true is None else _as_dask(x_true, "x_true").rechunk(chunks).astype(x0.dtype)
 
     def denoise(z: da.Array) -> da.Array:
         if prior is not None:

@@ -140,3 +140,16 @@ def run_solver(ctx, checkpoint=None, resume=False, n_iter=8, callback=None):
     den = dr.distribute(model, ctx, patch_size=16, overlap=6)
     return dr.reconstruct(d, y, den, n_iter=n_iter, step_size=0.3, progress=False, checkpoint=checkpoint,
                           resume=resume, callback=callback)
+
+
+def snapshot(root):
+    """Every file under ``root`` with its size, mtime and content hash: to assert nothing changed."""
+    import hashlib
+    from pathlib import Path
+
+    out = {}
+    for p in sorted(Path(root).rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            out[str(p.relative_to(root))] = (st.st_size, st.st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+    return out

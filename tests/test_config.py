@@ -6,6 +6,8 @@ from typer.testing import CliRunner
 from daskrecon.cli import app
 from daskrecon.demo import demo_problem
 
+from helpers import snapshot
+
 CONFIG = """
 [input]
 measurements = ["y0.npy", "y1.npy", "y2.png"]
@@ -64,8 +66,10 @@ def test_reconstruct_from_a_config(inputs):
     import zarr
 
     assert zarr.open_array(str(inputs / "result.zarr")).shape == (1, 3, 48, 48)
+    before = snapshot(inputs)
     again = run(cfg)  # the output exists now
     assert again.exit_code == 2 and "output.overwrite = true" in again.output
+    assert snapshot(inputs) == before  # refused: the existing output (and every input) untouched
     png = inputs / "png.toml"
     png.write_text(CONFIG.format(out="result.png"))
     assert run(png).exit_code == 0 and io.imread(str(inputs / "result.png")).shape == (48, 48, 3)
@@ -90,12 +94,21 @@ def test_check_projects_the_run(inputs):
         (lambda c: c.replace('"y0.npy"', '"missing.npy"'), "input"),
         (lambda c: c.replace('kind = "local"', 'kind = "k8s"'), "cluster.kind must be"),
         (lambda c: c + "\noops =\n", "not valid TOML"),
+        (lambda c: c.replace('"y0.npy"', '"missing.zarr"'), "missing.zarr"),
+        (lambda c: c.replace('"y0.npy"', '"broken.zarr"'), "broken.zarr"),
         (lambda c: c.replace("overlap = 8", "overlap = 8\nstride = 4"), "unknown keys ['stride'] in denoiser"),
     ],
 )
 def test_bad_configs_name_the_key(inputs, edit, message):
+    (inputs / "broken.zarr").mkdir()
+    (inputs / "broken.zarr" / "zarr.json").write_text("{not json")  # an unreadable store
+    import zarr
+
+    zarr.save_array(str(inputs / "result.zarr"), np.ones((1, 3, 48, 48), np.float32))  # an earlier result
     cfg = inputs / "bad.toml"
-    cfg.write_text(edit(CONFIG.format(out="result.zarr")))
+    cfg.write_text(edit(CONFIG.format(out="result.zarr").replace("[output]", "[output]\noverwrite = true")))
+    before = snapshot(inputs)
     result = run(cfg)
     assert result.exit_code == 2, result.output
     assert message in result.output
+    assert snapshot(inputs) == before  # even with overwrite = true, a refused run changes no file

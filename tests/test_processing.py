@@ -157,3 +157,36 @@ def test_bad_input(ctx):
         d(np.zeros((1, 3, 8, 8)))
     with pytest.raises(TypeError, match="do not apply to 'denoiser'"):
         dr.distribute(model, ctx, num_operators=3)
+
+
+def test_a_tile_too_large_for_the_workers_is_refused_with_its_size_and_the_limit(ctx):
+    from deepinv.models import DnCNN
+
+    from daskrecon.memory import MemoryLimitError
+
+    model = DnCNN(1, 1, depth=3, nf=64, pretrained=None).eval()
+    big = dr.distribute(model, ctx, patch_size=8192, overlap=3)
+    limit = min(w["memory_limit"] for w in ctx.client.scheduler_info(n_workers=-1)["workers"].values())
+    with pytest.raises(MemoryLimitError, match=r"8192×8192 pixels.*needs at least .* GiB.*memory limit of") as e:
+        big(torch.zeros(1, 1, 8192, 8192))
+    assert "patch_size (now 8192)" in str(e.value)
+    with pytest.raises(MemoryLimitError, match=r"chunk task \(chunk with halo 1×1×8198×8198"):
+        big(da.zeros((1, 1, 16384, 16384), chunks=(1, 1, 8192, 8192), dtype="f4"))
+    # the estimate is ~ (1 + 1 + 2×64 channels) × 4 B per pixel: above this cluster's limit, below 3× it
+    assert 130 * 4 * 8198**2 > limit
+    # a tile that fits runs
+    small = dr.distribute(model, ctx, patch_size=64, overlap=3)
+    assert small(torch.zeros(1, 1, 100, 100)).shape == (1, 1, 100, 100)
+
+
+def test_dtype_policy(ctx):
+    dden = dr.distribute(small_dncnn(1), ctx, patch_size=16, overlap=6)
+    with pytest.raises(TypeError, match="x is torch.float64 but the denoiser's weights are torch.float32"):
+        dden(torch.zeros(1, 1, 20, 20, dtype=torch.float64))
+    with pytest.raises(TypeError, match="real images"):
+        dden(torch.zeros(1, 1, 20, 20, dtype=torch.complex64))
+    with pytest.raises(TypeError, match="float64"):
+        dden(da.zeros((1, 1, 20, 20), dtype="f8"))
+    double = dr.distribute(small_dncnn(1).double(), ctx, patch_size=16, overlap=6)
+    x = torch.rand(1, 1, 20, 20, dtype=torch.float64)
+    assert double(x).dtype == torch.float64  # a float64 model takes float64 images

@@ -8,7 +8,7 @@ from daskrecon.checkpoint import CheckpointMismatchError
 from daskrecon.errors import DaskreconError, MeasurementError
 from daskrecon.testing import assert_allclose
 
-from helpers import blurs, noisy_measurements, small_dncnn
+from helpers import blurs, noisy_measurements, small_dncnn, snapshot
 
 
 @pytest.fixture(scope="module")
@@ -65,14 +65,22 @@ def test_resume_after_a_crash_is_bitwise_equal(problem, tmp_path):
         dr.reconstruct(dphys, y, dden, n_iter=6, step_size=0.3, progress=False, checkpoint=str(tmp_path / "ck"))
 
 
-def test_bad_input(problem):
+def test_bad_input(problem, tmp_path):
     ops, x_true, y, model, dphys, dden = problem
+    ck = str(tmp_path / "ck")
+    dr.reconstruct(dphys, y, dden, n_iter=1, step_size=0.3, progress=False, checkpoint=ck)  # an earlier run
+    before = snapshot(tmp_path)
     bad = dinv.utils.TensorList([y[0], y[1].clone(), y[2]])
     bad[1][0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"y\[1\] has 1 non-finite values"):
-        dr.reconstruct(dphys, bad, dden, n_iter=1, progress=False)
+        dr.reconstruct(dphys, bad, dden, n_iter=1, progress=False, checkpoint=ck, overwrite=True)
     with pytest.raises(ValueError, match="x0 has"):
-        dr.reconstruct(dphys, y, dden, n_iter=1, progress=False, x0=torch.full_like(x_true, float("inf")))
+        dr.reconstruct(dphys, y, dden, n_iter=1, progress=False, x0=torch.full_like(x_true, float("inf")),
+                       checkpoint=ck, overwrite=True)
+    with pytest.raises(TypeError, match="x is torch.float64 but the denoiser's weights are torch.float32"):
+        dr.reconstruct(dphys, y, dden, n_iter=1, progress=False, x0=torch.zeros_like(x_true, dtype=torch.float64),
+                       checkpoint=ck, overwrite=True)
+    assert snapshot(tmp_path) == before  # refused runs leave the existing checkpoint as it was
     with pytest.raises(MeasurementError, match="y has 2 entries"):
         dr.reconstruct(dphys, dinv.utils.TensorList([y[0], y[1]]), dden, n_iter=1, progress=False)
     with pytest.raises(ValueError, match="algorithm must be one of"):

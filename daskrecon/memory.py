@@ -1,0 +1,85 @@
+"""What one denoiser task needs in memory, checked against the workers' limits before submitting.
+
+A tile batch that cannot fit a worker would make the nanny kill the worker again and
+again (dask retries the task on the next one) until ``KilledWorker``; refusing up front,
+with the tile size and the limit in the message, saves the user that loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from daskrecon.errors import DaskreconError
+
+__all__ = ["MemoryLimitError", "activation_channels", "check_fits", "format_bytes"]
+
+
+class MemoryLimitError(DaskreconError, MemoryError):
+    """One task (a tile batch, a chunk) cannot fit in a worker's memory limit."""
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def activation_channels(model: Any, method: str, channels: int, ndim: int, dtype: torch.dtype, args: tuple,
+                        kwargs: dict, side: int = 64) -> float | None:
+    """The largest activation of ``model`` in channels at full resolution (a probe forward pass).
+
+    Runs ``model.<method>`` on a ``side``-pixel probe with forward hooks on every leaf
+    module and returns ``max(numel(output)) / probe pixels``. ``None`` if the probe fails
+    (the model is not a torch module, needs other sizes, ...): no estimate then.
+    """
+    if not isinstance(model, torch.nn.Module) and not isinstance(getattr(model, "denoiser", None), torch.nn.Module):
+        return None
+    module = model if isinstance(model, torch.nn.Module) else model.denoiser
+    sizes: list[int] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: sizes.append(out.numel()) if isinstance(out, torch.Tensor) else None)
+             for m in module.modules() if not list(m.children())]
+    try:
+        device = next((p.device for p in module.parameters()), torch.device("cpu"))
+        probe = torch.zeros((1, channels, *(side,) * ndim), dtype=dtype, device=device)
+        with torch.no_grad():
+            getattr(model, method)(probe, *args, **kwargs)
+    except Exception:
+        return None
+    finally:
+        for h in hooks:
+            h.remove()
+    return max(sizes, default=0) / side**ndim
+
+
+def check_fits(client: Any, need: int, what: str, advice: str) -> None:
+    """Raise :class:`MemoryLimitError` if ``need`` bytes exceed what a worker has left.
+
+    Left = the worker's memory limit × dask's ``terminate`` fraction (the nanny kills a
+    worker above it) − the memory the worker process uses now. Workers without a limit
+    are not checked.
+    """
+    import dask
+
+    frac = dask.config.get("distributed.worker.memory.terminate") or 1.0
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    best = None
+    for addr, w in workers.items():
+        limit = w.get("memory_limit") or 0
+        if not limit:
+            return
+        used = (w.get("metrics") or {}).get("memory", 0)
+        left = limit * frac - used
+        if best is None or left > best[0]:
+            best = (left, addr, limit, used)
+    if best is None or need <= best[0]:
+        return
+    left, addr, limit, used = best
+    raise MemoryLimitError(
+        f"{what} needs at least {format_bytes(need)} on a worker, but the roomiest worker ({addr}) has a memory limit "
+        f"of {format_bytes(limit)} with {format_bytes(used)} already in use (the nanny restarts a worker above "
+        f"{frac:.0%} of its limit); {advice}"
+    )
