@@ -194,7 +194,7 @@ def fingerprint(obj: Any) -> str:
                 h.update(name.encode())
                 feed(child, depth + 1)
         elif isinstance(o, torch.Tensor):
-            a = o.detach().cpu().contiguous()
+            a = o.detach().cpu().resolve_conj().resolve_neg().contiguous()
             h.update(f"{tuple(a.shape)}{a.dtype}".encode())
             h.update(a.numpy().tobytes() if a.dtype != torch.bfloat16 else a.float().numpy().tobytes())
         elif isinstance(o, np.ndarray):
