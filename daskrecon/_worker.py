@@ -220,6 +220,54 @@ def fidelity_grad_op(
     return to_numpy(out)
 
 
+def fidelity_grad_value_op(
+    op: torch.nn.Module, fidelity: Any, x: np.ndarray, y: np.ndarray, index: int, kwargs: dict
+) -> np.ndarray:
+    """``[∇_x d_i(A_i x, y_i).ravel(), d_i(A_i x, y_i)]``: the gradient and the value in one pass.
+
+    For chain-rule fidelities the value comes from the ``A_i x`` the gradient needs anyway.
+    Summing these arrays sums gradients and values alike (the value is the last entry).
+    """
+    dev = module_device(op)
+    xt, yt = to_tensor(x, dev), to_tensor(y, dev)
+    if _uses_chain_rule(fidelity):
+        with torch.no_grad():
+            ax = op.A(xt)
+            _check_measurement(index, ax, yt)
+            g = fidelity.d.grad(ax, yt, **kwargs)
+            value = fidelity.d(ax, yt, **kwargs).sum()
+        with torch.enable_grad():
+            out = op.A_vjp(xt, g)
+    else:
+        with torch.enable_grad():
+            out = fidelity.grad(xt, yt, op, **kwargs)
+        with torch.no_grad():
+            value = torch.as_tensor(fidelity.fn(xt, yt, op, **kwargs)).sum()
+    flat = to_numpy(out).ravel()
+    return np.concatenate([flat, np.asarray([float(value)], dtype=flat.dtype)])
+
+
+def step_from_gradient(x: np.ndarray, grad_value: np.ndarray, tau: float, scale: float) -> np.ndarray:
+    """``x − τ · scale · ∇f`` from a summed :func:`fidelity_grad_value_op` result."""
+    g = grad_value[:-1].reshape(x.shape)
+    if scale != 1.0:
+        g = g * np.asarray(scale, dtype=g.dtype)
+    return x - np.asarray(tau, dtype=x.dtype) * g
+
+
+def red_step(x: np.ndarray, grad_value: np.ndarray, denoised: np.ndarray, tau: float, scale: float,
+             lam: float) -> np.ndarray:
+    """``x − τ (scale · ∇f + λ (x − D(x)))``."""
+    g = grad_value[:-1].reshape(x.shape)
+    if scale != 1.0:
+        g = g * np.asarray(scale, dtype=g.dtype)
+    return x - np.asarray(tau, dtype=x.dtype) * (g + np.asarray(lam, dtype=x.dtype) * (x - denoised))
+
+
+def last_value(grad_value: np.ndarray) -> float:
+    return float(grad_value[-1])
+
+
 def fidelity_fn_op(
     op: torch.nn.Module, fidelity: Any, x: np.ndarray, y: np.ndarray, index: int, kwargs: dict
 ) -> np.ndarray:

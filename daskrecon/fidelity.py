@@ -164,6 +164,22 @@ class DistributedDataFidelity:
         total = self._run(_worker.fidelity_grad_op, x, y, physics, kwargs)
         return self._scale(gather_one(self.ctx.client, total, self.ctx.device, "data fidelity grad"), physics.num_operators)
 
+    def step(self, x: Any, y: Any, physics: DistributedPhysics, step_size: float) -> tuple[Future, Future, Future]:
+        """Futures of ``x − τ∇f(x)`` and of ``f(x)``, computed on the workers from one gradient pass.
+
+        ``x`` may be a tensor or the future of a placed array. Nothing image-sized comes
+        back to the driver; the step is one task after the tree reduction. The third
+        future holds the summed ``[∇f.ravel(), f]``.
+        """
+        physics = self._check_physics(physics)
+        x_fut = physics._place_x(x)
+        gv = self._run(_worker.fidelity_grad_value_op, x_fut, y, physics, {})
+        scale = 1.0 / physics.num_operators if self.reduction == "mean" else 1.0
+        client = self.ctx.client
+        z = client.submit(_worker.step_from_gradient, x_fut, gv, float(step_size), scale, pure=False)
+        value = client.submit(_worker.last_value, gv, pure=False)
+        return z, value, gv
+
     def _chunked(self, method: str, x: da.Array, y: Any, physics: Any, kwargs: dict) -> da.Array:
         """``fn`` / ``grad`` on a dask array: lazily, chunk by chunk, for local operators and
         pixel-wise distances; otherwise on the assembled image."""

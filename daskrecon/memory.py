@@ -59,8 +59,9 @@ def check_fits(client: Any, need: int, what: str, advice: str) -> None:
     """Raise :class:`MemoryLimitError` if ``need`` bytes exceed what a worker has left.
 
     Left = the worker's memory limit × dask's ``terminate`` fraction (the nanny kills a
-    worker above it) − the memory the worker process uses now. Workers without a limit
-    are not checked.
+    worker above it) − its *unmanaged* memory (process memory minus the task results
+    dask holds, which it can spill): the code, the libraries and what the allocator
+    keeps. Workers without a limit are not checked.
     """
     import dask
 
@@ -71,7 +72,8 @@ def check_fits(client: Any, need: int, what: str, advice: str) -> None:
         limit = w.get("memory_limit") or 0
         if not limit:
             return
-        used = (w.get("metrics") or {}).get("memory", 0)
+        metrics = w.get("metrics") or {}
+        used = max(0, metrics.get("memory", 0) - metrics.get("managed_bytes", 0))
         left = limit * frac - used
         if best is None or left > best[0]:
             best = (left, addr, limit, used)
@@ -80,6 +82,6 @@ def check_fits(client: Any, need: int, what: str, advice: str) -> None:
     left, addr, limit, used = best
     raise MemoryLimitError(
         f"{what} needs at least {format_bytes(need)} on a worker, but the roomiest worker ({addr}) has a memory limit "
-        f"of {format_bytes(limit)} with {format_bytes(used)} already in use (the nanny restarts a worker above "
+        f"of {format_bytes(limit)} with {format_bytes(used)} already in use by the process (the nanny restarts a worker above "
         f"{frac:.0%} of its limit); {advice}"
     )

@@ -22,6 +22,7 @@ import cloudpickle
 import dask.array as da
 import numpy as np
 import torch
+from distributed import Future
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from daskrecon import _worker
@@ -278,7 +279,19 @@ class DistributedProcessing:
         per = self.max_batch_size or default_batch(n, 1, max_pixels=2**62)
         return [list(range(s, min(s + per, n))) for s in range(0, n, per)]
 
-    def _run_tensor(self, x: torch.Tensor, method: str, args: tuple, kwargs: dict) -> torch.Tensor:
+    def run_placed(self, x: Future, shape: Sequence[int], dtype: torch.dtype, method: str | None = None,
+                   args: tuple = (), kwargs: dict | None = None) -> torch.Tensor:
+        """Process an image already in cluster memory (the future of a numpy array) → tensor.
+
+        Saves sending the image from the driver when it was computed on the workers (the
+        ``x − τ∇f`` of a PnP step).
+        """
+        self.check_dtype(dtype)
+        meta = torch.empty(tuple(shape), dtype=dtype, device="meta")
+        return self._run_tensor(meta, method or self.method, args, kwargs or {}, placed=x)
+
+    def _run_tensor(self, x: torch.Tensor, method: str, args: tuple, kwargs: dict,
+                    placed: Future | None = None) -> torch.Tensor:
         if x.dim() < 3:
             raise ShapeError(f"x must be (B, C, *spatial), got shape {tuple(x.shape)}")
         strategy = self.strategy_for(x.shape)
@@ -292,13 +305,13 @@ class DistributedProcessing:
                                                                       x.element_size())
             self._check_memory(need, f"one denoiser call on {per_call} tile(s) of {'×'.join(map(str, window))} pixels "
                                      f"(image {tuple(x.shape)}, {x.dtype}, held whole by the task)")
-        x_fut = place(client, as_numpy(x))
+        x_fut = placed if placed is not None else place(client, as_numpy(x))
         futs = [
             client.submit(_worker.process_patches, self.key, self.ctx.device_mode, method, strategy, x_fut,
                           idx, self.max_batch_size, args, kwargs, pure=False)
             for idx in batches
         ]
-        out = torch.zeros(x.shape, dtype=x.dtype)
+        out = torch.zeros(x.shape, dtype=x.dtype, device="cpu")
         pairs = [(i, torch.from_numpy(a)) for group in gather_arrays(client, futs, "tile batch") for i, a in group]
         strategy.reduce_patches(out, pairs)
         return out.to(self.ctx.device)

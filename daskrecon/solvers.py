@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from deepinv.utils import TensorList
 
+from daskrecon import _worker
+from daskrecon._arrays import gather_arrays, gather_one, place
 from daskrecon.checkpoint import Checkpoint
 from daskrecon.errors import DaskreconError, MeasurementError
 from daskrecon.fidelity import DistributedDataFidelity
@@ -134,7 +136,8 @@ def reconstruct(
     callback : callable, optional
         ``callback(iteration, x)`` after each completed iteration (1-based).
     progress : bool
-        Show a progress bar with the data-fidelity value, the relative change and, when
+        Show a progress bar with the data-fidelity value ``f(x)`` at the start of each
+        iteration (a by-product of the gradient pass), the relative change and, when
         ``x_true`` is given, the PSNR.
     x_true : torch.Tensor, optional
         Ground truth, for the PSNR only.
@@ -151,9 +154,7 @@ def reconstruct(
     (:mod:`daskrecon.local`), each iteration is one lazy graph streamed chunk by chunk
     from the committed iterate in ``checkpoint`` (a Zarr store, local or fsspec URL) to
     the free slot, and committed atomically: memory is bounded by the chunks in flight,
-    not the image. The result is a dask array reading the last committed iterate. The
-    reported data fidelity is ``f`` at the start of the iteration (it shares ``A x`` with
-    the gradient; the in-memory path evaluates it after the step).
+    not the image. The result is a dask array reading the last committed iterate.
 
     Raises
     ------
@@ -206,11 +207,6 @@ def reconstruct(
         step_size = 1.0 / float(physics.compute_sqnorm(x0, verbose=False))
     problem = _problem(physics, ys, denoiser, x0, algorithm, step_size, sigma_denoiser, red_weight)
 
-    def denoise(z: torch.Tensor) -> torch.Tensor:
-        if prior is not None:
-            return prior.prox(z, sigma_denoiser=sigma_denoiser)
-        return denoiser(z, sigma_denoiser)
-
     ckpt = Checkpoint(checkpoint) if checkpoint else None
     start, x, history = 0, x0.clone(), []
     if ckpt is not None and ckpt.exists():
@@ -223,16 +219,30 @@ def reconstruct(
                 f"{checkpoint!r} already holds a checkpoint (iteration {ckpt.load().iteration}); "
                 "pass resume=True to continue it or overwrite=True to start over"
             )
+    client = ctx.client
+    proc = prior.processing if prior is not None else denoiser
+    den_args, den_kwargs = ((), {"sigma_denoiser": sigma_denoiser}) if prior is not None else ((sigma_denoiser,), {})
+    den_method = "prox" if prior is not None else denoiser.method
+
+    def denoise_placed(fut: Any) -> torch.Tensor:
+        return proc.run_placed(fut, x0.shape, x0.dtype, den_method, den_args, den_kwargs).to(x0.device)
+
     bar = tqdm(total=n_iter, initial=start, disable=not progress, desc=f"{algorithm.upper()}", unit="it")
     try:
         for k in range(start, n_iter):
             with span(f"daskrecon-iteration-{k + 1}"):
-                grad = fidelity.grad(x, y, physics)
+                # x goes to the cluster once; x − τ∇f is formed there and denoised there.
+                x_fut = place(client, x.detach().cpu().numpy())
+                z_fut, value_fut, gv = fidelity.step(x_fut, y, physics, step_size)
                 if algorithm == "pnp":
-                    x_new = denoise(x - step_size * grad)
+                    x_new = denoise_placed(z_fut)
                 else:
-                    x_new = x - step_size * (grad + red_weight * (x - denoise(x)))
-                value = float(fidelity.fn(x_new, y, physics).sum())  # one more A_i per operator: cheap, recorded
+                    d_fut = place(client, denoise_placed(x_fut).cpu().numpy())
+                    scale = 1.0 / physics.num_operators if fidelity.reduction == "mean" else 1.0
+                    x_new = gather_one(client, client.submit(_worker.red_step, x_fut, gv, d_fut, float(step_size),
+                                                             scale, float(red_weight), pure=False),
+                                       ctx.device, "RED step")
+                value = float(gather_arrays(client, [value_fut], "data fidelity")[0])
             change = float(torch.linalg.vector_norm(x_new - x) / max(float(torch.linalg.vector_norm(x)), 1e-12))
             x = x_new
             row = {"iteration": k + 1, "data_fidelity": value, "relative_change": change}

@@ -72,7 +72,7 @@ def test_custom_strategy(ctx):
     with pytest.raises(ShapeError, match="custom strategy was built for img_size"):
         d(torch.rand(1, 3, 41, 33))
     with pytest.raises(TypeError, match="custom and 'basic' strategies apply to torch tensors"):
-        d(da.zeros((1, 3, 40, 33), chunks=20))
+        d(da.zeros((1, 3, 40, 33), chunks=20, dtype="f4"))
 
 
 def test_blending_is_exact_with_enough_overlap_and_a_partition_of_unity(ctx):
