@@ -89,10 +89,11 @@ def main() -> None:
     work = args.dir or tempfile.mkdtemp(prefix="daskrecon-ooc-pnp-")
     # An idle worker holds 750-900 MiB RSS (torch's CUDA build + deepinv): with 1 GiB per
     # worker only ~150 MiB would be left for data, and torch's allocator keeps what a conv
-    # workspace took, so one worker with two threads shares 2 GiB instead. Spill and pause
-    # later than dask's defaults; the nanny still kills a worker above 98 %.
-    thresholds = {"distributed.worker.memory.spill": 0.88, "distributed.worker.memory.pause": 0.92,
-                  "distributed.worker.memory.terminate": 0.98}
+    # workspace took, so one worker with two threads shares 2 GiB instead. Spill task results
+    # to disk beyond 25 % of the limit (the default 60 % plus the idle 45 % is over the pause
+    # threshold), pause at 92 %; the nanny still kills a worker above 98 %.
+    thresholds = {"distributed.worker.memory.target": 0.25, "distributed.worker.memory.spill": 0.8,
+                  "distributed.worker.memory.pause": 0.92, "distributed.worker.memory.terminate": 0.98}
     torch.manual_seed(0)
     model = DnCNN(3, 3, depth=4, nf=16, pretrained=None).eval()
     blur = Blur(filter=gaussian_blur(sigma=(1.5, 1.5)), padding="reflect")  # 9×9 kernel

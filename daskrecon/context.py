@@ -240,7 +240,10 @@ class DistributedContext:
         if self.memory_limit is not None:
             kwargs["memory_limit"] = self.memory_limit
         kwargs.update(self.cluster_kwargs)
-        env = {k: str(torch_threads) for k in _THREAD_ENV}
+        # Keep distributed's own entries (MALLOC_TRIM_THRESHOLD_ lets glibc hand freed memory
+        # back to the OS; without it a worker's RSS only grows and a memory limit pauses it).
+        env = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}),
+               **{k: str(torch_threads) for k in _THREAD_ENV}}
         saved = {k: os.environ.get(k) for k in _THREAD_ENV}
         # Nanny writes its pre-spawn environment into this process too (notes §2.5):
         # restore the driver's own thread settings afterwards.

@@ -132,14 +132,20 @@ def solver_problem():
     return ops, y, small_dncnn(3)
 
 
-def run_solver(ctx, checkpoint=None, resume=False, n_iter=8, callback=None):
+def run_solver(ctx, checkpoint=None, resume=False, n_iter=8, callback=None, chunked=False):
+    """``chunked=True``: the out-of-core path (Zarr-slot streaming); returns a tensor either way."""
+    import dask.array as da
+
     import daskrecon as dr
 
     ops, y, model = solver_problem()
     d = dr.distribute(ops, ctx)
     den = dr.distribute(model, ctx, patch_size=16, overlap=6)
-    return dr.reconstruct(d, y, den, n_iter=n_iter, step_size=0.3, progress=False, checkpoint=checkpoint,
-                          resume=resume, callback=callback)
+    if chunked:
+        y = [da.from_array(t.numpy(), chunks=(1, 3, 20, 18)) for t in y]
+    out = dr.reconstruct(d, y, den, n_iter=n_iter, step_size=0.3, progress=False, checkpoint=checkpoint,
+                         resume=resume, callback=callback)
+    return torch.from_numpy(ctx.client.compute(out).result()) if chunked else out
 
 
 def snapshot(root):

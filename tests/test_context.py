@@ -64,3 +64,11 @@ def test_bad_arguments(kwargs, match):
 def test_not_started():
     with pytest.raises(RuntimeError, match="not started"):
         dr.DistributedContext().client
+
+
+def test_workers_keep_distributeds_malloc_trim_setting(ctx):
+    import os
+
+    # Without it glibc keeps freed memory and a worker's RSS only grows (then a memory limit pauses it).
+    envs = ctx.client.run(lambda: (os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("OMP_NUM_THREADS")))
+    assert all(v[0] == "65536" and v[1] is not None for v in envs.values()), envs

@@ -110,3 +110,43 @@ def test_working_chunks_are_regular_and_valid():
         sizes = c[axis]
         assert sum(sizes) == total and len(set(sizes[:-1])) <= 1 and sizes[0] % 4 == 0
         assert sizes[0] >= forms[0].min_chunk(len(sizes))
+
+
+DRIVER = """
+import sys, time
+sys.path.insert(0, {tests!r})
+import daskrecon as dr
+from helpers import run_solver
+if __name__ == "__main__":
+    with dr.DistributedContext(n_workers=2, dashboard_address=":0", torch_threads=1) as ctx, ctx.client.as_current():
+        run_solver(ctx, checkpoint={ckpt!r}, chunked=True, callback=lambda k, x: time.sleep(0.2))
+"""
+
+
+def test_driver_killed_mid_iteration_resumes_bitwise_equal(ctx, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import run_solver
+
+    ckpt = tmp_path / "ck"
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER.format(tests=os.path.dirname(__file__), ckpt=str(ckpt)))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        commit = ckpt / "COMMIT.json"
+        if commit.exists() and json.loads(commit.read_text())["iteration"] >= 2:
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)  # into the next iteration's streamed write
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    done = json.loads((ckpt / "COMMIT.json").read_text())["iteration"]
+    assert 2 <= done < 8
+    with ctx.client.as_current():
+        resumed = run_solver(ctx, checkpoint=str(ckpt), resume=True, chunked=True)
+        assert torch.equal(resumed, run_solver(ctx, checkpoint=str(tmp_path / "full"), chunked=True))
