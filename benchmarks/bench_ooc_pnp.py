@@ -76,7 +76,6 @@ def main() -> None:
     import dask.array as da
     import numpy as np
     import torch
-    import zarr
     from deepinv.models import DnCNN
     from deepinv.physics import Blur
     from deepinv.physics.functional.blur import gaussian_blur

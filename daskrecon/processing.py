@@ -30,7 +30,7 @@ from daskrecon._arrays import as_numpy, gather_arrays, place
 from daskrecon.context import DistributedContext
 from daskrecon.errors import ShapeError
 from daskrecon.strategies import DistributedSignalStrategy, OverlapTilingStrategy, create_strategy
-from daskrecon.tiling import default_batch, round_up
+from daskrecon.tiling import default_batch
 
 __all__ = ["DistributedPrior", "DistributedProcessing", "default_align"]
 

@@ -8,14 +8,13 @@ import deepinv as dinv
 from deepinv.optim import L2
 from deepinv.physics import Blur, BlurFFT, Denoising, Downsampling, Inpainting
 from deepinv.physics.functional.blur import gaussian_blur
-from deepinv.utils import TensorList
 from hypothesis import given, settings, strategies as st
 
 import daskrecon as dr
 from daskrecon.errors import ShapeError
 from daskrecon.local import LocalOperator, fit_axis, local_form
 
-from helpers import Exploding, heterogeneous, noisy_measurements
+from helpers import heterogeneous, noisy_measurements
 
 SHAPE = (2, 3, 40, 36)
 

@@ -42,7 +42,6 @@ def test_heterogeneous_output_shapes(ctx):
 
 def test_gather_and_reduce_op_semantics(ctx, x):
     ops = blurs(3)
-    ref = dinv.physics.stack(*ops)
     d = dr.distribute(ops, ctx)
     y = noisy_measurements(ops, x)
     local = d.A(x, gather=False)
