@@ -133,8 +133,12 @@ def main() -> None:
             per_iter = [b - a for a, b in zip(stamps[:-1], stamps[1:])]
             # stamps[0] precedes the input checks and the write of x0 (iteration 0): report it apart.
             totals: dict[str, float] = defaultdict(float)
+            prefixes: dict[str, float] = defaultdict(float)
             for t in ts.data:
                 kind = classify(t["key"])
+                name = t["key"][0] if isinstance(t["key"], tuple) else str(t["key"])
+                prefixes[name.rsplit("-", 1)[0]] += sum(ss["stop"] - ss["start"] for ss in t["startstops"]
+                                                        if ss["action"] == "compute")
                 for ss in t["startstops"]:
                     dur = ss["stop"] - ss["start"]
                     action = ss["action"]
@@ -162,6 +166,7 @@ def main() -> None:
             "worker_peak_rss_mib": sorted(peak.values()),
             "worker_time_share": shares,
             "worker_busy_seconds": busy,
+            "compute_seconds_by_task_prefix": dict(sorted(prefixes.items(), key=lambda kv: -kv[1])[:15]),
             "history": history,
             "result_finite": ok,
             "machine": machine(),
