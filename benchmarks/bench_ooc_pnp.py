@@ -1,7 +1,7 @@
 """PnP on an image larger than the cluster's memory, streamed through Zarr.
 
 Default: a 27648² RGB float32 image (8.5 GiB) — 4.3× the total worker memory limit of
-one worker × 2 threads × 2 GiB — blurred (9×9 Gaussian, reflect padding) with noise, reconstructed by
+one worker × 2 threads × 2 GiB — blurred (13×13 Gaussian, σ 1.5, reflect padding) with noise, reconstructed by
 PnP with a small DnCNN (depth 4, 16 features) through ``daskrecon.reconstruct`` on
 ``da.from_zarr`` inputs. Reports seconds per iteration, each worker's peak RSS, and how
 the workers' time splits between Zarr reads/writes, spilling and compute (from the task
@@ -95,7 +95,7 @@ def main() -> None:
                   "distributed.worker.memory.pause": 0.92, "distributed.worker.memory.terminate": 0.98}
     torch.manual_seed(0)
     model = DnCNN(3, 3, depth=4, nf=16, pretrained=None).eval()
-    blur = Blur(filter=gaussian_blur(sigma=(1.5, 1.5)), padding="reflect")  # 9×9 kernel
+    blur = Blur(filter=gaussian_blur(sigma=(1.5, 1.5)), padding="reflect")  # 13×13 kernel
     try:
         with dask.config.set(thresholds), dr.DistributedContext(
             n_workers=args.workers, threads_per_worker=args.threads, memory_limit=args.memory_limit, dashboard_address=":0"
@@ -156,7 +156,7 @@ def main() -> None:
             "image": f"1x3x{size}x{size} float32 ({nbytes / 2**30:.2f} GiB)",
             "times_total_worker_memory_limit": nbytes / limit_total,
             "workers": args.workers, "threads_per_worker": args.threads, "memory_limit_per_worker": args.memory_limit, "chunk": chunk,
-            "operator": "Blur 9x9 Gaussian, reflect padding (chunk-wise map_overlap)",
+            "operator": "Blur 13x13 Gaussian (sigma 1.5), reflect padding (chunk-wise map_overlap)",
             "denoiser": "DnCNN depth 4, 16 features, random weights, tiles 512 + overlap 4",
             "memory_thresholds": thresholds,
             "seconds_write_inputs": t_setup,
