@@ -24,6 +24,8 @@ _THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 # network activation is mmap'd and unmapped again: 15 % slower PnP (benchmarks/bench_pnp.py).
 # Activations under 32 MiB come from the heap instead, and more than 64 MiB free at its top is
 # returned: RSS still comes back down, so a memory-limited worker is not paused for good.
+# Only distributed's own default is replaced: any other value in
+# ``distributed.nanny.pre-spawn-environ`` is the user's and is kept.
 _DISTRIBUTED_TRIM = 65536
 _MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": str(64 * 2**20), "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20)}
 
