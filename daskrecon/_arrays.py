@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,3 +68,14 @@ def gather_tensors(
 
 def gather_one(client: Client, future: Future, device: torch.device, what: str = "reduction") -> torch.Tensor:
     return gather_tensors(client, [future], device, what)[0]
+
+
+def as_dask(v: Any, name: str) -> Any:
+    """``v`` as a dask array (a tensor is wrapped whole); anything else is a ``TypeError`` naming ``name``."""
+    import dask.array as da
+
+    if isinstance(v, da.Array):
+        return v
+    if isinstance(v, torch.Tensor):
+        return da.from_array(v.detach().cpu().numpy())
+    raise TypeError(f"{name} must be a dask array or a tensor, got {type(v).__name__}")

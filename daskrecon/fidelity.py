@@ -13,10 +13,10 @@ from deepinv.optim.data_fidelity import DataFidelity, StackedPhysicsDataFidelity
 from distributed import Future
 
 from daskrecon import _worker
-from daskrecon._arrays import gather_one
 from daskrecon.context import DistributedContext
 from daskrecon.errors import MeasurementError, ShapeError
-from daskrecon.physics import DistributedPhysics, _as_dask
+from daskrecon._arrays import as_dask, gather_one
+from daskrecon.physics import DistributedPhysics
 from daskrecon.reduction import tree_reduce
 
 __all__ = ["DistributedDataFidelity"]
@@ -194,13 +194,13 @@ class DistributedDataFidelity:
         if kwargs or not pointwise or not physics.chunkable:
             from deepinv.utils import TensorList
 
-            yt = TensorList([torch.from_numpy(np.asarray(_as_dask(v, f"y[{i}]").compute())) for i, v in enumerate(ys)])
+            yt = TensorList([torch.from_numpy(np.asarray(as_dask(v, f"y[{i}]").compute())) for i, v in enumerate(ys)])
             res = getattr(self, method)(torch.from_numpy(np.asarray(x.compute())), yt, physics, **kwargs)
             return da.from_array(res.cpu().numpy())
         terms = []
         for i, (form, fid, yi) in enumerate(zip(physics.local_forms(), fids, ys)):
             u = form.apply(x)
-            yi = _as_dask(yi, f"y[{i}]")
+            yi = as_dask(yi, f"y[{i}]")
             if yi.shape != u.shape:
                 raise ShapeError(f"y[{i}] has shape {yi.shape} but operator {i} maps x to shape {u.shape}; "
                                  "check the image shape and that y is in operator order")

@@ -20,7 +20,7 @@ from deepinv.utils import TensorList
 from distributed import Future
 
 from daskrecon import _worker
-from daskrecon._arrays import as_numpy, gather_arrays, gather_one, gather_tensors, place
+from daskrecon._arrays import as_dask, as_numpy, gather_arrays, gather_one, gather_tensors, place
 from daskrecon.context import DistributedContext
 from daskrecon.errors import LinearityError, MeasurementError
 from daskrecon.measurements import DistributedMeasurements
@@ -41,14 +41,6 @@ Factory = Callable[[int, torch.device, "dict | None"], Physics]
 
 def _is_chunked(y: Any) -> bool:
     return isinstance(y, (list, tuple)) and len(y) > 0 and all(isinstance(v, da.Array) for v in y)
-
-
-def _as_dask(v: Any, name: str) -> da.Array:
-    if isinstance(v, da.Array):
-        return v
-    if isinstance(v, torch.Tensor):
-        return da.from_array(v.detach().cpu().numpy())
-    raise TypeError(f"{name} must be a dask array or a tensor, got {type(v).__name__}")
 
 
 class DistributedPhysics(Physics):
@@ -349,7 +341,7 @@ class DistributedPhysics(Physics):
         if method == "A":
             out = [f.apply(arg) for f in forms]
         elif method == "A_adjoint":
-            out = [f.adjoint(_as_dask(v, f"y[{i}]")) for i, (f, v) in enumerate(zip(forms, arg))]
+            out = [f.adjoint(as_dask(v, f"y[{i}]")) for i, (f, v) in enumerate(zip(forms, arg))]
         else:
             out = [f.adjoint(f.apply(arg), arg.chunks) for f in forms]
         if reduce_op is None:
@@ -362,7 +354,7 @@ class DistributedPhysics(Physics):
     def _assembled(self, method: str, arg: Any, reduce_op: str | None):
         """A global operator on a dask array: compute it, use the per-operator tasks, wrap the result."""
         if method == "A_adjoint":
-            tensors = TensorList([torch.from_numpy(np.asarray(_as_dask(v, f"y[{i}]").compute())) for i, v in enumerate(arg)])
+            tensors = TensorList([torch.from_numpy(np.asarray(as_dask(v, f"y[{i}]").compute())) for i, v in enumerate(arg)])
             res = self.A_adjoint(tensors, reduce_op=reduce_op)
         else:
             res = getattr(self, method)(torch.from_numpy(np.asarray(arg.compute())), reduce_op=reduce_op)

@@ -24,7 +24,8 @@ from dask.base import tokenize
 from daskrecon.checkpoint import Checkpoint
 from daskrecon.errors import DaskreconError, MeasurementError, ShapeError
 from daskrecon.fidelity import DistributedDataFidelity
-from daskrecon.physics import DistributedPhysics, _as_dask
+from daskrecon._arrays import as_dask
+from daskrecon.physics import DistributedPhysics
 from daskrecon.processing import DistributedPrior, DistributedProcessing
 
 __all__ = ["reconstruct_chunked", "working_chunks"]
@@ -61,7 +62,7 @@ def reconstruct_chunked(
     if not isinstance(y, (list, tuple)) or len(y) != n:
         raise MeasurementError(f"y must be a list of {n} arrays (one per operator), got "
                                f"{len(y) if isinstance(y, (list, tuple)) else type(y).__name__}")
-    ys = [_as_dask(v, f"y[{i}]") for i, v in enumerate(y)]
+    ys = [as_dask(v, f"y[{i}]") for i, v in enumerate(y)]
     forms = physics.local_forms()
     global_ops = [i for i, f in enumerate(forms) if f is None]
     if global_ops:
@@ -74,7 +75,7 @@ def reconstruct_chunked(
     if prior is None and not isinstance(denoiser, DistributedProcessing):
         raise TypeError("denoiser must be a DistributedProcessing or DistributedPrior: dr.distribute(denoiser, ctx)")
     if x0 is not None:
-        x0 = _as_dask(x0, "x0")
+        x0 = as_dask(x0, "x0")
         if x0.ndim != 4:
             raise ShapeError(f"x0 must be (B, C, H, W), got shape {x0.shape}")
         for i, (f, yi) in enumerate(zip(forms, ys)):
@@ -125,7 +126,7 @@ def reconstruct_chunked(
     else:
         ckpt.save_dask(0, x0, problem, {"history": []})
 
-    truth = None if x_true is None else _as_dask(x_true, "x_true").rechunk(chunks).astype(x0.dtype)
+    truth = None if x_true is None else as_dask(x_true, "x_true").rechunk(chunks).astype(x0.dtype)
 
     def denoise(z: da.Array) -> da.Array:
         if prior is not None:
