@@ -196,6 +196,29 @@ def _check_measurement(index: int, ax: torch.Tensor, y: torch.Tensor) -> None:
         )
 
 
+def _grad_and_value(op: torch.nn.Module, fidelity: Any, x: np.ndarray, y: np.ndarray, index: int, kwargs: dict,
+                    value: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    dev = module_device(op)
+    xt, yt = to_tensor(x, dev), to_tensor(y, dev)
+    v = None
+    if _uses_chain_rule(fidelity):
+        with torch.no_grad():
+            ax = op.A(xt)
+            _check_measurement(index, ax, yt)
+            g = fidelity.d.grad(ax, yt, **kwargs)
+            if value:
+                v = fidelity.d(ax, yt, **kwargs).sum()
+        with torch.enable_grad():
+            out = op.A_vjp(xt, g)
+    else:
+        with torch.enable_grad():
+            out = fidelity.grad(xt, yt, op, **kwargs)
+        if value:
+            with torch.no_grad():
+                v = torch.as_tensor(fidelity.fn(xt, yt, op, **kwargs)).sum()
+    return out, v
+
+
 def fidelity_grad_op(
     op: torch.nn.Module, fidelity: Any, x: np.ndarray, y: np.ndarray, index: int, kwargs: dict
 ) -> np.ndarray:
@@ -205,19 +228,7 @@ def fidelity_grad_op(
     this costs one ``A`` and one ``A_vjp``, not ``L2.grad``'s ``AᵀA x − Aᵀ y`` (one
     more operator pass); other fidelities use their own ``grad``.
     """
-    dev = module_device(op)
-    xt, yt = to_tensor(x, dev), to_tensor(y, dev)
-    if _uses_chain_rule(fidelity):
-        with torch.no_grad():
-            ax = op.A(xt)
-            _check_measurement(index, ax, yt)
-            g = fidelity.d.grad(ax, yt, **kwargs)
-        with torch.enable_grad():
-            out = op.A_vjp(xt, g)
-    else:
-        with torch.enable_grad():
-            out = fidelity.grad(xt, yt, op, **kwargs)
-    return to_numpy(out)
+    return to_numpy(_grad_and_value(op, fidelity, x, y, index, kwargs, value=False)[0])
 
 
 def fidelity_grad_value_op(
@@ -228,23 +239,9 @@ def fidelity_grad_value_op(
     For chain-rule fidelities the value comes from the ``A_i x`` the gradient needs anyway.
     Summing these arrays sums gradients and values alike (the value is the last entry).
     """
-    dev = module_device(op)
-    xt, yt = to_tensor(x, dev), to_tensor(y, dev)
-    if _uses_chain_rule(fidelity):
-        with torch.no_grad():
-            ax = op.A(xt)
-            _check_measurement(index, ax, yt)
-            g = fidelity.d.grad(ax, yt, **kwargs)
-            value = fidelity.d(ax, yt, **kwargs).sum()
-        with torch.enable_grad():
-            out = op.A_vjp(xt, g)
-    else:
-        with torch.enable_grad():
-            out = fidelity.grad(xt, yt, op, **kwargs)
-        with torch.no_grad():
-            value = torch.as_tensor(fidelity.fn(xt, yt, op, **kwargs)).sum()
+    out, v = _grad_and_value(op, fidelity, x, y, index, kwargs, value=True)
     flat = to_numpy(out).ravel()
-    return np.concatenate([flat, np.asarray([float(value)], dtype=flat.dtype)])
+    return np.concatenate([flat, np.asarray([float(v)], dtype=flat.dtype)])
 
 
 def step_from_gradient(x: np.ndarray, grad_value: np.ndarray, tau: float, scale: float) -> np.ndarray:

@@ -54,16 +54,17 @@ def _digest(*parts: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def _problem(physics: DistributedPhysics, ys: list[torch.Tensor], denoiser: Any, x0: torch.Tensor, algorithm: str,
-             step_size: float, sigma: float, lamb: float) -> dict:
-    """What defines the problem, each part hashed, so a mismatch can be named."""
+def problem_record(physics: DistributedPhysics, denoiser: Any, algorithm: str, step_size: float, sigma: float,
+                   lamb: float, *, measurements: str, x0: str, shape: list[int], **more: Any) -> dict:
+    """What defines a reconstruction problem, each part hashed, so a resume can name what differs."""
     model = getattr(denoiser, "processing", denoiser)
     return {
         "algorithm": algorithm,
         "operators": physics.fingerprint(),
-        "measurements": _digest(*ys),
-        "x0": _digest(x0),
-        "shape": list(x0.shape),
+        "measurements": measurements,
+        "x0": x0,
+        "shape": list(shape),
+        **more,
         "step_size": repr(float(step_size)),
         "sigma_denoiser": repr(float(sigma)),
         "red_weight": repr(float(lamb)),
@@ -205,7 +206,8 @@ def reconstruct(
             raise TypeError(f"y[{i}] is complex but x0 is real: the denoiser takes real images")
     if step_size is None:
         step_size = 1.0 / float(physics.compute_sqnorm(x0, verbose=False))
-    problem = _problem(physics, ys, denoiser, x0, algorithm, step_size, sigma_denoiser, red_weight)
+    problem = problem_record(physics, denoiser, algorithm, step_size, sigma_denoiser, red_weight,
+                             measurements=_digest(*ys), x0=_digest(x0), shape=list(x0.shape))
 
     ckpt = Checkpoint(checkpoint) if checkpoint else None
     start, x, history = 0, x0.clone(), []

@@ -27,6 +27,7 @@ from daskrecon.fidelity import DistributedDataFidelity
 from daskrecon._arrays import as_dask
 from daskrecon.physics import DistributedPhysics
 from daskrecon.processing import DistributedPrior, DistributedProcessing
+from daskrecon.solvers import problem_record
 
 __all__ = ["reconstruct_chunked", "working_chunks"]
 
@@ -99,20 +100,9 @@ def reconstruct_chunked(
     x0 = x0.rechunk(chunks)
     if step_size is None:
         step_size = 1.0 / sum(f.norm_bound() for f in forms)
-    problem = {
-        "algorithm": algorithm,
-        "operators": physics.fingerprint(),
-        "measurements": tokenize(*[v.name for v in ys]),
-        "x0": x0.name,
-        "shape": list(x0.shape),
-        "chunks": [c[0] for c in chunks],
-        "step_size": repr(float(step_size)),
-        "sigma_denoiser": repr(float(sigma_denoiser)),
-        "red_weight": repr(float(red_weight)),
-        "denoiser": getattr(model, "fingerprint", lambda: type(model).__name__)(),
-        "tiling": repr((getattr(model, "patch_size", None), getattr(model, "overlap", None),
-                        getattr(model, "max_batch_size", None), getattr(model, "blend", None))),
-    }
+    problem = problem_record(physics, denoiser, algorithm, step_size, sigma_denoiser, red_weight,
+                             measurements=tokenize(*[v.name for v in ys]), x0=x0.name, shape=list(x0.shape),
+                             chunks=[c[0] for c in chunks])
     ckpt = Checkpoint(checkpoint or tempfile.mkdtemp(prefix="daskrecon-"))
     history: list[dict] = []
     start = 0

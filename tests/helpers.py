@@ -159,3 +159,26 @@ def snapshot(root):
             st = p.stat()
             out[str(p.relative_to(root))] = (st.st_size, st.st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
     return out
+
+
+def kill_driver_after_commit(script, ckpt, iteration, then_sleep=0.0, timeout=180):
+    """Run ``script`` (a driver) in a subprocess, SIGKILL it once ``ckpt`` has committed ``iteration``
+    (plus ``then_sleep`` seconds, to land inside the next write); return the iteration left committed."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    commit = Path(ckpt) / "COMMIT.json"
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if commit.exists() and json.loads(commit.read_text())["iteration"] >= iteration:
+            break
+        time.sleep(0.05)
+    time.sleep(then_sleep)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    return json.loads(commit.read_text())["iteration"]

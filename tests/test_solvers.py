@@ -99,28 +99,14 @@ if __name__ == "__main__":
 
 
 def test_driver_killed_mid_run_resumes_bitwise_equal(ctx, tmp_path):
-    import json
     import os
-    import signal
-    import subprocess
-    import sys
-    import time
 
-    from helpers import run_solver
+    from helpers import kill_driver_after_commit, run_solver
 
     ckpt = tmp_path / "ck"
     script = tmp_path / "driver.py"
     script.write_text(DRIVER.format(tests=os.path.dirname(__file__), ckpt=str(ckpt)))
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        commit = ckpt / "COMMIT.json"
-        if commit.exists() and json.loads(commit.read_text())["iteration"] >= 3:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)  # the driver dies between or during iterations
-    proc.wait(timeout=30)
-    done = json.loads((ckpt / "COMMIT.json").read_text())["iteration"]
+    done = kill_driver_after_commit(script, ckpt, 3)  # the driver dies between or during iterations
     assert 3 <= done < 8
     resumed = run_solver(ctx, checkpoint=str(ckpt), resume=True)
     assert torch.equal(resumed, run_solver(ctx))

@@ -125,27 +125,13 @@ if __name__ == "__main__":
 
 def test_driver_killed_mid_iteration_resumes_bitwise_equal(ctx, tmp_path):
     import os
-    import signal
-    import subprocess
-    import sys
-    import time
 
-    from helpers import run_solver
+    from helpers import kill_driver_after_commit, run_solver
 
     ckpt = tmp_path / "ck"
     script = tmp_path / "driver.py"
     script.write_text(DRIVER.format(tests=os.path.dirname(__file__), ckpt=str(ckpt)))
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        commit = ckpt / "COMMIT.json"
-        if commit.exists() and json.loads(commit.read_text())["iteration"] >= 2:
-            break
-        time.sleep(0.05)
-    time.sleep(0.3)  # into the next iteration's streamed write
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    done = json.loads((ckpt / "COMMIT.json").read_text())["iteration"]
+    done = kill_driver_after_commit(script, ckpt, 2, then_sleep=0.3)  # into the next streamed write
     assert 2 <= done < 8
     with ctx.client.as_current():
         resumed = run_solver(ctx, checkpoint=str(ckpt), resume=True, chunked=True)
