@@ -19,15 +19,14 @@ __all__ = ["DistributedContext"]
 
 _DEVICE_MODES = (None, "cpu", "gpu")
 _THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-# glibc settings of the workers. distributed's default (trim above 64 KiB) hands freed memory back
-# at once, but setting any trim threshold also fixes the mmap threshold at 128 KiB, so every
-# network activation is mmap'd and unmapped again: 15 % slower PnP (benchmarks/bench_pnp.py).
-# Activations under 32 MiB come from the heap instead, and more than 64 MiB free at its top is
-# returned: RSS still comes back down, so a memory-limited worker is not paused for good.
-# Only distributed's own default is replaced: any other value in
-# ``distributed.nanny.pre-spawn-environ`` is the user's and is kept.
-_DISTRIBUTED_TRIM = 65536
-_MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": str(64 * 2**20), "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20)}
+# glibc settings of local workers (``malloc=``). "safe" keeps distributed's: freed memory above
+# 64 KiB goes back to the OS at once, so RSS follows the data and a memory limit is honoured.
+# Setting a trim threshold also pins glibc's mmap threshold at 128 KiB, so every network
+# activation is mmap'd and unmapped again (page faults): "fast" serves activations under 32 MiB
+# from the heap and trims above 64 MiB — ~15 % faster PnP, but in benchmarks/bench_ooc_pnp.py a
+# 2 GiB worker kept 1.84 GiB and paused for good. Measured by benchmarks/bench_pnp.py.
+MALLOC_MODES = ("safe", "fast")
+_MALLOC_FAST = {"MALLOC_TRIM_THRESHOLD_": str(64 * 2**20), "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20)}
 
 
 def _available_cores() -> int:
@@ -57,6 +56,12 @@ class DistributedContext:
         Dask threads per local worker (default 1).
     memory_limit : str or int, optional
         Memory limit per local worker (``"2GiB"``...), default ``"auto"``.
+    malloc : {"safe", "fast"}
+        glibc settings of local workers. ``"safe"`` (default): distributed's, freed memory
+        returns to the OS at once, so memory limits hold (out-of-core runs). ``"fast"``:
+        network activations reuse heap memory instead of being mapped and unmapped per call,
+        ~15 % faster for in-memory reconstructions, but a worker keeps up to tens of MiB per
+        thread it no longer uses — do not combine with a tight ``memory_limit``.
     device_mode : {None, "cpu", "gpu"}
         ``None``: GPUs when the workers have them, else CPU. ``"gpu"`` without a GPU
         raises :class:`~daskrecon.errors.DeviceError`.
@@ -125,8 +130,11 @@ class DistributedContext:
         cleanup: bool = True,
         seed_offset: bool = True,
         deterministic: bool = False,
+        malloc: str = "safe",
         **cluster_kwargs: Any,
     ) -> None:
+        if malloc not in MALLOC_MODES:
+            raise ValueError(f"malloc must be one of {MALLOC_MODES}, got {malloc!r}")
         if device_mode not in _DEVICE_MODES:
             raise ValueError(f"device_mode must be one of {_DEVICE_MODES}, got {device_mode!r}")
         if sharding not in SHARDINGS:
@@ -160,6 +168,7 @@ class DistributedContext:
         self.fan_in = fan_in
         self.cleanup = cleanup
         self.cluster_kwargs = cluster_kwargs
+        self.malloc = malloc
         self.rank = 0
         self._client: Client | None = None
         self._cluster: Cluster | None = None
@@ -249,13 +258,15 @@ class DistributedContext:
         if self.memory_limit is not None:
             kwargs["memory_limit"] = self.memory_limit
         kwargs.update(self.cluster_kwargs)
-        env = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}),
-               **{k: str(torch_threads) for k in _THREAD_ENV}}
-        if str(env.get("MALLOC_TRIM_THRESHOLD_")) == str(_DISTRIBUTED_TRIM):  # distributed's default: tune it
-            env.update(_MALLOC_ENV)
-        saved = {k: os.environ.get(k) for k in _THREAD_ENV}
-        # Nanny writes its pre-spawn environment into this process too (notes §2.5):
-        # restore the driver's own thread settings afterwards.
+        ours = {k: str(torch_threads) for k in _THREAD_ENV}
+        if self.malloc == "fast":
+            ours.update(_MALLOC_FAST)
+        env = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **ours}
+        # distributed lets this process's environment override the config, and its nanny writes
+        # the pre-spawn environment into this process: set ours here for the start, then put
+        # back what the driver had, so a later context starts from the same state.
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(ours)
         try:
             with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
                 if use_gpu:
