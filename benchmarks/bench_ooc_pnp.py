@@ -69,6 +69,9 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--memory-limit", default="2GiB")
+    p.add_argument("--malloc", choices=("safe", "fast"), default="safe",
+                   help="workers' glibc settings (DistributedContext(malloc=...)); 'fast' stalls here: the "
+                        "worker keeps freed memory and pauses at 92 %% for good")
     p.add_argument("--dir", default=None, help="working directory (default: a temporary one, removed after)")
     args = p.parse_args()
 
@@ -98,7 +101,8 @@ def main() -> None:
     blur = Blur(filter=gaussian_blur(sigma=(1.5, 1.5)), padding="reflect")  # 13×13 kernel
     try:
         with dask.config.set(thresholds), dr.DistributedContext(
-            n_workers=args.workers, threads_per_worker=args.threads, memory_limit=args.memory_limit, dashboard_address=":0"
+            n_workers=args.workers, threads_per_worker=args.threads, memory_limit=args.memory_limit, dashboard_address=":0",
+            malloc=args.malloc,
         ) as ctx, ctx.client.as_current():
             limit_total = sum(w["memory_limit"] for w in ctx.client.scheduler_info()["workers"].values())
             print(f"image 1x3x{size}x{size} float32 = {nbytes / 2**30:.2f} GiB = {nbytes / limit_total:.1f}x the "
@@ -155,7 +159,7 @@ def main() -> None:
         res = {
             "image": f"1x3x{size}x{size} float32 ({nbytes / 2**30:.2f} GiB)",
             "times_total_worker_memory_limit": nbytes / limit_total,
-            "workers": args.workers, "threads_per_worker": args.threads, "memory_limit_per_worker": args.memory_limit, "chunk": chunk,
+            "workers": args.workers, "threads_per_worker": args.threads, "malloc": args.malloc, "memory_limit_per_worker": args.memory_limit, "chunk": chunk,
             "operator": "Blur 13x13 Gaussian (sigma 1.5), reflect padding (chunk-wise map_overlap)",
             "denoiser": "DnCNN depth 4, 16 features, random weights, tiles 512 + overlap 4",
             "memory_thresholds": thresholds,

@@ -252,17 +252,9 @@ def step_from_gradient(x: np.ndarray, grad_value: np.ndarray, tau: float, scale:
     return x - np.asarray(tau, dtype=x.dtype) * g
 
 
-def red_step(x: np.ndarray, grad_value: np.ndarray, denoised: np.ndarray, tau: float, scale: float,
-             lam: float) -> np.ndarray:
-    """``x − τ (scale · ∇f + λ (x − D(x)))``."""
-    g = grad_value[:-1].reshape(x.shape)
-    if scale != 1.0:
-        g = g * np.asarray(scale, dtype=g.dtype)
-    return x - np.asarray(tau, dtype=x.dtype) * (g + np.asarray(lam, dtype=x.dtype) * (x - denoised))
-
-
-def last_value(grad_value: np.ndarray) -> float:
-    return float(grad_value[-1])
+def last_value(grad_value: np.ndarray, scale: float = 1.0) -> float:
+    """``f`` from a summed :func:`fidelity_grad_value_op` result."""
+    return float(grad_value[-1]) * scale
 
 
 def fidelity_fn_op(

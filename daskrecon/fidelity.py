@@ -15,7 +15,7 @@ from distributed import Future
 from daskrecon import _worker
 from daskrecon.context import DistributedContext
 from daskrecon.errors import MeasurementError, ShapeError
-from daskrecon._arrays import as_dask, gather_one
+from daskrecon._arrays import as_dask, gather_arrays, gather_one
 from daskrecon.physics import DistributedPhysics
 from daskrecon.reduction import tree_reduce
 
@@ -164,21 +164,32 @@ class DistributedDataFidelity:
         total = self._run(_worker.fidelity_grad_op, x, y, physics, kwargs)
         return self._scale(gather_one(self.ctx.client, total, self.ctx.device, "data fidelity grad"), physics.num_operators)
 
-    def step(self, x: Any, y: Any, physics: DistributedPhysics, step_size: float) -> tuple[Future, Future, Future]:
+    def _grad_value(self, x: Any, y: Any, physics: DistributedPhysics) -> tuple[Future, Future]:
+        """Futures of the placed ``x`` and of the tree-reduced ``[∇f(x).ravel(), f(x)]`` (one pass)."""
+        physics = self._check_physics(physics)
+        x_fut = physics._place_x(x)
+        return x_fut, self._run(_worker.fidelity_grad_value_op, x_fut, y, physics, {})
+
+    def _scale_factor(self, physics: DistributedPhysics) -> float:
+        return 1.0 / physics.num_operators if self.reduction == "mean" else 1.0
+
+    def grad_and_value(self, x: Any, y: Any, physics: DistributedPhysics, shape: Sequence[int]) -> tuple[torch.Tensor, float]:
+        """``(∇f(x), f(x))`` from one gradient pass; ``x`` a tensor or the future of a placed array."""
+        _, gv = self._grad_value(x, y, physics)
+        flat = torch.from_numpy(gather_arrays(self.ctx.client, [gv], "data fidelity gradient")[0])
+        s = self._scale_factor(physics)
+        return flat[:-1].reshape(tuple(shape)) * s, float(flat[-1]) * s
+
+    def step(self, x: Any, y: Any, physics: DistributedPhysics, step_size: float) -> tuple[Future, Future]:
         """Futures of ``x − τ∇f(x)`` and of ``f(x)``, computed on the workers from one gradient pass.
 
         ``x`` may be a tensor or the future of a placed array. Nothing image-sized comes
-        back to the driver; the step is one task after the tree reduction. The third
-        future holds the summed ``[∇f.ravel(), f]``.
+        back to the driver; the step is one task after the tree reduction.
         """
-        physics = self._check_physics(physics)
-        x_fut = physics._place_x(x)
-        gv = self._run(_worker.fidelity_grad_value_op, x_fut, y, physics, {})
-        scale = 1.0 / physics.num_operators if self.reduction == "mean" else 1.0
-        client = self.ctx.client
+        x_fut, gv = self._grad_value(x, y, physics)
+        client, scale = self.ctx.client, self._scale_factor(physics)
         z = client.submit(_worker.step_from_gradient, x_fut, gv, float(step_size), scale, pure=False)
-        value = client.submit(_worker.last_value, gv, pure=False)
-        return z, value, gv
+        return z, client.submit(_worker.last_value, gv, scale, pure=False)
 
     def _chunked(self, method: str, x: da.Array, y: Any, physics: Any, kwargs: dict) -> da.Array:
         """``fn`` / ``grad`` on a dask array: lazily, chunk by chunk, for local operators and

@@ -18,8 +18,7 @@ import numpy as np
 import torch
 from deepinv.utils import TensorList
 
-from daskrecon import _worker
-from daskrecon._arrays import gather_arrays, gather_one, place
+from daskrecon._arrays import gather_arrays, place
 from daskrecon.checkpoint import Checkpoint
 from daskrecon.errors import DaskreconError, MeasurementError
 from daskrecon.fidelity import DistributedDataFidelity
@@ -235,16 +234,15 @@ def reconstruct(
             with span(f"daskrecon-iteration-{k + 1}"):
                 # x goes to the cluster once; x − τ∇f is formed there and denoised there.
                 x_fut = place(client, x.detach().cpu().numpy())
-                z_fut, value_fut, gv = fidelity.step(x_fut, y, physics, step_size)
                 if algorithm == "pnp":
+                    z_fut, value_fut = fidelity.step(x_fut, y, physics, step_size)
                     x_new = denoise_placed(z_fut)
+                    value = float(gather_arrays(client, [value_fut], "data fidelity")[0])
                 else:
-                    d_fut = place(client, denoise_placed(x_fut).cpu().numpy())
-                    scale = 1.0 / physics.num_operators if fidelity.reduction == "mean" else 1.0
-                    x_new = gather_one(client, client.submit(_worker.red_step, x_fut, gv, d_fut, float(step_size),
-                                                             scale, float(red_weight), pure=False),
-                                       ctx.device, "RED step")
-                value = float(gather_arrays(client, [value_fut], "data fidelity")[0])
+                    # RED needs D(x) assembled on the driver anyway: combine there, one gather of [∇f, f].
+                    denoised = denoise_placed(x_fut)
+                    grad, value = fidelity.grad_and_value(x_fut, y, physics, x.shape)
+                    x_new = x - step_size * (grad.to(x) + red_weight * (x - denoised))
             change = float(torch.linalg.vector_norm(x_new - x) / max(float(torch.linalg.vector_norm(x)), 1e-12))
             x = x_new
             row = {"iteration": k + 1, "data_fidelity": value, "relative_change": change}

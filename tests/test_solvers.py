@@ -40,6 +40,9 @@ def test_matches_a_plain_deepinv_loop(problem, algorithm):
     hist = dr.reconstruct.history
     assert [h["iteration"] for h in hist] == [1, 2, 3, 4] and all("psnr" in h for h in hist)
     assert all(h["data_fidelity"] > 0 for h in hist)  # recorded even without a progress bar
+    # the value is f at the start of each iteration, from the gradient pass
+    f0 = float(sum(L2().fn(x0, t, op) for t, op in zip(y, ops)))
+    assert abs(hist[0]["data_fidelity"] - f0) <= 1e-4 * f0
 
 
 def test_resume_after_a_crash_is_bitwise_equal(problem, tmp_path):
