@@ -329,6 +329,11 @@ class DistributedContext:
         """Addresses of the current workers, sorted (a stable order for sharding)."""
         return sorted(self.client.scheduler_info(n_workers=-1)["workers"])
 
+    def worker_threads(self) -> dict[str, int]:
+        """Threads of each current worker, by address, in :meth:`workers` order."""
+        info = self.client.scheduler_info(n_workers=-1)["workers"]
+        return {w: int(info[w].get("nthreads", 1)) for w in sorted(info)}
+
     @property
     def world_size(self) -> int:
         """Number of workers."""

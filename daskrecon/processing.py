@@ -29,6 +29,7 @@ from daskrecon import _worker
 from daskrecon._arrays import as_numpy, gather_arrays, place
 from daskrecon.context import DistributedContext
 from daskrecon.errors import ShapeError
+from daskrecon.sharding import balance_loads
 from daskrecon.strategies import DistributedSignalStrategy, OverlapTilingStrategy, create_strategy
 from daskrecon.tiling import default_batch
 
@@ -279,6 +280,23 @@ class DistributedProcessing:
         per = self.max_batch_size or default_batch(n, 1, max_pixels=2**62)
         return [list(range(s, min(s + per, n))) for s in range(0, n, per)]
 
+    def _placement(self, strategy: DistributedSignalStrategy, batches: list[list[int]]) -> list[str]:
+        """A worker for each batch, so that all workers finish together.
+
+        Left to itself the scheduler puts these tasks next to their input (one worker holds
+        the image) and moves them only when work stealing notices, which on a few equal
+        tasks costs a large part of a pass. The restriction is loose: a lost worker's batches
+        run elsewhere.
+        """
+        threads = self.ctx.worker_threads()
+        workers = list(threads)
+        if isinstance(strategy, OverlapTilingStrategy):
+            sizes = [math.prod(a.win_stop - a.win_start for a in t.axes) for t in strategy.tiles]
+            costs = [sum(sizes[i] for i in b) for b in batches]
+        else:
+            costs = [len(b) for b in batches]
+        return [workers[k] for k in balance_loads(costs, list(threads.values()))]
+
     def run_placed(self, x: Future, shape: Sequence[int], dtype: torch.dtype, method: str | None = None,
                    args: tuple = (), kwargs: dict | None = None) -> torch.Tensor:
         """Process an image already in cluster memory (the future of a numpy array) → tensor.
@@ -308,8 +326,8 @@ class DistributedProcessing:
         x_fut = placed if placed is not None else place(client, as_numpy(x))
         futs = [
             client.submit(_worker.process_patches, self.key, self.ctx.device_mode, method, strategy, x_fut,
-                          idx, self.max_batch_size, args, kwargs, pure=False)
-            for idx in batches
+                          idx, self.max_batch_size, args, kwargs, pure=False, workers=[w], allow_other_workers=True)
+            for idx, w in zip(batches, self._placement(strategy, batches))
         ]
         out = torch.zeros(x.shape, dtype=x.dtype, device="cpu")
         pairs = [(i, torch.from_numpy(a)) for group in gather_arrays(client, futs, "tile batch") for i, a in group]

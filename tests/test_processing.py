@@ -1,3 +1,5 @@
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
@@ -133,6 +135,21 @@ def test_model_reaches_each_worker_once(ctx):
     assert sorted(loads.values()) == [1, 1]
     d.close()
     assert ctx.client.run(lambda: _worker._MODELS.get((key, None))) == {w: None for w in loads}
+
+
+def test_tile_batches_are_spread_over_the_workers(ctx):
+    # One worker holds the image; left to the scheduler, the tile tasks pile up there.
+    from distributed import get_task_stream
+
+    model = small_dncnn(3)
+    d = dr.distribute(model, ctx, patch_size=20, overlap=6)
+    x = torch.rand(1, 3, 40, 40)  # 2x2 tiles of equal cost, one batch each
+    d(x)
+    with get_task_stream(ctx.client) as ts:
+        out = d(x)
+    ran = Counter(t["worker"] for t in ts.data if str(t["key"]).startswith("process_patches"))
+    assert sorted(ran.values()) == [2, 2], ran
+    assert_allclose(out, plain(model, x), atol=1e-5)
 
 
 def test_bitwise_identical_on_1_2_3_workers(ctx, ctx1, ctx3):
