@@ -11,7 +11,6 @@ import tempfile
 
 import dask.array as da
 import numpy as np
-import torch
 import zarr
 
 import daskrecon as dr
