@@ -54,6 +54,32 @@ def machine() -> dict:
     }
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory since it started (or since :func:`reset_peak_rss`).
+
+    Linux's ``VmHWM``, not ``getrusage``'s ``ru_maxrss``: that one survives ``fork`` + ``exec``,
+    so a worker spawned by a driver holding 1.7 GiB reports 1.7 GiB before doing anything.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def rss_mib() -> float:
+    """This process's resident memory now."""
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def reset_peak_rss() -> None:
+    """Start :func:`peak_rss_mib` again from the current resident memory (Linux ``clear_refs``)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def write(name: str, payload: dict) -> Path:
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"

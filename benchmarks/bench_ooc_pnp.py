@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -23,17 +22,7 @@ import time
 from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import machine, write  # noqa: E402
-
-
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _rss_mib() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
+from _common import machine, peak_rss_mib, reset_peak_rss, rss_mib, write  # noqa: E402
 
 
 def _scene(block, block_info=None):
@@ -125,7 +114,8 @@ def main() -> None:
             y = da.from_zarr(os.path.join(work, "y.zarr"))
             print(f"wrote x_true and y in {t_setup:.0f} s", flush=True)
             ctx.client.run(lambda: __import__("gc").collect())
-            idle = ctx.client.run(_rss_mib)
+            idle = ctx.client.run(rss_mib)
+            ctx.client.run(reset_peak_rss)  # the peak below is the reconstruction's
 
             stamps = [time.perf_counter()]
             with get_task_stream(ctx.client) as ts:
@@ -133,7 +123,7 @@ def main() -> None:
                                      x0=y, checkpoint=os.path.join(work, "ckpt"), overwrite=True, progress=True,
                                      callback=lambda k, x: stamps.append(time.perf_counter()))
             history = dr.reconstruct.history
-            peak = ctx.client.run(_peak_rss_mib)
+            peak = ctx.client.run(peak_rss_mib)
             per_iter = [b - a for a, b in zip(stamps[:-1], stamps[1:])]
             # stamps[0] precedes the input checks and the write of x0 (iteration 0): report it apart.
             totals: dict[str, float] = defaultdict(float)

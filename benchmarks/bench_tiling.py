@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import machine, run_deepinv_distributed, table, timeit, write  # noqa: E402
+from _common import machine, peak_rss_mib, reset_peak_rss, rss_mib, run_deepinv_distributed, table, timeit, write  # noqa: E402
 from _models import make_model  # noqa: E402
 
 CASES = {"drunet": dict(size=512, patch=256, overlap=32), "dncnn": dict(size=1024, patch=256, overlap=20)}
@@ -86,10 +85,6 @@ def run_case(name: str, repeats: int, workers: int) -> dict:
     return res
 
 
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def run_out_of_core(size: int, workers: int, memory_limit: str, chunk: int) -> dict:
     import dask.array as da
     import zarr
@@ -113,13 +108,14 @@ def run_out_of_core(size: int, workers: int, memory_limit: str, chunk: int) -> d
             noisy.to_zarr(src)
             t_write = time.perf_counter() - t0
             ctx.client.run(lambda: __import__("gc").collect())
-            base = ctx.client.run(_peak_rss_mib)
+            base = ctx.client.run(rss_mib)
+            ctx.client.run(reset_peak_rss)  # the peak below is the denoising pass's
             dden = dr.distribute(model, ctx, patch_size=512, overlap=8, max_batch_size=1)
             t0 = time.perf_counter()
             lazy = dden(da.from_zarr(src))
             lazy.to_zarr(dst)
             t_denoise = time.perf_counter() - t0
-            peak = ctx.client.run(_peak_rss_mib)
+            peak = ctx.client.run(peak_rss_mib)
             z = zarr.open_array(dst)
             corner = z[0, 0, :256, :256]
             with __import__("torch").no_grad():
@@ -132,7 +128,7 @@ def run_out_of_core(size: int, workers: int, memory_limit: str, chunk: int) -> d
             "workers": workers, "memory_limit_per_worker": memory_limit, "chunk": chunk,
             "seconds_write_input": t_write, "seconds_denoise_to_zarr": t_denoise,
             "megapixels_per_s": size * size / 1e6 / t_denoise,
-            "worker_peak_rss_mib": sorted(peak.values()), "worker_peak_rss_before_denoising_mib": sorted(base.values()),
+            "worker_peak_rss_mib": sorted(peak.values()), "worker_rss_before_denoising_mib": sorted(base.values()),
             "memory_thresholds": thresholds,
             "corner_max_abs_diff_vs_untiled": err,
         }
@@ -150,7 +146,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--ooc-size", type=int, default=16384)
-    p.add_argument("--ooc-chunk", type=int, default=2048)
+    p.add_argument("--ooc-chunk", type=int, default=1024)
     p.add_argument("--memory-limit", default="1GiB")
     p.add_argument("--out", default="tiling")
     args = p.parse_args()

@@ -16,16 +16,17 @@ RESULTS = Path(__file__).parent / "results"
 if __name__ == "__main__":
     g = json.loads((RESULTS / "gradient.json").read_text())
     t = json.loads((RESULTS / "tiling.json").read_text())
-    labels = ["L2 gradient\n16 blurs, 1024²", "DRUNet\n512²", "DnCNN\n1024²"]
-    rows = [g, t["drunet"], t["dncnn"]]
+    p = json.loads((RESULTS / "pnp.json").read_text())
+    labels = ["L2 gradient\n16 blurs, 1024²", "DRUNet\n512²", "DnCNN\n1024²", "PnP 5 iterations\n3 blurs + DnCNN, 512²"]
+    rows = [g, t["drunet"], t["dncnn"], p]
     keys = [("deepinv_distributed_1proc", "deepinv.distributed (1 proc)"),
             ("deepinv_distributed_torchrun2", "deepinv.distributed (torchrun ×2)"),
             ("daskrecon", "daskrecon (2 workers)")]
-    fig, ax = plt.subplots(figsize=(8, 3.6))
+    fig, ax = plt.subplots(figsize=(9, 3.6))
     width = 0.27
     for j, (k, name) in enumerate(keys):
-        ax.bar([i + (j - 1) * width for i in range(3)], [r[k]["median_s"] for r in rows], width, label=name)
-    ax.set_xticks(range(3), labels)
+        ax.bar([i + (j - 1) * width for i in range(len(rows))], [r[k]["median_s"] for r in rows], width, label=name)
+    ax.set_xticks(range(len(rows)), labels)
     ax.set_ylabel("seconds (median)")
     ax.legend(fontsize=8)
     ax.set_title("Same workload, same 2-core machine")

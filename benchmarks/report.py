@@ -42,6 +42,18 @@ def tiling() -> str:
     return "\n".join(out)
 
 
+def pnp() -> str:
+    d = json.loads((RESULTS / "pnp.json").read_text())
+    best = min(d["deepinv_distributed_1proc"]["median_s"], d["deepinv_distributed_torchrun2"]["median_s"])
+    rows = [("deepinv.distributed, 1 process", "deepinv_distributed_1proc"),
+            ("deepinv.distributed, torchrun ×2 (gloo)", "deepinv_distributed_torchrun2"),
+            ("**daskrecon `reconstruct`, 2 workers**", "daskrecon"),
+            ("daskrecon, 2 workers, `malloc=\"fast\"`", "daskrecon_malloc_fast")]
+    out = ["| variant | median s | ÷ best deepinv.distributed |", "|---|---|---|"]
+    out += [f"| {name} | {d[k]['median_s']:.2f} | {d[k]['median_s'] / best:.2f} |" for name, k in rows if k in d]
+    return "\n".join(out)
+
+
 def denoiser() -> str:
     d = json.loads((Path(__file__).parents[1] / "daskrecon" / "data" / "dncnn_small.json").read_text())
     out = ["| noise σ | noisy PSNR | denoised PSNR | gain |", "|---|---|---|---|"]
@@ -52,5 +64,5 @@ def denoiser() -> str:
 
 
 if __name__ == "__main__":
-    for title, fn in (("gradient", gradient), ("tiling", tiling), ("bundled denoiser", denoiser)):
+    for title, fn in (("gradient", gradient), ("tiling", tiling), ("pnp", pnp), ("bundled denoiser", denoiser)):
         print(f"## {title}\n\n{fn()}\n")

@@ -79,3 +79,20 @@ def as_dask(v: Any, name: str) -> Any:
     if isinstance(v, torch.Tensor):
         return da.from_array(v.detach().cpu().numpy())
     raise TypeError(f"{name} must be a dask array or a tensor, got {type(v).__name__}")
+
+
+def entries(y: Any) -> list[Any]:
+    """The entries of a ``TensorList``, list or tuple; anything else as one entry."""
+    from deepinv.utils import TensorList
+
+    if isinstance(y, (TensorList, list, tuple)):
+        return [y[i] for i in range(len(y))]
+    return [y]
+
+
+def sum_in_order(terms: Sequence[Any]) -> Any:
+    """``terms[0] + terms[1] + …`` left to right: the same float sum on any cluster."""
+    total = terms[0]
+    for t in terms[1:]:
+        total = total + t
+    return total

@@ -15,7 +15,7 @@ from distributed import Future
 from daskrecon import _worker
 from daskrecon.context import DistributedContext
 from daskrecon.errors import MeasurementError, ShapeError
-from daskrecon._arrays import as_dask, gather_arrays, gather_one
+from daskrecon._arrays import as_dask, gather_arrays, gather_one, sum_in_order
 from daskrecon.physics import DistributedPhysics
 from daskrecon.reduction import tree_reduce
 
@@ -223,9 +223,7 @@ class DistributedDataFidelity:
                 v = da.map_blocks(_worker.pointwise_value_block, u, yi, distance=fid.d, dtype=np.float64,
                                   chunks=(u.chunks[0], *((1,) * len(c) for c in u.chunks[1:])))
                 terms.append(v.sum(axis=(1, 2, 3)))
-        total = terms[0]
-        for t in terms[1:]:  # operator order: the same sum on any cluster
-            total = total + t
+        total = sum_in_order(terms)
         return total / n if self.reduction == "mean" else total
 
     def prox(self, x: torch.Tensor, y: Any, physics: DistributedPhysics, *args: Any, gamma: float = 1.0, **kwargs: Any) -> torch.Tensor:

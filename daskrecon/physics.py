@@ -20,7 +20,7 @@ from deepinv.utils import TensorList
 from distributed import Future
 
 from daskrecon import _worker
-from daskrecon._arrays import as_dask, as_numpy, gather_arrays, gather_one, gather_tensors, place
+from daskrecon._arrays import as_dask, as_numpy, gather_arrays, gather_one, gather_tensors, place, sum_in_order
 from daskrecon.context import DistributedContext
 from daskrecon.errors import LinearityError, MeasurementError
 from daskrecon.measurements import DistributedMeasurements
@@ -346,9 +346,7 @@ class DistributedPhysics(Physics):
             out = [f.adjoint(f.apply(arg), arg.chunks) for f in forms]
         if reduce_op is None:
             return out
-        total = out[0]
-        for term in out[1:]:  # operator order: the same sum on any cluster
-            total = total + term
+        total = sum_in_order(out)
         return total / n if reduce_op == "mean" else total
 
     def _assembled(self, method: str, arg: Any, reduce_op: str | None):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from deepinv.utils import TensorList
 
-from daskrecon._arrays import gather_arrays, place
+from daskrecon._arrays import entries, gather_arrays, place
 from daskrecon.checkpoint import Checkpoint
 from daskrecon.errors import DaskreconError, MeasurementError
 from daskrecon.fidelity import DistributedDataFidelity
@@ -28,10 +28,6 @@ from daskrecon.processing import DistributedPrior, DistributedProcessing
 __all__ = ["ALGORITHMS", "reconstruct"]
 
 ALGORITHMS = ("pnp", "red")
-
-
-def _items(y: Any) -> list[torch.Tensor]:
-    return [y[i] for i in range(len(y))] if isinstance(y, (TensorList, list, tuple)) else [y]
 
 
 def _check_finite(name: str, t: torch.Tensor) -> None:
@@ -184,7 +180,7 @@ def reconstruct(
         return out
     ctx = physics.ctx
     if isinstance(y, (TensorList, list, tuple)):
-        ys = _items(y)
+        ys = entries(y)
         if len(ys) != physics.num_operators:
             raise MeasurementError(f"y has {len(ys)} entries but the physics has {physics.num_operators} operators")
         for i, t in enumerate(ys):

@@ -12,20 +12,14 @@ from typing import Any
 import torch
 from deepinv.utils import TensorList
 
+from daskrecon._arrays import entries
+
 __all__ = ["assert_adjoint", "assert_allclose", "assert_matches_serial", "inner"]
-
-
-def _items(t: Any) -> list[torch.Tensor]:
-    if isinstance(t, TensorList):
-        return [t[i] for i in range(len(t))]
-    if isinstance(t, (list, tuple)):
-        return list(t)
-    return [t]
 
 
 def assert_allclose(actual: Any, expected: Any, atol: float = 1e-5, rtol: float = 0.0, what: str = "") -> None:
     """``torch.testing.assert_close`` over tensors or TensorLists, naming the entry that differs."""
-    a, e = _items(actual), _items(expected)
+    a, e = entries(actual), entries(expected)
     assert len(a) == len(e), f"{what}: {len(a)} entries, expected {len(e)}"
     for i, (ai, ei) in enumerate(zip(a, e)):
         assert tuple(ai.shape) == tuple(ei.shape), f"{what}[{i}]: shape {tuple(ai.shape)} != {tuple(ei.shape)}"
@@ -34,7 +28,7 @@ def assert_allclose(actual: Any, expected: Any, atol: float = 1e-5, rtol: float 
 
 def inner(a: Any, b: Any) -> torch.Tensor:
     """Real inner product summed over every entry of tensors or TensorLists."""
-    return sum((ai.conj() * bi).real.sum() for ai, bi in zip(_items(a), _items(b)))
+    return sum((ai.conj() * bi).real.sum() for ai, bi in zip(entries(a), entries(b)))
 
 
 def assert_adjoint(physics: Any, x: torch.Tensor, y: Any, rtol: float = 1e-4) -> None:
