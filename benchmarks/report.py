@@ -9,9 +9,16 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 
 
+def _variants(d: dict, rows: list[tuple[str, str]]) -> str:
+    """Median time of each variant present in ``d`` and its ratio to the best deepinv.distributed run."""
+    best = min(d["deepinv_distributed_1proc"]["median_s"], d["deepinv_distributed_torchrun2"]["median_s"])
+    out = ["| variant | median s | ÷ best deepinv.distributed |", "|---|---|---|"]
+    out += [f"| {name} | {d[k]['median_s']:.2f} | {d[k]['median_s'] / best:.2f} |" for name, k in rows if k in d]
+    return "\n".join(out)
+
+
 def gradient() -> str:
     d = json.loads((RESULTS / "gradient.json").read_text())
-    best = min(d["deepinv_distributed_1proc"]["median_s"], d["deepinv_distributed_torchrun2"]["median_s"])
     rows = [("plain deepinv, 1 process", "plain_deepinv"),
             ("deepinv.distributed, 1 process", "deepinv_distributed_1proc"),
             ("deepinv.distributed, torchrun ×2 (gloo)", "deepinv_distributed_torchrun2"),
@@ -19,9 +26,7 @@ def gradient() -> str:
             ("daskrecon, 2 workers, `fast_operators=False`", "daskrecon_fast_operators_off"),
             ("*(info)* deepinv.distributed with `Blur(use_fft=True)`, 1 process",
              "deepinv_distributed_1proc_blur_use_fft")]
-    out = ["| variant | median s | ÷ best deepinv.distributed |", "|---|---|---|"]
-    out += [f"| {name} | {d[k]['median_s']:.2f} | {d[k]['median_s'] / best:.2f} |" for name, k in rows]
-    return "\n".join(out)
+    return _variants(d, rows)
 
 
 def tiling() -> str:
@@ -44,14 +49,11 @@ def tiling() -> str:
 
 def pnp() -> str:
     d = json.loads((RESULTS / "pnp.json").read_text())
-    best = min(d["deepinv_distributed_1proc"]["median_s"], d["deepinv_distributed_torchrun2"]["median_s"])
     rows = [("deepinv.distributed, 1 process", "deepinv_distributed_1proc"),
             ("deepinv.distributed, torchrun ×2 (gloo)", "deepinv_distributed_torchrun2"),
             ("**daskrecon `reconstruct`, 2 workers**", "daskrecon"),
             ("daskrecon, 2 workers, `malloc=\"fast\"`", "daskrecon_malloc_fast")]
-    out = ["| variant | median s | ÷ best deepinv.distributed |", "|---|---|---|"]
-    out += [f"| {name} | {d[k]['median_s']:.2f} | {d[k]['median_s'] / best:.2f} |" for name, k in rows if k in d]
-    return "\n".join(out)
+    return _variants(d, rows)
 
 
 def denoiser() -> str:
