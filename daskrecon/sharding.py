@@ -55,9 +55,10 @@ def balance_loads(costs: Sequence[float], slots: Sequence[int]) -> list[int]:
 
     Longest task first, each onto the worker where it would finish earliest (its load
     so far plus the task, divided by its number of threads); ties go to the lower worker
-    index. The result depends only on the arguments. Its makespan is at most the
-    optimum plus the largest cost per thread (and within 4/3 of the optimum on identical
-    workers, Graham's bound).
+    index. The result depends only on the arguments. Its makespan (largest load divided
+    by threads) is at most ``sum(costs) / sum(slots) + max(costs) / min(slots)``, so
+    within ``max(costs) / min(slots)`` of the optimum; on identical single-thread workers
+    it is LPT, within ``4/3 - 1/(3 m)`` of the optimum (Graham's bound).
 
     Parameters
     ----------
