@@ -69,8 +69,7 @@ class DistributedSignal:
         self._array: da.Array | None = None
         self.iteration = 0
         if init is not None:
-            self.update_(init)
-            self.iteration = 0
+            self._set(init, 0)  # stored (when a store is set) as iteration 0, like the count
         elif self.chunks is None:
             self._tensor = torch.zeros(self.shape, dtype=dtype, device=ctx.device)
         else:
@@ -105,6 +104,9 @@ class DistributedSignal:
 
     def update_(self, value: Any) -> DistributedSignal:
         """Replace the value (a tensor or a dask array of the signal's shape); commit it if a store is set."""
+        return self._set(value, self.iteration + 1)
+
+    def _set(self, value: Any, iteration: int) -> DistributedSignal:
         if isinstance(value, DistributedSignal):
             value = value.array if value.chunked else value.data
         if not isinstance(value, (torch.Tensor, da.Array)):
@@ -115,7 +117,7 @@ class DistributedSignal:
         if isinstance(value, torch.Tensor) and (value.is_complex() != self.dtype.is_complex):
             raise TypeError(f"update_ got a {value.dtype} tensor for a {self.dtype} signal")
         # The count moves only once the new value is in place (and committed, with a store).
-        nxt = self.iteration + 1
+        nxt = iteration
         if not self.chunked:
             if isinstance(value, da.Array):
                 value = torch.from_numpy(np.asarray(value.compute()))

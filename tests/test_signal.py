@@ -41,3 +41,16 @@ def test_chunked_signal_in_cluster_memory_and_url(ctx, tmp_path):
         assert torch.equal(u.data, torch.arange(256.0).reshape(1, 1, 16, 16))
     with pytest.raises(TypeError, match="complex"):
         dr.DistributedSignal(ctx, (1, 1, 4, 4)).update_(torch.zeros(1, 1, 4, 4, dtype=torch.complex64))
+
+
+@pytest.mark.parametrize("chunks", [None, (1, 1, 4, 4)])
+def test_initial_value_is_stored_as_iteration_zero(ctx, tmp_path, chunks):
+    with ctx.client.as_current():
+        s = dr.DistributedSignal(ctx, (1, 1, 8, 8), init=torch.full((1, 1, 8, 8), 2.0), chunks=chunks,
+                                 store=str(tmp_path / "sig"))
+        assert s.iteration == 0
+        assert json.loads((tmp_path / "sig" / "COMMIT.json").read_text())["iteration"] == 0
+        back = dr.DistributedSignal(ctx, (1, 1, 8, 8), chunks=chunks, store=str(tmp_path / "sig")).restore()
+        assert back.iteration == 0 and torch.equal(back.data, torch.full((1, 1, 8, 8), 2.0))
+        s.update_(torch.ones(1, 1, 8, 8))
+        assert s.iteration == 1 and json.loads((tmp_path / "sig" / "COMMIT.json").read_text())["iteration"] == 1
