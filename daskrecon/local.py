@@ -136,7 +136,7 @@ class LocalOperator:
                                  f"downsampling factor {f}")
             x = x.rechunk(self.fit_chunks(x.chunks))
             out_chunks = (x.chunks[0], x.chunks[1], *(tuple(math.ceil(c / f) for c in x.chunks[a]) for a in (2, 3)))
-            x = self._overlap(_worker.local_forward_block, x.rechunk({0: -1, 1: -1}), self.depth, out_chunks,
+            x = self._overlap(_worker.local_forward_block, x, self.depth, out_chunks,
                               x.numblocks[2:])
         if self.mask is not None:
             x = x * self._mask_like(x)
@@ -152,7 +152,7 @@ class LocalOperator:
         f = self.factor
         xc = x_chunks or (y.chunks[0], y.chunks[1], *(tuple(f * c for c in y.chunks[a]) for a in (2, 3)))
         xc = self.fit_chunks(xc)
-        y = y.rechunk((-1, -1, *(tuple(c // f for c in xc[a]) for a in (2, 3))))
+        y = y.rechunk((y.chunks[0], y.chunks[1], *(tuple(c // f for c in xc[a]) for a in (2, 3))))
         out_chunks = (y.chunks[0], y.chunks[1], *xc[2:])
         halo = tuple(-(-d // f) for d in self.depth)
         return self._overlap(_worker.local_adjoint_block, y, halo, out_chunks, y.numblocks[2:])

@@ -71,7 +71,11 @@ def problem_record(physics: DistributedPhysics, denoiser: Any, algorithm: str, s
 
 def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
     """PSNR in dB of ``x`` (clipped to [0, 1]) against ``ref``."""
-    mse = torch.mean((x.clamp(0, 1) - ref) ** 2).item()
+    return psnr_of_mse(torch.mean((x.clamp(0, 1) - ref) ** 2).item())
+
+
+def psnr_of_mse(mse: float) -> float:
+    """PSNR in dB of a [0, 1] signal with mean squared error ``mse``."""
     return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
 
 

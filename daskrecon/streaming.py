@@ -27,7 +27,7 @@ from daskrecon.fidelity import DistributedDataFidelity
 from daskrecon._arrays import as_dask
 from daskrecon.physics import DistributedPhysics
 from daskrecon.processing import DistributedPrior, DistributedProcessing
-from daskrecon.solvers import problem_record
+from daskrecon.solvers import problem_record, psnr_of_mse
 
 __all__ = ["reconstruct_chunked", "working_chunks"]
 
@@ -146,7 +146,7 @@ def reconstruct_chunked(
                     row = {"iteration": k + 1, "data_fidelity": float(v["data_fidelity"]),
                            "relative_change": math.sqrt(float(v["change2"])) / max(math.sqrt(float(v["norm2"])), 1e-12)}
                     if "mse" in v:
-                        row["psnr"] = float("inf") if v["mse"] == 0 else 10 * math.log10(1.0 / float(v["mse"]))
+                        row["psnr"] = psnr_of_mse(float(v["mse"]))
                     history.append(row)
                     return {"history": history}
 
