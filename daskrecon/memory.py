@@ -10,22 +10,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from dask.utils import format_bytes
 
 from daskrecon.errors import DaskreconError
 
-__all__ = ["MemoryLimitError", "activation_channels", "check_fits", "format_bytes"]
+__all__ = ["MemoryLimitError", "activation_channels", "check_fits"]
 
 
 class MemoryLimitError(DaskreconError, MemoryError):
     """One task (a tile batch, a chunk) cannot fit in a worker's memory limit."""
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"
 
 
 def activation_channels(model: Any, method: str, channels: int, ndim: int, dtype: torch.dtype, args: tuple,
@@ -81,7 +74,7 @@ def check_fits(client: Any, need: int, what: str, advice: str) -> None:
         return
     left, addr, limit, used = best
     raise MemoryLimitError(
-        f"{what} needs at least {format_bytes(need)} on a worker, but the roomiest worker ({addr}) has a memory limit "
-        f"of {format_bytes(limit)} with {format_bytes(used)} already in use by the process (the nanny restarts a worker above "
+        f"{what} needs at least {format_bytes(int(need))} on a worker, but the roomiest worker ({addr}) has a memory limit "
+        f"of {format_bytes(int(limit))} with {format_bytes(int(used))} already in use by the process (the nanny restarts a worker above "
         f"{frac:.0%} of its limit); {advice}"
     )
