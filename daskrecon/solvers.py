@@ -16,6 +16,7 @@ import cloudpickle
 import dask.array as da
 import numpy as np
 import torch
+from deepinv.optim import L2
 from deepinv.utils import TensorList
 
 from daskrecon._arrays import entries, gather_arrays, place
@@ -155,6 +156,8 @@ def reconstruct(
     from the committed iterate in ``checkpoint`` (a Zarr store, local or fsspec URL) to
     the free slot, and committed atomically: memory is bounded by the chunks in flight,
     not the image. The result is a dask array reading the last committed iterate.
+    Without ``checkpoint`` that store is a new temporary directory, named in a
+    ``UserWarning`` and left in place (the result reads from it).
 
     Raises
     ------
@@ -191,7 +194,7 @@ def reconstruct(
             _check_finite(f"y[{i}]", t)
     else:
         ys = []
-    fidelity = data_fidelity or DistributedDataFidelity(ctx, __import__("deepinv").optim.L2())
+    fidelity = data_fidelity or DistributedDataFidelity(ctx, L2())
     prior = denoiser if isinstance(denoiser, DistributedPrior) else None
     if prior is None and not isinstance(denoiser, DistributedProcessing):
         raise TypeError("denoiser must be a DistributedProcessing or DistributedPrior: dr.distribute(denoiser, ctx)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,7 @@ import dask
 import dask.array as da
 import numpy as np
 from dask.base import tokenize
+from deepinv.optim import L2
 
 from daskrecon.checkpoint import Checkpoint
 from daskrecon.errors import DaskreconError, MeasurementError, ShapeError
@@ -71,7 +73,7 @@ def reconstruct_chunked(
             f"operators {global_ops} have no chunk-wise form (daskrecon.local.local_form), so the image cannot "
             "stream through Zarr; pass tensors to reconstruct them on the assembled image with per-operator tasks"
         )
-    fidelity = data_fidelity or DistributedDataFidelity(ctx, __import__("deepinv").optim.L2())
+    fidelity = data_fidelity or DistributedDataFidelity(ctx, L2())
     prior = denoiser if isinstance(denoiser, DistributedPrior) else None
     if prior is None and not isinstance(denoiser, DistributedProcessing):
         raise TypeError("denoiser must be a DistributedProcessing or DistributedPrior: dr.distribute(denoiser, ctx)")
@@ -103,7 +105,13 @@ def reconstruct_chunked(
     problem = problem_record(physics, denoiser, algorithm, step_size, sigma_denoiser, red_weight,
                              measurements=tokenize(*[v.name for v in ys]), x0=x0.name, shape=list(x0.shape),
                              chunks=[c[0] for c in chunks])
-    ckpt = Checkpoint(checkpoint or tempfile.mkdtemp(prefix="daskrecon-"))
+    if checkpoint is None:
+        # The iterate has to live somewhere larger than memory, and the result reads from it.
+        checkpoint = tempfile.mkdtemp(prefix="daskrecon-")
+        warnings.warn(f"no checkpoint given: the out-of-core iterate (two slots of {x0.nbytes / 2**30:.2f} GiB) is "
+                      f"kept in {checkpoint}, which the result reads from; pass checkpoint=… to choose the place, "
+                      "and delete it when done", UserWarning, stacklevel=3)
+    ckpt = Checkpoint(checkpoint)
     history: list[dict] = []
     start = 0
     if ckpt.exists() and resume:

@@ -79,6 +79,21 @@ def test_resume_after_a_crash_is_bitwise_equal(ctx, problem, tmp_path):
                            step_size=0.2, progress=False)
 
 
+def test_without_a_checkpoint_the_iterate_goes_to_a_named_temporary_directory(ctx, problem):
+    import pathlib
+    import shutil
+
+    ops, x_true, y, dphys, dden = problem
+    with ctx.client.as_current(), pytest.warns(UserWarning, match="no checkpoint given") as rec:
+        out = dr.reconstruct(dphys, _dask(y), dden, n_iter=1, step_size=0.3, progress=False)
+    where = pathlib.Path(str(rec[0].message).split(" kept in ")[1].split(",")[0])
+    try:
+        assert (where / "COMMIT.json").is_file()
+        assert out.shape == x_true.shape and np.isfinite(out.compute()).all()
+    finally:
+        shutil.rmtree(where)
+
+
 def test_fsspec_url_checkpoint(ctx, problem, tmp_path):
     ops, x_true, y, dphys, dden = problem
     with ctx.client.as_current():
