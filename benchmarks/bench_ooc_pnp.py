@@ -74,6 +74,7 @@ def main() -> None:
     from distributed import get_task_stream
 
     import daskrecon as dr
+    from daskrecon.context import scheduler_workers
 
     size, chunk = args.size, args.chunk
     nbytes = 3 * size * size * 4
@@ -93,7 +94,7 @@ def main() -> None:
             n_workers=args.workers, threads_per_worker=args.threads, memory_limit=args.memory_limit, dashboard_address=":0",
             malloc=args.malloc,
         ) as ctx, ctx.client.as_current():
-            limit_total = sum(w["memory_limit"] for w in ctx.client.scheduler_info()["workers"].values())
+            limit_total = sum(w["memory_limit"] for w in scheduler_workers(ctx.client).values())
             print(f"image 1x3x{size}x{size} float32 = {nbytes / 2**30:.2f} GiB = {nbytes / limit_total:.1f}x the "
                   f"total worker memory limit ({args.workers} x {args.memory_limit}); chunks {chunk}²", flush=True)
             dphys = dr.distribute([blur], ctx)

@@ -36,6 +36,17 @@ def _available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def scheduler_workers(client: Client) -> dict[str, dict[str, Any]]:
+    """Each current worker's record on the scheduler (address -> info), asked for now.
+
+    Not ``client.scheduler_info()["workers"]``: that returns the client's cached identity,
+    which the client's own periodic refresh (``distributed.client.scheduler-info-interval``)
+    replaces with one that lists no workers. A call that races the refresh then sees an empty
+    cluster (seen in CI: operators sharded over "0 workers").
+    """
+    return dict(client.sync(client.scheduler.identity, n_workers=-1)["workers"])
+
+
 class DistributedContext:
     """Connection to the Dask cluster that runs daskrecon's tasks.
 
@@ -327,11 +338,11 @@ class DistributedContext:
 
     def workers(self) -> list[str]:
         """Addresses of the current workers, sorted (a stable order for sharding)."""
-        return sorted(self.client.scheduler_info(n_workers=-1)["workers"])
+        return sorted(scheduler_workers(self.client))
 
     def worker_threads(self) -> dict[str, int]:
         """Threads of each current worker, by address, in :meth:`workers` order."""
-        info = self.client.scheduler_info(n_workers=-1)["workers"]
+        info = scheduler_workers(self.client)
         return {w: int(info[w].get("nthreads", 1)) for w in sorted(info)}
 
     @property

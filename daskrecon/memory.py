@@ -58,8 +58,10 @@ def check_fits(client: Any, need: int, what: str, advice: str) -> None:
     """
     import dask
 
+    from daskrecon.context import scheduler_workers
+
     frac = dask.config.get("distributed.worker.memory.terminate") or 1.0
-    workers = client.scheduler_info(n_workers=-1)["workers"]
+    workers = scheduler_workers(client)
     best = None
     for addr, w in workers.items():
         limit = w.get("memory_limit") or 0

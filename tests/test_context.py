@@ -81,3 +81,20 @@ def test_workers_malloc_settings(ctx):
         assert all(v == (str(64 * 2**20), str(32 * 2**20)) for v in fast.client.run(read).values())
     with pytest.raises(ValueError, match="malloc must be one of"):
         dr.DistributedContext(malloc="jemalloc")
+
+
+def test_worker_list_does_not_race_the_clients_refresh():
+    """The client refreshes a cached identity without workers every scheduler-info-interval; a worker
+    list read from that cache was empty now and then (CI: operators sharded over 0 workers)."""
+    import dask
+
+    from daskrecon.memory import MemoryLimitError, check_fits
+
+    with dask.config.set({"distributed.client.scheduler-info-interval": "1ms"}):  # refresh all the time
+        with dr.DistributedContext(n_workers=2, processes=False, memory_limit="1GiB", dashboard_address=":0") as c:
+            for _ in range(200):
+                assert len(c.workers()) == 2
+                assert len(c.worker_threads()) == 2
+                assert len(set(c.owners(3))) == 2
+                with pytest.raises(MemoryLimitError):  # an empty list would let it pass silently
+                    check_fits(c.client, 2**40, "a test", "ask for less")

@@ -179,11 +179,12 @@ def test_bad_input(ctx):
 def test_a_tile_too_large_for_the_workers_is_refused_with_its_size_and_the_limit(ctx):
     from deepinv.models import DnCNN
 
+    from daskrecon.context import scheduler_workers
     from daskrecon.memory import MemoryLimitError
 
     model = DnCNN(1, 1, depth=3, nf=64, pretrained=None).eval()
     big = dr.distribute(model, ctx, patch_size=8192, overlap=3)
-    limit = min(w["memory_limit"] for w in ctx.client.scheduler_info(n_workers=-1)["workers"].values())
+    limit = min(w["memory_limit"] for w in scheduler_workers(ctx.client).values())
     with pytest.raises(MemoryLimitError, match=r"8192×8192 pixels.*needs at least .* GiB.*memory limit of") as e:
         big(torch.zeros(1, 1, 8192, 8192))
     assert "patch_size (now 8192)" in str(e.value)

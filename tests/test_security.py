@@ -5,6 +5,7 @@ import deepinv as dinv
 from deepinv.optim import L2
 
 import daskrecon as dr
+from daskrecon.context import scheduler_workers
 from daskrecon.testing import assert_allclose
 
 from helpers import blurs, noisy_measurements
@@ -19,7 +20,8 @@ def test_a_tls_cluster_runs_a_gradient():
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, security=sec, protocol="tls",
                       dashboard_address=":0", host="127.0.0.1") as cluster, Client(cluster, security=sec) as client:
         assert client.scheduler.address.startswith("tls://")
-        assert all(a.startswith("tls://") for a in client.scheduler_info()["workers"])
+        workers = scheduler_workers(client)
+        assert len(workers) == 1 and all(a.startswith("tls://") for a in workers)
         ops = blurs(2)
         x = torch.rand(1, 3, 24, 20)
         y = noisy_measurements(ops, torch.rand(1, 3, 24, 20))
