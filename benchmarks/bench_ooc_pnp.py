@@ -120,10 +120,10 @@ def main() -> None:
 
             stamps = [time.perf_counter()]
             with get_task_stream(ctx.client) as ts:
-                out = dr.reconstruct(dphys, [y], dden, n_iter=args.iterations, step_size=1.0, sigma_denoiser=0.02,
-                                     x0=y, checkpoint=os.path.join(work, "ckpt"), overwrite=True, progress=True,
-                                     callback=lambda k, x: stamps.append(time.perf_counter()))
-            history = dr.reconstruct.history
+                out, history = dr.reconstruct(
+                    dphys, [y], dden, n_iter=args.iterations, step_size=1.0, sigma_denoiser=0.02, x0=y,
+                    checkpoint=os.path.join(work, "ckpt"), overwrite=True, progress=True, return_history=True,
+                    callback=lambda k, x: stamps.append(time.perf_counter()))
             peak = ctx.client.run(peak_rss_mib)
             per_iter = [b - a for a, b in zip(stamps[:-1], stamps[1:])]
             # stamps[0] precedes the input checks and the write of x0 (iteration 0): report it apart.

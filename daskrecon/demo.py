@@ -96,9 +96,9 @@ def run_demo(
         echo(f"Dask cluster: {ctx.world_size} workers; dashboard: {ctx.dashboard_link}")
         dphys = dr.distribute(ops, ctx)
         dden = dr.distribute(bundled_denoiser(), ctx, patch_size=max(32, size // 2), overlap=8)
-        x = dr.reconstruct(dphys, y, dden, algorithm=algorithm, n_iter=iterations, step_size=step_size,
-                           red_weight=red_weight, sigma_denoiser=sigma_denoiser, x_true=x_true, progress=progress)
-        history = list(dr.reconstruct.history)
+        x, history = dr.reconstruct(dphys, y, dden, algorithm=algorithm, n_iter=iterations, step_size=step_size,
+                                    red_weight=red_weight, sigma_denoiser=sigma_denoiser, x_true=x_true,
+                                    progress=progress, return_history=True)
     seconds = time.perf_counter() - t0
     zarr.save_array(str(out / "reconstruction.zarr"), x.cpu().numpy())
     _figures(out, x_true, y[0], x, history)

@@ -99,7 +99,8 @@ def reconstruct(
     callback: Callable[[int, torch.Tensor], Any] | None = None,
     progress: bool = True,
     x_true: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_history: bool = False,
+) -> torch.Tensor | da.Array | tuple[torch.Tensor | da.Array, list[dict]]:
     """Solve ``min_x Σ_i d_i(A_i x, y_i) + prior(x)`` with a plug-and-play algorithm.
 
     Parameters
@@ -142,11 +143,18 @@ def reconstruct(
         ``x_true`` is given, the PSNR.
     x_true : torch.Tensor, optional
         Ground truth, for the PSNR only.
+    return_history : bool
+        Also return the per-iteration metrics.
 
     Returns
     -------
-    torch.Tensor or dask.array.Array
-        The last iterate. ``reconstruct.history`` holds the per-iteration metrics.
+    x : torch.Tensor or dask.array.Array
+        The last iterate.
+    history : list of dict
+        Only with ``return_history=True``: one dict per iteration since the start (a
+        resumed run includes the checkpointed ones), with ``"iteration"`` (1-based),
+        ``"data_fidelity"`` (``f(x)`` at the start of the iteration), ``"relative_change"``
+        (``‖x_{k+1} − x_k‖ / ‖x_k‖``) and, with ``x_true``, ``"psnr"``.
 
     Notes
     -----
@@ -183,8 +191,7 @@ def reconstruct(
             checkpoint=checkpoint, resume=resume, overwrite=overwrite, callback=callback, progress=progress,
             x_true=x_true,
         )
-        reconstruct.history = history
-        return out
+        return (out, history) if return_history else out
     ctx = physics.ctx
     if isinstance(y, (TensorList, list, tuple)):
         ys = entries(y)
@@ -260,8 +267,4 @@ def reconstruct(
                 callback(k + 1, x)
     finally:
         bar.close()
-    reconstruct.history = history
-    return x
-
-
-reconstruct.history = []
+    return (x, history) if return_history else x

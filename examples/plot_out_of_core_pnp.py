@@ -39,8 +39,9 @@ if __name__ == "__main__":
         print("every operator chunk-wise:", dphys.chunkable)
         dden = dr.distribute(bundled_denoiser(), ctx, patch_size=128, overlap=8)
         ys = [da.from_zarr(f"{tmp}/y{i}.zarr") for i in range(len(ops))]
-        x = dr.reconstruct(dphys, ys, dden, n_iter=8, step_size=0.8, sigma_denoiser=0.03,
-                           x0=da.from_zarr(f"{tmp}/y0.zarr"), checkpoint=f"{tmp}/run", x_true=img)
+        x, history = dr.reconstruct(dphys, ys, dden, n_iter=8, step_size=0.8, sigma_denoiser=0.03,
+                                    x0=da.from_zarr(f"{tmp}/y0.zarr"), checkpoint=f"{tmp}/run", x_true=img,
+                                    return_history=True)
         print(x)  # a dask array reading the last committed iterate
-        for row in dr.reconstruct.history[-2:]:
+        for row in history[-2:]:
             print(row)

@@ -34,10 +34,9 @@ def plain_loop(ops, y, model, x, n, tau, algorithm="pnp", lam=1.0):
 def test_matches_a_plain_deepinv_loop(problem, algorithm):
     ops, x_true, y, model, dphys, dden = problem
     x0 = torch.zeros_like(x_true)
-    out = dr.reconstruct(dphys, y, dden, algorithm=algorithm, n_iter=4, step_size=0.3, x0=x0, progress=False,
-                         x_true=x_true)
+    out, hist = dr.reconstruct(dphys, y, dden, algorithm=algorithm, n_iter=4, step_size=0.3, x0=x0, progress=False,
+                               x_true=x_true, return_history=True)
     assert_allclose(out, plain_loop(ops, y, model, x0, 4, 0.3, algorithm), atol=1e-4)
-    hist = dr.reconstruct.history
     assert [h["iteration"] for h in hist] == [1, 2, 3, 4] and all("psnr" in h for h in hist)
     assert all(h["data_fidelity"] > 0 for h in hist)  # recorded even without a progress bar
     # the value is f at the start of each iteration, from the gradient pass
@@ -47,7 +46,7 @@ def test_matches_a_plain_deepinv_loop(problem, algorithm):
 
 def test_resume_after_a_crash_is_bitwise_equal(problem, tmp_path):
     ops, x_true, y, model, dphys, dden = problem
-    full = dr.reconstruct(dphys, y, dden, n_iter=6, step_size=0.3, progress=False)
+    full, full_hist = dr.reconstruct(dphys, y, dden, n_iter=6, step_size=0.3, progress=False, return_history=True)
 
     def crash(k, x):
         if k == 3:
@@ -57,9 +56,11 @@ def test_resume_after_a_crash_is_bitwise_equal(problem, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         dr.reconstruct(dphys, y, dden, n_iter=6, step_size=0.3, progress=False, checkpoint=str(tmp_path / "ck"),
                        callback=crash)
-    resumed = dr.reconstruct(dphys, y, dden, n_iter=6, step_size=0.3, progress=False, checkpoint=str(tmp_path / "ck"),
-                             resume=True, callback=lambda k, x: seen.append(k))
+    resumed, hist = dr.reconstruct(dphys, y, dden, n_iter=6, step_size=0.3, progress=False,
+                                   checkpoint=str(tmp_path / "ck"), resume=True, callback=lambda k, x: seen.append(k),
+                                   return_history=True)
     assert seen == [4, 5, 6]
+    assert hist == full_hist and len(hist) == 6  # the checkpointed rows come back with the run
     assert torch.equal(resumed, full)
     with pytest.raises(CheckpointMismatchError, match="step_size differ"):
         dr.reconstruct(dphys, y, dden, n_iter=6, step_size=0.2, progress=False, checkpoint=str(tmp_path / "ck"),

@@ -40,14 +40,13 @@ def test_streamed_iterations_match_the_in_memory_path(ctx, problem, tmp_path, al
     x0 = torch.full_like(x_true, 0.5)
     with ctx.client.as_current():
         ref = dr.reconstruct(dphys, y, dden, algorithm=algorithm, n_iter=3, step_size=0.3, x0=x0, progress=False)
-        out = dr.reconstruct(dphys, _dask(y), dden, algorithm=algorithm, n_iter=3, step_size=0.3,
-                             x0=da.from_array(x0.numpy(), chunks=CH), checkpoint=str(tmp_path / "ck"), progress=False,
-                             x_true=x_true)
+        out, hist = dr.reconstruct(dphys, _dask(y), dden, algorithm=algorithm, n_iter=3, step_size=0.3,
+                                   x0=da.from_array(x0.numpy(), chunks=CH), checkpoint=str(tmp_path / "ck"),
+                                   progress=False, x_true=x_true, return_history=True)
         assert isinstance(out, da.Array)
         got = out.compute()
     assert float((ref - x0).abs().max()) > 0.05  # the iterations moved
     np.testing.assert_allclose(got, ref.numpy(), atol=5e-5)
-    hist = dr.reconstruct.history
     assert [h["iteration"] for h in hist] == [1, 2, 3]
     assert all(h["data_fidelity"] > 0 and np.isfinite(h["psnr"]) and h["relative_change"] > 0 for h in hist)
     meta = json.loads((tmp_path / "ck" / "COMMIT.json").read_text())
