@@ -106,13 +106,7 @@ class DistributedPhysics(Physics):
         sources = [factory] * num_operators if callable(factory) and not isinstance(factory, Physics) else list(factory)
         self._sources = sources
         client = ctx.client
-        self.operators: list[Future] = [
-            client.submit(
-                _worker.build_object, src, i, factory_kwargs, ctx.device_mode, fast_operators,
-                key=f"physics-{self._token}-{i}", workers=[w], allow_other_workers=True, pure=False,
-            )
-            for i, (src, w) in enumerate(zip(sources, self.owners))
-        ]
+        self._operators: list[Future] | None = None
         if all(isinstance(s, Physics) for s in sources):
             self.linear = [isinstance(s, LinearPhysics) for s in sources]
         else:
@@ -125,6 +119,26 @@ class DistributedPhysics(Physics):
 
     def _check_linearity(self) -> None:
         """Hook for the linear subclass."""
+
+    @property
+    def operators(self) -> list[Future]:
+        """One future per operator, built on its owner worker.
+
+        Operators given as objects are sent at their first per-operator call, not at
+        construction: an out-of-core run, which uses only their chunk-wise forms, never
+        puts a whole operator (an image-sized ``Inpainting`` mask, say) on a worker.
+        Factories run at construction (their results say whether they are linear).
+        """
+        if self._operators is None:
+            client = self.ctx.client
+            self._operators = [
+                client.submit(
+                    _worker.build_object, src, i, self.factory_kwargs, self.ctx.device_mode, self.fast_operators,
+                    key=f"physics-{self._token}-{i}", workers=[w], allow_other_workers=True, pure=False,
+                )
+                for i, (src, w) in enumerate(zip(self._sources, self.owners))
+            ]
+        return self._operators
 
     # ------------------------------------------------------------------ placement
     def _place_x(self, x: torch.Tensor | Future, name: str = "x") -> Future:

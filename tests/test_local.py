@@ -163,3 +163,14 @@ def test_a_global_operator_uses_the_assembled_image(ctx):
         out = dphys.A(da.from_array(x.numpy(), chunks=8))
         for got, op in zip(out, ops):
             np.testing.assert_allclose(got.compute(), op.A(x).numpy(), atol=1e-4)
+
+
+def test_a_binary_mask_travels_as_bool_and_stays_exact(ctx, data):
+    binary = Inpainting(img_size=SHAPE[1:], mask=0.5, rng=torch.Generator().manual_seed(2))
+    weighted = Inpainting(img_size=SHAPE[1:], mask=0.5 * torch.ones(SHAPE[1:]))
+    with ctx.client.as_current():
+        for op, dtype in ((binary, bool), (weighted, np.float32)):
+            form = local_form(op)
+            assert form.mask.dtype == dtype
+            out = form.apply(da.from_array(data.numpy(), chunks=(2, 3, 13, 11))).compute()
+            assert out.dtype == np.float32 and np.array_equal(out, op.A(data).numpy())
