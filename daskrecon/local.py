@@ -52,7 +52,8 @@ class LocalOperator:
     factor : int
         Subsampling factor (``Downsampling``).
     mask : numpy.ndarray, optional
-        Broadcastable to the image, ``(1 | B, 1 | C, H, W)`` (``Inpainting``).
+        Broadcastable to the image, ``(1 | B, 1 | C, H, W)`` (``Inpainting``); boolean (kept
+        as it is) or numeric (cast to the image's dtype).
     name : str
         For messages.
     """
