@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from dask.utils import format_bytes
 
+from daskrecon.context import scheduler_workers
 from daskrecon.errors import DaskreconError
 
 __all__ = ["MemoryLimitError", "activation_channels", "check_fits"]
@@ -57,8 +58,6 @@ def check_fits(client: Any, need: int, what: str, advice: str) -> None:
     keeps. Workers without a limit are not checked.
     """
     import dask
-
-    from daskrecon.context import scheduler_workers
 
     frac = dask.config.get("distributed.worker.memory.terminate") or 1.0
     workers = scheduler_workers(client)

@@ -117,24 +117,23 @@ class DistributedSignal:
         if isinstance(value, torch.Tensor) and (value.is_complex() != self.dtype.is_complex):
             raise TypeError(f"update_ got a {value.dtype} tensor for a {self.dtype} signal")
         # The count moves only once the new value is in place (and committed, with a store).
-        nxt = iteration
         if not self.chunked:
             if isinstance(value, da.Array):
                 value = torch.from_numpy(np.asarray(value.compute()))
             tensor = value.detach().to(device=self.ctx.device, dtype=self.dtype).clone()
             if self._store is not None:
-                self._store.save(nxt, tensor.cpu().numpy(), {"shape": list(self.shape)})
-            self._tensor, self.iteration = tensor, nxt
+                self._store.save(iteration, tensor.cpu().numpy(), {"shape": list(self.shape)})
+            self._tensor, self.iteration = tensor, iteration
             return self
         if isinstance(value, torch.Tensor):
             value = da.from_array(value.detach().cpu().numpy(), chunks=self.chunks)
         value = value.astype(self._np_dtype).rechunk(self.chunks)
         if self._store is not None:
-            self._store.save_dask(nxt, value, {"shape": list(self.shape)})
+            self._store.save_dask(iteration, value, {"shape": list(self.shape)})
             self._array = self._store.committed()
         else:
             self._array = value.persist()  # held by the workers, not the driver
-        self.iteration = nxt
+        self.iteration = iteration
         return self
 
     copy_ = update_
