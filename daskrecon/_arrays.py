@@ -9,9 +9,8 @@ import numpy as np
 import torch
 from distributed import Client, Future
 
-from daskrecon.errors import DaskreconError, WorkerTaskError
 
-__all__ = ["as_numpy", "gather_tensors", "place", "place_on_owners"]
+__all__ = ["as_numpy", "gather_arrays", "gather_tensors", "place", "place_on_owners"]
 
 
 def as_numpy(t: torch.Tensor | np.ndarray, name: str = "x") -> np.ndarray:
@@ -23,8 +22,8 @@ def as_numpy(t: torch.Tensor | np.ndarray, name: str = "x") -> np.ndarray:
     raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
 
 
-def place(client: Client, array: np.ndarray, worker: str | None = None) -> Future:
-    """Put ``array`` in cluster memory (on ``worker`` if given) *with lineage*.
+def place(client: Client, array: Any, worker: str | None = None) -> Future:
+    """Put ``array`` (or bytes) in cluster memory (on ``worker`` if given) *with lineage*.
 
     Unlike ``scatter``, the array travels inside a task, so the scheduler keeps it and
     recomputes the key on another worker if the one holding it dies (scattered data is
@@ -42,32 +41,19 @@ def place_on_owners(client: Client, arrays: Sequence[np.ndarray], owners: Sequen
     return [place(client, a, w) for a, w in zip(arrays, owners)]
 
 
-def gather_arrays(client: Client, futures: Sequence[Future], what: str = "task") -> list[np.ndarray]:
-    """Gather, turning a worker exception into :class:`WorkerTaskError` naming the item."""
-    try:
-        return client.gather(list(futures))
-    except DaskreconError:
-        raise  # our own checks, raised on a worker: the message already names the argument
-    except Exception as exc:
-        failed = [i for i, f in enumerate(futures) if f.status == "error"]
-        where = f" (failed for {what} index {failed[0]})" if failed else ""
-        import traceback
+def gather_arrays(client: Client, futures: Sequence[Future], what: str = "task", *,
+                  labels: dict | None = None, stall_timeout: float | None = None) -> list[Any]:
+    """Gather, never waiting for ever (:func:`daskrecon.waiting.gather`); errors name the item."""
+    from daskrecon.waiting import gather
 
-        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        raise WorkerTaskError(
-            f"{type(exc).__name__} in a worker task{where}: {exc}\n--- worker traceback ---\n{tb}"
-        ) from exc
+    return gather(client, futures, what=what, labels=labels, stall_timeout=stall_timeout)
 
 
-def gather_tensors(
-    client: Client, futures: Sequence[Future], device: torch.device, what: str = "operator"
-) -> list[torch.Tensor]:
+def gather_tensors(client: Client, futures: Sequence[Future], device: torch.device, what: str = "operator", *,
+                   labels: dict | None = None, stall_timeout: float | None = None) -> list[torch.Tensor]:
     """Gather futures of arrays into torch tensors on ``device``."""
-    return [torch.from_numpy(np.asarray(a)).to(device) for a in gather_arrays(client, futures, what)]
-
-
-def gather_one(client: Client, future: Future, device: torch.device, what: str = "reduction") -> torch.Tensor:
-    return gather_tensors(client, [future], device, what)[0]
+    arrays = gather_arrays(client, futures, what, labels=labels, stall_timeout=stall_timeout)
+    return [torch.from_numpy(np.asarray(a)).to(device) for a in arrays]
 
 
 def as_dask(v: Any, name: str) -> Any:

@@ -110,15 +110,18 @@ class Checkpoint:
         self._write_commit(iteration, slot, problem, extra)
 
     def save_dask(self, iteration: int, x: Any, problem: dict, extra: dict | None = None,
-                  also: dict | None = None) -> dict:
+                  also: dict | None = None, *, client: Any = None, stall_timeout: float | None = None) -> dict:
         """Stream a dask array into the free slot chunk by chunk, then commit it atomically.
 
         ``also`` maps names to lazy values (reductions of the same graph) computed in the
         same pass; their values are returned and, with ``extra``, stored in the commit
-        record by a callable ``extra(values) -> dict`` or as given.
+        record by a callable ``extra(values) -> dict`` or as given. The pass runs on
+        ``client`` (default: the current one) and never waits for ever
+        (:func:`daskrecon.waiting.compute`).
         """
-        import dask
         import dask.array as da
+
+        from daskrecon.waiting import compute
 
         slot = self._free_slot()
         chunks = tuple(c[0] for c in x.chunks)
@@ -127,7 +130,8 @@ class Checkpoint:
         region = (slice(slot, slot + 1), *(slice(None),) * x.ndim)
         stored = da.store(x[None], arr, regions=region, lock=False, compute=False)
         names = list(also or {})
-        _, *values = dask.compute(stored, *[also[k] for k in names])
+        _, *values = compute([stored, *[also[k] for k in names]], client=client, what="checkpoint write",
+                             stall_timeout=stall_timeout)
         out = dict(zip(names, values))
         self._write_commit(iteration, slot, problem, extra(out) if callable(extra) else extra)
         return out

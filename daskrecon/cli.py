@@ -69,7 +69,7 @@ def info(scheduler: Optional[str] = typer.Option(None, help="Also check that thi
 
         try:
             with DistributedContext(scheduler, timeout=10) as ctx:
-                typer.echo(f"scheduler {scheduler}: reachable, {ctx.world_size} workers")
+                typer.echo(f"scheduler {scheduler}: reachable, {ctx.num_workers} workers")
         except ClusterConnectionError as exc:
             typer.echo(f"scheduler {scheduler}: NOT reachable ({exc})")
             raise typer.Exit(1)

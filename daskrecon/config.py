@@ -52,6 +52,7 @@ import numpy as np
 import torch
 
 from daskrecon.errors import DaskreconError
+from daskrecon.waiting import bounded
 
 __all__ = ["ConfigError", "load_config", "run_config"]
 
@@ -268,7 +269,7 @@ def run_config(path: str | Path, check: bool = False, echo: Any = print) -> Any:
         raise ConfigError(f"output {str(out_path)!r} exists; set output.overwrite = true or choose another path")
     ck = cfg.get("checkpoint", {})
     with make_context(cfg.get("cluster", {})) as ctx:
-        echo(f"cluster: {ctx.world_size} workers, dashboard {ctx.dashboard_link}")
+        echo(f"cluster: {ctx.num_workers} workers, dashboard {ctx.dashboard_link}")
         dphys = dr.distribute(ops, ctx)
         dden = dr.distribute(build_denoiser(den, base), ctx, patch_size=_get(den, "patch_size", "denoiser", int, 256),
                              overlap=_get(den, "overlap", "denoiser", int, 8))
@@ -309,10 +310,18 @@ def _check(ctx: Any, dphys: Any, dden: Any, y: Any, shape: tuple, iterations: in
     dden(tile.contiguous())
     t_tile = time.perf_counter() - t0
     n_tiles = strategy.get_num_patches()
-    rss = sorted(v / 2**20 for v in ctx.client.run(lambda: __import__("psutil").Process().memory_info().rss).values())
-    per_it = t_grad + t_tile * n_tiles / max(1, ctx.world_size)
-    report = CheckReport(t_grad / dphys.num_operators * ctx.world_size, t_tile, per_it * iterations, rss)
+    client = ctx.client
+    rss = sorted(v / 2**20 for v in bounded(client, client._run, _worker_rss, what="reading the workers' memory",
+                                            timeout=ctx.stall_timeout).values())
+    per_it = t_grad + t_tile * n_tiles / max(1, ctx.num_workers)
+    report = CheckReport(t_grad / dphys.num_operators * ctx.num_workers, t_tile, per_it * iterations, rss)
     echo(f"one gradient ({dphys.num_operators} operator tasks): {t_grad:.3f} s; one tile: {t_tile:.3f} s "
          f"({n_tiles} tiles); worker RSS {', '.join(f'{r:.0f}' for r in rss)} MiB")
     echo(f"projected: {per_it:.2f} s per iteration, {report.projected_seconds:.0f} s for {iterations} iterations")
     return report
+
+
+def _worker_rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss

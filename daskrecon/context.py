@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import time
 import warnings
 from typing import Any
 
@@ -12,8 +14,12 @@ from distributed import Client, LocalCluster
 from distributed.deploy import Cluster
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from daskrecon.errors import ClusterConnectionError, DeviceError
+from daskrecon._scheduler import MEMBERSHIP_TOPIC, ReleaseOrphanedRestrictions
+from daskrecon.cluster import local_cluster, spawned_by_multiprocessing
+from daskrecon.collectives import SingleRank
+from daskrecon.errors import ClusterConnectionError, DaskreconError, DeviceError
 from daskrecon.sharding import SHARDINGS, assign_owners
+from daskrecon.waiting import DEFAULT_STALL_TIMEOUT, bounded
 
 __all__ = ["DistributedContext"]
 
@@ -26,6 +32,7 @@ _THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 # from the heap and trims above 64 MiB — ~15 % faster PnP, but in benchmarks/bench_ooc_pnp.py a
 # 2 GiB worker kept 1.84 GiB and paused for good. Measured by benchmarks/bench_pnp.py.
 MALLOC_MODES = ("safe", "fast")
+_WORKERS_TTL = 30.0
 _MALLOC_FAST = {"MALLOC_TRIM_THRESHOLD_": str(64 * 2**20), "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20)}
 
 
@@ -36,7 +43,7 @@ def _available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def scheduler_workers(client: Client) -> dict[str, dict[str, Any]]:
+def scheduler_workers(client: Client, timeout: float | None = None) -> dict[str, dict[str, Any]]:
     """Each current worker's record on the scheduler (address -> info), asked for now.
 
     Not ``client.scheduler_info()["workers"]``: that returns the client's cached identity,
@@ -44,10 +51,12 @@ def scheduler_workers(client: Client) -> dict[str, dict[str, Any]]:
     replaces with one that lists no workers. A call that races the refresh then sees an empty
     cluster (seen in CI: operators sharded over "0 workers").
     """
-    return dict(client.sync(client.scheduler.identity, n_workers=-1)["workers"])
+    identity = bounded(client, client.scheduler.identity, n_workers=-1, what="asking the scheduler for its workers",
+                       timeout=timeout)
+    return dict(identity["workers"])
 
 
-class DistributedContext:
+class DistributedContext(SingleRank):
     """Connection to the Dask cluster that runs daskrecon's tasks.
 
     Use it as a context manager. A context that starts a cluster closes it on exit;
@@ -56,9 +65,12 @@ class DistributedContext:
     Parameters
     ----------
     cluster : None, str, distributed.Client or distributed.deploy.Cluster
-        ``None`` starts a local cluster sized to this machine: one worker per GPU
-        (``dask_cuda.LocalCUDACluster`` when it is installed) when GPUs are visible and
-        ``device_mode`` allows them, else CPU worker processes. A string is a
+        ``None`` starts a local cluster sized to this machine: one worker per GPU when GPUs
+        are visible and ``device_mode`` allows them (each sees its own GPU as ``cuda:0``),
+        else CPU worker processes. Its workers start in fresh interpreters
+        (:mod:`daskrecon.cluster`), so a script may open the context at module level without
+        ``if __name__ == "__main__":``. For dask-cuda's extras (RMM pools, device spilling,
+        UCX), pass a ``dask_cuda.LocalCUDACluster`` instead. A string is a
         scheduler address (``"tcp://host:8786"``). A ``Cluster`` may come from
         dask-jobqueue (``SLURMCluster``...), dask-cuda or anything else.
     n_workers : int, optional
@@ -94,6 +106,12 @@ class DistributedContext:
         attached clusters are left as they are unless this is given.
     fan_in : int
         Largest number of partial results one reduction task sums (default 4).
+    stall_timeout : float
+        Seconds a call may go without any progress — no awaited task finishing, changing
+        state or executing on a worker that answers — before it raises
+        :class:`~daskrecon.errors.StalledError` naming what is stuck (default 120). A long
+        task that is executing is progress; a task whose input cannot be transferred
+        between workers raises :class:`~daskrecon.errors.TransferError` at once.
     backend, cleanup, seed_offset, deterministic
         Accepted for compatibility with ``deepinv.distributed.DistributedContext``.
         ``backend`` has no meaning on Dask (a warning is given if set); ``cleanup=False``
@@ -106,9 +124,16 @@ class DistributedContext:
     Attributes
     ----------
     rank : int
-        Always 0: this process is the driver.
+        Always 0: this process, the driver, is the only rank.
     world_size : int
-        Number of workers.
+        Always 1, the number of ranks: every distributed call returns its whole result to
+        the driver, so deepinv's collectives (``all_reduce``, ``broadcast``, ``all_gather``,
+        ``barrier``...) are those of a one-rank group (:mod:`daskrecon.collectives`).
+    num_workers : int
+        Number of Dask workers.
+    use_dist : bool
+        ``False``: no ``torch.distributed`` process group exists (code guarded by it runs
+        as in a single process).
     device : torch.device
         Where results returned to the driver are placed.
     client : distributed.Client
@@ -117,9 +142,9 @@ class DistributedContext:
     Examples
     --------
     >>> import daskrecon as dr
-    >>> with dr.DistributedContext(n_workers=1, processes=False, dashboard_address=":0") as ctx:
-    ...     ctx.world_size
-    1
+    >>> with dr.DistributedContext(n_workers=2, processes=False, dashboard_address=":0") as ctx:
+    ...     ctx.num_workers, ctx.world_size
+    (2, 1)
     """
 
     def __init__(
@@ -137,6 +162,7 @@ class DistributedContext:
         timeout: float = 30.0,
         torch_threads: int | None = None,
         fan_in: int = 4,
+        stall_timeout: float = DEFAULT_STALL_TIMEOUT,
         backend: str | None = None,
         cleanup: bool = True,
         seed_offset: bool = True,
@@ -156,6 +182,8 @@ class DistributedContext:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not isinstance(fan_in, int) or fan_in < 2:
             raise ValueError(f"fan_in must be an int >= 2, got {fan_in!r}")
+        if not isinstance(stall_timeout, (int, float)) or not stall_timeout > 0:
+            raise ValueError(f"stall_timeout must be a positive number of seconds, got {stall_timeout!r}")
         if not (cluster is None or isinstance(cluster, (str, Client, Cluster))):
             raise TypeError(
                 "cluster must be None (start a local cluster), a scheduler address string, "
@@ -177,6 +205,7 @@ class DistributedContext:
         self.timeout = timeout
         self.torch_threads = torch_threads
         self.fan_in = fan_in
+        self.stall_timeout = float(stall_timeout)
         self.cleanup = cleanup
         self.cluster_kwargs = cluster_kwargs
         self.malloc = malloc
@@ -185,6 +214,9 @@ class DistributedContext:
         self._cluster: Cluster | None = None
         self._owns_client = False
         self._owns_cluster = False
+        # Worker list, refreshed when the scheduler plugin announces a join or a departure.
+        self._membership: int | None = None
+        self._workers_seen: tuple[int, list[str], float] | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> DistributedContext:
@@ -214,13 +246,18 @@ class DistributedContext:
         else:
             self._client = self._connect(arg)
             self._owns_client = True
+        # A cluster started here waits for all its workers (they start in their own processes,
+        # and sharding over the first one alone would pin every operator to it).
+        expect = getattr(self, "_local_n_workers", 1) if self._owns_cluster else 1
+        wait_s = max(self.timeout, 120.0) if self._owns_cluster else self.timeout
         try:
-            self._client.wait_for_workers(1, timeout=self.timeout)
+            self._client.wait_for_workers(expect, timeout=wait_s)
         except Exception as exc:
             self.close()
             raise ClusterConnectionError(
-                f"no worker joined the cluster within timeout={self.timeout}s; "
-                "scale the cluster (e.g. cluster.scale(jobs=...)) or raise timeout"
+                f"{'the local workers did not all' if self._owns_cluster else 'no worker'} join the cluster within "
+                f"{wait_s:g} s; " + ("their processes' errors are printed above" if self._owns_cluster else
+                                    "scale the cluster (e.g. cluster.scale(jobs=...)) or raise timeout")
             ) from exc
         self._configure_workers()
         if self.seed is not None:
@@ -232,6 +269,13 @@ class DistributedContext:
 
     def close(self) -> None:
         """Close what this context started; leave what it was given running."""
+        if self._client is not None and self._membership is not None:
+            try:
+                self._client.unsubscribe_topic(MEMBERSHIP_TOPIC)
+            except Exception:  # the client may be closed already
+                pass
+        self._membership = None
+        self._workers_seen = None
         if self._client is not None and self._owns_client:
             self._client.close()
         if self._cluster is not None and self._owns_cluster and self.cleanup:
@@ -260,19 +304,37 @@ class DistributedContext:
         use_gpu = self.device_mode != "cpu" and torch.cuda.is_available()
         n_gpus = torch.cuda.device_count() if use_gpu else 0
         n_workers, threads, torch_threads = self._local_sizes(n_gpus)
+        if use_gpu:
+            threads = 1  # one task per GPU at a time (dask-cuda's default)
         self._local_torch_threads = torch_threads
-        kwargs = dict(
-            n_workers=n_workers,
-            threads_per_worker=threads,
-            dashboard_address=self.dashboard_address,
-        )
-        if self.memory_limit is not None:
-            kwargs["memory_limit"] = self.memory_limit
-        kwargs.update(self.cluster_kwargs)
+        self._local_n_workers = n_workers
         ours = {k: str(torch_threads) for k in _THREAD_ENV}
         if self.malloc == "fast":
             ours.update(_MALLOC_FAST)
         env = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **ours}
+        memory_limit = self.memory_limit if self.memory_limit is not None else "auto"
+        try:
+            if not self.processes:  # threads of this process: nothing to spawn, nothing to re-import
+                return LocalCluster(processes=False, n_workers=n_workers, threads_per_worker=threads,
+                                    dashboard_address=self.dashboard_address, memory_limit=memory_limit,
+                                    **self.cluster_kwargs)
+            if sys.platform == "win32":
+                return self._start_spawned_cluster(n_workers, threads, memory_limit, env, ours)
+            # Worker processes started from a fresh interpreter: they never run this script
+            # (daskrecon.cluster), so a context opened at module level without a main guard works.
+            return local_cluster(n_workers, threads, memory_limit=memory_limit, dashboard_address=self.dashboard_address,
+                                 env=env, gpus=n_gpus, **self.cluster_kwargs)
+        except OSError as exc:
+            raise ClusterConnectionError(f"could not start a local Dask cluster: {exc}") from exc
+
+    def _start_spawned_cluster(self, n_workers: int, threads: int, memory_limit: Any, env: dict,
+                               ours: dict) -> Cluster:
+        """Windows: distributed's LocalCluster (its workers re-import the script: it needs a main guard)."""
+        if spawned_by_multiprocessing():
+            raise DaskreconError(
+                "DistributedContext() ran again inside a worker process that imported your script: on Windows "
+                "the script must open the context under `if __name__ == \"__main__\":`"
+            )
         # distributed lets this process's environment override the config, and its nanny writes
         # the pre-spawn environment into this process: set ours here for the start, then put
         # back what the driver had, so a later context starts from the same state.
@@ -280,13 +342,9 @@ class DistributedContext:
         os.environ.update(ours)
         try:
             with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
-                if use_gpu:
-                    return self._start_gpu_cluster(kwargs)
-                if self.processes:
-                    kwargs.setdefault("host", "127.0.0.1")  # listen on localhost only
-                return LocalCluster(processes=self.processes, **kwargs)
-        except OSError as exc:
-            raise ClusterConnectionError(f"could not start a local Dask cluster: {exc}") from exc
+                return LocalCluster(processes=True, n_workers=n_workers, threads_per_worker=threads,
+                                    dashboard_address=self.dashboard_address, memory_limit=memory_limit,
+                                    **{"host": "127.0.0.1", **self.cluster_kwargs})
         finally:
             for k, v in saved.items():
                 if v is None:
@@ -294,29 +352,26 @@ class DistributedContext:
                 else:
                     os.environ[k] = v
 
-    def _start_gpu_cluster(self, kwargs: dict) -> Cluster:
-        kwargs = dict(kwargs, threads_per_worker=1)
-        try:
-            from dask_cuda import LocalCUDACluster
-        except ImportError:
-            from daskrecon._gpu import gpu_spec_cluster
-
-            return gpu_spec_cluster(**kwargs)
-        return LocalCUDACluster(**kwargs)
-
     def _configure_workers(self) -> None:
-        from daskrecon._scheduler import ReleaseOrphanedRestrictions
-
+        client, timeout = self.client, self.stall_timeout
         try:
-            self.client.register_plugin(ReleaseOrphanedRestrictions())
+            plugin = ReleaseOrphanedRestrictions()
+            bounded(client, client._register_scheduler_plugin, plugin=plugin, name=plugin.name, idempotent=True,
+                    what="installing daskrecon's scheduler plugin", timeout=timeout)
         except Exception as exc:  # a remote scheduler without daskrecon installed
-            warnings.warn(f"could not install daskrecon's scheduler plugin ({exc}); if every worker of the "
-                          "cluster dies at once, work may wait for ever", stacklevel=3)
+            warnings.warn(f"could not install daskrecon's scheduler plugin ({exc}); when a worker leaves, "
+                          "its operators' tasks wait until stall_timeout and then fail", stacklevel=3)
+        else:
+            self._membership = 0
+            self.client.subscribe_topic(MEMBERSHIP_TOPIC, self._on_membership)
         threads = self.torch_threads or getattr(self, "_local_torch_threads", None)
         if threads is not None:
-            self.client.register_plugin(_TorchThreads(threads), name="daskrecon-torch-threads")
+            bounded(client, client._register_worker_plugin, plugin=_TorchThreads(threads),
+                    name="daskrecon-torch-threads", idempotent=True, what="setting torch threads on the workers",
+                    timeout=timeout)
         if self.device_mode == "gpu":
-            has_gpu = self.client.run(torch.cuda.is_available)
+            has_gpu = bounded(client, client._run, torch.cuda.is_available, what="asking the workers for GPUs",
+                              timeout=timeout)
             if not any(has_gpu.values()):
                 raise DeviceError(
                     "device_mode='gpu' but no worker of the cluster sees a CUDA device "
@@ -336,26 +391,46 @@ class DistributedContext:
         """The cluster object, when one is known."""
         return self._cluster or getattr(self._client, "cluster", None)
 
+    def _on_membership(self, event: Any) -> None:
+        # Runs on the client's event loop: only mark the cached worker list stale.
+        if self._membership is not None:
+            self._membership += 1
+
+    @property
+    def membership(self) -> int | None:
+        """A counter that changes whenever a worker joins or leaves (``None``: not tracked).
+
+        Placements compare it to decide whether to re-plan, without asking the scheduler
+        on every call.
+        """
+        return self._membership
+
     def workers(self) -> list[str]:
         """Addresses of the current workers, sorted (a stable order for sharding)."""
-        return sorted(scheduler_workers(self.client))
+        generation, now = self._membership, time.monotonic()
+        seen = self._workers_seen
+        # Re-read at least every _WORKERS_TTL s: an event sent while subscribing would be missed.
+        if generation is not None and seen is not None and seen[0] == generation and now - seen[2] < _WORKERS_TTL:
+            return list(seen[1])
+        workers = sorted(scheduler_workers(self.client, self.stall_timeout))
+        if generation is not None:
+            self._workers_seen = (generation, workers, now)
+        return list(workers)
 
     def worker_threads(self) -> dict[str, int]:
         """Threads of each current worker, by address, in :meth:`workers` order."""
-        info = scheduler_workers(self.client)
+        info = scheduler_workers(self.client, self.stall_timeout)
         return {w: int(info[w].get("nthreads", 1)) for w in sorted(info)}
 
     @property
-    def world_size(self) -> int:
-        """Number of workers."""
+    def num_workers(self) -> int:
+        """Number of Dask workers now (``world_size`` is the number of *ranks*: 1, the driver)."""
         return len(self.workers())
 
     @property
-    def is_dist(self) -> bool:
-        """True while connected (work runs on a cluster); deepinv's older name."""
+    def started(self) -> bool:
+        """True between :meth:`start` and :meth:`close`."""
         return self._client is not None
-
-    use_dist = is_dist
 
     @property
     def device(self) -> torch.device:
@@ -377,15 +452,11 @@ class DistributedContext:
         workers = self.workers()
         return [workers[k] for k in assign_owners(n_items, len(workers), self.sharding)]
 
-    def local_indices(self, num_items: int) -> list[int]:
-        """All indices: the driver sees every item (deepinv compatibility)."""
-        return list(range(num_items))
-
     def __repr__(self) -> str:
         if self._client is None:
             return "DistributedContext(not started)"
         return (
-            f"DistributedContext(workers={self.world_size}, sharding={self.sharding!r}, "
+            f"DistributedContext(workers={self.num_workers}, sharding={self.sharding!r}, "
             f"device_mode={self.device_mode!r}, dashboard={self.dashboard_link})"
         )
 

@@ -93,7 +93,7 @@ def run_demo(
     t0 = time.perf_counter()
     x_true, ops, y = demo_problem(size, noise)
     with dr.DistributedContext(n_workers=n_workers, dashboard_address=dashboard_address) as ctx:
-        echo(f"Dask cluster: {ctx.world_size} workers; dashboard: {ctx.dashboard_link}")
+        echo(f"Dask cluster: {ctx.num_workers} workers; dashboard: {ctx.dashboard_link}")
         dphys = dr.distribute(ops, ctx)
         dden = dr.distribute(bundled_denoiser(), ctx, patch_size=max(32, size // 2), overlap=8)
         x, history = dr.reconstruct(dphys, y, dden, algorithm=algorithm, n_iter=iterations, step_size=step_size,

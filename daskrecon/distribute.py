@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from deepinv.models import Denoiser
 from deepinv.optim.data_fidelity import DataFidelity
+from deepinv.optim import BaseOptim
 from deepinv.optim.prior import Prior
 from deepinv.physics import LinearPhysics, Physics
 from deepinv.physics.forward import StackedLinearPhysics, StackedPhysics
@@ -25,14 +26,25 @@ from daskrecon.processing import DistributedPrior, DistributedProcessing
 
 __all__ = ["distribute", "register"]
 
+_PHYSICS_OPTIONS = frozenset({"num_operators", "factory_kwargs", "gather_strategy", "dtype", "fast_operators",
+                              "reduction"})
+_TILING_OPTIONS = frozenset({"tiling_strategy", "patch_size", "overlap", "tiling_dims", "max_batch_size",
+                             "strategy_kwargs", "blend", "align", "channels_last", "dtype", "checkpoint_batches",
+                             "checkpoint_use_reentrant", "checkpoint_preserve_rng_state"})
 _KIND_OPTIONS: dict[str, frozenset[str]] = {
-    "physics": frozenset({"num_operators", "factory_kwargs", "gather_strategy", "dtype", "fast_operators"}),
-    "linear_physics": frozenset({"num_operators", "factory_kwargs", "gather_strategy", "dtype", "fast_operators"}),
+    "physics": _PHYSICS_OPTIONS,
+    "linear_physics": _PHYSICS_OPTIONS,
     "data_fidelity": frozenset({"num_operators", "factory_kwargs", "reduction"}),
-    "denoiser": frozenset({"tiling_strategy", "patch_size", "overlap", "tiling_dims", "max_batch_size",
-                           "strategy_kwargs", "blend", "align", "channels_last", "dtype"}),
+    "denoiser": _TILING_OPTIONS,
+    "prior": _TILING_OPTIONS,
+    # deepinv 0.5's training kinds: recognised, refused until training lands (issue #15).
+    "parameters": _TILING_OPTIONS | _PHYSICS_OPTIONS,
+    "module": _TILING_OPTIONS | _PHYSICS_OPTIONS,
 }
-_KIND_OPTIONS["prior"] = _KIND_OPTIONS["denoiser"]
+# deepinv 0.5 passes these to every kind with its own defaults; a script written for it may too.
+_SHARED_DEFAULTS = {"dtype": torch.float32, "gather_strategy": "concatenated", "tiling_strategy": None,
+                    "checkpoint_batches": "auto", "checkpoint_use_reentrant": False,
+                    "checkpoint_preserve_rng_state": True}
 _ALL_OPTIONS = frozenset().union(*_KIND_OPTIONS.values())
 _HANDLERS: dict[str, Callable[..., Any]] = {}
 
@@ -49,14 +61,18 @@ def distribute(obj: Any, ctx: DistributedContext, *, type_object: str = "auto", 
         (pass ``type_object`` to skip that).
     ctx : DistributedContext
         A started context.
-    type_object : {"auto", "physics", "linear_physics", "data_fidelity", "denoiser", "prior"}
-        Force the kind instead of detecting it.
+    type_object : {"auto", "physics", "linear_physics", "data_fidelity", "denoiser", "prior", "parameters", "module"}
+        Force the kind instead of detecting it. deepinv 0.5's training kinds
+        (``"parameters"``, ``"module"``) raise ``NotImplementedError`` for now.
     **options
         Per kind. Physics: ``num_operators``, ``factory_kwargs``, ``gather_strategy``,
-        ``dtype``, ``fast_operators``. Data fidelity: ``num_operators``, ``factory_kwargs``, ``reduction``.
-        Denoiser / prior: ``patch_size`` (256), ``overlap`` (64), ``tiling_strategy``,
-        ``tiling_dims``, ``max_batch_size``, ``strategy_kwargs``, ``blend``, ``align``.
-        An option that does not apply to the detected kind raises ``TypeError``.
+        ``dtype``, ``fast_operators``, ``reduction``. Data fidelity: ``num_operators``,
+        ``factory_kwargs``, ``reduction``. Denoiser / prior: ``patch_size`` (256),
+        ``overlap`` (64), ``tiling_strategy``, ``tiling_dims``, ``max_batch_size``,
+        ``strategy_kwargs``, ``blend``, ``align``, ``channels_last`` and deepinv 0.5's
+        ``checkpoint_batches``, ``checkpoint_use_reentrant``, ``checkpoint_preserve_rng_state``.
+        An option that does not apply to the detected kind raises ``TypeError``, except
+        deepinv 0.5's shared options at their default value (``dtype=torch.float32``...).
 
     Returns
     -------
@@ -81,11 +97,21 @@ def distribute(obj: Any, ctx: DistributedContext, *, type_object: str = "auto", 
         kind = type_object
     else:
         raise ValueError(f"type_object must be 'auto' or one of {sorted(_HANDLERS)}, got {type_object!r}")
+    # A deepinv default passed explicitly (distribute(dfid, ctx, dtype=torch.float32)) is not an error.
+    options = {k: v for k, v in options.items()
+               if k in _KIND_OPTIONS[kind] or not (k in _SHARED_DEFAULTS and _same(v, _SHARED_DEFAULTS[k]))}
     misplaced = set(options) - _KIND_OPTIONS[kind]
     if misplaced:
         raise TypeError(f"options {sorted(misplaced)} do not apply to {kind!r} objects "
                         f"(accepted: {sorted(_KIND_OPTIONS[kind])})")
     return _HANDLERS[kind](obj, ctx, **options)
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return a is b or bool(a == b)
+    except Exception:
+        return False
 
 
 # ---------------------------------------------------------------------- detection
@@ -125,11 +151,23 @@ def _(obj: Prior, options: dict) -> str:
     return "prior"
 
 
+@_kind_of.register
+def _(obj: torch.nn.Parameter, options: dict) -> str:
+    return "parameters"
+
+
+@_kind_of.register
+def _(obj: BaseOptim, options: dict) -> str:
+    return "module"
+
+
 @_kind_of.register(list)
 @_kind_of.register(tuple)
 def _(obj: list, options: dict) -> str:
     if not obj:
         raise ValueError("cannot distribute an empty list")
+    if all(isinstance(o, torch.nn.Parameter) for o in obj):
+        return "parameters"
     if all(isinstance(o, Physics) for o in obj):
         return "linear_physics" if all(isinstance(o, LinearPhysics) for o in obj) else "physics"
     if all(isinstance(o, DataFidelity) for o in obj):
@@ -171,7 +209,8 @@ def register(cls: type, kind: str) -> None:
 def _physics_handler(linear: bool) -> Callable[..., DistributedPhysics]:
     def handler(obj: Any, ctx: DistributedContext, *, num_operators: int | None = None,
                 factory_kwargs: dict | None = None, gather_strategy: str = "concatenated",
-                dtype: torch.dtype | None = None, fast_operators: bool = True) -> DistributedPhysics:
+                dtype: torch.dtype | None = None, fast_operators: bool = True,
+                reduction: str = "sum") -> DistributedPhysics:
         if isinstance(obj, StackedPhysics):
             factory: Any = list(obj.physics_list)
         elif isinstance(obj, Physics):
@@ -190,7 +229,7 @@ def _physics_handler(linear: bool) -> Callable[..., DistributedPhysics]:
             num_operators = len(factory)
         cls = DistributedLinearPhysics if linear else DistributedPhysics
         return cls(ctx, num_operators, factory, factory_kwargs=factory_kwargs,
-                   gather_strategy=gather_strategy, dtype=dtype, fast_operators=fast_operators)
+                   gather_strategy=gather_strategy, dtype=dtype, fast_operators=fast_operators, reduction=reduction)
 
     return handler
 
@@ -204,8 +243,21 @@ def _tiling_options(options: dict) -> dict:
     options = dict(options)
     options.pop("dtype", None)  # outputs keep the input's dtype
     if "tiling_strategy" in options:
-        options["strategy"] = options.pop("tiling_strategy")
+        options["strategy"] = options.pop("tiling_strategy")  # None: the default, as in deepinv 0.5
     return options
+
+
+def _training_handler(kind: str) -> Callable[..., Any]:
+    def handler(obj: Any, ctx: DistributedContext, **options: Any) -> Any:
+        what = ("parameters (deepinv 0.5's gradient-synchronised parameters)" if kind == "parameters" else
+                "an unfolded deepinv algorithm (deepinv 0.5's type_object='module')")
+        raise NotImplementedError(
+            f"distribute() of {what} is for training through distributed operators, which daskrecon does not "
+            "support yet (issue #15: autograd across physics, fidelity and the tiled denoiser). For inference, "
+            "distribute the physics, the data fidelity and the denoiser one by one"
+        )
+
+    return handler
 
 
 def _denoiser_handler(obj: Any, ctx: DistributedContext, **options: Any) -> DistributedProcessing:
@@ -222,4 +274,6 @@ _HANDLERS.update(
     data_fidelity=_fidelity_handler,
     denoiser=_denoiser_handler,
     prior=_prior_handler,
+    parameters=_training_handler("parameters"),
+    module=_training_handler("module"),
 )

@@ -14,6 +14,8 @@ __all__ = [
     "LinearityError",
     "MeasurementError",
     "ShapeError",
+    "StalledError",
+    "TransferError",
     "WorkerTaskError",
 ]
 
@@ -44,3 +46,19 @@ class ClusterConnectionError(DaskreconError, OSError):
 
 class WorkerTaskError(DaskreconError, RuntimeError):
     """A task failed on a worker; the message carries the worker's traceback."""
+
+
+class TransferError(WorkerTaskError):
+    """A task cannot start: a worker failed to fetch one of its inputs from another worker.
+
+    Distributed leaves such a task waiting for ever; daskrecon detects it and raises this,
+    naming the operator (or tile) and the key that could not be transferred.
+    """
+
+
+class StalledError(DaskreconError, TimeoutError):
+    """A call made no progress for ``stall_timeout`` seconds: nothing finished, nothing ran.
+
+    The message names what was waited for and why it could not run (a worker that does not
+    answer, a task that no worker may run, a paused worker).
+    """

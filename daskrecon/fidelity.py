@@ -15,9 +15,10 @@ from distributed import Future
 from daskrecon import _worker
 from daskrecon.context import DistributedContext
 from daskrecon.errors import MeasurementError, ShapeError
-from daskrecon._arrays import as_dask, gather_arrays, gather_one, sum_in_order
-from daskrecon.physics import DistributedPhysics
-from daskrecon.reduction import tree_reduce
+from daskrecon._arrays import as_dask, gather_arrays, gather_tensors, sum_in_order
+from daskrecon.physics import DistributedPhysics, refuse_autograd
+from daskrecon.placement import ObjectSet
+from daskrecon.waiting import compute
 
 __all__ = ["DistributedDataFidelity"]
 
@@ -49,6 +50,16 @@ class DistributedDataFidelity:
     reduction : {"sum", "mean"}
         ``"mean"`` divides by the number of operators.
 
+    Attributes
+    ----------
+    reduction_mode : str
+        deepinv 0.5's name of ``reduction``.
+    single_fidelity : DataFidelity or None
+        The fidelity shared by every operator, when one was given.
+    local_data_fidelities : list of DataFidelity
+        Per-operator fidelities given as a list (``[]`` otherwise); the driver is the only
+        rank, so "local" is all of them.
+
     Notes
     -----
     :meth:`grad` runs ``(∂A_i/∂x)ᵀ ∇d_i(A_i x, y_i)`` as one task next to operator
@@ -75,6 +86,7 @@ class DistributedDataFidelity:
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
         if isinstance(data_fidelity, StackedPhysicsDataFidelity):
             data_fidelity = list(data_fidelity.data_fidelity_list)
+        self._given = data_fidelity
         if isinstance(data_fidelity, DataFidelity):
             self._sources: Callable[[int], Any] = lambda i: data_fidelity
         elif isinstance(data_fidelity, (list, tuple)):
@@ -97,7 +109,19 @@ class DistributedDataFidelity:
         self.num_operators = num_operators
         self.factory_kwargs = factory_kwargs
         self.reduction = reduction
-        self._placed: tuple[DistributedPhysics, list[Future]] | None = None
+        self._placed: tuple[DistributedPhysics, ObjectSet] | None = None
+
+    @property
+    def reduction_mode(self) -> str:
+        return self.reduction
+
+    @property
+    def single_fidelity(self) -> DataFidelity | None:
+        return self._given if isinstance(self._given, DataFidelity) else None
+
+    @property
+    def local_data_fidelities(self) -> list[DataFidelity]:
+        return list(self._given) if isinstance(self._given, (list, tuple)) else []
 
     # ------------------------------------------------------------------ placement
     def _check_physics(self, physics: Any) -> DistributedPhysics:
@@ -112,27 +136,35 @@ class DistributedDataFidelity:
             )
         return physics
 
-    def _fidelities(self, physics: DistributedPhysics) -> list[Future]:
-        """One fidelity per operator, built once next to it, reused while the physics is."""
+    def _fidelities(self, physics: DistributedPhysics) -> ObjectSet:
+        """The fidelities, built on the workers holding the operators, reused while the physics is."""
         if self._placed is not None and self._placed[0] is physics:
             return self._placed[1]
-        client = self.ctx.client
-        futs = [
-            client.submit(_worker.build_object, self._sources(i), i, self.factory_kwargs, self.ctx.device_mode,
-                          workers=[w], allow_other_workers=True, pure=False)
-            for i, w in enumerate(physics.owners)
-        ]
-        self._placed = (physics, futs)
-        return futs
+        given, n = self._given, physics.num_operators
+        if isinstance(given, DataFidelity):
+            objects = ObjectSet(self.ctx, given, n, shared=True)
+        elif isinstance(given, (list, tuple)):
+            objects = ObjectSet(self.ctx, list(given), n)
+        else:
+            objects = ObjectSet(self.ctx, given, n, factory_kwargs=self.factory_kwargs)
+        physics.placement.register(objects)
+        self._placed = (physics, objects)
+        return objects
 
-    def _run(self, fn: Callable, x: Any, y: Any, physics: Any, kwargs: dict) -> Future:
+    def _run(self, fn: Callable, x: Any, y: Any, physics: Any, kwargs: dict) -> tuple[Future, dict]:
+        """The tree sum of ``fn(A_i, d_i, x, y_i, i, kwargs)`` over operators, and labels of its tasks."""
         physics = self._check_physics(physics)
         n = physics.num_operators
-        futs = physics._submit_each(
-            fn,
-            per_op=[self._fidelities(physics), [physics._place_x(x)] * n, physics._place_y(y), list(range(n)), [kwargs] * n],
+        fids = self._fidelities(physics)
+        futs = physics.placement.map(
+            fn, objects=[physics.objects, fids],
+            per_op=[[physics._place_x(x)] * n, physics._place_y(y), list(range(n)), [kwargs] * n],
         )
-        return tree_reduce(self.ctx.client, futs, self.ctx.fan_in)
+        return physics.placement.reduce(futs), physics.placement.labels(futs)
+
+    def _gather(self, total: Future, labels: dict, what: str) -> torch.Tensor:
+        return gather_tensors(self.ctx.client, [total], self.ctx.device, what, labels=labels,
+                              stall_timeout=self.ctx.stall_timeout)[0]
 
     def _scale(self, t: torch.Tensor, n: int) -> torch.Tensor:
         return t / n if self.reduction == "mean" else t
@@ -152,8 +184,9 @@ class DistributedDataFidelity:
         """
         if isinstance(x, da.Array):
             return self._chunked("fn", x, y, physics, kwargs)
-        total = self._run(_worker.fidelity_fn_op, x, y, physics, kwargs)
-        return self._scale(gather_one(self.ctx.client, total, self.ctx.device, "data fidelity fn"), physics.num_operators)
+        refuse_autograd(x, what="data fidelity fn(x, y, physics)")
+        total, labels = self._run(_worker.fidelity_fn_op, x, y, physics, kwargs)
+        return self._scale(self._gather(total, labels, "data fidelity fn"), physics.num_operators)
 
     __call__ = fn
 
@@ -161,35 +194,39 @@ class DistributedDataFidelity:
         """``Σ_i (∂A_i/∂x)ᵀ ∇d_i(A_i x, y_i)``, shape of ``x``."""
         if isinstance(x, da.Array):
             return self._chunked("grad", x, y, physics, kwargs)
-        total = self._run(_worker.fidelity_grad_op, x, y, physics, kwargs)
-        return self._scale(gather_one(self.ctx.client, total, self.ctx.device, "data fidelity grad"), physics.num_operators)
+        refuse_autograd(x, what="data fidelity grad(x, y, physics)")
+        total, labels = self._run(_worker.fidelity_grad_op, x, y, physics, kwargs)
+        return self._scale(self._gather(total, labels, "data fidelity grad"), physics.num_operators)
 
-    def _grad_value(self, x: Any, y: Any, physics: DistributedPhysics) -> tuple[Future, Future]:
+    def _grad_value(self, x: Any, y: Any, physics: DistributedPhysics) -> tuple[Future, Future, dict]:
         """Futures of the placed ``x`` and of the tree-reduced ``[∇f(x).ravel(), f(x)]`` (one pass)."""
         physics = self._check_physics(physics)
         x_fut = physics._place_x(x)
-        return x_fut, self._run(_worker.fidelity_grad_value_op, x_fut, y, physics, {})
+        total, labels = self._run(_worker.fidelity_grad_value_op, x_fut, y, physics, {})
+        return x_fut, total, labels
 
     def _scale_factor(self, physics: DistributedPhysics) -> float:
         return 1.0 / physics.num_operators if self.reduction == "mean" else 1.0
 
     def grad_and_value(self, x: Any, y: Any, physics: DistributedPhysics, shape: Sequence[int]) -> tuple[torch.Tensor, float]:
         """``(∇f(x), f(x))`` from one gradient pass; ``x`` a tensor or the future of a placed array."""
-        _, gv = self._grad_value(x, y, physics)
-        flat = torch.from_numpy(gather_arrays(self.ctx.client, [gv], "data fidelity gradient")[0])
+        _, gv, labels = self._grad_value(x, y, physics)
+        flat = torch.from_numpy(gather_arrays(self.ctx.client, [gv], "data fidelity gradient", labels=labels,
+                                              stall_timeout=self.ctx.stall_timeout)[0])
         s = self._scale_factor(physics)
         return flat[:-1].reshape(tuple(shape)) * s, float(flat[-1]) * s
 
-    def step(self, x: Any, y: Any, physics: DistributedPhysics, step_size: float) -> tuple[Future, Future]:
+    def step(self, x: Any, y: Any, physics: DistributedPhysics, step_size: float) -> tuple[Future, Future, dict]:
         """Futures of ``x − τ∇f(x)`` and of ``f(x)``, computed on the workers from one gradient pass.
 
         ``x`` may be a tensor or the future of a placed array. Nothing image-sized comes
-        back to the driver; the step is one task after the tree reduction.
+        back to the driver; the step is one task after the tree reduction. The third value
+        names the per-operator tasks, for whoever waits on the results.
         """
-        x_fut, gv = self._grad_value(x, y, physics)
+        x_fut, gv, labels = self._grad_value(x, y, physics)
         client, scale = self.ctx.client, self._scale_factor(physics)
         z = client.submit(_worker.step_from_gradient, x_fut, gv, float(step_size), scale, pure=False)
-        return z, client.submit(_worker.last_value, gv, scale, pure=False)
+        return z, client.submit(_worker.last_value, gv, scale, pure=False), labels
 
     def _chunked(self, method: str, x: da.Array, y: Any, physics: Any, kwargs: dict) -> da.Array:
         """``fn`` / ``grad`` on a dask array: lazily, chunk by chunk, for local operators and
@@ -205,8 +242,10 @@ class DistributedDataFidelity:
         if kwargs or not pointwise or not physics.chunkable:
             from deepinv.utils import TensorList
 
-            yt = TensorList([torch.from_numpy(np.asarray(as_dask(v, f"y[{i}]").compute())) for i, v in enumerate(ys)])
-            res = getattr(self, method)(torch.from_numpy(np.asarray(x.compute())), yt, physics, **kwargs)
+            values = compute([x, *[as_dask(v, f"y[{i}]") for i, v in enumerate(ys)]], client=self.ctx.client,
+                             what="assembling a dask array", stall_timeout=self.ctx.stall_timeout)
+            yt = TensorList([torch.from_numpy(np.asarray(v)) for v in values[1:]])
+            res = getattr(self, method)(torch.from_numpy(np.asarray(values[0])), yt, physics, **kwargs)
             return da.from_array(res.cpu().numpy())
         terms = []
         for i, (form, fid, yi) in enumerate(zip(physics.local_forms(), fids, ys)):

@@ -93,11 +93,13 @@ class DistributedMeasurements:
         """Fetch ``y_i`` to the driver."""
         if not 0 <= i < len(self):
             raise KeyError(f"measurement index {i} out of range 0..{len(self) - 1}")
-        return gather_tensors(self.ctx.client, [self.futures[i]], self.ctx.device, "measurement")[0]
+        return gather_tensors(self.ctx.client, [self.futures[i]], self.ctx.device, "measurement",
+                              stall_timeout=self.ctx.stall_timeout)[0]
 
     def gather(self) -> TensorList:
         """All measurements, fetched to the driver, in operator order."""
-        return TensorList(gather_tensors(self.ctx.client, self.futures, self.ctx.device, "measurement"))
+        return TensorList(gather_tensors(self.ctx.client, self.futures, self.ctx.device, "measurement",
+                                         stall_timeout=self.ctx.stall_timeout))
 
     get_local = gather
 

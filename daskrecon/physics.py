@@ -1,14 +1,15 @@
 """`DistributedPhysics` and `DistributedLinearPhysics`: a stack of operators, one per task.
 
-Operator ``i`` is built once, on the worker that owns it, and stays there as the
-result of its build task. Every method submits one task per operator next to it,
-then either gathers the per-operator results in operator order or sums them on the
-workers along a tree fixed by operator index (:mod:`daskrecon.reduction`).
+Operator ``i`` is built once, on the worker that owns it, and stays there in that worker's
+registry (:mod:`daskrecon.placement`): it never travels between workers. Every method
+submits one task per operator on its owner, then either gathers the per-operator results
+in operator order or sums them on the workers along a tree fixed by operator index
+(:mod:`daskrecon.reduction`).
 """
 
 from __future__ import annotations
 
-import uuid
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,11 +21,12 @@ from deepinv.utils import TensorList
 from distributed import Future
 
 from daskrecon import _worker
-from daskrecon._arrays import as_dask, as_numpy, gather_arrays, gather_one, gather_tensors, place, sum_in_order
+from daskrecon._arrays import as_dask, as_numpy, gather_arrays, gather_tensors, place, sum_in_order
 from daskrecon.context import DistributedContext
 from daskrecon.errors import LinearityError, MeasurementError
 from daskrecon.measurements import DistributedMeasurements
-from daskrecon.reduction import tree_reduce
+from daskrecon.placement import ObjectSet, Placement
+from daskrecon.waiting import compute
 
 __all__ = [
     "DistributedLinearPhysics",
@@ -35,8 +37,33 @@ __all__ = [
 
 GATHER_STRATEGIES = ("naive", "concatenated", "broadcast")
 _REDUCE_OPS = ("sum", "mean")
+REDUCTIONS = ("sum", "mean")
+
+
+class _Reduction:
+    """Default of ``reduce_op``: the physics' ``reduction`` (``"sum"`` unless set otherwise)."""
+
+    def __repr__(self) -> str:
+        return "<the physics' reduction>"
+
+
+BY_REDUCTION: Any = _Reduction()
+
+
+def refuse_autograd(*tensors: Any, what: str) -> None:
+    """Raise instead of silently cutting a graph: nothing that crosses a worker carries autograd yet."""
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+        raise NotImplementedError(
+            f"{what}: the input requires grad, but gradients do not flow through daskrecon's distributed "
+            "operations yet (training through them is issue #15); call it under torch.no_grad() or pass "
+            "x.detach()"
+        )
 
 Factory = Callable[[int, torch.device, "dict | None"], Physics]
+
+
+def _entries_of(y: Any) -> list:
+    return [y[i] for i in range(len(y))] if isinstance(y, (TensorList, list, tuple)) else [y]
 
 
 def _is_chunked(y: Any) -> bool:
@@ -65,6 +92,27 @@ class DistributedPhysics(Physics):
     fast_operators : bool
         Let workers evaluate operators with a known faster equivalent of the same linear
         map (:mod:`daskrecon.operators`: circular blurs by FFT). Default True.
+    reduction : {"sum", "mean"}
+        How per-operator results in the signal space combine by default, as
+        ``StackedLinearPhysics(..., reduction=...)``: ``A_adjoint``, ``A_vjp`` and
+        ``A_adjoint_A`` sum (or average over the ``N`` operators) unless their
+        ``reduce_op`` says otherwise, and ``A_A_adjoint``, ``compute_sqnorm`` and
+        ``A_dagger`` follow. ``"mean"`` makes ``A_adjoint`` ``(1/N)·Aᵀ``, so that
+        ``(A, A_adjoint)`` is no longer an adjoint pair (deepinv#1066; deepinv deprecates
+        it): a warning says so. The true adjoint stays available as
+        ``A_adjoint(y, reduce_op="sum")``; to average a data term over operators, use
+        ``distribute(L2(), ctx, reduction="mean")``, whose value and gradient stay consistent.
+
+    Attributes
+    ----------
+    local_indexes : list of int
+        deepinv's "operators owned by this rank": every index, since the driver is the
+        only rank and receives every operator's result (where each *runs* is
+        :attr:`owners`).
+    local_physics : list of Physics
+        The operators as the driver sees them: the objects given, or built by the factory
+        on the driver (``factory(i, ctx.device, factory_kwargs)``) when first read. The
+        computations never use these copies; they run on the workers.
 
     Notes
     -----
@@ -84,11 +132,21 @@ class DistributedPhysics(Physics):
         dtype: torch.dtype | None = None,
         gather_strategy: str = "concatenated",
         fast_operators: bool = True,
+        reduction: str = "sum",
         **kwargs: Any,
     ) -> None:
         if kwargs:
             raise TypeError(f"unexpected keyword arguments {sorted(kwargs)} for {type(self).__name__}")
         super().__init__()
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}; for per-operator "
+                             "results in the signal space pass reduce_op=None to the call")
+        if reduction == "mean":
+            warnings.warn(
+                "reduction='mean' makes A_adjoint (1/N)·Aᵀ, so (A, A_adjoint) is no longer an adjoint pair "
+                "(as in deepinv's StackedLinearPhysics, deepinv#1066); the adjoint is A_adjoint(y, reduce_op='sum'). "
+                "To average a data term, use distribute(L2(), ctx, reduction='mean') instead", UserWarning, stacklevel=2)
+        self.reduction = reduction
         if not isinstance(num_operators, int) or num_operators < 1:
             raise ValueError(f"num_operators must be a positive int, got {num_operators!r}")
         if gather_strategy not in GATHER_STRATEGIES:
@@ -101,18 +159,20 @@ class DistributedPhysics(Physics):
         self.gather_strategy = gather_strategy
         self.factory_kwargs = factory_kwargs
         self.fast_operators = fast_operators
-        self.owners = ctx.owners(num_operators)
-        self._token = uuid.uuid4().hex[:8]
         sources = [factory] * num_operators if callable(factory) and not isinstance(factory, Physics) else list(factory)
         self._sources = sources
-        client = ctx.client
-        self._operators: list[Future] | None = None
+        self.placement = Placement(ctx, num_operators)
+        # Operators given as objects reach their worker with the first task that needs them, not
+        # here: an out-of-core run, which uses only their chunk-wise forms, never puts a whole
+        # operator (an image-sized Inpainting mask, say) on a worker. Factories run now: their
+        # results say whether they are linear.
+        self.objects = ObjectSet(ctx, sources, num_operators, factory_kwargs=factory_kwargs, fast=fast_operators)
+        self.placement.register(self.objects)
+        self._local_physics: list | None = None
         if all(isinstance(s, Physics) for s in sources):
             self.linear = [isinstance(s, LinearPhysics) for s in sources]
         else:
-            described = gather_arrays(client, [client.submit(_worker.describe, op, pure=False) for op in self.operators],
-                                      "physics factory")
-            self.linear = [d["linear"] for d in described]
+            self.linear = [d["linear"] for d in self.map_operators(_worker.describe, what="physics factory")]
         self._y_cache: tuple[Any, tuple, DistributedMeasurements] | None = None
         self._local: list | None = None
         self._check_linearity()
@@ -121,24 +181,37 @@ class DistributedPhysics(Physics):
         """Hook for the linear subclass."""
 
     @property
-    def operators(self) -> list[Future]:
-        """One future per operator, built on its owner worker.
+    def local_indexes(self) -> list[int]:
+        """Every operator index: the driver is the only rank (deepinv's attribute; see the class notes)."""
+        return self.ctx.local_indices(self.num_operators)
 
-        Operators given as objects are sent at their first per-operator call, not at
-        construction: an out-of-core run, which uses only their chunk-wise forms, never
-        puts a whole operator (an image-sized ``Inpainting`` mask, say) on a worker.
-        Factories run at construction (their results say whether they are linear).
-        """
-        if self._operators is None:
-            client = self.ctx.client
-            self._operators = [
-                client.submit(
-                    _worker.build_object, src, i, self.factory_kwargs, self.ctx.device_mode, self.fast_operators,
-                    key=f"physics-{self._token}-{i}", workers=[w], allow_other_workers=True, pure=False,
-                )
-                for i, (src, w) in enumerate(zip(self._sources, self.owners))
+    @property
+    def local_physics(self) -> list[Physics]:
+        """The operators on the driver: as given, or built by the factory here (see the class notes)."""
+        if self._local_physics is None:
+            self._local_physics = [
+                s if isinstance(s, Physics) else s(i, self.ctx.device, self.factory_kwargs)
+                for i, s in enumerate(self._sources)
             ]
-        return self._operators
+        return self._local_physics
+
+    def _reduce_op(self, reduce_op: Any) -> str | None:
+        return self.reduction if reduce_op is BY_REDUCTION else reduce_op
+
+    @property
+    def owners(self) -> list[str]:
+        """The worker holding each operator (re-planned when workers join or leave)."""
+        return self.placement.owners
+
+    def map_operators(self, fn: Callable, *args: Any, what: str = "operator") -> list:
+        """``[fn(A_i, *args) for each i]``, each call on the worker holding ``A_i``; results in operator order.
+
+        ``fn`` must be importable (or picklable) on the workers; its results travel back to
+        the driver. Use it to inspect the operators where they live (their device, type...).
+        """
+        futs = self._submit_each(fn, *args)
+        return gather_arrays(self.ctx.client, futs, what, labels=self.placement.labels(futs),
+                             stall_timeout=self.ctx.stall_timeout)
 
     # ------------------------------------------------------------------ placement
     def _place_x(self, x: torch.Tensor | Future, name: str = "x") -> Future:
@@ -183,25 +256,24 @@ class DistributedPhysics(Physics):
         return placed.futures
 
     def _submit_each(self, fn: Callable, *args: Any, per_op: Sequence[Sequence[Any]] = ()) -> list[Future]:
-        """One task ``fn(op_i, *per_op[.][i], *args)`` per operator, next to operator ``i``."""
-        client = self.ctx.client
-        return [
-            client.submit(fn, op, *[p[i] for p in per_op], *args, workers=[w], allow_other_workers=True, pure=False)
-            for i, (op, w) in enumerate(zip(self.operators, self.owners))
-        ]
+        """One task ``fn(A_i, *per_op[.][i], *args)`` per operator, on the worker holding ``A_i``."""
+        return self.placement.map(fn, objects=[self.objects], per_op=per_op, shared=args)
 
     def _finish(self, futures: list[Future], gather: bool, reduce_op: str | None, what: str):
         """Per-operator futures → TensorList / list, or their tree sum (or mean)."""
+        labels = self.placement.labels(futures)
         if reduce_op is None:
-            tensors = gather_tensors(self.ctx.client, futures, self.ctx.device, what)
+            tensors = gather_tensors(self.ctx.client, futures, self.ctx.device, what, labels=labels,
+                                     stall_timeout=self.ctx.stall_timeout)
             return TensorList(tensors) if gather else tensors
         if reduce_op not in _REDUCE_OPS:
             raise ValueError(f"reduce_op must be None, 'sum' or 'mean', got {reduce_op!r}")
-        total = gather_one(self.ctx.client, self._reduce(futures), self.ctx.device, what)
+        total = gather_tensors(self.ctx.client, [self._reduce(futures)], self.ctx.device, what, labels=labels,
+                               stall_timeout=self.ctx.stall_timeout)[0]
         return total / self.num_operators if reduce_op == "mean" else total
 
     def _reduce(self, futures: list[Future]) -> Future:
-        return tree_reduce(self.ctx.client, futures, self.ctx.fan_in)
+        return self.placement.reduce(futures)
 
     def _require_linear(self, method: str) -> None:
         bad = [i for i, lin in enumerate(self.linear) if not lin]
@@ -217,50 +289,67 @@ class DistributedPhysics(Physics):
         return [base + i for i in range(self.num_operators)]
 
     # ------------------------------------------------------------------ forward model
-    def A(self, x: torch.Tensor, gather: bool = True, reduce_op: str | None = None, **kwargs: Any):
+    def A(self, x: torch.Tensor, gather: bool = True, reduce_op: str | None = None,
+          force_input_grad_sync: bool = False, return_graph_anchor: bool = False, **kwargs: Any):
         """``[A_1 x, …, A_N x]`` in operator order (``reduce_op`` sums or averages them).
 
-        ``x`` may be a (B, C, H, W) dask array: see :meth:`local_forms`.
+        ``x`` may be a (B, C, H, W) dask array: see :meth:`local_forms`. deepinv 0.5's
+        ``force_input_grad_sync`` concerns gradients (not supported yet: an input that
+        requires grad raises ``NotImplementedError``); ``return_graph_anchor=True`` also
+        returns the input, as deepinv does.
         """
         if isinstance(x, da.Array):
             return self._chunked("A", x, reduce_op)
+        refuse_autograd(x, what="A(x)")
         futs = self._submit_each(_worker.forward_op, self._place_x(x), kwargs, None, False)
-        return self._finish(futs, gather, reduce_op, f"A(x), x of shape {tuple(x.shape)}: operator")
+        out = self._finish(futs, gather, reduce_op, f"A(x), x of shape {tuple(x.shape)}: operator")
+        return (out, x) if return_graph_anchor else out
 
-    def forward(self, x: torch.Tensor, gather: bool = True, reduce_op: str | None = None, **kwargs: Any):
+    def forward(self, x: torch.Tensor, gather: bool = True, reduce_op: str | None = None,
+                force_input_grad_sync: bool = False, return_graph_anchor: bool = False, **kwargs: Any):
         """Noisy measurements ``[N_1(A_1 x), …]``; noise seeded per operator from the driver's RNG."""
+        refuse_autograd(x, what="forward(x)")
         n = self.num_operators
         futs = self._submit_each(_worker.forward_op, per_op=[[self._place_x(x)] * n, [kwargs] * n,
                                                             self._next_seeds(), [True] * n])
-        return self._finish(futs, gather, reduce_op, "forward(x): operator")
+        out = self._finish(futs, gather, reduce_op, "forward(x): operator")
+        return (out, x) if return_graph_anchor else out
 
-    def A_vjp(self, x: torch.Tensor, v: Any, gather: bool = True, reduce_op: str | None = "sum"):
-        """``Σ_i (∂A_i/∂x)ᵀ v_i`` (autograd for non-linear operators)."""
+    def A_vjp(self, x: torch.Tensor, v: Any, gather: bool = True, reduce_op: str | None = BY_REDUCTION):
+        """``Σ_i (∂A_i/∂x)ᵀ v_i`` (autograd for non-linear operators); averaged with ``reduction="mean"``."""
+        refuse_autograd(x, *_entries_of(v), what="A_vjp(x, v)")
         futs = self._submit_each(_worker.vjp_op, per_op=[[self._place_x(x)] * self.num_operators,
                                                         self._place_y(v, "v")])
-        return self._finish(futs, gather, reduce_op, "A_vjp: operator")
+        return self._finish(futs, gather, self._reduce_op(reduce_op), "A_vjp: operator")
 
     # ------------------------------------------------------------------ linear operations
-    def A_adjoint(self, y: Any, gather: bool = True, reduce_op: str | None = "sum", **kwargs: Any):
-        """``Σ_i A_iᵀ y_i`` (``reduce_op=None``: the per-operator ``A_iᵀ y_i``)."""
+    def A_adjoint(self, y: Any, gather: bool = True, reduce_op: str | None = BY_REDUCTION, **kwargs: Any):
+        """``Σ_i A_iᵀ y_i`` (``(1/N) Σ`` with ``reduction="mean"``; ``reduce_op=None``: the per-operator ``A_iᵀ y_i``)."""
         self._require_linear("A_adjoint")
+        reduce_op = self._reduce_op(reduce_op)
         if _is_chunked(y):
             return self._chunked("A_adjoint", list(y), reduce_op)
+        refuse_autograd(*_entries_of(y), what="A_adjoint(y)")
         futs = self._submit_each(_worker.adjoint_op, kwargs, per_op=[self._place_y(y)])
         return self._finish(futs, gather, reduce_op, "A_adjoint(y): operator")
 
-    def A_adjoint_A(self, x: torch.Tensor, gather: bool = True, reduce_op: str | None = "sum", **kwargs: Any):
-        """``Σ_i A_iᵀ A_i x``."""
+    def A_adjoint_A(self, x: torch.Tensor, gather: bool = True, reduce_op: str | None = BY_REDUCTION, **kwargs: Any):
+        """``Σ_i A_iᵀ A_i x`` (averaged with ``reduction="mean"``)."""
         self._require_linear("A_adjoint_A")
+        reduce_op = self._reduce_op(reduce_op)
         if isinstance(x, da.Array):
             return self._chunked("A_adjoint_A", x, reduce_op)
+        refuse_autograd(x, what="A_adjoint_A(x)")
         futs = self._submit_each(_worker.adjoint_A_op, kwargs, per_op=[[self._place_x(x)] * self.num_operators])
         return self._finish(futs, gather, reduce_op, "A_adjoint_A(x): operator")
 
     def A_A_adjoint(self, y: Any, gather: bool = True, **kwargs: Any):
-        """``[A_1 (Aᵀ y), …, A_N (Aᵀ y)]`` with the full adjoint ``Aᵀ y = Σ_i A_iᵀ y_i``."""
+        """``[A_1 (Aᵀ y), …, A_N (Aᵀ y)]`` with the full adjoint ``Aᵀ y = Σ_i A_iᵀ y_i`` (averaged with ``reduction="mean"``)."""
         self._require_linear("A_A_adjoint")
+        refuse_autograd(*_entries_of(y), what="A_A_adjoint(y)")
         adj = self._reduce(self._submit_each(_worker.adjoint_op, kwargs, per_op=[self._place_y(y)]))
+        if self.reduction == "mean":
+            adj = self.ctx.client.submit(_worker.scale_array, adj, 1.0 / self.num_operators, pure=False)
         futs = self._submit_each(_worker.forward_op, adj, kwargs, None, False)
         return self._finish(futs, gather, None, "A_A_adjoint(y): operator")
 
@@ -306,14 +395,19 @@ class DistributedPhysics(Physics):
 
         ``local_only=True``: ``Σ_i ‖A_i‖²``, an upper bound (``AᵀA = Σ_i A_iᵀA_i``), each
         term by the operator's power method on its worker. ``local_only=False``: the
-        power method on the distributed ``AᵀA`` (exact).
+        power method on the distributed ``AᵀA`` (exact). With ``reduction="mean"`` both
+        are of the averaged operator ``(1/N) Σ_i A_iᵀA_i``, as deepinv's stack computes it.
         """
         self._require_linear("compute_sqnorm")
         if not local_only:
             return LinearPhysics.compute_sqnorm(self, x0, max_iter=max_iter, tol=tol, verbose=verbose, **kwargs)
         futs = self._submit_each(_worker.sqnorm_op, max_iter, tol, per_op=[[self._place_x(x0, "x0")] * self.num_operators])
-        values = gather_arrays(self.ctx.client, futs, "compute_sqnorm: operator")
-        total = torch.tensor(float(np.sum(np.asarray(values, dtype=np.float64))), device=self.ctx.device)
+        values = gather_arrays(self.ctx.client, futs, "compute_sqnorm: operator", labels=self.placement.labels(futs),
+                               stall_timeout=self.ctx.stall_timeout)
+        total = float(np.sum(np.asarray(values, dtype=np.float64)))
+        if self.reduction == "mean":  # ‖(1/N) Σ A_iᵀA_i‖ ≤ (1/N) Σ ‖A_i‖²
+            total /= self.num_operators
+        total = torch.tensor(total, device=self.ctx.device)
         if verbose:
             print(f"Computed local norm upper bound: ||A||_2^2 <= {total.item():.4f}")
         return total
@@ -333,9 +427,7 @@ class DistributedPhysics(Physics):
             if all(isinstance(s, Physics) for s in self._sources):
                 self._local = [local_form(s) for s in self._sources]
             else:
-                client = self.ctx.client
-                futs = [client.submit(_worker.local_form_of, op, pure=False) for op in self.operators]
-                self._local = gather_arrays(client, futs, "local form of operator")
+                self._local = self.map_operators(_worker.local_form_of, what="local form of operator")
         return self._local
 
     @property
@@ -365,11 +457,12 @@ class DistributedPhysics(Physics):
 
     def _assembled(self, method: str, arg: Any, reduce_op: str | None):
         """A global operator on a dask array: compute it, use the per-operator tasks, wrap the result."""
+        opts = dict(client=self.ctx.client, what="assembling a dask array", stall_timeout=self.ctx.stall_timeout)
         if method == "A_adjoint":
-            tensors = TensorList([torch.from_numpy(np.asarray(as_dask(v, f"y[{i}]").compute())) for i, v in enumerate(arg)])
-            res = self.A_adjoint(tensors, reduce_op=reduce_op)
+            values = compute([as_dask(v, f"y[{i}]") for i, v in enumerate(arg)], **opts)
+            res = self.A_adjoint(TensorList([torch.from_numpy(np.asarray(v)) for v in values]), reduce_op=reduce_op)
         else:
-            res = getattr(self, method)(torch.from_numpy(np.asarray(arg.compute())), reduce_op=reduce_op)
+            res = getattr(self, method)(torch.from_numpy(np.asarray(compute([arg], **opts)[0])), reduce_op=reduce_op)
         if isinstance(res, torch.Tensor):
             return da.from_array(res.cpu().numpy())
         return [da.from_array(t.cpu().numpy()) for t in res]

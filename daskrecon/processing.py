@@ -29,11 +29,15 @@ from daskrecon import _worker
 from daskrecon._arrays import as_numpy, gather_arrays, place
 from daskrecon.context import DistributedContext
 from daskrecon.errors import ShapeError
+from daskrecon.physics import refuse_autograd
 from daskrecon.sharding import balance_loads
 from daskrecon.strategies import DistributedSignalStrategy, OverlapTilingStrategy, create_strategy
 from daskrecon.tiling import default_batch
+from daskrecon.waiting import bounded
 
-__all__ = ["DistributedPrior", "DistributedProcessing", "default_align"]
+__all__ = ["CHECKPOINT_MODES", "DistributedPrior", "DistributedProcessing", "default_align"]
+
+CHECKPOINT_MODES = ("auto", "always", "never")
 
 
 class _ModelPlugin(WorkerPlugin):
@@ -62,9 +66,10 @@ def default_align(model: Any) -> int:
     return 1
 
 
-def _release(client: Any, name: str) -> None:
+def _release(client: Any, name: str, timeout: float | None = None) -> None:
     try:
-        client.unregister_worker_plugin(name)
+        bounded(client, client._unregister_worker_plugin, name, what="removing the model from the workers",
+                timeout=timeout)
     except Exception:  # the cluster may be gone already
         pass
 
@@ -116,6 +121,11 @@ class DistributedProcessing:
     channels_last : bool
         Run 2-D convolutional networks in NHWC memory format on the workers (20-30 %
         faster on CPU; results differ from NCHW by float rounding, ~1e-7).
+    checkpoint_batches, checkpoint_use_reentrant, checkpoint_preserve_rng_state
+        deepinv 0.5's activation checkpointing of tile batches during backward passes
+        (``checkpoint_batches`` in ``"auto"``, ``"always"``, ``"never"``). Backward passes
+        through the tiled denoiser are not supported yet: an input that requires grad
+        raises ``NotImplementedError``.
 
     Examples
     --------
@@ -146,10 +156,15 @@ class DistributedProcessing:
         blend: str | None = None,
         method: str = "__call__",
         channels_last: bool = True,
+        checkpoint_batches: str = "auto",
+        checkpoint_use_reentrant: bool = False,
+        checkpoint_preserve_rng_state: bool = True,
         **kwargs: Any,
     ) -> None:
         if kwargs:
             raise TypeError(f"unexpected keyword arguments {sorted(kwargs)} for DistributedProcessing")
+        if checkpoint_batches not in CHECKPOINT_MODES:
+            raise ValueError(f"checkpoint_batches must be one of {CHECKPOINT_MODES}, got {checkpoint_batches!r}")
         if not callable(processor) and not hasattr(processor, method):
             raise TypeError(f"processor must be callable, got {type(processor).__name__}")
         if strategy is None:
@@ -185,10 +200,22 @@ class DistributedProcessing:
         from daskrecon.checkpoint import fingerprint
 
         self._fingerprint = fingerprint((processor, channels_last))
-        ctx.client.register_plugin(_ModelPlugin(self.key, payload), name=self._plugin_name)
+        bounded(ctx.client, ctx.client._register_worker_plugin, plugin=_ModelPlugin(self.key, payload),
+                name=self._plugin_name, idempotent=False, what="sending the model to the workers",
+                timeout=ctx.stall_timeout)
         self._strategies: dict[tuple, DistributedSignalStrategy] = {}
         self._param_dtype = _param_dtype(processor)
         self._activations: dict[tuple, float | None] = {}
+        # deepinv 0.5's activation checkpointing of tile batches: it concerns backward passes, which
+        # do not cross workers yet (a grad-requiring input is refused); kept for when they do.
+        self.checkpoint_batches = checkpoint_batches
+        self.checkpoint_use_reentrant = checkpoint_use_reentrant
+        self.checkpoint_preserve_rng_state = checkpoint_preserve_rng_state
+        # deepinv's per-call state, set by each tensor call (the driver is the only rank).
+        self.current_shape: torch.Size | None = None
+        self.img_size: torch.Size | None = None
+        self.num_patches: int | None = None
+        self.local_indices: list[int] = []
 
     # ------------------------------------------------------------------ public
     def __call__(self, x: Any, *args: Any, gather: bool = True, **kwargs: Any) -> Any:
@@ -203,6 +230,7 @@ class DistributedProcessing:
         if not isinstance(x, (da.Array, torch.Tensor)):
             raise TypeError(f"x must be a torch.Tensor or a dask.array.Array, got {type(x).__name__}")
         self.check_dtype(x.dtype)
+        refuse_autograd(x, what="the distributed denoiser")
         if isinstance(x, da.Array):
             return self._run_dask(x, method, args, kwargs)
         return self._run_tensor(x, method, args, kwargs)
@@ -249,7 +277,7 @@ class DistributedProcessing:
 
     def close(self) -> None:
         """Remove the model from the workers (lazy arrays made by this object can no longer compute)."""
-        _release(self.ctx.client, self._plugin_name)
+        _release(self.ctx.client, self._plugin_name, self.ctx.stall_timeout)
 
     def __repr__(self) -> str:
         return (f"DistributedProcessing({type(self.processor).__name__}, patch_size={self.patch_size}, "
@@ -298,21 +326,25 @@ class DistributedProcessing:
         return [workers[k] for k in balance_loads(costs, list(threads.values()))]
 
     def run_placed(self, x: Future, shape: Sequence[int], dtype: torch.dtype, method: str | None = None,
-                   args: tuple = (), kwargs: dict | None = None) -> torch.Tensor:
+                   args: tuple = (), kwargs: dict | None = None, labels: dict | None = None) -> torch.Tensor:
         """Process an image already in cluster memory (the future of a numpy array) → tensor.
 
         Saves sending the image from the driver when it was computed on the workers (the
-        ``x − τ∇f`` of a PnP step).
+        ``x − τ∇f`` of a PnP step). ``labels`` names the tasks ``x`` comes from, for
+        messages about stuck work.
         """
         self.check_dtype(dtype)
         meta = torch.empty(tuple(shape), dtype=dtype, device="meta")
-        return self._run_tensor(meta, method or self.method, args, kwargs or {}, placed=x)
+        return self._run_tensor(meta, method or self.method, args, kwargs or {}, placed=x, labels=labels)
 
     def _run_tensor(self, x: torch.Tensor, method: str, args: tuple, kwargs: dict,
-                    placed: Future | None = None) -> torch.Tensor:
+                    placed: Future | None = None, labels: dict | None = None) -> torch.Tensor:
         if x.dim() < 3:
             raise ShapeError(f"x must be (B, C, *spatial), got shape {tuple(x.shape)}")
         strategy = self.strategy_for(x.shape)
+        self.current_shape = self.img_size = torch.Size(x.shape)
+        self.num_patches = strategy.get_num_patches()
+        self.local_indices = list(range(self.num_patches))
         client = self.ctx.client
         batches = self._batches(strategy)
         if isinstance(strategy, OverlapTilingStrategy):
@@ -330,7 +362,10 @@ class DistributedProcessing:
             for idx, w in zip(batches, self._placement(strategy, batches))
         ]
         out = torch.zeros(x.shape, dtype=x.dtype, device="cpu")
-        pairs = [(i, torch.from_numpy(a)) for group in gather_arrays(client, futs, "tile batch") for i, a in group]
+        names = dict(labels or {})
+        names.update({f.key: f"tile batch {k} (tiles {b[0]}..{b[-1]})" for k, (f, b) in enumerate(zip(futs, batches))})
+        results = gather_arrays(client, futs, "tile batch", labels=names, stall_timeout=self.ctx.stall_timeout)
+        pairs = [(i, torch.from_numpy(a)) for group in results for i, a in group]
         strategy.reduce_patches(out, pairs)
         return out.to(self.ctx.device)
 

@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 from typing import Literal
 
-__all__ = ["SHARDINGS", "assign_owners", "balance_loads"]
+__all__ = ["SHARDINGS", "assign_owners", "balance_loads", "reassign_owners"]
 
 Sharding = Literal["round_robin", "block"]
 SHARDINGS: tuple[str, ...] = ("round_robin", "block")
@@ -48,6 +48,54 @@ def assign_owners(n_items: int, n_workers: int, sharding: str = "round_robin") -
         per_worker = max(1, math.ceil(n_items / n_workers))
         return [i // per_worker for i in range(n_items)]
     raise ValueError(f"sharding must be one of {SHARDINGS}, got {sharding!r}")
+
+
+def reassign_owners(previous: Sequence[str], workers: Sequence[str]) -> list[str]:
+    """Owners after the set of workers changed: as few moves as possible, no worker overloaded.
+
+    An item keeps its owner while that worker is still there and holds at most
+    ``ceil(n_items / n_workers)`` items (the lowest indices stay); every other item — its
+    owner left, or its owner has too many since workers joined — goes, in index order, to
+    the worker holding fewest items (ties: the first in ``workers``). Moving an operator
+    costs a rebuild on its new worker, so items stay put whenever balance allows.
+
+    Parameters
+    ----------
+    previous : sequence of str
+        The owner of each item before the change.
+    workers : sequence of str
+        The workers now, in a stable order; at least one.
+
+    Returns
+    -------
+    list of str
+        ``owners[i]`` in ``workers``; every worker holds at most ``ceil(n_items / n_workers)``.
+
+    Examples
+    --------
+    >>> reassign_owners(["a", "b", "a", "b"], ["a", "c"])
+    ['a', 'c', 'a', 'c']
+    >>> reassign_owners(["a", "a", "a", "a"], ["a", "b"])
+    ['a', 'a', 'b', 'b']
+    """
+    if not workers:
+        raise ValueError("no workers to place items on; the cluster has no workers")
+    if len(set(workers)) != len(workers):
+        raise ValueError(f"workers must be distinct, got {list(workers)}")
+    cap = math.ceil(len(previous) / len(workers)) if previous else 0
+    load = {w: 0 for w in workers}
+    owners: list[str | None] = [None] * len(previous)
+    for i, w in enumerate(previous):
+        if w in load and load[w] < cap:
+            owners[i] = w
+            load[w] += 1
+    order = {w: k for k, w in enumerate(workers)}
+    for i, w in enumerate(owners):
+        if w is None:
+            target = min(workers, key=lambda v: (load[v], order[v]))
+            owners[i] = target
+            load[target] += 1
+    return owners  # type: ignore[return-value]
 
 
 def balance_loads(costs: Sequence[float], slots: Sequence[int]) -> list[int]:

@@ -12,6 +12,7 @@ import torch
 from daskrecon.checkpoint import Checkpoint
 from daskrecon.context import DistributedContext
 from daskrecon.errors import ShapeError
+from daskrecon.waiting import compute
 
 __all__ = ["DistributedSignal"]
 
@@ -86,7 +87,7 @@ class DistributedSignal:
             return self._tensor
         arr = self.array
         if arr.nbytes <= self.fits_bytes:
-            return torch.from_numpy(np.asarray(arr.compute())).to(self.ctx.device)
+            return torch.from_numpy(np.asarray(self._compute(arr))).to(self.ctx.device)
         return arr
 
     @data.setter
@@ -101,6 +102,9 @@ class DistributedSignal:
         if not self.chunked:
             return da.from_array(self._tensor.detach().cpu().numpy())
         return self._array
+
+    def _compute(self, arr: da.Array) -> Any:
+        return compute([arr], client=self.ctx.client, what="signal", stall_timeout=self.ctx.stall_timeout)[0]
 
     def update_(self, value: Any) -> DistributedSignal:
         """Replace the value (a tensor or a dask array of the signal's shape); commit it if a store is set."""
@@ -119,7 +123,7 @@ class DistributedSignal:
         # The count moves only once the new value is in place (and committed, with a store).
         if not self.chunked:
             if isinstance(value, da.Array):
-                value = torch.from_numpy(np.asarray(value.compute()))
+                value = torch.from_numpy(np.asarray(self._compute(value)))
             tensor = value.detach().to(device=self.ctx.device, dtype=self.dtype).clone()
             if self._store is not None:
                 self._store.save(iteration, tensor.cpu().numpy(), {"shape": list(self.shape)})
@@ -129,7 +133,8 @@ class DistributedSignal:
             value = da.from_array(value.detach().cpu().numpy(), chunks=self.chunks)
         value = value.astype(self._np_dtype).rechunk(self.chunks)
         if self._store is not None:
-            self._store.save_dask(iteration, value, {"shape": list(self.shape)})
+            self._store.save_dask(iteration, value, {"shape": list(self.shape)}, client=self.ctx.client,
+                                  stall_timeout=self.ctx.stall_timeout)
             self._array = self._store.committed()
         else:
             self._array = value.persist()  # held by the workers, not the driver

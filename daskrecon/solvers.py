@@ -235,8 +235,8 @@ def reconstruct(
     den_args, den_kwargs = ((), {"sigma_denoiser": sigma_denoiser}) if prior is not None else ((sigma_denoiser,), {})
     den_method = "prox" if prior is not None else denoiser.method
 
-    def denoise_placed(fut: Any) -> torch.Tensor:
-        return proc.run_placed(fut, x0.shape, x0.dtype, den_method, den_args, den_kwargs).to(x0.device)
+    def denoise_placed(fut: Any, labels: dict | None = None) -> torch.Tensor:
+        return proc.run_placed(fut, x0.shape, x0.dtype, den_method, den_args, den_kwargs, labels=labels).to(x0.device)
 
     bar = tqdm(total=n_iter, initial=start, disable=not progress, desc=f"{algorithm.upper()}", unit="it")
     try:
@@ -245,9 +245,10 @@ def reconstruct(
                 # x goes to the cluster once; x − τ∇f is formed there and denoised there.
                 x_fut = place(client, x.detach().cpu().numpy())
                 if algorithm == "pnp":
-                    z_fut, value_fut = fidelity.step(x_fut, y, physics, step_size)
-                    x_new = denoise_placed(z_fut)
-                    value = float(gather_arrays(client, [value_fut], "data fidelity")[0])
+                    z_fut, value_fut, labels = fidelity.step(x_fut, y, physics, step_size)
+                    x_new = denoise_placed(z_fut, labels)
+                    value = float(gather_arrays(client, [value_fut], "data fidelity", labels=labels,
+                                                stall_timeout=ctx.stall_timeout)[0])
                 else:
                     # RED needs D(x) assembled on the driver anyway: combine there, one gather of [∇f, f].
                     denoised = denoise_placed(x_fut)

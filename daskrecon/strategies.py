@@ -15,6 +15,7 @@ import itertools
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -25,6 +26,7 @@ __all__ = [
     "DistributedSignalStrategy",
     "OverlapTilingStrategy",
     "SmartTilingStrategy",
+    "TilingStrategy",
     "create_strategy",
 ]
 
@@ -296,13 +298,47 @@ class BasicStrategy(DistributedSignalStrategy):
 _BY_NAME = {"overlap_tiling": OverlapTilingStrategy, "smart_tiling": OverlapTilingStrategy, "basic": BasicStrategy}
 
 
-def create_strategy(strategy_name: str, img_size: Sequence[int], tiling_dims=None, **kwargs) -> DistributedSignalStrategy:
-    """Build a named strategy (``"overlap_tiling"``, ``"smart_tiling"`` or ``"basic"``) for ``img_size``."""
+def create_strategy(*args: Any, **kwargs: Any) -> DistributedSignalStrategy:
+    """Build a tiling strategy, in either API's form.
+
+    ``create_strategy(name, img_size, tiling_dims=None, **options)`` (deepinv's earlier API):
+    ``name`` is ``"overlap_tiling"`` (alias ``"smart_tiling"``) or ``"basic"``.
+    ``create_strategy(img_size, tiling_dims=None, **options)`` (deepinv 0.5): the overlap
+    tiling strategy (0.5's ``TilingStrategy``). Options are those of
+    :class:`OverlapTilingStrategy` (``patch_size``, ``overlap``, ...) or :class:`BasicStrategy`;
+    0.5's ``stride`` (at most ``patch_size``: the tiled result does not depend on it here) and
+    ``pad_mode`` (nothing is padded here: windows stay inside the image) are accepted.
+    """
+    if args and isinstance(args[0], str):
+        name, rest = args[0], list(args[1:])
+    else:
+        name, rest = "overlap_tiling", list(args)
+    names = ("img_size", "tiling_dims")
+    for key, value in zip(names, rest):
+        if key in kwargs:
+            raise TypeError(f"create_strategy() got multiple values for {key!r}")
+        kwargs[key] = value
+    if len(rest) > len(names) or "img_size" not in kwargs:
+        raise TypeError("create_strategy(img_size, tiling_dims=None, **options) or "
+                        "create_strategy(name, img_size, tiling_dims=None, **options)")
+    img_size, tiling_dims = kwargs.pop("img_size"), kwargs.pop("tiling_dims", None)
     try:
-        cls = _BY_NAME[strategy_name]
+        cls = _BY_NAME[name]
     except KeyError:
-        raise ValueError(f"unknown tiling strategy {strategy_name!r}; choose one of {sorted(_BY_NAME)} "
+        raise ValueError(f"unknown tiling strategy {name!r}; choose one of {sorted(_BY_NAME)} "
                          "or pass a DistributedSignalStrategy instance") from None
+    stride = kwargs.pop("stride", None)
+    kwargs.pop("pad_mode", None)
+    if stride is not None and cls is OverlapTilingStrategy:
+        patch = kwargs.get("patch_size", 256)
+        pairs = zip(stride if isinstance(stride, (list, tuple)) else [stride] * 8,
+                    patch if isinstance(patch, (list, tuple)) else [patch] * 8)
+        if any(s > p for s, p in pairs):
+            raise ValueError(f"stride {stride} larger than patch_size {patch} would leave pixels unprocessed")
     if cls is BasicStrategy:
         kwargs = {k: v for k, v in kwargs.items() if k not in ("patch_size", "overlap", "align", "blend", "uniform_windows")}
     return cls(img_size, tiling_dims=tiling_dims, **kwargs)
+
+
+#: deepinv 0.5's name of the overlap tiling strategy.
+TilingStrategy = OverlapTilingStrategy

@@ -17,7 +17,6 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-import dask
 import dask.array as da
 import numpy as np
 from dask.base import tokenize
@@ -30,6 +29,7 @@ from daskrecon._arrays import as_dask
 from daskrecon.physics import DistributedPhysics
 from daskrecon.processing import DistributedPrior, DistributedProcessing
 from daskrecon.solvers import problem_record, psnr_of_mse
+from daskrecon.waiting import compute
 
 __all__ = ["reconstruct_chunked", "working_chunks"]
 
@@ -91,7 +91,8 @@ def reconstruct_chunked(
     model = denoiser.processing if prior is not None else denoiser
     for name, v in named:
         model.check_dtype(v.dtype)  # before any pass over the data
-    bad = dask.compute(*[(~da.isfinite(v)).sum() for _, v in named])
+    bad = compute([(~da.isfinite(v)).sum() for _, v in named], client=ctx.client, what="input check",
+                  stall_timeout=ctx.stall_timeout)
     for (name, _), count in zip(named, bad):
         if count:
             raise ValueError(f"{name} has {int(count)} non-finite values (NaN or Inf); clean or mask them before "
@@ -122,7 +123,7 @@ def reconstruct_chunked(
         raise DaskreconError(f"{ckpt.url!r} already holds a checkpoint (iteration {ckpt.meta()['iteration']}); "
                              "pass resume=True to continue it or overwrite=True to start over")
     else:
-        ckpt.save_dask(0, x0, problem, {"history": []})
+        ckpt.save_dask(0, x0, problem, {"history": []}, client=ctx.client, stall_timeout=ctx.stall_timeout)
 
     truth = None if x_true is None else as_dask(x_true, "x_true").rechunk(chunks).astype(x0.dtype)
 
@@ -158,7 +159,7 @@ def reconstruct_chunked(
                     history.append(row)
                     return {"history": history}
 
-                ckpt.save_dask(k + 1, x_new, problem, record, also)
+                ckpt.save_dask(k + 1, x_new, problem, record, also, client=ctx.client, stall_timeout=ctx.stall_timeout)
             row = history[-1]
             bar.set_postfix({k_: f"{v:.4g}" for k_, v in row.items() if k_ != "iteration"})
             bar.update(1)

@@ -7,7 +7,7 @@ from daskrecon.errors import ClusterConnectionError, DeviceError
 
 
 def test_local_cluster_attributes_and_threads(ctx):
-    assert ctx.rank == 0 and ctx.world_size == 2 and ctx.is_dist and ctx.use_dist
+    assert ctx.rank == 0 and ctx.world_size == 1 and ctx.num_workers == 2 and ctx.started and not ctx.use_dist
     assert ctx.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert ctx.dashboard_link and ctx.dashboard_link.startswith("http://127.0.0.1")
     threads = ctx.client.run(torch.get_num_threads)
@@ -29,9 +29,9 @@ def test_closes_only_what_it_started():
             assert c.client is client
         assert client.status == "running"
         with dr.DistributedContext(cl) as c:  # a Cluster object
-            assert c.world_size == 1
+            assert c.num_workers == 1
         with dr.DistributedContext(cl.scheduler_address) as c:  # an address
-            assert c.world_size == 1
+            assert c.num_workers == 1
         assert cl.status.name == "running"
 
 
@@ -98,3 +98,31 @@ def test_worker_list_does_not_race_the_clients_refresh():
                 assert len(set(c.owners(3))) == 2
                 with pytest.raises(MemoryLimitError):  # an empty list would let it pass silently
                     check_fits(c.client, 2**40, "a test", "ask for less")
+
+
+def test_collectives_of_the_only_rank(ctx):
+    """The driver is a one-rank world: a per-rank value summed and divided by world_size is itself."""
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0, 2.0, 3.0])
+    for op in (dist.ReduceOp.SUM, dist.ReduceOp.AVG, dist.ReduceOp.MAX, "sum", "mean"):
+        out = ctx.all_reduce(t.clone(), op=op)
+        assert torch.equal(out / ctx.world_size, t)
+    assert torch.equal(ctx.broadcast(t.clone(), src=0), t)
+    with pytest.raises(ValueError, match="only rank"):
+        ctx.broadcast(t, src=1)
+    gathered = ctx.all_gather(t)
+    assert gathered.shape == (ctx.world_size, 3) and torch.equal(gathered[0], t)
+    buffers = [torch.zeros(3)]
+    assert ctx.all_gather(buffers, t) is None and torch.equal(buffers[0], t)
+    objs = [None]
+    ctx.all_gather_object(objs, {"a": 1})
+    assert objs == [{"a": 1}]
+    assert ctx.broadcast_object_list([{"k": 2}], src=0) == [{"k": 2}]
+    assert ctx.barrier() is None and ctx.get_backend() is None  # torch.distributed names: no-ops
+    assert torch.equal(ctx.all_reduce_(t.clone(), op="mean"), t)
+    assert ctx.local_indices(5) == [0, 1, 2, 3, 4] and ctx.rank == 0 and not ctx.use_dist
+    with pytest.raises(AttributeError):
+        ctx.not_a_collective
+    with pytest.raises(ValueError, match="op must be"):
+        ctx.all_reduce(t, op="median")

@@ -58,3 +58,54 @@ def test_register_user_type(ctx):
     assert type(dr.distribute(MyStack(blurs(2)), ctx)) is dr.DistributedLinearPhysics
     with pytest.raises(ValueError, match="kind must be one of"):
         dr.register(MyStack, "weird")
+
+
+def test_deepinv_05_keywords_and_kinds(ctx):
+    """A deepinv 0.5 call: its shared keywords at their defaults pass, its training kinds are refused clearly."""
+    from deepinv.models import DnCNN
+    from deepinv.optim import PGD, PnP
+
+    ops = blurs(2)
+    d = dr.distribute(ops, ctx, num_operators=None, type_object="auto", dtype=torch.float32,
+                      gather_strategy="concatenated", tiling_strategy=None, checkpoint_batches="auto",
+                      checkpoint_use_reentrant=False, checkpoint_preserve_rng_state=True, reduction="sum")
+    assert type(d) is dr.DistributedLinearPhysics
+    den = dr.distribute(DnCNN(3, 3, depth=2, nf=4, pretrained=None), ctx, tiling_strategy=None, patch_size=16,
+                        overlap=4, checkpoint_batches="never", gather_strategy="concatenated")
+    assert den.checkpoint_batches == "never"
+    x = torch.rand(1, 3, 40, 36)
+    with torch.no_grad():
+        den(x, 0.05)
+    assert den.current_shape == x.shape and den.num_patches == 9 and den.local_indices == list(range(9))
+    with pytest.raises(ValueError, match="checkpoint_batches must be one of"):
+        dr.distribute(DnCNN(3, 3, depth=2, nf=4, pretrained=None), ctx, checkpoint_batches="sometimes")
+    with pytest.raises(NotImplementedError, match="issue #15"):
+        dr.distribute(torch.nn.Parameter(torch.ones(3)), ctx)
+    with pytest.raises(NotImplementedError, match="issue #15"):
+        dr.distribute([torch.nn.Parameter(torch.ones(3))], ctx, type_object="parameters")
+    model = PGD(data_fidelity=L2(), prior=PnP(DnCNN(3, 3, depth=2, nf=4, pretrained=None)), stepsize=[0.9],
+                sigma_denoiser=[0.05], max_iter=1, unfold=True)
+    with pytest.raises(NotImplementedError, match="unfolded deepinv algorithm"):
+        dr.distribute(model, ctx, patch_size=16, overlap=4)
+    from daskrecon.framework import DistributedReplicatedParameters
+
+    with pytest.raises(NotImplementedError, match="issue #15"):
+        DistributedReplicatedParameters([torch.nn.Parameter(torch.ones(1))], ctx)
+
+
+def test_framework_module_has_deepinv_05_names():
+    import deepinv.distributed.framework as theirs
+
+    import daskrecon.framework as ours
+
+    assert set(theirs.__all__) <= set(ours.__all__)
+    assert ours.DistributedStackedLinearPhysics is dr.DistributedLinearPhysics
+    assert ours.DistributedContext is dr.DistributedContext
+
+
+def test_fidelity_public_attributes(ctx):
+    shared = dr.distribute(L2(), ctx, reduction="mean")
+    assert shared.reduction_mode == "mean" and isinstance(shared.single_fidelity, L2)
+    assert shared.local_data_fidelities == []
+    per_op = dr.distribute([L2(), L2(sigma=2.0)], ctx)
+    assert per_op.single_fidelity is None and len(per_op.local_data_fidelities) == 2

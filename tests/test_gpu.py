@@ -14,7 +14,7 @@ def test_gpu_context_places_operators_and_models_on_the_gpu():
     with dr.DistributedContext(device_mode="gpu", dashboard_address=":0") as ctx:
         assert ctx.device.type == "cuda"
         d = dr.distribute(blurs(3), ctx)
-        devices = ctx.client.gather([ctx.client.submit(lambda o: str(next(o.buffers()).device), op) for op in d.operators])
+        devices = d.map_operators(lambda o: str(next(o.buffers()).device))
         assert all(dev.startswith("cuda") for dev in devices)
         x = torch.rand(1, 3, 64, 64, device="cuda")
         y = noisy_measurements([b.to("cuda") for b in blurs(3)], x)

@@ -5,7 +5,7 @@ from deepinv.utils import TensorList
 
 import daskrecon as dr
 from daskrecon.errors import LinearityError, MeasurementError, WorkerTaskError
-from daskrecon.testing import assert_adjoint, assert_allclose, assert_matches_serial
+from daskrecon.testing import assert_adjoint, assert_allclose, assert_matches_serial, inner
 
 from helpers import H, W, Exploding, Square, blurs, counting_blur_factory, heterogeneous, noisy_measurements, read_builds
 
@@ -184,3 +184,72 @@ def test_worker_exception_reaches_the_driver_with_traceback(ctx):
 def test_linear_class_rejects_nonlinear_operators(ctx):
     with pytest.raises(LinearityError, match=r"operators \[1\] are not LinearPhysics"):
         dr.DistributedLinearPhysics(ctx, 2, [blurs(1)[0], Square(1.0)])
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_reduction_matches_stacked_linear_physics(ctx, reduction):
+    """`reduction=` has StackedLinearPhysics' meaning for every method, at a non-zero residual."""
+    import warnings
+
+    from deepinv.physics import StackedLinearPhysics
+
+    ops = blurs(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deepinv deprecates "mean", we warn about it
+        ref = StackedLinearPhysics(ops, reduction=reduction)
+    if reduction == "mean":
+        with pytest.warns(UserWarning, match="no longer an adjoint pair"):
+            d = dr.distribute(ops, ctx, reduction=reduction)
+    else:
+        d = dr.distribute(ops, ctx, reduction=reduction)
+    assert d.reduction == reduction
+    x = torch.rand(1, 3, H, W)
+    y = noisy_measurements(ops, torch.rand(1, 3, H, W))
+    assert_matches_serial(d, ref, x, y, methods=("A", "A_adjoint", "A_adjoint_A", "A_A_adjoint", "A_vjp"))
+    x0 = torch.rand(1, 3, 24, 24)
+    exact = d.compute_sqnorm(x0, max_iter=100, tol=1e-7, verbose=False, local_only=False)
+    assert exact.item() == pytest.approx(ref.compute_sqnorm(x0, max_iter=100, tol=1e-7, verbose=False).item(), rel=1e-2)
+    bound = d.compute_sqnorm(x0, max_iter=100, tol=1e-7, verbose=False)  # Σ ‖A_i‖² (1 each here), / N for mean
+    assert bound.item() == pytest.approx(3.0 if reduction == "sum" else 1.0, rel=1e-2)
+    small = [dinv.physics.Denoising(), blurs(1)[0]]  # well conditioned: the two CG solutions compare tightly
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref_small = StackedLinearPhysics(small, reduction=reduction)
+        d_small = dr.distribute(small, ctx, reduction=reduction)
+    y_small = noisy_measurements(small, torch.rand(1, 3, 24, 24))
+    assert_allclose(d_small.A_dagger(y_small, local_only=False, max_iter=100, tol=1e-8),
+                    ref_small.A_dagger(y_small, max_iter=100, tol=1e-8), atol=1e-4)
+    # Adjointness: exact with "sum"; with "mean" A_adjoint is (1/N)·Aᵀ, and reduce_op="sum" is the adjoint.
+    lhs = inner(d.A(x), y)
+    assert inner(x, d.A_adjoint(y, reduce_op="sum")).item() == pytest.approx(lhs.item(), rel=1e-4)
+    scale = 1.0 if reduction == "sum" else 1 / 3
+    assert inner(x, d.A_adjoint(y)).item() == pytest.approx(scale * lhs.item(), rel=1e-4)
+
+
+def test_reduction_is_validated(ctx):
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        dr.distribute(blurs(2), ctx, reduction="max")
+
+
+def test_deepinv_public_attributes(ctx):
+    """What scripts read from deepinv's distributed physics: local_indexes, local_physics..."""
+    ops = blurs(3)
+    d = dr.distribute(dinv.physics.stack(*ops), ctx, gather_strategy="broadcast")
+    assert d.local_indexes == [0, 1, 2] and d.num_operators == 3 and d.gather_strategy == "broadcast"
+    assert d.local_physics == ops  # the driver's objects
+    f = dr.distribute(lambda i, device, kw: blurs(2)[i], ctx, num_operators=2, type_object="linear_physics")
+    assert [type(p).__name__ for p in f.local_physics] == ["Blur", "Blur"]  # built on the driver when read
+    x = torch.rand(1, 3, 16, 16)
+    out, anchor = d.A(x, return_graph_anchor=True)
+    assert anchor is x and len(out) == 3
+    assert_allclose(d.A(x, force_input_grad_sync=True), [op.A(x) for op in ops])
+
+
+def test_inputs_that_require_grad_are_refused_not_cut(ctx):
+    d = dr.distribute(blurs(2), ctx)
+    x = torch.rand(1, 3, 16, 16, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="issue #15"):
+        d.A(x)
+    with torch.no_grad():
+        assert len(d.A(x)) == 2
+    assert len(d.A(x.detach())) == 2

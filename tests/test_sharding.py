@@ -5,7 +5,7 @@ from hypothesis import given, strategies as st
 
 import itertools
 
-from daskrecon.sharding import assign_owners, balance_loads
+from daskrecon.sharding import assign_owners, balance_loads, reassign_owners
 
 sizes = st.integers(min_value=0, max_value=200)
 workers = st.integers(min_value=1, max_value=17)
@@ -78,3 +78,34 @@ def test_balance_bad_arguments():
         balance_loads([1], [1, 0])
     with pytest.raises(ValueError, match="finite and >= 0"):
         balance_loads([1, float("nan")], [1])
+
+
+names = st.sampled_from([f"w{k}" for k in range(8)])
+
+
+@given(st.lists(names, max_size=60), st.lists(names, min_size=1, max_size=8, unique=True))
+def test_reassign_keeps_what_it_can_and_overloads_no_worker(previous, live):
+    owners = reassign_owners(previous, live)
+    assert len(owners) == len(previous) and set(owners) <= set(live)
+    cap = -(-len(previous) // len(live)) if previous else 0
+    counts = Counter(owners)
+    assert max(counts.values(), default=0) <= cap
+    # an item moves only if its owner left, or its owner kept `cap` lower-indexed items
+    for i, (old, new) in enumerate(zip(previous, owners)):
+        if old != new:
+            assert old not in live or sum(1 for j in range(i) if previous[j] == old and owners[j] == old) == cap
+    assert reassign_owners(previous, live) == owners  # deterministic
+    assert reassign_owners(owners, live) == owners  # a settled placement stays put
+
+
+@given(sizes, workers)
+def test_reassign_of_a_fresh_sharding_moves_nothing(n, w):
+    live = [f"w{k}" for k in range(w)]
+    for sharding in ("round_robin", "block"):
+        owners = [live[k] for k in assign_owners(n, w, sharding)]
+        assert reassign_owners(owners, live) == owners
+
+
+def test_reassign_rejects_an_empty_cluster():
+    with pytest.raises(ValueError, match="no workers"):
+        reassign_owners(["a"], [])

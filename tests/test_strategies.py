@@ -44,3 +44,20 @@ def test_align_rounds_patch_and_overlap_up():
     s = OverlapTilingStrategy((1, 3, 200, 200), patch_size=60, overlap=20, align=8)
     assert s.patch_size == (64, 64) and s.overlap == (24, 24)
     assert all(t.axes[0].win_start % 8 == 0 for t in s.tiles)
+
+
+def test_deepinv_05_create_strategy_and_tiling_strategy():
+    import warnings
+
+    from daskrecon.strategies import TilingStrategy
+
+    assert TilingStrategy is OverlapTilingStrategy
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "no tiling_dims" warning here
+        s = create_strategy((1, 3, 40, 40), patch_size=10, overlap=2)
+    assert type(s) is OverlapTilingStrategy and s.get_num_patches() == 16
+    assert create_strategy((1, 3, 40, 40), (-1,), patch_size=10, overlap=2).get_num_patches() == 4
+    same = create_strategy((1, 3, 40, 40), patch_size=10, overlap=2, stride=8, pad_mode="reflect")
+    assert same.get_num_patches() == 16  # stride <= patch: the same tiled result, pad_mode: nothing is padded
+    with pytest.raises(ValueError, match="stride"):
+        create_strategy((1, 3, 40, 40), patch_size=10, overlap=2, stride=12)  # deepinv leaves holes

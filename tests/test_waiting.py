@@ -1,0 +1,88 @@
+"""No call waits for ever: a failed transfer and a silent worker raise within a bounded time."""
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from distributed import wait
+
+import daskrecon as dr
+from daskrecon.errors import StalledError, TransferError
+from daskrecon.waiting import gather
+
+from helpers import SlowBlur
+
+
+class Unshippable:
+    """A task result that cannot leave its worker: serializing it fails."""
+
+    def __reduce__(self):
+        raise TypeError("this object refuses to be pickled")
+
+
+def make_unshippable():
+    return Unshippable()
+
+
+def use(obj):
+    return 1
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with dr.DistributedContext(n_workers=2, processes=True, dashboard_address=":0", torch_threads=1) as c:
+        yield c
+
+
+def test_a_failed_transfer_raises_at_once_naming_the_item(cluster):
+    """Distributed keeps the task 'waiting' on an input in state 'error' for ever (it was so for
+    the operator objects of issue #11); the wait must raise, naming what was waited for."""
+    client = cluster.client
+    a, b = cluster.workers()
+    held = client.submit(make_unshippable, workers=[a], pure=False)
+    wait(held)  # built on a, fine there
+    stuck = client.submit(use, held, workers=[b], allow_other_workers=False, pure=False)  # must fetch it
+    t0 = time.monotonic()
+    with pytest.raises(TransferError) as info:
+        gather(client, [stuck], what="operator", labels={stuck.key: "operator 7"}, stall_timeout=120)
+    waited = time.monotonic() - t0
+    assert waited < 20, f"took {waited:.1f} s"
+    msg = str(info.value)
+    assert "operator 7" in msg and held.key in msg and b in msg and a in msg
+    assert stuck.cancelled()  # the stuck work was released
+    del held, stuck
+
+
+def test_a_worker_that_never_answers_raises_stalled():
+    """A frozen worker (SIGSTOP) holds a task for ever; the call gives up after stall_timeout."""
+    with dr.DistributedContext(n_workers=1, processes=True, dashboard_address=":0", torch_threads=1,
+                               stall_timeout=4) as ctx:
+        d = dr.distribute([SlowBlur(1.0, delay=3.0)], ctx, fast_operators=False)
+        x = torch.rand(1, 3, 16, 16)
+        d.A(x)  # built and warm
+        pid = list(ctx.client.run(os.getpid).values())[0]
+
+        def freeze():
+            time.sleep(0.5)  # the task is executing by then
+            os.kill(pid, signal.SIGSTOP)
+
+        threading.Thread(target=freeze).start()
+        t0 = time.monotonic()
+        try:
+            with pytest.raises(StalledError) as info:
+                d.A(x)
+            waited = time.monotonic() - t0
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert waited < 30, f"took {waited:.1f} s"
+        msg = str(info.value)
+        assert "did not answer" in msg and "operator 0" in msg and "stall_timeout=4" in msg
+
+
+def test_stall_timeout_is_validated():
+    with pytest.raises(ValueError, match="stall_timeout must be a positive number"):
+        dr.DistributedContext(stall_timeout=0)
