@@ -9,6 +9,9 @@ import numpy as np
 import torch
 from distributed import Client, Future
 
+from daskrecon.tasks import arrays as array_tasks
+from daskrecon.waiting import gather
+
 
 __all__ = ["as_numpy", "gather_arrays", "gather_tensors", "place", "place_on_owners"]
 
@@ -30,10 +33,8 @@ def place(client: Client, array: Any, worker: str | None = None) -> Future:
     simply lost: "already forgotten"). The price is a copy on the scheduler while the
     key is alive.
     """
-    from daskrecon import _worker
-
     restrict = dict(workers=[worker], allow_other_workers=True) if worker else {}
-    return client.submit(_worker.place_array, array, pure=False, **restrict)
+    return client.submit(array_tasks.place_array, array, pure=False, **restrict)
 
 
 def place_on_owners(client: Client, arrays: Sequence[np.ndarray], owners: Sequence[str]) -> list[Future]:
@@ -44,8 +45,6 @@ def place_on_owners(client: Client, arrays: Sequence[np.ndarray], owners: Sequen
 def gather_arrays(client: Client, futures: Sequence[Future], what: str = "task", *,
                   labels: dict | None = None, stall_timeout: float | None = None) -> list[Any]:
     """Gather, never waiting for ever (:func:`daskrecon.waiting.gather`); errors name the item."""
-    from daskrecon.waiting import gather
-
     return gather(client, futures, what=what, labels=labels, stall_timeout=stall_timeout)
 
 

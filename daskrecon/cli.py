@@ -6,6 +6,11 @@ from typing import Optional
 
 import typer
 
+from daskrecon.config import ConfigError, run_config
+from daskrecon.context import DistributedContext
+from daskrecon.demo import run_demo
+from daskrecon.errors import ClusterConnectionError
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="DeepInverse reconstructions on Dask clusters.")
 
@@ -19,8 +24,6 @@ def demo(
     progress: bool = typer.Option(True, help="Show the progress bar."),
 ) -> None:
     """Deblur a bundled image from 3 blurred, noisy views with the bundled denoiser (no input needed)."""
-    from daskrecon.demo import run_demo
-
     run_demo(size=size, iterations=iterations, n_workers=workers, output=output, progress=progress, echo=typer.echo)
 
 
@@ -30,8 +33,6 @@ def reconstruct(
     check: bool = typer.Option(False, "--check", help="Time one operator task and one tile, project the total, and stop."),
 ) -> None:
     """Run the reconstruction described by CONFIG."""
-    from daskrecon.config import ConfigError, run_config
-
     try:
         run_config(config, check=check, echo=typer.echo)
     except ConfigError as exc:
@@ -64,9 +65,6 @@ def info(scheduler: Optional[str] = typer.Option(None, help="Also check that thi
         except ImportError:
             typer.echo(f"{extra}: not installed")
     if scheduler:
-        from daskrecon import DistributedContext
-        from daskrecon.errors import ClusterConnectionError
-
         try:
             with DistributedContext(scheduler, timeout=10) as ctx:
                 typer.echo(f"scheduler {scheduler}: reachable, {ctx.num_workers} workers")

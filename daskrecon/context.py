@@ -19,6 +19,7 @@ from daskrecon.cluster import local_cluster, spawned_by_multiprocessing
 from daskrecon.collectives import SingleRank
 from daskrecon.errors import ClusterConnectionError, DaskreconError, DeviceError
 from daskrecon.sharding import SHARDINGS, assign_owners
+from daskrecon.tasks import arrays as array_tasks
 from daskrecon.waiting import DEFAULT_STALL_TIMEOUT, bounded
 
 __all__ = ["DistributedContext"]
@@ -470,6 +471,4 @@ class _TorchThreads(WorkerPlugin):
         self.n_threads = n_threads
 
     def setup(self, worker: Any) -> None:
-        from daskrecon._worker import set_torch_threads
-
-        set_torch_threads(self.n_threads)
+        array_tasks.set_torch_threads(self.n_threads)

@@ -12,7 +12,7 @@ from deepinv.optim import distance as _distance
 from deepinv.optim.data_fidelity import DataFidelity, StackedPhysicsDataFidelity
 from distributed import Future
 
-from daskrecon import _worker
+from daskrecon.tasks import fidelity as fidelity_tasks
 from daskrecon.context import DistributedContext
 from daskrecon.errors import MeasurementError, ShapeError
 from daskrecon._arrays import as_dask, gather_arrays, gather_tensors, sum_in_order
@@ -185,7 +185,7 @@ class DistributedDataFidelity:
         if isinstance(x, da.Array):
             return self._chunked("fn", x, y, physics, kwargs)
         refuse_autograd(x, what="data fidelity fn(x, y, physics)")
-        total, labels = self._run(_worker.fidelity_fn_op, x, y, physics, kwargs)
+        total, labels = self._run(fidelity_tasks.fidelity_fn_op, x, y, physics, kwargs)
         return self._scale(self._gather(total, labels, "data fidelity fn"), physics.num_operators)
 
     __call__ = fn
@@ -195,14 +195,14 @@ class DistributedDataFidelity:
         if isinstance(x, da.Array):
             return self._chunked("grad", x, y, physics, kwargs)
         refuse_autograd(x, what="data fidelity grad(x, y, physics)")
-        total, labels = self._run(_worker.fidelity_grad_op, x, y, physics, kwargs)
+        total, labels = self._run(fidelity_tasks.fidelity_grad_op, x, y, physics, kwargs)
         return self._scale(self._gather(total, labels, "data fidelity grad"), physics.num_operators)
 
     def _grad_value(self, x: Any, y: Any, physics: DistributedPhysics) -> tuple[Future, Future, dict]:
         """Futures of the placed ``x`` and of the tree-reduced ``[∇f(x).ravel(), f(x)]`` (one pass)."""
         physics = self._check_physics(physics)
         x_fut = physics._place_x(x)
-        total, labels = self._run(_worker.fidelity_grad_value_op, x_fut, y, physics, {})
+        total, labels = self._run(fidelity_tasks.fidelity_grad_value_op, x_fut, y, physics, {})
         return x_fut, total, labels
 
     def _scale_factor(self, physics: DistributedPhysics) -> float:
@@ -225,8 +225,8 @@ class DistributedDataFidelity:
         """
         x_fut, gv, labels = self._grad_value(x, y, physics)
         client, scale = self.ctx.client, self._scale_factor(physics)
-        z = client.submit(_worker.step_from_gradient, x_fut, gv, float(step_size), scale, pure=False)
-        return z, client.submit(_worker.last_value, gv, scale, pure=False), labels
+        z = client.submit(fidelity_tasks.step_from_gradient, x_fut, gv, float(step_size), scale, pure=False)
+        return z, client.submit(fidelity_tasks.last_value, gv, scale, pure=False), labels
 
     def _chunked(self, method: str, x: da.Array, y: Any, physics: Any, kwargs: dict) -> da.Array:
         """``fn`` / ``grad`` on a dask array: lazily, chunk by chunk, for local operators and
@@ -237,7 +237,7 @@ class DistributedDataFidelity:
         if len(ys) != n:
             raise MeasurementError(f"y has {len(ys)} entries but the physics has {n} operators")
         fids = [self._sources(i) for i in range(n)]
-        pointwise = all(isinstance(f, DataFidelity) and _worker._uses_chain_rule(f) and isinstance(f.d, SEPARABLE_DISTANCES)
+        pointwise = all(isinstance(f, DataFidelity) and fidelity_tasks.uses_chain_rule(f) and isinstance(f.d, SEPARABLE_DISTANCES)
                         for f in fids)
         if kwargs or not pointwise or not physics.chunkable:
             from deepinv.utils import TensorList
@@ -256,10 +256,10 @@ class DistributedDataFidelity:
                                  "check the image shape and that y is in operator order")
             yi = yi.astype(u.dtype).rechunk(u.chunks)
             if method == "grad":
-                r = da.map_blocks(_worker.pointwise_grad_block, u, yi, distance=fid.d, dtype=u.dtype)
+                r = da.map_blocks(fidelity_tasks.pointwise_grad_block, u, yi, distance=fid.d, dtype=u.dtype)
                 terms.append(form.adjoint(r, x.chunks))
             else:
-                v = da.map_blocks(_worker.pointwise_value_block, u, yi, distance=fid.d, dtype=np.float64,
+                v = da.map_blocks(fidelity_tasks.pointwise_value_block, u, yi, distance=fid.d, dtype=np.float64,
                                   chunks=(u.chunks[0], *((1,) * len(c) for c in u.chunks[1:])))
                 terms.append(v.sum(axis=(1, 2, 3)))
         total = sum_in_order(terms)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from deepinv.physics import Blur, BlurFFT, Denoising, Downsampling, Inpainting
 
-from daskrecon import _worker
+from daskrecon.tasks import local_kernels
 from daskrecon.errors import ShapeError
 from daskrecon.operators import FFTConvolution
 
@@ -139,7 +139,7 @@ class LocalOperator:
                                  f"downsampling factor {f}")
             x = x.rechunk(self.fit_chunks(x.chunks))
             out_chunks = (x.chunks[0], x.chunks[1], *(tuple(math.ceil(c / f) for c in x.chunks[a]) for a in (2, 3)))
-            x = self._overlap(_worker.local_forward_block, x, self.depth, out_chunks,
+            x = self._overlap(local_kernels.local_forward_block, x, self.depth, out_chunks,
                               x.numblocks[2:])
         if self.mask is not None:
             x = x * self._mask_like(x)
@@ -158,7 +158,7 @@ class LocalOperator:
         y = y.rechunk((y.chunks[0], y.chunks[1], *(tuple(c // f for c in xc[a]) for a in (2, 3))))
         out_chunks = (y.chunks[0], y.chunks[1], *xc[2:])
         halo = tuple(-(-d // f) for d in self.depth)
-        return self._overlap(_worker.local_adjoint_block, y, halo, out_chunks, y.numblocks[2:])
+        return self._overlap(local_kernels.local_adjoint_block, y, halo, out_chunks, y.numblocks[2:])
 
     def _overlap(self, fn: Any, a: da.Array, halo: tuple[int, int], out_chunks: tuple, nblocks: tuple) -> da.Array:
         a = a.rechunk({0: -1, 1: -1})

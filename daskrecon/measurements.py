@@ -9,7 +9,7 @@ import torch
 from deepinv.utils import TensorList
 from distributed import Future
 
-from daskrecon import _worker
+from daskrecon.tasks import operators as operator_tasks
 from daskrecon._arrays import as_numpy, gather_tensors, place_on_owners
 from daskrecon.context import DistributedContext
 from daskrecon.errors import MeasurementError
@@ -73,7 +73,7 @@ class DistributedMeasurements:
             n = num_items
             self.owners = list(owners) if owners is not None else ctx.owners(n)
             self.futures = [
-                client.submit(_worker.build_measurement, factory, i, shared, ctx.device_mode,
+                client.submit(operator_tasks.build_measurement, factory, i, shared, ctx.device_mode,
                               workers=[w], allow_other_workers=True, pure=False)
                 for i, w in enumerate(self.owners)
             ]

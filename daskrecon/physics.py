@@ -20,10 +20,12 @@ from deepinv.physics import LinearPhysics, Physics
 from deepinv.utils import TensorList
 from distributed import Future
 
-from daskrecon import _worker
+from daskrecon.tasks import arrays as array_tasks
+from daskrecon.tasks import operators as operator_tasks
 from daskrecon._arrays import as_dask, as_numpy, gather_arrays, gather_tensors, place, sum_in_order
 from daskrecon.context import DistributedContext
 from daskrecon.errors import LinearityError, MeasurementError
+from daskrecon.fingerprint import fingerprint
 from daskrecon.measurements import DistributedMeasurements
 from daskrecon.placement import ObjectSet, Placement
 from daskrecon.waiting import compute
@@ -172,7 +174,7 @@ class DistributedPhysics(Physics):
         if all(isinstance(s, Physics) for s in sources):
             self.linear = [isinstance(s, LinearPhysics) for s in sources]
         else:
-            self.linear = [d["linear"] for d in self.map_operators(_worker.describe, what="physics factory")]
+            self.linear = [d["linear"] for d in self.map_operators(operator_tasks.describe, what="physics factory")]
         self._y_cache: tuple[Any, tuple, DistributedMeasurements] | None = None
         self._local: list | None = None
         self._check_linearity()
@@ -301,7 +303,7 @@ class DistributedPhysics(Physics):
         if isinstance(x, da.Array):
             return self._chunked("A", x, reduce_op)
         refuse_autograd(x, what="A(x)")
-        futs = self._submit_each(_worker.forward_op, self._place_x(x), kwargs, None, False)
+        futs = self._submit_each(operator_tasks.forward_op, self._place_x(x), kwargs, None, False)
         out = self._finish(futs, gather, reduce_op, f"A(x), x of shape {tuple(x.shape)}: operator")
         return (out, x) if return_graph_anchor else out
 
@@ -310,7 +312,7 @@ class DistributedPhysics(Physics):
         """Noisy measurements ``[N_1(A_1 x), …]``; noise seeded per operator from the driver's RNG."""
         refuse_autograd(x, what="forward(x)")
         n = self.num_operators
-        futs = self._submit_each(_worker.forward_op, per_op=[[self._place_x(x)] * n, [kwargs] * n,
+        futs = self._submit_each(operator_tasks.forward_op, per_op=[[self._place_x(x)] * n, [kwargs] * n,
                                                             self._next_seeds(), [True] * n])
         out = self._finish(futs, gather, reduce_op, "forward(x): operator")
         return (out, x) if return_graph_anchor else out
@@ -318,7 +320,7 @@ class DistributedPhysics(Physics):
     def A_vjp(self, x: torch.Tensor, v: Any, gather: bool = True, reduce_op: str | None = BY_REDUCTION):
         """``Σ_i (∂A_i/∂x)ᵀ v_i`` (autograd for non-linear operators); averaged with ``reduction="mean"``."""
         refuse_autograd(x, *_entries_of(v), what="A_vjp(x, v)")
-        futs = self._submit_each(_worker.vjp_op, per_op=[[self._place_x(x)] * self.num_operators,
+        futs = self._submit_each(operator_tasks.vjp_op, per_op=[[self._place_x(x)] * self.num_operators,
                                                         self._place_y(v, "v")])
         return self._finish(futs, gather, self._reduce_op(reduce_op), "A_vjp: operator")
 
@@ -330,7 +332,7 @@ class DistributedPhysics(Physics):
         if _is_chunked(y):
             return self._chunked("A_adjoint", list(y), reduce_op)
         refuse_autograd(*_entries_of(y), what="A_adjoint(y)")
-        futs = self._submit_each(_worker.adjoint_op, kwargs, per_op=[self._place_y(y)])
+        futs = self._submit_each(operator_tasks.adjoint_op, kwargs, per_op=[self._place_y(y)])
         return self._finish(futs, gather, reduce_op, "A_adjoint(y): operator")
 
     def A_adjoint_A(self, x: torch.Tensor, gather: bool = True, reduce_op: str | None = BY_REDUCTION, **kwargs: Any):
@@ -340,17 +342,17 @@ class DistributedPhysics(Physics):
         if isinstance(x, da.Array):
             return self._chunked("A_adjoint_A", x, reduce_op)
         refuse_autograd(x, what="A_adjoint_A(x)")
-        futs = self._submit_each(_worker.adjoint_A_op, kwargs, per_op=[[self._place_x(x)] * self.num_operators])
+        futs = self._submit_each(operator_tasks.adjoint_A_op, kwargs, per_op=[[self._place_x(x)] * self.num_operators])
         return self._finish(futs, gather, reduce_op, "A_adjoint_A(x): operator")
 
     def A_A_adjoint(self, y: Any, gather: bool = True, **kwargs: Any):
         """``[A_1 (Aᵀ y), …, A_N (Aᵀ y)]`` with the full adjoint ``Aᵀ y = Σ_i A_iᵀ y_i`` (averaged with ``reduction="mean"``)."""
         self._require_linear("A_A_adjoint")
         refuse_autograd(*_entries_of(y), what="A_A_adjoint(y)")
-        adj = self._reduce(self._submit_each(_worker.adjoint_op, kwargs, per_op=[self._place_y(y)]))
+        adj = self._reduce(self._submit_each(operator_tasks.adjoint_op, kwargs, per_op=[self._place_y(y)]))
         if self.reduction == "mean":
-            adj = self.ctx.client.submit(_worker.scale_array, adj, 1.0 / self.num_operators, pure=False)
-        futs = self._submit_each(_worker.forward_op, adj, kwargs, None, False)
+            adj = self.ctx.client.submit(array_tasks.scale_array, adj, 1.0 / self.num_operators, pure=False)
+        futs = self._submit_each(operator_tasks.forward_op, adj, kwargs, None, False)
         return self._finish(futs, gather, None, "A_A_adjoint(y): operator")
 
     def A_dagger(
@@ -377,7 +379,7 @@ class DistributedPhysics(Physics):
         if not local_only:
             return LinearPhysics.A_dagger(self, y, solver=solver, max_iter=max_iter, tol=tol, verbose=verbose, **kwargs)
         opts = {k: v for k, v in dict(solver=solver, max_iter=max_iter, tol=tol).items() if v is not None}
-        futs = self._submit_each(_worker.dagger_op, {**opts, **kwargs}, per_op=[self._place_y(y)])
+        futs = self._submit_each(operator_tasks.dagger_op, {**opts, **kwargs}, per_op=[self._place_y(y)])
         return self._finish(futs, gather, "mean", "A_dagger(y): operator")
 
     def compute_sqnorm(
@@ -401,7 +403,7 @@ class DistributedPhysics(Physics):
         self._require_linear("compute_sqnorm")
         if not local_only:
             return LinearPhysics.compute_sqnorm(self, x0, max_iter=max_iter, tol=tol, verbose=verbose, **kwargs)
-        futs = self._submit_each(_worker.sqnorm_op, max_iter, tol, per_op=[[self._place_x(x0, "x0")] * self.num_operators])
+        futs = self._submit_each(operator_tasks.sqnorm_op, max_iter, tol, per_op=[[self._place_x(x0, "x0")] * self.num_operators])
         values = gather_arrays(self.ctx.client, futs, "compute_sqnorm: operator", labels=self.placement.labels(futs),
                                stall_timeout=self.ctx.stall_timeout)
         total = float(np.sum(np.asarray(values, dtype=np.float64)))
@@ -427,7 +429,7 @@ class DistributedPhysics(Physics):
             if all(isinstance(s, Physics) for s in self._sources):
                 self._local = [local_form(s) for s in self._sources]
             else:
-                self._local = self.map_operators(_worker.local_form_of, what="local form of operator")
+                self._local = self.map_operators(operator_tasks.local_form_of, what="local form of operator")
         return self._local
 
     @property
@@ -470,8 +472,6 @@ class DistributedPhysics(Physics):
     # ------------------------------------------------------------------ misc
     def fingerprint(self) -> str:
         """A hash of what defines the operators (their state and factory arguments), stable across processes."""
-        from daskrecon.checkpoint import fingerprint
-
         return fingerprint((self._sources, self.factory_kwargs, self.fast_operators))
 
     def __len__(self) -> int:

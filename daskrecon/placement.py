@@ -2,7 +2,7 @@
 
 An operator (or a data fidelity) is never a Dask task result, so Dask never has to move
 one between workers — many deepinv objects cannot even be pickled once they have run. Each
-lives in its worker's registry (:func:`daskrecon._worker.obtain`) and is built there from a
+lives in its worker's registry (:func:`daskrecon.tasks.registry.obtain`) and is built there from a
 *source*: the object as the user gave it, or its factory, pickled on the driver into bytes
 held by a task with lineage. A task that needs operator ``i`` carries that source as a
 dependency and is restricted, strictly, to operator ``i``'s owner, so work stealing never
@@ -23,7 +23,7 @@ import cloudpickle
 import dask
 from distributed import Client, Future
 
-from daskrecon import _worker
+from daskrecon.tasks import registry
 from daskrecon._arrays import place
 from daskrecon._scheduler import PLACED
 from daskrecon.context import DistributedContext
@@ -80,7 +80,7 @@ class Placement:
             for objects in list(self._sets):
                 try:
                     client = self.ctx.client
-                    bounded(client, client._run, _worker.forget_objects, objects.token, objects.slots_of(slots),
+                    bounded(client, client._run, registry.forget_objects, objects.token, objects.slots_of(slots),
                             workers=[worker], wait=False, what="evicting moved operators", timeout=10)
                 except Exception:  # best effort: a stale copy only costs memory
                     pass
@@ -111,7 +111,7 @@ class Placement:
                 owner = owners[i]
                 refs = [objects_.ref(i, owner) for objects_ in objects]
                 futures.append(client.submit(
-                    _worker.on_objects, fn, owner, refs, *[p[i] for p in per_op], *shared,
+                    registry.on_objects, fn, owner, refs, *[p[i] for p in per_op], *shared,
                     key=f"{fn.__name__}-{i}-{token}", workers=[owner], allow_other_workers=False, pure=False,
                 ))
         return futures
@@ -185,7 +185,7 @@ class ObjectSet:
 def _forget_everywhere(client: Client, token: str) -> None:
     try:
         if client.status == "running":
-            bounded(client, client._run, _worker.forget_objects, token, wait=False, what="freeing operators",
+            bounded(client, client._run, registry.forget_objects, token, wait=False, what="freeing operators",
                     timeout=10)
     except Exception:  # interpreter shutdown, closed client: nothing left to free
         pass

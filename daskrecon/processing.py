@@ -25,10 +25,12 @@ import torch
 from distributed import Future
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from daskrecon import _worker
+from daskrecon.tasks import denoising as denoising_tasks
 from daskrecon._arrays import as_numpy, gather_arrays, place
 from daskrecon.context import DistributedContext
 from daskrecon.errors import ShapeError
+from daskrecon.fingerprint import fingerprint
+from daskrecon.memory import activation_channels, check_fits
 from daskrecon.physics import refuse_autograd
 from daskrecon.sharding import balance_loads
 from daskrecon.strategies import DistributedSignalStrategy, OverlapTilingStrategy, create_strategy
@@ -49,10 +51,10 @@ class _ModelPlugin(WorkerPlugin):
 
     def setup(self, worker: Any) -> None:
         # Runs on the worker's event loop: store bytes only, unpickle in the first task.
-        _worker.store_model_payload(self.key, self.payload)
+        denoising_tasks.store_model_payload(self.key, self.payload)
 
     def teardown(self, worker: Any) -> None:
-        _worker.forget_model(self.key)
+        denoising_tasks.forget_model(self.key)
 
 
 def default_align(model: Any) -> int:
@@ -197,8 +199,6 @@ class DistributedProcessing:
         # Not released when this object is garbage collected: a lazy dask array made by it
         # may be computed later. close() (or the end of the context) releases it.
         payload = cloudpickle.dumps((processor, {"channels_last": channels_last}))
-        from daskrecon.checkpoint import fingerprint
-
         self._fingerprint = fingerprint((processor, channels_last))
         bounded(ctx.client, ctx.client._register_worker_plugin, plugin=_ModelPlugin(self.key, payload),
                 name=self._plugin_name, idempotent=False, what="sending the model to the workers",
@@ -254,8 +254,6 @@ class DistributedProcessing:
     def _tile_bytes(self, method: str, shape: Sequence[int], window: Sequence[int], tiles: int, args: tuple,
                     kwargs: dict, itemsize: int) -> int:
         """Bytes of one network call on ``tiles`` windows (input, output, two largest activations)."""
-        from daskrecon.memory import activation_channels
-
         key = (method, shape[1], len(shape) - 2, repr(args), repr(sorted(kwargs.items())))
         if key not in self._activations:
             dtype = self._param_dtype or torch.float32
@@ -265,8 +263,6 @@ class DistributedProcessing:
         return int(tiles * shape[0] * math.prod(window) * itemsize * (2 * shape[1] + 2 * act))
 
     def _check_memory(self, need: int, what: str) -> None:
-        from daskrecon.memory import check_fits
-
         check_fits(self.ctx.client, need, what,
                    f"lower patch_size (now {self.patch_size}) or max_batch_size (now {self.max_batch_size}), or give "
                    "the workers more memory")
@@ -357,7 +353,7 @@ class DistributedProcessing:
                                      f"(image {tuple(x.shape)}, {x.dtype}, held whole by the task)")
         x_fut = placed if placed is not None else place(client, as_numpy(x))
         futs = [
-            client.submit(_worker.process_patches, self.key, self.ctx.device_mode, method, strategy, x_fut,
+            client.submit(denoising_tasks.process_patches, self.key, self.ctx.device_mode, method, strategy, x_fut,
                           idx, self.max_batch_size, args, kwargs, pure=False, workers=[w], allow_other_workers=True)
             for idx, w in zip(batches, self._placement(strategy, batches))
         ]
@@ -407,7 +403,7 @@ class DistributedProcessing:
                                  f"tiled in windows of {'×'.join(map(str, window))} pixels")
         meta = np.empty((0,) * x.ndim, dtype=x.dtype)
         return x.map_overlap(
-            _worker.process_block, depth=depth, boundary="none", dtype=x.dtype, meta=meta,
+            denoising_tasks.process_block, depth=depth, boundary="none", dtype=x.dtype, meta=meta,
             model_key=self.key, device_mode=self.ctx.device_mode, method=method, tiling=tiling,
             max_batch_size=self.max_batch_size, args=args, kwargs=kwargs,
         )

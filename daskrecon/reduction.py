@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 from distributed import Client, Future
 
+from daskrecon.tasks import arrays as array_tasks
+
 __all__ = ["reduction_plan", "tree_reduce"]
 
 
@@ -70,16 +72,14 @@ def tree_reduce(
         Largest number of inputs per sum task.
     add : callable, optional
         Task function summing its positional arguments in order; defaults to
-        :func:`daskrecon._worker.sum_arrays`.
+        :func:`daskrecon.tasks.arrays.sum_arrays`.
 
     Returns
     -------
     Future
         The total.
     """
-    from daskrecon import _worker
-
-    add = add or _worker.sum_arrays
+    add = add or array_tasks.sum_arrays
     level = list(leaves)
     for groups in reduction_plan(len(level), fan_in):
         level = [

@@ -27,7 +27,9 @@ from typing import Any
 from distributed import Client, Future
 from distributed import wait as _wait
 
+from daskrecon._scheduler import task_view
 from daskrecon.errors import DaskreconError, StalledError, TransferError, WorkerTaskError
+from daskrecon.tasks.registry import task_states
 
 __all__ = ["DEFAULT_STALL_TIMEOUT", "bounded", "compute", "gather"]
 
@@ -215,8 +217,6 @@ class _Watchdog:
 
     # ------------------------------------------------------------------ probes
     def _scheduler_view(self) -> dict | None:
-        from daskrecon._scheduler import task_view
-
         try:
             return self.client.sync(self.client._run_on_scheduler, task_view, self.keys,
                                     callback_timeout=self.probe_timeout)
@@ -224,8 +224,6 @@ class _Watchdog:
             return None
 
     def _worker_view(self, worker: str, keys: list) -> dict | None:
-        from daskrecon._worker import task_states
-
         try:
             out = self.client.sync(self.client._run, task_states, keys, workers=[worker], on_error="return",
                                    callback_timeout=self.probe_timeout)

@@ -12,7 +12,7 @@ from deepinv.physics.functional.blur import gaussian_blur
 from distributed import Client, LocalCluster, wait
 
 import daskrecon as dr
-from daskrecon import _worker
+from daskrecon.tasks import registry
 from daskrecon._scheduler import PLACED
 from daskrecon.errors import StalledError
 from daskrecon.waiting import gather
@@ -86,9 +86,9 @@ def test_soak_with_a_busy_worker_and_work_stealing(busy_ctx, calls):
         stop.set()
         thread.join()
     # Each operator was built once, on its owner, and never anywhere else.
-    builds = client.run(_worker.object_builds, d.objects.token)
+    builds = client.run(registry.object_builds, d.objects.token)
     assert sorted(n for per in builds.values() for n in per.values()) == [1, 1, 1, 1]
-    held = client.run(_worker.held_objects, d.objects.token)
+    held = client.run(registry.held_objects, d.objects.token)
     owners = d.owners
     for w, keys in held.items():
         assert sorted(slot for _, slot in keys) == [i for i, o in enumerate(owners) if o == w]
@@ -148,7 +148,7 @@ def test_owners_follow_the_cluster_when_it_grows():
         assert torch.equal(f.grad(x, y, d), before)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            held = client.run(_worker.held_objects, d.objects.token)
+            held = client.run(registry.held_objects, d.objects.token)
             if sorted(s for _, s in held[first]) == [0, 1]:
                 break
             time.sleep(0.05)

@@ -9,7 +9,7 @@ from deepinv.models import DRUNet
 from deepinv.optim import PnP, RED
 
 import daskrecon as dr
-from daskrecon import _worker
+from daskrecon.tasks import denoising as denoising_tasks
 from daskrecon.errors import ShapeError
 from daskrecon.testing import assert_allclose
 
@@ -131,10 +131,10 @@ def test_model_reaches_each_worker_once(ctx):
         d(x)
     ctx.client.compute(d(da.from_array(x.numpy(), chunks=(1, 3, 20, 20)))).result()
     key = d.key
-    loads = ctx.client.run(lambda: _worker.MODEL_LOADS.get(key, 0))
+    loads = ctx.client.run(lambda: denoising_tasks.MODEL_LOADS.get(key, 0))
     assert sorted(loads.values()) == [1, 1]
     d.close()
-    assert ctx.client.run(lambda: _worker._MODELS.get((key, None))) == {w: None for w in loads}
+    assert ctx.client.run(lambda: denoising_tasks._MODELS.get((key, None))) == {w: None for w in loads}
 
 
 def test_tile_batches_are_spread_over_the_workers(ctx):

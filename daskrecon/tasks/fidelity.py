@@ -1,0 +1,109 @@
+"""Data-fidelity tasks: per-operator gradients and values, whole-image and chunk by chunk."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from deepinv.optim.data_fidelity import L2, DataFidelity
+
+from daskrecon.errors import ShapeError
+from daskrecon.tasks.arrays import module_device, to_numpy, to_tensor
+
+__all__ = ["fidelity_fn_op", "fidelity_grad_op", "fidelity_grad_value_op", "last_value", "pointwise_grad_block",
+           "pointwise_value_block", "step_from_gradient", "uses_chain_rule"]
+
+
+def uses_chain_rule(fidelity: Any) -> bool:
+    """Whether the fidelity's gradient is deepinv's chain rule ``(∂A/∂x)ᵀ ∇d(A x, y)``."""
+    return type(fidelity).grad in (DataFidelity.grad, L2.grad)
+
+def _check_measurement(index: int, ax: torch.Tensor, y: torch.Tensor) -> None:
+    if tuple(ax.shape) != tuple(y.shape):
+        raise ShapeError(
+            f"y[{index}] has shape {tuple(y.shape)} but operator {index} maps x to shape {tuple(ax.shape)}; "
+            "check the image shape and that y is in operator order"
+        )
+
+def _grad_and_value(op: torch.nn.Module, fidelity: Any, x: np.ndarray, y: np.ndarray, index: int, kwargs: dict,
+                    value: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    dev = module_device(op)
+    xt, yt = to_tensor(x, dev), to_tensor(y, dev)
+    v = None
+    if uses_chain_rule(fidelity):
+        with torch.no_grad():
+            ax = op.A(xt)
+            _check_measurement(index, ax, yt)
+            g = fidelity.d.grad(ax, yt, **kwargs)
+            if value:
+                v = fidelity.d(ax, yt, **kwargs).sum()
+        with torch.enable_grad():
+            out = op.A_vjp(xt, g)
+    else:
+        with torch.enable_grad():
+            out = fidelity.grad(xt, yt, op, **kwargs)
+        if value:
+            with torch.no_grad():
+                v = torch.as_tensor(fidelity.fn(xt, yt, op, **kwargs)).sum()
+    return out, v
+
+def fidelity_grad_op(
+    op: torch.nn.Module, fidelity: Any, x: np.ndarray, y: np.ndarray, index: int, kwargs: dict
+) -> np.ndarray:
+    """``∇_x d_i(A_i x, y_i) = (∂A_i/∂x)ᵀ ∇d_i(A_i x, y_i)``.
+
+    For fidelities whose gradient is the chain rule (``L2``, any plain ``DataFidelity``)
+    this costs one ``A`` and one ``A_vjp``, not ``L2.grad``'s ``AᵀA x − Aᵀ y`` (one
+    more operator pass); other fidelities use their own ``grad``.
+    """
+    return to_numpy(_grad_and_value(op, fidelity, x, y, index, kwargs, value=False)[0])
+
+def fidelity_grad_value_op(
+    op: torch.nn.Module, fidelity: Any, x: np.ndarray, y: np.ndarray, index: int, kwargs: dict
+) -> np.ndarray:
+    """``[∇_x d_i(A_i x, y_i).ravel(), d_i(A_i x, y_i)]``: the gradient and the value in one pass.
+
+    For chain-rule fidelities the value comes from the ``A_i x`` the gradient needs anyway.
+    Summing these arrays sums gradients and values alike (the value is the last entry).
+    """
+    out, v = _grad_and_value(op, fidelity, x, y, index, kwargs, value=True)
+    flat = to_numpy(out).ravel()
+    return np.concatenate([flat, np.asarray([float(v)], dtype=flat.dtype)])
+
+def step_from_gradient(x: np.ndarray, grad_value: np.ndarray, tau: float, scale: float) -> np.ndarray:
+    """``x − τ · scale · ∇f`` from a summed :func:`fidelity_grad_value_op` result."""
+    g = grad_value[:-1].reshape(x.shape)
+    if scale != 1.0:
+        g = g * np.asarray(scale, dtype=g.dtype)
+    return x - np.asarray(tau, dtype=x.dtype) * g
+
+def last_value(grad_value: np.ndarray, scale: float = 1.0) -> float:
+    """``f`` from a summed :func:`fidelity_grad_value_op` result."""
+    return float(grad_value[-1]) * scale
+
+def fidelity_fn_op(
+    op: torch.nn.Module, fidelity: Any, x: np.ndarray, y: np.ndarray, index: int, kwargs: dict
+) -> np.ndarray:
+    """``d_i(A_i x, y_i)`` per batch element."""
+    dev = module_device(op)
+    with torch.no_grad():
+        xt, yt = to_tensor(x, dev), to_tensor(y, dev)
+        if type(fidelity).fn is DataFidelity.fn:
+            ax = op.A(xt)
+            _check_measurement(index, ax, yt)
+            out = fidelity.d(ax, yt, **kwargs)
+        else:
+            out = fidelity.fn(xt, yt, op, **kwargs)
+    return to_numpy(torch.as_tensor(out))
+
+def pointwise_grad_block(u: np.ndarray, y: np.ndarray, distance: Any) -> np.ndarray:
+    """``∇_u d(u, y)`` of a separable distance on one chunk."""
+    with torch.no_grad():
+        return distance.grad(torch.from_numpy(np.ascontiguousarray(u)), torch.from_numpy(np.ascontiguousarray(y))).numpy()
+
+def pointwise_value_block(u: np.ndarray, y: np.ndarray, distance: Any) -> np.ndarray:
+    """``d(u, y)`` of a separable distance on one chunk, per batch element: shape ``(B, 1, …, 1)``."""
+    with torch.no_grad():
+        v = distance.fn(torch.from_numpy(np.ascontiguousarray(u)), torch.from_numpy(np.ascontiguousarray(y)))
+    return v.double().numpy().reshape((u.shape[0],) + (1,) * (u.ndim - 1))

@@ -1,0 +1,89 @@
+"""Per-operator tasks: ``A_i``, ``A_iᵀ``, vector-Jacobian products, norms, pseudo-inverses."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from deepinv.physics import LinearPhysics
+
+from daskrecon.local import local_form
+from daskrecon.tasks.arrays import module_device, to_numpy, to_tensor, worker_device
+
+__all__ = ["adjoint_A_op", "adjoint_op", "build_measurement", "dagger_op", "describe", "forward_op", "local_form_of",
+           "sqnorm_op", "vjp_op"]
+
+
+def build_measurement(factory: Callable, index: int, shared: Any, device_mode: str | None) -> np.ndarray:
+    """Run a measurement factory ``factory(index, device, shared)`` on the worker."""
+    y = factory(index, worker_device(device_mode), shared)
+    return to_numpy(torch.as_tensor(y))
+
+@contextlib.contextmanager
+def _seeded(seed: int | None):
+    """Draw from ``seed`` inside the block, leaving the worker's global RNG as it was."""
+    if seed is None:
+        yield
+        return
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+def forward_op(op: torch.nn.Module, x: np.ndarray, kwargs: dict, seed: int | None, noise: bool) -> np.ndarray:
+    """``A_i(x)`` (``noise=False``) or ``forward_i(x)`` with noise drawn from ``seed``."""
+    dev = module_device(op)
+    with torch.no_grad(), _seeded(seed):
+        xt = to_tensor(x, dev)
+        out = op.forward(xt, **kwargs) if noise else op.A(xt, **kwargs)
+    return to_numpy(out)
+
+def adjoint_op(op: torch.nn.Module, y: np.ndarray, kwargs: dict) -> np.ndarray:
+    """``A_iᵀ y_i``."""
+    dev = module_device(op)
+    with torch.no_grad():
+        return to_numpy(op.A_adjoint(to_tensor(y, dev), **kwargs))
+
+def vjp_op(op: torch.nn.Module, x: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """``(∂A_i/∂x)ᵀ v_i``; by autograd when the operator is not linear."""
+    dev = module_device(op)
+    xt, vt = to_tensor(x, dev), to_tensor(v, dev)
+    with torch.enable_grad():
+        return to_numpy(op.A_vjp(xt, vt))
+
+def adjoint_A_op(op: torch.nn.Module, x: np.ndarray, kwargs: dict) -> np.ndarray:
+    """``A_iᵀ A_i x``."""
+    dev = module_device(op)
+    with torch.no_grad():
+        return to_numpy(op.A_adjoint_A(to_tensor(x, dev), **kwargs))
+
+def sqnorm_op(op: torch.nn.Module, x0: np.ndarray, max_iter: int, tol: float) -> float:
+    """``‖A_i‖²`` by the operator's own power method."""
+    dev = module_device(op)
+    with torch.no_grad():
+        out = op.compute_sqnorm(to_tensor(x0, dev), max_iter=max_iter, tol=tol, verbose=False)
+    return float(out)
+
+def dagger_op(op: torch.nn.Module, y: np.ndarray, kwargs: dict) -> np.ndarray:
+    """``A_i^† y_i`` by the operator's own pseudo-inverse.
+
+    Solver options are passed only where the operator's ``A_dagger`` names them (a
+    closed-form pseudo-inverse such as ``BlurFFT``'s takes none).
+    """
+    named = inspect.signature(op.A_dagger).parameters
+    kwargs = {k: v for k, v in kwargs.items() if k in named}
+    dev = module_device(op)
+    with torch.no_grad():
+        return to_numpy(op.A_dagger(to_tensor(y, dev), **kwargs))
+
+def describe(obj: Any) -> dict:
+    """What the driver needs to know about a built operator."""
+    return {"linear": isinstance(obj, LinearPhysics), "type": type(getattr(obj, "op", obj)).__name__}
+
+def local_form_of(op: Any) -> Any:
+    """The chunk-wise form of an operator built on this worker (:mod:`daskrecon.local`)."""
+    return local_form(op)
