@@ -4,8 +4,9 @@ Layout of a checkpoint directory::
 
     ckpt/
       x.zarr/        shape (2, *x.shape): two slots; a write goes to the slot not committed
-      COMMIT.json    {"iteration", "slot", "problem"}: replaced atomically (os.replace)
-                     after the slot's data is written and flushed
+      <name>.zarr/   the same for every other array of an algorithm's state (momentum...)
+      COMMIT.json    {"iteration", "slot", "problem", "extra"}: replaced atomically
+                     (os.replace) after every array's slot is written and flushed
 
 A crash at any moment leaves ``COMMIT.json`` pointing at a complete slot: the new data
 becomes visible only when the file is replaced, which POSIX makes atomic.
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import dask.array as da
 import numpy as np
 import zarr
 
@@ -63,7 +65,7 @@ class Checkpoint:
         self.path = Path(root) if self.local else root
         self.storage_options = None if self.local else (storage_options or {})
         self._commit = f"{root}/COMMIT.json"
-        self._array = str(Path(root) / "x.zarr") if self.local else f"{self.url.rstrip('/')}/x.zarr"
+        self._root = root
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.url!r})"
@@ -77,18 +79,26 @@ class Checkpoint:
             raise FileNotFoundError(f"no committed checkpoint in {self.url!r}")
         return json.loads(self.fs.cat_file(self._commit))
 
-    def load(self) -> Committed:
-        """The last committed iterate (read whole)."""
+    def _array_path(self, name: str) -> str:
+        if not name.isidentifier():
+            raise ValueError(f"array names are identifiers, got {name!r}")
+        return str(Path(self._root) / f"{name}.zarr") if self.local else f"{self.url.rstrip('/')}/{name}.zarr"
+
+    def load(self, name: str = "x") -> Committed:
+        """The last committed value of array ``name`` (read whole)."""
         meta = self.meta()
-        x = self.open_array("r")[meta["slot"]]
+        x = self.open_array("r", name)[meta["slot"]]
         return Committed(meta["iteration"], np.asarray(x), meta["problem"], meta.get("extra", {}))
 
-    def committed(self) -> Any:
-        """The last committed iterate as a dask array, read chunk by chunk from the store."""
-        import dask.array as da
+    def committed(self, name: str = "x", chunks: Any = None) -> Any:
+        """The last committed value of array ``name`` as a dask array, read chunk by chunk.
 
+        ``chunks`` reads it in those chunks directly (they need not be the store's).
+        """
         meta = self.meta()
-        return da.from_zarr(self.open_array("r"))[meta["slot"]]
+        arr = self.open_array("r", name)
+        spec = ((1, 1), *chunks) if chunks is not None else (1, *arr.chunks[1:])
+        return da.from_array(arr, chunks=spec, inline_array=True)[meta["slot"]]
 
     def check(self, problem: dict) -> None:
         """Refuse to resume a different problem, naming what differs."""
@@ -103,10 +113,10 @@ class Checkpoint:
     def _free_slot(self) -> int:
         return 1 - self.meta()["slot"] if self.exists() else 0
 
-    def save(self, iteration: int, x: np.ndarray, problem: dict, extra: dict | None = None) -> None:
+    def save(self, iteration: int, x: np.ndarray, problem: dict, extra: dict | None = None, name: str = "x") -> None:
         """Write ``x`` (a numpy array) into the free slot, then commit it atomically."""
         slot = self._free_slot()
-        arr = self._prepare(x.shape, x.dtype, (1, *x.shape))  # one chunk per slot: a slot is written whole
+        arr = self._prepare(x.shape, x.dtype, (1, *x.shape), name)  # one chunk per slot: a slot is written whole
         arr[slot] = x
         self._write_commit(iteration, slot, problem, extra)
 
@@ -120,21 +130,41 @@ class Checkpoint:
         ``client`` (default: the current one) and never waits for ever
         (:func:`daskrecon.waiting.compute`).
         """
-        import dask.array as da
-
-
-        slot = self._free_slot()
-        chunks = tuple(c[0] for c in x.chunks)
-        x = x.rechunk(chunks)  # regular chunks, aligned with the store's: writes need no lock
-        arr = self._prepare(x.shape, x.dtype, (1, *chunks))
-        region = (slice(slot, slot + 1), *(slice(None),) * x.ndim)
-        stored = da.store(x[None], arr, regions=region, lock=False, compute=False)
-        names = list(also or {})
-        _, *values = compute([stored, *[also[k] for k in names]], client=client, what="checkpoint write",
-                             stall_timeout=stall_timeout)
-        out = dict(zip(names, values))
-        self._write_commit(iteration, slot, problem, extra(out) if callable(extra) else extra)
+        slot, out = self.write({"x": x}, also, client=client, stall_timeout=stall_timeout)
+        self.commit(iteration, slot, problem, extra(out) if callable(extra) else extra)
         return out
+
+    def store_tasks(self, arrays: dict[str, Any]) -> tuple[int, list]:
+        """Lazy writes of ``arrays`` (dask arrays, by name) into the free slot: ``(slot, [store arrays])``.
+
+        The store's chunks are the first dask chunk's; every dask chunk boundary must be one of
+        theirs, so that no two tasks write one Zarr chunk (no lock, no lost write: zarr-python
+        #3514). A dask array whose chunks are not so is rechunked to regular ones first.
+        """
+        slot = self._free_slot()
+        stores = []
+        for name, x in arrays.items():
+            chunks = tuple(c[0] for c in x.chunks)
+            aligned = all(not (np.cumsum(sizes)[:-1] % size).any() for sizes, size in zip(x.chunks, chunks))
+            if not aligned:
+                x = x.rechunk(chunks)
+            arr = self._prepare(x.shape, x.dtype, (1, *chunks), name)
+            region = (slice(slot, slot + 1), *(slice(None),) * x.ndim)
+            stores.append(da.store(x[None], arr, regions=region, lock=False, compute=False))
+        return slot, stores
+
+    def write(self, arrays: dict[str, Any], also: dict | None = None, *, client: Any = None,
+              stall_timeout: float | None = None) -> tuple[int, dict]:
+        """Write ``arrays`` into the free slot and compute ``also`` in the same pass; nothing is committed."""
+        slot, stores = self.store_tasks(arrays)
+        names = list(also or {})
+        values = compute([*stores, *[also[k] for k in names]], client=client, what="checkpoint write",
+                         stall_timeout=stall_timeout)
+        return slot, dict(zip(names, values[len(stores):]))
+
+    def commit(self, iteration: int, slot: int, problem: dict, extra: dict | None = None) -> None:
+        """Make ``slot`` the committed state at ``iteration`` (atomic)."""
+        self._write_commit(iteration, slot, problem, extra)
 
     def _write_commit(self, iteration: int, slot: int, problem: dict, extra: dict | None) -> None:
         record = json.dumps({"iteration": iteration, "slot": slot, "problem": problem, "extra": extra or {}})
@@ -148,14 +178,14 @@ class Checkpoint:
         else:
             self.fs.pipe_file(self._commit, record.encode())
 
-    def open_array(self, mode: str = "r") -> Any:
-        return zarr.open_array(self._array, mode=mode, storage_options=self.storage_options)
+    def open_array(self, mode: str = "r", name: str = "x") -> Any:
+        return zarr.open_array(self._array_path(name), mode=mode, storage_options=self.storage_options)
 
-    def _prepare(self, shape: tuple, dtype: Any, chunks: tuple) -> Any:
+    def _prepare(self, shape: tuple, dtype: Any, chunks: tuple, name: str = "x") -> Any:
         self.fs.makedirs(str(self.path), exist_ok=True)
         full = (2, *shape)
         try:
-            arr = self.open_array("r+")
+            arr = self.open_array("r+", name)
             if arr.shape == full and arr.dtype == dtype and tuple(arr.chunks) == tuple(chunks):
                 return arr
         except (FileNotFoundError, zarr.errors.NodeNotFoundError):
@@ -164,5 +194,5 @@ class Checkpoint:
             # A new layout replaces both slots: drop the commit first, so a crash from here
             # on leaves "no checkpoint", never a commit pointing into a rewritten array.
             self.fs.rm_file(self._commit)
-        return zarr.create_array(self._array, shape=full, chunks=chunks, dtype=dtype, overwrite=True,
+        return zarr.create_array(self._array_path(name), shape=full, chunks=chunks, dtype=dtype, overwrite=True,
                                  storage_options=self.storage_options)

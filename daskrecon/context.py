@@ -18,6 +18,7 @@ from daskrecon._scheduler import MEMBERSHIP_TOPIC, ReleaseOrphanedRestrictions
 from daskrecon.cluster import local_cluster, spawned_by_multiprocessing
 from daskrecon.collectives import SingleRank
 from daskrecon.errors import ClusterConnectionError, DaskreconError, DeviceError
+from daskrecon.memory_trim import TrimUnderPressure
 from daskrecon.sharding import SHARDINGS, assign_owners
 from daskrecon.tasks import arrays as array_tasks
 from daskrecon.waiting import DEFAULT_STALL_TIMEOUT, bounded
@@ -217,7 +218,7 @@ class DistributedContext(SingleRank):
         self._owns_cluster = False
         # Worker list, refreshed when the scheduler plugin announces a join or a departure.
         self._membership: int | None = None
-        self._workers_seen: tuple[int, list[str], float] | None = None
+        self._workers_seen: tuple[int, dict[str, int], float] | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> DistributedContext:
@@ -354,7 +355,7 @@ class DistributedContext(SingleRank):
                     os.environ[k] = v
 
     def _configure_workers(self) -> None:
-        client, timeout = self.client, self.stall_timeout
+        client, timeout = self.client, self.setup_timeout
         try:
             plugin = ReleaseOrphanedRestrictions()
             bounded(client, client._register_scheduler_plugin, plugin=plugin, name=plugin.name, idempotent=True,
@@ -365,6 +366,9 @@ class DistributedContext(SingleRank):
         else:
             self._membership = 0
             self.client.subscribe_topic(MEMBERSHIP_TOPIC, self._on_membership)
+        if self.malloc == "fast":  # keep the fast allocator from holding freed memory near the limit
+            bounded(client, client._register_worker_plugin, plugin=TrimUnderPressure(), name=TrimUnderPressure.name,
+                    idempotent=True, what="installing the memory trim on the workers", timeout=timeout)
         threads = self.torch_threads or getattr(self, "_local_torch_threads", None)
         if threads is not None:
             bounded(client, client._register_worker_plugin, plugin=_TorchThreads(threads),
@@ -408,20 +412,28 @@ class DistributedContext(SingleRank):
 
     def workers(self) -> list[str]:
         """Addresses of the current workers, sorted (a stable order for sharding)."""
-        generation, now = self._membership, time.monotonic()
-        seen = self._workers_seen
-        # Re-read at least every _WORKERS_TTL s: an event sent while subscribing would be missed.
-        if generation is not None and seen is not None and seen[0] == generation and now - seen[2] < _WORKERS_TTL:
-            return list(seen[1])
-        workers = sorted(scheduler_workers(self.client, self.stall_timeout))
-        if generation is not None:
-            self._workers_seen = (generation, workers, now)
-        return list(workers)
+        return list(self.worker_threads())
 
     def worker_threads(self) -> dict[str, int]:
-        """Threads of each current worker, by address, in :meth:`workers` order."""
+        """Threads of each current worker, by address, sorted.
+
+        Asked of the scheduler again only after a join or departure is announced (or every
+        30 s: an event sent while subscribing would be missed).
+        """
+        generation, now = self._membership, time.monotonic()
+        seen = self._workers_seen
+        if generation is not None and seen is not None and seen[0] == generation and now - seen[2] < _WORKERS_TTL:
+            return dict(seen[1])
         info = scheduler_workers(self.client, self.stall_timeout)
-        return {w: int(info[w].get("nthreads", 1)) for w in sorted(info)}
+        threads = {w: int(info[w].get("nthreads", 1)) for w in sorted(info)}
+        if generation is not None:
+            self._workers_seen = (generation, threads, now)
+        return dict(threads)
+
+    @property
+    def setup_timeout(self) -> float:
+        """Bound on set-up calls to every worker (plugins): they may still be importing torch."""
+        return max(self.timeout, self.stall_timeout, 60.0)
 
     @property
     def num_workers(self) -> int:

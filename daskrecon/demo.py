@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from daskrecon.solvers import psnr as _psnr
+from daskrecon.engine import psnr as _psnr
 
 __all__ = ["demo_problem", "run_demo"]
 

@@ -8,27 +8,21 @@ from typing import Any
 import dask.array as da
 import numpy as np
 import torch
-from deepinv.optim import distance as _distance
 from deepinv.optim.data_fidelity import DataFidelity, StackedPhysicsDataFidelity
 from distributed import Future
 
 from daskrecon.tasks import fidelity as fidelity_tasks
 from daskrecon.context import DistributedContext
-from daskrecon.errors import MeasurementError, ShapeError
-from daskrecon._arrays import as_dask, gather_arrays, gather_tensors, sum_in_order
+from daskrecon.errors import MeasurementError
+from daskrecon import graph
+from daskrecon._arrays import as_dask, gather_arrays, gather_tensors
 from daskrecon.physics import DistributedPhysics, refuse_autograd
 from daskrecon.placement import ObjectSet
-from daskrecon.waiting import compute
+from daskrecon.terms import plan_terms
 
 __all__ = ["DistributedDataFidelity"]
 
 _REDUCTIONS = ("sum", "mean")
-
-# Distances that act pixel by pixel: d(u, y) = Σ_pixels φ(u_p, y_p), so chunk-wise values add up.
-SEPARABLE_DISTANCES = tuple(
-    getattr(_distance, n) for n in ("L2Distance", "L1Distance", "PoissonLikelihoodDistance", "LogPoissonLikelihoodDistance")
-    if hasattr(_distance, n)
-)
 
 FidelityFactory = Callable[[int, torch.device, "dict | None"], DataFidelity]
 
@@ -229,41 +223,20 @@ class DistributedDataFidelity:
         return z, client.submit(fidelity_tasks.last_value, gv, scale, pure=False), labels
 
     def _chunked(self, method: str, x: da.Array, y: Any, physics: Any, kwargs: dict) -> da.Array:
-        """``fn`` / ``grad`` on a dask array: lazily, chunk by chunk, for local operators and
-        pixel-wise distances; otherwise on the assembled image."""
+        """``fn`` / ``grad`` on a dask array, lazily, as one graph (:mod:`daskrecon.graph`): chunk by
+        chunk for chunk-wise operators with pixel-wise distances, whole on their worker for the others."""
         physics = self._check_physics(physics)
         n = physics.num_operators
+        if kwargs:
+            raise TypeError(f"fidelity options {sorted(kwargs)} apply to tensors only; pass x as a tensor")
         ys = [y[i] for i in range(len(y))] if hasattr(y, "__len__") and not isinstance(y, torch.Tensor) else [y]
         if len(ys) != n:
             raise MeasurementError(f"y has {len(ys)} entries but the physics has {n} operators")
-        fids = [self._sources(i) for i in range(n)]
-        pointwise = all(isinstance(f, DataFidelity) and fidelity_tasks.uses_chain_rule(f) and isinstance(f.d, SEPARABLE_DISTANCES)
-                        for f in fids)
-        if kwargs or not pointwise or not physics.chunkable:
-            from deepinv.utils import TensorList
-
-            values = compute([x, *[as_dask(v, f"y[{i}]") for i, v in enumerate(ys)]], client=self.ctx.client,
-                             what="assembling a dask array", stall_timeout=self.ctx.stall_timeout)
-            yt = TensorList([torch.from_numpy(np.asarray(v)) for v in values[1:]])
-            res = getattr(self, method)(torch.from_numpy(np.asarray(values[0])), yt, physics, **kwargs)
-            return da.from_array(res.cpu().numpy())
-        terms = []
-        for i, (form, fid, yi) in enumerate(zip(physics.local_forms(), fids, ys)):
-            u = form.apply(x)
-            yi = as_dask(yi, f"y[{i}]")
-            if yi.shape != u.shape:
-                raise ShapeError(f"y[{i}] has shape {yi.shape} but operator {i} maps x to shape {u.shape}; "
-                                 "check the image shape and that y is in operator order")
-            yi = yi.astype(u.dtype).rechunk(u.chunks)
-            if method == "grad":
-                r = da.map_blocks(fidelity_tasks.pointwise_grad_block, u, yi, distance=fid.d, dtype=u.dtype)
-                terms.append(form.adjoint(r, x.chunks))
-            else:
-                v = da.map_blocks(fidelity_tasks.pointwise_value_block, u, yi, distance=fid.d, dtype=np.float64,
-                                  chunks=(u.chunks[0], *((1,) * len(c) for c in u.chunks[1:])))
-                terms.append(v.sum(axis=(1, 2, 3)))
-        total = sum_in_order(terms)
-        return total / n if self.reduction == "mean" else total
+        problem = plan_terms(physics, self, [as_dask(v, f"y[{i}]") for i, v in enumerate(ys)], x)
+        if method == "grad":
+            grad, _ = graph.gradient(problem, x)
+            return grad * np.asarray(problem.scale, dtype=grad.dtype) if problem.scale != 1.0 else grad
+        return graph.batch_values(problem, x) * problem.scale
 
     def prox(self, x: torch.Tensor, y: Any, physics: DistributedPhysics, *args: Any, gamma: float = 1.0, **kwargs: Any) -> torch.Tensor:
         """Proximal operator of a single shared fidelity on the whole stack.

@@ -17,6 +17,7 @@ stream through Zarr too. Global operators (tomography, MRI, any other ``Physics`
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -100,6 +101,28 @@ class LocalOperator:
             bound *= float(np.abs(np.asarray(self.mask, dtype=np.float64)).max()) ** 2
         return bound
 
+    def with_placed_mask(self, mask: da.Array) -> LocalOperator:
+        """This operator with its mask given as a dask array already in cluster memory.
+
+        A numpy mask is embedded in every graph that uses it; an image-sized one
+        (``Inpainting``) would travel with every iteration.
+        """
+        return dataclasses.replace(self, mask=mask)
+
+    def mask_array(self, dtype: Any) -> np.ndarray | None:
+        """The mask as an array broadcastable to ``(B, C, H, W)`` (bool kept, numbers cast to ``dtype``)."""
+        if self.mask is None or isinstance(self.mask, da.Array):
+            return None
+        m = np.asarray(self.mask)
+        if m.dtype != bool:
+            m = m.astype(dtype, copy=False)
+        return m.reshape((1,) * (4 - m.ndim) + m.shape)
+
+    def input_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Shape of ``x`` for a ``y = A(x)`` of ``shape``."""
+        f = self.factor
+        return (*shape[:-2], shape[-2] * f, shape[-1] * f)
+
     def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """Shape of ``A(x)`` for an ``x`` of ``shape``."""
         f = self.factor
@@ -119,6 +142,11 @@ class LocalOperator:
 
     # ------------------------------------------------------------------ graphs
     def _mask_like(self, a: da.Array) -> da.Array | np.ndarray:
+        if isinstance(self.mask, da.Array):  # placed on the cluster once (see with_placed_mask)
+            m = self.mask
+            if m.shape[-2:] != a.shape[-2:]:
+                raise ShapeError(f"{self.name}: mask of shape {m.shape} does not fit an image of shape {a.shape}")
+            return m.rechunk((-1, -1, a.chunks[2], a.chunks[3]))
         m = np.asarray(self.mask)
         if m.dtype != bool:
             m = m.astype(a.dtype, copy=False)

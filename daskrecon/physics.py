@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import dask
 import dask.array as da
 import numpy as np
 import torch
@@ -22,10 +23,12 @@ from distributed import Future
 
 from daskrecon.tasks import arrays as array_tasks
 from daskrecon.tasks import operators as operator_tasks
-from daskrecon._arrays import as_dask, as_numpy, gather_arrays, gather_tensors, place, sum_in_order
+from daskrecon import graph
+from daskrecon._arrays import as_dask, as_numpy, gather_arrays, gather_tensors, place
 from daskrecon.context import DistributedContext
 from daskrecon.errors import LinearityError, MeasurementError
 from daskrecon.fingerprint import fingerprint
+from daskrecon.memory import check_fits
 from daskrecon.measurements import DistributedMeasurements
 from daskrecon.placement import ObjectSet, Placement
 from daskrecon.waiting import compute
@@ -438,36 +441,47 @@ class DistributedPhysics(Physics):
         return all(f is not None for f in self.local_forms())
 
     def _chunked(self, method: str, arg: Any, reduce_op: str | None):
+        """``A`` / ``A_adjoint`` / ``A_adjoint_A`` of dask arrays, lazily: chunk by chunk for operators
+        with a chunk-wise form, whole on their worker for the others (never through the driver)."""
         if reduce_op not in (None, *_REDUCE_OPS):
             raise ValueError(f"reduce_op must be None, 'sum' or 'mean', got {reduce_op!r}")
         n = self.num_operators
         if method == "A_adjoint" and len(arg) != n:
             raise MeasurementError(f"y has {len(arg)} entries but the physics has {n} operators")
-        if not self.chunkable:
-            return self._assembled(method, arg, reduce_op)
         forms = self.local_forms()
-        if method == "A":
-            out = [f.apply(arg) for f in forms]
-        elif method == "A_adjoint":
-            out = [f.adjoint(as_dask(v, f"y[{i}]")) for i, (f, v) in enumerate(zip(forms, arg))]
-        else:
-            out = [f.adjoint(f.apply(arg), arg.chunks) for f in forms]
+        ins = [as_dask(v, f"y[{i}]") for i, v in enumerate(arg)] if method == "A_adjoint" else [arg] * n
+        whole_ops = [i for i, f in enumerate(forms) if f is None]
+        if whole_ops:
+            largest = max(ins[i].nbytes for i in whole_ops)
+            check_fits(self.ctx.client, 6 * largest, f"operators {whole_ops} (no chunk-wise form) on a whole "
+                       f"array of {largest / 2**20:.1f} MiB", "give them a chunk-wise form "
+                       "(daskrecon.local.local_form.register), or give the workers more memory")
+        tag = graph.token(method.lower().replace("_", "-"))
+        fn = {"A": operator_tasks.forward_op, "A_adjoint": operator_tasks.adjoint_op,
+              "A_adjoint_A": operator_tasks.adjoint_A_op}[method]
+        extra = {"A": ({}, None, False), "A_adjoint": ({},), "A_adjoint_A": ({},)}[method]
+        owners = self.owners if whole_ops else None
+        placed, out = [], []
+        for i, (form, v) in enumerate(zip(forms, ins)):
+            if form is not None:
+                out.append(form.apply(v) if method == "A" else
+                           form.adjoint(v) if method == "A_adjoint" else form.adjoint(form.apply(v), v.chunks))
+                continue
+            d = graph.placed(fn, owners[i], [self.objects.ref(i, owners[i])], graph.whole(v, f"assemble-{i}-{tag}"),
+                             *extra, name=f"operator-{tag}-{i}")
+            placed.append((i, d))
+            out.append(None)
+        if placed:  # shapes of whole-image results: asked once of the workers
+            metas = compute([dask.delayed(_shape_dtype, pure=True)(d) for _, d in placed], client=self.ctx.client,
+                            what=f"{method} of a dask array", stall_timeout=self.ctx.stall_timeout,
+                            optimize_graph=False)
+            for (i, d), (shape, dtype) in zip(placed, metas):
+                out[i] = da.from_delayed(d, shape, dtype=dtype)
         if reduce_op is None:
             return out
-        total = sum_in_order(out)
+        ref = next((o for o in out if o.numblocks != (1,) * o.ndim), out[0])
+        total = graph.tree_sum([o.rechunk(ref.chunks) for o in out], self.ctx.fan_in, f"tree-sum-{tag}")
         return total / n if reduce_op == "mean" else total
-
-    def _assembled(self, method: str, arg: Any, reduce_op: str | None):
-        """A global operator on a dask array: compute it, use the per-operator tasks, wrap the result."""
-        opts = dict(client=self.ctx.client, what="assembling a dask array", stall_timeout=self.ctx.stall_timeout)
-        if method == "A_adjoint":
-            values = compute([as_dask(v, f"y[{i}]") for i, v in enumerate(arg)], **opts)
-            res = self.A_adjoint(TensorList([torch.from_numpy(np.asarray(v)) for v in values]), reduce_op=reduce_op)
-        else:
-            res = getattr(self, method)(torch.from_numpy(np.asarray(compute([arg], **opts)[0])), reduce_op=reduce_op)
-        if isinstance(res, torch.Tensor):
-            return da.from_array(res.cpu().numpy())
-        return [da.from_array(t.cpu().numpy()) for t in res]
 
     # ------------------------------------------------------------------ misc
     def fingerprint(self) -> str:
@@ -500,3 +514,7 @@ class DistributedLinearPhysics(DistributedPhysics, LinearPhysics):
 
 DistributedStackedPhysics = DistributedPhysics
 DistributedStackedLinearPhysics = DistributedLinearPhysics
+
+
+def _shape_dtype(a: np.ndarray) -> tuple[tuple[int, ...], str]:
+    return tuple(a.shape), str(a.dtype)

@@ -29,7 +29,6 @@ from daskrecon._scheduler import PLACED
 from daskrecon.context import DistributedContext
 from daskrecon.reduction import tree_reduce
 from daskrecon.sharding import reassign_owners
-from daskrecon.waiting import bounded
 
 __all__ = ["ObjectSet", "Placement"]
 
@@ -78,12 +77,7 @@ class Placement:
         for worker in {previous[i] for i in moved} & alive:
             slots = [i for i in moved if previous[i] == worker]
             for objects in list(self._sets):
-                try:
-                    client = self.ctx.client
-                    bounded(client, client._run, registry.forget_objects, objects.token, objects.slots_of(slots),
-                            workers=[worker], wait=False, what="evicting moved operators", timeout=10)
-                except Exception:  # best effort: a stale copy only costs memory
-                    pass
+                _fire_and_forget(self.ctx.client, objects.token, objects.slots_of(slots), [worker])
 
     def register(self, objects: ObjectSet) -> None:
         self._sets.add(objects)
@@ -183,9 +177,14 @@ class ObjectSet:
 
 
 def _forget_everywhere(client: Client, token: str) -> None:
+    _fire_and_forget(client, token, None, None)
+
+
+def _fire_and_forget(client: Client, token: str, slots: list[int] | None, workers: list[str] | None) -> None:
+    """Ask workers to drop objects, without waiting: runs from finalizers, on any thread, even the client's loop."""
     try:
         if client.status == "running":
-            bounded(client, client._run, registry.forget_objects, token, wait=False, what="freeing operators",
-                    timeout=10)
-    except Exception:  # interpreter shutdown, closed client: nothing left to free
+            client.loop.add_callback(client._run, registry.forget_objects, token, slots, workers=workers, wait=False,
+                                     on_error="ignore")
+    except Exception:  # interpreter shutdown, closed client: a stale copy only costs memory
         pass

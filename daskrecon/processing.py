@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import cloudpickle
+import dask
 import dask.array as da
 import numpy as np
 import torch
@@ -51,10 +52,10 @@ class _ModelPlugin(WorkerPlugin):
 
     def setup(self, worker: Any) -> None:
         # Runs on the worker's event loop: store bytes only, unpickle in the first task.
-        denoising_tasks.store_model_payload(self.key, self.payload)
+        denoising_tasks.store_model_payload(self.key, self.payload, getattr(worker, "address", None))
 
     def teardown(self, worker: Any) -> None:
-        denoising_tasks.forget_model(self.key)
+        denoising_tasks.forget_model(self.key, getattr(worker, "address", None))
 
 
 def default_align(model: Any) -> int:
@@ -202,10 +203,11 @@ class DistributedProcessing:
         self._fingerprint = fingerprint((processor, channels_last))
         bounded(ctx.client, ctx.client._register_worker_plugin, plugin=_ModelPlugin(self.key, payload),
                 name=self._plugin_name, idempotent=False, what="sending the model to the workers",
-                timeout=ctx.stall_timeout)
+                timeout=ctx.setup_timeout)
         self._strategies: dict[tuple, DistributedSignalStrategy] = {}
         self._param_dtype = _param_dtype(processor)
         self._activations: dict[tuple, float | None] = {}
+        self._checked: set[tuple] = set()
         # deepinv 0.5's activation checkpointing of tile batches: it concerns backward passes, which
         # do not cross workers yet (a grad-requiring input is refused); kept for when they do.
         self.checkpoint_batches = checkpoint_batches
@@ -366,7 +368,19 @@ class DistributedProcessing:
         return out.to(self.ctx.device)
 
     # ------------------------------------------------------------------ dask arrays
-    def _run_dask(self, x: da.Array, method: str, args: tuple, kwargs: dict) -> da.Array:
+    def geometry(self, shape: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """Tiled dimensions, tile cores and overlaps for an input of ``shape`` (after alignment)."""
+        probe = OverlapTilingStrategy(tuple(shape), self.tiling_dims, self.patch_size, self.overlap, self.align,
+                                      self.blend)
+        return probe.tiling_dims, tuple(probe.patch_size), tuple(probe.overlap)
+
+    def _run_dask(self, x: da.Array, method: str, args: tuple, kwargs: dict, *, name: str | None = None,
+                  workers: Any = None) -> da.Array:
+        """``map_overlap`` of the tiled network over ``x``'s chunks.
+
+        ``workers``, a function of a chunk's block index, places each chunk's task (loosely);
+        ``name`` names the tasks on the dashboard.
+        """
         if isinstance(self.strategy, DistributedSignalStrategy) or self.strategy == "basic":
             raise TypeError("dask arrays are processed with overlap tiling inside each chunk; "
                             "custom and 'basic' strategies apply to torch tensors")
@@ -374,9 +388,9 @@ class DistributedProcessing:
             raise ShapeError(f"x must be (B, C, *spatial), got shape {x.shape}")
         if x.numblocks[1] != 1:
             x = x.rechunk({1: -1})  # the network needs every channel of a pixel
-        probe = OverlapTilingStrategy(x.shape, self.tiling_dims, self.patch_size, self.overlap, self.align, self.blend)
+        tiling_dims, patch, overlap = self.geometry(x.shape)
         depth = {d: 0 for d in range(x.ndim)}
-        for d, o in zip(probe.tiling_dims, probe.overlap):
+        for d, o in zip(tiling_dims, overlap):
             depth[d] = o
             chunks = x.chunks[d]
             if len(chunks) > 1 and chunks[-1] < o <= min(chunks[:-1]):
@@ -390,23 +404,34 @@ class DistributedProcessing:
                 raise ShapeError(f"chunks along axis {d} must be multiples of align={self.align} "
                                  f"for this network, got {chunks[:3]}...; rechunk to multiples of {self.align}")
         for d in range(x.ndim):
-            if d not in probe.tiling_dims and d > 1 and x.numblocks[d] > 1:
+            if d not in tiling_dims and d > 1 and x.numblocks[d] > 1:
                 x = x.rechunk({d: -1})
-        tiling = dict(tiling_dims=probe.tiling_dims, patch_size=probe.patch_size, overlap=probe.overlap,
-                      align=self.align, blend=self.blend)
+        tiling = dict(tiling_dims=tiling_dims, patch_size=patch, overlap=overlap, align=self.align, blend=self.blend)
+        self._check_chunk(x, depth, tiling_dims, patch, overlap, method, args, kwargs)
+        meta = np.empty((0,) * x.ndim, dtype=x.dtype)
+        extra = {"name": name} if name else {}
+        with dask.annotate(**({"workers": workers, "allow_other_workers": True} if workers else {})):
+            return x.map_overlap(
+                denoising_tasks.process_block, depth=depth, boundary="none", dtype=x.dtype, meta=meta,
+                model_key=self.key, device_mode=self.ctx.device_mode, method=method, tiling=tiling,
+                max_batch_size=self.max_batch_size, args=args, kwargs=kwargs, **extra,
+            )
+
+    def _check_chunk(self, x: da.Array, depth: dict, tiling_dims: tuple, patch: tuple, overlap: tuple, method: str,
+                     args: tuple, kwargs: dict) -> None:
+        """Refuse a chunk task that cannot fit a worker; once per chunk geometry (it asks the scheduler)."""
+        key = (tuple(max(c) for c in x.chunks), str(x.dtype), method, repr(args), repr(sorted(kwargs.items())),
+               self.ctx.membership)
+        if key in self._checked:
+            return
         itemsize = np.dtype(x.dtype).itemsize
         block = [max(c) + 2 * depth[d] if d > 1 else max(c) for d, c in enumerate(x.chunks)]
-        window = [min(p + 2 * o, block[d]) for d, p, o in zip(probe.tiling_dims, probe.patch_size, probe.overlap)]
+        window = [min(p + 2 * o, block[d]) for d, p, o in zip(tiling_dims, patch, overlap)]
         need = 3 * math.prod(block) * itemsize + self._tile_bytes(method, block, window, self.max_batch_size or 1,
                                                                   args, kwargs, itemsize)
         self._check_memory(need, f"one chunk task (chunk with halo {'×'.join(map(str, block))}, {x.dtype}) "
                                  f"tiled in windows of {'×'.join(map(str, window))} pixels")
-        meta = np.empty((0,) * x.ndim, dtype=x.dtype)
-        return x.map_overlap(
-            denoising_tasks.process_block, depth=depth, boundary="none", dtype=x.dtype, meta=meta,
-            model_key=self.key, device_mode=self.ctx.device_mode, method=method, tiling=tiling,
-            max_batch_size=self.max_batch_size, args=args, kwargs=kwargs,
-        )
+        self._checked.add(key)
 
 
 class DistributedPrior:

@@ -1,10 +1,20 @@
-"""`DistributedSignal`: the iterate of a reconstruction, as a tensor or as a chunked array in Zarr."""
+"""`DistributedSignal`: the iterate of a reconstruction, as a tensor or as a chunked array on the cluster.
+
+A *chunked* signal never lives on the driver: its value is a dask array whose chunks are
+persisted in cluster memory, or stored in a double-buffered Zarr array (a
+:class:`~daskrecon.checkpoint.Checkpoint`) when it is larger than memory. Every update
+computes the new value together with any reductions asked for (``also``) in one pass, and
+commits it atomically when a store is set. Several signals sharing one store (an
+algorithm's whole state) are updated and committed together by :func:`advance`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import dask
 import dask.array as da
 import numpy as np
 import torch
@@ -14,7 +24,7 @@ from daskrecon.context import DistributedContext
 from daskrecon.errors import ShapeError
 from daskrecon.waiting import compute
 
-__all__ = ["DistributedSignal"]
+__all__ = ["DistributedSignal", "advance"]
 
 #: ``.data`` of a chunked signal is a tensor up to this size, else a dask array.
 FITS_BYTES = 256 * 2**20
@@ -31,20 +41,27 @@ class DistributedSignal:
     dtype : torch.dtype
     init : torch.Tensor or dask array, optional
         Initial value (default zeros).
-    store : str, optional
-        A local directory or an fsspec URL (``s3://…``): every :meth:`update_` is
-        committed there crash-safely (double-buffered Zarr array + atomic commit record,
-        :mod:`daskrecon.checkpoint`): the stored state is never half old, half new, and
-        :meth:`restore` reads the last complete one back.
-    chunks : tuple of int, optional
-        Makes the signal *chunked*: its value is a dask array with these chunks, written
-        chunk by chunk to ``store`` (or persisted in cluster memory when ``store`` is
-        None), so it may be larger than the driver's memory. Given a dask ``init``, its
-        chunks are used.
+    store : str or Checkpoint, optional
+        A local directory or an fsspec URL (``s3://…``), or a
+        :class:`~daskrecon.checkpoint.Checkpoint` shared with other signals: every update is
+        committed there crash-safely (double-buffered Zarr array + atomic commit record):
+        the stored state is never half old, half new, and :meth:`restore` reads the last
+        complete one back.
+    chunks : tuple, optional
+        Makes the signal *chunked*: its value is a dask array with these chunks (a tuple of
+        ints, or dask's tuple of tuples), persisted in cluster memory or streamed through
+        ``store``. Given a dask ``init``, its chunks are used. :attr:`chunks` gives the size
+        per axis, :attr:`block_chunks` dask's full form.
     storage_options : dict, optional
         fsspec options for a URL ``store``.
     fits_bytes : int
         A chunked signal's :attr:`data` is a tensor up to this size, else a dask array.
+    name : str
+        The array's name in ``store`` (``"x"``; an algorithm's other state arrays have others).
+    in_memory : bool, optional
+        Chunked signals: keep the value in cluster memory (default without ``store``) or
+        stream it through ``store`` (default with one: the value may exceed the cluster's
+        memory). In memory with a store, the store is written when an update is committed.
 
     Notes
     -----
@@ -52,33 +69,47 @@ class DistributedSignal:
     tensor, as deepinv's ``DistributedSignal`` does.
     """
 
-    def __init__(self, ctx: DistributedContext, shape: Sequence[int], dtype: torch.dtype = torch.float32,
-                 init: Any = None, store: str | None = None, *, chunks: Sequence[int] | None = None,
-                 storage_options: dict | None = None, fits_bytes: int = FITS_BYTES) -> None:
+    def __init__(self, ctx: DistributedContext, shape: Sequence[int], dtype: torch.dtype | Any = torch.float32,
+                 init: Any = None, store: str | os.PathLike | Checkpoint | None = None, *,
+                 chunks: Sequence[Any] | None = None, storage_options: dict | None = None,
+                 fits_bytes: int = FITS_BYTES, name: str = "x", in_memory: bool | None = None) -> None:
         self.ctx = ctx
         self.shape = torch.Size(shape)
-        self.dtype = dtype
+        self._np_dtype = dtype if isinstance(dtype, np.dtype) else torch.empty((), dtype=dtype).numpy().dtype
+        self.dtype = torch.from_numpy(np.empty((), self._np_dtype)).dtype
         self.fits_bytes = fits_bytes
-        self._np_dtype = torch.empty((), dtype=dtype).numpy().dtype
+        self.name = name
         if chunks is None and isinstance(init, da.Array):
-            chunks = tuple(c[0] for c in init.chunks)
-        self.chunks = None if chunks is None else tuple(int(c) for c in chunks)
-        if self.chunks is not None and len(self.chunks) != len(self.shape):
-            raise ShapeError(f"chunks {self.chunks} do not match the signal's {len(self.shape)} axes")
-        self._store = Checkpoint(store, storage_options) if store else None
+            chunks = init.chunks
+        self.block_chunks = None if chunks is None else _normalize(chunks, tuple(self.shape))
+        if store is not None and not isinstance(store, Checkpoint):
+            store = Checkpoint(store, storage_options)
+        self._store: Checkpoint | None = store
+        self.in_memory = (store is None) if in_memory is None else bool(in_memory)
+        if not self.in_memory and store is None:
+            raise ValueError("a signal streamed through Zarr (in_memory=False) needs a store")
         self._tensor: torch.Tensor | None = None
         self._array: da.Array | None = None
         self.iteration = 0
         if init is not None:
             self._set(init, 0)  # stored (when a store is set) as iteration 0, like the count
-        elif self.chunks is None:
-            self._tensor = torch.zeros(self.shape, dtype=dtype, device=ctx.device)
+        elif self.block_chunks is None:
+            self._tensor = torch.zeros(self.shape, dtype=self.dtype, device=ctx.device)
         else:
-            self._array = da.zeros(tuple(self.shape), chunks=self.chunks, dtype=self._np_dtype)
+            self._array = da.zeros(tuple(self.shape), chunks=self.block_chunks, dtype=self._np_dtype)
 
     @property
     def chunked(self) -> bool:
-        return self.chunks is not None
+        return self.block_chunks is not None
+
+    @property
+    def chunks(self) -> tuple[int, ...] | None:
+        """The chunk size along each axis (the last chunk may differ: :attr:`block_chunks`)."""
+        return None if self.block_chunks is None else tuple(c[0] for c in self.block_chunks)
+
+    @property
+    def store(self) -> Checkpoint | None:
+        return self._store
 
     @property
     def data(self) -> Any:
@@ -98,7 +129,7 @@ class DistributedSignal:
 
     @property
     def array(self) -> da.Array:
-        """The current value as a dask array (lazy; read chunk by chunk from the store)."""
+        """The current value as a dask array (lazy; in cluster memory or read chunk by chunk from the store)."""
         if not self.chunked:
             return da.from_array(self._tensor.detach().cpu().numpy())
         return self._array
@@ -110,7 +141,9 @@ class DistributedSignal:
         """Replace the value (a tensor or a dask array of the signal's shape); commit it if a store is set."""
         return self._set(value, self.iteration + 1)
 
-    def _set(self, value: Any, iteration: int) -> DistributedSignal:
+    copy_ = update_
+
+    def _check(self, value: Any) -> Any:
         if isinstance(value, DistributedSignal):
             value = value.array if value.chunked else value.data
         if not isinstance(value, (torch.Tensor, da.Array)):
@@ -120,38 +153,34 @@ class DistributedSignal:
             raise ShapeError(f"update_ got shape {tuple(value.shape)} for a signal of shape {tuple(self.shape)}")
         if isinstance(value, torch.Tensor) and (value.is_complex() != self.dtype.is_complex):
             raise TypeError(f"update_ got a {value.dtype} tensor for a {self.dtype} signal")
+        return value
+
+    def _set(self, value: Any, iteration: int) -> DistributedSignal:
+        value = self._check(value)
         # The count moves only once the new value is in place (and committed, with a store).
         if not self.chunked:
             if isinstance(value, da.Array):
                 value = torch.from_numpy(np.asarray(self._compute(value)))
             tensor = value.detach().to(device=self.ctx.device, dtype=self.dtype).clone()
             if self._store is not None:
-                self._store.save(iteration, tensor.cpu().numpy(), {"shape": list(self.shape)})
+                self._store.save(iteration, tensor.cpu().numpy(), {"shape": list(self.shape)}, name=self.name)
             self._tensor, self.iteration = tensor, iteration
             return self
-        if isinstance(value, torch.Tensor):
-            value = da.from_array(value.detach().cpu().numpy(), chunks=self.chunks)
-        value = value.astype(self._np_dtype).rechunk(self.chunks)
-        if self._store is not None:
-            self._store.save_dask(iteration, value, {"shape": list(self.shape)}, client=self.ctx.client,
-                                  stall_timeout=self.ctx.stall_timeout)
-            self._array = self._store.committed()
-        else:
-            self._array = value.persist()  # held by the workers, not the driver
-        self.iteration = iteration
+        advance({self.name: self}, {self.name: value}, iteration=iteration, commit=self._store is not None,
+                record={"shape": list(self.shape)})
         return self
-
-    copy_ = update_
 
     def restore(self) -> DistributedSignal:
         """Load the last committed value from the store."""
         if self._store is None:
             raise ValueError("this signal has no store to restore from")
+        meta = self._store.meta()
         if self.chunked:
-            self._array = self._store.committed()
-            self.iteration = self._store.meta()["iteration"]
+            arr = self._store.committed(self.name, self.block_chunks).astype(self._np_dtype)
+            self._array = self.ctx.client.persist(arr) if self.in_memory else arr
+            self.iteration = meta["iteration"]
             return self
-        saved = self._store.load()
+        saved = self._store.load(self.name)
         self._tensor = torch.from_numpy(saved.x).to(device=self.ctx.device, dtype=self.dtype)
         self.iteration = saved.iteration
         return self
@@ -161,4 +190,65 @@ class DistributedSignal:
 
     def __repr__(self) -> str:
         kind = f"chunks={self.chunks}" if self.chunked else "tensor"
-        return f"DistributedSignal(shape={tuple(self.shape)}, {kind}, iteration={self.iteration})"
+        where = ("" if not self.chunked else ", in cluster memory" if self.in_memory
+                 else f", streamed via {self._store}")
+        return f"DistributedSignal(shape={tuple(self.shape)}, {kind}{where}, iteration={self.iteration})"
+
+
+def advance(
+    signals: dict[str, DistributedSignal],
+    values: dict[str, Any],
+    *,
+    iteration: int,
+    also: dict[str, Any] | None = None,
+    commit: bool = True,
+    record: dict | None = None,
+    extra: dict | Callable[[dict], dict] | None = None,
+) -> dict[str, Any]:
+    """Give chunked signals new values in one pass, compute ``also`` with them, and commit.
+
+    The signals share one store (or none). In-memory signals are persisted on the workers;
+    streamed ones are written into their store's free slot. ``also`` (lazy reductions of
+    the same graph: metrics) is computed in the same submission. With ``commit`` and a
+    store, every signal is written to the free slot and the slot committed atomically, with
+    ``record`` (the problem) and ``extra`` (or ``extra(values)``) in the commit record.
+
+    Returns
+    -------
+    dict
+        The computed ``also``.
+    """
+    if not signals:
+        raise ValueError("advance needs at least one signal")
+    first = next(iter(signals.values()))
+    ctx, store = first.ctx, first.store
+    if any(s.store is not store for s in signals.values()):
+        raise ValueError("signals advanced together must share one store (or have none)")
+    client = ctx.client
+    arrays = {}
+    for name, s in signals.items():
+        v = s._check(values[name])
+        if isinstance(v, torch.Tensor):
+            v = da.from_array(v.detach().cpu().numpy(), chunks=s.block_chunks)
+        arrays[name] = v.astype(s._np_dtype).rechunk(s.block_chunks)
+    streamed = [n for n, s in signals.items() if not s.in_memory]
+    committing = store is not None and (commit or streamed)
+    names = list(also or {})
+    with dask.config.set({"optimization.fuse.active": False}):  # keep task names and annotations
+        kept = {n: client.persist(arrays[n], optimize_graph=False) for n, s in signals.items() if s.in_memory}
+        slot, stores = store.store_tasks({n: kept.get(n, arrays[n]) for n in signals}) if committing else (None, [])
+        results = compute([*stores, *[also[k] for k in names]], client=client, what=f"iteration {iteration}",
+                          stall_timeout=ctx.stall_timeout, optimize_graph=False) if stores or names else []
+    out = dict(zip(names, results[len(stores):]))
+    if committing:
+        store.commit(iteration, slot, record or {}, extra(out) if callable(extra) else extra)
+    for n, s in signals.items():
+        s._array = kept[n] if s.in_memory else store.committed(n, s.block_chunks).astype(s._np_dtype)
+        s.iteration = iteration
+    return out
+
+
+def _normalize(chunks: Sequence[Any], shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    if len(chunks) != len(shape):
+        raise ShapeError(f"chunks {tuple(chunks)} do not match the signal's {len(shape)} axes")
+    return da.core.normalize_chunks(tuple(chunks), shape)

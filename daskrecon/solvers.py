@@ -1,83 +1,31 @@
-"""`reconstruct()`: plug-and-play reconstructions driven from the client, with checkpoints.
+"""`reconstruct()`: plug-and-play reconstructions on the cluster, in memory or out of core, with checkpoints.
 
-Each iteration is one data-fidelity gradient (one task per operator, tree-reduced on the
-workers) and one tiled denoiser pass, inside a Dask span named for the iteration, so the
-dashboard shows time per iteration.
+The problem is planned once (:mod:`daskrecon.problem`), the algorithm is a step rule
+(:mod:`daskrecon.algorithms`) and every iteration is one Dask graph run by the engine
+(:mod:`daskrecon.engine`). Tensors in, tensor out; dask arrays in, dask array out.
 """
 
 from __future__ import annotations
 
-import hashlib
-import math
 from collections.abc import Callable
 from typing import Any
 
-import cloudpickle
 import dask.array as da
 import numpy as np
 import torch
-from deepinv.optim import L2
-from deepinv.utils import TensorList
 
-from daskrecon._arrays import entries, gather_arrays, place
-from daskrecon.checkpoint import Checkpoint
-from daskrecon.errors import DaskreconError, MeasurementError
+from daskrecon import engine, graph
+from daskrecon.algorithms import ALGORITHMS, step_rule
 from daskrecon.fidelity import DistributedDataFidelity
+from daskrecon.operators import FFTConvolution, specialize
 from daskrecon.physics import DistributedPhysics
+from daskrecon.problem import Problem, plan_problem
 from daskrecon.processing import DistributedPrior, DistributedProcessing
+from daskrecon.signal import DistributedSignal
+from daskrecon.tasks import operators as operator_tasks
+from daskrecon.waiting import compute, gather
 
-__all__ = ["ALGORITHMS", "reconstruct"]
-
-ALGORITHMS = ("pnp", "red")
-
-
-def _check_finite(name: str, t: torch.Tensor) -> None:
-    if not torch.isfinite(t).all():
-        bad = int((~torch.isfinite(t)).sum())
-        raise ValueError(f"{name} has {bad} non-finite values (NaN or Inf); clean or mask them before reconstructing")
-
-
-def _digest(*parts: Any) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        if isinstance(p, torch.Tensor):
-            p = p.detach().cpu().numpy()
-        if isinstance(p, np.ndarray):
-            h.update(str((p.shape, p.dtype)).encode())
-            h.update(np.ascontiguousarray(p).tobytes())
-        else:
-            h.update(cloudpickle.dumps(p))
-    return h.hexdigest()[:16]
-
-
-def problem_record(physics: DistributedPhysics, denoiser: Any, algorithm: str, step_size: float, sigma: float,
-                   lamb: float, *, measurements: str, x0: str, shape: list[int], **more: Any) -> dict:
-    """What defines a reconstruction problem, each part hashed, so a resume can name what differs."""
-    model = getattr(denoiser, "processing", denoiser)
-    return {
-        "algorithm": algorithm,
-        "operators": physics.fingerprint(),
-        "measurements": measurements,
-        "x0": x0,
-        "shape": list(shape),
-        **more,
-        "step_size": repr(float(step_size)),
-        "sigma_denoiser": repr(float(sigma)),
-        "red_weight": repr(float(lamb)),
-        "denoiser": getattr(model, "fingerprint", lambda: type(model).__name__)(),
-        "tiling": repr((getattr(model, "patch_size", None), getattr(model, "overlap", None),
-                        getattr(model, "max_batch_size", None), getattr(model, "blend", None))),
-    }
-
-
-def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """PSNR in dB of ``x`` (clipped to [0, 1]) against ``ref``."""
-    return psnr_of_mse(torch.mean((x.clamp(0, 1) - ref) ** 2).item())
-
-
-def psnr_of_mse(mse: float) -> float:
-    """PSNR in dB of a [0, 1] signal with mean squared error ``mse``."""
-    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+__all__ = ["ALGORITHMS", "reconstruct", "step_size_bound"]
 
 
 def reconstruct(
@@ -91,15 +39,16 @@ def reconstruct(
     step_size: float | None = None,
     sigma_denoiser: float = 0.05,
     red_weight: float = 1.0,
-    x0: torch.Tensor | None = None,
+    x0: torch.Tensor | da.Array | None = None,
     checkpoint: str | None = None,
     checkpoint_every: int = 1,
     resume: bool = False,
     overwrite: bool = False,
-    callback: Callable[[int, torch.Tensor], Any] | None = None,
+    callback: Callable[[int, DistributedSignal], Any] | None = None,
     progress: bool = True,
-    x_true: torch.Tensor | None = None,
+    x_true: torch.Tensor | da.Array | None = None,
     return_history: bool = False,
+    storage: str = "auto",
 ) -> torch.Tensor | da.Array | tuple[torch.Tensor | da.Array, list[dict]]:
     """Solve ``min_x Σ_i d_i(A_i x, y_i) + prior(x)`` with a plug-and-play algorithm.
 
@@ -107,7 +56,7 @@ def reconstruct(
     ----------
     physics : DistributedPhysics
         From :func:`daskrecon.distribute`.
-    y : TensorList or DistributedMeasurements
+    y : TensorList, list of tensors or dask arrays, or DistributedMeasurements
         One measurement per operator.
     denoiser : DistributedProcessing or DistributedPrior
         A distributed denoiser (its ``prox`` for a prior).
@@ -119,37 +68,43 @@ def reconstruct(
     n_iter : int
         Iterations in total (a resumed run continues up to ``n_iter``).
     step_size : float, optional
-        ``τ``; default ``1 / ‖A‖²`` from the per-operator bound ``Σ_i ‖A_i‖²``.
+        ``τ``; default ``1 / L`` with ``L`` an upper bound of ``‖A‖²`` (:func:`step_size_bound`).
     sigma_denoiser : float
         Noise level given to the denoiser.
     red_weight : float
         ``λ`` of RED.
-    x0 : torch.Tensor, optional
-        Start; default ``Aᵀy / N``.
+    x0 : torch.Tensor or dask array, optional
+        Start; default ``Aᵀy / N``, computed on the workers.
     checkpoint : str, optional
-        A local directory; the iterate is committed there every ``checkpoint_every``
-        iterations (crash-safe: see :mod:`daskrecon.checkpoint`).
+        A directory or fsspec URL; the algorithm's state is committed there every
+        ``checkpoint_every`` iterations (crash-safe: see :mod:`daskrecon.checkpoint`).
     resume : bool
-        Continue from the last committed iterate of ``checkpoint``. The final result is
-        bitwise the one of an uninterrupted run. A checkpoint of another problem is
-        refused with the list of what differs.
+        Continue from the last commit of ``checkpoint``. The final result is bitwise the
+        one of an uninterrupted run. A checkpoint of another problem is refused with the list
+        of what differs.
     overwrite : bool
         Allow starting over (``resume=False``) in a directory that holds a checkpoint.
     callback : callable, optional
-        ``callback(iteration, x)`` after each completed iteration (1-based).
+        ``callback(iteration, x)`` after each completed iteration (1-based); ``x`` is the
+        iterate's :class:`~daskrecon.signal.DistributedSignal` (``x.data`` is a tensor when
+        small, ``x.array`` the dask array).
     progress : bool
         Show a progress bar with the data-fidelity value ``f(x)`` at the start of each
-        iteration (a by-product of the gradient pass), the relative change and, when
-        ``x_true`` is given, the PSNR.
-    x_true : torch.Tensor, optional
+        iteration, the relative change and, with ``x_true``, the PSNR.
+    x_true : torch.Tensor or dask array, optional
         Ground truth, for the PSNR only.
     return_history : bool
         Also return the per-iteration metrics.
+    storage : {"auto", "memory", "zarr"}
+        Where the iterate lives: in cluster memory, or streamed from one Zarr slot to the
+        other. ``"auto"``: in memory when several copies of it fit comfortably in the workers'
+        total memory limit, else Zarr.
 
     Returns
     -------
     x : torch.Tensor or dask.array.Array
-        The last iterate.
+        The last iterate: a tensor when the inputs were tensors, else a dask array (in
+        cluster memory, or reading the last committed Zarr slot).
     history : list of dict
         Only with ``return_history=True``: one dict per iteration since the start (a
         resumed run includes the checkpointed ones), with ``"iteration"`` (1-based),
@@ -158,14 +113,15 @@ def reconstruct(
 
     Notes
     -----
-    **Out of core.** When ``y`` (a list with one array per operator) or ``x0`` are dask
-    arrays — e.g. ``da.from_zarr`` — and every operator is local
-    (:mod:`daskrecon.local`), each iteration is one lazy graph streamed chunk by chunk
-    from the committed iterate in ``checkpoint`` (a Zarr store, local or fsspec URL) to
-    the free slot, and committed atomically: memory is bounded by the chunks in flight,
-    not the image. The result is a dask array reading the last committed iterate.
-    Without ``checkpoint`` that store is a new temporary directory, named in a
-    ``UserWarning`` and left in place (the result reads from it).
+    Every iteration is one Dask graph, computed once: per-operator gradient tasks next to
+    their operators (or chunk by chunk for operators with a chunk-wise form,
+    :mod:`daskrecon.local`), summed along a tree fixed by operator index, the step, the
+    tiled denoiser (``map_overlap``) and the metrics. The iterate never travels to the
+    driver: it stays in cluster memory, or — when it does not fit, e.g. ``da.from_zarr``
+    inputs larger than the cluster — streams from one slot of a Zarr checkpoint to the
+    other, committed atomically. Without ``checkpoint`` that store is a new temporary
+    directory, named in a ``UserWarning`` and left in place (the result reads from it).
+    The result is bitwise the same on any number of workers and in either storage.
 
     Raises
     ------
@@ -173,99 +129,66 @@ def reconstruct(
         Non-finite values in ``y`` or ``x0``; ``y`` of the wrong length; an unknown
         algorithm; a checkpoint of another problem (:class:`CheckpointMismatchError`).
     """
-    from distributed import span
-    from tqdm.auto import tqdm
-
     if algorithm not in ALGORITHMS:
-        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
-    if not isinstance(physics, DistributedPhysics):
-        raise TypeError("physics must be a DistributedPhysics: dr.distribute(physics, ctx)")
+        raise ValueError(f"algorithm must be one of {tuple(ALGORITHMS)}, got {algorithm!r}")
     if not isinstance(n_iter, int) or n_iter < 0:
         raise ValueError(f"n_iter must be a non-negative int, got {n_iter!r}")
-    if isinstance(x0, da.Array) or (isinstance(y, (list, tuple)) and any(isinstance(v, da.Array) for v in y)):
-        from daskrecon.streaming import reconstruct_chunked
-
-        out, history = reconstruct_chunked(
-            physics, y, denoiser, data_fidelity=data_fidelity, algorithm=algorithm, n_iter=n_iter,
-            step_size=step_size, sigma_denoiser=sigma_denoiser, red_weight=red_weight, x0=x0,
-            checkpoint=checkpoint, resume=resume, overwrite=overwrite, callback=callback, progress=progress,
-            x_true=x_true,
-        )
-        return (out, history) if return_history else out
-    ctx = physics.ctx
-    if isinstance(y, (TensorList, list, tuple)):
-        ys = entries(y)
-        if len(ys) != physics.num_operators:
-            raise MeasurementError(f"y has {len(ys)} entries but the physics has {physics.num_operators} operators")
-        for i, t in enumerate(ys):
-            _check_finite(f"y[{i}]", t)
-    else:
-        ys = []
-    fidelity = data_fidelity or DistributedDataFidelity(ctx, L2())
-    prior = denoiser if isinstance(denoiser, DistributedPrior) else None
-    if prior is None and not isinstance(denoiser, DistributedProcessing):
-        raise TypeError("denoiser must be a DistributedProcessing or DistributedPrior: dr.distribute(denoiser, ctx)")
-    if x0 is None:
-        x0 = physics.A_adjoint(y) / physics.num_operators
-    _check_finite("x0", x0)
-    model = denoiser.processing if prior is not None else denoiser
-    model.check_dtype(x0.dtype)
-    for i, t in enumerate(ys):
-        if t.is_complex() and not x0.is_complex():
-            raise TypeError(f"y[{i}] is complex but x0 is real: the denoiser takes real images")
+    if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
+    problem, x0_arr = plan_problem(physics, y, denoiser, data_fidelity=data_fidelity, x0=x0, x_true=x_true,
+                                   sigma_denoiser=sigma_denoiser, storage=storage)
     if step_size is None:
-        step_size = 1.0 / float(physics.compute_sqnorm(x0, verbose=False))
-    problem = problem_record(physics, denoiser, algorithm, step_size, sigma_denoiser, red_weight,
-                             measurements=_digest(*ys), x0=_digest(x0), shape=list(x0.shape))
-
-    ckpt = Checkpoint(checkpoint) if checkpoint else None
-    start, x, history = 0, x0.clone(), []
-    if ckpt is not None and ckpt.exists():
-        if resume:
-            ckpt.check(problem)
-            saved = ckpt.load()
-            start, x, history = saved.iteration, torch.from_numpy(saved.x).to(x0), saved.extra.get("history", [])
-        elif not overwrite:
-            raise DaskreconError(
-                f"{checkpoint!r} already holds a checkpoint (iteration {ckpt.load().iteration}); "
-                "pass resume=True to continue it or overwrite=True to start over"
-            )
-    client = ctx.client
-    proc = prior.processing if prior is not None else denoiser
-    den_args, den_kwargs = ((), {"sigma_denoiser": sigma_denoiser}) if prior is not None else ((sigma_denoiser,), {})
-    den_method = "prox" if prior is not None else denoiser.method
-
-    def denoise_placed(fut: Any, labels: dict | None = None) -> torch.Tensor:
-        return proc.run_placed(fut, x0.shape, x0.dtype, den_method, den_args, den_kwargs, labels=labels).to(x0.device)
-
-    bar = tqdm(total=n_iter, initial=start, disable=not progress, desc=f"{algorithm.upper()}", unit="it")
-    try:
-        for k in range(start, n_iter):
-            with span(f"daskrecon-iteration-{k + 1}"):
-                # x goes to the cluster once; x − τ∇f is formed there and denoised there.
-                x_fut = place(client, x.detach().cpu().numpy())
-                if algorithm == "pnp":
-                    z_fut, value_fut, labels = fidelity.step(x_fut, y, physics, step_size)
-                    x_new = denoise_placed(z_fut, labels)
-                    value = float(gather_arrays(client, [value_fut], "data fidelity", labels=labels,
-                                                stall_timeout=ctx.stall_timeout)[0])
-                else:
-                    # RED needs D(x) assembled on the driver anyway: combine there, one gather of [∇f, f].
-                    denoised = denoise_placed(x_fut)
-                    grad, value = fidelity.grad_and_value(x_fut, y, physics, x.shape)
-                    x_new = x - step_size * (grad.to(x) + red_weight * (x - denoised))
-            change = float(torch.linalg.vector_norm(x_new - x) / max(float(torch.linalg.vector_norm(x)), 1e-12))
-            x = x_new
-            row = {"iteration": k + 1, "data_fidelity": value, "relative_change": change}
-            if x_true is not None:
-                row["psnr"] = psnr(x, x_true)
-            history.append(row)
-            if ckpt is not None and ((k + 1) % checkpoint_every == 0 or k + 1 == n_iter):
-                ckpt.save(k + 1, x.cpu().numpy(), problem, {"history": history})
-            bar.set_postfix({k_: (f"{v:.4g}" if isinstance(v, float) else v) for k_, v in row.items() if k_ != "iteration"})
-            bar.update(1)
-            if callback is not None:
-                callback(k + 1, x)
-    finally:
-        bar.close()
+        step_size = 1.0 / step_size_bound(problem)
+    rule = step_rule(algorithm, step_size, red_weight=red_weight)
+    start = x0_arr if x0_arr is not None else (lambda: graph.adjoint_sum(problem, scale=1.0 / problem.num_operators))
+    signals, history = engine.run(problem, rule, start, n_iter=n_iter, checkpoint=checkpoint,
+                                  checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite,
+                                  callback=callback, progress=progress)
+    x = signals["x"].array
+    if _tensor_inputs(y, x0):
+        ctx = problem.ctx
+        x = torch.from_numpy(np.asarray(compute([x], client=ctx.client, what="the result",
+                                                stall_timeout=ctx.stall_timeout)[0])).to(ctx.device)
     return (x, history) if return_history else x
+
+
+def step_size_bound(problem: Problem) -> float:
+    """An upper bound ``L`` of the data term's Lipschitz constant: ``scale · Σ_i ‖A_i‖²``.
+
+    Chunk-wise operators give ``‖A_i‖²`` in closed form (:meth:`LocalOperator.norm_bound`),
+    as do circular blurs with a non-negative kernel that sums to one (``‖A_i‖ = 1``); the
+    others run their own power method on their worker, from a vector made there.
+    """
+    ctx, physics = problem.ctx, problem.physics
+    bound, pending = 0.0, []
+    for i, form in enumerate(problem.forms):
+        if form is not None:
+            bound += form.norm_bound()
+        elif _normalized_circular_blur(physics, i):
+            bound += 1.0
+        else:
+            pending.append(i)
+    if pending:
+        futs = physics.placement.map(operator_tasks.sqnorm_from_shape, objects=[physics.objects],
+                                     shared=(problem.shape, str(problem.dtype), 50, 1e-3), indices=pending)
+        labels = physics.placement.labels(futs, pending)
+        bound += float(sum(gather(ctx.client, futs, what="operator norm", labels=labels,
+                                  stall_timeout=ctx.stall_timeout)))
+    return bound * problem.scale
+
+
+def _normalized_circular_blur(physics: DistributedPhysics, i: int) -> bool:
+    """A circular blur whose non-negative kernel sums to 1 has ``‖A‖ = 1`` exactly."""
+    src = physics._sources[i]
+    if not (isinstance(src, torch.nn.Module) and isinstance(specialize(src), FFTConvolution)):
+        return False
+    f = src.filter.detach()
+    return bool((f >= 0).all()) and bool(torch.allclose(f.sum(dim=(-2, -1)), torch.ones(()), atol=1e-5))
+
+
+def _tensor_inputs(y: Any, x0: Any) -> bool:
+    if isinstance(x0, da.Array):
+        return False
+    entries = y if isinstance(y, (list, tuple)) else [y]
+    return not any(isinstance(v, da.Array) for v in entries)
+

@@ -102,11 +102,14 @@ def compute(
     what: str = "computation",
     labels: Mapping[Hashable, str] | None = None,
     stall_timeout: float | None = None,
+    optimize_graph: bool = True,
 ) -> list[Any]:
     """``dask.compute(*collections)`` in one graph, with the guarantees of :func:`gather`.
 
     ``client`` defaults to Dask's current client; without one, the local scheduler runs
-    the graph (no worker can hang it).
+    the graph (no worker can hang it). ``optimize_graph=False`` keeps every task's key,
+    so that tasks already persisted on the cluster are reused, not recomputed under a
+    fused name.
     """
     import dask
 
@@ -117,7 +120,7 @@ def compute(
             client = default_client()
         except ValueError:
             return list(dask.compute(*collections))
-    futures = client.compute(list(collections))
+    futures = client.compute(list(collections), optimize_graph=optimize_graph)
     try:
         return gather(client, futures, what=what, labels=labels, stall_timeout=stall_timeout)
     finally:

@@ -182,3 +182,45 @@ def kill_driver_after_commit(script, ckpt, iteration, then_sleep=0.0, timeout=18
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     return json.loads(commit.read_text())["iteration"]
+
+
+class GraphSizes:
+    """A scheduler plugin recording how many tasks each graph submission brings (read with ``take``)."""
+
+    from distributed.diagnostics.plugin import SchedulerPlugin as _Base
+
+    class Plugin(_Base):
+        name = "test-graph-sizes"
+
+        def __init__(self):
+            self.sizes = []
+
+        def update_graph(self, scheduler, *, client, keys, tasks, annotations, priority, stimulus_id, **kwargs):
+            self.sizes.append(len(tasks))
+
+    @staticmethod
+    def take(dask_scheduler=None):
+        plugin = dask_scheduler.plugins["test-graph-sizes"]
+        out, plugin.sizes = list(plugin.sizes), []
+        return out
+
+
+_PINNED: list = []
+
+
+def fragment_heap(seed: int = 0) -> int:
+    """Allocate and free 1-30 MiB buffers in a shuffled order, keeping small ones alive in between:
+    the freed memory sits in holes of the heap that glibc cannot give back by itself."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    keep = []
+    for _ in range(300):
+        a = torch.empty(int(rng.integers(1, 30)) * 2**20 // 4)
+        a.fill_(1.0)
+        keep.append(a)
+        _PINNED.append(torch.empty(1000).fill_(1.0))
+        if len(keep) > 20:
+            keep.pop(int(rng.integers(0, len(keep) - 5)))
+    keep.clear()
+    return len(_PINNED)

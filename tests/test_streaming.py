@@ -11,7 +11,8 @@ import deepinv as dinv
 import daskrecon as dr
 from daskrecon.checkpoint import Checkpoint
 from daskrecon.errors import DaskreconError
-from daskrecon.streaming import working_chunks
+from daskrecon.memory import MemoryLimitError
+from daskrecon.chunking import working_chunks
 from daskrecon.local import local_form
 
 from helpers import blurs, noisy_measurements, small_dncnn
@@ -42,7 +43,7 @@ def test_streamed_iterations_match_the_in_memory_path(ctx, problem, tmp_path, al
         ref = dr.reconstruct(dphys, y, dden, algorithm=algorithm, n_iter=3, step_size=0.3, x0=x0, progress=False)
         out, hist = dr.reconstruct(dphys, _dask(y), dden, algorithm=algorithm, n_iter=3, step_size=0.3,
                                    x0=da.from_array(x0.numpy(), chunks=CH), checkpoint=str(tmp_path / "ck"),
-                                   progress=False, x_true=x_true, return_history=True)
+                                   progress=False, x_true=x_true, return_history=True, storage="zarr")
         assert isinstance(out, da.Array)
         got = out.compute()
     assert float((ref - x0).abs().max()) > 0.05  # the iterations moved
@@ -84,7 +85,7 @@ def test_without_a_checkpoint_the_iterate_goes_to_a_named_temporary_directory(ct
 
     ops, x_true, y, dphys, dden = problem
     with ctx.client.as_current(), pytest.warns(UserWarning, match="no checkpoint given") as rec:
-        out = dr.reconstruct(dphys, _dask(y), dden, n_iter=1, step_size=0.3, progress=False)
+        out = dr.reconstruct(dphys, _dask(y), dden, n_iter=1, step_size=0.3, progress=False, storage="zarr")
     where = pathlib.Path(str(rec[0].message).split(" kept in ")[1].split(",")[0])
     try:
         assert (where / "COMMIT.json").is_file()
@@ -110,10 +111,12 @@ def test_refusals_write_nothing(ctx, problem, tmp_path):
         with pytest.raises(ValueError, match=r"y\[1\] has 1 non-finite"):
             dr.reconstruct(dphys, _dask(bad), dden, n_iter=1, step_size=0.3, progress=False,
                            checkpoint=str(tmp_path / "nan"))
+        # A whole-image operator on an image no worker can hold: refused before anything runs or is written.
         tomo = dr.distribute([dinv.physics.Tomography(angles=4, img_width=16)], ctx)
-        with pytest.raises(DaskreconError, match=r"operators \[0\] have no chunk-wise form"):
-            dr.reconstruct(tomo, [da.zeros((1, 1, 16, 4))], dden, n_iter=1, step_size=0.3, progress=False,
-                           checkpoint=str(tmp_path / "tomo"))
+        huge = (1, 1, 60000, 60000)
+        with pytest.raises(MemoryLimitError, match=r"operators \[0\] \(no chunk-wise form\) run on the whole image"):
+            dr.reconstruct(tomo, [da.zeros((1, 1, 60000, 4), dtype="f4")], dden, n_iter=1, step_size=0.3,
+                           progress=False, x0=da.zeros(huge, dtype="f4", chunks=4096), checkpoint=str(tmp_path / "tomo"))
     assert not (tmp_path / "nan").exists() and not (tmp_path / "tomo").exists()
 
 

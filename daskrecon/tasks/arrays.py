@@ -18,6 +18,7 @@ def worker_device(device_mode: str | None) -> torch.device:
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
+
 def module_device(obj: Any) -> torch.device:
     """Device of a module's first buffer or parameter (cpu when it has none)."""
     if isinstance(obj, torch.nn.Module):
@@ -27,12 +28,15 @@ def module_device(obj: Any) -> torch.device:
             return t.device
     return torch.device("cpu")
 
+
 def to_tensor(a: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
     t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
     return t.to(device)
 
+
 def to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().resolve_conj().cpu().numpy()
+
 
 def set_torch_threads(n: int) -> None:
     """Bound torch's intra-op threads in this worker process (called by the plugin)."""
@@ -43,6 +47,7 @@ def set_torch_threads(n: int) -> None:
 def place_array(a: np.ndarray) -> np.ndarray:
     """Identity task: keeps an array in worker memory with a recomputable lineage."""
     return a
+
 
 def sum_arrays(*arrays: np.ndarray) -> np.ndarray:
     """Sum in argument order (fixed order = bitwise reproducible)."""
@@ -55,6 +60,7 @@ def sum_arrays(*arrays: np.ndarray) -> np.ndarray:
             )
         out += a
     return out
+
 
 def scale_array(a: np.ndarray, factor: float) -> np.ndarray:
     """``factor · a``, keeping ``a``'s dtype."""

@@ -17,19 +17,33 @@ __all__ = ["forget_model", "get_model", "process_block", "process_patches", "sto
 
 
 _MODEL_PAYLOADS: dict[str, bytes] = {}
+# Workers of this process holding each model's plugin: the workers of a threads-only cluster
+# share this module, and one of them leaving must not take the model from the others.
+_MODEL_HOLDERS: dict[str, set] = {}
 _MODELS: dict[tuple[str, str | None], Any] = {}
 MODEL_LOADS: dict[str, int] = {}
 _MODEL_LOCK = threading.Lock()
 
 
-def store_model_payload(key: str, payload: bytes) -> None:
+def store_model_payload(key: str, payload: bytes, worker: str | None = None) -> None:
     """Keep a pickled model until the first task on this worker needs it (plugin setup)."""
-    _MODEL_PAYLOADS[key] = payload
+    with _MODEL_LOCK:
+        _MODEL_PAYLOADS[key] = payload
+        _MODEL_HOLDERS.setdefault(key, set()).add(worker)
 
-def forget_model(key: str) -> None:
-    _MODEL_PAYLOADS.pop(key, None)
-    for k in [k for k in _MODELS if k[0] == key]:
-        _MODELS.pop(k, None)
+
+def forget_model(key: str, worker: str | None = None) -> None:
+    """Drop ``worker``'s hold on the model; the model goes with the last worker of the process."""
+    with _MODEL_LOCK:
+        holders = _MODEL_HOLDERS.get(key, set())
+        holders.discard(worker)
+        if holders:
+            return
+        _MODEL_HOLDERS.pop(key, None)
+        _MODEL_PAYLOADS.pop(key, None)
+        for k in [k for k in _MODELS if k[0] == key]:
+            _MODELS.pop(k, None)
+
 
 def get_model(key: str, device_mode: str | None) -> Any:
     """The model of ``key`` on this worker's device, unpickled once per worker process."""
@@ -55,6 +69,7 @@ def get_model(key: str, device_mode: str | None) -> Any:
                 MODEL_LOADS[key] = MODEL_LOADS.get(key, 0) + 1
     return model
 
+
 def _to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, torch.Tensor):
         return value.to(device)
@@ -63,6 +78,7 @@ def _to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, dict):
         return {k: _to_device(v, device) for k, v in value.items()}
     return value
+
 
 def _run_patches(model: Any, method: str, strategy: Any, xt: torch.Tensor, indices: list[int],
                  max_batch_size: int | None, args: tuple, kwargs: dict) -> list[tuple[int, torch.Tensor]]:
@@ -87,8 +103,10 @@ def _run_patches(model: Any, method: str, strategy: Any, xt: torch.Tensor, indic
     results = strategy.unpack_batched_results(outs, len(pairs))
     return [(i, strategy.trim_patch(i, r)) for (i, _), r in zip(pairs, results)]
 
+
 def model_device(model: Any, device_mode: str | None) -> torch.device:
     return module_device(model) if isinstance(model, torch.nn.Module) else worker_device(device_mode)
+
 
 def process_patches(model_key: str, device_mode: str | None, method: str, strategy: Any, x: np.ndarray,
                     indices: list[int], max_batch_size: int | None, args: tuple, kwargs: dict) -> list[tuple[int, np.ndarray]]:
@@ -96,6 +114,7 @@ def process_patches(model_key: str, device_mode: str | None, method: str, strate
     model = get_model(model_key, device_mode)
     xt = to_tensor(x, model_device(model, device_mode))
     return [(i, to_numpy(r)) for i, r in _run_patches(model, method, strategy, xt, indices, max_batch_size, args, kwargs)]
+
 
 def process_block(block: np.ndarray, model_key: str, device_mode: str | None, method: str, tiling: dict,
                   max_batch_size: int | None, args: tuple, kwargs: dict) -> np.ndarray:

@@ -19,12 +19,14 @@ def uses_chain_rule(fidelity: Any) -> bool:
     """Whether the fidelity's gradient is deepinv's chain rule ``(∂A/∂x)ᵀ ∇d(A x, y)``."""
     return type(fidelity).grad in (DataFidelity.grad, L2.grad)
 
+
 def _check_measurement(index: int, ax: torch.Tensor, y: torch.Tensor) -> None:
     if tuple(ax.shape) != tuple(y.shape):
         raise ShapeError(
             f"y[{index}] has shape {tuple(y.shape)} but operator {index} maps x to shape {tuple(ax.shape)}; "
             "check the image shape and that y is in operator order"
         )
+
 
 def _grad_and_value(op: torch.nn.Module, fidelity: Any, x: np.ndarray, y: np.ndarray, index: int, kwargs: dict,
                     value: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -48,6 +50,7 @@ def _grad_and_value(op: torch.nn.Module, fidelity: Any, x: np.ndarray, y: np.nda
                 v = torch.as_tensor(fidelity.fn(xt, yt, op, **kwargs)).sum()
     return out, v
 
+
 def fidelity_grad_op(
     op: torch.nn.Module, fidelity: Any, x: np.ndarray, y: np.ndarray, index: int, kwargs: dict
 ) -> np.ndarray:
@@ -58,6 +61,7 @@ def fidelity_grad_op(
     more operator pass); other fidelities use their own ``grad``.
     """
     return to_numpy(_grad_and_value(op, fidelity, x, y, index, kwargs, value=False)[0])
+
 
 def fidelity_grad_value_op(
     op: torch.nn.Module, fidelity: Any, x: np.ndarray, y: np.ndarray, index: int, kwargs: dict
@@ -71,6 +75,7 @@ def fidelity_grad_value_op(
     flat = to_numpy(out).ravel()
     return np.concatenate([flat, np.asarray([float(v)], dtype=flat.dtype)])
 
+
 def step_from_gradient(x: np.ndarray, grad_value: np.ndarray, tau: float, scale: float) -> np.ndarray:
     """``x − τ · scale · ∇f`` from a summed :func:`fidelity_grad_value_op` result."""
     g = grad_value[:-1].reshape(x.shape)
@@ -78,9 +83,11 @@ def step_from_gradient(x: np.ndarray, grad_value: np.ndarray, tau: float, scale:
         g = g * np.asarray(scale, dtype=g.dtype)
     return x - np.asarray(tau, dtype=x.dtype) * g
 
+
 def last_value(grad_value: np.ndarray, scale: float = 1.0) -> float:
     """``f`` from a summed :func:`fidelity_grad_value_op` result."""
     return float(grad_value[-1]) * scale
+
 
 def fidelity_fn_op(
     op: torch.nn.Module, fidelity: Any, x: np.ndarray, y: np.ndarray, index: int, kwargs: dict
@@ -97,10 +104,12 @@ def fidelity_fn_op(
             out = fidelity.fn(xt, yt, op, **kwargs)
     return to_numpy(torch.as_tensor(out))
 
+
 def pointwise_grad_block(u: np.ndarray, y: np.ndarray, distance: Any) -> np.ndarray:
     """``∇_u d(u, y)`` of a separable distance on one chunk."""
     with torch.no_grad():
         return distance.grad(torch.from_numpy(np.ascontiguousarray(u)), torch.from_numpy(np.ascontiguousarray(y))).numpy()
+
 
 def pointwise_value_block(u: np.ndarray, y: np.ndarray, distance: Any) -> np.ndarray:
     """``d(u, y)`` of a separable distance on one chunk, per batch element: shape ``(B, 1, …, 1)``."""

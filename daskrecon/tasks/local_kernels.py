@@ -26,6 +26,7 @@ def _border_sides(block_id: tuple[int, ...] | None, nblocks: tuple[int, int], pe
     i, j = block_id[-2], block_id[-1]
     return (i == 0, i == nblocks[0] - 1, j == 0, j == nblocks[1] - 1)
 
+
 def _pad_border(t: torch.Tensor, radius: tuple[int, int], border: tuple[bool, ...], padding: str) -> torch.Tensor:
     dh, dw = radius
     pad = (dw * border[2], dw * border[3], dh * border[0], dh * border[1])
@@ -34,6 +35,7 @@ def _pad_border(t: torch.Tensor, radius: tuple[int, int], border: tuple[bool, ..
     mode = "constant" if padding in ("zeros", "constant") else padding
     return torch.nn.functional.pad(t, pad, mode=mode, value=0.0) if mode == "constant" else \
         torch.nn.functional.pad(t, pad, mode=mode)
+
 
 def _conv_window(t: torch.Tensor, filt: torch.Tensor, radius: tuple[int, int], border: tuple[bool, ...],
                  padding: str, factor: int) -> torch.Tensor:
@@ -45,6 +47,7 @@ def _conv_window(t: torch.Tensor, filt: torch.Tensor, radius: tuple[int, int], b
     out = conv2d(t, filt, padding="valid")
     return out[..., ::factor, ::factor] if factor > 1 else out
 
+
 def local_forward_block(block: np.ndarray, filt: np.ndarray, padding: str, radius: tuple[int, int], factor: int,
                         nblocks: tuple[int, int], block_id: tuple[int, ...] | None = None) -> np.ndarray:
     """``A`` of a padded convolution on one chunk (with its halo) → that chunk of ``y``."""
@@ -54,6 +57,7 @@ def local_forward_block(block: np.ndarray, filt: np.ndarray, padding: str, radiu
     with torch.no_grad():
         out = _conv_window(t, torch.from_numpy(filt).to(t.dtype), radius, border, padding, factor)
     return out.numpy()
+
 
 def local_adjoint_block(block: np.ndarray, filt: np.ndarray, padding: str, radius: tuple[int, int], factor: int,
                         nblocks: tuple[int, int], block_id: tuple[int, ...] | None = None) -> np.ndarray:

@@ -15,13 +15,14 @@ from daskrecon.local import local_form
 from daskrecon.tasks.arrays import module_device, to_numpy, to_tensor, worker_device
 
 __all__ = ["adjoint_A_op", "adjoint_op", "build_measurement", "dagger_op", "describe", "forward_op", "local_form_of",
-           "sqnorm_op", "vjp_op"]
+           "sqnorm_from_shape", "sqnorm_op", "vjp_op"]
 
 
 def build_measurement(factory: Callable, index: int, shared: Any, device_mode: str | None) -> np.ndarray:
     """Run a measurement factory ``factory(index, device, shared)`` on the worker."""
     y = factory(index, worker_device(device_mode), shared)
     return to_numpy(torch.as_tensor(y))
+
 
 @contextlib.contextmanager
 def _seeded(seed: int | None):
@@ -34,6 +35,7 @@ def _seeded(seed: int | None):
         torch.manual_seed(seed)
         yield
 
+
 def forward_op(op: torch.nn.Module, x: np.ndarray, kwargs: dict, seed: int | None, noise: bool) -> np.ndarray:
     """``A_i(x)`` (``noise=False``) or ``forward_i(x)`` with noise drawn from ``seed``."""
     dev = module_device(op)
@@ -42,11 +44,13 @@ def forward_op(op: torch.nn.Module, x: np.ndarray, kwargs: dict, seed: int | Non
         out = op.forward(xt, **kwargs) if noise else op.A(xt, **kwargs)
     return to_numpy(out)
 
+
 def adjoint_op(op: torch.nn.Module, y: np.ndarray, kwargs: dict) -> np.ndarray:
     """``A_iᵀ y_i``."""
     dev = module_device(op)
     with torch.no_grad():
         return to_numpy(op.A_adjoint(to_tensor(y, dev), **kwargs))
+
 
 def vjp_op(op: torch.nn.Module, x: np.ndarray, v: np.ndarray) -> np.ndarray:
     """``(∂A_i/∂x)ᵀ v_i``; by autograd when the operator is not linear."""
@@ -55,11 +59,13 @@ def vjp_op(op: torch.nn.Module, x: np.ndarray, v: np.ndarray) -> np.ndarray:
     with torch.enable_grad():
         return to_numpy(op.A_vjp(xt, vt))
 
+
 def adjoint_A_op(op: torch.nn.Module, x: np.ndarray, kwargs: dict) -> np.ndarray:
     """``A_iᵀ A_i x``."""
     dev = module_device(op)
     with torch.no_grad():
         return to_numpy(op.A_adjoint_A(to_tensor(x, dev), **kwargs))
+
 
 def sqnorm_op(op: torch.nn.Module, x0: np.ndarray, max_iter: int, tol: float) -> float:
     """``‖A_i‖²`` by the operator's own power method."""
@@ -67,6 +73,16 @@ def sqnorm_op(op: torch.nn.Module, x0: np.ndarray, max_iter: int, tol: float) ->
     with torch.no_grad():
         out = op.compute_sqnorm(to_tensor(x0, dev), max_iter=max_iter, tol=tol, verbose=False)
     return float(out)
+
+
+def sqnorm_from_shape(op: torch.nn.Module, shape: tuple[int, ...], dtype: str, max_iter: int, tol: float) -> float:
+    """``‖A_i‖²`` by the operator's power method, from a vector made here (nothing image-sized travels)."""
+    dev = module_device(op)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(tuple(shape), generator=g, dtype=getattr(torch, dtype)).to(dev)
+    with torch.no_grad():
+        return float(op.compute_sqnorm(x0, max_iter=max_iter, tol=tol, verbose=False))
+
 
 def dagger_op(op: torch.nn.Module, y: np.ndarray, kwargs: dict) -> np.ndarray:
     """``A_i^† y_i`` by the operator's own pseudo-inverse.
@@ -80,9 +96,11 @@ def dagger_op(op: torch.nn.Module, y: np.ndarray, kwargs: dict) -> np.ndarray:
     with torch.no_grad():
         return to_numpy(op.A_dagger(to_tensor(y, dev), **kwargs))
 
+
 def describe(obj: Any) -> dict:
     """What the driver needs to know about a built operator."""
     return {"linear": isinstance(obj, LinearPhysics), "type": type(getattr(obj, "op", obj)).__name__}
+
 
 def local_form_of(op: Any) -> Any:
     """The chunk-wise form of an operator built on this worker (:mod:`daskrecon.local`)."""

@@ -64,6 +64,7 @@ def _here() -> str | None:
     except ValueError:  # not inside a worker (local scheduler)
         return None
 
+
 def obtain(token: str, slot: int, owner: str | None, source: bytes) -> Any:
     """The object ``(token, slot)`` on this worker: cached, or built from ``source``.
 
@@ -86,6 +87,7 @@ def obtain(token: str, slot: int, owner: str | None, source: bytes) -> Any:
                 _OBJECTS[key] = obj
     return obj
 
+
 def on_objects(fn: Callable, owner: str | None, refs: list[tuple[str, int, bytes]], *args: Any) -> Any:
     """Task: ``fn(*objects, *args)``, the objects taken from this worker's registry (see :func:`obtain`)."""
     return fn(*[obtain(token, slot, owner, src) for token, slot, src in refs], *args)
@@ -102,15 +104,18 @@ async def forget_objects(token: str, slots: list[int] | None = None, dask_worker
         _OBJECT_LOCKS.pop(k, None)
     return len(keys)
 
+
 def held_objects(token: str | None = None, dask_worker: Any = None) -> list[tuple[str, int]]:
     """``(token, slot)`` of the objects this worker holds; run with ``client.run``."""
     here = getattr(dask_worker, "address", None)
     return sorted(k[1:] for k in _OBJECTS if k[0] == here and (token is None or k[1] == token))
 
+
 def object_builds(token: str | None = None, dask_worker: Any = None) -> dict[int, int]:
     """``{slot: times built}`` on this worker (for ``token``); run with ``client.run``."""
     here = getattr(dask_worker, "address", None)
     return {k[2]: n for k, n in BUILDS.items() if k[0] == here and (token is None or k[1] == token)}
+
 
 def task_states(keys: list, dask_worker: Any = None) -> dict:
     """This worker's view of some tasks: ``{key: (state, {input: reason} of inputs in error)}``.

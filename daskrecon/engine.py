@@ -1,0 +1,142 @@
+"""The one loop every algorithm runs on: one Dask graph per iteration, the iterate on the cluster.
+
+Iteration ``k`` builds the step rule's graph (:mod:`daskrecon.algorithms`) — per-operator
+gradients next to their operators, the fixed-index tree, the step, the tiled denoiser,
+the metrics — and submits it once, inside the Dask span ``daskrecon-iteration-k``. The
+state arrays are :class:`~daskrecon.signal.DistributedSignal` objects: persisted in cluster
+memory, or streamed from one Zarr slot to the other when the problem does not fit the
+cluster; the driver receives the metrics only. Progress, history, callbacks, checkpoints
+and resume live here, once, for every algorithm.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from distributed import span
+from tqdm.auto import tqdm
+
+from daskrecon.algorithms import StepRule
+from daskrecon.checkpoint import Checkpoint
+from daskrecon.errors import DaskreconError
+from daskrecon.problem import Problem
+from daskrecon.signal import DistributedSignal, advance
+
+__all__ = ["psnr", "psnr_of_mse", "run"]
+
+
+def psnr(x: Any, ref: Any) -> float:
+    """PSNR in dB of ``x`` (clipped to [0, 1]) against ``ref`` (tensors)."""
+    return psnr_of_mse(((x.clamp(0, 1) - ref) ** 2).mean().item())
+
+
+def psnr_of_mse(mse: float) -> float:
+    """PSNR in dB of a [0, 1] signal with mean squared error ``mse``."""
+    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def run(
+    problem: Problem,
+    rule: StepRule,
+    x0: Any,
+    *,
+    n_iter: int,
+    checkpoint: str | None = None,
+    checkpoint_every: int = 1,
+    resume: bool = False,
+    overwrite: bool = False,
+    callback: Callable[[int, DistributedSignal], Any] | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, DistributedSignal], list[dict]]:
+    """Run ``rule`` for ``n_iter`` iterations in total (a resumed run continues).
+
+    Parameters
+    ----------
+    problem : Problem
+    rule : StepRule
+    x0 : dask array or callable
+        The start, or a function returning it lazily (called only when not resuming).
+    n_iter : int
+    checkpoint : str, optional
+        Directory or fsspec URL; the whole state is committed there every
+        ``checkpoint_every`` iterations (every iteration when the state streams through Zarr).
+    resume, overwrite : bool
+        Continue the checkpoint's run, or start over in a directory that holds one.
+    callback : callable, optional
+        ``callback(iteration, x)`` after each iteration, ``x`` the iterate's
+        :class:`~daskrecon.signal.DistributedSignal` (its ``.data`` is a tensor when small).
+    progress : bool
+        A progress bar with the iteration's metrics.
+
+    Returns
+    -------
+    state : dict of DistributedSignal
+    history : list of dict
+    """
+    ctx = problem.ctx
+    record = {**problem.record, **rule.settings()}
+    store = Checkpoint(checkpoint) if checkpoint else None
+    start, history = 0, []
+    if store is not None and store.exists():
+        if resume:
+            store.check(record)
+            meta = store.meta()
+            start, history = meta["iteration"], list(meta.get("extra", {}).get("history", []))
+        elif not overwrite:
+            raise DaskreconError(f"{store.url!r} already holds a checkpoint (iteration {store.meta()['iteration']}); "
+                                 "pass resume=True to continue it or overwrite=True to start over")
+    streamed = problem.storage == "zarr"
+    if streamed and store is None:
+        # The iterate has to live somewhere larger than memory, and the result reads from it.
+        where = tempfile.mkdtemp(prefix="daskrecon-")
+        warnings.warn(f"no checkpoint given: the out-of-core iterate (two slots of {problem.nbytes / 2**30:.2f} GiB) "
+                      f"is kept in {where}, which the result reads from; pass checkpoint=… to choose the place, "
+                      "and delete it when done", UserWarning, stacklevel=3)
+        store = Checkpoint(where)
+    signals = {name: DistributedSignal(ctx, problem.shape, problem.dtype, store=store, chunks=problem.chunks,
+                                       name=name, in_memory=not streamed) for name in rule.state}
+    if start:
+        for s in signals.values():
+            s.restore()
+    else:
+        initial = rule.start(problem, x0() if callable(x0) else x0)
+        # The start is committed as iteration 0 when the state streams (it must live in the store).
+        advance(signals, initial, iteration=0, commit=streamed, record=record, extra={"history": []})
+
+    bar = tqdm(total=n_iter, initial=start, disable=not progress, desc=rule.name.upper(), unit="it")
+    try:
+        for k in range(start, n_iter):
+            state = {name: s.array for name, s in signals.items()}
+            commit = store is not None and (streamed or (k + 1) % checkpoint_every == 0 or k + 1 == n_iter)
+
+            def extra(values: dict, k: int = k) -> dict:
+                history.append(_row(k + 1, values, problem))
+                return {"history": history}
+
+            with span(f"daskrecon-iteration-{k + 1}"):
+                new, value, metrics = rule.step(problem, state)
+                values = advance(signals, new, iteration=k + 1, also={"value": value, "metrics": metrics},
+                                 commit=commit, record=record, extra=extra)
+            if not commit:
+                extra(values)
+            row = history[-1]
+            bar.set_postfix({key: f"{v:.4g}" for key, v in row.items() if key != "iteration"})
+            bar.update(1)
+            if callback is not None:
+                callback(k + 1, signals["x"])
+    finally:
+        bar.close()
+    return signals, history
+
+
+def _row(iteration: int, values: dict, problem: Problem) -> dict:
+    change2, norm2, err2, pixels = (float(v) for v in values["metrics"])
+    row = {"iteration": iteration, "data_fidelity": float(values["value"]) * problem.scale,
+           "relative_change": math.sqrt(change2) / max(math.sqrt(norm2), 1e-12)}
+    if problem.truth is not None:
+        row["psnr"] = psnr_of_mse(err2 / pixels)
+    return row

@@ -1,0 +1,251 @@
+"""A reconstruction problem, planned once: shapes, chunks, how each operator runs, where data lives.
+
+:func:`plan_problem` turns what :func:`daskrecon.reconstruct` receives (distributed physics,
+measurements as tensors, dask arrays or :class:`DistributedMeasurements`, a distributed
+denoiser, a data fidelity) into a :class:`Problem`: the iterate's shape, dtype and chunks
+(:mod:`daskrecon.chunking`, from the problem alone), for each operator whether it runs
+chunk by chunk (its chunk-wise form, :mod:`daskrecon.local`) or whole on the worker that
+holds it, the measurements placed accordingly, and where the iterate lives: persisted in
+cluster memory when the problem fits the cluster, double-buffered in Zarr when it does not.
+Everything image-sized stays on the cluster; the driver keeps shapes and scalars.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+import torch
+from dask.base import tokenize
+from deepinv.optim import L2
+from deepinv.utils import TensorList
+from distributed import Future
+
+from daskrecon import graph
+from daskrecon._arrays import as_numpy
+from daskrecon.chunking import plan_chunks, working_chunks
+from daskrecon.context import DistributedContext, scheduler_workers
+from daskrecon.errors import MeasurementError, ShapeError
+from daskrecon.fidelity import DistributedDataFidelity
+from daskrecon.fingerprint import fingerprint
+from daskrecon.measurements import DistributedMeasurements
+from daskrecon.physics import DistributedPhysics
+from daskrecon.processing import DistributedPrior, DistributedProcessing
+from daskrecon.tasks import arrays as array_tasks
+from daskrecon.tasks import operators as operator_tasks
+from daskrecon.terms import Problem, check_whole_fits, choose_forms, place_mask, place_measurement
+from daskrecon.waiting import compute, gather
+
+__all__ = ["STORAGES", "Problem", "plan_problem"]
+
+STORAGES = ("auto", "memory", "zarr")
+#: The iterate stays in cluster memory when this many copies of it, plus the measurements,
+#: fit in this fraction of the workers' total memory limit.
+_WORKING_COPIES, _MEMORY_FRACTION = 6, 0.5
+
+
+def plan_problem(
+    physics: DistributedPhysics,
+    y: Any,
+    denoiser: DistributedProcessing | DistributedPrior,
+    *,
+    data_fidelity: DistributedDataFidelity | None,
+    x0: Any,
+    x_true: Any,
+    sigma_denoiser: float,
+    storage: str = "auto",
+) -> tuple[Problem, da.Array | None]:
+    """Plan a reconstruction; returns the problem and ``x0`` as a chunked dask array (``None``: ``Aᵀy / N``).
+
+    Every input is checked before anything is written: lengths, shapes, dtypes, and one pass
+    for NaN/Inf over the measurements and ``x0`` (on the workers for dask arrays).
+    """
+    if not isinstance(physics, DistributedPhysics):
+        raise TypeError("physics must be a DistributedPhysics: dr.distribute(physics, ctx)")
+    if storage not in STORAGES:
+        raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
+    prior = denoiser if isinstance(denoiser, DistributedPrior) else None
+    if prior is None and not isinstance(denoiser, DistributedProcessing):
+        raise TypeError("denoiser must be a DistributedProcessing or DistributedPrior: dr.distribute(denoiser, ctx)")
+    proc = prior.processing if prior is not None else denoiser
+    ctx, n = physics.ctx, physics.num_operators
+    fidelity = data_fidelity or DistributedDataFidelity(ctx, L2())
+    ys = _entries(y, n)
+    named = [(f"y[{i}]", v) for i, v in enumerate(ys) if not isinstance(v, Future)]
+    if x0 is not None:
+        if not isinstance(x0, (torch.Tensor, da.Array)):
+            raise TypeError(f"x0 must be a torch.Tensor or a dask array, got {type(x0).__name__}")
+        named.append(("x0", x0))
+    for name, v in named:
+        proc.check_dtype(v.dtype)  # before any pass over the data
+        if isinstance(v, torch.Tensor) and v.is_complex():
+            raise TypeError(f"{name} is complex: the denoiser takes real images")
+
+    fids = [fidelity._sources(i) for i in range(n)]
+    local = physics.local_forms()
+    y_shapes = [_shape_of(ctx, v) for v in ys]
+    if x0 is None and all(f is None for f in local):
+        # No operator says what shape x has: Aᵀy / N, on the workers, tells.
+        _check_finite(ctx, named)
+        named = []
+        x0 = _whole_start(ctx, physics, [place_measurement(ctx, physics, i, v, None, (), (), np.dtype("f4"), True)
+                                         for i, v in enumerate(ys)])
+    shape = tuple(x0.shape) if x0 is not None else _x_shape(local, y_shapes)
+    dtype = np.dtype(torch.empty((), dtype=x0.dtype).numpy().dtype if isinstance(x0, torch.Tensor) else
+                     (x0.dtype if x0 is not None else _y_dtype(ys)))
+    if len(shape) != 4:
+        raise ShapeError(f"the image must be (B, C, H, W), got shape {shape}")
+    nbytes = math.prod(shape) * dtype.itemsize
+
+    forms, distances = choose_forms(physics, local, fids, nbytes)
+    for i, form in enumerate(forms):
+        if form is not None and form.output_shape(shape) != tuple(y_shapes[i]):
+            raise ShapeError(f"y[{i}] has shape {tuple(y_shapes[i])} but operator {i} maps x {shape} to "
+                             f"{form.output_shape(shape)}")
+
+    # Chunks: the caller's (dask x0), else planned from the problem (never from the cluster).
+    chunkwise_forms = [f for f in forms if f is not None]
+    if isinstance(x0, da.Array):
+        chunks = working_chunks(shape, x0.chunks, chunkwise_forms)
+    else:
+        dims, patch, overlap = proc.geometry(shape)
+        patch2 = [patch[dims.index(a)] if a in dims else shape[a] for a in (2, 3)]
+        over2 = [overlap[dims.index(a)] if a in dims else 0 for a in (2, 3)]
+        chunks = plan_chunks(shape, dtype.itemsize, patch2, overlap=over2, align=proc.align,
+                             factor=math.lcm(*(f.factor for f in chunkwise_forms)) if chunkwise_forms else 1,
+                             min_size=max((f.min_chunk(2) for f in chunkwise_forms), default=1))
+
+    # Storage: cluster memory when the working set fits comfortably, else Zarr slots.
+    y_bytes = sum(math.prod(s) * dtype.itemsize for s in y_shapes)
+    if storage == "auto":
+        total = sum(w.get("memory_limit") or 0 for w in scheduler_workers(ctx.client, ctx.stall_timeout).values())
+        storage = "memory" if not total or _WORKING_COPIES * nbytes + y_bytes <= _MEMORY_FRACTION * total else "zarr"
+
+    if forms.count(None):  # some operators run whole: the image must fit one worker
+        check_whole_fits(ctx, physics, forms, shape, nbytes)
+    _check_finite(ctx, named)  # one pass over the inputs, once every cheap check has passed
+
+    persist = storage == "memory"
+    placed_forms = [place_mask(ctx, f, shape, chunks, dtype, persist) if f is not None else None for f in forms]
+    placed_y = [place_measurement(ctx, physics, i, v, f, shape, chunks, dtype, persist) for i, (v, f) in
+                enumerate(zip(ys, placed_forms))]
+    truth = None
+    if x_true is not None:
+        truth = _as_chunked(x_true, chunks, dtype, "x_true")
+        if persist:
+            truth = ctx.client.persist(truth)
+    x0_arr = None
+    if x0 is not None:
+        x0_arr = _as_chunked(x0, chunks, dtype, "x0")
+    den_method = "prox" if prior is not None else proc.method
+    den_args, den_kwargs = ((), {"sigma_denoiser": sigma_denoiser}) if prior is not None else ((sigma_denoiser,), {})
+    problem = Problem(
+        ctx=ctx, physics=physics, fidelity=fidelity, shape=shape, dtype=dtype, chunks=chunks,
+        forms=placed_forms, distances=distances, y=placed_y, scale=1.0 / n if fidelity.reduction == "mean" else 1.0,
+        storage=storage, denoiser=proc, denoise_method=den_method, denoise_args=den_args,
+        denoise_kwargs=den_kwargs, truth=truth,
+    )
+    problem.record = {
+        "operators": physics.fingerprint(),
+        "measurements": _digest(ys),
+        "x0": _digest([x0]) if x0 is not None else "A^T y / N",
+        "shape": list(shape),
+        "chunks": [c[0] for c in chunks[2:]],
+        "forms": ["chunk-wise" if f is not None else "whole" for f in forms],
+        "denoiser": proc.fingerprint(),
+        "tiling": repr((proc.patch_size, proc.overlap, proc.max_batch_size, proc.blend)),
+        "sigma_denoiser": repr(float(sigma_denoiser)),
+    }
+    return problem, x0_arr
+
+
+# ---------------------------------------------------------------------- helpers
+def _entries(y: Any, n: int) -> list:
+    if isinstance(y, DistributedMeasurements):
+        if len(y) != n:
+            raise MeasurementError(f"y has {len(y)} measurements but the physics has {n} operators")
+        return list(y.futures)
+    if isinstance(y, torch.Tensor):
+        y = [y]
+    if not isinstance(y, (TensorList, list, tuple)):
+        raise TypeError(f"y must be a TensorList, a list of tensors or dask arrays, or DistributedMeasurements, "
+                        f"got {type(y).__name__}")
+    ys = [y[i] for i in range(len(y))]
+    if len(ys) != n:
+        raise MeasurementError(f"y has {len(ys)} entries but the physics has {n} operators")
+    for i, v in enumerate(ys):
+        if not isinstance(v, (torch.Tensor, da.Array)):
+            raise TypeError(f"y[{i}] must be a torch.Tensor or a dask array, got {type(v).__name__}")
+    return ys
+
+
+def _check_finite(ctx: DistributedContext, named: list) -> None:
+    """One pass over the inputs before anything is written: no NaN/Inf may enter a run."""
+    lazy = [(name, v) for name, v in named if isinstance(v, da.Array)]
+    counts = {name: int((~torch.isfinite(v)).sum()) for name, v in named if isinstance(v, torch.Tensor)}
+    if lazy:
+        values = compute([(~da.isfinite(v)).sum() for _, v in lazy], client=ctx.client, what="input check",
+                         stall_timeout=ctx.stall_timeout)
+        counts.update({name: int(c) for (name, _), c in zip(lazy, values)})
+    for name, _ in named:
+        if counts.get(name):
+            raise ValueError(f"{name} has {counts[name]} non-finite values (NaN or Inf); clean or mask them before "
+                             "reconstructing")
+
+
+def _shape_of(ctx: DistributedContext, v: Any) -> tuple[int, ...]:
+    if isinstance(v, Future):
+        return tuple(gather(ctx.client, [ctx.client.submit(np.shape, v, pure=False)], what="measurement shape",
+                            stall_timeout=ctx.stall_timeout)[0])
+    return tuple(v.shape)
+
+
+def _y_dtype(ys: list) -> np.dtype:
+    for v in ys:
+        if isinstance(v, torch.Tensor):
+            return torch.empty((), dtype=v.dtype).numpy().dtype
+        if isinstance(v, da.Array):
+            return np.dtype(v.dtype)
+    return np.dtype(np.float32)
+
+
+def _x_shape(local: list, y_shapes: list) -> tuple[int, ...]:
+    for form, s in zip(local, y_shapes):
+        if form is not None:
+            return form.input_shape(tuple(s))
+    raise AssertionError("no chunk-wise form: the shape comes from _whole_start")
+
+
+def _whole_start(ctx: DistributedContext, physics: DistributedPhysics, ys: list) -> da.Array:
+    """``Aᵀy / N`` computed whole on the workers (it stays there), as a one-chunk dask array."""
+    owners, tag = physics.owners, graph.token("start")
+    leaves = [graph.placed(operator_tasks.adjoint_op, owners[i], [physics.objects.ref(i, owners[i])], y, {},
+                           name=f"operator-adjoint-{i}-{tag}") for i, y in enumerate(ys)]
+    total = graph.tree_sum(leaves, ctx.fan_in, f"tree-sum-{tag}")
+    with dask.config.set({"optimization.fuse.active": False}):
+        fut = ctx.client.compute(total, optimize_graph=False)
+    shape, dtype = gather(ctx.client, [ctx.client.submit(_shape_dtype, fut, pure=False)], what="the start Aᵀy/N",
+                          labels=physics.placement.labels(leaves), stall_timeout=ctx.stall_timeout)[0]
+    start = dask.delayed(array_tasks.scale_array, pure=True)(fut, 1.0 / physics.num_operators)
+    return da.from_delayed(start, shape, dtype=dtype)
+
+
+def _shape_dtype(a: np.ndarray) -> tuple[tuple[int, ...], str]:
+    return tuple(a.shape), str(a.dtype)
+
+
+def _as_chunked(v: Any, chunks: tuple, dtype: np.dtype, name: str) -> da.Array:
+    if isinstance(v, torch.Tensor):
+        v = da.from_array(as_numpy(v, name), chunks=chunks)
+    elif not isinstance(v, da.Array):
+        raise TypeError(f"{name} must be a torch.Tensor or a dask array, got {type(v).__name__}")
+    return v.astype(dtype).rechunk(chunks)
+
+
+def _digest(values: list) -> str:
+    """A fingerprint of inputs: tensors by content, dask arrays by their graph's name."""
+    return fingerprint([v.name if isinstance(v, da.Array) else (v.key if isinstance(v, Future) else v)
+                        for v in values]) if values else tokenize()

@@ -1,0 +1,65 @@
+"""Chunk kernels of one reconstruction iteration: assembling, splitting, steps, metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["assemble_blocks", "gradient_of", "metric_partial", "pnp_step_block", "red_step_block", "sum_metrics",
+           "sum_values", "value_of"]
+
+
+def assemble_blocks(blocks: list) -> np.ndarray:
+    """One array from the nested list of a dask array's blocks (``to_delayed().tolist()``)."""
+    return np.block(blocks)
+
+
+def gradient_of(flat: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The gradient part of a ``[∇f.ravel(), f]`` array (:func:`daskrecon.tasks.fidelity.fidelity_grad_value_op`)."""
+    return flat[:-1].reshape(shape)
+
+
+def value_of(flat: np.ndarray) -> float:
+    """The value part of a ``[∇f.ravel(), f]`` array."""
+    return float(flat[-1])
+
+
+def sum_values(*values: Any) -> float:
+    """Sum in argument order, in float64 (a fixed order: bitwise reproducible)."""
+    total = 0.0
+    for v in values:
+        total += float(np.asarray(v, dtype=np.float64).sum())
+    return total
+
+
+def pnp_step_block(x: np.ndarray, g: np.ndarray, tau: float, scale: float) -> np.ndarray:
+    """``x − τ·scale·∇f`` on one chunk, in ``x``'s dtype."""
+    if scale != 1.0:
+        g = g * np.asarray(scale, dtype=g.dtype)
+    return x - np.asarray(tau, dtype=x.dtype) * g
+
+
+def red_step_block(x: np.ndarray, g: np.ndarray, d: np.ndarray, tau: float, scale: float, lam: float) -> np.ndarray:
+    """``x − τ (scale·∇f + λ (x − D(x)))`` on one chunk (RED's gradient step)."""
+    if scale != 1.0:
+        g = g * np.asarray(scale, dtype=g.dtype)
+    dt = x.dtype
+    return x - np.asarray(tau, dtype=dt) * (g + np.asarray(lam, dtype=dt) * (x - d))
+
+
+def metric_partial(new: np.ndarray, old: np.ndarray, truth: np.ndarray | None = None) -> np.ndarray:
+    """``[Σ(new − old)², Σ old², Σ(clip(new, 0, 1) − truth)², pixels]`` of one chunk, in float64."""
+    n, o = new.astype(np.float64), old.astype(np.float64)
+    out = np.array([((n - o) ** 2).sum(), (o ** 2).sum(), 0.0, float(n.size)])
+    if truth is not None:
+        out[2] = ((np.clip(n, 0, 1) - truth.astype(np.float64)) ** 2).sum()
+    return out
+
+
+def sum_metrics(*partials: np.ndarray) -> np.ndarray:
+    """Chunk partials of :func:`metric_partial` summed in chunk order."""
+    total = np.zeros(4)
+    for p in partials:
+        total += p
+    return total

@@ -1,0 +1,111 @@
+"""The one engine: an iteration is one graph of constant size, the image stays on the cluster, any cluster size."""
+
+import time
+
+import dask.array as da
+import numpy as np
+import pytest
+import torch
+from dask.sizeof import sizeof
+
+import daskrecon as dr
+
+from helpers import GraphSizes, blurs, noisy_measurements, small_dncnn
+
+
+def _problem(size=64, seed=0):
+    torch.manual_seed(seed)
+    ops = blurs(3)
+    x_true = torch.rand(1, 3, size, size)
+    y = noisy_measurements(ops, x_true, sigma=0.02)
+    return ops, x_true, y, small_dncnn(3)
+
+
+@pytest.mark.parametrize("ops_kind", ["whole", "chunk-wise"])
+def test_iterations_are_constant_graphs_and_send_no_image_to_the_driver(ctx, monkeypatch, ops_kind):
+    ops, x_true, y, model = _problem()
+    d = dr.distribute(ops, ctx, fast_operators=(ops_kind == "whole"))  # circular blurs: FFT on a worker, or chunk-wise
+    den = dr.distribute(model, ctx, patch_size=16, overlap=6)
+    client = ctx.client
+    received: list[int] = []
+    original = client._gather
+
+    async def counting(futures, *args, **kwargs):
+        out = await original(futures, *args, **kwargs)
+        received.append(sum(sizeof(v) for v in (out if isinstance(out, (list, tuple)) else [out])))
+        return out
+
+    per_iteration: dict[int, int] = {}
+    tasks: dict[int, int] = {}
+
+    def mark(k, x):
+        per_iteration[k] = sum(received)
+        received.clear()
+        tasks[k] = sum(client.run_on_scheduler(GraphSizes.take))
+
+    client.register_plugin(GraphSizes.Plugin())
+    monkeypatch.setattr(client, "_gather", counting)
+    n = 20
+    _, hist = dr.reconstruct(d, y, den, n_iter=n, step_size=0.3, progress=False, callback=mark, x_true=x_true,
+                             return_history=True)
+    monkeypatch.undo()
+    image = x_true.numel() * 4
+    assert all(b < image / 20 for k, b in per_iteration.items() if k > 1), per_iteration  # metrics only
+    assert tasks[2] == tasks[20] > 0 and len(set(tasks[k] for k in range(2, n + 1))) == 1, tasks  # one graph, same size
+    assert len(hist) == n and all(np.isfinite(h["psnr"]) and h["data_fidelity"] > 0 for h in hist)
+
+
+def test_results_are_bitwise_the_same_on_1_2_3_workers_and_in_either_storage(ctx1, ctx, ctx3, tmp_path):
+    ops, x_true, y, model = _problem(size=72)
+    outs = []
+    for c in (ctx1, ctx, ctx3):
+        out = dr.reconstruct(dr.distribute(ops, c), y, dr.distribute(model, c, patch_size=16, overlap=6), n_iter=3,
+                             step_size=0.3, progress=False)
+        outs.append(out)
+    streamed = dr.reconstruct(dr.distribute(ops, ctx), y, dr.distribute(model, ctx, patch_size=16, overlap=6),
+                              n_iter=3, step_size=0.3, progress=False, storage="zarr",
+                              checkpoint=str(tmp_path / "ck"))
+    assert all(torch.equal(o, outs[0]) for o in outs[1:] + [streamed])
+    assert float((outs[0] - y[0]).abs().max()) > 0.05
+
+
+def test_workers_joining_and_leaving_mid_run_change_nothing():
+    """An adaptive cluster (dask-jobqueue) adds and retires workers during a reconstruction."""
+    ops, x_true, y, model = _problem(size=64)
+    with dr.DistributedContext(n_workers=1, dashboard_address=":0", torch_threads=1) as ctx:
+        cluster, client = ctx.cluster, ctx.client
+
+        def run(callback=None):
+            return dr.reconstruct(dr.distribute(ops, ctx), y, dr.distribute(model, ctx, patch_size=16, overlap=6),
+                                  n_iter=6, step_size=0.3, progress=False, callback=callback)
+
+        quiet = run()
+        sizes = []
+
+        def elastic(k, x):
+            if k == 2:
+                cluster.scale(3)
+                client.wait_for_workers(3, timeout=60)
+            elif k == 4:
+                cluster.scale(1)
+                deadline = time.monotonic() + 60
+                while len(client.scheduler_info(n_workers=-1)["workers"]) > 1 and time.monotonic() < deadline:
+                    time.sleep(0.1)
+            sizes.append(ctx.num_workers)
+
+        disturbed = run(elastic)
+    assert 3 in sizes and sizes[-1] == 1
+    assert torch.equal(disturbed, quiet)
+
+
+def test_dask_inputs_stay_lazy_and_on_the_cluster(ctx):
+    ops, x_true, y, model = _problem()
+    with ctx.client.as_current():
+        ys = [da.from_array(t.numpy(), chunks=(1, 3, 32, 32)) for t in y]
+        out = dr.reconstruct(dr.distribute(ops, ctx), ys, dr.distribute(model, ctx, patch_size=16, overlap=6),
+                             n_iter=2, step_size=0.3, progress=False)
+        assert isinstance(out, da.Array)
+        ref = dr.reconstruct(dr.distribute(ops, ctx), y, dr.distribute(model, ctx, patch_size=16, overlap=6),
+                             n_iter=2, step_size=0.3, progress=False, x0=torch.from_numpy(
+                                 (sum(o.A_adjoint(t) for o, t in zip(ops, y)) / 3).numpy()))
+        np.testing.assert_allclose(out.compute(), ref.numpy(), atol=1e-5)
