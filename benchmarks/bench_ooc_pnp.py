@@ -1,19 +1,26 @@
-"""PnP on an image larger than the cluster's memory, streamed through Zarr.
+"""The same PnP iteration in cluster memory and out of core (4x the workers' memory), in one run.
 
-Default: a 27648² RGB float32 image (8.5 GiB) — 4.3× the total worker memory limit of
-one worker × 2 threads × 2 GiB — blurred (13×13 Gaussian, σ 1.5, reflect padding) with noise, reconstructed by
-PnP with a small DnCNN (depth 4, 16 features) through ``daskrecon.reconstruct`` on
-``da.from_zarr`` inputs. Reports seconds per iteration, each worker's peak RSS, and how
-the workers' time splits between Zarr reads/writes, spilling and compute (from the task
-stream). No baseline can run this: plain deepinv needs the image (and the network's
-activations) in memory.
+A blurred (13x13 Gaussian, reflect padding) noisy synthetic RGB scene, reconstructed by PnP
+with a small DnCNN (depth 4, 16 features, random weights: throughput and memory, not image
+quality) through ``daskrecon.reconstruct`` on ``da.from_zarr`` inputs, on one worker with two
+threads and a 2 GiB memory limit:
 
-    python benchmarks/bench_ooc_pnp.py [--size 27648] [--chunk 1024] [--iterations 2]
+* in memory: a ``--small`` image (default 6144², 0.42 GiB) with ``storage="memory"``;
+* out of core: an image ``--times`` (4) times the workers' total memory limit (26624², 7.9 GiB for
+  one 2 GiB worker) with ``storage="zarr"``, streamed from one Zarr slot to the other.
+
+Both use the same chunks (``--chunk``), operator and denoiser. Reports per-pixel throughput of
+each (Mpx/s, iterations after the first), their ratio, each run's peak worker RSS against the
+limit, and the worker threads' busy fraction (task compute time / threads x wall time) with the
+split between compute, Zarr reads and spilling. Writes benchmarks/results/ooc_pnp.json.
+
+    python benchmarks/bench_ooc_pnp.py [--times 4] [--iterations 2] [--chunk 1024]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import sys
@@ -41,138 +48,140 @@ def _scene(block, block_info=None):
     return out
 
 
-def classify(key: str) -> str:
+def classify(key) -> str:
     name = key if isinstance(key, str) else str(key[0] if isinstance(key, tuple) else key)
-    if name.startswith(("from-zarr", "original-array", "open_dataset")) or "from-zarr" in name:
+    if "from-zarr" in name or name.startswith(("original-array", "array-")):
         return "zarr read"
     if name.startswith(("store-map", "store-", "load-store")):
         return "zarr write"
     return "compute"
 
 
+def _inputs(work: str, size: int, chunk: int, dphys) -> tuple[float, str]:
+    import dask.array as da
+    import numpy as np
+
+    t0 = time.perf_counter()
+    shape, chunks = (1, 3, size, size), (1, 3, chunk, chunk)
+    where = os.path.join(work, f"y-{size}.zarr")
+    if not os.path.exists(os.path.join(where, "zarr.json")) or not os.path.exists(where + ".done"):
+        x_true = da.map_blocks(_scene, da.empty(shape, chunks=chunks, dtype=np.float32), dtype=np.float32)
+        noise = da.random.default_rng(1).standard_normal(shape, chunks=chunks, dtype=np.float32)
+        (dphys.A(x_true)[0] + 0.02 * noise).to_zarr(where, overwrite=True)
+        open(where + ".done", "w").close()
+    return time.perf_counter() - t0, where
+
+
+def _run(ctx, dphys, dden, y, storage: str, iterations: int, work: str, threads: int) -> dict:
+    import dask.array as da
+    from distributed import get_task_stream
+
+    import daskrecon as dr
+
+    ctx.client.run(lambda: __import__("gc").collect())
+    idle = ctx.client.run(rss_mib)
+    ctx.client.run(reset_peak_rss)
+    stamps = [time.perf_counter()]
+    with get_task_stream(ctx.client) as ts:
+        out, history = dr.reconstruct(
+            dphys, [y], dden, n_iter=iterations, step_size=1.0, sigma_denoiser=0.02, x0=y, storage=storage,
+            checkpoint=os.path.join(work, f"ckpt-{storage}") if storage == "zarr" else None, overwrite=True,
+            progress=True, return_history=True, callback=lambda k, x: stamps.append(time.perf_counter()))
+    peak = ctx.client.run(peak_rss_mib)
+    per_iter = [b - a for a, b in zip(stamps[:-1], stamps[1:])]
+    steady = per_iter[1:] or per_iter  # the first includes the input check and the start
+    totals: dict[str, float] = defaultdict(float)
+    window = (stamps[-len(steady) - 1] if len(steady) < len(per_iter) else stamps[0], stamps[-1])
+    for t in ts.data:
+        for ss in t["startstops"]:
+            start, stop = max(ss["start"], 0), ss["stop"]
+            dur = stop - start
+            if ss["action"] == "compute":
+                totals[classify(t["key"])] += dur
+            elif ss["action"] in ("disk-read", "disk-write"):
+                totals["spill " + ss["action"].split("-")[1]] += dur
+            elif ss["action"] == "transfer":
+                totals["transfer"] += dur
+    wall = stamps[-1] - stamps[0]
+    busy = sum(v for k, v in totals.items() if k != "transfer")
+    pixels = math.prod(y.shape[2:])
+    assert isinstance(out, da.Array)
+    return {
+        "storage": storage,
+        "image": f"1x3x{y.shape[2]}x{y.shape[3]} float32 ({y.nbytes / 2**30:.2f} GiB)",
+        "seconds_per_iteration": per_iter,
+        "steady_seconds_per_iteration": sum(steady) / len(steady),
+        "mpx_per_second": pixels / 1e6 / (sum(steady) / len(steady)),
+        "worker_idle_rss_mib": sorted(idle.values()),
+        "worker_peak_rss_mib": sorted(peak.values()),
+        "thread_busy_fraction": busy / (threads * wall) if wall else None,
+        "worker_time_share": {k: v / max(sum(totals.values()), 1e-9) for k, v in sorted(totals.items())},
+        "history": history,
+        "window_s": window[1] - window[0],
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--size", type=int, default=27648)
-    p.add_argument("--chunk", type=int, default=512)
+    p.add_argument("--times", type=float, default=4.0, help="out-of-core image / total worker memory limit")
+    p.add_argument("--small", type=int, default=6144, help="side of the in-memory image")
+    p.add_argument("--chunk", type=int, default=1024)
     p.add_argument("--iterations", type=int, default=2)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--memory-limit", default="2GiB")
-    p.add_argument("--malloc", choices=("safe", "fast"), default="safe",
-                   help="workers' glibc settings (DistributedContext(malloc=...)); 'fast' stalls here: the "
-                        "worker keeps freed memory and pauses at 92 %% for good")
     p.add_argument("--dir", default=None, help="working directory (default: a temporary one, removed after)")
     args = p.parse_args()
 
     import dask
     import dask.array as da
-    import numpy as np
     import torch
+    from dask.utils import parse_bytes
     from deepinv.models import DnCNN
     from deepinv.physics import Blur
     from deepinv.physics.functional.blur import gaussian_blur
-    from distributed import get_task_stream
 
     import daskrecon as dr
-    from daskrecon.context import scheduler_workers
 
-    size, chunk = args.size, args.chunk
-    nbytes = 3 * size * size * 4
+    limit_total = args.workers * parse_bytes(args.memory_limit)
+    size = int(math.sqrt(args.times * limit_total / 12) // args.chunk * args.chunk)  # 3 channels x 4 bytes
     work = args.dir or tempfile.mkdtemp(prefix="daskrecon-ooc-pnp-")
-    # An idle worker holds 750-900 MiB RSS (torch's CUDA build + deepinv): with 1 GiB per
-    # worker only ~150 MiB would be left for data, and torch's allocator keeps what a conv
-    # workspace took, so one worker with two threads shares 2 GiB instead. Spill task results
-    # to disk beyond 25 % of the limit (the default 60 % plus the idle 45 % is over the pause
-    # threshold), pause at 92 %; the nanny still kills a worker above 98 %.
+    # An idle worker holds ~750 MiB (torch + deepinv). Spill task results to disk beyond 25 % of
+    # the limit (the default 60 % plus the idle share is over the pause threshold), pause at 92 %.
     thresholds = {"distributed.worker.memory.target": 0.25, "distributed.worker.memory.spill": 0.8,
                   "distributed.worker.memory.pause": 0.92, "distributed.worker.memory.terminate": 0.98}
     torch.manual_seed(0)
     model = DnCNN(3, 3, depth=4, nf=16, pretrained=None).eval()
     blur = Blur(filter=gaussian_blur(sigma=(1.5, 1.5)), padding="reflect")  # 13×13 kernel
+    res: dict = {"workers": args.workers, "threads_per_worker": args.threads,
+                 "memory_limit_per_worker": args.memory_limit, "chunk": args.chunk, "memory_thresholds": thresholds,
+                 "operator": "Blur 13x13 Gaussian (sigma 1.5), reflect padding (chunk-wise map_overlap)",
+                 "denoiser": "DnCNN depth 4, 16 features, random weights, tiles 512 + overlap 4",
+                 "malloc": "fast (default, with the memory-pressure trim)", "machine": machine()}
     try:
         with dask.config.set(thresholds), dr.DistributedContext(
-            n_workers=args.workers, threads_per_worker=args.threads, memory_limit=args.memory_limit, dashboard_address=":0",
-            malloc=args.malloc,
+            n_workers=args.workers, threads_per_worker=args.threads, memory_limit=args.memory_limit,
+            dashboard_address=":0",
         ) as ctx, ctx.client.as_current():
-            limit_total = sum(w["memory_limit"] for w in scheduler_workers(ctx.client).values())
-            print(f"image 1x3x{size}x{size} float32 = {nbytes / 2**30:.2f} GiB = {nbytes / limit_total:.1f}x the "
-                  f"total worker memory limit ({args.workers} x {args.memory_limit}); chunks {chunk}²", flush=True)
             dphys = dr.distribute([blur], ctx)
             dden = dr.distribute(model, ctx, patch_size=512, overlap=4, max_batch_size=1)
-
-            # Measurements: y = A x_true + noise, written chunk by chunk.
-            t0 = time.perf_counter()
-            shape, chunks = (1, 3, size, size), (1, 3, chunk, chunk)
-            done = os.path.join(work, "inputs.done")
-            if not (args.dir and os.path.exists(done)):  # --dir keeps the inputs of an earlier run
-                x_true = da.map_blocks(_scene, da.empty(shape, chunks=chunks, dtype=np.float32), dtype=np.float32)
-                x_true.to_zarr(os.path.join(work, "x_true.zarr"), overwrite=True)
-                x_true = da.from_zarr(os.path.join(work, "x_true.zarr"))
-                noise = da.random.default_rng(1).standard_normal(shape, chunks=chunks, dtype=np.float32)
-                (dphys.A(x_true)[0] + 0.02 * noise).to_zarr(os.path.join(work, "y.zarr"), overwrite=True)
-                open(done, "w").close()
-            t_setup = time.perf_counter() - t0
-            y = da.from_zarr(os.path.join(work, "y.zarr"))
-            print(f"wrote x_true and y in {t_setup:.0f} s", flush=True)
-            ctx.client.run(lambda: __import__("gc").collect())
-            idle = ctx.client.run(rss_mib)
-            ctx.client.run(reset_peak_rss)  # the peak below is the reconstruction's
-
-            stamps = [time.perf_counter()]
-            with get_task_stream(ctx.client) as ts:
-                out, history = dr.reconstruct(
-                    dphys, [y], dden, n_iter=args.iterations, step_size=1.0, sigma_denoiser=0.02, x0=y,
-                    checkpoint=os.path.join(work, "ckpt"), overwrite=True, progress=True, return_history=True,
-                    callback=lambda k, x: stamps.append(time.perf_counter()))
-            peak = ctx.client.run(peak_rss_mib)
-            per_iter = [b - a for a, b in zip(stamps[:-1], stamps[1:])]
-            # stamps[0] precedes the input checks and the write of x0 (iteration 0): report it apart.
-            totals: dict[str, float] = defaultdict(float)
-            prefixes: dict[str, float] = defaultdict(float)
-            for t in ts.data:
-                kind = classify(t["key"])
-                name = t["key"][0] if isinstance(t["key"], tuple) else str(t["key"])
-                prefixes[name.rsplit("-", 1)[0]] += sum(ss["stop"] - ss["start"] for ss in t["startstops"]
-                                                        if ss["action"] == "compute")
-                for ss in t["startstops"]:
-                    dur = ss["stop"] - ss["start"]
-                    action = ss["action"]
-                    if action == "compute":
-                        totals[kind] += dur
-                    elif action in ("disk-read", "disk-write"):
-                        totals["spill " + action.split("-")[1]] += dur
-                    elif action == "transfer":
-                        totals["transfer"] += dur
-            busy = sum(totals.values())
-            shares = {k: v / busy for k, v in sorted(totals.items())}
-            corner = np.asarray(out[:, :, :256, :256].compute())
-            ok = bool(np.isfinite(corner).all())
-        res = {
-            "image": f"1x3x{size}x{size} float32 ({nbytes / 2**30:.2f} GiB)",
-            "times_total_worker_memory_limit": nbytes / limit_total,
-            "workers": args.workers, "threads_per_worker": args.threads, "malloc": args.malloc, "memory_limit_per_worker": args.memory_limit, "chunk": chunk,
-            "operator": "Blur 13x13 Gaussian (sigma 1.5), reflect padding (chunk-wise map_overlap)",
-            "denoiser": "DnCNN depth 4, 16 features, random weights, tiles 512 + overlap 4",
-            "memory_thresholds": thresholds,
-            "seconds_write_inputs": t_setup,
-            "seconds_start_incl_x0_write": per_iter[0] if per_iter else None,
-            "seconds_per_iteration": per_iter[1:] if len(per_iter) > 1 else per_iter,
-            "worker_idle_rss_mib": sorted(idle.values()),
-            "worker_peak_rss_mib": sorted(peak.values()),
-            "worker_time_share": shares,
-            "worker_busy_seconds": busy,
-            "compute_seconds_by_task_prefix": dict(sorted(prefixes.items(), key=lambda kv: -kv[1])[:15]),
-            "history": history,
-            "result_finite": ok,
-            "machine": machine(),
-        }
-        # The first stamp is taken before reconstruct() checks inputs and commits x0;
-        # the first interval therefore includes that pass, later ones are pure iterations.
-        path = write("ooc_pnp", res)
-        print(f"\nseconds per iteration {['%.0f' % s for s in res['seconds_per_iteration']]} "
-              f"(first interval incl. input checks and x0 write), worker peak RSS {res['worker_peak_rss_mib']} MiB "
-              f"(idle {res['worker_idle_rss_mib']}), time share "
-              + ", ".join(f"{k} {v:.0%}" for k, v in shares.items()) + f" -> {path}")
+            for name, side, storage in (("in_memory", args.small, "memory"), ("out_of_core", size, "zarr")):
+                t_in, path = _inputs(work, side, args.chunk, dphys)
+                y = da.from_zarr(path)
+                print(f"{name}: {y.nbytes / 2**30:.2f} GiB = {y.nbytes / limit_total:.2f}x the workers' total memory "
+                      f"limit; inputs written in {t_in:.0f} s", flush=True)
+                r = _run(ctx, dphys, dden, y, storage, args.iterations, work, args.workers * args.threads)
+                r["seconds_write_inputs"] = t_in
+                r["times_total_worker_memory_limit"] = y.nbytes / limit_total
+                res[name] = r
+                print(f"  {r['mpx_per_second']:.2f} Mpx/s, peak RSS {r['worker_peak_rss_mib']} MiB, threads busy "
+                      f"{r['thread_busy_fraction']:.0%}, " + ", ".join(f"{k} {v:.0%}"
+                                                                     for k, v in r['worker_time_share'].items()),
+                      flush=True)
+        res["ratio_out_of_core_vs_in_memory_throughput"] = (res["out_of_core"]["mpx_per_second"]
+                                                            / res["in_memory"]["mpx_per_second"])
+        print(f"out-of-core / in-memory per-pixel throughput = {res['ratio_out_of_core_vs_in_memory_throughput']:.2f}")
+        print("wrote", write("ooc_pnp", res))
     finally:
         if not args.dir:
             shutil.rmtree(work, ignore_errors=True)

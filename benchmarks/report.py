@@ -24,7 +24,7 @@ def gradient() -> str:
             ("deepinv.distributed, torchrun ×2 (gloo)", "deepinv_distributed_torchrun2"),
             ("**daskrecon, 2 workers**", "daskrecon"),
             ("daskrecon, 2 workers, `fast_operators=False`", "daskrecon_fast_operators_off"),
-            ("daskrecon, 2 workers, `malloc=\"fast\"`", "daskrecon_malloc_fast"),
+            ("daskrecon, 2 workers, `malloc=\"safe\"`", "daskrecon_malloc_safe"),
             ("*(info)* deepinv.distributed with `Blur(use_fft=True)`, 1 process",
              "deepinv_distributed_1proc_blur_use_fft")]
     return _variants(d, rows)
@@ -53,7 +53,7 @@ def pnp() -> str:
     rows = [("deepinv.distributed, 1 process", "deepinv_distributed_1proc"),
             ("deepinv.distributed, torchrun ×2 (gloo)", "deepinv_distributed_torchrun2"),
             ("**daskrecon `reconstruct`, 2 workers**", "daskrecon"),
-            ("daskrecon, 2 workers, `malloc=\"fast\"`", "daskrecon_malloc_fast")]
+            ("daskrecon, 2 workers, `malloc=\"safe\"`", "daskrecon_malloc_safe")]
     return _variants(d, rows)
 
 

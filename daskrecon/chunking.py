@@ -19,8 +19,10 @@ __all__ = ["MAX_CHUNK_BYTES", "MIN_CHUNKS", "plan_chunks", "working_chunks"]
 
 #: Largest chunk of the iterate, in bytes (a chunk and its halo are held whole by a task).
 MAX_CHUNK_BYTES = 64 * 2**20
-#: Chunks an image should be cut into, when it has that many denoiser tiles.
+#: Chunks an image should be cut into, when it has that many denoiser tiles...
 MIN_CHUNKS = 4
+#: ...and chunks at least this large: below, a task's overhead (milliseconds) outweighs its work.
+MIN_CHUNK_BYTES = 256 * 2**10
 
 
 def plan_chunks(
@@ -34,6 +36,7 @@ def plan_chunks(
     min_size: int = 1,
     max_bytes: int = MAX_CHUNK_BYTES,
     min_chunks: int = MIN_CHUNKS,
+    min_bytes: int = MIN_CHUNK_BYTES,
 ) -> tuple[tuple[int, ...], ...]:
     """Regular chunks of a ``(B, C, H, W)`` iterate.
 
@@ -56,7 +59,10 @@ def plan_chunks(
     max_bytes : int
         Largest chunk in bytes.
     min_chunks : int
-        Cut at least this many chunks when the image has at least this many tiles.
+        Cut at least this many chunks when the image has at least this many tiles and
+        every chunk keeps at least ``min_bytes``.
+    min_bytes : int
+        Smallest chunk worth a task of its own (a small image stays one chunk).
 
     Returns
     -------
@@ -68,6 +74,8 @@ def plan_chunks(
     --------
     >>> plan_chunks((1, 3, 512, 512), 4, (256, 256))
     ((1,), (3,), (256, 256), (256, 256))
+    >>> plan_chunks((1, 3, 128, 128), 4, (64, 64))
+    ((1,), (3,), (128,), (128,))
     >>> plan_chunks((1, 3, 8192, 8192), 4, (512, 512))[2][:2]
     (2048, 2048)
     """
@@ -86,12 +94,14 @@ def plan_chunks(
                 for n, p, t, q, m in zip((h, w), base, tiles, counts, need)]
 
     # Start from one chunk and cut the longer side once more until chunks fit max_bytes and
-    # the image has min_chunks chunks (when it has that many tiles): square chunks, least halo.
+    # the image has min_chunks chunks (when it has that many tiles and they are worth a task):
+    # square chunks, least halo.
+    wanted = max(1, min(min_chunks, math.prod(tiles), h * w * per_pixel // max(1, min_bytes)))
     counts = [1, 1]
     while True:
         sizes = cut(counts)
         too_big = max(sizes[0]) * max(sizes[1]) * per_pixel > max_bytes
-        too_few = len(sizes[0]) * len(sizes[1]) < min(min_chunks, math.prod(tiles))
+        too_few = len(sizes[0]) * len(sizes[1]) < wanted
         axes = [a for a in sorted((0, 1), key=lambda a: (-max(sizes[a]), a)) if counts[a] < tiles[a]]
         if not (too_big or too_few) or not axes:
             return ((b,), (c,), *sizes)

@@ -27,12 +27,14 @@ __all__ = ["DistributedContext"]
 
 _DEVICE_MODES = (None, "cpu", "gpu")
 _THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-# glibc settings of local workers (``malloc=``). "safe" keeps distributed's: freed memory above
-# 64 KiB goes back to the OS at once, so RSS follows the data and a memory limit is honoured.
-# Setting a trim threshold also pins glibc's mmap threshold at 128 KiB, so every network
-# activation is mmap'd and unmapped again (page faults): "fast" serves activations under 32 MiB
-# from the heap and trims above 64 MiB — ~15 % faster PnP, but in benchmarks/bench_ooc_pnp.py a
-# 2 GiB worker kept 1.84 GiB and paused for good. Measured by benchmarks/bench_pnp.py.
+# glibc settings of local workers (``malloc=``). "safe" is distributed's: freed memory above
+# 64 KiB goes back to the OS at once, but setting a trim threshold also pins glibc's mmap
+# threshold at 128 KiB, so every activation and FFT buffer is mapped and page-faulted afresh.
+# "fast" serves buffers under 32 MiB from the heap and trims above 64 MiB: 2.2x faster FFT
+# gradients, 13 % faster PnP (benchmarks/bench_gradient.py, bench_pnp.py). Alone it let a 2 GiB
+# out-of-core worker keep 1.84 GiB of freed memory and pause for good; with it comes
+# daskrecon.memory_trim.TrimUnderPressure, which returns free heap pages whenever a worker
+# passes half its limit (tested), so it is the default.
 MALLOC_MODES = ("safe", "fast")
 _WORKERS_TTL = 30.0
 _MALLOC_FAST = {"MALLOC_TRIM_THRESHOLD_": str(64 * 2**20), "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20)}
@@ -81,12 +83,14 @@ class DistributedContext(SingleRank):
         Dask threads per local worker (default 1).
     memory_limit : str or int, optional
         Memory limit per local worker (``"2GiB"``...), default ``"auto"``.
-    malloc : {"safe", "fast"}
-        glibc settings of local workers. ``"safe"`` (default): distributed's, freed memory
-        returns to the OS at once, so memory limits hold (out-of-core runs). ``"fast"``:
-        network activations reuse heap memory instead of being mapped and unmapped per call,
-        ~15 % faster for in-memory reconstructions, but a worker keeps up to tens of MiB per
-        thread it no longer uses — do not combine with a tight ``memory_limit``.
+    malloc : {"fast", "safe"}
+        glibc settings of local workers. ``"fast"`` (default): network activations and FFT
+        buffers reuse heap memory instead of being mapped and page-faulted afresh per call
+        (2.2x faster FFT gradients, 13 % faster PnP here), and a worker plugin returns freed
+        heap pages to the OS whenever a worker passes half its memory limit
+        (:class:`~daskrecon.memory_trim.TrimUnderPressure`). ``"safe"``: distributed's
+        setting, freed memory above 64 KiB goes back at once, at the price of those page
+        faults.
     device_mode : {None, "cpu", "gpu"}
         ``None``: GPUs when the workers have them, else CPU. ``"gpu"`` without a GPU
         raises :class:`~daskrecon.errors.DeviceError`.
@@ -169,7 +173,7 @@ class DistributedContext(SingleRank):
         cleanup: bool = True,
         seed_offset: bool = True,
         deterministic: bool = False,
-        malloc: str = "safe",
+        malloc: str = "fast",
         **cluster_kwargs: Any,
     ) -> None:
         if malloc not in MALLOC_MODES:

@@ -22,6 +22,7 @@ import dask
 import dask.array as da
 import numpy as np
 from dask.delayed import Delayed, delayed
+from dask.highlevelgraph import HighLevelGraph
 
 from daskrecon._scheduler import PLACED
 from daskrecon.reduction import reduction_plan
@@ -44,9 +45,25 @@ def token(kind: str) -> str:
 
 
 def whole(x: da.Array, name: str) -> Delayed:
-    """``x`` as one array, in one task (``assemble``); placed by the scheduler next to most of its chunks."""
-    blocks = x.to_delayed(optimize_graph=False).tolist()
-    return delayed(iteration_tasks.assemble_blocks, pure=True)(blocks, dask_key_name=name)
+    """``x`` as one array, in one task (``assemble``); placed by the scheduler next to most of its chunks.
+
+    A one-chunk ``x`` is its chunk: no task.
+    """
+    blocks = x.to_delayed(optimize_graph=False)
+    if blocks.size == 1:
+        return blocks.ravel()[0]
+    return delayed(iteration_tasks.assemble_blocks, pure=True)(blocks.tolist(), dask_key_name=name)
+
+
+def as_array(d: Delayed, fn: Any, args: tuple, shape: tuple[int, ...], dtype: Any, chunks: tuple, name: str) -> da.Array:
+    """``fn(d, *args)`` as a dask array of ``chunks``: one task per chunk, cutting its block from ``d``."""
+    starts = [np.cumsum((0,) + c[:-1]) for c in chunks]
+    layer = {}
+    for idx in itertools.product(*(range(len(c)) for c in chunks)):
+        region = tuple(slice(int(starts[a][i]), int(starts[a][i]) + chunks[a][i]) for a, i in enumerate(idx))
+        layer[(name, *idx)] = (iteration_tasks.block_of, d.key, fn, args, region)
+    graph = HighLevelGraph.from_collections(name, layer, dependencies=[d])
+    return da.Array(graph, name, chunks, dtype=dtype, meta=np.empty((0,) * len(shape), dtype))
 
 
 def placed(fn: Any, owner: str, refs: list, *args: Any, name: str) -> Delayed:
@@ -123,16 +140,11 @@ def gradient(problem: Any, x: da.Array) -> tuple[da.Array, Delayed]:
             values.append(delayed(iteration_tasks.value_of, pure=True)(gv, dask_key_name=f"value-of-{i}-{tag}"))
     if all(isinstance(g, Delayed) for g in grads):  # all whole: one tree over whole images, then split
         total = tree_sum(grads, fan_in, f"tree-sum-{tag}")
-        g = delayed(iteration_tasks.gradient_of, pure=True)(total, problem.shape, dask_key_name=f"gradient-{tag}")
-        grad = da.from_delayed(g, problem.shape, dtype=problem.dtype).rechunk(x.chunks)
+        grad = as_array(total, iteration_tasks.gradient_of, (problem.shape,), problem.shape, problem.dtype, x.chunks,
+                        f"gradient-{tag}")
     else:
-        def chunked(i: int, g: Any) -> da.Array:
-            if not isinstance(g, Delayed):
-                return g
-            d = delayed(iteration_tasks.gradient_of, pure=True)(g, problem.shape, dask_key_name=f"gradient-{i}-{tag}")
-            return da.from_delayed(d, problem.shape, dtype=problem.dtype).rechunk(x.chunks)
-
-        leaves = [chunked(i, g) for i, g in enumerate(grads)]
+        leaves = [as_array(g, iteration_tasks.gradient_of, (problem.shape,), problem.shape, problem.dtype, x.chunks,
+                           f"gradient-{i}-{tag}") if isinstance(g, Delayed) else g for i, g in enumerate(grads)]
         grad = tree_sum([leaf.astype(problem.dtype) for leaf in leaves], fan_in, f"tree-sum-{tag}")
     return grad, tree_sum_values(values, fan_in, f"value-tree-{tag}")
 
@@ -215,4 +227,6 @@ def metrics(problem: Any, new: da.Array, old: da.Array, name: str) -> Delayed:
              else [None] * len(blocks_new))
     parts = [delayed(iteration_tasks.metric_partial, pure=True)(a, b, t, dask_key_name=f"{name}-{k}")
              for k, (a, b, t) in enumerate(zip(blocks_new, blocks_old, truth))]
+    if len(parts) == 1:
+        return parts[0]
     return delayed(iteration_tasks.sum_metrics, pure=True)(*parts, dask_key_name=f"{name}-sum")

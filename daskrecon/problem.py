@@ -57,6 +57,7 @@ def plan_problem(
     x_true: Any,
     sigma_denoiser: float,
     storage: str = "auto",
+    chunks: Any = None,
 ) -> tuple[Problem, da.Array | None]:
     """Plan a reconstruction; returns the problem and ``x0`` as a chunked dask array (``None``: ``Aᵀy / N``).
 
@@ -108,7 +109,12 @@ def plan_problem(
 
     # Chunks: the caller's (dask x0), else planned from the problem (never from the cluster).
     chunkwise_forms = [f for f in forms if f is not None]
-    if isinstance(x0, da.Array):
+    if chunks is not None:
+        if not (isinstance(chunks, (tuple, list)) and len(chunks) == 2 and all(isinstance(c, int) and c > 0
+                                                                             for c in chunks)):
+            raise ValueError(f"chunks must be (height, width) of the iterate's chunks, got {chunks!r}")
+        chunks = working_chunks(shape, ((shape[0],), (shape[1],), (chunks[0],), (chunks[1],)), chunkwise_forms)
+    elif isinstance(x0, da.Array):
         chunks = working_chunks(shape, x0.chunks, chunkwise_forms)
     else:
         dims, patch, overlap = proc.geometry(shape)
@@ -153,7 +159,7 @@ def plan_problem(
         "measurements": _digest(ys),
         "x0": _digest([x0]) if x0 is not None else "A^T y / N",
         "shape": list(shape),
-        "chunks": [c[0] for c in chunks[2:]],
+        "chunks": [list(c) for c in chunks[2:]],
         "forms": ["chunk-wise" if f is not None else "whole" for f in forms],
         "denoiser": proc.fingerprint(),
         "tiling": repr((proc.patch_size, proc.overlap, proc.max_batch_size, proc.blend)),

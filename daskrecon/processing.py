@@ -411,6 +411,12 @@ class DistributedProcessing:
         meta = np.empty((0,) * x.ndim, dtype=x.dtype)
         extra = {"name": name} if name else {}
         with dask.annotate(**({"workers": workers, "allow_other_workers": True} if workers else {})):
+            if all(x.numblocks[d] == 1 for d in tiling_dims):  # one chunk: no halo to exchange
+                return x.map_blocks(
+                    denoising_tasks.process_block, dtype=x.dtype, meta=meta, model_key=self.key,
+                    device_mode=self.ctx.device_mode, method=method, tiling=tiling,
+                    max_batch_size=self.max_batch_size, args=args, kwargs=kwargs, **extra,
+                )
             return x.map_overlap(
                 denoising_tasks.process_block, depth=depth, boundary="none", dtype=x.dtype, meta=meta,
                 model_key=self.key, device_mode=self.ctx.device_mode, method=method, tiling=tiling,

@@ -18,11 +18,12 @@ import dask
 import dask.array as da
 import numpy as np
 import torch
+from distributed import futures_of
 
 from daskrecon.checkpoint import Checkpoint
 from daskrecon.context import DistributedContext
 from daskrecon.errors import ShapeError
-from daskrecon.waiting import compute
+from daskrecon.waiting import compute, gather
 
 __all__ = ["DistributedSignal", "advance"]
 
@@ -234,12 +235,22 @@ def advance(
     streamed = [n for n, s in signals.items() if not s.in_memory]
     committing = store is not None and (commit or streamed)
     names = list(also or {})
-    with dask.config.set({"optimization.fuse.active": False}):  # keep task names and annotations
-        kept = {n: client.persist(arrays[n], optimize_graph=False) for n, s in signals.items() if s.in_memory}
-        slot, stores = store.store_tasks({n: kept.get(n, arrays[n]) for n in signals}) if committing else (None, [])
-        results = compute([*stores, *[also[k] for k in names]], client=client, what=f"iteration {iteration}",
-                          stall_timeout=ctx.stall_timeout, optimize_graph=False) if stores or names else []
-    out = dict(zip(names, results[len(stores):]))
+    keep = [n for n, s in signals.items() if s.in_memory]
+    slot, stores = store.store_tasks(arrays) if committing else (None, [])
+    # One submission for everything: new values, writes, metrics. Unoptimized, so that every key
+    # (and the placement annotations) is the graph's own, and keys shared between the
+    # collections are computed once.
+    with dask.config.set({"optimization.fuse.active": False}):
+        persisted = client.persist([*(arrays[n] for n in keep), *stores, *(also[k] for k in names)],
+                                   optimize_graph=False)
+    kept = dict(zip(keep, persisted[:len(keep)]))
+    waited = [futures_of(p) for p in persisted[len(keep):]]
+    flat = [f for fs in waited for f in fs]
+    results = gather(client, flat, what=f"iteration {iteration}", stall_timeout=ctx.stall_timeout) if flat else []
+    out, pos = {}, len(flat) - sum(len(fs) for fs in waited[len(stores):])
+    for k, fs in zip(names, waited[len(stores):]):
+        out[k] = results[pos] if len(fs) == 1 else results[pos:pos + len(fs)]
+        pos += len(fs)
     if committing:
         store.commit(iteration, slot, record or {}, extra(out) if callable(extra) else extra)
     for n, s in signals.items():

@@ -49,6 +49,7 @@ def reconstruct(
     x_true: torch.Tensor | da.Array | None = None,
     return_history: bool = False,
     storage: str = "auto",
+    chunks: tuple[int, int] | None = None,
 ) -> torch.Tensor | da.Array | tuple[torch.Tensor | da.Array, list[dict]]:
     """Solve ``min_x Σ_i d_i(A_i x, y_i) + prior(x)`` with a plug-and-play algorithm.
 
@@ -99,6 +100,10 @@ def reconstruct(
         Where the iterate lives: in cluster memory, or streamed from one Zarr slot to the
         other. ``"auto"``: in memory when several copies of it fit comfortably in the workers'
         total memory limit, else Zarr.
+    chunks : (int, int), optional
+        Chunk height and width of the iterate. Default: planned from the problem alone
+        (:func:`daskrecon.chunking.plan_chunks`: whole denoiser tiles, large chunks, a small
+        image in one piece), or a dask ``x0``'s. Results do not depend on the cluster.
 
     Returns
     -------
@@ -136,7 +141,7 @@ def reconstruct(
     if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
     problem, x0_arr = plan_problem(physics, y, denoiser, data_fidelity=data_fidelity, x0=x0, x_true=x_true,
-                                   sigma_denoiser=sigma_denoiser, storage=storage)
+                                   sigma_denoiser=sigma_denoiser, storage=storage, chunks=chunks)
     if step_size is None:
         step_size = 1.0 / step_size_bound(problem)
     rule = step_rule(algorithm, step_size, red_weight=red_weight)

@@ -74,11 +74,13 @@ def test_workers_malloc_settings(ctx):
     def read():
         return os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("MALLOC_MMAP_THRESHOLD_")
 
+    # The default, "fast": heap reuse, with the memory-pressure trim plugin on every worker.
+    assert all(v == (str(64 * 2**20), str(32 * 2**20)) for v in ctx.client.run(read).values())
+    assert all(ctx.client.run(lambda dask_worker: "daskrecon-trim" in dask_worker.plugins).values())
     # "safe": distributed's trim is kept (an earlier version dropped it: RSS never came down and a
     # memory-limited worker paused for good).
-    assert all(v[0] == "65536" for v in ctx.client.run(read).values())
-    with dr.DistributedContext(n_workers=1, malloc="fast", dashboard_address=":0") as fast:
-        assert all(v == (str(64 * 2**20), str(32 * 2**20)) for v in fast.client.run(read).values())
+    with dr.DistributedContext(n_workers=1, malloc="safe", dashboard_address=":0") as safe:
+        assert all(v[0] == "65536" for v in safe.client.run(read).values())
     with pytest.raises(ValueError, match="malloc must be one of"):
         dr.DistributedContext(malloc="jemalloc")
 

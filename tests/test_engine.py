@@ -47,7 +47,7 @@ def test_iterations_are_constant_graphs_and_send_no_image_to_the_driver(ctx, mon
     monkeypatch.setattr(client, "_gather", counting)
     n = 20
     _, hist = dr.reconstruct(d, y, den, n_iter=n, step_size=0.3, progress=False, callback=mark, x_true=x_true,
-                             return_history=True)
+                             return_history=True, chunks=(32, 32))
     monkeypatch.undo()
     image = x_true.numel() * 4
     assert all(b < image / 20 for k, b in per_iteration.items() if k > 1), per_iteration  # metrics only
@@ -60,10 +60,10 @@ def test_results_are_bitwise_the_same_on_1_2_3_workers_and_in_either_storage(ctx
     outs = []
     for c in (ctx1, ctx, ctx3):
         out = dr.reconstruct(dr.distribute(ops, c), y, dr.distribute(model, c, patch_size=16, overlap=6), n_iter=3,
-                             step_size=0.3, progress=False)
+                             step_size=0.3, progress=False, chunks=(32, 32))
         outs.append(out)
     streamed = dr.reconstruct(dr.distribute(ops, ctx), y, dr.distribute(model, ctx, patch_size=16, overlap=6),
-                              n_iter=3, step_size=0.3, progress=False, storage="zarr",
+                              n_iter=3, step_size=0.3, progress=False, storage="zarr", chunks=(32, 32),
                               checkpoint=str(tmp_path / "ck"))
     assert all(torch.equal(o, outs[0]) for o in outs[1:] + [streamed])
     assert float((outs[0] - y[0]).abs().max()) > 0.05
@@ -77,7 +77,7 @@ def test_workers_joining_and_leaving_mid_run_change_nothing():
 
         def run(callback=None):
             return dr.reconstruct(dr.distribute(ops, ctx), y, dr.distribute(model, ctx, patch_size=16, overlap=6),
-                                  n_iter=6, step_size=0.3, progress=False, callback=callback)
+                                  n_iter=6, step_size=0.3, progress=False, callback=callback, chunks=(32, 32))
 
         quiet = run()
         sizes = []

@@ -6,13 +6,18 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["assemble_blocks", "gradient_of", "metric_partial", "pnp_step_block", "red_step_block", "sum_metrics",
+__all__ = ["assemble_blocks", "block_of", "gradient_of", "metric_partial", "pnp_step_block", "red_step_block", "sum_metrics",
            "sum_values", "value_of"]
 
 
 def assemble_blocks(blocks: list) -> np.ndarray:
     """One array from the nested list of a dask array's blocks (``to_delayed().tolist()``)."""
     return np.block(blocks)
+
+
+def block_of(value: Any, fn: Any, args: tuple, region: tuple[slice, ...]) -> np.ndarray:
+    """``fn(value, *args)[region]``: one chunk of a whole-image result (a view, copied to own its memory)."""
+    return np.ascontiguousarray(fn(value, *args)[region])
 
 
 def gradient_of(flat: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
