@@ -12,9 +12,10 @@ threads and a 2 GiB memory limit:
 Both use the same chunks (``--chunk``), operator and denoiser. Reports per-pixel throughput of
 each (Mpx/s, iterations after the first), their ratio, each run's peak worker RSS against the
 limit, and the worker threads' busy fraction (task compute time / threads x wall time) with the
-split between compute, Zarr reads and spilling. Writes benchmarks/results/ooc_pnp.json.
+split between compute, Zarr reads and spilling, and the driver's peak RSS (it holds the scheduler:
+it must not grow with the image). Writes benchmarks/results/ooc_pnp.json.
 
-    python benchmarks/bench_ooc_pnp.py [--times 4] [--iterations 2] [--chunk 1024]
+    python benchmarks/bench_ooc_pnp.py [--times 4] [--iterations 2] [--chunk 512]
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ def _run(ctx, dphys, dden, y, storage: str, iterations: int, work: str, threads:
     ctx.client.run(lambda: __import__("gc").collect())
     idle = ctx.client.run(rss_mib)
     ctx.client.run(reset_peak_rss)
+    driver_idle = rss_mib()
+    reset_peak_rss()  # the driver (and the scheduler in it) must not grow with the image
     stamps = [time.perf_counter()]
     with get_task_stream(ctx.client) as ts:
         out, history = dr.reconstruct(
@@ -88,6 +91,7 @@ def _run(ctx, dphys, dden, y, storage: str, iterations: int, work: str, threads:
             checkpoint=os.path.join(work, f"ckpt-{storage}") if storage == "zarr" else None, overwrite=True,
             progress=True, return_history=True, callback=lambda k, x: stamps.append(time.perf_counter()))
     peak = ctx.client.run(peak_rss_mib)
+    driver_peak = peak_rss_mib()
     per_iter = [b - a for a, b in zip(stamps[:-1], stamps[1:])]
     steady = per_iter[1:] or per_iter  # the first includes the input check and the start
     totals: dict[str, float] = defaultdict(float)
@@ -114,6 +118,8 @@ def _run(ctx, dphys, dden, y, storage: str, iterations: int, work: str, threads:
         "mpx_per_second": pixels / 1e6 / (sum(steady) / len(steady)),
         "worker_idle_rss_mib": sorted(idle.values()),
         "worker_peak_rss_mib": sorted(peak.values()),
+        "driver_rss_before_mib": driver_idle,
+        "driver_peak_rss_mib": driver_peak,
         "thread_busy_fraction": busy / (threads * wall) if wall else None,
         "worker_time_share": {k: v / max(sum(totals.values()), 1e-9) for k, v in sorted(totals.items())},
         "history": history,
@@ -125,11 +131,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--times", type=float, default=4.0, help="out-of-core image / total worker memory limit")
     p.add_argument("--small", type=int, default=6144, help="side of the in-memory image")
-    p.add_argument("--chunk", type=int, default=1024)
+    p.add_argument("--chunk", type=int, default=512)
     p.add_argument("--iterations", type=int, default=2)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--memory-limit", default="2GiB")
+    p.add_argument("--malloc", choices=("fast", "safe"), default="fast", help="the workers' glibc settings")
     p.add_argument("--dir", default=None, help="working directory (default: a temporary one, removed after)")
     args = p.parse_args()
 
@@ -157,11 +164,11 @@ def main() -> None:
                  "memory_limit_per_worker": args.memory_limit, "chunk": args.chunk, "memory_thresholds": thresholds,
                  "operator": "Blur 13x13 Gaussian (sigma 1.5), reflect padding (chunk-wise map_overlap)",
                  "denoiser": "DnCNN depth 4, 16 features, random weights, tiles 512 + overlap 4",
-                 "malloc": "fast (default, with the memory-pressure trim)", "machine": machine()}
+                 "malloc": args.malloc, "machine": machine()}
     try:
         with dask.config.set(thresholds), dr.DistributedContext(
             n_workers=args.workers, threads_per_worker=args.threads, memory_limit=args.memory_limit,
-            dashboard_address=":0",
+            malloc=args.malloc, dashboard_address=":0",
         ) as ctx, ctx.client.as_current():
             dphys = dr.distribute([blur], ctx)
             dden = dr.distribute(model, ctx, patch_size=512, overlap=4, max_batch_size=1)
@@ -174,7 +181,8 @@ def main() -> None:
                 r["seconds_write_inputs"] = t_in
                 r["times_total_worker_memory_limit"] = y.nbytes / limit_total
                 res[name] = r
-                print(f"  {r['mpx_per_second']:.2f} Mpx/s, peak RSS {r['worker_peak_rss_mib']} MiB, threads busy "
+                print(f"  {r['mpx_per_second']:.2f} Mpx/s, peak RSS {r['worker_peak_rss_mib']} MiB (driver "
+                      f"{r['driver_rss_before_mib']:.0f} -> peak {r['driver_peak_rss_mib']:.0f} MiB), threads busy "
                       f"{r['thread_busy_fraction']:.0%}, " + ", ".join(f"{k} {v:.0%}"
                                                                      for k, v in r['worker_time_share'].items()),
                       flush=True)

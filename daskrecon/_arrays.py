@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,7 +35,11 @@ def place(client: Client, array: Any, worker: str | None = None) -> Future:
     key is alive.
     """
     restrict = dict(workers=[worker], allow_other_workers=True) if worker else {}
-    return client.submit(array_tasks.place_array, array, pure=False, **restrict)
+    with warnings.catch_warnings():
+        # the array rides in the graph on purpose (lineage); distributed's advice to load it
+        # with dask instead does not apply, and would be printed on every large image
+        warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
+        return client.submit(array_tasks.place_array, array, pure=False, **restrict)
 
 
 def place_on_owners(client: Client, arrays: Sequence[np.ndarray], owners: Sequence[str]) -> list[Future]:

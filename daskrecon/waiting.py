@@ -19,13 +19,13 @@ A long task that is executing is progress: only a call that is really stuck time
 
 from __future__ import annotations
 
+import queue
 import time
 import traceback
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 from distributed import Client, Future
-from distributed import wait as _wait
 
 from daskrecon._scheduler import task_view
 from daskrecon.errors import DaskreconError, StalledError, TransferError, WorkerTaskError
@@ -79,19 +79,29 @@ def gather(
     names.update(labels or {})
     watchdog = _Watchdog(client, futures, names, stall_timeout)
     pending = [f for f in futures if not f.done()]
-    while pending:
+    # Each future reports its completion once, into a queue. Re-waiting on the pending futures
+    # (distributed.wait with FIRST_COMPLETED, slice after slice) would leave one waiter per
+    # pending future behind at every call: O(futures x completions) objects on the driver,
+    # gigabytes for a few thousand chunks over a long iteration.
+    finished: queue.SimpleQueue = queue.SimpleQueue()
+    for f in pending:
+        f.add_done_callback(finished.put)
+    left = len(pending)
+    while left:
         try:
-            _wait(pending, timeout=watchdog.slice(), return_when="FIRST_COMPLETED")
-        except TimeoutError:
-            pass
-        still = [f for f in pending if not f.done()]
-        if any(f.status != "finished" for f in pending if f.done()):
-            break  # an error or a cancellation: reported below, at once
-        if len(still) < len(pending):
-            watchdog.progressed()
-        elif still:
+            batch = [finished.get(timeout=watchdog.slice())]
+        except queue.Empty:
             watchdog.inspect()
-        pending = still
+            continue
+        while True:
+            try:
+                batch.append(finished.get_nowait())
+            except queue.Empty:
+                break
+        left -= len(batch)
+        if any(f.status != "finished" for f in batch):
+            break  # an error or a cancellation: reported below, at once
+        watchdog.progressed()
     return _collect(client, futures, what)
 
 

@@ -1,5 +1,6 @@
 """No call waits for ever: a failed transfer and a silent worker raise within a bounded time."""
 
+import asyncio
 import os
 import signal
 import threading
@@ -55,6 +56,41 @@ def test_a_failed_transfer_raises_at_once_naming_the_item(cluster):
     assert "operator 7" in msg and held.key in msg and b in msg and a in msg
     assert stuck.cancelled()  # the stuck work was released
     del held, stuck
+
+
+def nap(i):
+    time.sleep(0.01)
+    return i
+
+
+async def _client_loop_tasks():
+    return len(asyncio.all_tasks())
+
+
+def test_waiting_on_many_futures_keeps_one_waiter_per_future(cluster):
+    """An out-of-core run's driver grew to the image's size (8 GiB) while waiting: every slice of
+    the wait left one waiter per pending future behind, O(futures x completions) of them. The
+    bookkeeping of a wait must stay O(futures) however the completions trickle in."""
+    client = cluster.client
+    n = 400
+    futures = client.map(nap, range(n), pure=False)
+    counts, stop = [], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            counts.append(client.sync(_client_loop_tasks))
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        assert gather(client, futures, what="chunk") == list(range(n))
+    finally:
+        stop.set()
+        sampler.join()
+    assert len(counts) > 10, "the sampler did not run during the wait"
+    assert max(counts) < n + 100, f"{max(counts)} tasks on the client's loop while waiting on {n} futures"
+    del futures
 
 
 def test_a_worker_that_never_answers_raises_stalled():
