@@ -94,11 +94,16 @@ def _run(ctx, dphys, dden, y, storage: str, iterations: int, work: str, threads:
     driver_peak = peak_rss_mib()
     per_iter = [b - a for a, b in zip(stamps[:-1], stamps[1:])]
     steady = per_iter[1:] or per_iter  # the first includes the input check and the start
+    # Busy fraction and time shares over the steady iterations only, from the tasks that started in
+    # that window (task-stream times are wall-clock seconds; the stamps are perf_counter's).
+    offset = time.time() - time.perf_counter()
+    window = (stamps[-len(steady) - 1] + offset, stamps[-1] + offset)
     totals: dict[str, float] = defaultdict(float)
-    window = (stamps[-len(steady) - 1] if len(steady) < len(per_iter) else stamps[0], stamps[-1])
     for t in ts.data:
         for ss in t["startstops"]:
-            start, stop = max(ss["start"], 0), ss["stop"]
+            start, stop = ss["start"], ss["stop"]
+            if start < window[0] or start > window[1]:
+                continue
             dur = stop - start
             if ss["action"] == "compute":
                 totals[classify(t["key"])] += dur
@@ -106,7 +111,7 @@ def _run(ctx, dphys, dden, y, storage: str, iterations: int, work: str, threads:
                 totals["spill " + ss["action"].split("-")[1]] += dur
             elif ss["action"] == "transfer":
                 totals["transfer"] += dur
-    wall = stamps[-1] - stamps[0]
+    wall = window[1] - window[0]
     busy = sum(v for k, v in totals.items() if k != "transfer")
     pixels = math.prod(y.shape[2:])
     assert isinstance(out, da.Array)
@@ -123,7 +128,9 @@ def _run(ctx, dphys, dden, y, storage: str, iterations: int, work: str, threads:
         "thread_busy_fraction": busy / (threads * wall) if wall else None,
         "worker_time_share": {k: v / max(sum(totals.values()), 1e-9) for k, v in sorted(totals.items())},
         "history": history,
-        "window_s": window[1] - window[0],
+        "window_s": wall,
+        "tasks_in_window": sum(1 for t in ts.data if window[0] <= t["startstops"][0]["start"] <= window[1])
+        if ts.data else 0,
     }
 
 
@@ -156,7 +163,9 @@ def main() -> None:
     # An idle worker holds ~750 MiB (torch + deepinv). Spill task results to disk beyond 25 % of
     # the limit (the default 60 % plus the idle share is over the pause threshold), pause at 92 %.
     thresholds = {"distributed.worker.memory.target": 0.25, "distributed.worker.memory.spill": 0.8,
-                  "distributed.worker.memory.pause": 0.92, "distributed.worker.memory.terminate": 0.98}
+                  "distributed.worker.memory.pause": 0.92, "distributed.worker.memory.terminate": 0.98,
+                  # an out-of-core iteration is ~40 tasks per chunk: keep every record of the run
+                  "distributed.scheduler.dashboard.tasks.task-stream-length": 1_000_000}
     torch.manual_seed(0)
     model = DnCNN(3, 3, depth=4, nf=16, pretrained=None).eval()
     blur = Blur(filter=gaussian_blur(sigma=(1.5, 1.5)), padding="reflect")  # 13×13 kernel

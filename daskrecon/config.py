@@ -19,11 +19,13 @@ Example (every key shown; only ``measurements`` and ``operators`` are required):
     overlap = 8
 
     [solver]
-    algorithm = "red"                          # pnp | red
+    algorithm = "red"                          # pnp | red | fista
     iterations = 30
     step_size = 0.3
     sigma_denoiser = 0.05
     red_weight = 0.3
+    tol = 1e-4                                 # optional: stop when the relative change is below
+    max_time = 3600                            # optional: wall-clock budget in seconds
 
     [output]
     path = "result.zarr"                       # .zarr, .npy, .png, .tif
@@ -51,6 +53,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from daskrecon.algorithms import ALGORITHMS
 from daskrecon.errors import DaskreconError
 from daskrecon.waiting import bounded
 
@@ -62,7 +65,7 @@ _KEYS = {
     "input": {"measurements", "ground_truth"},
     "operators": {"type", "sigma", "angle", "padding", "factor", "filter", "mask"},
     "denoiser": {"weights", "architecture", "patch_size", "overlap"},
-    "solver": {"algorithm", "iterations", "step_size", "sigma_denoiser", "red_weight"},
+    "solver": {"algorithm", "iterations", "step_size", "sigma_denoiser", "red_weight", "tol", "max_time"},
     "output": {"path", "overwrite"},
     "checkpoint": {"path", "every", "resume"},
     "cluster": {"kind", "n_workers", "address", "timeout", "jobs", "slurm"},
@@ -126,6 +129,9 @@ def load_config(path: str | Path) -> dict:
         t = _get(op, "type", f"operators[{i}]", str)
         if t not in _OPERATORS:
             raise ConfigError(f"operators[{i}].type must be one of {sorted(_OPERATORS)}, got {t!r}")
+    algorithm = cfg.get("solver", {}).get("algorithm", "pnp")
+    if algorithm not in ALGORITHMS:
+        raise ConfigError(f"solver.algorithm must be one of {sorted(ALGORITHMS)}, got {algorithm!r}")
     cfg["_base"] = base
     return cfg
 
@@ -282,6 +288,7 @@ def run_config(path: str | Path, check: bool = False, echo: Any = print) -> Any:
             n_iter=_get(sol, "iterations", "solver", int, 30), step_size=_get(sol, "step_size", "solver", float, None),
             sigma_denoiser=_get(sol, "sigma_denoiser", "solver", float, 0.05),
             red_weight=_get(sol, "red_weight", "solver", float, 1.0), x0=x0, x_true=x_true,
+            tol=_get(sol, "tol", "solver", float, None), max_time=_get(sol, "max_time", "solver", float, None),
             checkpoint=str(_resolve(base, ck["path"])) if "path" in ck else None,
             checkpoint_every=_get(ck, "every", "checkpoint", int, 1), resume=_get(ck, "resume", "checkpoint", bool, False),
         )

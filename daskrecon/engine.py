@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -51,8 +52,10 @@ def run(
     overwrite: bool = False,
     callback: Callable[[int, DistributedSignal], Any] | None = None,
     progress: bool = True,
+    tol: float | None = None,
+    max_time: float | None = None,
 ) -> tuple[dict[str, DistributedSignal], list[dict]]:
-    """Run ``rule`` for ``n_iter`` iterations in total (a resumed run continues).
+    """Run ``rule`` for ``n_iter`` iterations in total (a resumed run continues), or until a stopping rule.
 
     Parameters
     ----------
@@ -71,12 +74,25 @@ def run(
         :class:`~daskrecon.signal.DistributedSignal` (its ``.data`` is a tensor when small).
     progress : bool
         A progress bar with the iteration's metrics.
+    tol : float, optional
+        Stop after the first iteration whose relative change ``‖x_{k+1} − x_k‖ / ‖x_k‖`` is
+        at most ``tol``.
+    max_time : float, optional
+        Wall-clock budget in seconds for this call: no iteration starts once it is spent (at
+        least one runs). The results do not depend on it, only how many iterations run.
 
     Returns
     -------
     state : dict of DistributedSignal
     history : list of dict
+        One row per iteration; the last row of a run ended by a stopping rule has ``"stop"``
+        (``"tol"`` or ``"max_time"``).
     """
+    if tol is not None and not tol >= 0:
+        raise ValueError(f"tol must be >= 0, got {tol!r}")
+    if max_time is not None and not max_time > 0:
+        raise ValueError(f"max_time must be > 0 seconds, got {max_time!r}")
+    t0 = time.monotonic()
     ctx = problem.ctx
     record = {**problem.record, **rule.settings()}
     store = Checkpoint(checkpoint) if checkpoint else None
@@ -108,8 +124,12 @@ def run(
         advance(signals, initial, iteration=0, commit=streamed, record=record, extra={"history": []})
 
     bar = tqdm(total=n_iter, initial=start, disable=not progress, desc=rule.name.upper(), unit="it")
+    stop, committed = None, start
     try:
         for k in range(start, n_iter):
+            if max_time is not None and k > start and time.monotonic() - t0 >= max_time:
+                stop = "max_time"
+                break
             state = {name: s.array for name, s in signals.items()}
             commit = store is not None and (streamed or (k + 1) % checkpoint_every == 0 or k + 1 == n_iter)
 
@@ -118,18 +138,31 @@ def run(
                 return {"history": history}
 
             with span(f"daskrecon-iteration-{k + 1}"):
-                new, value, metrics = rule.step(problem, state)
+                new, value, metrics = rule.step(problem, state, k)
                 values = advance(signals, new, iteration=k + 1, also={"value": value, "metrics": metrics},
                                  commit=commit, record=record, extra=extra)
             if not commit:
                 extra(values)
+            committed = k + 1 if commit else committed
             row = history[-1]
-            bar.set_postfix({key: f"{v:.4g}" for key, v in row.items() if key != "iteration"})
+            bar.set_postfix({key: f"{v:.4g}" for key, v in row.items() if isinstance(v, float)})
             bar.update(1)
             if callback is not None:
                 callback(k + 1, signals["x"])
+            if tol is not None and row["relative_change"] <= tol:
+                stop = "tol"
+                break
     finally:
         bar.close()
+    if stop is not None and history:
+        history[-1]["stop"] = stop
+        done = history[-1]["iteration"]
+        if store is not None and committed != done:
+            # The run ends here: commit the last state (in memory, so no recomputation) with its history.
+            advance(signals, {name: s.array for name, s in signals.items()}, iteration=done, commit=True,
+                    record=record, extra={"history": history})
+        elif store is not None:
+            store.commit(done, store.meta()["slot"], record, {"history": history})
     return signals, history
 
 

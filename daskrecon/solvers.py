@@ -50,6 +50,8 @@ def reconstruct(
     return_history: bool = False,
     storage: str = "auto",
     chunks: tuple[int, int] | None = None,
+    tol: float | None = None,
+    max_time: float | None = None,
 ) -> torch.Tensor | da.Array | tuple[torch.Tensor | da.Array, list[dict]]:
     """Solve ``min_x Σ_i d_i(A_i x, y_i) + prior(x)`` with a plug-and-play algorithm.
 
@@ -63,9 +65,12 @@ def reconstruct(
         A distributed denoiser (its ``prox`` for a prior).
     data_fidelity : DistributedDataFidelity, optional
         Default: ``L2()`` on every operator.
-    algorithm : {"pnp", "red"}
+    algorithm : {"pnp", "red", "fista"}
         ``"pnp"``: proximal gradient ``x ← D_σ(x − τ ∇f(x))``. ``"red"``: gradient descent on
-        ``f + λ·RED``: ``x ← x − τ (∇f(x) + λ (x − D_σ(x)))``.
+        ``f + λ·RED``: ``x ← x − τ (∇f(x) + λ (x − D_σ(x)))``. ``"fista"``: accelerated
+        proximal gradient with the same prior, deepinv's ``FISTA`` iteration
+        (:class:`daskrecon.algorithms.FISTA`; its state, ``x`` and the extrapolated ``z``,
+        is checkpointed whole).
     n_iter : int
         Iterations in total (a resumed run continues up to ``n_iter``).
     step_size : float, optional
@@ -104,6 +109,13 @@ def reconstruct(
         Chunk height and width of the iterate. Default: planned from the problem alone
         (:func:`daskrecon.chunking.plan_chunks`: whole denoiser tiles, large chunks, a small
         image in one piece), or a dask ``x0``'s. Results do not depend on the cluster.
+    tol : float, optional
+        Stopping rule: stop after the first iteration whose relative change
+        ``‖x_{k+1} − x_k‖ / ‖x_k‖`` is at most ``tol`` (``n_iter`` stays the cap).
+    max_time : float, optional
+        Stopping rule: a wall-clock budget in seconds; no iteration starts once it is spent
+        (at least one runs). With ``checkpoint``, the state at the stop is committed, and
+        ``resume=True`` continues from it.
 
     Returns
     -------
@@ -114,7 +126,8 @@ def reconstruct(
         Only with ``return_history=True``: one dict per iteration since the start (a
         resumed run includes the checkpointed ones), with ``"iteration"`` (1-based),
         ``"data_fidelity"`` (``f(x)`` at the start of the iteration), ``"relative_change"``
-        (``‖x_{k+1} − x_k‖ / ‖x_k‖``) and, with ``x_true``, ``"psnr"``.
+        (``‖x_{k+1} − x_k‖ / ‖x_k‖``) and, with ``x_true``, ``"psnr"``; the last row of a
+        run ended by a stopping rule has ``"stop"`` (``"tol"`` or ``"max_time"``).
 
     Notes
     -----
@@ -140,6 +153,10 @@ def reconstruct(
         raise ValueError(f"n_iter must be a non-negative int, got {n_iter!r}")
     if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
+    if tol is not None and not tol >= 0:
+        raise ValueError(f"tol must be >= 0, got {tol!r}")
+    if max_time is not None and not max_time > 0:
+        raise ValueError(f"max_time must be > 0 seconds, got {max_time!r}")
     problem, x0_arr = plan_problem(physics, y, denoiser, data_fidelity=data_fidelity, x0=x0, x_true=x_true,
                                    sigma_denoiser=sigma_denoiser, storage=storage, chunks=chunks)
     if step_size is None:
@@ -148,7 +165,7 @@ def reconstruct(
     start = x0_arr if x0_arr is not None else (lambda: graph.adjoint_sum(problem, scale=1.0 / problem.num_operators))
     signals, history = engine.run(problem, rule, start, n_iter=n_iter, checkpoint=checkpoint,
                                   checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite,
-                                  callback=callback, progress=progress)
+                                  callback=callback, progress=progress, tol=tol, max_time=max_time)
     x = signals["x"].array
     if _tensor_inputs(y, x0):
         ctx = problem.ctx

@@ -97,6 +97,7 @@ def test_check_projects_the_run(inputs):
         (lambda c: c.replace('"y0.npy"', '"missing.zarr"'), "missing.zarr"),
         (lambda c: c.replace('"y0.npy"', '"broken.zarr"'), "broken.zarr"),
         (lambda c: c.replace("overlap = 8", "overlap = 8\nstride = 4"), "unknown keys ['stride'] in denoiser"),
+        (lambda c: c.replace('algorithm = "red"', 'algorithm = "admm"'), "solver.algorithm must be one of"),
     ],
 )
 def test_bad_configs_name_the_key(inputs, edit, message):

@@ -55,16 +55,17 @@ def test_iterations_are_constant_graphs_and_send_no_image_to_the_driver(ctx, mon
     assert len(hist) == n and all(np.isfinite(h["psnr"]) and h["data_fidelity"] > 0 for h in hist)
 
 
-def test_results_are_bitwise_the_same_on_1_2_3_workers_and_in_either_storage(ctx1, ctx, ctx3, tmp_path):
+@pytest.mark.parametrize("algorithm", ["pnp", "fista"])
+def test_results_are_bitwise_the_same_on_1_2_3_workers_and_in_either_storage(ctx1, ctx, ctx3, tmp_path, algorithm):
     ops, x_true, y, model = _problem(size=72)
     outs = []
     for c in (ctx1, ctx, ctx3):
         out = dr.reconstruct(dr.distribute(ops, c), y, dr.distribute(model, c, patch_size=16, overlap=6), n_iter=3,
-                             step_size=0.3, progress=False, chunks=(32, 32))
+                             step_size=0.3, progress=False, chunks=(32, 32), algorithm=algorithm)
         outs.append(out)
     streamed = dr.reconstruct(dr.distribute(ops, ctx), y, dr.distribute(model, ctx, patch_size=16, overlap=6),
                               n_iter=3, step_size=0.3, progress=False, storage="zarr", chunks=(32, 32),
-                              checkpoint=str(tmp_path / "ck"))
+                              checkpoint=str(tmp_path / "ck"), algorithm=algorithm)
     assert all(torch.equal(o, outs[0]) for o in outs[1:] + [streamed])
     assert float((outs[0] - y[0]).abs().max()) > 0.05
 

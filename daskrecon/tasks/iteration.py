@@ -6,8 +6,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["assemble_blocks", "block_of", "gradient_of", "metric_partial", "pnp_step_block", "red_step_block", "sum_metrics",
-           "sum_values", "value_of"]
+__all__ = ["assemble_blocks", "block_of", "gradient_of", "metric_partial", "momentum_block", "pnp_step_block",
+           "red_step_block", "sum_metrics", "sum_values", "value_of"]
 
 
 def assemble_blocks(blocks: list) -> np.ndarray:
@@ -43,6 +43,11 @@ def pnp_step_block(x: np.ndarray, g: np.ndarray, tau: float, scale: float) -> np
     if scale != 1.0:
         g = g * np.asarray(scale, dtype=g.dtype)
     return x - np.asarray(tau, dtype=x.dtype) * g
+
+
+def momentum_block(new: np.ndarray, old: np.ndarray, alpha: float) -> np.ndarray:
+    """``new + α (new − old)`` on one chunk (FISTA's extrapolation), in ``new``'s dtype."""
+    return new + np.asarray(alpha, dtype=new.dtype) * (new - old)
 
 
 def red_step_block(x: np.ndarray, g: np.ndarray, d: np.ndarray, tau: float, scale: float, lam: float) -> np.ndarray:
