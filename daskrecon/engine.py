@@ -27,7 +27,7 @@ from daskrecon.errors import DaskreconError
 from daskrecon.problem import Problem
 from daskrecon.signal import DistributedSignal, advance
 
-__all__ = ["psnr", "psnr_of_mse", "run"]
+__all__ = ["check_stopping", "psnr", "psnr_of_mse", "run"]
 
 
 def psnr(x: Any, ref: Any) -> float:
@@ -38,6 +38,14 @@ def psnr(x: Any, ref: Any) -> float:
 def psnr_of_mse(mse: float) -> float:
     """PSNR in dB of a [0, 1] signal with mean squared error ``mse``."""
     return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def check_stopping(tol: float | None, max_time: float | None) -> None:
+    """Raise ``ValueError`` for a negative ``tol`` or a non-positive ``max_time``."""
+    if tol is not None and not tol >= 0:
+        raise ValueError(f"tol must be >= 0, got {tol!r}")
+    if max_time is not None and not max_time > 0:
+        raise ValueError(f"max_time must be > 0 seconds, got {max_time!r}")
 
 
 def run(
@@ -88,10 +96,7 @@ def run(
         One row per iteration; the last row of a run ended by a stopping rule has ``"stop"``
         (``"tol"`` or ``"max_time"``).
     """
-    if tol is not None and not tol >= 0:
-        raise ValueError(f"tol must be >= 0, got {tol!r}")
-    if max_time is not None and not max_time > 0:
-        raise ValueError(f"max_time must be > 0 seconds, got {max_time!r}")
+    check_stopping(tol, max_time)
     t0 = time.monotonic()
     ctx = problem.ctx
     record = {**problem.record, **rule.settings()}

@@ -153,10 +153,7 @@ def reconstruct(
         raise ValueError(f"n_iter must be a non-negative int, got {n_iter!r}")
     if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
-    if tol is not None and not tol >= 0:
-        raise ValueError(f"tol must be >= 0, got {tol!r}")
-    if max_time is not None and not max_time > 0:
-        raise ValueError(f"max_time must be > 0 seconds, got {max_time!r}")
+    engine.check_stopping(tol, max_time)  # before the problem is planned (one pass over the inputs)
     problem, x0_arr = plan_problem(physics, y, denoiser, data_fidelity=data_fidelity, x0=x0, x_true=x_true,
                                    sigma_denoiser=sigma_denoiser, storage=storage, chunks=chunks)
     if step_size is None:

@@ -23,7 +23,7 @@ import queue
 import time
 import traceback
 from collections.abc import Hashable, Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from distributed import Client, Future
 
@@ -102,7 +102,7 @@ def gather(
         if any(f.status != "finished" for f in batch):
             break  # an error or a cancellation: reported below, at once
         watchdog.progressed()
-    return _collect(client, futures, what)
+    return _collect(client, futures, what, watchdog.stall_timeout)
 
 
 def compute(
@@ -154,19 +154,41 @@ def bounded(client: Client, coroutine_function: Any, *args: Any, what: str, time
         ) from exc
 
 
-def _collect(client: Client, futures: list[Future], what: str) -> list[Any]:
-    """``client.gather``, turning a worker exception into :class:`WorkerTaskError` naming the item."""
+def _collect(client: Client, futures: list[Future], what: str, timeout: float) -> list[Any]:
+    """``client.gather`` within ``timeout`` seconds, turning a worker exception into :class:`WorkerTaskError`.
+
+    The results are finished, but fetching them still needs the workers holding them: one
+    frozen after finishing would make a plain gather wait for ever.
+    """
     try:
-        return client.gather(futures)
+        return client.sync(client._gather, futures, callback_timeout=timeout)
+    except TimeoutError as exc:
+        if any(f.status != "finished" for f in futures):
+            return _worker_error(futures, what, exc)  # a task raised TimeoutError itself
+        holders = {}
+        try:
+            holders = client.sync(client.scheduler.who_has, keys=[f.key for f in futures], callback_timeout=10)
+        except Exception:
+            pass
+        workers = sorted({w for ws in holders.values() for w in ws})
+        raise StalledError(
+            f"the results of {len(futures)} finished {what}(s) could not be fetched within {timeout:g} s "
+            f"(stall_timeout) from {workers or 'their workers'}: a worker holding them does not answer; "
+            "raise DistributedContext(stall_timeout=...) if the results are only large and the network slow"
+        ) from exc
     except DaskreconError:
         raise  # our own checks, raised on a worker: the message already names the argument
     except Exception as exc:
-        failed = [i for i, f in enumerate(futures) if f.status in ("error", "cancelled", "lost")]
-        where = f" (failed for {what} index {failed[0]})" if failed else ""
-        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        raise WorkerTaskError(
-            f"{type(exc).__name__} in a worker task{where}: {exc}\n--- worker traceback ---\n{tb}"
-        ) from exc
+        return _worker_error(futures, what, exc)
+
+
+def _worker_error(futures: list[Future], what: str, exc: BaseException) -> NoReturn:
+    failed = [i for i, f in enumerate(futures) if f.status in ("error", "cancelled", "lost")]
+    where = f" (failed for {what} index {failed[0]})" if failed else ""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    raise WorkerTaskError(
+        f"{type(exc).__name__} in a worker task{where}: {exc}\n--- worker traceback ---\n{tb}"
+    ) from exc
 
 
 class _Watchdog:

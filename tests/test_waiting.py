@@ -119,6 +119,27 @@ def test_a_worker_that_never_answers_raises_stalled():
         assert "did not answer" in msg and "operator 0" in msg and "stall_timeout=4" in msg
 
 
+def test_fetching_finished_results_from_a_frozen_worker_raises_stalled():
+    """The tasks are done, but the worker holding their results stops answering: the fetch itself
+    must give up after stall_timeout, not wait for ever."""
+    with dr.DistributedContext(n_workers=1, processes=True, dashboard_address=":0", torch_threads=1) as ctx:
+        client = ctx.client
+        futures = client.map(nap, range(4), pure=False)
+        wait(futures)
+        pid = next(iter(client.run(os.getpid).values()))
+        os.kill(pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        try:
+            with pytest.raises(StalledError) as info:
+                gather(client, futures, what="chunk", stall_timeout=3)
+            waited = time.monotonic() - t0
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert waited < 20, f"took {waited:.1f} s"
+        assert "could not be fetched" in str(info.value) and "4 finished chunk(s)" in str(info.value)
+        assert gather(client, futures, what="chunk") == [0, 1, 2, 3]  # the worker answers again
+
+
 def test_stall_timeout_is_validated():
     with pytest.raises(ValueError, match="stall_timeout must be a positive number"):
         dr.DistributedContext(stall_timeout=0)
