@@ -73,7 +73,8 @@ def _inputs(work: str, size: int, chunk: int, dphys) -> tuple[float, str]:
     return time.perf_counter() - t0, where
 
 
-def _run(ctx, dphys, dden, y, storage: str, iterations: int, work: str, threads: int) -> dict:
+def _run(ctx, dphys, dden, y, storage: str, iterations: int, work: str, threads: int, **options) -> dict:
+    """One reconstruction of ``y`` (started from ``y``), measured; ``options`` go to ``reconstruct``."""
     import dask.array as da
     from distributed import get_task_stream
 
@@ -87,7 +88,8 @@ def _run(ctx, dphys, dden, y, storage: str, iterations: int, work: str, threads:
     stamps = [time.perf_counter()]
     with get_task_stream(ctx.client) as ts:
         out, history = dr.reconstruct(
-            dphys, [y], dden, n_iter=iterations, step_size=1.0, sigma_denoiser=0.02, x0=y, storage=storage,
+            dphys, [y], dden, n_iter=iterations, **{"step_size": 1.0, "sigma_denoiser": 0.02, **options}, x0=y,
+            storage=storage,
             checkpoint=os.path.join(work, f"ckpt-{storage}") if storage == "zarr" else None, overwrite=True,
             progress=True, return_history=True, callback=lambda k, x: stamps.append(time.perf_counter()))
     peak = ctx.client.run(peak_rss_mib)
@@ -113,11 +115,11 @@ def _run(ctx, dphys, dden, y, storage: str, iterations: int, work: str, threads:
                 totals["transfer"] += dur
     wall = window[1] - window[0]
     busy = sum(v for k, v in totals.items() if k != "transfer")
-    pixels = math.prod(y.shape[2:])
+    pixels = math.prod(y.shape[2:])  # voxels for a volume
     assert isinstance(out, da.Array)
     return {
         "storage": storage,
-        "image": f"1x3x{y.shape[2]}x{y.shape[3]} float32 ({y.nbytes / 2**30:.2f} GiB)",
+        "image": f"{'x'.join(map(str, y.shape))} float32 ({y.nbytes / 2**30:.2f} GiB)",
         "seconds_per_iteration": per_iter,
         "steady_seconds_per_iteration": sum(steady) / len(steady),
         "mpx_per_second": pixels / 1e6 / (sum(steady) / len(steady)),

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import uuid
 import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import dask.array as da
 import numpy as np
 import torch
 from distributed import Client, Future
@@ -14,7 +16,7 @@ from daskrecon.tasks import arrays as array_tasks
 from daskrecon.waiting import gather
 
 
-__all__ = ["as_numpy", "gather_arrays", "gather_tensors", "place", "place_on_owners"]
+__all__ = ["as_numpy", "gather_arrays", "gather_tensors", "persist_fresh", "place", "place_on_owners"]
 
 
 def as_numpy(t: torch.Tensor | np.ndarray, name: str = "x") -> np.ndarray:
@@ -40,6 +42,17 @@ def place(client: Client, array: Any, worker: str | None = None) -> Future:
         # with dask instead does not apply, and would be printed on every large image
         warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
         return client.submit(array_tasks.place_array, array, pure=False, **restrict)
+
+
+def persist_fresh(client: Client, arr: da.Array, kind: str) -> da.Array:
+    """Persist ``arr`` under keys of its own (``kind-<uuid>``), never under its content's name.
+
+    Inputs placed by one reconstruction are released when it ends; a second one placing the
+    same data under the same keys could have them cancelled by that release arriving late
+    (distributed#8215: "lost dependencies"). One identity task per chunk avoids the collision.
+    """
+    fresh = arr.map_blocks(array_tasks.place_array, dtype=arr.dtype, meta=arr._meta, name=f"{kind}-{uuid.uuid4().hex}")
+    return client.persist(fresh)
 
 
 def place_on_owners(client: Client, arrays: Sequence[np.ndarray], owners: Sequence[str]) -> list[Future]:

@@ -9,15 +9,17 @@ callbacks, checkpoints and resume. A new algorithm is one subclass.
 
 from __future__ import annotations
 
+import operator
 from typing import Any, ClassVar
 
 import dask.array as da
-from dask.delayed import Delayed
+from dask.delayed import Delayed, delayed
 
-from daskrecon import graph
+from daskrecon import graph, linsolve
+from daskrecon.subsets import epoch_order, partition, subset_at
 from daskrecon.tasks import iteration as iteration_tasks
 
-__all__ = ["ALGORITHMS", "FISTA", "RED", "PnP", "StepRule", "step_rule"]
+__all__ = ["ADMM", "ALGORITHMS", "FISTA", "HQS", "RED", "SVRG", "OSPnP", "PnP", "StepRule", "step_rule"]
 
 
 class StepRule:
@@ -41,6 +43,17 @@ class StepRule:
     def settings(self) -> dict:
         """What defines the algorithm, for the checkpoint's problem record."""
         return {"algorithm": self.name, "step_size": repr(self.step_size)}
+
+    def check(self, problem: Any) -> None:
+        """Raise if the algorithm cannot run on ``problem`` (before anything is computed)."""
+
+    def prepare(self, problem: Any, workspace: linsolve.Workspace) -> None:
+        """Called by the loop before the first iteration: the workspace for solvers inside a step."""
+        self.workspace = workspace
+
+    def report(self) -> dict:
+        """Extra entries for the history row of the iteration just built (e.g. inner solver iterations)."""
+        return {}
 
     def start(self, problem: Any, x0: da.Array) -> dict[str, da.Array]:
         """The initial state from ``x0``."""
@@ -146,17 +159,236 @@ class FISTA(StepRule):
         return {"x": new, "z": z_new}, value, graph.metrics(problem, new, x, f"metrics-{tag}")
 
 
-ALGORITHMS: dict[str, type[StepRule]] = {"pnp": PnP, "red": RED, "fista": FISTA}
+class _ProxSplitting(StepRule):
+    """Shared by HQS and ADMM: the data term's prox by conjugate gradient on the cluster."""
+
+    def __init__(self, step_size: float, cg_max_iter: int = 50, cg_tol: float = 1e-5) -> None:
+        super().__init__(step_size)
+        if not isinstance(cg_max_iter, int) or cg_max_iter < 1:
+            raise ValueError(f"cg_max_iter must be a positive int, got {cg_max_iter!r}")
+        if not 0 <= cg_tol < 1:
+            raise ValueError(f"cg_tol must be in [0, 1), got {cg_tol!r}")
+        self.cg_max_iter, self.cg_tol = cg_max_iter, float(cg_tol)
+        self._info: linsolve.CGInfo | None = None
+
+    def settings(self) -> dict:
+        return {**super().settings(), "cg_max_iter": self.cg_max_iter, "cg_tol": repr(self.cg_tol)}
+
+    def check(self, problem: Any) -> None:
+        linsolve.check_quadratic(problem, self.name)
+
+    def report(self) -> dict:
+        if self._info is None:
+            return {}
+        return {"cg_iterations": self._info.iterations, "cg_residual": self._info.relative_residual}
+
+    def _prox(self, problem: Any, v: da.Array, tag: str) -> tuple[da.Array, Delayed]:
+        u, f_v, self._info = linsolve.prox_data(problem, v, self.step_size, self.workspace,
+                                                max_iter=self.cg_max_iter, tol=self.cg_tol)
+        return u, delayed(float, pure=True)(f_v, dask_key_name=f"value-{tag}")
+
+
+class HQS(_ProxSplitting):
+    """Half-quadratic splitting (deepinv's ``HQS``): ``u = prox_{γf}(x)``, ``x' = D_σ(u)``.
+
+    The data term's prox solves ``(I + γ Σ_i A_iᵀA_i / σ_i²) u = x + γ Σ_i A_iᵀy_i / σ_i²``
+    by conjugate gradient on the cluster (:func:`daskrecon.linsolve.prox_data`): per-operator
+    tasks next to their operators, the fixed-index tree, vectors in cluster memory or
+    scratch Zarr. Needs an L2 data fidelity. The value reported is ``f(x)``.
+
+    Parameters
+    ----------
+    step_size : float
+        ``γ``.
+    cg_max_iter, cg_tol : int, float
+        Conjugate gradient: at most ``cg_max_iter`` iterations, until ``‖r‖ ≤ cg_tol ‖r₀‖``.
+    """
+
+    name = "hqs"
+
+    def step(self, problem: Any, state: dict[str, da.Array],
+             iteration: int) -> tuple[dict[str, da.Array], Delayed, Delayed]:
+        x = state["x"]
+        tag = graph.token("hqs")
+        u, value = self._prox(problem, x, tag)
+        new = graph.denoise(problem, u, f"denoise-{tag}")
+        return {"x": new}, value, graph.metrics(problem, new, x, f"metrics-{tag}")
+
+
+class ADMM(_ProxSplitting):
+    """ADMM (deepinv's ``ADMM``, ``g_first=False``) with a plug-and-play prior.
+
+    ``u = prox_{γf}(x − z)``, ``x' = D_σ(u + z)``, ``z' = z + β (u − x')``; the state is
+    ``x`` and the scaled dual ``z`` (zeros at the start), both checkpointed. The data
+    term's prox is the conjugate gradient of :class:`HQS`. The value reported is
+    ``f(x − z)``, at the prox's input.
+
+    Parameters
+    ----------
+    step_size : float
+        ``γ``.
+    beta : float
+        Relaxation ``β > 0`` (deepinv's default 1).
+    cg_max_iter, cg_tol : int, float
+    """
+
+    name = "admm"
+    state = ("x", "z")
+
+    def __init__(self, step_size: float, beta: float = 1.0, cg_max_iter: int = 50, cg_tol: float = 1e-5) -> None:
+        super().__init__(step_size, cg_max_iter, cg_tol)
+        if not beta > 0:
+            raise ValueError(f"ADMM's relaxation beta must be > 0, got {beta!r}")
+        self.beta = float(beta)
+
+    def settings(self) -> dict:
+        return {**super().settings(), "beta": repr(self.beta)}
+
+    def start(self, problem: Any, x0: da.Array) -> dict[str, da.Array]:
+        return {"x": x0, "z": da.zeros_like(x0)}
+
+    def step(self, problem: Any, state: dict[str, da.Array],
+             iteration: int) -> tuple[dict[str, da.Array], Delayed, Delayed]:
+        x, z = state["x"], state["z"]
+        tag = graph.token("admm")
+        v = da.map_blocks(iteration_tasks.axpy_block, x, z, -1.0, dtype=x.dtype, name=f"prox-point-{tag}")
+        u, value = self._prox(problem, v, tag)
+        p = da.map_blocks(iteration_tasks.axpy_block, u, z, 1.0, dtype=x.dtype, name=f"prior-point-{tag}")
+        new = graph.denoise(problem, p, f"denoise-{tag}")
+        z_new = da.map_blocks(iteration_tasks.dual_block, z, u, new, self.beta, dtype=x.dtype, name=f"dual-{tag}")
+        return {"x": new, "z": z_new}, value, graph.metrics(problem, new, x, f"metrics-{tag}")
+
+
+class _Stochastic(StepRule):
+    """Shared by the subset methods: the partition and the seeded schedule (:mod:`daskrecon.subsets`)."""
+
+    def __init__(self, step_size: float, n_subsets: int, seed: int = 0) -> None:
+        super().__init__(step_size)
+        if not isinstance(n_subsets, int) or n_subsets < 1:
+            raise ValueError(f"n_subsets must be a positive int, got {n_subsets!r}")
+        self.n_subsets, self.seed = n_subsets, int(seed)
+        self._subset: int | None = None
+
+    def settings(self) -> dict:
+        return {**super().settings(), "n_subsets": self.n_subsets, "seed": self.seed}
+
+    def check(self, problem: Any) -> None:
+        partition(problem.num_operators, self.n_subsets)  # raises for more subsets than operators
+
+    def report(self) -> dict:
+        return {} if self._subset is None else {"subset": self._subset}
+
+    def _subset_gradient(self, problem: Any, x: da.Array, j: int) -> tuple[da.Array, Delayed, float]:
+        members = partition(problem.num_operators, self.n_subsets)[j]
+        g, value = graph.gradient(problem, x, members, kind=f"subset-{j}-gradient")
+        return g, value, problem.num_operators / len(members)
+
+
+class OSPnP(_Stochastic):
+    """Ordered-subsets PnP: ``x ← D_σ(x − τ (N/|S_k|) ∇f_{S_k}(x))``, one operator subset per iteration.
+
+    ``N`` operators in ``n_subsets`` interleaved subsets; each epoch visits every subset once,
+    in an order drawn from ``(seed, epoch)`` (:func:`daskrecon.subsets.subset_at`). An
+    iteration costs ``1/n_subsets`` of a full gradient. The value reported is the subset's
+    estimate ``(N/|S_k|) f_{S_k}(x)``; the history row names the subset.
+
+    Parameters
+    ----------
+    step_size : float
+    n_subsets : int
+    seed : int
+        The context's seed by default (:func:`daskrecon.reconstruct`).
+    """
+
+    name = "os-pnp"
+
+    def step(self, problem: Any, state: dict[str, da.Array],
+             iteration: int) -> tuple[dict[str, da.Array], Delayed, Delayed]:
+        x = state["x"]
+        tag = graph.token("os-pnp")
+        self._subset = j = subset_at(self.seed, iteration, self.n_subsets)
+        g, value, weight = self._subset_gradient(problem, x, j)
+        z = da.map_blocks(iteration_tasks.pnp_step_block, x, g, self.step_size, problem.scale * weight,
+                          dtype=x.dtype, name=f"step-{tag}")
+        new = graph.denoise(problem, z, f"denoise-{tag}")
+        value = delayed(operator.mul, pure=True)(value, weight, dask_key_name=f"value-estimate-{tag}")
+        return {"x": new}, value, graph.metrics(problem, new, x, f"metrics-{tag}")
+
+
+class SVRG(_Stochastic):
+    """Stochastic variance-reduced PnP over operator subsets (SVRG with a plug-and-play prox).
+
+    An epoch is ``n_subsets + 1`` iterations: a full gradient at ``x``, which becomes the
+    anchor ``x̃`` and its gradient ``μ``, then every subset once, in an order drawn from
+    ``(seed, epoch)``, with the variance-reduced gradient ``w (∇f_S(x) − ∇f_S(x̃)) + μ``
+    (``w = N/|S|``; two subset gradients per iteration).
+    Then ``x ← D_σ(x − τ g)``. The state — ``x``, the anchor and ``μ`` — is checkpointed
+    whole: a resume continues the epoch exactly.
+
+    Parameters
+    ----------
+    step_size : float
+    n_subsets : int
+    seed : int
+    """
+
+    name = "svrg"
+    state = ("x", "anchor", "mean_gradient")
+
+    def start(self, problem: Any, x0: da.Array) -> dict[str, da.Array]:
+        return {"x": x0, "anchor": x0, "mean_gradient": da.zeros_like(x0)}
+
+    def step(self, problem: Any, state: dict[str, da.Array],
+             iteration: int) -> tuple[dict[str, da.Array], Delayed, Delayed]:
+        x, anchor, mu = state["x"], state["anchor"], state["mean_gradient"]
+        tag = graph.token("svrg")
+        m = self.n_subsets
+        epoch, pos = divmod(iteration, m + 1)
+        if pos == 0:  # an epoch starts: full gradient, new anchor
+            self._subset = None
+            g, value = graph.gradient(problem, x)
+            z = da.map_blocks(iteration_tasks.pnp_step_block, x, g, self.step_size, problem.scale, dtype=x.dtype,
+                              name=f"step-{tag}")
+            anchor, mu = x, g
+        else:
+            self._subset = j = epoch_order(self.seed, epoch, m)[pos - 1]  # every subset once per epoch
+            gx, value, weight = self._subset_gradient(problem, x, j)
+            ga, _ = graph.gradient(problem, anchor, partition(problem.num_operators, m)[j],
+                                   kind=f"subset-{j}-anchor-gradient")
+            z = da.map_blocks(iteration_tasks.svrg_step_block, x, gx, ga, mu, self.step_size, problem.scale, weight,
+                              dtype=x.dtype, name=f"step-{tag}")
+            value = delayed(operator.mul, pure=True)(value, weight, dask_key_name=f"value-estimate-{tag}")
+        new = graph.denoise(problem, z, f"denoise-{tag}")
+        return ({"x": new, "anchor": anchor, "mean_gradient": mu}, value,
+                graph.metrics(problem, new, x, f"metrics-{tag}"))
+
+
+ALGORITHMS: dict[str, type[StepRule]] = {"pnp": PnP, "red": RED, "fista": FISTA, "hqs": HQS, "admm": ADMM,
+                                         "os-pnp": OSPnP, "svrg": SVRG}
 
 
 def step_rule(algorithm: str, step_size: float, **options: Any) -> StepRule:
-    """The step rule named ``algorithm`` (see :data:`ALGORITHMS`) with its options."""
+    """The step rule named ``algorithm`` (see :data:`ALGORITHMS`) with its options.
+
+    Options that do not apply to the algorithm are ignored: ``red_weight`` (RED),
+    ``fista_a`` (FISTA), ``cg_max_iter``/``cg_tol`` (HQS, ADMM), ``admm_beta`` (ADMM),
+    ``n_subsets``/``seed`` (OS-PnP, SVRG).
+    """
     try:
         cls = ALGORITHMS[algorithm]
     except KeyError:
         raise ValueError(f"algorithm must be one of {tuple(ALGORITHMS)}, got {algorithm!r}") from None
+    cg = {k: options[k] for k in ("cg_max_iter", "cg_tol") if options.get(k) is not None}
     if cls is RED:
         return RED(step_size, options.get("red_weight", 1.0))
     if cls is FISTA:
         return FISTA(step_size, options.get("fista_a", 3.0))
+    if cls is HQS:
+        return HQS(step_size, **cg)
+    if cls is ADMM:
+        return ADMM(step_size, options.get("admm_beta", 1.0), **cg)
+    if cls in (OSPnP, SVRG):
+        if options.get("n_subsets") is None:
+            raise ValueError(f"algorithm {algorithm!r} needs n_subsets (how many operator subsets)")
+        return cls(step_size, options["n_subsets"], options.get("seed") or 0)
     return cls(step_size)

@@ -38,17 +38,17 @@ def plan_chunks(
     min_chunks: int = MIN_CHUNKS,
     min_bytes: int = MIN_CHUNK_BYTES,
 ) -> tuple[tuple[int, ...], ...]:
-    """Regular chunks of a ``(B, C, H, W)`` iterate.
+    """Regular chunks of a ``(B, C, H, W)`` iterate (or a ``(B, C, D, H, W)`` volume).
 
     Parameters
     ----------
     shape : sequence of int
-        ``(B, C, H, W)``.
+        ``(B, C, H, W)`` or ``(B, C, D, H, W)``.
     itemsize : int
         Bytes per element.
-    patch : (int, int)
-        The denoiser's tile core along H and W; a chunk is a multiple of it.
-    overlap : (int, int)
+    patch : sequence of int
+        The denoiser's tile core along each spatial axis; a chunk is a multiple of it.
+    overlap : sequence of int
         The denoiser's halo: a chunk is at least this (``map_overlap`` needs it).
     align : int
         Chunk boundaries fall on multiples of this (networks that down-sample).
@@ -67,8 +67,8 @@ def plan_chunks(
     Returns
     -------
     tuple of tuples
-        Dask chunks: B and C whole, H and W regular (the last may be shorter; it is merged
-        into its neighbour when shorter than what the operators and the denoiser need).
+        Dask chunks: B and C whole, the spatial axes regular (the last may be shorter; it is
+        merged into its neighbour when shorter than what the operators and the denoiser need).
 
     Examples
     --------
@@ -79,30 +79,33 @@ def plan_chunks(
     >>> plan_chunks((1, 3, 8192, 8192), 4, (512, 512))[2][:2]
     (2048, 2048)
     """
-    if len(shape) != 4:
-        raise ValueError(f"plan_chunks takes a (B, C, H, W) shape, got {tuple(shape)}")
-    b, c, h, w = (int(s) for s in shape)
+    if len(shape) not in (4, 5):
+        raise ValueError(f"plan_chunks takes a (B, C, H, W) or (B, C, D, H, W) shape, got {tuple(shape)}")
+    b, c, *spatial = (int(s) for s in shape)
+    nd = len(spatial)
+    if len(patch) != nd or len(overlap) != nd:
+        raise ValueError(f"patch and overlap need one entry per spatial axis ({nd}), got {patch!r}, {overlap!r}")
     step = math.lcm(max(1, align), max(1, factor))
     base = [_round_up(max(1, int(p)), step) for p in patch]
     per_pixel = b * c * itemsize
     need = [max(min_size, int(o), 1) for o in overlap]
-    tiles = [max(1, -(-n // p)) for n, p in zip((h, w), base)]
+    tiles = [max(1, -(-n // p)) for n, p in zip(spatial, base)]
 
     def cut(counts: list[int]) -> list[tuple[int, ...]]:
         # ``counts[a]`` chunks along axis a, each a whole number of tiles (evenly spread).
         return [_regular(n, min(p * -(-t // q), n), m, step)
-                for n, p, t, q, m in zip((h, w), base, tiles, counts, need)]
+                for n, p, t, q, m in zip(spatial, base, tiles, counts, need)]
 
-    # Start from one chunk and cut the longer side once more until chunks fit max_bytes and
+    # Start from one chunk and cut the longest side once more until chunks fit max_bytes and
     # the image has min_chunks chunks (when it has that many tiles and they are worth a task):
-    # square chunks, least halo.
-    wanted = max(1, min(min_chunks, math.prod(tiles), h * w * per_pixel // max(1, min_bytes)))
-    counts = [1, 1]
+    # cubic chunks, least halo.
+    wanted = max(1, min(min_chunks, math.prod(tiles), math.prod(spatial) * per_pixel // max(1, min_bytes)))
+    counts = [1] * nd
     while True:
         sizes = cut(counts)
-        too_big = max(sizes[0]) * max(sizes[1]) * per_pixel > max_bytes
-        too_few = len(sizes[0]) * len(sizes[1]) < wanted
-        axes = [a for a in sorted((0, 1), key=lambda a: (-max(sizes[a]), a)) if counts[a] < tiles[a]]
+        too_big = math.prod(max(s) for s in sizes) * per_pixel > max_bytes
+        too_few = math.prod(len(s) for s in sizes) < wanted
+        axes = [a for a in sorted(range(nd), key=lambda a: (-max(sizes[a]), a)) if counts[a] < tiles[a]]
         if not (too_big or too_few) or not axes:
             return ((b,), (c,), *sizes)
         counts[axes[0]] += 1
@@ -116,7 +119,7 @@ def working_chunks(shape: tuple[int, ...], chunks: tuple[tuple[int, ...], ...],
     """
     factor = math.lcm(*(f.factor for f in forms)) if forms else 1
     out = [(shape[0],), (shape[1],)]
-    for axis in (2, 3):
+    for axis in range(2, len(shape)):
         n = len(chunks[axis])
         need = max((f.min_chunk(n) for f in forms), default=1)
         size = min(-(-max(chunks[axis][0], need) // factor) * factor, shape[axis])

@@ -3,29 +3,34 @@
 Example (every key shown; only ``measurements`` and ``operators`` are required)::
 
     [input]
-    measurements = ["y0.zarr", "y1.png"]       # one per operator: .zarr, .npy, .png, .tif
+    measurements = ["y0.zarr", "y1.png"]       # one per operator: .zarr (read lazily), .npy, .png, .tif;
+                                               # volumes: 5-D (1, C, D, H, W) .zarr / .npy arrays
     ground_truth = "x.png"                     # optional, for the PSNR
 
     [[operators]]                              # in measurement order
     type = "blur"                              # blur | downsampling | inpainting | denoising
-    sigma = [1.0, 1.0]                         # Gaussian kernel (blur)
+    sigma = [1.0, 1.0]                         # Gaussian kernel (blur); 3 values for a volume
     angle = 0.0
     padding = "circular"                       # deepinv Blur padding
 
     [denoiser]
-    weights = "bundled"                        # or a state-dict file (loaded weights_only)
+    weights = "bundled"                        # bundled | bundled-3d | a state-dict file (loaded weights_only)
     architecture = "dncnn"                     # dncnn | drunet (for a weight file)
     patch_size = 256
     overlap = 8
 
     [solver]
-    algorithm = "red"                          # pnp | red | fista
+    algorithm = "red"                          # pnp | red | fista | hqs | admm | os-pnp | svrg
     iterations = 30
     step_size = 0.3
     sigma_denoiser = 0.05
     red_weight = 0.3
     tol = 1e-4                                 # optional: stop when the relative change is below
     max_time = 3600                            # optional: wall-clock budget in seconds
+    n_subsets = 4                              # os-pnp | svrg: operator subsets (required for them)
+    seed = 0                                   # os-pnp | svrg: seed of the subset order
+    cg_max_iter = 50                           # hqs | admm: conjugate gradient of the data prox
+    cg_tol = 1e-5
 
     [output]
     path = "result.zarr"                       # .zarr, .npy, .png, .tif
@@ -50,6 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import dask.array as da
 import numpy as np
 import torch
 
@@ -65,7 +71,8 @@ _KEYS = {
     "input": {"measurements", "ground_truth"},
     "operators": {"type", "sigma", "angle", "padding", "factor", "filter", "mask"},
     "denoiser": {"weights", "architecture", "patch_size", "overlap"},
-    "solver": {"algorithm", "iterations", "step_size", "sigma_denoiser", "red_weight", "tol", "max_time"},
+    "solver": {"algorithm", "iterations", "step_size", "sigma_denoiser", "red_weight", "tol", "max_time", "n_subsets",
+               "seed", "cg_max_iter", "cg_tol"},
     "output": {"path", "overwrite"},
     "checkpoint": {"path", "every", "resume"},
     "cluster": {"kind", "n_workers", "address", "timeout", "jobs", "slurm"},
@@ -132,6 +139,17 @@ def load_config(path: str | Path) -> dict:
     algorithm = cfg.get("solver", {}).get("algorithm", "pnp")
     if algorithm not in ALGORITHMS:
         raise ConfigError(f"solver.algorithm must be one of {sorted(ALGORITHMS)}, got {algorithm!r}")
+    n_subsets = _get(cfg.get("solver", {}), "n_subsets", "solver", int, None)
+    if algorithm in ("os-pnp", "svrg"):
+        if n_subsets is None:
+            raise ConfigError(f"solver.algorithm = {algorithm!r} needs solver.n_subsets (how many operator subsets, "
+                              f"at most the {len(ops)} operators)")
+        if not 1 <= n_subsets <= len(ops):
+            raise ConfigError(f"solver.n_subsets must be between 1 and the number of operators ({len(ops)}), "
+                              f"got {n_subsets}")
+    elif n_subsets is not None:
+        raise ConfigError(f"solver.n_subsets applies to algorithm 'os-pnp' or 'svrg', not {algorithm!r}: remove it "
+                          "or change the algorithm")
     cfg["_base"] = base
     return cfg
 
@@ -141,8 +159,29 @@ def _resolve(base: Path, p: str) -> Path:
     return q if q.is_absolute() else base / q
 
 
+#: ``--check`` reads Zarr inputs whole up to this size; larger ones are refused with the fix.
+CHECK_MAX_BYTES = 2 * 2**30
+
+
+def read_lazy(path: Path) -> Any:
+    """A Zarr input as a lazy dask array (float32; 2-D/3-D arrays made ``(1, C, H, W)``, 4-D/5-D as stored),
+    any other file as a tensor (:func:`read_image`)."""
+    if not (path.suffix == ".zarr" or path.is_dir()):
+        return torch.from_numpy(read_image(path))
+    if not path.exists():
+        raise ConfigError(f"input {str(path)!r} does not exist")
+    try:
+        a = da.from_zarr(str(path))
+    except Exception as exc:
+        raise ConfigError(f"{str(path)!r} is not a readable Zarr array: {exc}") from None
+    while a.ndim < 4:
+        a = a[None]
+    return a.astype(np.float32)
+
+
 def read_image(path: Path) -> np.ndarray:
-    """An image as float32 ``(1, C, H, W)``: Zarr / .npy arrays as stored (made 4-D), PNG/TIFF scaled to [0, 1]."""
+    """An image as float32 ``(1, C, H, W)`` (a volume ``(1, C, D, H, W)`` from a 5-D Zarr / .npy array):
+    Zarr / .npy arrays as stored (made at least 4-D), PNG/TIFF scaled to [0, 1]."""
     if not path.exists():
         raise ConfigError(f"input {str(path)!r} does not exist")
     if path.suffix == ".zarr" or path.is_dir():
@@ -164,9 +203,14 @@ def read_image(path: Path) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def write_image(path: Path, x: np.ndarray, overwrite: bool) -> None:
+def write_image(path: Path, x: Any, overwrite: bool) -> None:
     if path.exists() and not overwrite:
         raise ConfigError(f"output {str(path)!r} exists; set output.overwrite = true or choose another path")
+    if hasattr(x, "to_zarr") and path.suffix == ".zarr":  # a dask array streams into Zarr chunk by chunk
+        x.to_zarr(str(path), overwrite=True)
+        return
+    if hasattr(x, "compute"):
+        x = np.asarray(x.compute())
     if path.suffix == ".zarr":
         import zarr
 
@@ -189,10 +233,21 @@ def build_operator(spec: dict, i: int, shape: tuple[int, ...]) -> Any:
     where = f"operators[{i}]"
     t = spec["type"]
     if t == "blur":
-        sigma = _get(spec, "sigma", where, (list, float), [1.0, 1.0])
-        sigma = tuple(sigma) if isinstance(sigma, list) else (sigma, sigma)
-        return dinv.physics.Blur(filter=gaussian_blur(sigma=sigma, angle=_get(spec, "angle", where, float, 0.0)),
-                                 padding=_get(spec, "padding", where, str, "circular"))
+        volume = len(shape) == 5
+        sigma = _get(spec, "sigma", where, (list, float), [1.0] * (3 if volume else 2))
+        sigma = tuple(float(v) for v in sigma) if isinstance(sigma, list) else (sigma,) * (3 if volume else 2)
+        if len(sigma) != len(shape) - 2:
+            raise ConfigError(f"{where}.sigma needs {len(shape) - 2} values for a {len(shape) - 2}-D signal of shape "
+                              f"{shape}, got {list(sigma)}")
+        if volume:
+            from deepinv.physics.functional import gaussian_blur as gaussian_nd
+
+            if _get(spec, "angle", where, float, 0.0):
+                raise ConfigError(f"{where}.angle applies to 2-D blurs only; remove it for a volume")
+            kernel = gaussian_nd(psf_size=None, sigma=sigma)
+        else:
+            kernel = gaussian_blur(sigma=sigma, angle=_get(spec, "angle", where, float, 0.0))
+        return dinv.physics.Blur(filter=kernel, padding=_get(spec, "padding", where, str, "circular"))
     if t == "downsampling":
         return dinv.physics.Downsampling(img_size=shape[1:], factor=_get(spec, "factor", where, int, 2),
                                          filter=_get(spec, "filter", where, str, "gaussian"),
@@ -206,11 +261,13 @@ def build_operator(spec: dict, i: int, shape: tuple[int, ...]) -> Any:
 
 
 def build_denoiser(spec: dict, base: Path) -> torch.nn.Module:
-    from daskrecon.models import bundled_denoiser, load_state_dict
+    from daskrecon.models import bundled_denoiser, bundled_denoiser_3d, load_state_dict
 
     weights = _get(spec, "weights", "denoiser", str, "bundled")
     if weights == "bundled":
         return bundled_denoiser()
+    if weights == "bundled-3d":
+        return bundled_denoiser_3d()
     arch = _get(spec, "architecture", "denoiser", str, "dncnn")
     from deepinv.models import DnCNN, DRUNet
 
@@ -262,9 +319,14 @@ def run_config(path: str | Path, check: bool = False, echo: Any = print) -> Any:
 
     cfg = load_config(path)
     base = cfg["_base"]
-    ys = [torch.from_numpy(read_image(_resolve(base, p))) for p in cfg["input"]["measurements"]]
+    # Zarr inputs stay lazy (a volume larger than memory streams); other files are read whole.
+    ys = [read_lazy(_resolve(base, p)) for p in cfg["input"]["measurements"]]
     truth = cfg["input"].get("ground_truth")
-    x_true = torch.from_numpy(read_image(_resolve(base, truth))) if truth else None
+    x_true = read_lazy(_resolve(base, truth)) if truth else None
+    if check:
+        ys = [_eager(v, p) for v, p in zip(ys, cfg["input"]["measurements"])]
+        x_true = _eager(x_true, truth) if x_true is not None else None
+    lazy = any(not isinstance(v, torch.Tensor) for v in [*ys, x_true] if v is not None)
     shape = tuple((x_true if x_true is not None else ys[0]).shape)
     ops = [build_operator(s, i, shape) for i, s in enumerate(cfg["operators"])]
     den = cfg.get("denoiser", {})
@@ -279,8 +341,9 @@ def run_config(path: str | Path, check: bool = False, echo: Any = print) -> Any:
         dphys = dr.distribute(ops, ctx)
         dden = dr.distribute(build_denoiser(den, base), ctx, patch_size=_get(den, "patch_size", "denoiser", int, 256),
                              overlap=_get(den, "overlap", "denoiser", int, 8))
-        y = TensorList(ys)
-        x0 = torch.zeros(shape) if any(y_.shape != torch.Size(shape) for y_ in ys) else None
+        y = ys if lazy else TensorList(ys)
+        # zeros when some measurement is not image-shaped (lazy inputs: the default Aᵀy / N, on the workers)
+        x0 = torch.zeros(shape) if not lazy and any(tuple(y_.shape) != shape for y_ in ys) else None
         if check:
             return _check(ctx, dphys, dden, y, shape, _get(sol, "iterations", "solver", int, 30), echo)
         x = dr.reconstruct(
@@ -289,12 +352,25 @@ def run_config(path: str | Path, check: bool = False, echo: Any = print) -> Any:
             sigma_denoiser=_get(sol, "sigma_denoiser", "solver", float, 0.05),
             red_weight=_get(sol, "red_weight", "solver", float, 1.0), x0=x0, x_true=x_true,
             tol=_get(sol, "tol", "solver", float, None), max_time=_get(sol, "max_time", "solver", float, None),
+            n_subsets=_get(sol, "n_subsets", "solver", int, None), seed=_get(sol, "seed", "solver", int, None),
+            cg_max_iter=_get(sol, "cg_max_iter", "solver", int, 50), cg_tol=_get(sol, "cg_tol", "solver", float, 1e-5),
             checkpoint=str(_resolve(base, ck["path"])) if "path" in ck else None,
             checkpoint_every=_get(ck, "every", "checkpoint", int, 1), resume=_get(ck, "resume", "checkpoint", bool, False),
         )
-    write_image(out_path, x.cpu().numpy(), overwrite=True)
+        # inside the context: a lazy result reads chunks from the cluster (or its checkpoint) as it is written
+        write_image(out_path, x if not isinstance(x, torch.Tensor) else x.cpu().numpy(), overwrite=True)
     echo(f"wrote {out_path}")
     return x
+
+
+def _eager(v: Any, name: str) -> torch.Tensor:
+    """``--check`` times the whole-signal gradient: a lazy input is read whole, when it is not too large."""
+    if isinstance(v, torch.Tensor):
+        return v
+    if v.nbytes > CHECK_MAX_BYTES:
+        raise ConfigError(f"--check reads the inputs whole, and {name!r} is {v.nbytes / 2**30:.1f} GiB; run the "
+                          "reconstruction with solver.iterations = 1 to time one iteration out of core instead")
+    return torch.from_numpy(np.asarray(v.compute(scheduler="threads")))
 
 
 def _check(ctx: Any, dphys: Any, dden: Any, y: Any, shape: tuple, iterations: int, echo: Any) -> CheckReport:

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from daskrecon.algorithms import StepRule
 from daskrecon.checkpoint import Checkpoint
 from daskrecon.errors import DaskreconError
+from daskrecon.linsolve import Workspace
 from daskrecon.problem import Problem
 from daskrecon.signal import DistributedSignal, advance
 
@@ -118,6 +119,8 @@ def run(
                       f"is kept in {where}, which the result reads from; pass checkpoint=… to choose the place, "
                       "and delete it when done", UserWarning, stacklevel=3)
         store = Checkpoint(where)
+    rule.check(problem)
+    rule.prepare(problem, Workspace(problem, store, streamed))
     signals = {name: DistributedSignal(ctx, problem.shape, problem.dtype, store=store, chunks=problem.chunks,
                                        name=name, in_memory=not streamed) for name in rule.state}
     if start:
@@ -138,12 +141,14 @@ def run(
             state = {name: s.array for name, s in signals.items()}
             commit = store is not None and (streamed or (k + 1) % checkpoint_every == 0 or k + 1 == n_iter)
 
-            def extra(values: dict, k: int = k) -> dict:
-                history.append(_row(k + 1, values, problem))
-                return {"history": history}
-
             with span(f"daskrecon-iteration-{k + 1}"):
                 new, value, metrics = rule.step(problem, state, k)
+                info = rule.report()
+
+                def extra(values: dict, k: int = k, info: dict = info) -> dict:
+                    history.append({**_row(k + 1, values, problem), **info})
+                    return {"history": history}
+
                 values = advance(signals, new, iteration=k + 1, also={"value": value, "metrics": metrics},
                                  commit=commit, record=record, extra=extra)
             if not commit:

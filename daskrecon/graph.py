@@ -103,30 +103,41 @@ def tree_sum_values(values: Sequence[Delayed], fan_in: int, name: str) -> Delaye
     return level[0]
 
 
-def gradient(problem: Any, x: da.Array) -> tuple[da.Array, Delayed]:
+def gradient(problem: Any, x: da.Array, indices: Sequence[int] | None = None, *,
+             measured: bool = True, kind: str = "gradient") -> tuple[da.Array, Delayed]:
     """``(∇f(x), f(x))`` of ``f = Σ_i d_i(A_i x, y_i)`` (times ``problem.scale``), lazily.
 
     Chunk-wise operators: ``A_i`` and ``A_iᵀ`` by ``map_overlap``, the residual and the
     value chunk by chunk. Whole-image operators: ``x`` assembled once, then one task per
     operator on the worker holding it. The terms meet in one fixed-index tree.
+
+    ``indices`` restricts the sum to those operators (a subset, in the given order: the
+    tree is fixed by the position in it). ``measured=False`` takes every ``y_i = 0``: for
+    an L2 fidelity the result is then the normal operator ``Σ_i A_iᵀA_i x / σ²``
+    (:mod:`daskrecon.linsolve`).
     """
     ctx, physics = problem.ctx, problem.physics
-    n, fan_in = problem.num_operators, ctx.fan_in
-    tag = token("gradient")
-    owners = physics.placement.owners if problem.global_ops else None
-    xw = whole(x, f"assemble-{tag}") if problem.global_ops else None
-    fids = problem.fidelity._fidelities(physics) if problem.global_ops else None
+    fan_in = ctx.fan_in
+    indices = list(range(problem.num_operators)) if indices is None else list(indices)
+    if not indices:
+        raise ValueError("gradient over an empty set of operators")
+    tag = token(kind)
+    whole_ops = [i for i in indices if problem.forms[i] is None]
+    owners = physics.placement.owners if whole_ops else None
+    xw = whole(x, f"assemble-{tag}") if whole_ops else None
+    fids = problem.fidelity._fidelities(physics) if whole_ops else None
     grads: list[Any] = []
     values: list[Delayed] = []
-    for i in range(n):
+    for i in indices:
         form, y = problem.forms[i], problem.y[i]
         if form is not None:
             u = form.apply(x)
-            y = y.rechunk(u.chunks)  # no-op for a planned problem (its chunks suit every operator)
+            y = (y.rechunk(u.chunks) if measured  # no-op for a planned problem (its chunks suit every operator)
+                 else da.zeros(u.shape, chunks=u.chunks, dtype=u.dtype))
             r = da.map_blocks(fidelity_tasks.pointwise_grad_block, u, y, distance=problem.distances[i], dtype=u.dtype,
-                              meta=np.empty((0,) * 4, u.dtype), name=f"residual-{i}-{tag}")
+                              meta=np.empty((0,) * u.ndim, u.dtype), name=f"residual-{i}-{tag}")
             v = da.map_blocks(fidelity_tasks.pointwise_value_block, u, y, distance=problem.distances[i],
-                              dtype=np.float64, meta=np.empty((0,) * 4, np.float64),
+                              dtype=np.float64, meta=np.empty((0,) * u.ndim, np.float64),
                               chunks=(u.chunks[0], *((1,) * len(c) for c in u.chunks[1:])), name=f"value-{i}-{tag}")
             grads.append(form.adjoint(r, x.chunks).rechunk(x.chunks))  # no-op when x's chunks suit the operator
             parts = v.to_delayed(optimize_graph=False).ravel().tolist()
@@ -134,7 +145,7 @@ def gradient(problem: Any, x: da.Array) -> tuple[da.Array, Delayed]:
         else:
             owner = owners[i]
             refs = [physics.objects.ref(i, owner), fids.ref(i, owner)]
-            gv = placed(fidelity_tasks.fidelity_grad_value_op, owner, refs, xw, y, i, {},
+            gv = placed(fidelity_tasks.fidelity_grad_value_op, owner, refs, xw, y if measured else None, i, {},
                         name=f"operator-gradient-{i}-{tag}")
             grads.append(gv)
             values.append(delayed(iteration_tasks.value_of, pure=True)(gv, dask_key_name=f"value-of-{i}-{tag}"))
@@ -144,7 +155,7 @@ def gradient(problem: Any, x: da.Array) -> tuple[da.Array, Delayed]:
                         f"gradient-{tag}")
     else:
         leaves = [as_array(g, iteration_tasks.gradient_of, (problem.shape,), problem.shape, problem.dtype, x.chunks,
-                           f"gradient-{i}-{tag}") if isinstance(g, Delayed) else g for i, g in enumerate(grads)]
+                           f"gradient-{i}-{tag}") if isinstance(g, Delayed) else g for i, g in zip(indices, grads)]
         grad = tree_sum([leaf.astype(problem.dtype) for leaf in leaves], fan_in, f"tree-sum-{tag}")
     return grad, tree_sum_values(values, fan_in, f"value-tree-{tag}")
 
@@ -163,9 +174,9 @@ def batch_values(problem: Any, x: da.Array) -> da.Array:
             u = form.apply(x)
             y = y.rechunk(u.chunks)
             v = da.map_blocks(fidelity_tasks.pointwise_value_block, u, y, distance=problem.distances[i],
-                              dtype=np.float64, meta=np.empty((0,) * 4, np.float64),
+                              dtype=np.float64, meta=np.empty((0,) * u.ndim, np.float64),
                               chunks=(u.chunks[0], *((1,) * len(c) for c in u.chunks[1:])), name=f"value-{i}-{tag}")
-            leaves.append(v.sum(axis=(1, 2, 3)).rechunk(b))
+            leaves.append(v.sum(axis=tuple(range(1, v.ndim))).rechunk(b))
         else:
             owner = owners[i]
             refs = [physics.objects.ref(i, owner), fids.ref(i, owner)]

@@ -41,20 +41,22 @@ PADDINGS = ("circular", "reflect", "replicate", "zeros", "constant")
 class LocalOperator:
     """A linear operator that acts on a bounded neighbourhood of each pixel.
 
-    ``A(x) = (k ⋆ pad(x))[::factor, ::factor] · mask`` on ``(B, C, H, W)`` images, with
-    deepinv's conventions: ``filter`` is a deepinv filter ``(b, c, h, w)`` (convolution,
-    not correlation, centre ``h // 2`` for odd sizes), ``padding`` one of deepinv's modes.
-    ``filter=None`` means no convolution; ``mask=None`` no mask.
+    ``A(x) = (k ⋆ pad(x))[::factor, ::factor] · mask`` on ``(B, C, H, W)`` images — or
+    ``(k ⋆ pad(x))[::f, ::f, ::f] · mask`` on ``(B, C, D, H, W)`` volumes —, with deepinv's
+    conventions: ``filter`` is a deepinv filter ``(b, c, h, w)`` or ``(b, c, d, h, w)``
+    (convolution, not correlation, centre ``h // 2`` for odd sizes), ``padding`` one of
+    deepinv's modes. ``filter=None`` means no convolution; ``mask=None`` no mask.
 
     Parameters
     ----------
     filter : numpy.ndarray, optional
     padding : {"circular", "reflect", "replicate", "zeros", "constant"}
     factor : int
-        Subsampling factor (``Downsampling``).
+        Subsampling factor along every spatial axis (``Downsampling``; for volumes, a
+        chunk-wise 3-D down-sampling that deepinv has no class for).
     mask : numpy.ndarray, optional
-        Broadcastable to the image, ``(1 | B, 1 | C, H, W)`` (``Inpainting``); boolean (kept
-        as it is) or numeric (cast to the image's dtype).
+        Broadcastable to the image, ``(1 | B, 1 | C, *spatial)`` (``Inpainting``); boolean
+        (kept as it is) or numeric (cast to the image's dtype).
     name : str
         For messages.
     """
@@ -64,30 +66,41 @@ class LocalOperator:
     factor: int = 1
     mask: np.ndarray | None = None
     name: str = "operator"
+    #: ``max |mask|``, kept when the mask is placed on the cluster (read without fetching it).
+    mask_bound: float | None = None
 
     def __post_init__(self) -> None:
         if self.padding not in PADDINGS:
             raise ValueError(f"padding must be one of {PADDINGS}, got {self.padding!r}")
         if not isinstance(self.factor, int) or self.factor < 1:
             raise ValueError(f"factor must be a positive int, got {self.factor!r}")
-        if self.filter is not None and self.filter.ndim != 4:
-            raise ValueError(f"filter must be (b, c, h, w), got shape {self.filter.shape}")
+        if self.filter is not None and self.filter.ndim not in (4, 5):
+            raise ValueError(f"filter must be (b, c, h, w) or (b, c, d, h, w), got shape {self.filter.shape}")
 
     # ------------------------------------------------------------------ geometry (pure)
     @property
-    def depth(self) -> tuple[int, int]:
-        """Halo of a chunk of ``x`` in pixels, per spatial axis."""
+    def spatial_dims(self) -> int | None:
+        """2 or 3 for an operator with a filter; ``None`` (any) for a mask or a subsampling alone."""
+        return None if self.filter is None else self.filter.ndim - 2
+
+    @property
+    def depth(self) -> tuple[int, ...]:
+        """Halo of a chunk of ``x`` in pixels, per spatial axis (of the filter; ``(0, 0)`` without one)."""
         if self.filter is None:
             return (0, 0)
-        return (self.filter.shape[-2] // 2, self.filter.shape[-1] // 2)
+        return tuple(k // 2 for k in self.filter.shape[2:])
+
+    def depth_for(self, ndim: int) -> tuple[int, ...]:
+        """:attr:`depth` for an array of ``ndim`` axes (``ndim - 2`` spatial)."""
+        return self.depth if self.filter is not None else (0,) * (ndim - 2)
 
     @property
     def _conv(self) -> bool:
         return self.filter is not None or self.factor > 1
 
-    def _kernel(self, dtype: np.dtype) -> np.ndarray:
-        # A pure subsampling is a 1×1 identity kernel: one code path for both.
-        k = self.filter if self.filter is not None else np.ones((1, 1, 1, 1))
+    def _kernel(self, dtype: np.dtype, ndim: int = 4) -> np.ndarray:
+        # A pure subsampling is a 1×1 (×1) identity kernel: one code path for both.
+        k = self.filter if self.filter is not None else np.ones((1,) * ndim)
         return np.asarray(k, dtype=dtype)
 
     def norm_bound(self) -> float:
@@ -96,8 +109,10 @@ class LocalOperator:
         bound = 1.0
         if self.filter is not None:
             k = np.abs(np.asarray(self.filter, dtype=np.float64))
-            bound *= float(k.sum(axis=(-2, -1)).max()) ** 2
-        if self.mask is not None:
+            bound *= float(k.sum(axis=tuple(range(2, k.ndim))).max()) ** 2
+        if self.mask_bound is not None:
+            bound *= self.mask_bound ** 2
+        elif self.mask is not None:
             bound *= float(np.abs(np.asarray(self.mask, dtype=np.float64)).max()) ** 2
         return bound
 
@@ -107,26 +122,29 @@ class LocalOperator:
         A numpy mask is embedded in every graph that uses it; an image-sized one
         (``Inpainting``) would travel with every iteration.
         """
-        return dataclasses.replace(self, mask=mask)
+        bound = self.mask_bound
+        if bound is None and self.mask is not None and not isinstance(self.mask, da.Array):
+            bound = float(np.abs(np.asarray(self.mask, dtype=np.float64)).max())
+        return dataclasses.replace(self, mask=mask, mask_bound=bound)
 
-    def mask_array(self, dtype: Any) -> np.ndarray | None:
-        """The mask as an array broadcastable to ``(B, C, H, W)`` (bool kept, numbers cast to ``dtype``)."""
+    def mask_array(self, dtype: Any, ndim: int = 4) -> np.ndarray | None:
+        """The mask as an array broadcastable to ``ndim``-axis images (bool kept, numbers cast to ``dtype``)."""
         if self.mask is None or isinstance(self.mask, da.Array):
             return None
         m = np.asarray(self.mask)
         if m.dtype != bool:
             m = m.astype(dtype, copy=False)
-        return m.reshape((1,) * (4 - m.ndim) + m.shape)
+        return m.reshape((1,) * (ndim - m.ndim) + m.shape)
 
     def input_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """Shape of ``x`` for a ``y = A(x)`` of ``shape``."""
         f = self.factor
-        return (*shape[:-2], shape[-2] * f, shape[-1] * f)
+        return (*shape[:2], *(n * f for n in shape[2:]))
 
     def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """Shape of ``A(x)`` for an ``x`` of ``shape``."""
         f = self.factor
-        return (*shape[:-2], math.ceil(shape[-2] / f), math.ceil(shape[-1] / f))
+        return (*shape[:2], *(math.ceil(n / f) for n in shape[2:]))
 
     def min_chunk(self, n_chunks: int) -> int:
         """Smallest chunk (in pixels of ``x``) the operator can run on exactly."""
@@ -138,36 +156,40 @@ class LocalOperator:
 
     def fit_chunks(self, chunks: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
         """``chunks`` with the spatial ones made valid: multiples of the factor, none too small."""
-        return (chunks[0], chunks[1], *(fit_axis(chunks[a], self.min_chunk(len(chunks[a])), self.factor) for a in (2, 3)))
+        return (chunks[0], chunks[1], *(fit_axis(chunks[a], self.min_chunk(len(chunks[a])), self.factor)
+                                        for a in range(2, len(chunks))))
 
     # ------------------------------------------------------------------ graphs
     def _mask_like(self, a: da.Array) -> da.Array | np.ndarray:
         if isinstance(self.mask, da.Array):  # placed on the cluster once (see with_placed_mask)
             m = self.mask
-            if m.shape[-2:] != a.shape[-2:]:
+            if m.ndim != a.ndim or m.shape[2:] != a.shape[2:]:
                 raise ShapeError(f"{self.name}: mask of shape {m.shape} does not fit an image of shape {a.shape}")
-            return m.rechunk((-1, -1, a.chunks[2], a.chunks[3]))
+            return m.rechunk((-1, -1, *a.chunks[2:]))
         m = np.asarray(self.mask)
         if m.dtype != bool:
             m = m.astype(a.dtype, copy=False)
-        m = m.reshape((1,) * (4 - m.ndim) + m.shape)
-        if m.shape[-2:] == (1, 1):
-            return m  # a per-channel (or scalar) weight broadcasts as it is
-        if m.shape[-2:] != a.shape[-2:]:
+        if m.ndim > a.ndim:
             raise ShapeError(f"{self.name}: mask of shape {m.shape} does not fit an image of shape {a.shape}")
-        return da.from_array(m, chunks=(-1, -1, a.chunks[2], a.chunks[3]))
+        m = m.reshape((1,) * (a.ndim - m.ndim) + m.shape)
+        if all(n == 1 for n in m.shape[2:]):
+            return m  # a per-channel (or scalar) weight broadcasts as it is
+        if m.shape[2:] != a.shape[2:]:
+            raise ShapeError(f"{self.name}: mask of shape {m.shape} does not fit an image of shape {a.shape}")
+        return da.from_array(m, chunks=(-1, -1, *a.chunks[2:]))
 
     def apply(self, x: da.Array) -> da.Array:
         """``A(x)``, lazily, chunk by chunk."""
-        x = _as_images(x, self.name)
+        x = self._check_images(x)
         if self._conv:
             f = self.factor
-            if x.shape[2] % f or x.shape[3] % f:
-                raise ShapeError(f"{self.name}: image of {x.shape[2]}×{x.shape[3]} pixels is not a multiple of the "
-                                 f"downsampling factor {f}")
+            if any(n % f for n in x.shape[2:]):
+                raise ShapeError(f"{self.name}: image of {'×'.join(map(str, x.shape[2:]))} pixels is not a multiple "
+                                 f"of the downsampling factor {f}")
             x = x.rechunk(self.fit_chunks(x.chunks))
-            out_chunks = (x.chunks[0], x.chunks[1], *(tuple(math.ceil(c / f) for c in x.chunks[a]) for a in (2, 3)))
-            x = self._overlap(local_kernels.local_forward_block, x, self.depth, out_chunks,
+            out_chunks = (x.chunks[0], x.chunks[1], *(tuple(math.ceil(c / f) for c in x.chunks[a])
+                                                      for a in range(2, x.ndim)))
+            x = self._overlap(local_kernels.local_forward_block, x, self.depth_for(x.ndim), out_chunks,
                               x.numblocks[2:])
         if self.mask is not None:
             x = x * self._mask_like(x)
@@ -175,29 +197,38 @@ class LocalOperator:
 
     def adjoint(self, y: da.Array, x_chunks: tuple[tuple[int, ...], ...] | None = None) -> da.Array:
         """``Aᵀ(y)``, lazily, chunk by chunk (the exact adjoint of :meth:`apply`)."""
-        y = _as_images(y, self.name)
+        y = self._check_images(y)
         if self.mask is not None:
             y = y * self._mask_like(y)
         if not self._conv:
             return y
         f = self.factor
-        xc = x_chunks or (y.chunks[0], y.chunks[1], *(tuple(f * c for c in y.chunks[a]) for a in (2, 3)))
+        axes = range(2, y.ndim)
+        xc = x_chunks or (y.chunks[0], y.chunks[1], *(tuple(f * c for c in y.chunks[a]) for a in axes))
         xc = self.fit_chunks(xc)
-        y = y.rechunk((y.chunks[0], y.chunks[1], *(tuple(c // f for c in xc[a]) for a in (2, 3))))
+        y = y.rechunk((y.chunks[0], y.chunks[1], *(tuple(c // f for c in xc[a]) for a in axes)))
         out_chunks = (y.chunks[0], y.chunks[1], *xc[2:])
-        halo = tuple(-(-d // f) for d in self.depth)
+        halo = tuple(-(-d // f) for d in self.depth_for(y.ndim))
         return self._overlap(local_kernels.local_adjoint_block, y, halo, out_chunks, y.numblocks[2:])
 
-    def _overlap(self, fn: Any, a: da.Array, halo: tuple[int, int], out_chunks: tuple, nblocks: tuple) -> da.Array:
+    def _check_images(self, a: Any) -> da.Array:
+        a = _as_images(a, self.name)
+        nd = self.spatial_dims
+        if nd is not None and a.ndim != nd + 2:
+            kind = "(B, C, H, W) images" if nd == 2 else "(B, C, D, H, W) volumes"
+            raise ShapeError(f"{self.name}: its {nd}-D filter takes {kind}, got shape {a.shape}")
+        return a
+
+    def _overlap(self, fn: Any, a: da.Array, halo: tuple[int, ...], out_chunks: tuple, nblocks: tuple) -> da.Array:
         a = a.rechunk({0: -1, 1: -1})
         return da.map_overlap(
             fn, a,
-            depth={0: 0, 1: 0, 2: halo[0], 3: halo[1]},
+            depth={0: 0, 1: 0, **{2 + k: h for k, h in enumerate(halo)}},
             boundary="periodic" if self.padding == "circular" else "none",
             trim=False, chunks=(a.chunks[0], a.chunks[1], *out_chunks[2:]), dtype=a.dtype,
-            meta=np.empty((0,) * 4, a.dtype), allow_rechunk=False,
-            filt=self._kernel(a.dtype), padding=self.padding, radius=self.depth, factor=self.factor,
-            nblocks=tuple(nblocks),
+            meta=np.empty((0,) * a.ndim, a.dtype), allow_rechunk=False,
+            filt=self._kernel(a.dtype, a.ndim), padding=self.padding, radius=self.depth_for(a.ndim),
+            factor=self.factor, nblocks=tuple(nblocks),
         )
 
 
@@ -231,8 +262,9 @@ def fit_axis(sizes: tuple[int, ...], minimum: int, factor: int = 1) -> tuple[int
 def _as_images(a: Any, name: str) -> da.Array:
     if not isinstance(a, da.Array):
         raise TypeError(f"{name}: chunk-wise operators take dask arrays, got {type(a).__name__}")
-    if a.ndim != 4:
-        raise ShapeError(f"{name}: chunk-wise operators take (B, C, H, W) arrays, got shape {a.shape}")
+    if a.ndim not in (4, 5):
+        raise ShapeError(f"{name}: chunk-wise operators take (B, C, H, W) images or (B, C, D, H, W) volumes, "
+                         f"got shape {a.shape}")
     if not np.issubdtype(a.dtype, np.floating):
         raise TypeError(f"{name}: chunk-wise operators take real floating-point arrays, got {a.dtype}")
     return a
@@ -261,8 +293,8 @@ def _(op: FFTConvolution) -> LocalOperator | None:
 @local_form.register
 def _(op: Blur) -> LocalOperator | None:
     f = op.filter
-    if f is None or f.dim() != 4 or f.is_complex() or op.padding not in PADDINGS:
-        return None  # 3-D blurs and "valid" padding change the geometry: whole-image path
+    if f is None or f.dim() not in (4, 5) or f.is_complex() or op.padding not in PADDINGS:
+        return None  # "valid" padding changes the geometry: whole-image path
     return LocalOperator(filter=_np(f), padding=op.padding, name=type(op).__name__)
 
 

@@ -8,11 +8,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["BUNDLED_DENOISER", "bundled_denoiser", "load_state_dict"]
+__all__ = ["BUNDLED_DENOISER", "BUNDLED_DENOISER_3D", "bundled_denoiser", "bundled_denoiser_3d", "load_state_dict"]
 
 #: Architecture of the bundled weights (a small DnCNN: stride 1, receptive radius 8).
 BUNDLED_DENOISER = dict(in_channels=3, out_channels=3, depth=8, nf=32)
 _WEIGHTS = "dncnn_small.pt"
+#: Architecture of the bundled 3-D weights (a tiny DnCNN, ``dim=3``: receptive radius 4).
+BUNDLED_DENOISER_3D = dict(in_channels=1, out_channels=1, depth=4, nf=8, dim=3)
+_WEIGHTS_3D = "dncnn3d_small.pt"
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -53,6 +56,23 @@ def bundled_denoiser(device: str | torch.device = "cpu") -> torch.nn.Module:
 
     model = DnCNN(**BUNDLED_DENOISER, pretrained=None)
     weights = resources.files("daskrecon.data").joinpath(_WEIGHTS)
+    with resources.as_file(weights) as path:
+        model.load_state_dict(load_state_dict(path))
+    return model.to(device).eval()
+
+
+def bundled_denoiser_3d(device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The tiny 3-D DnCNN shipped with daskrecon (trained by ``scripts/train_denoiser3d.py``).
+
+    A blind Gaussian denoiser for single-channel volumes ``(B, 1, D, H, W)`` in [0, 1], trained
+    for noise levels in [0, 0.2] on synthetic microscopy-like volumes
+    (:func:`daskrecon.demo.demo_volume`); ``sigma`` arguments are ignored. Exact under overlap
+    tiling with ``overlap >= 4``.
+    """
+    from deepinv.models import DnCNN
+
+    model = DnCNN(**BUNDLED_DENOISER_3D, pretrained=None)
+    weights = resources.files("daskrecon.data").joinpath(_WEIGHTS_3D)
     with resources.as_file(weights) as path:
         model.load_state_dict(load_state_dict(path))
     return model.to(device).eval()

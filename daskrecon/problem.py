@@ -25,7 +25,7 @@ from deepinv.utils import TensorList
 from distributed import Future
 
 from daskrecon import graph
-from daskrecon._arrays import as_numpy
+from daskrecon._arrays import as_numpy, persist_fresh
 from daskrecon.chunking import plan_chunks, working_chunks
 from daskrecon.context import DistributedContext, scheduler_workers
 from daskrecon.errors import MeasurementError, ShapeError
@@ -97,8 +97,9 @@ def plan_problem(
     shape = tuple(x0.shape) if x0 is not None else _x_shape(local, y_shapes)
     dtype = np.dtype(torch.empty((), dtype=x0.dtype).numpy().dtype if isinstance(x0, torch.Tensor) else
                      (x0.dtype if x0 is not None else _y_dtype(ys)))
-    if len(shape) != 4:
-        raise ShapeError(f"the image must be (B, C, H, W), got shape {shape}")
+    if len(shape) not in (4, 5):
+        raise ShapeError(f"the signal must be an image (B, C, H, W) or a volume (B, C, D, H, W), got shape {shape}")
+    spatial = range(2, len(shape))
     nbytes = math.prod(shape) * dtype.itemsize
 
     forms, distances = choose_forms(physics, local, fids, nbytes)
@@ -110,17 +111,18 @@ def plan_problem(
     # Chunks: the caller's (dask x0), else planned from the problem (never from the cluster).
     chunkwise_forms = [f for f in forms if f is not None]
     if chunks is not None:
-        if not (isinstance(chunks, (tuple, list)) and len(chunks) == 2 and all(isinstance(c, int) and c > 0
-                                                                             for c in chunks)):
-            raise ValueError(f"chunks must be (height, width) of the iterate's chunks, got {chunks!r}")
-        chunks = working_chunks(shape, ((shape[0],), (shape[1],), (chunks[0],), (chunks[1],)), chunkwise_forms)
+        if not (isinstance(chunks, (tuple, list)) and len(chunks) == len(shape) - 2
+                and all(isinstance(c, int) and c > 0 for c in chunks)):
+            what = "(height, width)" if len(shape) == 4 else "(depth, height, width)"
+            raise ValueError(f"chunks must be {what} of the iterate's chunks, got {chunks!r}")
+        chunks = working_chunks(shape, ((shape[0],), (shape[1],), *((c,) for c in chunks)), chunkwise_forms)
     elif isinstance(x0, da.Array):
         chunks = working_chunks(shape, x0.chunks, chunkwise_forms)
     else:
         dims, patch, overlap = proc.geometry(shape)
-        patch2 = [patch[dims.index(a)] if a in dims else shape[a] for a in (2, 3)]
-        over2 = [overlap[dims.index(a)] if a in dims else 0 for a in (2, 3)]
-        chunks = plan_chunks(shape, dtype.itemsize, patch2, overlap=over2, align=proc.align,
+        patch_nd = [patch[dims.index(a)] if a in dims else shape[a] for a in spatial]
+        over_nd = [overlap[dims.index(a)] if a in dims else 0 for a in spatial]
+        chunks = plan_chunks(shape, dtype.itemsize, patch_nd, overlap=over_nd, align=proc.align,
                              factor=math.lcm(*(f.factor for f in chunkwise_forms)) if chunkwise_forms else 1,
                              min_size=max((f.min_chunk(2) for f in chunkwise_forms), default=1))
 
@@ -142,7 +144,7 @@ def plan_problem(
     if x_true is not None:
         truth = _as_chunked(x_true, chunks, dtype, "x_true")
         if persist:
-            truth = ctx.client.persist(truth)
+            truth = persist_fresh(ctx.client, truth, "x_true")
     x0_arr = None
     if x0 is not None:
         x0_arr = _as_chunked(x0, chunks, dtype, "x0")

@@ -7,15 +7,20 @@ The problem is planned once (:mod:`daskrecon.problem`), the algorithm is a step 
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
 import dask.array as da
 import numpy as np
 import torch
+from deepinv.optim.data_fidelity import L2
 
 from daskrecon import engine, graph
-from daskrecon.algorithms import ALGORITHMS, step_rule
+from daskrecon.algorithms import ALGORITHMS, StepRule, step_rule
+from daskrecon.checkpoint import Checkpoint
+from daskrecon.linsolve import Workspace, lipschitz
 from daskrecon.fidelity import DistributedDataFidelity
 from daskrecon.operators import FFTConvolution, specialize
 from daskrecon.physics import DistributedPhysics
@@ -25,7 +30,7 @@ from daskrecon.signal import DistributedSignal
 from daskrecon.tasks import operators as operator_tasks
 from daskrecon.waiting import compute, gather
 
-__all__ = ["ALGORITHMS", "reconstruct", "step_size_bound"]
+__all__ = ["ALGORITHMS", "default_step_size", "reconstruct", "step_size_bound"]
 
 
 def reconstruct(
@@ -34,7 +39,7 @@ def reconstruct(
     denoiser: DistributedProcessing | DistributedPrior,
     *,
     data_fidelity: DistributedDataFidelity | None = None,
-    algorithm: str = "pnp",
+    algorithm: str | StepRule = "pnp",
     n_iter: int = 20,
     step_size: float | None = None,
     sigma_denoiser: float = 0.05,
@@ -52,6 +57,10 @@ def reconstruct(
     chunks: tuple[int, int] | None = None,
     tol: float | None = None,
     max_time: float | None = None,
+    n_subsets: int | None = None,
+    seed: int | None = None,
+    cg_max_iter: int = 50,
+    cg_tol: float = 1e-5,
 ) -> torch.Tensor | da.Array | tuple[torch.Tensor | da.Array, list[dict]]:
     """Solve ``min_x Σ_i d_i(A_i x, y_i) + prior(x)`` with a plug-and-play algorithm.
 
@@ -65,16 +74,26 @@ def reconstruct(
         A distributed denoiser (its ``prox`` for a prior).
     data_fidelity : DistributedDataFidelity, optional
         Default: ``L2()`` on every operator.
-    algorithm : {"pnp", "red", "fista"}
+    algorithm : {"pnp", "red", "fista", "hqs", "admm", "os-pnp", "svrg"} or StepRule
         ``"pnp"``: proximal gradient ``x ← D_σ(x − τ ∇f(x))``. ``"red"``: gradient descent on
         ``f + λ·RED``: ``x ← x − τ (∇f(x) + λ (x − D_σ(x)))``. ``"fista"``: accelerated
         proximal gradient with the same prior, deepinv's ``FISTA`` iteration
         (:class:`daskrecon.algorithms.FISTA`; its state, ``x`` and the extrapolated ``z``,
-        is checkpointed whole).
+        is checkpointed whole). ``"hqs"`` / ``"admm"``: splitting methods whose data-term
+        prox is a conjugate gradient on the cluster (L2 fidelity; ``τ`` is their ``γ``;
+        :class:`~daskrecon.algorithms.HQS`, :class:`~daskrecon.algorithms.ADMM`).
+        ``"os-pnp"`` / ``"svrg"``: one subset of the operators per iteration (ordered
+        subsets; variance-reduced), ``n_subsets`` subsets visited in an order drawn from
+        ``seed`` (:class:`~daskrecon.algorithms.OSPnP`, :class:`~daskrecon.algorithms.SVRG`).
+        A :class:`~daskrecon.algorithms.StepRule` instance runs as given (its own step size
+        and options).
     n_iter : int
         Iterations in total (a resumed run continues up to ``n_iter``).
     step_size : float, optional
-        ``τ``; default ``1 / L`` with ``L`` an upper bound of ``‖A‖²`` (:func:`step_size_bound`).
+        ``τ``; default ``1 / L`` with ``L`` the Lipschitz constant of ``∇f``
+        (:func:`default_step_size`: exact by a distributed power method, computed once and
+        cached with the physics; a closed-form bound for out-of-core problems whose operators
+        all have one).
     sigma_denoiser : float
         Noise level given to the denoiser.
     red_weight : float
@@ -105,8 +124,9 @@ def reconstruct(
         Where the iterate lives: in cluster memory, or streamed from one Zarr slot to the
         other. ``"auto"``: in memory when several copies of it fit comfortably in the workers'
         total memory limit, else Zarr.
-    chunks : (int, int), optional
-        Chunk height and width of the iterate. Default: planned from the problem alone
+    chunks : (int, int) or (int, int, int), optional
+        Chunk height and width of the iterate (depth, height and width for a
+        ``(B, C, D, H, W)`` volume). Default: planned from the problem alone
         (:func:`daskrecon.chunking.plan_chunks`: whole denoiser tiles, large chunks, a small
         image in one piece), or a dask ``x0``'s. Results do not depend on the cluster.
     tol : float, optional
@@ -116,6 +136,16 @@ def reconstruct(
         Stopping rule: a wall-clock budget in seconds; no iteration starts once it is spent
         (at least one runs). With ``checkpoint``, the state at the stop is committed, and
         ``resume=True`` continues from it.
+    n_subsets : int, optional
+        Operator subsets of ``"os-pnp"`` and ``"svrg"`` (required for them).
+    seed : int, optional
+        Seed of the subset schedule; default the context's ``seed`` (0 without one). The
+        schedule depends on it and the iteration number only: results are bitwise the same
+        on any number of workers and after a resume.
+    cg_max_iter, cg_tol : int, float
+        Conjugate gradient of ``"hqs"`` and ``"admm"``: at most ``cg_max_iter`` iterations,
+        until the residual falls by ``cg_tol``. Their history rows add ``"cg_iterations"``
+        and ``"cg_residual"``.
 
     Returns
     -------
@@ -147,8 +177,15 @@ def reconstruct(
         Non-finite values in ``y`` or ``x0``; ``y`` of the wrong length; an unknown
         algorithm; a checkpoint of another problem (:class:`CheckpointMismatchError`).
     """
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"algorithm must be one of {tuple(ALGORITHMS)}, got {algorithm!r}")
+    if isinstance(algorithm, StepRule):
+        if step_size is not None:
+            raise ValueError("a StepRule carries its own step size: pass step_size to it, not to reconstruct")
+    elif algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {tuple(ALGORITHMS)} or a StepRule, got {algorithm!r}")
+    elif algorithm in ("os-pnp", "svrg") and n_subsets is None:
+        raise ValueError(f"algorithm {algorithm!r} needs n_subsets (how many operator subsets to cycle through)")
+    elif algorithm not in ("os-pnp", "svrg") and n_subsets is not None:
+        raise ValueError(f"n_subsets applies to 'os-pnp' and 'svrg', not to {algorithm!r}")
     if not isinstance(n_iter, int) or n_iter < 0:
         raise ValueError(f"n_iter must be a non-negative int, got {n_iter!r}")
     if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
@@ -156,9 +193,13 @@ def reconstruct(
     engine.check_stopping(tol, max_time)  # before the problem is planned (one pass over the inputs)
     problem, x0_arr = plan_problem(physics, y, denoiser, data_fidelity=data_fidelity, x0=x0, x_true=x_true,
                                    sigma_denoiser=sigma_denoiser, storage=storage, chunks=chunks)
-    if step_size is None:
-        step_size = 1.0 / step_size_bound(problem)
-    rule = step_rule(algorithm, step_size, red_weight=red_weight)
+    if isinstance(algorithm, StepRule):
+        rule = algorithm
+    else:
+        if step_size is None:
+            step_size = default_step_size(problem)
+        rule = step_rule(algorithm, step_size, red_weight=red_weight, n_subsets=n_subsets,
+                         seed=problem.ctx.seed if seed is None else seed, cg_max_iter=cg_max_iter, cg_tol=cg_tol)
     start = x0_arr if x0_arr is not None else (lambda: graph.adjoint_sum(problem, scale=1.0 / problem.num_operators))
     signals, history = engine.run(problem, rule, start, n_iter=n_iter, checkpoint=checkpoint,
                                   checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite,
@@ -171,28 +212,53 @@ def reconstruct(
     return (x, history) if return_history else x
 
 
+def default_step_size(problem: Problem) -> float:
+    """``1 / L``, ``L`` the Lipschitz constant of the data term's gradient.
+
+    In memory (and for operators without a closed-form norm): ``L = scale · ‖Σ_i A_iᵀA_i / σ_i²‖``
+    by the distributed power method (:func:`daskrecon.linsolve.lipschitz`), cached with the
+    physics. Out of core, when every operator has a closed-form norm, the bound of
+    :func:`step_size_bound` (no extra pass over a volume larger than the cluster).
+    """
+    if problem.storage == "zarr" and all(f is not None for f in problem.forms):
+        return 1.0 / step_size_bound(problem)
+    fids = [problem.fidelity._sources(i) for i in range(problem.num_operators)]
+    if not all(isinstance(f, L2) for f in fids):  # not quadratic: no normal operator, the per-operator bound
+        return 1.0 / step_size_bound(problem)
+    if problem.storage != "zarr":
+        return 1.0 / lipschitz(problem, Workspace(problem))
+    where = tempfile.mkdtemp(prefix="daskrecon-power-")
+    try:
+        return 1.0 / lipschitz(problem, Workspace(problem, Checkpoint(where), streamed=True))
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+
+
 def step_size_bound(problem: Problem) -> float:
-    """An upper bound ``L`` of the data term's Lipschitz constant: ``scale · Σ_i ‖A_i‖²``.
+    """An upper bound ``L`` of the data term's Lipschitz constant: ``scale · Σ_i ‖A_i‖² / σ_i²``.
 
     Chunk-wise operators give ``‖A_i‖²`` in closed form (:meth:`LocalOperator.norm_bound`),
     as do circular blurs with a non-negative kernel that sums to one (``‖A_i‖ = 1``); the
-    others run their own power method on their worker, from a vector made there.
+    others run their own power method on their worker, from a vector made there. ``σ_i`` is
+    the noise level of an ``L2(sigma)`` fidelity (1 for others).
     """
     ctx, physics = problem.ctx, problem.physics
+    weights = [float(getattr(f, "norm", 1.0)) if isinstance(f, L2) else 1.0
+               for f in (problem.fidelity._sources(i) for i in range(problem.num_operators))]
     bound, pending = 0.0, []
     for i, form in enumerate(problem.forms):
         if form is not None:
-            bound += form.norm_bound()
+            bound += weights[i] * form.norm_bound()
         elif _normalized_circular_blur(physics, i):
-            bound += 1.0
+            bound += weights[i]
         else:
             pending.append(i)
     if pending:
         futs = physics.placement.map(operator_tasks.sqnorm_from_shape, objects=[physics.objects],
                                      shared=(problem.shape, str(problem.dtype), 50, 1e-3), indices=pending)
         labels = physics.placement.labels(futs, pending)
-        bound += float(sum(gather(ctx.client, futs, what="operator norm", labels=labels,
-                                  stall_timeout=ctx.stall_timeout)))
+        norms = gather(ctx.client, futs, what="operator norm", labels=labels, stall_timeout=ctx.stall_timeout)
+        bound += sum(weights[i] * float(v) for i, v in zip(pending, norms))
     return bound * problem.scale
 
 

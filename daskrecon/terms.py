@@ -21,7 +21,7 @@ from deepinv.optim import distance as _distance
 from deepinv.optim.data_fidelity import DataFidelity
 from distributed import Future
 
-from daskrecon._arrays import as_numpy, place
+from daskrecon._arrays import as_numpy, persist_fresh, place
 from daskrecon.context import DistributedContext
 from daskrecon.errors import DaskreconError, ShapeError
 from daskrecon.local import LocalOperator
@@ -157,16 +157,16 @@ def check_whole_fits(ctx: DistributedContext, physics: DistributedPhysics, forms
 
 def output_chunks(form: LocalOperator, chunks: tuple) -> tuple:
     f = form.factor
-    return (chunks[0], chunks[1], *(tuple(math.ceil(c / f) for c in chunks[a]) for a in (2, 3)))
+    return (chunks[0], chunks[1], *(tuple(math.ceil(c / f) for c in chunks[a]) for a in range(2, len(chunks))))
 
 
 def place_mask(ctx: DistributedContext, form: LocalOperator, shape: tuple, chunks: tuple, dtype: np.dtype,
                 persist: bool) -> LocalOperator:
-    m = form.mask_array(dtype)
-    if m is None or m.shape[-2:] == (1, 1):
+    m = form.mask_array(dtype, len(shape))
+    if m is None or all(n == 1 for n in m.shape[2:]):
         return form
     arr = da.from_array(m, chunks=(-1, -1, *output_chunks(form, chunks)[2:]) if form.factor == 1 else -1)
-    return form.with_placed_mask(ctx.client.persist(arr) if persist else arr)
+    return form.with_placed_mask(persist_fresh(ctx.client, arr, "mask") if persist else arr)
 
 
 def place_measurement(ctx: DistributedContext, physics: DistributedPhysics, i: int, v: Any, form: LocalOperator | None,
@@ -185,4 +185,4 @@ def place_measurement(ctx: DistributedContext, physics: DistributedPhysics, i: i
                              "chunk by chunk; pass y as a dask array or a tensor")
     arr = da.from_array(as_numpy(v, f"y[{i}]"), chunks=output_chunks(form, chunks)) if isinstance(v, torch.Tensor) \
         else v.astype(dtype).rechunk(output_chunks(form, chunks))
-    return ctx.client.persist(arr) if persist else arr
+    return persist_fresh(ctx.client, arr, f"y-{i}") if persist else arr

@@ -1,3 +1,4 @@
+import torch
 import numpy as np
 import pytest
 from skimage import io, util
@@ -75,6 +76,17 @@ def test_reconstruct_from_a_config(inputs):
     assert run(png).exit_code == 0 and io.imread(str(inputs / "result.png")).shape == (48, 48, 3)
 
 
+@pytest.mark.parametrize("solver", ['algorithm = "admm"\ncg_max_iter = 20\ncg_tol = 1e-4',
+                                    'algorithm = "os-pnp"\nn_subsets = 3\nseed = 5'])
+def test_configs_take_the_other_algorithms(inputs, solver):
+    cfg = inputs / "alg.toml"
+    cfg.write_text(CONFIG.format(out="result.npy").replace('algorithm = "red"', solver))
+    result = run(cfg)
+    assert result.exit_code == 0, result.output
+    out = np.load(inputs / "result.npy")
+    assert out.shape == (1, 3, 48, 48) and np.isfinite(out).all() and float(np.abs(out).max()) > 0.1
+
+
 def test_check_projects_the_run(inputs):
     cfg = inputs / "run.toml"
     cfg.write_text(CONFIG.format(out="result.zarr"))
@@ -97,7 +109,12 @@ def test_check_projects_the_run(inputs):
         (lambda c: c.replace('"y0.npy"', '"missing.zarr"'), "missing.zarr"),
         (lambda c: c.replace('"y0.npy"', '"broken.zarr"'), "broken.zarr"),
         (lambda c: c.replace("overlap = 8", "overlap = 8\nstride = 4"), "unknown keys ['stride'] in denoiser"),
-        (lambda c: c.replace('algorithm = "red"', 'algorithm = "admm"'), "solver.algorithm must be one of"),
+        (lambda c: c.replace('algorithm = "red"', 'algorithm = "lbfgs"'), "solver.algorithm must be one of"),
+        (lambda c: c.replace('algorithm = "red"', 'algorithm = "os-pnp"'), "needs solver.n_subsets"),
+        (lambda c: c.replace('algorithm = "red"', 'algorithm = "svrg"\nn_subsets = 4'),
+         "solver.n_subsets must be between 1 and the number of operators (3)"),
+        (lambda c: c.replace('algorithm = "red"', 'algorithm = "pnp"\nn_subsets = 2'),
+         "solver.n_subsets applies to algorithm 'os-pnp' or 'svrg'"),
     ],
 )
 def test_bad_configs_name_the_key(inputs, edit, message):
@@ -113,3 +130,62 @@ def test_bad_configs_name_the_key(inputs, edit, message):
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert snapshot(inputs) == before  # even with overwrite = true, a refused run changes no file
+
+
+VOLUME_CONFIG = """
+[input]
+measurements = ["y.zarr"]
+ground_truth = "x.zarr"
+
+[[operators]]
+type = "blur"
+sigma = [1.0, 1.0, 1.0]
+padding = "reflect"
+
+[denoiser]
+weights = "bundled-3d"
+patch_size = 16
+overlap = 4
+
+[solver]
+algorithm = "fista"
+iterations = 4
+step_size = 1.0
+
+[output]
+path = "result.zarr"
+
+[cluster]
+kind = "local"
+n_workers = 1
+"""
+
+
+def test_a_volume_config_streams_from_zarr(tmp_path):
+    import dask.array as da
+    import zarr
+    from deepinv.physics import Blur
+    from deepinv.physics.functional import gaussian_blur
+
+    from daskrecon.demo import demo_volume
+
+    x = demo_volume((32, 32, 32), chunks=16, seed=5).compute(scheduler="sync")
+    blur = Blur(filter=gaussian_blur(psf_size=None, sigma=(1.0, 1.0, 1.0)), padding="reflect")
+    y = blur.A(torch.from_numpy(x)).numpy() + 0.02 * np.random.default_rng(0).standard_normal(x.shape, np.float32)
+    da.from_array(y, chunks=(1, 1, 16, 16, 16)).to_zarr(str(tmp_path / "y.zarr"))
+    zarr.save_array(str(tmp_path / "x.zarr"), x)
+    cfg = tmp_path / "vol.toml"
+    cfg.write_text(VOLUME_CONFIG)
+    check = run(cfg, "--check")
+    assert check.exit_code == 0, check.output
+    assert "one gradient (1 operator tasks)" in check.output
+    result = run(cfg)
+    assert result.exit_code == 0, result.output
+    out = zarr.open_array(str(tmp_path / "result.zarr"))[...]
+    assert out.shape == (1, 1, 32, 32, 32) and np.isfinite(out).all()
+    assert np.mean((out - x) ** 2) < np.mean((y - x) ** 2)  # deconvolved, not just copied
+    bad = tmp_path / "bad.toml"
+    bad.write_text(VOLUME_CONFIG.replace("sigma = [1.0, 1.0, 1.0]", "sigma = [1.0, 1.0]").replace(
+        'path = "result.zarr"', 'path = "other.zarr"'))
+    refused = run(bad)
+    assert refused.exit_code == 2 and "operators[0].sigma needs 3 values for a 3-D signal" in refused.output

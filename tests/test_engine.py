@@ -55,17 +55,18 @@ def test_iterations_are_constant_graphs_and_send_no_image_to_the_driver(ctx, mon
     assert len(hist) == n and all(np.isfinite(h["psnr"]) and h["data_fidelity"] > 0 for h in hist)
 
 
-@pytest.mark.parametrize("algorithm", ["pnp", "fista"])
+@pytest.mark.parametrize("algorithm", ["pnp", "fista", "hqs", "admm", "os-pnp", "svrg"])
 def test_results_are_bitwise_the_same_on_1_2_3_workers_and_in_either_storage(ctx1, ctx, ctx3, tmp_path, algorithm):
     ops, x_true, y, model = _problem(size=72)
+    kw = dict(n_iter=3, step_size=0.3, progress=False, chunks=(32, 32), algorithm=algorithm)
+    if algorithm in ("os-pnp", "svrg"):
+        kw["n_subsets"] = 2
     outs = []
     for c in (ctx1, ctx, ctx3):
-        out = dr.reconstruct(dr.distribute(ops, c), y, dr.distribute(model, c, patch_size=16, overlap=6), n_iter=3,
-                             step_size=0.3, progress=False, chunks=(32, 32), algorithm=algorithm)
+        out = dr.reconstruct(dr.distribute(ops, c), y, dr.distribute(model, c, patch_size=16, overlap=6), **kw)
         outs.append(out)
     streamed = dr.reconstruct(dr.distribute(ops, ctx), y, dr.distribute(model, ctx, patch_size=16, overlap=6),
-                              n_iter=3, step_size=0.3, progress=False, storage="zarr", chunks=(32, 32),
-                              checkpoint=str(tmp_path / "ck"), algorithm=algorithm)
+                              storage="zarr", checkpoint=str(tmp_path / "ck"), **kw)
     assert all(torch.equal(o, outs[0]) for o in outs[1:] + [streamed])
     assert float((outs[0] - y[0]).abs().max()) > 0.05
 
@@ -110,3 +111,48 @@ def test_dask_inputs_stay_lazy_and_on_the_cluster(ctx):
                              n_iter=2, step_size=0.3, progress=False, x0=torch.from_numpy(
                                  (sum(o.A_adjoint(t) for o, t in zip(ops, y)) / 3).numpy()))
         np.testing.assert_allclose(out.compute(), ref.numpy(), atol=1e-5)
+
+
+def _volume_problem(seed=0):
+    import deepinv as dinv
+
+    g = torch.Generator().manual_seed(seed)
+    k1 = torch.rand(1, 1, 3, 5, 5, generator=g)
+    k2 = torch.rand(1, 1, 5, 3, 3, generator=g)
+    ops = [dinv.physics.Blur(filter=k1 / k1.sum(), padding="reflect"),
+           dinv.physics.Blur(filter=k2 / k2.sum(), padding="circular")]
+    x_true = torch.rand(1, 1, 24, 20, 22, generator=g)
+    y = noisy_measurements(ops, x_true, sigma=0.02)
+    return ops, x_true, y, small_dncnn(1, depth=3, dim=3)
+
+
+@pytest.mark.parametrize("algorithm", ["pnp", "hqs"])
+def test_a_volume_runs_chunk_wise_like_deepinv_on_the_whole_volume(ctx1, ctx, tmp_path, algorithm):
+    """(B, C, D, H, W): 3-D blurs chunk by chunk, a 3-D DnCNN tiled inside chunks, in memory and out of core."""
+    import deepinv as dinv
+    from deepinv.optim import L2
+
+    ops, x_true, y, model = _volume_problem()
+    x0 = torch.zeros_like(x_true)
+    n = 3 if algorithm == "pnp" else 2
+    kw = dict(algorithm=algorithm, n_iter=n, step_size=0.3, x0=x0, progress=False, chunks=(12, 10, 11))
+    outs = []
+    for c in ((ctx1, ctx) if algorithm == "pnp" else (ctx,)):  # HQS across worker counts: tests in 2-D
+        d = dr.distribute(ops, c)
+        assert all(f is not None for f in d.local_forms())  # chunk-wise forms of the 3-D blurs
+        outs.append(dr.reconstruct(d, y, dr.distribute(model, c, patch_size=8, overlap=3), **kw))
+    ys = [da.from_array(t.numpy(), chunks=(1, 1, 12, 10, 11)) for t in y]
+    with ctx.client.as_current():
+        streamed = dr.reconstruct(dr.distribute(ops, ctx), ys, dr.distribute(model, ctx, patch_size=8, overlap=3),
+                                  storage="zarr", checkpoint=str(tmp_path / "ck"), **kw).compute()
+    assert torch.equal(outs[0], outs[-1]) and torch.equal(torch.from_numpy(streamed), outs[0])
+    stacked, x = dinv.physics.stack(*ops), x0.clone()
+    with torch.no_grad():
+        for _ in range(n):
+            if algorithm == "pnp":
+                x = model(x - 0.3 * L2().grad(x, y, stacked))
+            else:
+                stacked.set_ls_solver("CG", max_iter=100, tol=1e-6)
+                x = model(L2().prox(x, y, stacked, gamma=0.3))
+    assert float((outs[0] - x).abs().max()) <= 1e-4
+    assert float((outs[0] - x_true).abs().max()) > 0 and float(outs[0].abs().max()) > 0.05

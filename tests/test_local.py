@@ -174,3 +174,71 @@ def test_a_binary_mask_travels_as_bool_and_stays_exact(ctx, data):
             assert form.mask.dtype == dtype
             out = form.apply(da.from_array(data.numpy(), chunks=(2, 3, 13, 11))).compute()
             assert out.dtype == np.float32 and np.array_equal(out, op.A(data).numpy())
+
+
+# ---------------------------------------------------------------------- volumes (B, C, D, H, W)
+SHAPE3 = (1, 2, 14, 16, 13)
+
+
+def _k3(d, h, w, c=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.rand(1, c, d, h, w, generator=g)
+    return k / k.sum(dim=(-3, -2, -1), keepdim=True)
+
+
+VOLUME_CASES = [(f"blur3d-{pad}", Blur(filter=_k3(3, 5, 4), padding=pad))
+                for pad in ("circular", "reflect", "replicate", "zeros")] + [
+    ("blur3d-even-2ch-reflect", Blur(filter=_k3(4, 3, 6, c=2, seed=1), padding="reflect")),
+    ("inpainting3d", Inpainting(img_size=SHAPE3[1:], mask=0.5, rng=torch.Generator().manual_seed(2))),
+]
+
+
+@pytest.mark.parametrize("chunks", [(1, 2, 5, 7, 6), (1, 1, 14, 8, 13)], ids=["uneven", "split-channels"])
+@pytest.mark.parametrize("name,op", VOLUME_CASES, ids=[n for n, _ in VOLUME_CASES])
+def test_volume_chunkwise_equals_deepinvs_whole_volume(ctx, name, op, chunks):
+    """3-D blurs (deepinv's conv3d, every padding) and 3-D masks, forward and adjoint, chunk by chunk."""
+    form = local_form(op)
+    assert form is not None
+    x = torch.rand(SHAPE3, generator=torch.Generator().manual_seed(5))
+    with ctx.client.as_current():
+        ax = form.apply(da.from_array(x.numpy(), chunks=chunks)).compute()
+        ref = op.A(x)
+        np.testing.assert_allclose(ax, ref.numpy(), atol=2e-6, rtol=0)
+        v = torch.rand(ref.shape, generator=torch.Generator().manual_seed(9))
+        atv = form.adjoint(da.from_array(v.numpy(), chunks=(1, 1, 4, 5, 6)), da.from_array(x.numpy(), chunks=chunks).chunks)
+        np.testing.assert_allclose(atv.compute(), op.A_adjoint(v).numpy(), atol=2e-5, rtol=0)
+    assert float((ref - x).abs().max()) > 1e-2  # the operator does something
+
+
+@pytest.mark.parametrize("padding", ["circular", "reflect", "replicate"])
+def test_volume_downsampling_is_deepinvs_conv3d_then_subsampling(ctx, padding):
+    """deepinv has no 3-D Downsampling class: the reference is its conv3d, then [::2] on D, H and W."""
+    from deepinv.physics.functional import conv3d
+
+    k = _k3(3, 3, 3, seed=4)
+    form = LocalOperator(filter=k.numpy(), padding=padding, factor=2, name="Downsampling3d")
+    x = torch.rand(1, 2, 12, 16, 10, generator=torch.Generator().manual_seed(6))
+
+    def reference(t):
+        return conv3d(t, k, padding=padding)[..., ::2, ::2, ::2]
+
+    with ctx.client.as_current():
+        ax = form.apply(da.from_array(x.numpy(), chunks=(1, 2, 6, 8, 4))).compute()
+        ref = reference(x)
+        assert ax.shape == (1, 2, 6, 8, 5)
+        np.testing.assert_allclose(ax, ref.numpy(), atol=2e-6, rtol=0)
+        v = torch.rand(ref.shape, generator=torch.Generator().manual_seed(3))
+        xr = x.clone().requires_grad_(True)
+        (adj,) = torch.autograd.grad(reference(xr), xr, grad_outputs=v)
+        atv = form.adjoint(da.from_array(v.numpy(), chunks=(1, 2, 2, 3, 5)), ((1,), (2,), (6, 6), (8, 8), (4, 6)))
+        np.testing.assert_allclose(atv.compute(), adj.numpy(), atol=2e-5, rtol=0)
+
+
+def test_volume_shapes_are_checked():
+    form = local_form(Blur(filter=_k3(3, 3, 3), padding="reflect"))
+    with pytest.raises(ShapeError, match=r"its 3-D filter takes \(B, C, D, H, W\) volumes"):
+        form.apply(da.zeros((1, 1, 8, 8), dtype=np.float32))
+    with pytest.raises(ShapeError, match=r"its 2-D filter takes \(B, C, H, W\) images"):
+        local_form(Blur(filter=_k(3, 3), padding="reflect")).apply(da.zeros((1, 1, 8, 8, 8), dtype=np.float32))
+    with pytest.raises(ShapeError, match=r"\(B, C, D, H, W\) volumes"):
+        form.apply(da.zeros((1, 1, 2, 8, 8, 8), dtype=np.float32))

@@ -157,7 +157,7 @@ def test_bad_input(problem, tmp_path):
     with pytest.raises(MeasurementError, match="y has 2 entries"):
         dr.reconstruct(dphys, dinv.utils.TensorList([y[0], y[1]]), dden, n_iter=1, progress=False)
     with pytest.raises(ValueError, match="algorithm must be one of"):
-        dr.reconstruct(dphys, y, dden, algorithm="admm", progress=False)
+        dr.reconstruct(dphys, y, dden, algorithm="lbfgs", progress=False)
 
 
 DRIVER = """

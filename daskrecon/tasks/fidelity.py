@@ -31,11 +31,14 @@ def _check_measurement(index: int, ax: torch.Tensor, y: torch.Tensor) -> None:
 def _grad_and_value(op: torch.nn.Module, fidelity: Any, x: np.ndarray, y: np.ndarray, index: int, kwargs: dict,
                     value: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     dev = module_device(op)
-    xt, yt = to_tensor(x, dev), to_tensor(y, dev)
+    xt = to_tensor(x, dev)
+    yt = None if y is None else to_tensor(y, dev)
     v = None
     if uses_chain_rule(fidelity):
         with torch.no_grad():
             ax = op.A(xt)
+            if yt is None:  # zero measurements: for L2, the normal operator's term A_iᵀA_i x / σ²
+                yt = torch.zeros_like(ax)
             _check_measurement(index, ax, yt)
             g = fidelity.d.grad(ax, yt, **kwargs)
             if value:
@@ -43,6 +46,9 @@ def _grad_and_value(op: torch.nn.Module, fidelity: Any, x: np.ndarray, y: np.nda
         with torch.enable_grad():
             out = op.A_vjp(xt, g)
     else:
+        if yt is None:
+            raise TypeError(f"operator {index}'s fidelity {type(fidelity).__name__} has no chain-rule gradient: "
+                            "its normal operator is not defined")
         with torch.enable_grad():
             out = fidelity.grad(xt, yt, op, **kwargs)
         if value:

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["assemble_blocks", "block_of", "gradient_of", "metric_partial", "momentum_block", "pnp_step_block",
+__all__ = ["assemble_blocks", "axpy_block", "dual_block", "svrg_step_block", "block_of", "gradient_of", "metric_partial", "momentum_block", "pnp_step_block",
            "red_step_block", "sum_metrics", "sum_values", "value_of"]
 
 
@@ -48,6 +48,24 @@ def pnp_step_block(x: np.ndarray, g: np.ndarray, tau: float, scale: float) -> np
 def momentum_block(new: np.ndarray, old: np.ndarray, alpha: float) -> np.ndarray:
     """``new + α (new − old)`` on one chunk (FISTA's extrapolation), in ``new``'s dtype."""
     return new + np.asarray(alpha, dtype=new.dtype) * (new - old)
+
+
+def axpy_block(x: np.ndarray, y: np.ndarray, a: float) -> np.ndarray:
+    """``x + a·y`` on one chunk, in ``x``'s dtype."""
+    return x + np.asarray(a, dtype=x.dtype) * y
+
+
+def dual_block(z: np.ndarray, u: np.ndarray, x: np.ndarray, beta: float) -> np.ndarray:
+    """``z + β (u − x)`` on one chunk (ADMM's scaled dual update)."""
+    return z + np.asarray(beta, dtype=z.dtype) * (u - x)
+
+
+def svrg_step_block(x: np.ndarray, gx: np.ndarray, ga: np.ndarray, mu: np.ndarray, tau: float, scale: float,
+                    weight: float) -> np.ndarray:
+    """``x − τ·scale·(w (∇f_S(x) − ∇f_S(x̃)) + μ)`` on one chunk (SVRG's variance-reduced step)."""
+    dt = x.dtype
+    g = np.asarray(weight, dtype=dt) * (gx - ga) + mu
+    return x - np.asarray(tau * scale, dtype=dt) * g
 
 
 def red_step_block(x: np.ndarray, g: np.ndarray, d: np.ndarray, tau: float, scale: float, lam: float) -> np.ndarray:

@@ -4,32 +4,36 @@ A chunk arrives from ``map_overlap`` with a halo of ``radius`` on the sides that
 chunk (all sides when the boundary is periodic). The sides on the image border get the
 operator's own padding here, with torch's modes, so a chunk sees exactly the values the
 whole-image operator sees (dask's "reflect" is numpy's "symmetric", not torch's "reflect").
+Images are ``(B, C, H, W)`` or volumes ``(B, C, D, H, W)``: every function works on the
+spatial axes the filter has.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from deepinv.physics.functional import conv2d
+from deepinv.physics.functional import conv2d, conv3d
 
 __all__ = ["local_adjoint_block", "local_forward_block"]
 
+_CONV = {2: conv2d, 3: conv3d}
 
-# A chunk arrives from ``map_overlap`` with a halo of ``radius`` on the sides that face another
-# chunk (all sides when the boundary is periodic). The sides on the image border get the
-# operator's own padding here, with torch's modes, so a chunk sees exactly the values the
-# whole-image operator sees (dask's "reflect" is numpy's "symmetric", not torch's "reflect").
-def _border_sides(block_id: tuple[int, ...] | None, nblocks: tuple[int, int], periodic: bool) -> tuple[bool, ...]:
-    """(top, bottom, left, right): which sides of the chunk lie on the image border."""
+
+def _border_sides(block_id: tuple[int, ...] | None, nblocks: tuple[int, ...],
+                  periodic: bool) -> tuple[tuple[bool, bool], ...]:
+    """Per spatial axis, ``(low, high)``: whether that side of the chunk lies on the image border."""
+    nd = len(nblocks)
     if periodic or block_id is None:
-        return (False,) * 4
-    i, j = block_id[-2], block_id[-1]
-    return (i == 0, i == nblocks[0] - 1, j == 0, j == nblocks[1] - 1)
+        return ((False, False),) * nd
+    idx = block_id[-nd:]
+    return tuple((i == 0, i == n - 1) for i, n in zip(idx, nblocks))
 
 
-def _pad_border(t: torch.Tensor, radius: tuple[int, int], border: tuple[bool, ...], padding: str) -> torch.Tensor:
-    dh, dw = radius
-    pad = (dw * border[2], dw * border[3], dh * border[0], dh * border[1])
+def _pad_border(t: torch.Tensor, radius: tuple[int, ...], border: tuple[tuple[bool, bool], ...],
+                padding: str) -> torch.Tensor:
+    pad: list[int] = []
+    for r, (lo, hi) in zip(reversed(radius), reversed(border)):  # F.pad lists the last axis first
+        pad += [r * lo, r * hi]
     if not any(pad):
         return t
     mode = "constant" if padding in ("zeros", "constant") else padding
@@ -37,19 +41,19 @@ def _pad_border(t: torch.Tensor, radius: tuple[int, int], border: tuple[bool, ..
         torch.nn.functional.pad(t, pad, mode=mode)
 
 
-def _conv_window(t: torch.Tensor, filt: torch.Tensor, radius: tuple[int, int], border: tuple[bool, ...],
-                 padding: str, factor: int) -> torch.Tensor:
-    """deepinv's padded ``conv2d`` (then ``[::f, ::f]``) on a window with its halo."""
+def _conv_window(t: torch.Tensor, filt: torch.Tensor, radius: tuple[int, ...],
+                 border: tuple[tuple[bool, bool], ...], padding: str, factor: int) -> torch.Tensor:
+    """deepinv's padded ``conv2d`` / ``conv3d`` (then ``[::f]`` on every spatial axis) on a window with its halo."""
+    nd = len(radius)
     t = _pad_border(t, radius, border, padding)
-    h, w = filt.shape[-2:]
-    # deepinv pads (ph - ih) before and ph after; the halo is ph on each side.
-    t = t[..., (h - 1) % 2:, (w - 1) % 2:]
-    out = conv2d(t, filt, padding="valid")
-    return out[..., ::factor, ::factor] if factor > 1 else out
+    # deepinv pads (p - i) before and p after, i = (k - 1) % 2; the halo is p on each side.
+    t = t[(..., *(slice((k - 1) % 2, None) for k in filt.shape[-nd:]))]
+    out = _CONV[nd](t, filt, padding="valid")
+    return out[(..., *(slice(None, None, factor),) * nd)] if factor > 1 else out
 
 
-def local_forward_block(block: np.ndarray, filt: np.ndarray, padding: str, radius: tuple[int, int], factor: int,
-                        nblocks: tuple[int, int], block_id: tuple[int, ...] | None = None) -> np.ndarray:
+def local_forward_block(block: np.ndarray, filt: np.ndarray, padding: str, radius: tuple[int, ...], factor: int,
+                        nblocks: tuple[int, ...], block_id: tuple[int, ...] | None = None) -> np.ndarray:
     """``A`` of a padded convolution on one chunk (with its halo) → that chunk of ``y``."""
     periodic = padding == "circular"
     t = torch.from_numpy(np.ascontiguousarray(block))
@@ -59,8 +63,8 @@ def local_forward_block(block: np.ndarray, filt: np.ndarray, padding: str, radiu
     return out.numpy()
 
 
-def local_adjoint_block(block: np.ndarray, filt: np.ndarray, padding: str, radius: tuple[int, int], factor: int,
-                        nblocks: tuple[int, int], block_id: tuple[int, ...] | None = None) -> np.ndarray:
+def local_adjoint_block(block: np.ndarray, filt: np.ndarray, padding: str, radius: tuple[int, ...], factor: int,
+                        nblocks: tuple[int, ...], block_id: tuple[int, ...] | None = None) -> np.ndarray:
     """``Aᵀ`` on one chunk of ``y`` (with a halo of ``ceil(radius / factor)``) → that chunk of ``x``.
 
     The adjoint is the vector-Jacobian product of :func:`local_forward_block` over the
@@ -70,16 +74,17 @@ def local_adjoint_block(block: np.ndarray, filt: np.ndarray, padding: str, radiu
     periodic = padding == "circular"
     yt = torch.from_numpy(np.ascontiguousarray(block))
     border = _border_sides(block_id, nblocks, periodic)
-    (dh, dw), f = radius, factor
-    hy, hw = -(-dh // f), -(-dw // f)
-    inner = [not b for b in border]  # sides that carry a halo
-    shape = (*yt.shape[:-2], f * yt.shape[-2] + dh * (inner[0] + inner[1]), f * yt.shape[-1] + dw * (inner[2] + inner[3]))
+    nd, f = len(radius), factor
+    spatial = yt.shape[-nd:]
+    halo = [-(-d // f) for d in radius]
+    inner = [(not lo, not hi) for lo, hi in border]  # sides that carry a halo
+    shape = (*yt.shape[:-nd], *(f * n + d * (a + b) for n, d, (a, b) in zip(spatial, radius, inner)))
     xw = torch.zeros(shape, dtype=yt.dtype, requires_grad=True)
     with torch.enable_grad():
         out = _conv_window(xw, torch.from_numpy(filt).to(yt.dtype), radius, border, padding, f)
         (g,) = torch.autograd.grad(out, xw, grad_outputs=yt)
-    top = (dh + f * hy) * inner[0]
-    left = (dw + f * hw) * inner[2]
-    core_h = f * (yt.shape[-2] - hy * (inner[0] + inner[1]))
-    core_w = f * (yt.shape[-1] - hw * (inner[2] + inner[3]))
-    return g[..., top:top + core_h, left:left + core_w].contiguous().numpy()
+    region = []
+    for n, d, h, (a, b) in zip(spatial, radius, halo, inner):
+        start = (d + f * h) * a
+        region.append(slice(start, start + f * (n - h * (a + b))))
+    return g[(..., *region)].contiguous().numpy()

@@ -1,0 +1,193 @@
+"""Linear algebra on the cluster: the data term's proximal operator by conjugate gradient, its
+Lipschitz constant by the power method.
+
+Both iterate on image-sized vectors that never reach the driver. A vector lives in a
+:class:`Workspace`: persisted in cluster memory, or — when the problem streams through
+Zarr — double-buffered in a scratch store next to the checkpoint. Every pass is one Dask
+graph (:func:`daskrecon.signal.advance`) that writes the new vectors and returns the few
+scalars the driver needs (inner products, summed chunk by chunk in a fixed order, so
+results are bitwise the same on any number of workers and in either storage).
+
+The normal operator ``H = Σ_i A_iᵀA_i / σ_i²`` is the gradient of the L2 data term with
+every measurement set to zero (:func:`daskrecon.graph.gradient` with ``measured=False``):
+the same per-operator tasks, next to their operators, and the same fixed-index tree.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import dask.array as da
+import numpy as np
+from dask.delayed import Delayed, delayed
+from deepinv.optim.data_fidelity import L2
+
+from daskrecon import graph
+from daskrecon.checkpoint import Checkpoint
+from daskrecon.errors import DaskreconError
+from daskrecon.fingerprint import fingerprint
+from daskrecon.signal import DistributedSignal, advance
+from daskrecon.tasks import arrays as array_tasks
+from daskrecon.tasks import linsolve as linsolve_tasks
+
+__all__ = ["CGInfo", "Workspace", "check_quadratic", "inner", "lipschitz", "prox_data"]
+
+
+class Workspace:
+    """Named groups of image-sized vectors kept between the passes of an iterative solver.
+
+    Parameters
+    ----------
+    problem : Problem
+    store : Checkpoint, optional
+        With ``streamed``, each group is double-buffered in ``<store>/scratch/<group>``.
+    streamed : bool
+        Keep the vectors in Zarr (the problem does not fit the cluster) rather than in
+        cluster memory.
+    """
+
+    def __init__(self, problem: Any, store: Checkpoint | None = None, streamed: bool = False) -> None:
+        if streamed and store is None:
+            raise ValueError("a streamed workspace needs a store")
+        self.problem, self.store, self.streamed = problem, store, streamed
+        self._groups: dict[str, dict[str, DistributedSignal]] = {}
+        self._passes = 0
+
+    def group(self, name: str, arrays: tuple[str, ...]) -> dict[str, DistributedSignal]:
+        if name not in self._groups:
+            p = self.problem
+            store = Checkpoint(f"{self.store.url.rstrip('/')}/scratch/{name}") if self.streamed else None
+            self._groups[name] = {a: DistributedSignal(p.ctx, p.shape, p.dtype, store=store, chunks=p.chunks,
+                                                       name=a, in_memory=not self.streamed) for a in arrays}
+        return self._groups[name]
+
+    def write(self, name: str, values: dict[str, da.Array], also: dict[str, Any]) -> dict[str, Any]:
+        """One pass: the group's new values and the scalars ``also``, in one submission."""
+        self._passes += 1
+        signals = self.group(name, tuple(values))
+        return advance(signals, values, iteration=self._passes, also=also, commit=self.streamed)
+
+    def read(self, name: str, array: str) -> da.Array:
+        return self._groups[name][array].array
+
+
+@dataclass
+class CGInfo:
+    """How a conjugate-gradient solve ended: iterations, relative residual ``‖r‖/‖r₀‖``."""
+
+    iterations: int
+    relative_residual: float
+
+
+def check_quadratic(problem: Any, algorithm: str) -> None:
+    """Raise unless every operator's fidelity is deepinv's ``L2`` (its prox is a linear solve)."""
+    for i in range(problem.num_operators):
+        fid = problem.fidelity._sources(i)
+        if not isinstance(fid, L2):
+            raise DaskreconError(
+                f"algorithm {algorithm!r} takes the data term's proximal operator by conjugate gradient, which needs "
+                f"an L2 data fidelity; operator {i} has {type(fid).__name__}. Use algorithm='pnp', 'fista' or 'red' "
+                "(they need only its gradient), or an L2 fidelity")
+
+
+def inner(a: da.Array, b: da.Array, name: str) -> Delayed:
+    """``⟨a, b⟩`` in float64: one partial per chunk, summed in chunk order (bitwise reproducible)."""
+    pa, pb = a.to_delayed(optimize_graph=False).ravel(), b.to_delayed(optimize_graph=False).ravel()
+    parts = [delayed(linsolve_tasks.dot_block, pure=True)(u, v, dask_key_name=f"{name}-{k}")
+             for k, (u, v) in enumerate(zip(pa, pb))]
+    return delayed(linsolve_tasks.sum_in_order, pure=True)(*parts, dask_key_name=f"{name}-sum")
+
+
+def _normal(problem: Any, p: da.Array) -> da.Array:
+    """``scale · H p`` with ``H = Σ_i A_iᵀA_i / σ_i²`` (lazy)."""
+    h, _ = graph.gradient(problem, p, measured=False, kind="normal")
+    return h
+
+
+def prox_data(problem: Any, v: da.Array, gamma: float, workspace: Workspace, *, max_iter: int = 50,
+              tol: float = 1e-5) -> tuple[da.Array, float, CGInfo]:
+    """``u = argmin_u γ f(u) + ½‖u − v‖²`` for the L2 data term ``f``, by conjugate gradient.
+
+    Solves ``(I + γ·scale·H) u = v − γ ∇f(0)`` from ``u₀ = v`` (deepinv's ``prox_l2``
+    starting point), until ``‖r_k‖ ≤ tol·‖r₀‖`` or ``max_iter`` iterations. Two graphs per
+    iteration: ``p ← r + β p; q ← p + γ·scale·H p`` with ``⟨p, q⟩``, then
+    ``u ← u + α p; r ← r − α q`` with ``‖r‖²``.
+
+    Returns
+    -------
+    u : dask array
+        In the workspace (cluster memory or scratch Zarr).
+    f_v : float
+        ``f(v)`` (unscaled sum over operators), from the first pass.
+    info : CGInfo
+    """
+    if not gamma > 0:
+        raise ValueError(f"the prox's gamma must be > 0, got {gamma!r}")
+    tag = graph.token("cg")
+    c = gamma * problem.scale
+    dt = problem.dtype
+    g, value = graph.gradient(problem, v, kind="cg-gradient")
+    r0 = da.map_blocks(array_tasks.scale_array, g, -c, dtype=dt, name=f"cg-residual-{tag}")
+    out = workspace.write("cg-ur", {"u": v, "r": r0},
+                          {"rr": inner(r0, r0, f"cg-rr-{tag}"), "value": value})
+    rr0 = rr = float(out["rr"])
+    f_v = float(out["value"])
+    k, beta = 0, 0.0
+    p_old = da.zeros(problem.shape, chunks=problem.chunks, dtype=dt)
+    while k < max_iter and rr > (tol ** 2) * rr0 and rr > 0:
+        r, u = workspace.read("cg-ur", "r"), workspace.read("cg-ur", "u")
+        step = graph.token("cg-step")
+        p = da.map_blocks(linsolve_tasks.axpy_block, r, p_old, beta, dtype=dt, name=f"cg-direction-{step}")
+        q = da.map_blocks(linsolve_tasks.axpy_block, p, _normal(problem, p), c, dtype=dt, name=f"cg-apply-{step}")
+        pq = float(workspace.write("cg-pq", {"p": p, "q": q}, {"pq": inner(p, q, f"cg-pq-{step}")})["pq"])
+        if not pq > 0:
+            raise DaskreconError(f"conjugate gradient broke down (⟨p, Mp⟩ = {pq!r}): the data term is not a "
+                                 "positive quadratic; check the operators' adjoints")
+        alpha = rr / pq
+        p, q = workspace.read("cg-pq", "p"), workspace.read("cg-pq", "q")
+        u_new = da.map_blocks(linsolve_tasks.axpy_block, u, p, alpha, dtype=dt, name=f"cg-update-{step}")
+        r_new = da.map_blocks(linsolve_tasks.axpy_block, r, q, -alpha, dtype=dt, name=f"cg-residual-{step}")
+        rr_new = float(workspace.write("cg-ur", {"u": u_new, "r": r_new},
+                                       {"rr": inner(r_new, r_new, f"cg-rr-{step}")})["rr"])
+        beta, rr, k = rr_new / rr, rr_new, k + 1
+        p_old = p
+    rel = math.sqrt(rr / rr0) if rr0 > 0 else 0.0
+    return workspace.read("cg-ur", "u"), f_v, CGInfo(k, rel)
+
+
+def lipschitz(problem: Any, workspace: Workspace, *, max_iter: int = 100, tol: float = 1e-5,
+              seed: int = 0) -> float:
+    """``L = scale · ‖H‖``, the Lipschitz constant of the L2 data term's gradient, by the power method.
+
+    Starts from a seeded random image (the same on any cluster), one graph per iteration;
+    stops when the Rayleigh quotient changes by at most ``tol`` (relative). Cached on the
+    physics per (shape, chunks, dtype, fidelity): a problem pays for it once.
+    """
+    physics = problem.physics
+    cache = physics.__dict__.setdefault("_lipschitz_cache", {})
+    fids = fingerprint([problem.fidelity._sources(i) for i in range(problem.num_operators)])
+    key = (problem.shape, problem.chunks, str(problem.dtype), fids, problem.scale, max_iter, tol, seed)
+    if key in cache:
+        return cache[key]
+    tag = graph.token("power")
+    dt = problem.dtype
+    w = da.random.default_rng(seed).random(problem.shape, chunks=problem.chunks, dtype=np.float32).astype(dt)
+    out = workspace.write("power", {"w": w}, {"ww": inner(w, w, f"power-ww-{tag}")})
+    ww, lam, prev = float(out["ww"]), 0.0, None
+    for _ in range(max_iter):
+        step = graph.token("power-step")
+        w = workspace.read("power", "w")
+        v = da.map_blocks(array_tasks.scale_array, w, 1.0 / math.sqrt(ww), dtype=dt, name=f"power-normalize-{step}")
+        hv = _normal(problem, v)
+        out = workspace.write("power", {"w": hv}, {"lam": inner(v, hv, f"power-rayleigh-{step}"),
+                                                   "ww": inner(hv, hv, f"power-ww-{step}")})
+        lam, ww = float(out["lam"]), float(out["ww"])
+        if ww == 0:
+            raise DaskreconError("the normal operator Σ AᵢᵀAᵢ maps a random image to zero: every operator is zero")
+        if prev is not None and abs(lam - prev) <= tol * abs(lam):
+            break
+        prev = lam
+    cache[key] = lam * problem.scale
+    return cache[key]

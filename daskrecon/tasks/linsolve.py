@@ -1,0 +1,27 @@
+"""Chunk kernels of the cluster's linear solvers (:mod:`daskrecon.linsolve`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["axpy_block", "dot_block", "sum_in_order"]
+
+
+def axpy_block(x: np.ndarray, y: np.ndarray, a: float) -> np.ndarray:
+    """``x + a·y`` on one chunk, in ``x``'s dtype."""
+    return x + np.asarray(a, dtype=x.dtype) * y
+
+
+def dot_block(a: np.ndarray, b: np.ndarray) -> float:
+    """``⟨a, b⟩`` of one chunk, in float64."""
+    return float(np.vdot(a.astype(np.float64, copy=False).ravel(), b.astype(np.float64, copy=False).ravel()))
+
+
+def sum_in_order(*values: Any) -> float:
+    """Sum in argument order (a fixed order: bitwise reproducible)."""
+    total = 0.0
+    for v in values:
+        total += float(v)
+    return total

@@ -1,0 +1,90 @@
+"""Conjugate gradient and power method on the cluster, against dense linear algebra and deepinv."""
+
+import dask.array as da
+import pytest
+import torch
+import deepinv as dinv
+from deepinv.optim import L2
+
+import daskrecon as dr
+from daskrecon import linsolve
+from daskrecon.checkpoint import Checkpoint
+from daskrecon.linsolve import Workspace, lipschitz, prox_data
+from daskrecon.problem import plan_problem
+from daskrecon.solvers import step_size_bound
+from daskrecon.waiting import compute
+
+from helpers import heterogeneous, noisy_measurements, small_dncnn
+
+
+@pytest.fixture(scope="module")
+def planned(ctx):
+    torch.manual_seed(0)
+    ops = heterogeneous()  # blur, downsampling, inpainting: different outputs, a non-trivial Σ AᵢᵀAᵢ
+    x_true = torch.rand(1, 3, 36, 30)
+    y = noisy_measurements(ops, x_true, sigma=0.05)
+    dphys = dr.distribute(ops, ctx)
+    dden = dr.distribute(small_dncnn(3), ctx, patch_size=16, overlap=4)
+
+    def plan(storage="memory", sigma=1.0):
+        fid = dr.distribute(L2(sigma=sigma), ctx)
+        return plan_problem(dphys, y, dden, data_fidelity=fid, x0=torch.zeros_like(x_true), x_true=None,
+                            sigma_denoiser=0.05, storage=storage, chunks=(18, 15))[0]
+
+    return ops, x_true, y, dphys, plan
+
+
+def _dense_normal(ops, shape, sigma=1.0):
+    """Σ AᵢᵀAᵢ / σ² as a dense matrix (n × n), column by column."""
+    n = torch.Size(shape).numel()
+    basis = torch.eye(n).reshape(n, *shape[1:])
+    return sum(op.A_adjoint(op.A(basis)).reshape(n, n) for op in ops) / sigma ** 2
+
+
+def _value(ctx, arr):
+    return torch.from_numpy(compute([arr], client=ctx.client, what="test")[0])
+
+
+@pytest.mark.parametrize("sigma", [1.0, 0.5])
+def test_prox_solves_the_normal_equations(planned, ctx, sigma):
+    ops, x_true, y, dphys, plan = planned
+    problem = plan(sigma=sigma)
+    v = torch.rand(x_true.shape)
+    gamma = 0.7
+    u, f_v, info = prox_data(problem, da.from_array(v.numpy(), chunks=problem.chunks), gamma, Workspace(problem), max_iter=200, tol=1e-6)
+    u = _value(ctx, u)
+    # dense: (I + γ H) u = v + γ Σ Aᵢᵀyᵢ / σ²
+    H = _dense_normal(ops, x_true.shape, sigma)
+    b = v.reshape(-1) + gamma * sum(op.A_adjoint(t).reshape(-1) for op, t in zip(ops, y)) / sigma ** 2
+    exact = torch.linalg.solve(torch.eye(H.shape[0]) + gamma * H.double().float(), b)
+    rel = float(torch.linalg.vector_norm(u.reshape(-1) - exact) / torch.linalg.vector_norm(exact))
+    assert rel <= 1e-5, rel
+    assert info.relative_residual <= 1e-6 and 2 <= info.iterations <= 200
+    ref = L2(sigma=sigma).prox(v, y, dinv.physics.stack(*ops), gamma=gamma)  # deepinv's own prox (its CG)
+    assert float(torch.linalg.vector_norm(u - ref) / torch.linalg.vector_norm(ref)) <= 1e-3
+    f_ref = sum(float(L2(sigma=sigma).fn(v, t, op)) for op, t in zip(ops, y))
+    assert abs(f_v - f_ref) <= 1e-5 * f_ref  # the data term at v, from the first pass
+    assert float((u - v).abs().max()) > 1e-2  # the prox moved v
+
+
+def test_prox_in_scratch_zarr_is_bitwise_the_in_memory_one(planned, ctx, tmp_path):
+    ops, x_true, y, dphys, plan = planned
+    problem = plan()
+    v = da.from_array(torch.rand(x_true.shape).numpy(), chunks=problem.chunks)
+    u1, f1, i1 = prox_data(problem, v, 0.5, Workspace(problem), max_iter=30, tol=1e-5)
+    u2, f2, i2 = prox_data(problem, v, 0.5, Workspace(problem, Checkpoint(str(tmp_path / "s")), streamed=True),
+                           max_iter=30, tol=1e-5)
+    assert torch.equal(_value(ctx, u1), _value(ctx, u2)) and f1 == f2 and i1 == i2
+    assert (tmp_path / "s" / "scratch" / "cg-ur").exists()
+
+
+def test_power_method_finds_the_largest_eigenvalue_once_and_sets_the_default_step(planned, monkeypatch):
+    ops, x_true, y, dphys, plan = planned
+    problem = plan(sigma=0.5)
+    L = lipschitz(problem, Workspace(problem))
+    exact = float(torch.linalg.eigvalsh(_dense_normal(ops, x_true.shape, 0.5).double()).max())
+    assert abs(L - exact) <= 1e-3 * exact, (L, exact)
+    assert step_size_bound(problem) >= exact * (1 - 1e-3)  # the closed-form bound holds (with 1/σ²)...
+    assert step_size_bound(problem) > 1.05 * exact  # ...and is looser
+    monkeypatch.setattr(linsolve.graph, "gradient", lambda *a, **k: pytest.fail("cached: no pass over the data"))
+    assert dr.solvers.default_step_size(problem) == 1 / L  # computed once per problem, cached with the physics
