@@ -19,6 +19,7 @@ ratio of that time to daskrecon PnP's and to plain deepinv PnP's. Writes
 """
 
 import argparse
+import copy
 import os
 import sys
 import time
@@ -99,8 +100,9 @@ def daskrecon_run(ctx, ops, y, model, x0, x_true, tau, algorithm, n_iter, patch,
 
 
 def to_target(curve, target):
+    """First (iteration, seconds) at the target PSNR, within 0.01 dB (tiled and whole denoisers differ by ~1e-4)."""
     for k, (t, p) in enumerate(curve):
-        if p >= target - 1e-9:
+        if p >= target - 0.01:
             return k + 1, t
     return None, None
 
@@ -109,6 +111,9 @@ def study(name, ctx, x_true, ops, y, model, patch, variants, n_iter):
     import deepinv as dinv
     import torch
 
+    # daskrecon gets copies made before deepinv runs them: some deepinv operators stop being picklable
+    # once used (compute_norm leaves autograd wrappers in Tomography).
+    dr_ops = copy.deepcopy(ops)
     stacked = dinv.physics.stack(*ops)
     with torch.no_grad():
         x0 = sum(op.A_adjoint(t) for op, t in zip(ops, y)) / len(ops)
@@ -119,7 +124,7 @@ def study(name, ctx, x_true, ops, y, model, patch, variants, n_iter):
         if where == "plain":
             curves[label] = plain(algorithm, ops, y, model, x0, x_true, tau, iters, kw.get("n_subsets"))
         else:
-            curves[label], hist = daskrecon_run(ctx, ops, y, model, x0, x_true, tau, algorithm, iters, patch, **kw)
+            curves[label], hist = daskrecon_run(ctx, dr_ops, y, model, x0, x_true, tau, algorithm, iters, patch, **kw)
             if "cg_iterations" in hist[0]:
                 extra[label] = {"cg_iterations": [h["cg_iterations"] for h in hist]}
         t, p = curves[label][-1]

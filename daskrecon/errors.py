@@ -13,6 +13,7 @@ __all__ = [
     "DeviceError",
     "LinearityError",
     "MeasurementError",
+    "SerializationError",
     "ShapeError",
     "StalledError",
     "TransferError",
@@ -61,4 +62,13 @@ class StalledError(DaskreconError, TimeoutError):
 
     The message names what was waited for and why it could not run (a worker that does not
     answer, a task that no worker may run, a paused worker).
+    """
+
+
+class SerializationError(DaskreconError, TypeError):
+    """An operator (or its factory) cannot be serialized to be built on its worker.
+
+    Its source travels once, pickled, to the worker that owns it. Some objects stop being
+    picklable once they have run (deepinv's ``compute_norm`` leaves autograd wrappers inside a
+    ``Tomography``): distribute them before using them, or pass a factory.
     """

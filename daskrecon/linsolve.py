@@ -111,9 +111,9 @@ def prox_data(problem: Any, v: da.Array, gamma: float, workspace: Workspace, *, 
     """``u = argmin_u γ f(u) + ½‖u − v‖²`` for the L2 data term ``f``, by conjugate gradient.
 
     Solves ``(I + γ·scale·H) u = v − γ ∇f(0)`` from ``u₀ = v`` (deepinv's ``prox_l2``
-    starting point), until ``‖r_k‖ ≤ tol·‖r₀‖`` or ``max_iter`` iterations. Two graphs per
-    iteration: ``p ← r + β p; q ← p + γ·scale·H p`` with ``⟨p, q⟩``, then
-    ``u ← u + α p; r ← r − α q`` with ``‖r‖²``.
+    starting point), until ``‖r_k‖ ≤ tol·‖r₀‖`` or ``max_iter`` iterations. In cluster memory,
+    one graph per iteration (``α`` a task); streamed through Zarr, two: ``p ← r + β p;
+    q ← p + γ·scale·H p`` with ``⟨p, q⟩``, then ``u ← u + α p; r ← r − α q`` with ``‖r‖²``.
 
     Returns
     -------
@@ -136,6 +136,8 @@ def prox_data(problem: Any, v: da.Array, gamma: float, workspace: Workspace, *, 
     f_v = float(out["value"])
     k, beta = 0, 0.0
     p_old = da.zeros(problem.shape, chunks=problem.chunks, dtype=dt)
+    if not workspace.streamed:
+        return _cg_in_memory(problem, workspace, c, p_old, rr0, f_v, max_iter, tol)
     while k < max_iter and rr > (tol ** 2) * rr0 and rr > 0:
         r, u = workspace.read("cg-ur", "r"), workspace.read("cg-ur", "u")
         step = graph.token("cg-step")
@@ -155,6 +157,58 @@ def prox_data(problem: Any, v: da.Array, gamma: float, workspace: Workspace, *, 
         p_old = p
     rel = math.sqrt(rr / rr0) if rr0 > 0 else 0.0
     return workspace.read("cg-ur", "u"), f_v, CGInfo(k, rel)
+
+
+#: Conjugate-gradient iterations per graph in cluster memory: the driver checks convergence
+#: between graphs; iterations after convergence inside a graph take a zero step (no change).
+CG_ITERATIONS_PER_GRAPH = 4
+
+
+def _cg_in_memory(problem: Any, workspace: Workspace, c: float, p_old: da.Array, rr0: float, f_v: float,
+                  max_iter: int, tol: float) -> tuple[da.Array, float, CGInfo]:
+    """CG with :data:`CG_ITERATIONS_PER_GRAPH` iterations per graph: ``α``, ``β`` and the
+    convergence test stay tasks, the updates read them.
+
+    In cluster memory nothing forces ``q`` to be materialized before ``α`` is known; out of core it
+    is (a whole image would wait in memory for the reduction), hence one pass per half-iteration
+    there. Both give the same bits: the same float64 scalars, and an iteration after convergence
+    takes ``α = 0``.
+    """
+    dt = problem.dtype
+    thr = (tol ** 2) * rr0
+    u, r = workspace.read("cg-ur", "u"), workspace.read("cg-ur", "r")
+    k, beta, rr = 0, 0.0, rr0
+    while k < max_iter and rr > thr and rr > 0:
+        step = graph.token("cg-steps")
+        rr_t: Any = rr
+        beta_t: Any = beta
+        rrs, pqs = [], []
+        for j in range(min(CG_ITERATIONS_PER_GRAPH, max_iter - k)):
+            tag = f"{step}-{j}"
+            p = da.map_blocks(linsolve_tasks.axpy_block, r, p_old, beta_t, dtype=dt, name=f"cg-direction-{tag}")
+            q = da.map_blocks(linsolve_tasks.axpy_block, p, _normal(problem, p), c, dtype=dt, name=f"cg-apply-{tag}")
+            pq = inner(p, q, f"cg-pq-{tag}")
+            alpha = delayed(linsolve_tasks.cg_alpha, pure=True)(rr_t, pq, thr, dask_key_name=f"cg-alpha-{tag}")
+            u = da.map_blocks(linsolve_tasks.axpy_block, u, p, alpha, dtype=dt, name=f"cg-update-{tag}")
+            r = da.map_blocks(linsolve_tasks.axpy_neg_block, r, q, alpha, dtype=dt, name=f"cg-residual-{tag}")
+            rr_new = inner(r, r, f"cg-rr-{tag}")
+            beta_t = delayed(linsolve_tasks.cg_beta, pure=True)(rr_new, rr_t, thr, dask_key_name=f"cg-beta-{tag}")
+            rr_t, p_old = rr_new, p
+            rrs.append(rr_new)
+            pqs.append(pq)
+        out = workspace.write("cg-urp", {"u": u, "r": r, "p": p_old},
+                              {**{f"rr{j}": v for j, v in enumerate(rrs)}, **{f"pq{j}": v for j, v in enumerate(pqs)}})
+        for j in range(len(rrs)):
+            if rr <= thr:
+                break  # converged inside the graph: the rest took zero steps
+            if not float(out[f"pq{j}"]) > 0:
+                raise DaskreconError(f"conjugate gradient broke down (⟨p, Mp⟩ = {float(out[f'pq{j}'])!r}): the data "
+                                     "term is not a positive quadratic; check the operators' adjoints")
+            rr_new = float(out[f"rr{j}"])
+            beta, rr, k = rr_new / rr, rr_new, k + 1
+        u, r, p_old = (workspace.read("cg-urp", n) for n in ("u", "r", "p"))
+    rel = math.sqrt(rr / rr0) if rr0 > 0 else 0.0
+    return u, f_v, CGInfo(k, rel)
 
 
 def lipschitz(problem: Any, workspace: Workspace, *, max_iter: int = 100, tol: float = 1e-5,

@@ -27,6 +27,7 @@ from daskrecon.tasks import registry
 from daskrecon._arrays import place
 from daskrecon._scheduler import PLACED
 from daskrecon.context import DistributedContext
+from daskrecon.errors import SerializationError
 from daskrecon.reduction import tree_reduce
 from daskrecon.sharding import reassign_owners
 
@@ -171,7 +172,15 @@ class ObjectSet:
         if fut is None:
             spec = dict(source=self.source_of(i), index=i, factory_kwargs=self.factory_kwargs,
                         device_mode=self.ctx.device_mode, fast=self.fast)
-            fut = place(self.ctx.client, cloudpickle.dumps(spec), owner)
+            try:
+                payload = cloudpickle.dumps(spec)
+            except Exception as exc:  # any pickling failure: name the object and the fix
+                raise SerializationError(
+                    f"object {i} ({type(spec['source']).__name__}) cannot be serialized to be built on its worker: "
+                    f"{type(exc).__name__}: {exc}. An operator may stop being picklable once it has run (deepinv's "
+                    "compute_norm leaves autograd wrappers in Tomography): distribute it before using it, distribute "
+                    "a copy.deepcopy made before, or pass a factory") from exc
+            fut = place(self.ctx.client, payload, owner)
             self._placed[slot] = fut
         return (self.token, slot, fut)
 

@@ -111,6 +111,24 @@ def test_an_unpicklable_operator_object_works_when_given_as_an_object(busy_ctx):
     torch.testing.assert_close(out[2], ops[2].A(x), atol=1e-6, rtol=0)
 
 
+def test_an_operator_that_already_ran_and_cannot_pickle_is_named_with_the_fix(ctx):
+    """The source is pickled once, on first use; if the user's object cannot be pickled by then
+    (a lock cached by an earlier run), the error names the operator and what to do."""
+    from daskrecon.errors import SerializationError
+
+    class LockOnUse(dinv.physics.Blur):
+        def A(self, x, **kwargs):
+            self._lock = threading.Lock()
+            return super().A(x, **kwargs)
+
+    ops = [LockOnUse(filter=gaussian_blur(sigma=(1.0 + i, 1.0)), padding="circular") for i in range(2)]
+    x = torch.rand(1, 3, 16, 16)
+    ops[1].A(x)  # ran on the driver before being distributed
+    d = dr.distribute(ops, ctx, fast_operators=False)
+    with pytest.raises(SerializationError, match=r"object 1 \(LockOnUse\) cannot be serialized.*distribute it before"):
+        d.A(x)
+
+
 def test_tasks_for_a_departed_owner_run_elsewhere(busy_ctx):
     """The scheduler plugin lifts the restriction of daskrecon's tasks naming only departed workers
     (a driver's owner list can lag a departure); other tasks are left as their owner wrote them."""

@@ -67,9 +67,12 @@ def local_adjoint_block(block: np.ndarray, filt: np.ndarray, padding: str, radiu
                         nblocks: tuple[int, ...], block_id: tuple[int, ...] | None = None) -> np.ndarray:
     """``Aᵀ`` on one chunk of ``y`` (with a halo of ``ceil(radius / factor)``) → that chunk of ``x``.
 
-    The adjoint is the vector-Jacobian product of :func:`local_forward_block` over the
-    window of ``x`` that the halo'd ``y`` chunk depends on: exact for a linear map, and the
-    same padding semantics as the forward by construction.
+    The adjoint of :func:`local_forward_block` over the window of ``x`` that the halo'd ``y``
+    chunk depends on, in two parts: the convolution's adjoint as a forward correlation of the
+    zero-upsampled, zero-padded ``y`` with the kernel (CPU backends run a forward convolution
+    many times faster than its input-gradient: 9× for 5³ kernels), then the border padding's
+    adjoint by autograd (index folding, cheap). Exact for the linear map, same padding
+    semantics as the forward by construction.
     """
     periodic = padding == "circular"
     yt = torch.from_numpy(np.ascontiguousarray(block))
@@ -79,10 +82,22 @@ def local_adjoint_block(block: np.ndarray, filt: np.ndarray, padding: str, radiu
     halo = [-(-d // f) for d in radius]
     inner = [(not lo, not hi) for lo, hi in border]  # sides that carry a halo
     shape = (*yt.shape[:-nd], *(f * n + d * (a + b) for n, d, (a, b) in zip(spatial, radius, inner)))
+    k = torch.from_numpy(filt).to(yt.dtype)
+    ksize = k.shape[-nd:]
     xw = torch.zeros(shape, dtype=yt.dtype, requires_grad=True)
     with torch.enable_grad():
-        out = _conv_window(xw, torch.from_numpy(filt).to(yt.dtype), radius, border, padding, f)
-        (g,) = torch.autograd.grad(out, xw, grad_outputs=yt)
+        t = _pad_border(xw, radius, border, padding)
+        t = t[(..., *(slice((q - 1) % 2, None) for q in ksize))]
+    # The forward is a valid correlation with flip(k) (deepinv's convolution), then [::f]: its adjoint
+    # scatters y back onto the valid grid and correlates the zero-padded result with k.
+    valid = [n - q + 1 for n, q in zip(t.shape[-nd:], ksize)]
+    u = torch.zeros((*yt.shape[:-nd], *valid), dtype=yt.dtype)
+    u[(..., *(slice(None, None, f),) * nd)] = yt
+    pad: list[int] = []
+    for q in reversed(ksize):
+        pad += [q - 1, q - 1]
+    gt = _CONV[nd](torch.nn.functional.pad(u, pad), k, padding="valid", correlation=True)
+    (g,) = torch.autograd.grad(t, xw, grad_outputs=gt)
     region = []
     for n, d, h, (a, b) in zip(spatial, radius, halo, inner):
         start = (d + f * h) * a
