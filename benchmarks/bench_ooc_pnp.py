@@ -123,6 +123,7 @@ def _run(ctx, dphys, dden, y, storage: str, iterations: int, work: str, threads:
         "seconds_per_iteration": per_iter,
         "steady_seconds_per_iteration": sum(steady) / len(steady),
         "mpx_per_second": pixels / 1e6 / (sum(steady) / len(steady)),
+        "mpx_per_second_first_iteration": pixels / 1e6 / per_iter[0],  # input check and start included
         "worker_idle_rss_mib": sorted(idle.values()),
         "worker_peak_rss_mib": sorted(peak.values()),
         "driver_rss_before_mib": driver_idle,

@@ -20,7 +20,7 @@ Example (every key shown; only ``measurements`` and ``operators`` are required):
     overlap = 8
 
     [solver]
-    algorithm = "red"                          # pnp | red | fista | hqs | admm | os-pnp | svrg
+    algorithm = "red"                          # pnp | red | fista | fista-red | hqs | admm | os-pnp | svrg
     iterations = 30
     step_size = 0.3
     sigma_denoiser = 0.05

@@ -65,7 +65,9 @@ def default_align(model: Any) -> int:
     if name == "DRUNet":
         return 8
     if name == "UNet":
-        return 2 ** max(0, int(getattr(net, "scales", 4)) - 1)
+        # deepinv's UNet does not keep `scales`: it has one up-sampling block "Up<k>" per pooling
+        ups = sum(1 for n, _ in net.named_children() if n.startswith("Up") and n[2:].isdigit())
+        return 2 ** ups if ups else 2 ** max(0, int(getattr(net, "scales", 4)) - 1)
     return 1
 
 

@@ -74,12 +74,13 @@ def reconstruct(
         A distributed denoiser (its ``prox`` for a prior).
     data_fidelity : DistributedDataFidelity, optional
         Default: ``L2()`` on every operator.
-    algorithm : {"pnp", "red", "fista", "hqs", "admm", "os-pnp", "svrg"} or StepRule
+    algorithm : {"pnp", "red", "fista", "fista-red", "hqs", "admm", "os-pnp", "svrg"} or StepRule
         ``"pnp"``: proximal gradient ``x ← D_σ(x − τ ∇f(x))``. ``"red"``: gradient descent on
         ``f + λ·RED``: ``x ← x − τ (∇f(x) + λ (x − D_σ(x)))``. ``"fista"``: accelerated
         proximal gradient with the same prior, deepinv's ``FISTA`` iteration
         (:class:`daskrecon.algorithms.FISTA`; its state, ``x`` and the extrapolated ``z``,
-        is checkpointed whole). ``"hqs"`` / ``"admm"``: splitting methods whose data-term
+        is checkpointed whole); ``"fista-red"`` the same momentum with RED's gradient step
+        (:class:`~daskrecon.algorithms.FISTARED`). ``"hqs"`` / ``"admm"``: splitting methods whose data-term
         prox is a conjugate gradient on the cluster (L2 fidelity; ``τ`` is their ``γ``;
         :class:`~daskrecon.algorithms.HQS`, :class:`~daskrecon.algorithms.ADMM`).
         ``"os-pnp"`` / ``"svrg"``: one subset of the operators per iteration (ordered
@@ -97,7 +98,7 @@ def reconstruct(
     sigma_denoiser : float
         Noise level given to the denoiser.
     red_weight : float
-        ``λ`` of RED.
+        ``λ`` of RED and FISTA-RED.
     x0 : torch.Tensor or dask array, optional
         Start; default ``Aᵀy / N``, computed on the workers.
     checkpoint : str, optional

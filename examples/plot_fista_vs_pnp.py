@@ -7,7 +7,7 @@ reconstructed twice on one local cluster: plug-and-play proximal gradient (``"pn
 accelerated form (``"fista"``, deepinv's FISTA iteration: the denoiser is applied at an
 extrapolated point, ``z = x + α_k (x − x_prev)``). Both run on the one engine: each iteration is
 one Dask graph, the whole state (for FISTA ``x`` and ``z``) stays on the workers. Both use the
-default step ``1 / L`` (``L`` a bound of ``‖Σ A_iᵀA_i‖``): FISTA needs ``τ ≤ 1/L`` — with the
+default step ``1 / L`` (``L = ‖Σ A_iᵀA_i‖`` by a distributed power method): FISTA needs ``τ ≤ 1/L`` — with the
 larger step the PnP example uses (0.6), its momentum diverges. The PSNR of each iteration is
 plotted to ``fista_vs_pnp.png``.
 """

@@ -14,7 +14,7 @@ from daskrecon.testing import assert_allclose
 
 from helpers import blurs, noisy_measurements, small_dncnn
 
-ALL = ["pnp", "red", "fista", "hqs", "admm", "os-pnp", "svrg"]
+ALL = ["pnp", "red", "fista", "fista-red", "hqs", "admm", "os-pnp", "svrg"]
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,23 @@ def test_splitting_methods_match_deepinvs(problem, algorithm):
     pnp = dr.reconstruct(dphys, y, dden, n_iter=4, step_size=0.5, x0=x0, progress=False)
     assert _rel(pnp, ref) > 1e-2  # a different algorithm, not PnP under another name
     assert all(1 <= h["cg_iterations"] <= 100 and h["cg_residual"] <= 1e-6 for h in hist)
+
+
+def test_fista_with_a_red_prior_matches_a_plain_loop(problem):
+    ops, x_true, y, model, dphys, dden = problem
+    x0 = torch.zeros_like(x_true)
+    out = dr.reconstruct(dphys, y, dden, algorithm="fista-red", red_weight=0.5, n_iter=4, step_size=0.2, x0=x0,
+                         progress=False)
+    stacked, x, z = dinv.physics.stack(*ops), x0.clone(), x0.clone()
+    with torch.no_grad():
+        for k in range(4):
+            new = z - 0.2 * (L2().grad(z, y, stacked) + 0.5 * (z - model(z)))
+            z = new + (k + 2) / (k + 3) * (new - x)
+            x = new
+    assert_allclose(out, x, atol=1e-4)
+    red = dr.reconstruct(dphys, y, dden, algorithm="red", red_weight=0.5, n_iter=4, step_size=0.2, x0=x0,
+                         progress=False)
+    assert float((red - out).abs().max()) > 1e-3  # the momentum matters
 
 
 def _subset_grad(ops, y, x, members):

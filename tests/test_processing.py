@@ -111,6 +111,27 @@ def test_drunet_error_no_larger_than_deepinv_distributed(ctx):
     assert theirs > 1e-3 and ours < 1e-5  # measured: 2.4e-2 against ~6e-9
 
 
+def test_a_downsampling_3d_unet_tiles_exactly_inside_volume_chunks(ctx):
+    """A 3-D U-Net (max-pooling: tiles aligned to 2 voxels) tiled inside the chunks of a dask volume."""
+    import dask.array as da
+    from deepinv.models import UNet
+
+    from daskrecon.receptive import receptive_radius
+
+    torch.manual_seed(0)
+    model = UNet(1, 1, scales=2, batch_norm=False, dim=3).eval()
+    radius = receptive_radius(model, channels=1, ndim=3, size=33)
+    x = torch.rand(1, 1, 32, 36, 32)
+    with torch.no_grad():
+        ref = model(x)
+    d = dr.distribute(model, ctx, patch_size=8, overlap=radius + radius % 2)
+    assert d.align == 2
+    with ctx.client.as_current():
+        out = d(da.from_array(x.numpy(), chunks=(1, 1, 16, 18, 16))).compute()
+    assert float((torch.from_numpy(out) - ref).abs().max()) <= 1e-5
+    assert float((ref - x).abs().max()) > 1e-2
+
+
 def test_prior_and_pnp(ctx):
     model = small_dncnn(3)
     x = torch.rand(1, 3, 40, 40)
