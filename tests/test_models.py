@@ -27,7 +27,8 @@ def test_bundled_3d_denoiser_denoises_held_out_volumes_and_tiles_exactly(ctx):
     with torch.no_grad():
         whole = model(y)
     assert torch.mean((whole - x) ** 2) < 0.25 * torch.mean((y - x) ** 2)  # > 6 dB better
-    tiled = dr.distribute(model, ctx, patch_size=12, overlap=4)(da.from_array(y.numpy(), chunks=(1, 1, 20, 20, 20)))
+    d = dr.distribute(model, ctx, patch_size=12, overlap=4)  # kept: its lazy arrays need it alive
+    tiled = d(da.from_array(y.numpy(), chunks=(1, 1, 20, 20, 20)))
     assert float((torch.from_numpy(tiled.compute()) - whole).abs().max()) <= 1e-5  # receptive radius 4: exact
 
 
