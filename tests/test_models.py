@@ -14,7 +14,7 @@ def test_bundled_denoiser_denoises():
     assert sum(p.numel() for p in model.parameters()) * 4 < 2 * 2**20  # <= 2 MB of weights
 
 
-def test_bundled_3d_denoiser_denoises_held_out_volumes_and_tiles_exactly(ctx):
+def test_bundled_3d_denoiser_denoises_held_out_volumes_and_tiles_exactly():
     import dask.array as da
 
     import daskrecon as dr
@@ -27,9 +27,13 @@ def test_bundled_3d_denoiser_denoises_held_out_volumes_and_tiles_exactly(ctx):
     with torch.no_grad():
         whole = model(y)
     assert torch.mean((whole - x) ** 2) < 0.25 * torch.mean((y - x) ** 2)  # > 6 dB better
-    d = dr.distribute(model, ctx, patch_size=12, overlap=4)  # kept: its lazy arrays need it alive
-    tiled = d(da.from_array(y.numpy(), chunks=(1, 1, 20, 20, 20)))
-    assert float((torch.from_numpy(tiled.compute()) - whole).abs().max()) <= 1e-5  # receptive radius 4: exact
+    # .compute() must run on this cluster: without as_current() dask takes the process's latest client,
+    # in the full suite another test's cluster, where the model was never sent ("has not reached this worker")
+    with dr.DistributedContext(n_workers=1, processes=True, dashboard_address=":0", torch_threads=1) as ctx:
+        d = dr.distribute(model, ctx, patch_size=12, overlap=4)  # kept: its lazy arrays need it alive
+        with ctx.client.as_current():
+            tiled = d(da.from_array(y.numpy(), chunks=(1, 1, 20, 20, 20))).compute()
+    assert float((torch.from_numpy(tiled) - whole).abs().max()) <= 1e-5  # receptive radius 4: exact
 
 
 def test_weight_files_are_loaded_as_state_dicts_only(tmp_path):
