@@ -149,14 +149,18 @@ class FISTA(StepRule):
     def step(self, problem: Any, state: dict[str, da.Array],
              iteration: int) -> tuple[dict[str, da.Array], Delayed, Delayed]:
         x, z = state["x"], state["z"]
-        tag = graph.token("fista")
+        tag = graph.token(self.name)
         grad, value = graph.gradient(problem, z)
-        u = da.map_blocks(iteration_tasks.pnp_step_block, z, grad, self.step_size, problem.scale, dtype=z.dtype,
-                          name=f"step-{tag}")
-        new = graph.denoise(problem, u, f"denoise-{tag}")
+        new = self._point(problem, z, grad, tag)
         alpha = (iteration + self.a - 1) / (iteration + self.a)
         z_new = da.map_blocks(iteration_tasks.momentum_block, new, x, alpha, dtype=new.dtype, name=f"momentum-{tag}")
         return {"x": new, "z": z_new}, value, graph.metrics(problem, new, x, f"metrics-{tag}")
+
+    def _point(self, problem: Any, z: da.Array, grad: da.Array, tag: str) -> da.Array:
+        """The new iterate from the extrapolated point: ``D_σ(z − τ∇f(z))``."""
+        u = da.map_blocks(iteration_tasks.pnp_step_block, z, grad, self.step_size, problem.scale, dtype=z.dtype,
+                          name=f"step-{tag}")
+        return graph.denoise(problem, u, f"denoise-{tag}")
 
 
 class FISTARED(FISTA):
@@ -183,17 +187,11 @@ class FISTARED(FISTA):
     def settings(self) -> dict:
         return {**super().settings(), "red_weight": repr(self.red_weight)}
 
-    def step(self, problem: Any, state: dict[str, da.Array],
-             iteration: int) -> tuple[dict[str, da.Array], Delayed, Delayed]:
-        x, z = state["x"], state["z"]
-        tag = graph.token("fista-red")
-        grad, value = graph.gradient(problem, z)
+    def _point(self, problem: Any, z: da.Array, grad: da.Array, tag: str) -> da.Array:
+        """RED's gradient step at the extrapolated point: ``z − τ (∇f(z) + λ (z − D_σ(z)))``."""
         d = graph.denoise(problem, z, f"denoise-{tag}")
-        new = da.map_blocks(iteration_tasks.red_step_block, z, grad, d, self.step_size, problem.scale,
-                            self.red_weight, dtype=z.dtype, name=f"step-{tag}")
-        alpha = (iteration + self.a - 1) / (iteration + self.a)
-        z_new = da.map_blocks(iteration_tasks.momentum_block, new, x, alpha, dtype=new.dtype, name=f"momentum-{tag}")
-        return {"x": new, "z": z_new}, value, graph.metrics(problem, new, x, f"metrics-{tag}")
+        return da.map_blocks(iteration_tasks.red_step_block, z, grad, d, self.step_size, problem.scale,
+                             self.red_weight, dtype=z.dtype, name=f"step-{tag}")
 
 
 class _ProxSplitting(StepRule):

@@ -61,7 +61,7 @@ import torch
 
 from daskrecon.algorithms import ALGORITHMS
 from daskrecon.errors import DaskreconError
-from daskrecon.waiting import bounded
+from daskrecon.waiting import bounded, compute
 
 __all__ = ["ConfigError", "load_config", "run_config"]
 
@@ -203,14 +203,18 @@ def read_image(path: Path) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def write_image(path: Path, x: Any, overwrite: bool) -> None:
+def write_image(path: Path, x: Any, overwrite: bool, ctx: Any = None) -> None:
+    """Write ``x`` (an array, or a dask array computed on ``ctx``'s cluster within its stall timeout)."""
     if path.exists() and not overwrite:
         raise ConfigError(f"output {str(path)!r} exists; set output.overwrite = true or choose another path")
-    if hasattr(x, "to_zarr") and path.suffix == ".zarr":  # a dask array streams into Zarr chunk by chunk
-        x.to_zarr(str(path), overwrite=True)
-        return
-    if hasattr(x, "compute"):
-        x = np.asarray(x.compute())
+    if isinstance(x, da.Array):
+        if ctx is None:
+            raise ValueError("writing a dask array needs the context whose cluster holds it")
+        bound = dict(client=ctx.client, what="writing the result", stall_timeout=ctx.stall_timeout)
+        if path.suffix == ".zarr":  # streams into Zarr chunk by chunk
+            compute([x.to_zarr(str(path), overwrite=True, compute=False)], **bound)
+            return
+        x = np.asarray(compute([x], **bound)[0])
     if path.suffix == ".zarr":
         import zarr
 
@@ -358,7 +362,7 @@ def run_config(path: str | Path, check: bool = False, echo: Any = print) -> Any:
             checkpoint_every=_get(ck, "every", "checkpoint", int, 1), resume=_get(ck, "resume", "checkpoint", bool, False),
         )
         # inside the context: a lazy result reads chunks from the cluster (or its checkpoint) as it is written
-        write_image(out_path, x if not isinstance(x, torch.Tensor) else x.cpu().numpy(), overwrite=True)
+        write_image(out_path, x if not isinstance(x, torch.Tensor) else x.cpu().numpy(), overwrite=True, ctx=ctx)
     echo(f"wrote {out_path}")
     return x
 
