@@ -141,9 +141,11 @@ class DistributedProcessing:
 
     Notes
     -----
-    A lazy array computes on Dask's default client, which is the most recently started
-    one. With several contexts alive in one process, compute on this one explicitly:
-    ``ctx.client.compute(lazy)`` or ``with ctx.client.as_current(): ...``.
+    A lazy array carries the pickled model in its graph (one key, sent to each worker
+    that needs it once per compute), so it computes on any client, on this context's
+    cluster or another, also after :meth:`close`. It computes on Dask's default
+    client, the most recently started one; to choose, use ``ctx.client.compute(lazy)``
+    or ``with ctx.client.as_current(): ...``.
     """
 
     def __init__(
@@ -202,6 +204,9 @@ class DistributedProcessing:
         # Not released when this object is garbage collected: a lazy dask array made by it
         # may be computed later. close() (or the end of the context) releases it.
         payload = cloudpickle.dumps((processor, {"channels_last": channels_last}))
+        # A lazy array carries the pickled model as one graph key (sent to each worker that
+        # needs it, once per compute), so that it computes on any client, even after close().
+        self._payload = dask.delayed(payload, pure=True, name=f"daskrecon-model-payload-{self.key}")
         self._fingerprint = fingerprint((processor, channels_last))
         bounded(ctx.client, ctx.client._register_worker_plugin, plugin=_ModelPlugin(self.key, payload),
                 name=self._plugin_name, idempotent=False, what="sending the model to the workers",
@@ -236,7 +241,7 @@ class DistributedProcessing:
         self.check_dtype(x.dtype)
         refuse_autograd(x, what="the distributed denoiser")
         if isinstance(x, da.Array):
-            return self._run_dask(x, method, args, kwargs)
+            return self._run_dask(x, method, args, kwargs, portable=True)
         return self._run_tensor(x, method, args, kwargs)
 
     def check_dtype(self, dtype: Any) -> None:
@@ -276,7 +281,7 @@ class DistributedProcessing:
         return self._fingerprint
 
     def close(self) -> None:
-        """Remove the model from the workers (lazy arrays made by this object can no longer compute)."""
+        """Remove the model from the workers (lazy arrays made by this object still compute: they carry it)."""
         _release(self.ctx.client, self._plugin_name, self.ctx.stall_timeout)
 
     def __repr__(self) -> str:
@@ -377,11 +382,12 @@ class DistributedProcessing:
         return probe.tiling_dims, tuple(probe.patch_size), tuple(probe.overlap)
 
     def _run_dask(self, x: da.Array, method: str, args: tuple, kwargs: dict, *, name: str | None = None,
-                  workers: Any = None) -> da.Array:
+                  workers: Any = None, portable: bool = False) -> da.Array:
         """``map_overlap`` of the tiled network over ``x``'s chunks.
 
         ``workers``, a function of a chunk's block index, places each chunk's task (loosely);
-        ``name`` names the tasks on the dashboard.
+        ``name`` names the tasks on the dashboard. ``portable`` puts the pickled model in
+        the graph (arrays handed to users); the engine's graphs run where the plugin is.
         """
         if isinstance(self.strategy, DistributedSignalStrategy) or self.strategy == "basic":
             raise TypeError("dask arrays are processed with overlap tiling inside each chunk; "
@@ -412,6 +418,8 @@ class DistributedProcessing:
         self._check_chunk(x, depth, tiling_dims, patch, overlap, method, args, kwargs)
         meta = np.empty((0,) * x.ndim, dtype=x.dtype)
         extra = {"name": name} if name else {}
+        if portable:
+            extra["payload"] = self._payload
         with dask.annotate(**({"workers": workers, "allow_other_workers": True} if workers else {})):
             if all(x.numblocks[d] == 1 for d in tiling_dims):  # one chunk: no halo to exchange
                 return x.map_blocks(

@@ -66,6 +66,25 @@ def test_dask_array_in_lazy_array_out_through_zarr(ctx, tmp_path):
     assert_allclose(out, plain(model, x), atol=1e-5)
 
 
+def test_lazy_array_computes_on_another_cluster_after_close(ctx, ctx1):
+    # The array outlives its DistributedProcessing and its cluster's plugin: it carries the model.
+    import gc
+
+    model = small_dncnn(3)
+    x = torch.rand(1, 3, 70, 60)
+    d = dr.distribute(model, ctx, patch_size=24, overlap=6)
+    lazy = d(da.from_array(x.numpy(), chunks=(1, 3, 36, 36)))
+    key = d.key
+    d.close()
+    del d
+    gc.collect()
+    assert all(v is None for v in ctx1.client.run(lambda: denoising_tasks._MODEL_PAYLOADS.get(key)).values())
+    out = torch.from_numpy(ctx1.client.compute(lazy).result())
+    assert_allclose(out, plain(model, x), atol=1e-5)
+    out = torch.from_numpy(ctx.client.compute(lazy).result())  # and on its own cluster, after close()
+    assert_allclose(out, plain(model, x), atol=1e-5)
+
+
 def test_custom_strategy(ctx):
     model = small_dncnn(3)
     x = torch.rand(1, 3, 40, 33)

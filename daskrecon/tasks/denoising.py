@@ -45,14 +45,19 @@ def forget_model(key: str, worker: str | None = None) -> None:
             _MODELS.pop(k, None)
 
 
-def get_model(key: str, device_mode: str | None) -> Any:
-    """The model of ``key`` on this worker's device, unpickled once per worker process."""
+def get_model(key: str, device_mode: str | None, payload: bytes | None = None) -> Any:
+    """The model of ``key`` on this worker's device, unpickled once per worker process.
+
+    ``payload``, the pickled model carried by a lazy array's graph, stands in for the
+    plugin where it never ran: the array computed on another client's cluster, or after
+    ``close()``.
+    """
     model = _MODELS.get((key, device_mode))
     if model is None:
         with _MODEL_LOCK:  # several dask threads may ask at once: load once
             model = _MODELS.get((key, device_mode))
             if model is None:
-                payload = _MODEL_PAYLOADS.get(key)
+                payload = _MODEL_PAYLOADS.get(key, payload)
                 if payload is None:
                     raise RuntimeError(
                         f"model {key} has not reached this worker: its plugin was unregistered "
@@ -117,9 +122,9 @@ def process_patches(model_key: str, device_mode: str | None, method: str, strate
 
 
 def process_block(block: np.ndarray, model_key: str, device_mode: str | None, method: str, tiling: dict,
-                  max_batch_size: int | None, args: tuple, kwargs: dict) -> np.ndarray:
+                  max_batch_size: int | None, args: tuple, kwargs: dict, payload: bytes | None = None) -> np.ndarray:
     """``map_overlap`` function: exact overlap tiling of one (halo-extended) block."""
-    model = get_model(model_key, device_mode)
+    model = get_model(model_key, device_mode, payload)
     strategy = OverlapTilingStrategy(block.shape, **tiling)
     per_batch = max_batch_size or default_batch(strategy.get_num_patches(), int(np.prod(strategy.window_shape())),
                                                 target_tasks=1)
