@@ -19,6 +19,7 @@ from deepinv.optim.prior import Prior
 from deepinv.physics import LinearPhysics, Physics
 from deepinv.physics.forward import StackedLinearPhysics, StackedPhysics
 
+from daskrecon.autograd import DistributedReplicatedParameters
 from daskrecon.context import DistributedContext
 from daskrecon.fidelity import DistributedDataFidelity
 from daskrecon.physics import DistributedLinearPhysics, DistributedPhysics
@@ -37,9 +38,9 @@ _KIND_OPTIONS: dict[str, frozenset[str]] = {
     "data_fidelity": frozenset({"num_operators", "factory_kwargs", "reduction"}),
     "denoiser": _TILING_OPTIONS,
     "prior": _TILING_OPTIONS,
-    # deepinv 0.5's training kinds: recognised, refused until training lands (issue #15).
-    "parameters": _TILING_OPTIONS | _PHYSICS_OPTIONS,
-    "module": _TILING_OPTIONS | _PHYSICS_OPTIONS,
+    # deepinv 0.5's training kinds
+    "parameters": frozenset(),
+    "module": _TILING_OPTIONS | {"reduction"},
 }
 # deepinv 0.5 passes these to every kind with its own defaults; a script written for it may too.
 _SHARED_DEFAULTS = {"dtype": torch.float32, "gather_strategy": "concatenated", "tiling_strategy": None,
@@ -62,8 +63,10 @@ def distribute(obj: Any, ctx: DistributedContext, *, type_object: str = "auto", 
     ctx : DistributedContext
         A started context.
     type_object : {"auto", "physics", "linear_physics", "data_fidelity", "denoiser", "prior", "parameters", "module"}
-        Force the kind instead of detecting it. deepinv 0.5's training kinds
-        (``"parameters"``, ``"module"``) raise ``NotImplementedError`` for now.
+        Force the kind instead of detecting it. deepinv 0.5's training kinds:
+        ``"module"`` (an unfolded ``BaseOptim``, distributed in place: its data fidelities
+        and its priors' denoisers) and ``"parameters"`` (see
+        :class:`~daskrecon.framework.DistributedReplicatedParameters`).
     **options
         Per kind. Physics: ``num_operators``, ``factory_kwargs``, ``gather_strategy``,
         ``dtype``, ``fast_operators``, ``reduction``. Data fidelity: ``num_operators``,
@@ -247,17 +250,30 @@ def _tiling_options(options: dict) -> dict:
     return options
 
 
-def _training_handler(kind: str) -> Callable[..., Any]:
-    def handler(obj: Any, ctx: DistributedContext, **options: Any) -> Any:
-        what = ("parameters (deepinv 0.5's gradient-synchronised parameters)" if kind == "parameters" else
-                "an unfolded deepinv algorithm (deepinv 0.5's type_object='module')")
-        raise NotImplementedError(
-            f"distribute() of {what} is for training through distributed operators, which daskrecon does not "
-            "support yet (issue #15: autograd across physics, fidelity and the tiled denoiser). For inference, "
-            "distribute the physics, the data fidelity and the denoiser one by one"
-        )
+def _parameters_handler(obj: Any, ctx: DistributedContext, **options: Any) -> DistributedReplicatedParameters:
+    return DistributedReplicatedParameters(obj, ctx)
 
-    return handler
+
+def _module_handler(obj: Any, ctx: DistributedContext, *, reduction: str = "sum", **options: Any) -> Any:
+    """deepinv 0.5's ``type_object="module"``: an unfolded algorithm, distributed in place.
+
+    Each data fidelity becomes a :class:`DistributedDataFidelity` and each prior's
+    denoiser a :class:`DistributedProcessing` (with the tiling options); the algorithm's
+    trainable parameters stay on the driver, where autograd gives them their whole
+    gradient (there are no replicas to synchronise).
+    """
+    if not isinstance(obj, BaseOptim) or not getattr(obj, "unfold", False):
+        raise TypeError(f"type_object='module' takes an unfolded deepinv algorithm (BaseOptim with unfold=True, "
+                        f"e.g. optim_builder(..., unfold=True)), got {type(obj).__name__}"
+                        + ("" if not isinstance(obj, BaseOptim) else " with unfold=False"))
+    for i, fid in enumerate(obj.data_fidelity):
+        if not isinstance(fid, DistributedDataFidelity) and not type(fid).__name__ == "ZeroFidelity":
+            obj.data_fidelity[i] = DistributedDataFidelity(ctx, fid, reduction=reduction)
+    for prior in obj.prior:
+        den = getattr(prior, "denoiser", None)
+        if isinstance(den, torch.nn.Module) and not isinstance(den, DistributedProcessing):
+            prior.denoiser = DistributedProcessing(ctx, den, **_tiling_options(options))
+    return obj
 
 
 def _denoiser_handler(obj: Any, ctx: DistributedContext, **options: Any) -> DistributedProcessing:
@@ -274,6 +290,6 @@ _HANDLERS.update(
     data_fidelity=_fidelity_handler,
     denoiser=_denoiser_handler,
     prior=_prior_handler,
-    parameters=_training_handler("parameters"),
-    module=_training_handler("module"),
+    parameters=_parameters_handler,
+    module=_module_handler,
 )

@@ -16,7 +16,8 @@ from daskrecon.context import DistributedContext
 from daskrecon.errors import MeasurementError
 from daskrecon import graph
 from daskrecon._arrays import as_dask, gather_arrays, gather_tensors
-from daskrecon.physics import DistributedPhysics, refuse_autograd
+from daskrecon.autograd import fidelity_fn, fidelity_grad, needs_grad
+from daskrecon.physics import DistributedPhysics
 from daskrecon.placement import ObjectSet
 from daskrecon.terms import plan_terms
 
@@ -27,7 +28,7 @@ _REDUCTIONS = ("sum", "mean")
 FidelityFactory = Callable[[int, torch.device, "dict | None"], DataFidelity]
 
 
-class DistributedDataFidelity:
+class DistributedDataFidelity(torch.nn.Module):
     """Data fidelity of a distributed stack: ``Σ_i d_i(A_i x, y_i)``.
 
     Parameters
@@ -76,6 +77,7 @@ class DistributedDataFidelity:
         factory_kwargs: dict | None = None,
         reduction: str = "sum",
     ) -> None:
+        super().__init__()
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
         if isinstance(data_fidelity, StackedPhysicsDataFidelity):
@@ -178,7 +180,8 @@ class DistributedDataFidelity:
         """
         if isinstance(x, da.Array):
             return self._chunked("fn", x, y, physics, kwargs)
-        refuse_autograd(x, what="data fidelity fn(x, y, physics)")
+        if needs_grad(x):
+            return fidelity_fn(self, x, y, physics, **kwargs)
         total, labels = self._run(fidelity_tasks.fidelity_fn_op, x, y, physics, kwargs)
         return self._scale(self._gather(total, labels, "data fidelity fn"), physics.num_operators)
 
@@ -188,9 +191,29 @@ class DistributedDataFidelity:
         """``Σ_i (∂A_i/∂x)ᵀ ∇d_i(A_i x, y_i)``, shape of ``x``."""
         if isinstance(x, da.Array):
             return self._chunked("grad", x, y, physics, kwargs)
-        refuse_autograd(x, what="data fidelity grad(x, y, physics)")
+        if needs_grad(x):
+            return fidelity_grad(self, x, y, physics, **kwargs)
         total, labels = self._run(fidelity_tasks.fidelity_grad_op, x, y, physics, kwargs)
         return self._scale(self._gather(total, labels, "data fidelity grad"), physics.num_operators)
+
+    def hessian_vector(self, x: torch.Tensor, y: Any, physics: DistributedPhysics, v: torch.Tensor,
+                       **kwargs: Any) -> torch.Tensor:
+        """``∇²f(x) v = Σ_i ∇²_x d_i(A_i x, y_i) v``: per operator by autograd on its worker, summed along the tree.
+
+        The backward of :meth:`grad` (for ``L2``: ``AᵀA v / σ²``); also what a Newton-type
+        or Gauss-Newton solver needs.
+        """
+        physics = self._check_physics(physics)
+        n = physics.num_operators
+        fids = self._fidelities(physics)
+        futs = physics.placement.map(
+            fidelity_tasks.fidelity_hvp_op, objects=[physics.objects, fids],
+            per_op=[[physics._place_x(x)] * n, physics._place_y(y), list(range(n)), [kwargs] * n],
+            shared=(physics._place_x(v, "v"),),
+        )
+        total = self._gather(physics.placement.reduce(futs), physics.placement.labels(futs), "data fidelity "
+                             "Hessian-vector product")
+        return self._scale(total, n)
 
     def _grad_value(self, x: Any, y: Any, physics: DistributedPhysics) -> tuple[Future, Future, dict]:
         """Futures of the placed ``x`` and of the tree-reduced ``[∇f(x).ravel(), f(x)]`` (one pass)."""

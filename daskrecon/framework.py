@@ -6,8 +6,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+from daskrecon.autograd import DistributedReplicatedParameters
 from daskrecon.context import DistributedContext
 from daskrecon.fidelity import DistributedDataFidelity
 from daskrecon.physics import DistributedStackedLinearPhysics, DistributedStackedPhysics
@@ -21,20 +20,3 @@ __all__ = [
     "DistributedStackedLinearPhysics",
     "DistributedStackedPhysics",
 ]
-
-
-class DistributedReplicatedParameters:
-    """deepinv 0.5's gradient-synchronised parameters: for training, not supported yet.
-
-    Raises
-    ------
-    NotImplementedError
-        Always: gradients do not flow through daskrecon's distributed operations yet
-        (issue #15).
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        raise NotImplementedError(
-            "DistributedReplicatedParameters synchronises parameter gradients for training through distributed "
-            "operators, which daskrecon does not support yet (issue #15)"
-        )

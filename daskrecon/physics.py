@@ -27,6 +27,7 @@ from daskrecon import graph
 from daskrecon._arrays import as_dask, as_numpy, gather_arrays, gather_tensors, place
 from daskrecon.context import DistributedContext
 from daskrecon.errors import LinearityError, MeasurementError
+from daskrecon.autograd import needs_grad, physics_call
 from daskrecon.fingerprint import fingerprint
 from daskrecon.memory import check_fits
 from daskrecon.measurements import DistributedMeasurements
@@ -260,6 +261,10 @@ class DistributedPhysics(Physics):
         self._y_cache = (source, key, placed)
         return placed.futures
 
+    def _place_each(self, tensors: Sequence[torch.Tensor]) -> list[Future]:
+        """One tensor per operator, each placed on its operator's worker (not cached, unlike ``y``)."""
+        return DistributedMeasurements(self.ctx, [t.detach() for t in tensors], owners=self.owners).futures
+
     def _submit_each(self, fn: Callable, *args: Any, per_op: Sequence[Sequence[Any]] = ()) -> list[Future]:
         """One task ``fn(A_i, *per_op[.][i], *args)`` per operator, on the worker holding ``A_i``."""
         return self.placement.map(fn, objects=[self.objects], per_op=per_op, shared=args)
@@ -305,7 +310,9 @@ class DistributedPhysics(Physics):
         """
         if isinstance(x, da.Array):
             return self._chunked("A", x, reduce_op)
-        refuse_autograd(x, what="A(x)")
+        if needs_grad(x):
+            out = physics_call(self, "A", x=x, gather=gather, reduce_op=reduce_op, **kwargs)
+            return (out, x) if return_graph_anchor else out
         futs = self._submit_each(operator_tasks.forward_op, self._place_x(x), kwargs, None, False)
         out = self._finish(futs, gather, reduce_op, f"A(x), x of shape {tuple(x.shape)}: operator")
         return (out, x) if return_graph_anchor else out
@@ -313,7 +320,9 @@ class DistributedPhysics(Physics):
     def forward(self, x: torch.Tensor, gather: bool = True, reduce_op: str | None = None,
                 force_input_grad_sync: bool = False, return_graph_anchor: bool = False, **kwargs: Any):
         """Noisy measurements ``[N_1(A_1 x), …]``; noise seeded per operator from the driver's RNG."""
-        refuse_autograd(x, what="forward(x)")
+        if needs_grad(x):
+            out = physics_call(self, "forward", x=x, gather=gather, reduce_op=reduce_op, **kwargs)
+            return (out, x) if return_graph_anchor else out
         n = self.num_operators
         futs = self._submit_each(operator_tasks.forward_op, per_op=[[self._place_x(x)] * n, [kwargs] * n,
                                                             self._next_seeds(), [True] * n])
@@ -322,7 +331,8 @@ class DistributedPhysics(Physics):
 
     def A_vjp(self, x: torch.Tensor, v: Any, gather: bool = True, reduce_op: str | None = BY_REDUCTION):
         """``Σ_i (∂A_i/∂x)ᵀ v_i`` (autograd for non-linear operators); averaged with ``reduction="mean"``."""
-        refuse_autograd(x, *_entries_of(v), what="A_vjp(x, v)")
+        if needs_grad(x, *_entries_of(v)):
+            return physics_call(self, "A_vjp", x=x, ys=v, gather=gather, reduce_op=self._reduce_op(reduce_op))
         futs = self._submit_each(operator_tasks.vjp_op, per_op=[[self._place_x(x)] * self.num_operators,
                                                         self._place_y(v, "v")])
         return self._finish(futs, gather, self._reduce_op(reduce_op), "A_vjp: operator")
@@ -334,7 +344,8 @@ class DistributedPhysics(Physics):
         reduce_op = self._reduce_op(reduce_op)
         if _is_chunked(y):
             return self._chunked("A_adjoint", list(y), reduce_op)
-        refuse_autograd(*_entries_of(y), what="A_adjoint(y)")
+        if needs_grad(*_entries_of(y)):
+            return physics_call(self, "A_adjoint", ys=y, gather=gather, reduce_op=reduce_op, **kwargs)
         futs = self._submit_each(operator_tasks.adjoint_op, kwargs, per_op=[self._place_y(y)])
         return self._finish(futs, gather, reduce_op, "A_adjoint(y): operator")
 
@@ -344,19 +355,37 @@ class DistributedPhysics(Physics):
         reduce_op = self._reduce_op(reduce_op)
         if isinstance(x, da.Array):
             return self._chunked("A_adjoint_A", x, reduce_op)
-        refuse_autograd(x, what="A_adjoint_A(x)")
+        if needs_grad(x):
+            return physics_call(self, "A_adjoint_A", x=x, gather=gather, reduce_op=reduce_op, **kwargs)
         futs = self._submit_each(operator_tasks.adjoint_A_op, kwargs, per_op=[[self._place_x(x)] * self.num_operators])
         return self._finish(futs, gather, reduce_op, "A_adjoint_A(x): operator")
 
     def A_A_adjoint(self, y: Any, gather: bool = True, **kwargs: Any):
         """``[A_1 (Aᵀ y), …, A_N (Aᵀ y)]`` with the full adjoint ``Aᵀ y = Σ_i A_iᵀ y_i`` (averaged with ``reduction="mean"``)."""
         self._require_linear("A_A_adjoint")
-        refuse_autograd(*_entries_of(y), what="A_A_adjoint(y)")
+        if needs_grad(*_entries_of(y)):
+            return physics_call(self, "A_A_adjoint", ys=y, gather=gather, **kwargs)
         adj = self._reduce(self._submit_each(operator_tasks.adjoint_op, kwargs, per_op=[self._place_y(y)]))
         if self.reduction == "mean":
             adj = self.ctx.client.submit(array_tasks.scale_array, adj, 1.0 / self.num_operators, pure=False)
         futs = self._submit_each(operator_tasks.forward_op, adj, kwargs, None, False)
         return self._finish(futs, gather, None, "A_A_adjoint(y): operator")
+
+    def A_each(self, xs: Sequence[torch.Tensor], gather: bool = True):
+        """``[A_1 x_1, …, A_N x_N]``: each operator on its own input (the backward of ``A_adjoint``)."""
+        if len(xs) != self.num_operators:
+            raise MeasurementError(f"A_each needs one input per operator ({self.num_operators}), got {len(xs)}")
+        futs = self._submit_each(operator_tasks.forward_op, {}, None, False, per_op=[self._place_each(xs)])
+        return self._finish(futs, gather, None, "A_each: operator")
+
+    def A_adjoint_A_each(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``Σ_i A_iᵀ A_i x_i``: each normal operator on its own input, summed along the fixed tree."""
+        self._require_linear("A_adjoint_A_each")
+        if len(xs) != self.num_operators:
+            raise MeasurementError(f"A_adjoint_A_each needs one input per operator ({self.num_operators}), "
+                                   f"got {len(xs)}")
+        futs = self._submit_each(operator_tasks.adjoint_A_op, {}, per_op=[self._place_each(xs)])
+        return self._finish(futs, True, "sum", "A_adjoint_A_each: operator")
 
     def A_dagger(
         self,

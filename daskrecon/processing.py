@@ -32,7 +32,8 @@ from daskrecon.context import DistributedContext
 from daskrecon.errors import ShapeError
 from daskrecon.fingerprint import fingerprint
 from daskrecon.memory import activation_channels, check_fits
-from daskrecon.physics import refuse_autograd
+from daskrecon.autograd import denoiser_call, needs_grad
+from daskrecon.reduction import tree_reduce
 from daskrecon.sharding import balance_loads
 from daskrecon.strategies import DistributedSignalStrategy, OverlapTilingStrategy, create_strategy
 from daskrecon.tiling import default_batch
@@ -86,13 +87,28 @@ def _param_dtype(processor: Any) -> torch.dtype | None:
     return next((p.dtype for p in module.parameters() if p.dtype.is_floating_point), None)
 
 
+def _module_of(processor: Any) -> torch.nn.Module | None:
+    return processor if isinstance(processor, torch.nn.Module) else None
+
+
+def _param_versions(module: torch.nn.Module | None) -> tuple:
+    """Identity and in-place version counter of every parameter: changes when an optimizer steps."""
+    if module is None:
+        return ()
+    return tuple((name, id(p), p._version) for name, p in module.named_parameters())
+
+
+def _arg_at(args: tuple, kwargs: dict, path: tuple) -> Any:
+    return args[path[1]] if path[0] == "arg" else kwargs[path[1]]
+
+
 def _torch_dtype(dtype: Any) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     return torch.from_numpy(np.empty((), dtype=dtype)).dtype
 
 
-class DistributedProcessing:
+class DistributedProcessing(torch.nn.Module):
     """Apply a denoiser (any ``f(x, *args, **kwargs)``) tile by tile on the workers.
 
     Parameters
@@ -168,6 +184,7 @@ class DistributedProcessing:
         checkpoint_preserve_rng_state: bool = True,
         **kwargs: Any,
     ) -> None:
+        super().__init__()
         if kwargs:
             raise TypeError(f"unexpected keyword arguments {sorted(kwargs)} for DistributedProcessing")
         if checkpoint_batches not in CHECKPOINT_MODES:
@@ -213,6 +230,10 @@ class DistributedProcessing:
                 timeout=ctx.setup_timeout)
         self._strategies: dict[tuple, DistributedSignalStrategy] = {}
         self._param_dtype = _param_dtype(processor)
+        # Parameters as pickled: a later change (an optimizer step) is sent to the workers once
+        # per version, as one broadcast key that tasks name (see _state).
+        self._sent_versions = _param_versions(self._module)
+        self._state_cache: tuple[tuple, Any] | None = None
         self._activations: dict[tuple, float | None] = {}
         self._checked: set[tuple] = set()
         # deepinv 0.5's activation checkpointing of tile batches: it concerns backward passes, which
@@ -239,9 +260,10 @@ class DistributedProcessing:
         if not isinstance(x, (da.Array, torch.Tensor)):
             raise TypeError(f"x must be a torch.Tensor or a dask.array.Array, got {type(x).__name__}")
         self.check_dtype(x.dtype)
-        refuse_autograd(x, what="the distributed denoiser")
         if isinstance(x, da.Array):
             return self._run_dask(x, method, args, kwargs, portable=True)
+        if needs_grad(x, *args, *kwargs.values()) or self.trainable_parameters():
+            return denoiser_call(self, x, method, args, kwargs)
         return self._run_tensor(x, method, args, kwargs)
 
     def check_dtype(self, dtype: Any) -> None:
@@ -275,6 +297,33 @@ class DistributedProcessing:
         check_fits(self.ctx.client, need, what,
                    f"lower patch_size (now {self.patch_size}) or max_batch_size (now {self.max_batch_size}), or give "
                    "the workers more memory")
+
+    @property
+    def _module(self) -> torch.nn.Module | None:
+        return _module_of(self.processor)
+
+    def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The model's parameters gradients flow to: those that require grad, while autograd records."""
+        if self._module is None or not torch.is_grad_enabled():
+            return []
+        return [(n, p) for n, p in self._module.named_parameters() if p.requires_grad]
+
+    def _state(self) -> Any:
+        """The future of the model's current parameters if they changed since pickling, else None.
+
+        One key per version (an optimizer step), fetched once by each worker that needs it;
+        tasks carry the key and a worker loads it into its copy of the model when the
+        version differs.
+        """
+        versions = _param_versions(self._module)
+        if versions == self._sent_versions:
+            return None
+        if self._state_cache is None or self._state_cache[0] != versions:
+            state = {"version": uuid.uuid4().hex,
+                     "params": {n: p.detach().cpu().numpy().copy() for n, p in self._module.named_parameters()}}
+            # placed with lineage (not scattered): a worker lost mid-backward gets it back
+            self._state_cache = (versions, place(self.ctx.client, state))
+        return self._state_cache[1]
 
     def fingerprint(self) -> str:
         """A hash of the pickled model (weights included)."""
@@ -361,9 +410,11 @@ class DistributedProcessing:
             self._check_memory(need, f"one denoiser call on {per_call} tile(s) of {'×'.join(map(str, window))} pixels "
                                      f"(image {tuple(x.shape)}, {x.dtype}, held whole by the task)")
         x_fut = placed if placed is not None else place(client, as_numpy(x))
+        state = self._state()
         futs = [
             client.submit(denoising_tasks.process_patches, self.key, self.ctx.device_mode, method, strategy, x_fut,
-                          idx, self.max_batch_size, args, kwargs, pure=False, workers=[w], allow_other_workers=True)
+                          idx, self.max_batch_size, args, kwargs, state, pure=False, workers=[w],
+                          allow_other_workers=True)
             for idx, w in zip(batches, self._placement(strategy, batches))
         ]
         out = torch.zeros(x.shape, dtype=x.dtype, device="cpu")
@@ -373,6 +424,55 @@ class DistributedProcessing:
         pairs = [(i, torch.from_numpy(a)) for group in results for i, a in group]
         strategy.reduce_patches(out, pairs)
         return out.to(self.ctx.device)
+
+    def _backward_tensor(self, x: torch.Tensor, g: torch.Tensor, method: str, args: tuple, kwargs: dict,
+                         params: list[str], paths: list, need_x: bool) -> tuple[torch.Tensor | None, list]:
+        """Gradients of ``<g, denoise(x)>``: w.r.t. ``x``, the parameters named ``params`` and the arguments at ``paths``.
+
+        Each tile batch is recomputed on a worker with grad enabled (one network call's
+        activations at a time) and backpropagated from the cotangent of its tiles' cores.
+        Window gradients come back and are added in tile order; parameter and argument
+        gradients (one flat vector per batch) are summed on the workers along the fixed
+        tree. Batches follow the tile geometry only: bitwise the same on any number of workers.
+        """
+        strategy = self.strategy_for(x.shape)
+        if not hasattr(strategy, "patch_cotangents"):
+            raise NotImplementedError(f"backward through the {type(strategy).__name__} strategy is not supported: "
+                                      "it needs patch_cotangents(grad_out, indices); use overlap tiling")
+        client = self.ctx.client
+        batches = self._batches(strategy)
+        x_fut, g_fut = place(client, as_numpy(x)), place(client, as_numpy(g, "grad"))
+        state = self._state()
+        futs = [
+            client.submit(denoising_tasks.backward_patches, self.key, self.ctx.device_mode, method, strategy, x_fut,
+                          g_fut, idx, self.max_batch_size, args, kwargs, state, params, paths, need_x, pure=False,
+                          workers=[w], allow_other_workers=True)
+            for idx, w in zip(batches, self._placement(strategy, batches))
+        ]
+        labels = {f.key: f"backward of tile batch {k} (tiles {b[0]}..{b[-1]})"
+                  for k, (f, b) in enumerate(zip(futs, batches))}
+        leaves = [client.submit(denoising_tasks.leaf_gradients, f, pure=False) for f in futs]
+        total = tree_reduce(client, leaves, self.ctx.fan_in)
+        windows = [client.submit(denoising_tasks.window_gradients, f, pure=False) for f in futs]
+        results = gather_arrays(client, windows + [total], "tile batch backward", labels=labels,
+                                stall_timeout=self.ctx.stall_timeout)
+        flat = torch.from_numpy(results[-1])
+        gx = None
+        if need_x:
+            gx = torch.zeros(x.shape, dtype=x.dtype)
+            pairs = sorted((i, a) for group in results[:-1] for i, a in group)
+            for i, a in pairs:
+                gx[strategy.window_index(i)] += torch.from_numpy(a)
+            gx = gx.to(self.ctx.device)
+        shapes = [p.shape for n, p in self._module.named_parameters() if n in params] if params else []
+        shapes += [_arg_at(args, kwargs, path).shape for path in paths]
+        used = flat[len(flat) - len(shapes):] if shapes else flat[:0]
+        out, start = [], 0
+        for shape, u in zip(shapes, used):
+            size = math.prod(shape)
+            out.append(flat[start:start + size].reshape(shape).to(self.ctx.device) if u > 0 else None)
+            start += size
+        return gx, out
 
     # ------------------------------------------------------------------ dask arrays
     def geometry(self, shape: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
@@ -420,6 +520,9 @@ class DistributedProcessing:
         extra = {"name": name} if name else {}
         if portable:
             extra["payload"] = self._payload
+        state = self._state()
+        if state is not None:
+            extra["state"] = state
         with dask.annotate(**({"workers": workers, "allow_other_workers": True} if workers else {})):
             if all(x.numblocks[d] == 1 for d in tiling_dims):  # one chunk: no halo to exchange
                 return x.map_blocks(
@@ -450,7 +553,7 @@ class DistributedProcessing:
         self._checked.add(key)
 
 
-class DistributedPrior:
+class DistributedPrior(torch.nn.Module):
     """A deepinv ``Prior`` (PnP, RED, ...) whose ``prox`` and ``grad`` run tile by tile.
 
     Takes the options of :class:`DistributedProcessing`. ``prox(x, sigma_denoiser=…)``
@@ -459,6 +562,7 @@ class DistributedPrior:
     """
 
     def __init__(self, ctx: DistributedContext, prior: Any, **options: Any) -> None:
+        super().__init__()
         self.prior = prior
         self.processing = DistributedProcessing(ctx, prior, method="prox", **options)
 

@@ -222,6 +222,31 @@ class OverlapTilingStrategy(DistributedSignalStrategy):
             w = v if w is None else w * v
         return w
 
+    def window_index(self, index: int) -> tuple[slice, ...]:
+        """Where tile ``index``'s window (the network's input) lies in the image."""
+        return self._index(self.tiles[index].window())
+
+    def patch_cotangents(self, grad_out: torch.Tensor, indices: Sequence[int]) -> list[tuple[int, torch.Tensor]]:
+        """``(index, ∂<grad_out, out>/∂trimmed patch)``: the backward of :meth:`reduce_patches` (runs on a worker).
+
+        Cut at the seams, a tile's core receives the output gradient there; blended, the
+        gradient times the tile's weight over the sum of all tiles' weights.
+        """
+        if self.blend is None:
+            return [(i, grad_out[self._index(self.tiles[i].core())]) for i in indices]
+        weight = torch.zeros_like(grad_out)
+        for tile in self.tiles:
+            kept = self._kept(tile)
+            region = self._index(tuple(slice(a.win_start + s.start, a.win_start + s.stop) for a, s in zip(tile.axes, kept)))
+            weight[region] += self._weights(tile, kept, grad_out).expand_as(weight[region])
+        out = []
+        for i in indices:
+            tile = self.tiles[i]
+            kept = self._kept(tile)
+            region = self._index(tuple(slice(a.win_start + s.start, a.win_start + s.stop) for a, s in zip(tile.axes, kept)))
+            out.append((i, self._weights(tile, kept, grad_out) * grad_out[region] / weight[region].clamp_min(1e-12)))
+        return out
+
     def reduce_patches(self, out_tensor: torch.Tensor, local_pairs: Sequence[tuple[int, torch.Tensor]]) -> None:
         if self.blend is None:
             for i, patch in local_pairs:
@@ -293,6 +318,12 @@ class BasicStrategy(DistributedSignalStrategy):
     def reduce_patches(self, out_tensor, local_pairs) -> None:
         for i, patch in local_pairs:
             out_tensor[self._index(self.blocks[i])] = patch.to(out_tensor)
+
+    def window_index(self, index: int) -> tuple[slice, ...]:
+        return self._index(self.blocks[index])
+
+    def patch_cotangents(self, grad_out: torch.Tensor, indices: Sequence[int]) -> list[tuple[int, torch.Tensor]]:
+        return [(i, grad_out[self._index(self.blocks[i])]) for i in indices]
 
 
 _BY_NAME = {"overlap_tiling": OverlapTilingStrategy, "smart_tiling": OverlapTilingStrategy, "basic": BasicStrategy}

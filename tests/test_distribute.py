@@ -79,18 +79,24 @@ def test_deepinv_05_keywords_and_kinds(ctx):
     assert den.current_shape == x.shape and den.num_patches == 9 and den.local_indices == list(range(9))
     with pytest.raises(ValueError, match="checkpoint_batches must be one of"):
         dr.distribute(DnCNN(3, 3, depth=2, nf=4, pretrained=None), ctx, checkpoint_batches="sometimes")
-    with pytest.raises(NotImplementedError, match="issue #15"):
-        dr.distribute(torch.nn.Parameter(torch.ones(3)), ctx)
-    with pytest.raises(NotImplementedError, match="issue #15"):
-        dr.distribute([torch.nn.Parameter(torch.ones(3))], ctx, type_object="parameters")
+    p = torch.nn.Parameter(torch.ones(3))
+    assert list(dr.distribute(p, ctx)) == [p]
+    assert len(dr.distribute([p, p], ctx, type_object="parameters")) == 2
+    with pytest.raises(TypeError, match="nn.Parameter"):
+        dr.distribute(["a"], ctx, type_object="parameters")
     model = PGD(data_fidelity=L2(), prior=PnP(DnCNN(3, 3, depth=2, nf=4, pretrained=None)), stepsize=[0.9],
                 sigma_denoiser=[0.05], max_iter=1, unfold=True)
-    with pytest.raises(NotImplementedError, match="unfolded deepinv algorithm"):
-        dr.distribute(model, ctx, patch_size=16, overlap=4)
+    assert dr.distribute(model, ctx, patch_size=16, overlap=4) is model  # in place, as deepinv 0.5
+    assert isinstance(model.data_fidelity[0], dr.DistributedDataFidelity)
+    assert isinstance(model.prior[0].denoiser, dr.DistributedProcessing)
+    assert model.prior[0].denoiser.patch_size == 16
+    not_unfolded = PGD(data_fidelity=L2(), prior=PnP(DnCNN(3, 3, depth=2, nf=4, pretrained=None)), stepsize=[0.9],
+                       sigma_denoiser=[0.05], max_iter=1)
+    with pytest.raises(TypeError, match="unfold=True"):
+        dr.distribute(not_unfolded, ctx)
     from daskrecon.framework import DistributedReplicatedParameters
 
-    with pytest.raises(NotImplementedError, match="issue #15"):
-        DistributedReplicatedParameters([torch.nn.Parameter(torch.ones(1))], ctx)
+    assert len(DistributedReplicatedParameters([torch.nn.Parameter(torch.ones(1))], ctx)) == 1
 
 
 def test_framework_module_has_deepinv_05_names():

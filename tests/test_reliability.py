@@ -66,6 +66,37 @@ def test_denoising_survives_a_killed_worker(nanny_ctx):
 
 
 
+def test_backward_survives_a_killed_worker(nanny_ctx):
+    # A training step's backward (tiled denoiser after a gradient step) loses a worker midway.
+    ops = [SlowBlur(1.0 + 0.5 * i, 0.0) for i in range(4)]
+    x0 = torch.rand(1, 3, 160, 160)
+    y = noisy_measurements(ops, x0)
+    model = small_dncnn(3)
+    d = dr.distribute(model, nanny_ctx, patch_size=16, overlap=6, max_batch_size=1)
+    f, phys = dr.distribute(L2(), nanny_ctx), dr.distribute(ops, nanny_ctx, fast_operators=False)
+    with torch.no_grad():
+        model.in_conv.weight.mul_(1.01)  # a changed parameter version travels with the backward
+
+    def step():
+        x = x0.clone().requires_grad_(True)
+        loss = ((d(x - 0.5 * f.grad(x, y, phys)) - x0) ** 2).sum()
+        return loss, torch.autograd.grad(loss, [x] + list(model.parameters()))
+
+    _, expected = step()
+    x = x0.clone().requires_grad_(True)
+    loss = ((d(x - 0.5 * f.grad(x, y, phys)) - x0) ** 2).sum()
+    before = set(nanny_ctx.workers())
+    killer = kill_one_worker_soon(nanny_ctx, 0.2)
+    t0 = time.perf_counter()
+    got = torch.autograd.grad(loss, [x] + list(model.parameters()))
+    took = time.perf_counter() - t0
+    killer.join()
+    assert set(nanny_ctx.workers()) != before
+    assert took > 0.2, f"the backward ({took:.2f} s) ended before the worker was killed"  # it died mid-backward
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+
+
 def test_single_worker_killed_mid_call():
     """With one worker, its death loses everything: all is rebuilt from lineage on the replacement.
 

@@ -13,7 +13,8 @@ from daskrecon.strategies import OverlapTilingStrategy
 from daskrecon.tasks.arrays import module_device, to_numpy, to_tensor, worker_device
 from daskrecon.tiling import default_batch
 
-__all__ = ["forget_model", "get_model", "process_block", "process_patches", "store_model_payload"]
+__all__ = ["apply_state", "backward_patches", "forget_model", "get_model", "leaf_gradients", "process_block",
+           "process_patches", "store_model_payload", "window_gradients"]
 
 
 _MODEL_PAYLOADS: dict[str, bytes] = {}
@@ -75,6 +76,22 @@ def get_model(key: str, device_mode: str | None, payload: bytes | None = None) -
     return model
 
 
+def apply_state(model: Any, state: dict | None) -> None:
+    """Load a parameter version sent by the driver (after an optimizer step), once per worker and version."""
+    if state is None or not isinstance(model, torch.nn.Module):
+        return
+    if getattr(model, "_daskrecon_state_version", None) == state["version"]:
+        return
+    with _MODEL_LOCK:
+        if getattr(model, "_daskrecon_state_version", None) == state["version"]:
+            return
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name in state["params"]:
+                    p.copy_(torch.from_numpy(state["params"][name]).to(p.device))
+        model._daskrecon_state_version = state["version"]
+
+
 def _to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, torch.Tensor):
         return value.to(device)
@@ -114,17 +131,21 @@ def model_device(model: Any, device_mode: str | None) -> torch.device:
 
 
 def process_patches(model_key: str, device_mode: str | None, method: str, strategy: Any, x: np.ndarray,
-                    indices: list[int], max_batch_size: int | None, args: tuple, kwargs: dict) -> list[tuple[int, np.ndarray]]:
+                    indices: list[int], max_batch_size: int | None, args: tuple, kwargs: dict,
+                    state: dict | None = None) -> list[tuple[int, np.ndarray]]:
     """Process some patches of an image held by this worker; return ``(index, trimmed output)`` pairs."""
     model = get_model(model_key, device_mode)
+    apply_state(model, state)
     xt = to_tensor(x, model_device(model, device_mode))
     return [(i, to_numpy(r)) for i, r in _run_patches(model, method, strategy, xt, indices, max_batch_size, args, kwargs)]
 
 
 def process_block(block: np.ndarray, model_key: str, device_mode: str | None, method: str, tiling: dict,
-                  max_batch_size: int | None, args: tuple, kwargs: dict, payload: bytes | None = None) -> np.ndarray:
+                  max_batch_size: int | None, args: tuple, kwargs: dict, payload: bytes | None = None,
+                  state: dict | None = None) -> np.ndarray:
     """``map_overlap`` function: exact overlap tiling of one (halo-extended) block."""
     model = get_model(model_key, device_mode, payload)
+    apply_state(model, state)
     strategy = OverlapTilingStrategy(block.shape, **tiling)
     per_batch = max_batch_size or default_batch(strategy.get_num_patches(), int(np.prod(strategy.window_shape())),
                                                 target_tasks=1)
@@ -133,3 +154,76 @@ def process_block(block: np.ndarray, model_key: str, device_mode: str | None, me
     for indices in strategy.batches(per_batch):
         strategy.reduce_patches(out, _run_patches(model, method, strategy, xt, indices, max_batch_size, args, kwargs))
     return to_numpy(out).astype(block.dtype, copy=False)
+
+
+def _with_leaves(args: tuple, kwargs: dict, paths: list, device: torch.device) -> tuple[tuple, dict, list]:
+    """Arguments on ``device``, those at ``paths`` made leaves that require grad."""
+    args, kwargs = list(_to_device(args, device)), _to_device(kwargs, device)
+    leaves = []
+    for kind, key in paths:
+        holder = args if kind == "arg" else kwargs
+        holder[key] = holder[key].detach().clone().requires_grad_(True)
+        leaves.append(holder[key])
+    return tuple(args), kwargs, leaves
+
+
+def backward_patches(model_key: str, device_mode: str | None, method: str, strategy: Any, x: np.ndarray,
+                     grad_out: np.ndarray, indices: list[int], max_batch_size: int | None, args: tuple, kwargs: dict,
+                     state: dict | None, params: list[str], paths: list, need_x: bool,
+                     ) -> tuple[list[tuple[int, np.ndarray]], np.ndarray]:
+    """Backward of some tiles: ``(index, window gradient)`` pairs and the flat gradient of the parameters and arguments.
+
+    The flat vector ends with one flag per parameter/argument: 1 where the network used it.
+
+    The tiles are recomputed with grad enabled, one network call at a time (the same calls
+    as the forward: ``max_batch_size`` tiles, or one on the CPU), and each call is
+    backpropagated from the output cotangent of the cores it contributes (its activations
+    are freed before the next call). Gradients of the calls add up in call order.
+    """
+    model = get_model(model_key, device_mode)
+    apply_state(model, state)
+    dev = model_device(model, device_mode)
+    xt, gt = to_tensor(x, dev), to_tensor(grad_out, dev)
+    args, kwargs, arg_leaves = _with_leaves(args, kwargs, paths, dev)
+    named = dict(model.named_parameters()) if isinstance(model, torch.nn.Module) else {}
+    leaves = [named[n].requires_grad_(True) for n in params] + arg_leaves
+    fn = model if method == "__call__" else getattr(model, method)
+    pairs = strategy.get_local_patches(xt, indices)
+    cotangents = dict(strategy.patch_cotangents(gt, indices))
+    per_call = max_batch_size or (len(pairs) if xt.device.type == "cuda" else 1)
+    nhwc = getattr(model, "_daskrecon_channels_last", False)
+    totals = [torch.zeros_like(t) for t in leaves]
+    used = torch.zeros(len(leaves), dtype=xt.dtype)
+    windows = []
+    for start in range(0, len(pairs), per_call):
+        group = pairs[start:start + per_call]
+        b = torch.cat([p for _, p in group], dim=0).detach()
+        if nhwc and b.dim() == 4:
+            b = b.contiguous(memory_format=torch.channels_last)
+        b.requires_grad_(need_x)
+        with torch.enable_grad():
+            out = fn(b, *args, **kwargs)
+            loss = sum((strategy.trim_patch(i, o) * cotangents[i]).sum()
+                       for (i, _), o in zip(group, out.split(group[0][1].shape[0], dim=0)))
+            wrt = ([b] if need_x else []) + leaves
+            grads = torch.autograd.grad(loss, wrt, allow_unused=True) if wrt else []
+        if need_x:
+            gb, grads = grads[0], grads[1:]
+            windows += [(i, to_numpy(w.contiguous())) for (i, _), w in zip(group, gb.split(group[0][1].shape[0], dim=0))]
+        for k, (t, gr) in enumerate(zip(totals, grads)):
+            if gr is not None:
+                t.add_(gr)
+                used[k] = 1
+    # one flag per leaf after the gradients: summed over batches, zero means "not used" (None, as torch says)
+    flat = torch.cat([t.reshape(-1).cpu() for t in totals] + [used])
+    return windows, to_numpy(flat)
+
+
+def window_gradients(result: tuple) -> list[tuple[int, np.ndarray]]:
+    """The window gradients of a :func:`backward_patches` result."""
+    return result[0]
+
+
+def leaf_gradients(result: tuple) -> np.ndarray:
+    """The flat parameter/argument gradient of a :func:`backward_patches` result."""
+    return result[1]

@@ -11,7 +11,7 @@ from deepinv.optim.data_fidelity import L2, DataFidelity
 from daskrecon.errors import ShapeError
 from daskrecon.tasks.arrays import module_device, to_numpy, to_tensor
 
-__all__ = ["fidelity_fn_op", "fidelity_grad_op", "fidelity_grad_value_op", "last_value", "pointwise_grad_block",
+__all__ = ["fidelity_fn_op", "fidelity_grad_op", "fidelity_grad_value_op", "fidelity_hvp_op", "last_value", "pointwise_grad_block",
            "pointwise_value_block", "step_from_gradient", "uses_chain_rule"]
 
 
@@ -80,6 +80,18 @@ def fidelity_grad_value_op(
     out, v = _grad_and_value(op, fidelity, x, y, index, kwargs, value=True)
     flat = to_numpy(out).ravel()
     return np.concatenate([flat, np.asarray([float(v)], dtype=flat.dtype)])
+
+
+def fidelity_hvp_op(op: torch.nn.Module, fidelity: Any, x: np.ndarray, y: np.ndarray, index: int, kwargs: dict,
+                    v: np.ndarray) -> np.ndarray:
+    """``∇²_x d_i(A_i x, y_i) v``: the vector-Hessian product of the fidelity's own gradient, by autograd."""
+    dev = module_device(op)
+    xt = to_tensor(x, dev).requires_grad_(True)
+    yt, vt = to_tensor(y, dev), to_tensor(v, dev)
+    with torch.enable_grad():
+        g = fidelity.grad(xt, yt, op, **kwargs)
+        (out,) = torch.autograd.grad(g, xt, vt, allow_unused=True)
+    return to_numpy(torch.zeros_like(xt) if out is None else out)
 
 
 def step_from_gradient(x: np.ndarray, grad_value: np.ndarray, tau: float, scale: float) -> np.ndarray:

@@ -1,0 +1,148 @@
+"""One training step of an unrolled network through the distributed operators, in one run.
+
+The model: deepinv's unfolded proximal gradient (``PGD(..., unfold=True)``, ``--unroll`` (3)
+iterations, trainable step sizes) with a DnCNN prior (random weights; ``--depth`` 20,
+``--nf`` 64: deepinv's default DnCNN), on 3 circular blurs + noise of a 1x3x``--size``² image;
+a step is forward, MSE against the ground truth, backward, Adam step. Timed (median of
+``--repeats``, after one warm-up step) for:
+
+* plain deepinv (no tiling, one process);
+* deepinv.distributed 0.5 (``distribute(model, ctx, patch_size, overlap, max_batch_size=1)``,
+  its unrolled-training demo's call) in one process and under ``torchrun`` x2;
+* daskrecon (``dr.distribute(model, ctx, ...)``, 2 workers x 1 thread), with each process's peak
+  RSS (workers for daskrecon, ranks for deepinv.distributed).
+
+Then the memory check: one step on a ``--mem-size``² image (``--mem-depth``/``--mem-nf`` DnCNN,
+one unrolled iteration) whose untiled backward needs more than a daskrecon worker's
+``--memory-limit``: plain deepinv's peak RSS for that step is measured in this process, and the
+daskrecon step runs on 2 workers with that limit; their peak RSS is reported against it.
+Writes benchmarks/results/training.json.
+
+    python benchmarks/bench_training.py [--size 256] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import machine, peak_rss_mib, reset_peak_rss, rss_mib, run_deepinv_distributed, table, timeit, write  # noqa: E402,E501
+from _training_problem import problem, train_step  # noqa: E402
+
+
+def _worker_peak_rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _worker_reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _plain(ops, y, x_true, build, repeats: int) -> dict:
+    import torch
+    from deepinv.optim.data_fidelity import L2, StackedPhysicsDataFidelity
+    from deepinv.physics import StackedLinearPhysics
+
+    model = build()
+    model.data_fidelity[0] = StackedPhysicsDataFidelity([L2()] * len(ops))  # deepinv's L2 on a stack
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    phys = StackedLinearPhysics(ops)
+    train_step(model, opt, y, phys, x_true)  # warm-up
+    base = rss_mib()
+    reset_peak_rss()
+    r = timeit(lambda: train_step(model, opt, y, phys, x_true), repeats, warmup=0)
+    r["loss"] = r.pop("_out")
+    r["peak_rss_mib"] = peak_rss_mib()
+    r["peak_rss_above_start_mib"] = r["peak_rss_mib"] - base
+    return r
+
+
+def _daskrecon(ops, y, x_true, build, repeats: int, patch: int, overlap: int, memory_limit=None,
+               warmup: int = 1) -> dict:
+    import torch
+
+    import daskrecon as dr
+
+    with dr.DistributedContext(n_workers=2, threads_per_worker=1, dashboard_address=":0",
+                               memory_limit=memory_limit) as ctx:
+        dphys = dr.distribute(ops, ctx)
+        model = dr.distribute(build(), ctx, patch_size=patch, overlap=overlap)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        for _ in range(warmup):
+            train_step(model, opt, y, dphys, x_true)
+        ctx.client.run(_worker_reset_peak)
+        r = timeit(lambda: train_step(model, opt, y, dphys, x_true), repeats, warmup=0)
+        r["loss"] = r.pop("_out")
+        r["peak_rss_mib_per_worker"] = sorted(ctx.client.run(_worker_peak_rss_mib).values())
+        r["restarts"] = len(ctx.client.run(lambda: 0)) != 2
+    return r
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--depth", type=int, default=20)
+    p.add_argument("--nf", type=int, default=64)
+    p.add_argument("--unroll", type=int, default=3)
+    p.add_argument("--patch", type=int, default=128)
+    p.add_argument("--overlap", type=int, default=24)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--mem-size", type=int, default=1024)
+    p.add_argument("--mem-depth", type=int, default=10)
+    p.add_argument("--mem-nf", type=int, default=32)
+    p.add_argument("--memory-limit", default="2GiB")
+    p.add_argument("--skip-memory", action="store_true")
+    args = p.parse_args()
+
+    ops, y, x_true, build = problem(args.size, args.depth, args.nf, args.unroll)
+    res = {"workload": vars(args), "machine": machine()}
+    opts = ["--size", str(args.size), "--depth", str(args.depth), "--nf", str(args.nf), "--unroll", str(args.unroll),
+            "--patch", str(args.patch), "--overlap", str(args.overlap), "--repeats", str(args.repeats)]
+    res["plain_deepinv"] = _plain(ops, y, x_true, build, args.repeats)
+    res["deepinv_distributed_1proc"] = run_deepinv_distributed("_deepinv_distributed_training.py", 1, opts)
+    res["deepinv_distributed_torchrun2"] = run_deepinv_distributed("_deepinv_distributed_training.py", 2, opts)
+    res["daskrecon"] = _daskrecon(ops, y, x_true, build, args.repeats, args.patch, args.overlap)
+    best = min(res["deepinv_distributed_1proc"]["median_s"], res["deepinv_distributed_torchrun2"]["median_s"])
+    res["ratio_daskrecon_vs_best_deepinv_distributed"] = res["daskrecon"]["median_s"] / best
+    res["loss_first_timed_step"] = {k: res[k]["loss"] for k in
+                                    ("plain_deepinv", "deepinv_distributed_1proc", "deepinv_distributed_torchrun2",
+                                     "daskrecon")}
+    print(f"one training step: unrolled PGD x{args.unroll}, DnCNN depth {args.depth} nf {args.nf}, 3 blurs, "
+          f"1x3x{args.size}^2, patch {args.patch} overlap {args.overlap}")
+    print(table([("plain deepinv (1 process, untiled)", res["plain_deepinv"]["median_s"]),
+                 ("deepinv.distributed (1 process)", res["deepinv_distributed_1proc"]["median_s"]),
+                 ("deepinv.distributed (torchrun x2, gloo)", res["deepinv_distributed_torchrun2"]["median_s"]),
+                 ("daskrecon (2 workers)", res["daskrecon"]["median_s"])], best))
+    print(f"daskrecon / best deepinv.distributed = {res['ratio_daskrecon_vs_best_deepinv_distributed']:.2f}")
+    print(f"peak RSS MiB: plain {res['plain_deepinv']['peak_rss_mib']:.0f}; deepinv.distributed 1 proc "
+          f"{res['deepinv_distributed_1proc']['peak_rss_mib_per_process']}, torchrun "
+          f"{res['deepinv_distributed_torchrun2']['peak_rss_mib_per_process']}; daskrecon workers "
+          f"{[round(v) for v in res['daskrecon']['peak_rss_mib_per_worker']]}")
+
+    if not args.skip_memory:
+        from dask.utils import parse_bytes
+
+        ops_m, y_m, x_m, build_m = problem(args.mem_size, args.mem_depth, args.mem_nf, unroll=1)
+        plain = _plain(ops_m, y_m, x_m, build_m, 1)
+        ours = _daskrecon(ops_m, y_m, x_m, build_m, 1, args.patch, args.overlap, memory_limit=args.memory_limit,
+                          warmup=0)
+        limit_mib = parse_bytes(args.memory_limit) / 2**20
+        res["memory"] = {"plain_deepinv": plain, "daskrecon": ours, "worker_limit_mib": limit_mib,
+                         "plain_step_above_limit": plain["peak_rss_above_start_mib"] > limit_mib,
+                         "daskrecon_under_limit": max(ours["peak_rss_mib_per_worker"]) < limit_mib}
+        print(f"memory: 1x3x{args.mem_size}^2, DnCNN depth {args.mem_depth} nf {args.mem_nf}, 1 unrolled iteration: "
+              f"plain deepinv step {plain['median_s']:.1f} s, peak RSS +{plain['peak_rss_above_start_mib']:.0f} MiB; "
+              f"daskrecon step {ours['median_s']:.1f} s, workers' peak RSS "
+              f"{[round(v) for v in ours['peak_rss_mib_per_worker']]} MiB under a {limit_mib:.0f} MiB limit")
+    print("wrote", write("training", res))
+
+
+if __name__ == "__main__":
+    main()

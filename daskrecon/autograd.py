@@ -1,0 +1,279 @@
+"""Gradients through the distributed operations: each forward's backward is itself distributed.
+
+Nothing that crosses a worker carries a torch graph. Instead each distributed operation
+called on a tensor that requires grad runs as a ``torch.autograd.Function``: the forward
+is the operation as usual, and the backward is another distributed operation on the
+same workers:
+
+- the stack's linear maps have their adjoints as backward (``A`` ↔ ``Σ A_iᵀ``,
+  ``A_adjoint_A`` and ``A_A_adjoint`` are self-adjoint); a non-linear ``A_i`` is
+  differentiated by autograd on its worker (``A_vjp`` at ``x``);
+- ``f(x) = Σ d_i(A_i x, y_i)`` has ``∇f`` as backward; ``∇f`` has, per operator, the
+  vector-Hessian product of ``d_i(A_i ·, y_i)`` computed by autograd on the operator's
+  worker, summed along the tree fixed by operator index;
+- the tiled denoiser's backward recomputes each batch of tiles on a worker with grad
+  enabled and backpropagates the cotangent of the tiles' cores (the activations of one
+  network call at a time, never gathered): input gradients per window, assembled on the
+  driver in tile order; parameter gradients summed along a fixed tree. With an overlap at
+  least the receptive radius both equal the untiled network's.
+
+Every sum has a fixed order, so gradients are bitwise the same on any number of workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from deepinv.utils import TensorList
+
+__all__ = ["DistributedReplicatedParameters", "denoiser_call", "fidelity_fn", "fidelity_grad", "needs_grad",
+           "physics_call"]
+
+_X_METHODS = ("A", "forward", "A_adjoint_A")
+_Y_METHODS = ("A_adjoint", "A_A_adjoint")
+
+
+def needs_grad(*values: Any) -> bool:
+    """Whether autograd is recording and any tensor among ``values`` (or inside a list of them) requires grad."""
+    if not torch.is_grad_enabled():
+        return False
+    for v in values:
+        items = list(v) if isinstance(v, (list, tuple, TensorList)) else [v]
+        if any(isinstance(t, torch.Tensor) and t.requires_grad for t in items):
+            return True
+    return False
+
+
+def _entries(y: Any) -> list:
+    if isinstance(y, TensorList):
+        return [y[i] for i in range(len(y))]
+    return list(y) if isinstance(y, (list, tuple)) else [y]
+
+
+def _pack(outs: Sequence[torch.Tensor], listed: bool, gather: bool) -> Any:
+    if not listed:
+        return outs[0]
+    return TensorList(list(outs)) if gather else list(outs)
+
+
+# ---------------------------------------------------------------------------------------- physics
+def _call_physics(physics: Any, method: str, opts: dict, x: torch.Tensor | None, ys: list | None) -> Any:
+    if method in _X_METHODS:
+        return getattr(physics, method)(x, **opts)
+    if method in _Y_METHODS:
+        return getattr(physics, method)(ys, **opts)
+    return physics.A_vjp(x, ys, **opts)  # "A_vjp"
+
+
+class _PhysicsFunction(torch.autograd.Function):
+    """One distributed physics call; its backward is the adjoint call (a VJP for non-linear ``A_i``)."""
+
+    @staticmethod
+    def forward(ctx: Any, physics: Any, method: str, opts: dict, has_x: bool, *inputs: torch.Tensor):
+        x = inputs[0] if has_x else None
+        ys = list(inputs[1:] if has_x else inputs) or None
+        with torch.no_grad():
+            out = _call_physics(physics, method, opts, x, ys)
+        outs = _entries(out)
+        ctx.physics, ctx.method, ctx.opts, ctx.has_x = physics, method, opts, has_x
+        ctx.listed = isinstance(out, (list, tuple, TensorList))
+        if has_x:
+            ctx.save_for_backward(x)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor):
+        physics, method, opts = ctx.physics, ctx.method, ctx.opts
+        n = physics.num_operators
+        reduce_op = opts.get("reduce_op")
+        head = (None, None, None, None)
+        with torch.no_grad():
+            if method in ("A", "forward"):
+                (x,) = ctx.saved_tensors
+                gs = list(grads) if ctx.listed else [grads[0] / n if reduce_op == "mean" else grads[0]] * n
+                # the adjoint is the true one: Σ_i (∂A_i/∂x)ᵀ g_i, whatever the physics' reduction
+                return head + (physics.A_vjp(x, gs, reduce_op="sum"),)
+            if method == "A_adjoint_A":
+                if ctx.listed:
+                    return head + (physics.A_adjoint_A_each(list(grads)),)
+                return head + (physics.A_adjoint_A(grads[0], reduce_op=reduce_op),)
+            if method == "A_A_adjoint":
+                return head + tuple(_entries(physics.A_A_adjoint(list(grads))))
+            # A_adjoint and A_vjp (linear): the backward of Σ_i A_iᵀ y_i is A_i g, per operator
+            if ctx.listed:
+                gy = _entries(physics.A_each(list(grads)))
+            else:
+                g = grads[0] / n if reduce_op == "mean" else grads[0]
+                gy = _entries(physics.A(g, reduce_op=None))
+            return head + ((None,) if ctx.has_x else ()) + tuple(gy)
+
+
+def physics_call(physics: Any, method: str, *, x: torch.Tensor | None = None, ys: Any = None,
+                 gather: bool = True, **opts: Any) -> Any:
+    """``physics.<method>`` on tensors that require grad: the result carries a distributed backward.
+
+    Parameters
+    ----------
+    physics : DistributedPhysics
+    method : {"A", "forward", "A_adjoint", "A_adjoint_A", "A_A_adjoint", "A_vjp"}
+    x, ys : the image and/or the per-operator tensors the method takes
+    gather : bool
+        ``False`` returns a list where deepinv returns a list.
+    opts : the method's other options (``reduce_op``, operator keyword arguments)
+    """
+    if method == "A_vjp" and isinstance(x, torch.Tensor) and x.requires_grad and not all(physics.linear):
+        raise NotImplementedError("A_vjp(x, v): second derivatives of non-linear operators with respect to x "
+                                  "are not supported; detach x (gradients with respect to v do flow)")
+    ys_list = [] if ys is None else _entries(ys)
+    inputs = ([x] if x is not None else []) + ys_list
+    outs = _PhysicsFunction.apply(physics, method, dict(opts, gather=True), x is not None, *inputs)
+    return _pack(outs, method == "A_A_adjoint" or opts.get("reduce_op") is None, gather)
+
+
+# ---------------------------------------------------------------------------------------- fidelity
+class _FidelityValue(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, fidelity: Any, physics: Any, y: Any, kwargs: dict, x: torch.Tensor) -> torch.Tensor:
+        ctx.fidelity, ctx.physics, ctx.y, ctx.kwargs = fidelity, physics, y, kwargs
+        ctx.save_for_backward(x)
+        with torch.no_grad():
+            return fidelity.fn(x, y, physics, **kwargs)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        with torch.no_grad():
+            grad = ctx.fidelity.grad(x, ctx.y, ctx.physics, **ctx.kwargs)
+            g = g.reshape(g.shape + (1,) * (grad.dim() - g.dim())) if g.dim() else g
+            return None, None, None, None, grad * g
+
+
+class _FidelityGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, fidelity: Any, physics: Any, y: Any, kwargs: dict, x: torch.Tensor) -> torch.Tensor:
+        ctx.fidelity, ctx.physics, ctx.y, ctx.kwargs = fidelity, physics, y, kwargs
+        ctx.save_for_backward(x)
+        with torch.no_grad():
+            return fidelity.grad(x, y, physics, **kwargs)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        with torch.no_grad():
+            return None, None, None, None, ctx.fidelity.hessian_vector(x, ctx.y, ctx.physics, g, **ctx.kwargs)
+
+
+def _refuse_measurement_grad(y: Any) -> None:
+    if needs_grad(*_entries(y)) if isinstance(y, (list, tuple, TensorList, torch.Tensor)) else False:
+        raise NotImplementedError("gradients of the data fidelity with respect to the measurements y are not "
+                                  "supported; pass y.detach() (gradients with respect to x flow)")
+
+
+def fidelity_fn(fidelity: Any, x: torch.Tensor, y: Any, physics: Any, **kwargs: Any) -> torch.Tensor:
+    """``f(x)`` whose backward is ``∇f`` computed on the workers."""
+    _refuse_measurement_grad(y)
+    return _FidelityValue.apply(fidelity, physics, y, kwargs, x)
+
+
+def fidelity_grad(fidelity: Any, x: torch.Tensor, y: Any, physics: Any, **kwargs: Any) -> torch.Tensor:
+    """``∇f(x)`` whose backward is the Hessian-vector product, per operator on the workers."""
+    _refuse_measurement_grad(y)
+    return _FidelityGradient.apply(fidelity, physics, y, kwargs, x)
+
+
+# ---------------------------------------------------------------------------------------- denoiser
+def _arg_leaves(args: tuple, kwargs: dict) -> tuple[list[tuple[str, Any]], list[torch.Tensor]]:
+    """Tensor arguments that require grad (``sigma`` of an unfolded algorithm), as (place, tensor)."""
+    paths, leaves = [], []
+    for k, v in enumerate(args):
+        if isinstance(v, torch.Tensor) and v.requires_grad:
+            paths.append(("arg", k))
+            leaves.append(v)
+    for k, v in kwargs.items():
+        if isinstance(v, torch.Tensor) and v.requires_grad:
+            paths.append(("kwarg", k))
+            leaves.append(v)
+    return paths, leaves
+
+
+def _detached(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    d = lambda v: v.detach() if isinstance(v, torch.Tensor) else v  # noqa: E731
+    return tuple(d(v) for v in args), {k: d(v) for k, v in kwargs.items()}
+
+
+class _DenoiserFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, proc: Any, method: str, spec: dict, x: torch.Tensor, *leaves: torch.Tensor) -> torch.Tensor:
+        ctx.proc, ctx.method, ctx.spec = proc, method, spec
+        ctx.save_for_backward(x)
+        with torch.no_grad():
+            return proc._run_tensor(x.detach(), method, spec["args"], spec["kwargs"])
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        spec = ctx.spec
+        need_x = ctx.needs_input_grad[3]
+        gx, gleaves = ctx.proc._backward_tensor(x.detach(), g.detach(), ctx.method, spec["args"], spec["kwargs"],
+                                                spec["params"], spec["paths"], need_x)
+        return (None, None, None, gx if need_x else None) + tuple(gleaves)
+
+
+def denoiser_call(proc: Any, x: torch.Tensor, method: str, args: tuple, kwargs: dict) -> torch.Tensor:
+    """The tiled denoiser on ``x`` with a backward run tile-batch by tile-batch on the workers.
+
+    Gradients flow to ``x``, to the model's parameters that require grad, and to tensor
+    arguments that require grad (a trainable ``sigma``).
+    """
+    params = proc.trainable_parameters()
+    paths, arg_leaves = _arg_leaves(args, kwargs)
+    args_d, kwargs_d = _detached(args, kwargs)
+    spec = {"args": args_d, "kwargs": kwargs_d, "params": [name for name, _ in params], "paths": paths}
+    return _DenoiserFunction.apply(proc, method, spec, x, *[p for _, p in params], *arg_leaves)
+
+
+# ---------------------------------------------------------------------------------------- parameters
+class DistributedReplicatedParameters:
+    """deepinv 0.5's gradient-synchronised parameters, for scripts that use them.
+
+    Under ``torchrun`` each rank holds a replica whose gradient covers only that rank's
+    share of the operators and tiles, so deepinv all-reduces the gradients after each
+    backward. Here the driver holds the only copy, and the backward of every distributed
+    operation returns its whole contribution (summed along fixed trees on the workers):
+    the gradient autograd leaves in ``p.grad`` is already complete, on any number of
+    workers. This container therefore only keeps the parameters.
+
+    Parameters
+    ----------
+    params : nn.Parameter or iterable of nn.Parameter
+    ctx : DistributedContext
+    average : bool
+        Accepted for deepinv compatibility (there is nothing to average).
+    """
+
+    def __init__(self, params: Any, ctx: Any = None, average: bool = True) -> None:
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        bad = [type(p).__name__ for p in params if not isinstance(p, torch.Tensor)]
+        if not params or bad:
+            raise TypeError(f"expected an nn.Parameter or a non-empty list of them, got {bad or 'nothing'}")
+        self.params = params
+        self.ctx = ctx
+        self.average = average
+
+    def parameters(self):
+        """The parameters, for an optimizer."""
+        return iter(self.params)
+
+    def __iter__(self):
+        return iter(self.params)
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.params[i]
+
+    def __repr__(self) -> str:
+        return f"DistributedReplicatedParameters({len(self.params)} parameters)"
