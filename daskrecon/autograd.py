@@ -11,17 +11,19 @@ same workers:
 - ``f(x) = Σ d_i(A_i x, y_i)`` has ``∇f`` as backward; ``∇f`` has, per operator, the
   vector-Hessian product of ``d_i(A_i ·, y_i)`` computed by autograd on the operator's
   worker, summed along the tree fixed by operator index;
-- the tiled denoiser's backward recomputes each batch of tiles on a worker with grad
-  enabled and backpropagates the cotangent of the tiles' cores (the activations of one
-  network call at a time, never gathered): input gradients per window, assembled on the
-  driver in tile order; parameter gradients summed along a fixed tree. With an overlap at
-  least the receptive radius both equal the untiled network's.
+- the tiled denoiser's backward runs per batch of tiles on the worker that ran its forward,
+  from the activations the forward kept there or recomputed there (``checkpoint_batches``),
+  never gathered; it backpropagates the cotangent of the tiles' cores: input gradients per
+  window, assembled on the driver in tile order; parameter gradients summed along a fixed
+  tree. With an overlap at least the receptive radius both equal the untiled network's.
 
 Every sum has a fixed order, so gradients are bitwise the same on any number of workers.
 """
 
 from __future__ import annotations
 
+import uuid
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -206,10 +208,21 @@ def _detached(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
 class _DenoiserFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, proc: Any, method: str, spec: dict, x: torch.Tensor, *leaves: torch.Tensor) -> torch.Tensor:
-        ctx.proc, ctx.method, ctx.spec = proc, method, spec
+        ctx.proc, ctx.method, ctx.spec, ctx.kept = proc, method, spec, None
         ctx.save_for_backward(x)
+        strategy = proc.strategy_for(x.shape)
+        nbytes = proc._keeps(method, x.shape, strategy, spec["args"], spec["kwargs"], x.element_size()) \
+            if hasattr(strategy, "patch_cotangents") else 0
+        keep = None
+        if nbytes:
+            # the graphs stay on the workers until the backward, or until this node is freed
+            keep = {"id": uuid.uuid4().hex, "params": spec["params"], "paths": spec["paths"],
+                    "need_x": ctx.needs_input_grad[3]}
+            proc._kept_live += nbytes
+            ctx.kept = keep["id"]
+            ctx.release = weakref.finalize(ctx, proc._release_kept, keep["id"], nbytes)
         with torch.no_grad():
-            return proc._run_tensor(x.detach(), method, spec["args"], spec["kwargs"])
+            return proc._run_tensor(x.detach(), method, spec["args"], spec["kwargs"], keep=keep)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor):
@@ -217,7 +230,10 @@ class _DenoiserFunction(torch.autograd.Function):
         spec = ctx.spec
         need_x = ctx.needs_input_grad[3]
         gx, gleaves = ctx.proc._backward_tensor(x.detach(), g.detach(), ctx.method, spec["args"], spec["kwargs"],
-                                                spec["params"], spec["paths"], need_x)
+                                                spec["params"], spec["paths"], need_x, ctx.kept)
+        if ctx.kept is not None:
+            ctx.release()  # graphs left by batches that ran elsewhere; a second backward recomputes
+            ctx.kept = None
         return (None, None, None, gx if need_x else None) + tuple(gleaves)
 
 

@@ -23,11 +23,12 @@ class MemoryLimitError(DaskreconError, MemoryError):
 
 
 def activation_channels(model: Any, method: str, channels: int, ndim: int, dtype: torch.dtype, args: tuple,
-                        kwargs: dict, side: int = 64) -> float | None:
+                        kwargs: dict, side: int = 64, total: bool = False) -> float | None:
     """The largest activation of ``model`` in channels at full resolution (a probe forward pass).
 
     Runs ``model.<method>`` on a ``side``-pixel probe with forward hooks on every leaf
-    module and returns ``max(numel(output)) / probe pixels``. ``None`` if the probe fails
+    module and returns ``max(numel(output)) / probe pixels`` (with ``total=True`` the sum
+    over leaf modules: about what a backward pass keeps). ``None`` if the probe fails
     (the model is not a torch module, needs other sizes, ...): no estimate then.
     """
     if not isinstance(model, torch.nn.Module) and not isinstance(getattr(model, "denoiser", None), torch.nn.Module):
@@ -46,7 +47,7 @@ def activation_channels(model: Any, method: str, channels: int, ndim: int, dtype
     finally:
         for h in hooks:
             h.remove()
-    return max(sizes, default=0) / side**ndim
+    return (sum(sizes) if total else max(sizes, default=0)) / side**ndim
 
 
 def check_fits(client: Any, need: int, what: str, advice: str) -> None:

@@ -185,6 +185,16 @@ class ObjectSet:
         return (self.token, slot, fut)
 
 
+def release_everywhere(client: Client, fn: Callable, *args: Any) -> None:
+    """Run the coroutine function ``fn(*args)`` on every worker without waiting (from finalizers: any thread,
+    even the client's loop)."""
+    try:
+        if client.status == "running":
+            client.loop.add_callback(client._run, fn, *args, wait=False, on_error="ignore")
+    except Exception:  # interpreter shutdown, closed client: what stays only costs memory
+        pass
+
+
 def _forget_everywhere(client: Client, token: str) -> None:
     _fire_and_forget(client, token, None, None)
 

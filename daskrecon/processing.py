@@ -33,6 +33,8 @@ from daskrecon.errors import ShapeError
 from daskrecon.fingerprint import fingerprint
 from daskrecon.memory import activation_channels, check_fits
 from daskrecon.autograd import denoiser_call, needs_grad
+from daskrecon.context import scheduler_workers
+from daskrecon.placement import release_everywhere
 from daskrecon.reduction import tree_reduce
 from daskrecon.sharding import balance_loads
 from daskrecon.strategies import DistributedSignalStrategy, OverlapTilingStrategy, create_strategy
@@ -236,6 +238,7 @@ class DistributedProcessing(torch.nn.Module):
         self._state_cache: tuple[tuple, Any] | None = None
         self._activations: dict[tuple, float | None] = {}
         self._checked: set[tuple] = set()
+        self._kept_live = 0  # bytes of activations kept on the workers for pending backward passes
         # deepinv 0.5's activation checkpointing of tile batches: it concerns backward passes, which
         # do not cross workers yet (a grad-requiring input is refused); kept for when they do.
         self.checkpoint_batches = checkpoint_batches
@@ -293,6 +296,42 @@ class DistributedProcessing(torch.nn.Module):
         act = self._activations[key] or 0.0
         return int(tiles * shape[0] * math.prod(window) * itemsize * (2 * shape[1] + 2 * act))
 
+    def _kept_bytes(self, method: str, shape: Sequence[int], strategy: Any, args: tuple, kwargs: dict,
+                    itemsize: int) -> int | None:
+        """Bytes a backward pass would keep for all tiles (every leaf module's output); None if unknown."""
+        key = ("total", method, shape[1], len(shape) - 2, repr(args), repr(sorted(kwargs.items())))
+        if key not in self._activations:
+            dtype = self._param_dtype or torch.float32
+            self._activations[key] = activation_channels(self.processor, method, shape[1], len(shape) - 2, dtype,
+                                                          args, kwargs, total=True)
+        act = self._activations[key]
+        if act is None or not isinstance(strategy, OverlapTilingStrategy):
+            return None
+        return int(shape[0] * strategy.processed_pixels() * itemsize * act)
+
+    def _keeps(self, method: str, shape: Sequence[int], strategy: Any, args: tuple, kwargs: dict,
+               itemsize: int) -> int:
+        """Bytes of activations the workers keep for this call's backward (0: recompute it there).
+
+        ``checkpoint_batches``: ``"always"`` recomputes each tile batch in the backward
+        (one network call's activations at a time); ``"never"`` keeps them on the worker
+        from the forward; ``"auto"`` keeps them while all kept activations stay within a
+        quarter of the smallest worker memory limit per worker, and recomputes beyond.
+        """
+        if self.checkpoint_batches == "always" or method == "grad":
+            return 0
+        need = self._kept_bytes(method, shape, strategy, args, kwargs, itemsize)
+        if self.checkpoint_batches == "never":
+            return need or 1
+        if need is None:
+            return 0
+        limits = [w.get("memory_limit") or 0 for w in scheduler_workers(self.ctx.client,
+                                                                        self.ctx.stall_timeout).values()]
+        if not limits or min(limits) == 0:
+            return need
+        per_worker = (self._kept_live + need) / len(limits)
+        return need if per_worker <= 0.25 * min(limits) else 0
+
     def _check_memory(self, need: int, what: str) -> None:
         check_fits(self.ctx.client, need, what,
                    f"lower patch_size (now {self.patch_size}) or max_batch_size (now {self.max_batch_size}), or give "
@@ -324,6 +363,11 @@ class DistributedProcessing(torch.nn.Module):
             # placed with lineage (not scattered): a worker lost mid-backward gets it back
             self._state_cache = (versions, place(self.ctx.client, state))
         return self._state_cache[1]
+
+    def _release_kept(self, call_id: str, nbytes: int) -> None:
+        """Drop a forward's kept activations on every worker (its backward ran, or never will)."""
+        self._kept_live = max(0, self._kept_live - nbytes)
+        release_everywhere(self.ctx.client, denoising_tasks.release_kept, call_id)
 
     def fingerprint(self) -> str:
         """A hash of the pickled model (weights included)."""
@@ -392,7 +436,7 @@ class DistributedProcessing(torch.nn.Module):
         return self._run_tensor(meta, method or self.method, args, kwargs or {}, placed=x, labels=labels)
 
     def _run_tensor(self, x: torch.Tensor, method: str, args: tuple, kwargs: dict,
-                    placed: Future | None = None, labels: dict | None = None) -> torch.Tensor:
+                    placed: Future | None = None, labels: dict | None = None, keep: dict | None = None) -> torch.Tensor:
         if x.dim() < 3:
             raise ShapeError(f"x must be (B, C, *spatial), got shape {tuple(x.shape)}")
         strategy = self.strategy_for(x.shape)
@@ -413,7 +457,7 @@ class DistributedProcessing(torch.nn.Module):
         state = self._state()
         futs = [
             client.submit(denoising_tasks.process_patches, self.key, self.ctx.device_mode, method, strategy, x_fut,
-                          idx, self.max_batch_size, args, kwargs, state, pure=False, workers=[w],
+                          idx, self.max_batch_size, args, kwargs, state, keep, pure=False, workers=[w],
                           allow_other_workers=True)
             for idx, w in zip(batches, self._placement(strategy, batches))
         ]
@@ -426,11 +470,14 @@ class DistributedProcessing(torch.nn.Module):
         return out.to(self.ctx.device)
 
     def _backward_tensor(self, x: torch.Tensor, g: torch.Tensor, method: str, args: tuple, kwargs: dict,
-                         params: list[str], paths: list, need_x: bool) -> tuple[torch.Tensor | None, list]:
+                         params: list[str], paths: list, need_x: bool,
+                         kept: str | None = None) -> tuple[torch.Tensor | None, list]:
         """Gradients of ``<g, denoise(x)>``: w.r.t. ``x``, the parameters named ``params`` and the arguments at ``paths``.
 
-        Each tile batch is recomputed on a worker with grad enabled (one network call's
-        activations at a time) and backpropagated from the cotangent of its tiles' cores.
+        Each tile batch is backpropagated from the cotangent of its tiles' cores, from the
+        activations its forward kept on the worker (``kept``, the forward's call id) or,
+        where they are not there (``checkpoint_batches``, a worker lost since), recomputed
+        with grad enabled one network call at a time — the same gradients either way.
         Window gradients come back and are added in tile order; parameter and argument
         gradients (one flat vector per batch) are summed on the workers along the fixed
         tree. Batches follow the tile geometry only: bitwise the same on any number of workers.
@@ -445,8 +492,8 @@ class DistributedProcessing(torch.nn.Module):
         state = self._state()
         futs = [
             client.submit(denoising_tasks.backward_patches, self.key, self.ctx.device_mode, method, strategy, x_fut,
-                          g_fut, idx, self.max_batch_size, args, kwargs, state, params, paths, need_x, pure=False,
-                          workers=[w], allow_other_workers=True)
+                          g_fut, idx, self.max_batch_size, args, kwargs, state, params, paths, need_x, kept,
+                          pure=False, workers=[w], allow_other_workers=True)
             for idx, w in zip(batches, self._placement(strategy, batches))
         ]
         labels = {f.key: f"backward of tile batch {k} (tiles {b[0]}..{b[-1]})"

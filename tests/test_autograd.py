@@ -218,3 +218,41 @@ def test_unfolded_algorithm_trains_like_deepinv(ctx):
         if b is not None:
             assert b.abs().max() > 0
             close(a, b, rel=1e-4)
+
+
+def _kept_on_workers(ctx):
+    from daskrecon.tasks import denoising as denoising_tasks
+
+    return sum(ctx.client.run(lambda: sum(len(v) for v in denoising_tasks._KEPT.values())).values())
+
+
+def _wait_released(ctx, timeout=10.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while _kept_on_workers(ctx) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return _kept_on_workers(ctx)
+
+
+def test_checkpoint_modes_same_gradients_and_kept_activations_are_freed(ctx):
+    import gc
+
+    model = small_dncnn(3, depth=4)
+    x = torch.rand(1, 3, 45, 38)
+    results = {}
+    for mode in ("always", "never", "auto"):
+        d = dr.distribute(model, ctx, patch_size=16, overlap=5, checkpoint_batches=mode)
+        xr = x.clone().requires_grad_(True)
+        out = d(xr)
+        kept = _kept_on_workers(ctx)
+        assert (kept > 0) == (mode != "always"), (mode, kept)  # auto keeps: the workers have room
+        results[mode] = _grads(lambda: out, xr, *model.parameters())
+        assert _wait_released(ctx) == 0
+        out = d(xr)  # a forward whose backward never comes: freed with its graph
+        del out
+        gc.collect()
+        assert _wait_released(ctx) == 0
+    for mode in ("never", "auto"):
+        for a, b in zip(results[mode], results["always"]):
+            assert torch.equal(a, b)

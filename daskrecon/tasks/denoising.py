@@ -14,7 +14,7 @@ from daskrecon.tasks.arrays import module_device, to_numpy, to_tensor, worker_de
 from daskrecon.tiling import default_batch
 
 __all__ = ["apply_state", "backward_patches", "forget_model", "get_model", "leaf_gradients", "process_block",
-           "process_patches", "store_model_payload", "window_gradients"]
+           "process_patches", "release_kept", "store_model_payload", "window_gradients"]
 
 
 _MODEL_PAYLOADS: dict[str, bytes] = {}
@@ -132,12 +132,65 @@ def model_device(model: Any, device_mode: str | None) -> torch.device:
 
 def process_patches(model_key: str, device_mode: str | None, method: str, strategy: Any, x: np.ndarray,
                     indices: list[int], max_batch_size: int | None, args: tuple, kwargs: dict,
-                    state: dict | None = None) -> list[tuple[int, np.ndarray]]:
-    """Process some patches of an image held by this worker; return ``(index, trimmed output)`` pairs."""
+                    state: dict | None = None, keep: dict | None = None) -> list[tuple[int, np.ndarray]]:
+    """Process some patches of an image held by this worker; return ``(index, trimmed output)`` pairs.
+
+    With ``keep`` (a forward whose backward will follow) the network runs with grad
+    enabled and each call's graph stays on this worker, under ``keep["id"]``, for
+    :func:`backward_patches`.
+    """
     model = get_model(model_key, device_mode)
     apply_state(model, state)
     xt = to_tensor(x, model_device(model, device_mode))
+    if keep is not None:
+        return _run_keeping(model, method, strategy, xt, indices, max_batch_size, args, kwargs, keep)
     return [(i, to_numpy(r)) for i, r in _run_patches(model, method, strategy, xt, indices, max_batch_size, args, kwargs)]
+
+
+# Graphs of forwards whose backward is pending: call id -> {tile indices of a task: entry}.
+_KEPT: dict[str, dict[tuple, dict]] = {}
+
+
+async def release_kept(call_id: str) -> None:
+    """Forget a forward's kept graphs on this worker (its backward ran, or never will).
+
+    A coroutine: run on the worker's event loop by a fire-and-forget ``client.run``.
+    """
+    _KEPT.pop(call_id, None)
+
+
+def _calls(pairs: list, per_call: int) -> list[list]:
+    return [pairs[s:s + per_call] for s in range(0, len(pairs), per_call)]
+
+
+def _network_call(model: Any, fn: Any, group: list, args: tuple, kwargs: dict, need_x: bool) -> tuple:
+    """One network call on a group of windows; ``(input batch, output)`` with the graph between them."""
+    b = torch.cat([p for _, p in group], dim=0).detach()
+    if getattr(model, "_daskrecon_channels_last", False) and b.dim() == 4:
+        b = b.contiguous(memory_format=torch.channels_last)
+    b.requires_grad_(need_x)
+    return b, fn(b, *args, **kwargs)
+
+
+def _run_keeping(model: Any, method: str, strategy: Any, xt: torch.Tensor, indices: list[int],
+                 max_batch_size: int | None, args: tuple, kwargs: dict, keep: dict) -> list[tuple[int, np.ndarray]]:
+    dev = xt.device
+    args, kwargs, arg_leaves = _with_leaves(args, kwargs, keep["paths"], dev)
+    named = dict(model.named_parameters()) if isinstance(model, torch.nn.Module) else {}
+    for n in keep["params"]:
+        named[n].requires_grad_(True)
+    fn = model if method == "__call__" else getattr(model, method)
+    pairs = strategy.get_local_patches(xt, indices)
+    per_call = max_batch_size or (len(pairs) if dev.type == "cuda" else 1)
+    calls, results = [], []
+    with torch.enable_grad():
+        for group in _calls(pairs, per_call):
+            b, out = _network_call(model, fn, group, args, kwargs, keep["need_x"])
+            trimmed = [(i, strategy.trim_patch(i, o)) for (i, _), o in zip(group, out.split(group[0][1].shape[0], dim=0))]
+            calls.append((group, b, trimmed))
+            results += [(i, to_numpy(t.contiguous())) for i, t in trimmed]
+    _KEPT.setdefault(keep["id"], {})[tuple(indices)] = {"calls": calls, "arg_leaves": arg_leaves}
+    return results
 
 
 def process_block(block: np.ndarray, model_key: str, device_mode: str | None, method: str, tiling: dict,
@@ -169,42 +222,48 @@ def _with_leaves(args: tuple, kwargs: dict, paths: list, device: torch.device) -
 
 def backward_patches(model_key: str, device_mode: str | None, method: str, strategy: Any, x: np.ndarray,
                      grad_out: np.ndarray, indices: list[int], max_batch_size: int | None, args: tuple, kwargs: dict,
-                     state: dict | None, params: list[str], paths: list, need_x: bool,
+                     state: dict | None, params: list[str], paths: list, need_x: bool, kept: str | None = None,
                      ) -> tuple[list[tuple[int, np.ndarray]], np.ndarray]:
     """Backward of some tiles: ``(index, window gradient)`` pairs and the flat gradient of the parameters and arguments.
 
     The flat vector ends with one flag per parameter/argument: 1 where the network used it.
 
-    The tiles are recomputed with grad enabled, one network call at a time (the same calls
-    as the forward: ``max_batch_size`` tiles, or one on the CPU), and each call is
-    backpropagated from the output cotangent of the cores it contributes (its activations
-    are freed before the next call). Gradients of the calls add up in call order.
+    The graphs the forward kept here under ``kept`` are backpropagated; where they are not
+    here (recomputation asked for, or the forward ran on a worker since lost) the tiles are
+    recomputed with grad enabled, one network call at a time (the same calls as the
+    forward: ``max_batch_size`` tiles, or one on the CPU), each call's activations freed
+    before the next. Each call is backpropagated from the output cotangent of the cores it
+    contributes; gradients of the calls add up in call order.
     """
     model = get_model(model_key, device_mode)
     apply_state(model, state)
     dev = model_device(model, device_mode)
     xt, gt = to_tensor(x, dev), to_tensor(grad_out, dev)
-    args, kwargs, arg_leaves = _with_leaves(args, kwargs, paths, dev)
     named = dict(model.named_parameters()) if isinstance(model, torch.nn.Module) else {}
+    entry = _KEPT.get(kept, {}).pop(tuple(indices), None) if kept else None
+    if entry is not None:
+        arg_leaves, calls = entry["arg_leaves"], entry["calls"]
+    else:
+        args, kwargs, arg_leaves = _with_leaves(args, kwargs, paths, dev)
+        fn = model if method == "__call__" else getattr(model, method)
+        pairs = strategy.get_local_patches(xt, indices)
+        per_call = max_batch_size or (len(pairs) if xt.device.type == "cuda" else 1)
+        calls = _calls(pairs, per_call)  # recomputed one at a time below
     leaves = [named[n].requires_grad_(True) for n in params] + arg_leaves
-    fn = model if method == "__call__" else getattr(model, method)
-    pairs = strategy.get_local_patches(xt, indices)
     cotangents = dict(strategy.patch_cotangents(gt, indices))
-    per_call = max_batch_size or (len(pairs) if xt.device.type == "cuda" else 1)
-    nhwc = getattr(model, "_daskrecon_channels_last", False)
     totals = [torch.zeros_like(t) for t in leaves]
     used = torch.zeros(len(leaves), dtype=xt.dtype)
     windows = []
-    for start in range(0, len(pairs), per_call):
-        group = pairs[start:start + per_call]
-        b = torch.cat([p for _, p in group], dim=0).detach()
-        if nhwc and b.dim() == 4:
-            b = b.contiguous(memory_format=torch.channels_last)
-        b.requires_grad_(need_x)
+    while calls:
+        call = calls.pop(0)  # dropped as soon as it is backpropagated
         with torch.enable_grad():
-            out = fn(b, *args, **kwargs)
-            loss = sum((strategy.trim_patch(i, o) * cotangents[i]).sum()
-                       for (i, _), o in zip(group, out.split(group[0][1].shape[0], dim=0)))
+            if entry is not None:
+                group, b, trimmed = call
+            else:
+                group = call
+                b, out = _network_call(model, fn, group, args, kwargs, need_x)
+                trimmed = [(i, strategy.trim_patch(i, o)) for (i, _), o in zip(group, out.split(group[0][1].shape[0], dim=0))]
+            loss = sum((t * cotangents[i]).sum() for i, t in trimmed)
             wrt = ([b] if need_x else []) + leaves
             grads = torch.autograd.grad(loss, wrt, allow_unused=True) if wrt else []
         if need_x:
