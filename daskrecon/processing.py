@@ -100,6 +100,18 @@ def _param_versions(module: torch.nn.Module | None) -> tuple:
     return tuple((name, id(p), p._version) for name, p in module.named_parameters())
 
 
+def _unwrap_state(module: Any, state: dict, prefix: str, local_metadata: Any) -> None:
+    inner = prefix + "processor."
+    for k in [k for k in state if k.startswith(inner)]:
+        state[prefix + k[len(inner):]] = state.pop(k)
+
+
+def _wrap_state(module: Any, state: dict, prefix: str, *args: Any) -> None:
+    inner = prefix + "processor."
+    for k in [k for k in state if k.startswith(prefix) and not k.startswith(inner)]:
+        state[inner + k[len(prefix):]] = state.pop(k)
+
+
 def _arg_at(args: tuple, kwargs: dict, path: tuple) -> Any:
     return args[path[1]] if path[0] == "arg" else kwargs[path[1]]
 
@@ -239,6 +251,10 @@ class DistributedProcessing(torch.nn.Module):
         self._activations: dict[tuple, float | None] = {}
         self._checked: set[tuple] = set()
         self._kept_live = 0  # bytes of activations kept on the workers for pending backward passes
+        # The state dict is the network's own (no "processor." level): a model trained through
+        # daskrecon saves weights that load into the plain model, and the other way round.
+        self.register_state_dict_post_hook(_unwrap_state)
+        self.register_load_state_dict_pre_hook(_wrap_state)
         # deepinv 0.5's activation checkpointing of tile batches: it concerns backward passes, which
         # do not cross workers yet (a grad-requiring input is refused); kept for when they do.
         self.checkpoint_batches = checkpoint_batches

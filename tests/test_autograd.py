@@ -256,3 +256,49 @@ def test_checkpoint_modes_same_gradients_and_kept_activations_are_freed(ctx):
     for mode in ("never", "auto"):
         for a, b in zip(results[mode], results["always"]):
             assert torch.equal(a, b)
+
+
+def test_training_checkpoint_resumes_exactly_and_loads_into_the_plain_model(ctx, tmp_path):
+    from deepinv.optim import PGD, PnP
+
+    ops = blurs(2)
+    g = torch.Generator().manual_seed(5)
+    data = [torch.rand(1, 3, 37, 31, generator=g) for _ in range(4)]
+    ys = [noisy_measurements(ops, x, seed=k) for k, x in enumerate(data)]
+
+    def build():
+        model = PGD(data_fidelity=L2(), prior=PnP(small_dncnn(3, depth=3)), stepsize=[0.4] * 2,
+                    sigma_denoiser=[0.05] * 2, max_iter=2, unfold=True, trainable_params=["stepsize"])
+        model = dr.distribute(model, ctx, patch_size=16, overlap=4)
+        return model, torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def train(model, opt, physics, epochs, start=0):
+        for epoch in range(start, epochs):
+            order = torch.randperm(len(data), generator=torch.Generator().manual_seed(epoch))  # data order by epoch
+            for k in order.tolist():
+                opt.zero_grad()
+                torch.nn.functional.mse_loss(model(ys[k], physics), data[k]).backward()
+                opt.step()
+
+    physics = dr.distribute(ops, ctx)
+    straight, opt = build()
+    train(straight, opt, physics, 3)
+
+    first, opt = build()
+    train(first, opt, physics, 1)
+    torch.save({"model": first.state_dict(), "optimizer": opt.state_dict(), "epoch": 1}, tmp_path / "ckpt.pt")
+    del first, opt
+    resumed, opt = build()  # fresh objects, fresh weights on the workers, then the checkpoint
+    ckpt = torch.load(tmp_path / "ckpt.pt")
+    resumed.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    train(resumed, opt, physics, 3, start=ckpt["epoch"])
+    for a, b in zip(resumed.state_dict().values(), straight.state_dict().values()):
+        assert torch.equal(a, b)
+
+    plain = PGD(data_fidelity=L2(), prior=PnP(small_dncnn(3, depth=3)), stepsize=[0.4] * 2, sigma_denoiser=[0.05] * 2,
+                max_iter=2, unfold=True, trainable_params=["stepsize"])
+    assert list(plain.state_dict()) == list(straight.state_dict())  # the network's own keys
+    plain.load_state_dict(straight.state_dict())
+    with torch.no_grad():
+        close(plain.prior[0].denoiser(data[0]), straight.prior[0].denoiser(data[0]))
