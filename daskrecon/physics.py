@@ -125,7 +125,9 @@ class DistributedPhysics(Physics):
     ``gather=False`` keeps deepinv's single-process return types (a ``list`` rather
     than a ``TensorList`` for per-operator results): the driver is the only rank and
     sees every operator. Non-linear operators support :meth:`A`, :meth:`forward` and
-    :meth:`A_vjp` (by autograd on the worker).
+    :meth:`A_vjp` (by autograd on the worker). Every method on tensors is differentiable:
+    its backward is the adjoint operation, run per operator on the workers (noise in
+    :meth:`forward` is treated as additive: its backward is that of :meth:`A`).
     """
 
     def __init__(
@@ -303,10 +305,11 @@ class DistributedPhysics(Physics):
           force_input_grad_sync: bool = False, return_graph_anchor: bool = False, **kwargs: Any):
         """``[A_1 x, …, A_N x]`` in operator order (``reduce_op`` sums or averages them).
 
-        ``x`` may be a (B, C, H, W) dask array: see :meth:`local_forms`. deepinv 0.5's
-        ``force_input_grad_sync`` concerns gradients (not supported yet: an input that
-        requires grad raises ``NotImplementedError``); ``return_graph_anchor=True`` also
-        returns the input, as deepinv does.
+        ``x`` may be a (B, C, H, W) dask array: see :meth:`local_forms`. A tensor that
+        requires grad gives a result whose backward runs on the workers
+        (:mod:`daskrecon.autograd`); deepinv 0.5's ``force_input_grad_sync`` changes nothing
+        (gradients are always whole); ``return_graph_anchor=True`` also returns the input,
+        as deepinv does.
         """
         if isinstance(x, da.Array):
             return self._chunked("A", x, reduce_op)

@@ -157,10 +157,13 @@ class DistributedProcessing(torch.nn.Module):
         Run 2-D convolutional networks in NHWC memory format on the workers (20-30 %
         faster on CPU; results differ from NCHW by float rounding, ~1e-7).
     checkpoint_batches, checkpoint_use_reentrant, checkpoint_preserve_rng_state
-        deepinv 0.5's activation checkpointing of tile batches during backward passes
-        (``checkpoint_batches`` in ``"auto"``, ``"always"``, ``"never"``). Backward passes
-        through the tiled denoiser are not supported yet: an input that requires grad
-        raises ``NotImplementedError``.
+        deepinv 0.5's activation checkpointing of tile batches, for backward passes
+        (:mod:`daskrecon.autograd`): ``"always"`` recomputes each tile batch on its worker
+        during the backward (one network call's activations at a time); ``"never"`` keeps
+        the forward's activations on the worker that ran the batch until the backward;
+        ``"auto"`` (default) keeps them while all kept activations fit a quarter of the
+        workers' memory limit, and recomputes beyond. The same gradients, bitwise, in
+        every mode. The other two are accepted for compatibility.
 
     Examples
     --------
@@ -255,8 +258,6 @@ class DistributedProcessing(torch.nn.Module):
         # daskrecon saves weights that load into the plain model, and the other way round.
         self.register_state_dict_post_hook(_unwrap_state)
         self.register_load_state_dict_pre_hook(_wrap_state)
-        # deepinv 0.5's activation checkpointing of tile batches: it concerns backward passes, which
-        # do not cross workers yet (a grad-requiring input is refused); kept for when they do.
         self.checkpoint_batches = checkpoint_batches
         self.checkpoint_use_reentrant = checkpoint_use_reentrant
         self.checkpoint_preserve_rng_state = checkpoint_preserve_rng_state
