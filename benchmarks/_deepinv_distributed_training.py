@@ -7,7 +7,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import peak_rss_mib, timeit  # noqa: E402
-from _training_problem import problem, train_step  # noqa: E402
+from _training_problem import add_arguments, problem, train_step  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -15,13 +15,7 @@ from deepinv.distributed import DistributedContext, distribute  # noqa: E402
 from deepinv.physics import stack  # noqa: E402
 
 p = argparse.ArgumentParser()
-p.add_argument("--size", type=int, default=256)
-p.add_argument("--depth", type=int, default=20)
-p.add_argument("--nf", type=int, default=64)
-p.add_argument("--unroll", type=int, default=3)
-p.add_argument("--patch", type=int, default=128)
-p.add_argument("--overlap", type=int, default=24)
-p.add_argument("--repeats", type=int, default=3)
+add_arguments(p)
 args = p.parse_args()
 ops, y, x_true, build = problem(args.size, args.depth, args.nf, args.unroll)
 with DistributedContext(device_mode="cpu") as ctx:

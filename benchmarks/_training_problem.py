@@ -5,21 +5,13 @@ import torch
 
 def problem(size: int, depth: int = 20, nf: int = 64, unroll: int = 3):
     """``(ops, y, x_true, build)``: ``build()`` makes the same freshly initialised model every time."""
-    import deepinv as dinv
     from deepinv.models import DnCNN
     from deepinv.optim import PGD, PnP
     from deepinv.optim.data_fidelity import L2
-    from deepinv.physics.functional.blur import gaussian_blur
 
-    g = torch.Generator().manual_seed(0)
-    x_true = torch.rand(1, 3, size, size, generator=g)
-    ops = []
-    for i, (s, a) in enumerate([((1.0, 1.0), 0.0), ((2.0, 2.0), 0.0), ((1.5, 3.0), 30.0)]):
-        op = dinv.physics.Blur(filter=gaussian_blur(sigma=s, angle=a), padding="circular")
-        op.noise_model = dinv.physics.GaussianNoise(sigma=0.03, rng=torch.Generator().manual_seed(i))
-        ops.append(op)
-    with torch.no_grad():
-        y = dinv.utils.TensorList([op(x_true) for op in ops])
+    from _pnp_problem import problem as pnp_problem
+
+    ops, y, _, x_true = pnp_problem(size)  # the PnP benchmark's blurs, noise and image
 
     def build():
         torch.manual_seed(0)
@@ -28,6 +20,17 @@ def problem(size: int, depth: int = 20, nf: int = 64, unroll: int = 3):
                    max_iter=unroll, unfold=True, trainable_params=["stepsize"])
 
     return ops, y, x_true, build
+
+
+def add_arguments(parser) -> None:
+    """The workload's options, shared by the benchmark and its deepinv.distributed side."""
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--depth", type=int, default=20)
+    parser.add_argument("--nf", type=int, default=64)
+    parser.add_argument("--unroll", type=int, default=3)
+    parser.add_argument("--patch", type=int, default=128)
+    parser.add_argument("--overlap", type=int, default=24)
+    parser.add_argument("--repeats", type=int, default=3)
 
 
 def train_step(model, optimizer, y, physics, x_true) -> float:

@@ -29,20 +29,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import machine, peak_rss_mib, reset_peak_rss, rss_mib, run_deepinv_distributed, table, timeit, write  # noqa: E402,E501
-from _training_problem import problem, train_step  # noqa: E402
+from _training_problem import add_arguments, problem, train_step  # noqa: E402
 
+import _common  # noqa: E402
+import cloudpickle  # noqa: E402
 
-def _worker_peak_rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _worker_reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+cloudpickle.register_pickle_by_value(_common)  # the workers run its peak-RSS probes without importing it
 
 
 def _plain(ops, y, x_true, build, repeats: int) -> dict:
@@ -110,23 +102,17 @@ def _daskrecon(ops, y, x_true, build, repeats: int, patch: int, overlap: int, me
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
         for _ in range(warmup):
             train_step(model, opt, y, dphys, x_true)
-        ctx.client.run(_worker_reset_peak)
+        ctx.client.run(reset_peak_rss)
         r = timeit(lambda: train_step(model, opt, y, dphys, x_true), repeats, warmup=0)
         r["loss"] = r.pop("_out")
-        r["peak_rss_mib_per_worker"] = sorted(ctx.client.run(_worker_peak_rss_mib).values())
+        r["peak_rss_mib_per_worker"] = sorted(ctx.client.run(peak_rss_mib).values())
         r["restarts"] = len(ctx.client.run(lambda: 0)) != 2
     return r
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--depth", type=int, default=20)
-    p.add_argument("--nf", type=int, default=64)
-    p.add_argument("--unroll", type=int, default=3)
-    p.add_argument("--patch", type=int, default=128)
-    p.add_argument("--overlap", type=int, default=24)
-    p.add_argument("--repeats", type=int, default=3)
+    add_arguments(p)
     p.add_argument("--mem-size", type=int, default=1536)
     p.add_argument("--mem-depth", type=int, default=10)
     p.add_argument("--mem-nf", type=int, default=32)

@@ -135,36 +135,27 @@ def physics_call(physics: Any, method: str, *, x: torch.Tensor | None = None, ys
 
 
 # ---------------------------------------------------------------------------------------- fidelity
-class _FidelityValue(torch.autograd.Function):
+class _FidelityFunction(torch.autograd.Function):
+    """``f(x)`` (``kind="fn"``, backward ``g·∇f(x)``) or ``∇f(x)`` (``kind="grad"``, backward ``∇²f(x) g``)."""
+
     @staticmethod
-    def forward(ctx: Any, fidelity: Any, physics: Any, y: Any, kwargs: dict, x: torch.Tensor) -> torch.Tensor:
-        ctx.fidelity, ctx.physics, ctx.y, ctx.kwargs = fidelity, physics, y, kwargs
+    def forward(ctx: Any, kind: str, fidelity: Any, physics: Any, y: Any, kwargs: dict,
+                x: torch.Tensor) -> torch.Tensor:
+        ctx.kind, ctx.fidelity, ctx.physics, ctx.y, ctx.kwargs = kind, fidelity, physics, y, kwargs
         ctx.save_for_backward(x)
         with torch.no_grad():
-            return fidelity.fn(x, y, physics, **kwargs)
+            return getattr(fidelity, kind)(x, y, physics, **kwargs)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor):
         (x,) = ctx.saved_tensors
         with torch.no_grad():
-            grad = ctx.fidelity.grad(x, ctx.y, ctx.physics, **ctx.kwargs)
-            g = g.reshape(g.shape + (1,) * (grad.dim() - g.dim())) if g.dim() else g
-            return None, None, None, None, grad * g
-
-
-class _FidelityGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, fidelity: Any, physics: Any, y: Any, kwargs: dict, x: torch.Tensor) -> torch.Tensor:
-        ctx.fidelity, ctx.physics, ctx.y, ctx.kwargs = fidelity, physics, y, kwargs
-        ctx.save_for_backward(x)
-        with torch.no_grad():
-            return fidelity.grad(x, y, physics, **kwargs)
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor):
-        (x,) = ctx.saved_tensors
-        with torch.no_grad():
-            return None, None, None, None, ctx.fidelity.hessian_vector(x, ctx.y, ctx.physics, g, **ctx.kwargs)
+            if ctx.kind == "grad":
+                gx = ctx.fidelity.hessian_vector(x, ctx.y, ctx.physics, g, **ctx.kwargs)
+            else:
+                grad = ctx.fidelity.grad(x, ctx.y, ctx.physics, **ctx.kwargs)
+                gx = grad * (g.reshape(g.shape + (1,) * (grad.dim() - g.dim())) if g.dim() else g)
+        return None, None, None, None, None, gx
 
 
 def _refuse_measurement_grad(y: Any) -> None:
@@ -176,13 +167,13 @@ def _refuse_measurement_grad(y: Any) -> None:
 def fidelity_fn(fidelity: Any, x: torch.Tensor, y: Any, physics: Any, **kwargs: Any) -> torch.Tensor:
     """``f(x)`` whose backward is ``∇f`` computed on the workers."""
     _refuse_measurement_grad(y)
-    return _FidelityValue.apply(fidelity, physics, y, kwargs, x)
+    return _FidelityFunction.apply("fn", fidelity, physics, y, kwargs, x)
 
 
 def fidelity_grad(fidelity: Any, x: torch.Tensor, y: Any, physics: Any, **kwargs: Any) -> torch.Tensor:
     """``∇f(x)`` whose backward is the Hessian-vector product, per operator on the workers."""
     _refuse_measurement_grad(y)
-    return _FidelityGradient.apply(fidelity, physics, y, kwargs, x)
+    return _FidelityFunction.apply("grad", fidelity, physics, y, kwargs, x)
 
 
 # ---------------------------------------------------------------------------------------- denoiser

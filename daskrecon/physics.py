@@ -56,15 +56,6 @@ class _Reduction:
 BY_REDUCTION: Any = _Reduction()
 
 
-def refuse_autograd(*tensors: Any, what: str) -> None:
-    """Raise instead of silently cutting a graph: nothing that crosses a worker carries autograd yet."""
-    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
-        raise NotImplementedError(
-            f"{what}: the input requires grad, but gradients do not flow through daskrecon's distributed "
-            "operations yet (training through them is issue #15); call it under torch.no_grad() or pass "
-            "x.detach()"
-        )
-
 Factory = Callable[[int, torch.device, "dict | None"], Physics]
 
 

@@ -254,6 +254,7 @@ class DistributedProcessing(torch.nn.Module):
         self._activations: dict[tuple, float | None] = {}
         self._checked: set[tuple] = set()
         self._kept_live = 0  # bytes of activations kept on the workers for pending backward passes
+        self._limits: tuple[int | None, list[int]] | None = None
         # The state dict is the network's own (no "processor." level): a model trained through
         # daskrecon saves weights that load into the plain model, and the other way round.
         self.register_state_dict_post_hook(_unwrap_state)
@@ -342,8 +343,7 @@ class DistributedProcessing(torch.nn.Module):
             return need or 1
         if need is None:
             return 0
-        limits = [w.get("memory_limit") or 0 for w in scheduler_workers(self.ctx.client,
-                                                                        self.ctx.stall_timeout).values()]
+        limits = self._memory_limits()
         if not limits or min(limits) == 0:
             return need
         per_worker = (self._kept_live + need) / len(limits)
@@ -380,6 +380,14 @@ class DistributedProcessing(torch.nn.Module):
             # placed with lineage (not scattered): a worker lost mid-backward gets it back
             self._state_cache = (versions, place(self.ctx.client, state))
         return self._state_cache[1]
+
+    def _memory_limits(self) -> list[int]:
+        """The workers' memory limits, asked of the scheduler again only when membership changes."""
+        membership = self.ctx.membership
+        if membership is None or self._limits is None or self._limits[0] != membership:
+            info = scheduler_workers(self.ctx.client, self.ctx.stall_timeout)
+            self._limits = (membership, [w.get("memory_limit") or 0 for w in info.values()])
+        return self._limits[1]
 
     def _release_kept(self, call_id: str, nbytes: int) -> None:
         """Drop a forward's kept activations on every worker (its backward ran, or never will)."""
