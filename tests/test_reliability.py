@@ -97,6 +97,37 @@ def test_backward_survives_a_killed_worker(nanny_ctx):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("storage", ["zarr", "memory"])
+def test_reconstruction_survives_a_killed_worker(nanny_ctx, tmp_path, storage):
+    # The engine's iteration graph (out of core: streamed between Zarr slots) loses a worker midway.
+    import dask.array as da
+
+    from helpers import blurs
+
+    ops = blurs(3)
+    x_true = torch.rand(1, 3, 384, 384)
+    ys = [da.from_array(t.numpy(), chunks=(1, 3, 192, 192)) for t in noisy_measurements(ops, x_true, sigma=0.02)]
+    d = dr.distribute(ops, nanny_ctx)
+    den = dr.distribute(small_dncnn(3), nanny_ctx, patch_size=64, overlap=6)
+
+    def run(tag):
+        out = dr.reconstruct(d, ys, den, n_iter=4, step_size=0.3, progress=False, storage=storage,
+                             checkpoint=str(tmp_path / tag) if storage == "zarr" else None)
+        return torch.from_numpy(nanny_ctx.client.compute(out).result())
+
+    t0 = time.perf_counter()
+    expected = run("undisturbed")
+    took = time.perf_counter() - t0
+    before = set(nanny_ctx.workers())
+    killer = kill_one_worker_soon(nanny_ctx, took / 2)
+    t0 = time.perf_counter()
+    got = run("killed")
+    assert time.perf_counter() - t0 > took / 2  # the worker died during the run
+    killer.join()
+    assert set(nanny_ctx.workers()) != before
+    assert torch.equal(got, expected)
+
+
 def test_single_worker_killed_mid_call():
     """With one worker, its death loses everything: all is rebuilt from lineage on the replacement.
 
