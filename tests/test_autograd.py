@@ -302,3 +302,16 @@ def test_training_checkpoint_resumes_exactly_and_loads_into_the_plain_model(ctx,
     plain.load_state_dict(straight.state_dict())
     with torch.no_grad():
         close(plain.prior[0].denoiser(data[0]), straight.prior[0].denoiser(data[0]))
+
+
+def test_prior_prox_and_grad_backpropagate(ctx):
+    from deepinv.optim import PnP, RED
+
+    model = small_dncnn(3, depth=4)
+    x = torch.rand(1, 3, 40, 35, requires_grad=True)
+    for prior, method in ((PnP(denoiser=model), "prox"), (RED(denoiser=model), "grad")):
+        dprior = dr.distribute(prior, ctx, patch_size=16, overlap=5)
+        got = _grads(lambda: getattr(dprior, method)(x, sigma_denoiser=0.05), x, *model.parameters())
+        want = _grads(lambda: getattr(prior, method)(x, sigma_denoiser=0.05), x, *model.parameters())
+        for a, b in zip(got, want):
+            close(a, b)
