@@ -315,3 +315,37 @@ def test_prior_prox_and_grad_backpropagate(ctx):
         want = _grads(lambda: getattr(prior, method)(x, sigma_denoiser=0.05), x, *model.parameters())
         for a, b in zip(got, want):
             close(a, b)
+
+
+def test_deepinv_trainer_trains_the_distributed_model_like_the_plain_one(ctx, tmp_path):
+    # deepinv's own Trainer (online measurements through our physics, its loss and optimizer loop)
+    from deepinv.optim import PGD, PnP
+
+    ops = blurs(2)
+    xs = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+
+    class Images(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(xs)
+
+        def __getitem__(self, i):
+            return xs[i]
+
+    def train(model, physics, where):
+        trainer = dinv.Trainer(model=model, physics=physics, optimizer=torch.optim.Adam(model.parameters(), lr=1e-2),
+                               train_dataloader=torch.utils.data.DataLoader(Images(), batch_size=1), epochs=2,
+                               losses=dinv.loss.SupLoss(), metrics=dinv.metric.PSNR(), online_measurements=True,
+                               save_path=str(where), verbose=False, show_progress_bar=False, plot_images=False,
+                               device="cpu")
+        return trainer.train()
+
+    def build(fidelity):
+        return PGD(data_fidelity=fidelity, prior=PnP(small_dncnn(3, depth=3)), stepsize=[0.4] * 2,
+                   sigma_denoiser=[0.05] * 2, max_iter=2, unfold=True, trainable_params=["stepsize"])
+
+    plain = train(build(StackedPhysicsDataFidelity([L2()] * 2)), StackedLinearPhysics(ops), tmp_path / "plain")
+    ours = train(dr.distribute(build(L2()), ctx, patch_size=16, overlap=4), dr.distribute(ops, ctx), tmp_path / "ours")
+    moved = [(a - b).abs().max() for a, b in zip(ours.state_dict().values(), build(L2()).state_dict().values())]
+    assert max(moved) > 1e-3  # it trained
+    for a, b in zip(ours.state_dict().values(), plain.state_dict().values()):
+        close(a, b, rel=1e-4)
