@@ -34,7 +34,16 @@ __all__ = ["DistributedReplicatedParameters", "denoiser_call", "fidelity_fn", "f
            "physics_call"]
 
 _X_METHODS = ("A", "forward", "A_adjoint_A")
-_Y_METHODS = ("A_adjoint", "A_A_adjoint")
+_Y_METHODS = ("A_adjoint", "A_A_adjoint", "A_each", "A_adjoint_A_each")
+
+
+def _listed(method: str, opts: dict) -> bool:
+    """Whether the method returns one tensor per operator (else one tensor)."""
+    if method in ("A_A_adjoint", "A_each"):
+        return True
+    if method == "A_adjoint_A_each":
+        return False
+    return opts.get("reduce_op") is None
 
 
 def needs_grad(*values: Any) -> bool:
@@ -64,6 +73,8 @@ def _pack(outs: Sequence[torch.Tensor], listed: bool, gather: bool) -> Any:
 def _call_physics(physics: Any, method: str, opts: dict, x: torch.Tensor | None, ys: list | None) -> Any:
     if method in _X_METHODS:
         return getattr(physics, method)(x, **opts)
+    if method == "A_adjoint_A_each":
+        return physics.A_adjoint_A_each(ys)
     if method in _Y_METHODS:
         return getattr(physics, method)(ys, **opts)
     return physics.A_vjp(x, ys, **opts)  # "A_vjp"
@@ -80,7 +91,7 @@ class _PhysicsFunction(torch.autograd.Function):
             out = _call_physics(physics, method, opts, x, ys)
         outs = _entries(out)
         ctx.physics, ctx.method, ctx.opts, ctx.has_x = physics, method, opts, has_x
-        ctx.listed = isinstance(out, (list, tuple, TensorList))
+        ctx.listed = _listed(method, opts)
         if has_x:
             ctx.save_for_backward(x)
         return tuple(outs)
@@ -91,25 +102,30 @@ class _PhysicsFunction(torch.autograd.Function):
         n = physics.num_operators
         reduce_op = opts.get("reduce_op")
         head = (None, None, None, None)
-        with torch.no_grad():
-            if method in ("A", "forward"):
-                (x,) = ctx.saved_tensors
-                gs = list(grads) if ctx.listed else [grads[0] / n if reduce_op == "mean" else grads[0]] * n
-                # the adjoint is the true one: Σ_i (∂A_i/∂x)ᵀ g_i, whatever the physics' reduction
-                return head + (physics.A_vjp(x, gs, reduce_op="sum"),)
-            if method == "A_adjoint_A":
-                if ctx.listed:
-                    return head + (physics.A_adjoint_A_each(list(grads)),)
-                return head + (physics.A_adjoint_A(grads[0], reduce_op=reduce_op),)
-            if method == "A_A_adjoint":
-                return head + tuple(_entries(physics.A_A_adjoint(list(grads))))
-            # A_adjoint and A_vjp (linear): the backward of Σ_i A_iᵀ y_i is A_i g, per operator
+        # Not under no_grad: with create_graph=True these calls are themselves differentiable
+        # (the adjoint of a linear map is linear), so second derivatives flow.
+        if method in ("A", "forward"):
+            (x,) = ctx.saved_tensors
+            gs = list(grads) if ctx.listed else [grads[0] / n if reduce_op == "mean" else grads[0]] * n
+            # the adjoint is the true one: Σ_i (∂A_i/∂x)ᵀ g_i, whatever the physics' reduction
+            return head + (physics.A_vjp(x, gs, reduce_op="sum"),)
+        if method == "A_adjoint_A":
             if ctx.listed:
-                gy = _entries(physics.A_each(list(grads)))
-            else:
-                g = grads[0] / n if reduce_op == "mean" else grads[0]
-                gy = _entries(physics.A(g, reduce_op=None))
-            return head + ((None,) if ctx.has_x else ()) + tuple(gy)
+                return head + (physics.A_adjoint_A_each(list(grads)),)
+            return head + (physics.A_adjoint_A(grads[0], reduce_op=reduce_op),)
+        if method == "A_A_adjoint":
+            return head + tuple(_entries(physics.A_A_adjoint(list(grads))))
+        if method == "A_each":  # [A_i x_i] -> [A_iᵀ g_i]
+            return head + tuple(_entries(physics.A_adjoint(list(grads), reduce_op=None)))
+        if method == "A_adjoint_A_each":  # Σ A_iᵀA_i x_i -> [A_iᵀA_i g]
+            return head + tuple(_entries(physics.A_adjoint_A(grads[0], reduce_op=None)))
+        # A_adjoint and A_vjp (linear): the backward of Σ_i A_iᵀ y_i is A_i g, per operator
+        if ctx.listed:
+            gy = _entries(physics.A_each(list(grads)))
+        else:
+            g = grads[0] / n if reduce_op == "mean" else grads[0]
+            gy = _entries(physics.A(g, reduce_op=None))
+        return head + ((None,) if ctx.has_x else ()) + tuple(gy)
 
 
 def physics_call(physics: Any, method: str, *, x: torch.Tensor | None = None, ys: Any = None,
@@ -131,7 +147,7 @@ def physics_call(physics: Any, method: str, *, x: torch.Tensor | None = None, ys
     ys_list = [] if ys is None else _entries(ys)
     inputs = ([x] if x is not None else []) + ys_list
     outs = _PhysicsFunction.apply(physics, method, dict(opts, gather=True), x is not None, *inputs)
-    return _pack(outs, method == "A_A_adjoint" or opts.get("reduce_op") is None, gather)
+    return _pack(outs, _listed(method, opts), gather)
 
 
 # ---------------------------------------------------------------------------------------- fidelity
@@ -149,13 +165,21 @@ class _FidelityFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor):
         (x,) = ctx.saved_tensors
-        with torch.no_grad():
-            if ctx.kind == "grad":
+        if ctx.kind == "grad":
+            _refuse_higher_order("the data fidelity's gradient")
+            with torch.no_grad():
                 gx = ctx.fidelity.hessian_vector(x, ctx.y, ctx.physics, g, **ctx.kwargs)
-            else:
-                grad = ctx.fidelity.grad(x, ctx.y, ctx.physics, **ctx.kwargs)
-                gx = grad * (g.reshape(g.shape + (1,) * (grad.dim() - g.dim())) if g.dim() else g)
+        else:  # differentiable again under create_graph=True: grad is itself a distributed Function
+            grad = ctx.fidelity.grad(x, ctx.y, ctx.physics, **ctx.kwargs)
+            gx = grad * (g.reshape(g.shape + (1,) * (grad.dim() - g.dim())) if g.dim() else g)
         return None, None, None, None, None, gx
+
+
+def _refuse_higher_order(what: str) -> None:
+    """A backward that is not itself differentiable must not return gradients cut from the graph."""
+    if torch.is_grad_enabled():
+        raise NotImplementedError(f"second derivatives through {what} are not supported (backward with "
+                                  "create_graph=True); they are through the physics and the data fidelity's value")
 
 
 def _refuse_measurement_grad(y: Any) -> None:
@@ -217,6 +241,7 @@ class _DenoiserFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor):
+        _refuse_higher_order("the tiled denoiser")
         (x,) = ctx.saved_tensors
         spec = ctx.spec
         need_x = ctx.needs_input_grad[3]

@@ -369,6 +369,9 @@ class DistributedPhysics(Physics):
         """``[A_1 x_1, …, A_N x_N]``: each operator on its own input (the backward of ``A_adjoint``)."""
         if len(xs) != self.num_operators:
             raise MeasurementError(f"A_each needs one input per operator ({self.num_operators}), got {len(xs)}")
+        if needs_grad(*xs):
+            self._require_linear("A_each with inputs that require grad")
+            return physics_call(self, "A_each", ys=list(xs), gather=gather)
         futs = self._submit_each(operator_tasks.forward_op, {}, None, False, per_op=[self._place_each(xs)])
         return self._finish(futs, gather, None, "A_each: operator")
 
@@ -378,6 +381,8 @@ class DistributedPhysics(Physics):
         if len(xs) != self.num_operators:
             raise MeasurementError(f"A_adjoint_A_each needs one input per operator ({self.num_operators}), "
                                    f"got {len(xs)}")
+        if needs_grad(*xs):
+            return physics_call(self, "A_adjoint_A_each", ys=list(xs))
         futs = self._submit_each(operator_tasks.adjoint_A_op, {}, per_op=[self._place_each(xs)])
         return self._finish(futs, True, "sum", "A_adjoint_A_each: operator")
 

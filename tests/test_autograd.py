@@ -349,3 +349,40 @@ def test_deepinv_trainer_trains_the_distributed_model_like_the_plain_one(ctx, tm
     assert max(moved) > 1e-3  # it trained
     for a, b in zip(ours.state_dict().values(), plain.state_dict().values()):
         close(a, b, rel=1e-4)
+
+
+def test_second_derivatives_through_the_physics_and_the_fidelity_value(problem, ctx):
+    # A gradient penalty: differentiate a gradient (create_graph=True) through the distributed calls.
+    ops, dphys, ref = problem
+    x0 = torch.rand(1, 3, 36, 30)
+    y = noisy_measurements(ops, x0)
+    fid = StackedPhysicsDataFidelity([L2()] * len(ops))
+    dfid = dr.distribute(L2(), ctx)
+    results = []
+    for physics, f in ((ref, fid), (dphys, dfid)):
+        x = (x0 + 0.1).requires_grad_(True)
+        (g,) = torch.autograd.grad(f.fn(x, y, physics).sum(), x, create_graph=True)
+        results.append(torch.autograd.grad((g ** 2).sum(), x)[0])  # 2 ∇²f ∇f = 2 AᵀA ∇f
+    assert results[0].abs().max() > 0
+    close(results[1], results[0])
+    w = [t.detach().requires_grad_(True) for t in y]  # ∇_x <w, A x> = Aᵀw, then d/dw ‖Aᵀw‖² = 2 A Aᵀ w
+    second = []
+    for physics in (ref, dphys):
+        x = x0.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(sum((a * b).sum() for a, b in zip(physics.A(x), w)), x, create_graph=True)
+        second.append(torch.autograd.grad((g ** 2).sum(), w))
+    for a, b in zip(second[1], second[0]):
+        close(a, b)
+    xs = [torch.rand(1, 3, 36, 30, requires_grad=True) for _ in ops]
+    for call, plain in ((lambda: dphys.A_each(xs), lambda: [op.A(x) for op, x in zip(ops, xs)]),
+                        (lambda: dphys.A_adjoint_A_each(xs), lambda: sum(op.A_adjoint_A(x) for op, x in zip(ops, xs)))):
+        for a, b in zip(_grads(call, *xs), _grads(plain, *xs)):
+            close(a, b)
+
+
+def test_second_derivatives_through_the_denoiser_are_refused(ctx):
+    model = small_dncnn(1, depth=3)
+    d = dr.distribute(model, ctx, patch_size=12, overlap=4)
+    x = torch.rand(1, 1, 30, 30, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="second derivatives through the tiled denoiser"):
+        torch.autograd.grad(d(x).sum(), x, create_graph=True)
