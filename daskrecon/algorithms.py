@@ -197,8 +197,12 @@ class FISTARED(FISTA):
 class _ProxSplitting(StepRule):
     """Shared by HQS and ADMM: the data term's prox by conjugate gradient on the cluster."""
 
-    def __init__(self, step_size: float, cg_max_iter: int = 50, cg_tol: float = 1e-5) -> None:
+    def __init__(self, step_size: float, cg_max_iter: int = 50, cg_tol: float = 1e-5,
+                 prox_solver: str = "auto") -> None:
         super().__init__(step_size)
+        if prox_solver not in linsolve.PROX_SOLVERS:
+            raise ValueError(f"prox_solver must be one of {linsolve.PROX_SOLVERS}, got {prox_solver!r}")
+        self.prox_solver = prox_solver
         if not isinstance(cg_max_iter, int) or cg_max_iter < 1:
             raise ValueError(f"cg_max_iter must be a positive int, got {cg_max_iter!r}")
         if not 0 <= cg_tol < 1:
@@ -207,7 +211,8 @@ class _ProxSplitting(StepRule):
         self._info: linsolve.CGInfo | None = None
 
     def settings(self) -> dict:
-        return {**super().settings(), "cg_max_iter": self.cg_max_iter, "cg_tol": repr(self.cg_tol)}
+        return {**super().settings(), "cg_max_iter": self.cg_max_iter, "cg_tol": repr(self.cg_tol),
+                "prox_solver": self.prox_solver}
 
     def check(self, problem: Any) -> None:
         linsolve.check_quadratic(problem, self.name)
@@ -219,7 +224,7 @@ class _ProxSplitting(StepRule):
 
     def _prox(self, problem: Any, v: da.Array, tag: str) -> tuple[da.Array, Delayed]:
         u, f_v, self._info = linsolve.prox_data(problem, v, self.step_size, self.workspace,
-                                                max_iter=self.cg_max_iter, tol=self.cg_tol)
+                                                max_iter=self.cg_max_iter, tol=self.cg_tol, solver=self.prox_solver)
         return u, delayed(float, pure=True)(f_v, dask_key_name=f"value-{tag}")
 
 
@@ -227,9 +232,11 @@ class HQS(_ProxSplitting):
     """Half-quadratic splitting (deepinv's ``HQS``): ``u = prox_{γf}(x)``, ``x' = D_σ(u)``.
 
     The data term's prox solves ``(I + γ Σ_i A_iᵀA_i / σ_i²) u = x + γ Σ_i A_iᵀy_i / σ_i²``
-    by conjugate gradient on the cluster (:func:`daskrecon.linsolve.prox_data`): per-operator
-    tasks next to their operators, the fixed-index tree, vectors in cluster memory or
-    scratch Zarr. Needs an L2 data fidelity. The value reported is ``f(x)``.
+    (:func:`daskrecon.linsolve.prox_data`): in closed form by one FFT when every operator is a
+    circular convolution and the image's FFT fits a worker (``prox_solver="auto"``), else by
+    conjugate gradient on the cluster: per-operator tasks next to their operators, the
+    fixed-index tree, vectors in cluster memory or scratch Zarr. Needs an L2 data fidelity.
+    The value reported is ``f(x)``.
 
     Parameters
     ----------
@@ -237,6 +244,8 @@ class HQS(_ProxSplitting):
         ``γ``.
     cg_max_iter, cg_tol : int, float
         Conjugate gradient: at most ``cg_max_iter`` iterations, until ``‖r‖ ≤ cg_tol ‖r₀‖``.
+    prox_solver : {"auto", "cg", "fourier"}
+        ``"fourier"`` requires circular convolutions; ``"cg"`` always iterates.
     """
 
     name = "hqs"
@@ -270,8 +279,9 @@ class ADMM(_ProxSplitting):
     name = "admm"
     state = ("x", "z")
 
-    def __init__(self, step_size: float, beta: float = 1.0, cg_max_iter: int = 50, cg_tol: float = 1e-5) -> None:
-        super().__init__(step_size, cg_max_iter, cg_tol)
+    def __init__(self, step_size: float, beta: float = 1.0, cg_max_iter: int = 50, cg_tol: float = 1e-5,
+                 prox_solver: str = "auto") -> None:
+        super().__init__(step_size, cg_max_iter, cg_tol, prox_solver)
         if not beta > 0:
             raise ValueError(f"ADMM's relaxation beta must be > 0, got {beta!r}")
         self.beta = float(beta)
@@ -406,14 +416,14 @@ def step_rule(algorithm: str, step_size: float, **options: Any) -> StepRule:
     """The step rule named ``algorithm`` (see :data:`ALGORITHMS`) with its options.
 
     Options that do not apply to the algorithm are ignored: ``red_weight`` (RED, FISTA-RED),
-    ``fista_a`` (FISTA), ``cg_max_iter``/``cg_tol`` (HQS, ADMM), ``admm_beta`` (ADMM),
+    ``fista_a`` (FISTA), ``cg_max_iter``/``cg_tol``/``prox_solver`` (HQS, ADMM), ``admm_beta`` (ADMM),
     ``n_subsets``/``seed`` (OS-PnP, SVRG).
     """
     try:
         cls = ALGORITHMS[algorithm]
     except KeyError:
         raise ValueError(f"algorithm must be one of {tuple(ALGORITHMS)}, got {algorithm!r}") from None
-    cg = {k: options[k] for k in ("cg_max_iter", "cg_tol") if options.get(k) is not None}
+    cg = {k: options[k] for k in ("cg_max_iter", "cg_tol", "prox_solver") if options.get(k) is not None}
     if cls is RED:
         return RED(step_size, options.get("red_weight", 1.0))
     if cls is FISTA:

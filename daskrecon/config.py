@@ -31,6 +31,7 @@ Example (every key shown; only ``measurements`` and ``operators`` are required):
     seed = 0                                   # os-pnp | svrg: seed of the subset order
     cg_max_iter = 50                           # hqs | admm: conjugate gradient of the data prox
     cg_tol = 1e-5
+    prox_solver = "auto"                       # hqs | admm: "auto" (FFT for circular blurs) | "cg" | "fourier"
 
     [output]
     path = "result.zarr"                       # .zarr, .npy, .png, .tif
@@ -72,7 +73,7 @@ _KEYS = {
     "operators": {"type", "sigma", "angle", "padding", "factor", "filter", "mask"},
     "denoiser": {"weights", "architecture", "patch_size", "overlap"},
     "solver": {"algorithm", "iterations", "step_size", "sigma_denoiser", "red_weight", "tol", "max_time", "n_subsets",
-               "seed", "cg_max_iter", "cg_tol"},
+               "seed", "cg_max_iter", "cg_tol", "prox_solver"},
     "output": {"path", "overwrite"},
     "checkpoint": {"path", "every", "resume"},
     "cluster": {"kind", "n_workers", "address", "timeout", "jobs", "slurm"},
@@ -150,6 +151,9 @@ def load_config(path: str | Path) -> dict:
     elif n_subsets is not None:
         raise ConfigError(f"solver.n_subsets applies to algorithm 'os-pnp' or 'svrg', not {algorithm!r}: remove it "
                           "or change the algorithm")
+    prox_solver = _get(cfg.get("solver", {}), "prox_solver", "solver", str, "auto")
+    if prox_solver not in ("auto", "cg", "fourier"):
+        raise ConfigError(f"solver.prox_solver must be 'auto', 'cg' or 'fourier', got {prox_solver!r}")
     cfg["_base"] = base
     return cfg
 
@@ -358,6 +362,7 @@ def run_config(path: str | Path, check: bool = False, echo: Any = print) -> Any:
             tol=_get(sol, "tol", "solver", float, None), max_time=_get(sol, "max_time", "solver", float, None),
             n_subsets=_get(sol, "n_subsets", "solver", int, None), seed=_get(sol, "seed", "solver", int, None),
             cg_max_iter=_get(sol, "cg_max_iter", "solver", int, 50), cg_tol=_get(sol, "cg_tol", "solver", float, 1e-5),
+            prox_solver=_get(sol, "prox_solver", "solver", str, "auto"),
             checkpoint=str(_resolve(base, ck["path"])) if "path" in ck else None,
             checkpoint_every=_get(ck, "every", "checkpoint", int, 1), resume=_get(ck, "resume", "checkpoint", bool, False),
         )

@@ -28,11 +28,16 @@ from daskrecon import graph
 from daskrecon.checkpoint import Checkpoint
 from daskrecon.errors import DaskreconError
 from daskrecon.fingerprint import fingerprint
+from daskrecon.memory import MemoryLimitError, check_fits
 from daskrecon.signal import DistributedSignal, advance
 from daskrecon.tasks import arrays as array_tasks
 from daskrecon.tasks import linsolve as linsolve_tasks
 
-__all__ = ["CGInfo", "Workspace", "check_quadratic", "inner", "lipschitz", "prox_data"]
+__all__ = ["CGInfo", "PROX_SOLVERS", "Workspace", "check_quadratic", "fourier_diagonal", "inner", "lipschitz",
+           "prox_data"]
+
+#: How :func:`prox_data` solves its linear system.
+PROX_SOLVERS = ("auto", "cg", "fourier")
 
 
 class Workspace:
@@ -106,9 +111,73 @@ def _normal(problem: Any, p: da.Array) -> da.Array:
     return h
 
 
+def fourier_diagonal(problem: Any) -> str | None:
+    """Why the normal operator is not diagonal in Fourier (``None`` when it is).
+
+    It is when every operator is a circular convolution (``Blur`` with circular padding,
+    ``BlurFFT``: no subsampling, no mask) under an L2 fidelity: ``H = Σ_i A_iᵀA_i / σ_i²``
+    is then a circular convolution per batch element and channel.
+    """
+    forms = problem.physics.local_forms()  # whether or not the planner streams them chunk-wise
+    for i, form in enumerate(forms):
+        if form is None or form.filter is None or form.padding != "circular" or form.factor != 1 \
+                or form.mask is not None or form.mask_bound is not None:
+            return f"operator {i} is not a circular convolution"
+        if not isinstance(problem.fidelity._sources(i), L2):
+            return f"operator {i}'s fidelity is not L2"
+    return None
+
+
+def _fits_whole(problem: Any) -> bool:
+    """Whether one task can hold the image's FFT (about 10 times the image: complex128 and the spectrum)."""
+    need = 10 * int(np.prod(problem.shape)) * np.dtype(problem.dtype).itemsize
+    try:
+        check_fits(problem.ctx.client, need, "the Fourier prox", "")
+    except MemoryLimitError:
+        return False
+    return True
+
+
+def _spectrum(problem: Any, workspace: Workspace) -> da.Array:
+    """The eigenvalues of ``H`` (per batch, channel and frequency), computed once per workspace:
+    its impulse response by one pass of the normal operator (per-operator tasks, the fixed tree)."""
+    if "fourier" not in workspace._groups:
+        tag = graph.token("spectrum")
+        delta = da.zeros(problem.shape, chunks=problem.chunks, dtype=problem.dtype).map_blocks(
+            linsolve_tasks.delta_block, dtype=problem.dtype, name=f"impulse-{tag}")
+        h, _ = graph.gradient(problem, delta, measured=False, kind="impulse-response")
+        lam = delayed(linsolve_tasks.spectrum_of, pure=True)(graph.whole(h, f"assemble-{tag}"),
+                                                            dask_key_name=f"spectrum-{tag}")
+        workspace.write("fourier", {"spectrum": graph.as_array(lam, np.asarray, (), problem.shape, problem.dtype,
+                                                               problem.chunks, f"spectrum-chunks-{tag}")}, {})
+    return workspace.read("fourier", "spectrum")
+
+
+def _prox_fourier(problem: Any, v: da.Array, gamma: float, workspace: Workspace) -> tuple[da.Array, Delayed, CGInfo]:
+    """``(I + c·H)⁻¹ (v − c ∇f(0))`` in closed form: one FFT of the assembled image, in the iteration's graph."""
+    c = gamma * problem.scale
+    tag = graph.token("fourier-prox")
+    spectrum = _spectrum(problem, workspace)
+    zero = da.zeros(problem.shape, chunks=problem.chunks, dtype=problem.dtype)
+    g0, _ = graph.gradient(problem, zero, kind="prox-rhs")
+    _, value = graph.gradient(problem, v, kind="prox-value")  # only its value is computed
+    rhs = da.map_blocks(linsolve_tasks.axpy_block, v, g0, -c, dtype=problem.dtype, name=f"prox-rhs-{tag}")
+    u = delayed(linsolve_tasks.fourier_solve, pure=True)(graph.whole(rhs, f"assemble-{tag}"),
+                                                         graph.whole(spectrum, f"assemble-spectrum-{tag}"), c,
+                                                         dask_key_name=f"fourier-solve-{tag}")
+    out = graph.as_array(u, np.asarray, (), problem.shape, problem.dtype, problem.chunks, f"prox-{tag}")
+    return out, value, CGInfo(0, 0.0)
+
+
 def prox_data(problem: Any, v: da.Array, gamma: float, workspace: Workspace, *, max_iter: int = 50,
-              tol: float = 1e-5) -> tuple[da.Array, float, CGInfo]:
-    """``u = argmin_u γ f(u) + ½‖u − v‖²`` for the L2 data term ``f``, by conjugate gradient.
+              tol: float = 1e-5, solver: str = "cg") -> tuple[da.Array, Any, CGInfo]:
+    """``u = argmin_u γ f(u) + ½‖u − v‖²`` for the L2 data term ``f``.
+
+    ``solver="fourier"``: when the normal operator is diagonal in Fourier
+    (:func:`fourier_diagonal`: circular blurs), in closed form — one FFT of the image
+    assembled in one task, lazily, inside the caller's graph (its ``f(v)`` is then a
+    Delayed). ``"auto"`` takes it when it applies and the image's FFT fits a worker,
+    conjugate gradient otherwise. ``"cg"``: conjugate gradient, as follows.
 
     Solves ``(I + γ·scale·H) u = v − γ ∇f(0)`` from ``u₀ = v`` (deepinv's ``prox_l2``
     starting point), until ``‖r_k‖ ≤ tol·‖r₀‖`` or ``max_iter`` iterations. In cluster memory,
@@ -125,6 +194,15 @@ def prox_data(problem: Any, v: da.Array, gamma: float, workspace: Workspace, *, 
     """
     if not gamma > 0:
         raise ValueError(f"the prox's gamma must be > 0, got {gamma!r}")
+    if solver not in PROX_SOLVERS:
+        raise ValueError(f"prox solver must be one of {PROX_SOLVERS}, got {solver!r}")
+    if solver != "cg":
+        why = fourier_diagonal(problem)
+        if solver == "fourier" and why is not None:
+            raise ValueError(f"prox_solver='fourier' needs every operator to be a circular convolution under an L2 "
+                             f"fidelity, but {why}; use prox_solver='cg' (or 'auto')")
+        if why is None and (solver == "fourier" or _fits_whole(problem)):
+            return _prox_fourier(problem, v, gamma, workspace)
     tag = graph.token("cg")
     c = gamma * problem.scale
     dt = problem.dtype

@@ -61,6 +61,7 @@ def reconstruct(
     seed: int | None = None,
     cg_max_iter: int = 50,
     cg_tol: float = 1e-5,
+    prox_solver: str = "auto",
 ) -> torch.Tensor | da.Array | tuple[torch.Tensor | da.Array, list[dict]]:
     """Solve ``min_x Σ_i d_i(A_i x, y_i) + prior(x)`` with a plug-and-play algorithm.
 
@@ -147,6 +148,11 @@ def reconstruct(
         Conjugate gradient of ``"hqs"`` and ``"admm"``: at most ``cg_max_iter`` iterations,
         until the residual falls by ``cg_tol``. Their history rows add ``"cg_iterations"``
         and ``"cg_residual"``.
+    prox_solver : {"auto", "cg", "fourier"}
+        How ``"hqs"`` and ``"admm"`` solve the data prox: ``"auto"`` in closed form (one FFT,
+        no iterations) when every operator is a circular convolution and the image's FFT
+        fits a worker, by conjugate gradient otherwise; ``"cg"`` always iterates;
+        ``"fourier"`` insists (a ``ValueError`` names the operator that prevents it).
 
     Returns
     -------
@@ -200,7 +206,8 @@ def reconstruct(
         if step_size is None:
             step_size = default_step_size(problem)
         rule = step_rule(algorithm, step_size, red_weight=red_weight, n_subsets=n_subsets,
-                         seed=problem.ctx.seed if seed is None else seed, cg_max_iter=cg_max_iter, cg_tol=cg_tol)
+                         seed=problem.ctx.seed if seed is None else seed, cg_max_iter=cg_max_iter, cg_tol=cg_tol,
+                         prox_solver=prox_solver)
     start = x0_arr if x0_arr is not None else (lambda: graph.adjoint_sum(problem, scale=1.0 / problem.num_operators))
     signals, history = engine.run(problem, rule, start, n_iter=n_iter, checkpoint=checkpoint,
                                   checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite,

@@ -88,3 +88,47 @@ def test_power_method_finds_the_largest_eigenvalue_once_and_sets_the_default_ste
     assert step_size_bound(problem) > 1.05 * exact  # ...and is looser
     monkeypatch.setattr(linsolve.graph, "gradient", lambda *a, **k: pytest.fail("cached: no pass over the data"))
     assert dr.solvers.default_step_size(problem) == 1 / L  # computed once per problem, cached with the physics
+
+
+
+
+@pytest.mark.parametrize("storage", ["memory", "zarr"])
+def test_fourier_prox_solves_the_normal_equations_for_circular_blurs(ctx, tmp_path, storage):
+    """The closed form (one FFT of the assembled image) against the dense solution; CG agrees; a mask
+    (not a convolution) is refused with the operator's index."""
+    from daskrecon.linsolve import fourier_diagonal
+
+    from helpers import blurs
+
+    torch.manual_seed(0)
+    ops = blurs(3)
+    x_true = torch.rand(1, 3, 20, 18)
+    y = noisy_measurements(ops, x_true, sigma=0.05)
+    sigma, gamma = 0.5, 0.7
+    fid = dr.distribute(L2(sigma=sigma), ctx)
+    problem = plan_problem(dr.distribute(ops, ctx), y, dr.distribute(small_dncnn(3), ctx, patch_size=16, overlap=4),
+                           data_fidelity=fid, x0=torch.zeros_like(x_true), x_true=None, sigma_denoiser=0.05,
+                           storage=storage, chunks=(10, 9))[0]
+    assert fourier_diagonal(problem) is None
+    v = torch.rand(x_true.shape)
+    store = Checkpoint(str(tmp_path / "ws")) if storage == "zarr" else None
+    ws = Workspace(problem, store, streamed=storage == "zarr")
+    u, f_v, info = prox_data(problem, da.from_array(v.numpy(), chunks=problem.chunks), gamma, ws, solver="fourier")
+    assert info.iterations == 0
+    u = _value(ctx, u)
+    H = _dense_normal(ops, x_true.shape, sigma)
+    b = v.reshape(-1) + gamma * sum(op.A_adjoint(t).reshape(-1) for op, t in zip(ops, y)) / sigma ** 2
+    exact = torch.linalg.solve(torch.eye(H.shape[0]) + gamma * H, b)
+    assert float(torch.linalg.vector_norm(u.reshape(-1) - exact) / torch.linalg.vector_norm(exact)) < 1e-5
+    u_cg, f_cg, info_cg = prox_data(problem, da.from_array(v.numpy(), chunks=problem.chunks), gamma, ws,
+                                    solver="cg", max_iter=200, tol=1e-7)
+    assert info_cg.iterations > 3
+    assert abs(float(compute([f_v], client=ctx.client, what="test")[0]) - f_cg) <= 1e-5 * abs(f_cg)
+
+    masked = heterogeneous()  # blur, downsampling, inpainting
+    problem = plan_problem(dr.distribute(masked, ctx), noisy_measurements(masked, torch.rand(1, 3, 36, 30)),
+                           dr.distribute(small_dncnn(3), ctx, patch_size=16, overlap=4), data_fidelity=fid,
+                           x0=torch.zeros(1, 3, 36, 30), x_true=None, sigma_denoiser=0.05, chunks=(18, 15))[0]
+    assert fourier_diagonal(problem) == "operator 1 is not a circular convolution"
+    with pytest.raises(ValueError, match="operator 1 is not a circular convolution"):
+        prox_data(problem, da.zeros((1, 3, 36, 30), chunks=problem.chunks), gamma, Workspace(problem), solver="fourier")

@@ -6,7 +6,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["axpy_block", "axpy_neg_block", "cg_alpha", "cg_beta", "dot_block", "sum_in_order"]
+__all__ = ["axpy_block", "axpy_neg_block", "cg_alpha", "cg_beta", "delta_block", "dot_block", "fourier_solve",
+           "spectrum_of", "sum_in_order"]
 
 
 def axpy_block(x: np.ndarray, y: np.ndarray, a: float) -> np.ndarray:
@@ -41,3 +42,29 @@ def sum_in_order(*values: Any) -> float:
     for v in values:
         total += float(v)
     return total
+
+
+def delta_block(block: np.ndarray, block_info: dict | None = None) -> np.ndarray:
+    """One chunk of the image that is 1 at the spatial origin of every (batch, channel), 0 elsewhere."""
+    out = np.zeros_like(block)
+    loc = block_info[None]["array-location"]
+    if all(start == 0 for start, _ in loc[2:]):
+        out[(slice(None), slice(None)) + (0,) * (block.ndim - 2)] = 1
+    return out
+
+
+def _spatial_axes(a: np.ndarray) -> tuple[int, ...]:
+    return tuple(range(2, a.ndim))
+
+
+def spectrum_of(impulse_response: np.ndarray) -> np.ndarray:
+    """Eigenvalues of a circulant (per batch and channel) normal operator from its impulse response."""
+    spectrum = np.fft.fftn(impulse_response.astype(np.float64), axes=_spatial_axes(impulse_response)).real
+    return spectrum.astype(impulse_response.dtype)
+
+
+def fourier_solve(rhs: np.ndarray, spectrum: np.ndarray, c: float) -> np.ndarray:
+    """``(I + c·H)⁻¹ rhs`` for ``H`` diagonal in Fourier with eigenvalues ``spectrum`` (float64 inside)."""
+    axes = _spatial_axes(rhs)
+    u = np.fft.ifftn(np.fft.fftn(rhs.astype(np.float64), axes=axes) / (1.0 + c * spectrum), axes=axes).real
+    return u.astype(rhs.dtype)
