@@ -17,12 +17,14 @@ if __name__ == "__main__":
     g = json.loads((RESULTS / "gradient.json").read_text())
     t = json.loads((RESULTS / "tiling.json").read_text())
     p = json.loads((RESULTS / "pnp.json").read_text())
-    labels = ["L2 gradient\n16 blurs, 1024²", "DRUNet\n512²", "DnCNN\n1024²", "PnP 5 iterations\n3 blurs + DnCNN, 512²"]
-    rows = [g, t["drunet"], t["dncnn"], p]
+    tr = json.loads((RESULTS / "training.json").read_text())
+    labels = ["L2 gradient\n16 blurs, 1024²", "DRUNet\n512²", "DnCNN\n1024²", "PnP 5 iterations\n3 blurs + DnCNN, 512²",
+              "training step\nunrolled PGD, 256²"]
+    rows = [g, t["drunet"], t["dncnn"], p, tr]
     keys = [("deepinv_distributed_1proc", "deepinv.distributed (1 proc)"),
             ("deepinv_distributed_torchrun2", "deepinv.distributed (torchrun ×2)"),
             ("daskrecon", "daskrecon (2 workers)")]
-    fig, ax = plt.subplots(figsize=(9, 3.6))
+    fig, ax = plt.subplots(figsize=(10.5, 3.6))
     width = 0.27
     for j, (k, name) in enumerate(keys):
         ax.bar([i + (j - 1) * width for i in range(len(rows))], [r[k]["median_s"] for r in rows], width, label=name)
