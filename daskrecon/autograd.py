@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from deepinv.utils import TensorList
 
+from daskrecon._arrays import as_numpy, place
+
 __all__ = ["DistributedReplicatedParameters", "denoiser_call", "fidelity_fn", "fidelity_grad", "needs_grad",
            "physics_call"]
 
@@ -236,8 +238,10 @@ class _DenoiserFunction(torch.autograd.Function):
             proc._kept_live += nbytes
             ctx.kept = keep["id"]
             ctx.release = weakref.finalize(ctx, proc._release_kept, keep["id"], nbytes)
+        # placed once: the backward's tile batches read the same key
+        ctx.x_placed = place(proc.ctx.client, as_numpy(x.detach()))
         with torch.no_grad():
-            return proc._run_tensor(x.detach(), method, spec["args"], spec["kwargs"], keep=keep)
+            return proc._run_tensor(x.detach(), method, spec["args"], spec["kwargs"], placed=ctx.x_placed, keep=keep)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor):
@@ -246,7 +250,7 @@ class _DenoiserFunction(torch.autograd.Function):
         spec = ctx.spec
         need_x = ctx.needs_input_grad[3]
         gx, gleaves = ctx.proc._backward_tensor(x.detach(), g.detach(), ctx.method, spec["args"], spec["kwargs"],
-                                                spec["params"], spec["paths"], need_x, ctx.kept)
+                                                spec["params"], spec["paths"], need_x, ctx.kept, ctx.x_placed)
         if ctx.kept is not None:
             ctx.release()  # graphs left by batches that ran elsewhere; a second backward recomputes
             ctx.kept = None

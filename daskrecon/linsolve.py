@@ -138,35 +138,35 @@ def _fits_whole(problem: Any) -> bool:
     return True
 
 
-def _spectrum(problem: Any, workspace: Workspace) -> da.Array:
-    """The eigenvalues of ``H`` (per batch, channel and frequency), computed once per workspace:
-    its impulse response by one pass of the normal operator (per-operator tasks, the fixed tree)."""
+def _fourier_terms(problem: Any, workspace: Workspace) -> tuple[da.Array, da.Array]:
+    """``(spectrum of H, ∇f(0))``, computed once per workspace in one pass: the eigenvalues of ``H``
+    from its impulse response (per-operator tasks, the fixed tree), and the constant part of
+    the right-hand side, ``∇f(0) = −Σ_i A_iᵀy_i / σ_i²``."""
     if "fourier" not in workspace._groups:
         tag = graph.token("spectrum")
-        delta = da.zeros(problem.shape, chunks=problem.chunks, dtype=problem.dtype).map_blocks(
-            linsolve_tasks.delta_block, dtype=problem.dtype, name=f"impulse-{tag}")
+        zero = da.zeros(problem.shape, chunks=problem.chunks, dtype=problem.dtype)
+        delta = zero.map_blocks(linsolve_tasks.delta_block, dtype=problem.dtype, name=f"impulse-{tag}")
         h, _ = graph.gradient(problem, delta, measured=False, kind="impulse-response")
+        g0, _ = graph.gradient(problem, zero, kind="gradient-at-zero")
         lam = delayed(linsolve_tasks.spectrum_of, pure=True)(graph.whole(h, f"assemble-{tag}"),
                                                             dask_key_name=f"spectrum-{tag}")
-        workspace.write("fourier", {"spectrum": graph.as_array(lam, np.asarray, (), problem.shape, problem.dtype,
-                                                               problem.chunks, f"spectrum-chunks-{tag}")}, {})
-    return workspace.read("fourier", "spectrum")
+        spectrum = graph.as_array(lam, np.asarray, (), problem.shape, problem.dtype, problem.chunks,
+                                  f"spectrum-chunks-{tag}")
+        workspace.write("fourier", {"spectrum": spectrum, "grad0": g0}, {})
+    return workspace.read("fourier", "spectrum"), workspace.read("fourier", "grad0")
 
 
-def _prox_fourier(problem: Any, v: da.Array, gamma: float, workspace: Workspace) -> tuple[da.Array, Delayed, CGInfo]:
-    """``(I + c·H)⁻¹ (v − c ∇f(0))`` in closed form: one FFT of the assembled image, in the iteration's graph."""
+def _prox_fourier(problem: Any, v: da.Array, gamma: float, workspace: Workspace) -> tuple[da.Array, Any, CGInfo]:
+    """``(I + c·H)⁻¹ (v − c ∇f(0))`` in closed form: one FFT of the assembled image, in the caller's graph."""
     c = gamma * problem.scale
     tag = graph.token("fourier-prox")
-    spectrum = _spectrum(problem, workspace)
-    zero = da.zeros(problem.shape, chunks=problem.chunks, dtype=problem.dtype)
-    g0, _ = graph.gradient(problem, zero, kind="prox-rhs")
-    _, value = graph.gradient(problem, v, kind="prox-value")  # only its value is computed
+    spectrum, g0 = _fourier_terms(problem, workspace)
     rhs = da.map_blocks(linsolve_tasks.axpy_block, v, g0, -c, dtype=problem.dtype, name=f"prox-rhs-{tag}")
     u = delayed(linsolve_tasks.fourier_solve, pure=True)(graph.whole(rhs, f"assemble-{tag}"),
                                                          graph.whole(spectrum, f"assemble-spectrum-{tag}"), c,
                                                          dask_key_name=f"fourier-solve-{tag}")
     out = graph.as_array(u, np.asarray, (), problem.shape, problem.dtype, problem.chunks, f"prox-{tag}")
-    return out, value, CGInfo(0, 0.0)
+    return out, graph.batch_values(problem, v).sum(), CGInfo(0, 0.0)
 
 
 def prox_data(problem: Any, v: da.Array, gamma: float, workspace: Workspace, *, max_iter: int = 50,

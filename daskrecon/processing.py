@@ -248,7 +248,7 @@ class DistributedProcessing(torch.nn.Module):
         self._strategies: dict[tuple, DistributedSignalStrategy] = {}
         self._param_dtype = _param_dtype(processor)
         # Parameters as pickled: a later change (an optimizer step) is sent to the workers once
-        # per version, as one broadcast key that tasks name (see _state).
+        # per version, as one key that tasks name (see _state).
         self._sent_versions = _param_versions(self._module)
         self._state_cache: tuple[tuple, Any] | None = None
         self._activations: dict[tuple, float | None] = {}
@@ -495,8 +495,8 @@ class DistributedProcessing(torch.nn.Module):
         return out.to(self.ctx.device)
 
     def _backward_tensor(self, x: torch.Tensor, g: torch.Tensor, method: str, args: tuple, kwargs: dict,
-                         params: list[str], paths: list, need_x: bool,
-                         kept: str | None = None) -> tuple[torch.Tensor | None, list]:
+                         params: list[str], paths: list, need_x: bool, kept: str | None = None,
+                         x_placed: Future | None = None) -> tuple[torch.Tensor | None, list]:
         """Gradients of ``<g, denoise(x)>``: w.r.t. ``x``, the parameters named ``params`` and the arguments at ``paths``.
 
         Each tile batch is backpropagated from the cotangent of its tiles' cores, from the
@@ -513,7 +513,8 @@ class DistributedProcessing(torch.nn.Module):
                                       "it needs patch_cotangents(grad_out, indices); use overlap tiling")
         client = self.ctx.client
         batches = self._batches(strategy)
-        x_fut, g_fut = place(client, as_numpy(x)), place(client, as_numpy(g, "grad"))
+        x_fut = x_placed if x_placed is not None else place(client, as_numpy(x))
+        g_fut = place(client, as_numpy(g, "grad"))
         state = self._state()
         futs = [
             client.submit(denoising_tasks.backward_patches, self.key, self.ctx.device_mode, method, strategy, x_fut,
