@@ -51,7 +51,7 @@ def _scene(block, block_info=None):
 
 def classify(key) -> str:
     name = key if isinstance(key, str) else str(key[0] if isinstance(key, tuple) else key)
-    if "from-zarr" in name or name.startswith(("original-array", "array-")):
+    if "from-zarr" in name or name.startswith(("original-array", "array-", "halo-read")):
         return "zarr read"
     if name.startswith(("store-map", "store-", "load-store")):
         return "zarr write"

@@ -63,6 +63,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--memory-limit", default="2GiB")
+    p.add_argument("--malloc", default="fast", choices=("fast", "safe"), help="DistributedContext(malloc=)")
     p.add_argument("--dir", default=None, help="working directory (default: a temporary one, removed after)")
     args = p.parse_args()
 
@@ -85,7 +86,7 @@ def main() -> None:
     blur = Blur(filter=gaussian_blur(psf_size=(7, 7, 7), sigma=(1.0, 1.0, 1.0)), padding="reflect")
     tile = args.chunk // 2
     res: dict = {"workers": args.workers, "threads_per_worker": args.threads,
-                 "memory_limit_per_worker": args.memory_limit, "chunk": args.chunk, "algorithm": args.algorithm,
+                 "memory_limit_per_worker": args.memory_limit, "malloc": args.malloc, "chunk": args.chunk, "algorithm": args.algorithm,
                  "memory_thresholds": thresholds,
                  "operator": "3-D Blur 7x7x7 Gaussian (sigma 1), reflect padding (chunk-wise map_overlap, conv3d)",
                  "denoiser": f"bundled 3-D DnCNN {BUNDLED_DENOISER_3D}, tiles {tile}^3 + overlap 4",
@@ -93,7 +94,7 @@ def main() -> None:
     try:
         with dask.config.set(thresholds), dr.DistributedContext(
             n_workers=args.workers, threads_per_worker=args.threads, memory_limit=args.memory_limit,
-            dashboard_address=":0",
+            dashboard_address=":0", malloc=args.malloc,
         ) as ctx, ctx.client.as_current():
             dphys = dr.distribute([blur], ctx)
             dden = dr.distribute(bundled_denoiser_3d(), ctx, patch_size=tile, overlap=4, max_batch_size=1)

@@ -1,4 +1,5 @@
-"""Bar chart of the benchmark ratios for the docs: docs/_static/benchmarks.png.
+"""Charts of the benchmark results for the docs: docs/_static/benchmarks.png (time against the
+baselines) and docs/_static/ooc_volume.png (3-D out of core against in memory).
 
     python benchmarks/plot.py
 """
@@ -34,5 +35,25 @@ if __name__ == "__main__":
     ax.set_title("Same workload, same 2-core machine")
     fig.tight_layout()
     out = Path(__file__).parents[1] / "docs" / "_static" / "benchmarks.png"
+    fig.savefig(out, dpi=100)
+    print("wrote", out)
+
+    v = json.loads((RESULTS / "ooc_volume.json").read_text())
+    runs = [("in_memory", "in memory"), ("out_of_core", "out of core")]
+    names = [f"{label}\n{v[k]['image'].split(' ')[0].split('x')[2]}³\n"
+             f"{v[k]['times_total_worker_memory_limit']:.2f}× the limit" for k, label in runs]
+    limit_mib = int(v["memory_limit_per_worker"].rstrip("GiB")) * 1024
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10.5, 3.8))
+    a1.bar(names, [v[k]["mvox_per_second_first_iteration"] for k, _ in runs], color=["C0", "C1"])
+    a1.set_ylabel("Mvox/s (first iteration)")
+    a1.set_title(f"throughput: out of core / in memory = {v['ratio_out_of_core_vs_in_memory_throughput']:.2f}")
+    a2.bar(names, [max(v[k]["worker_peak_rss_mib"]) for k, _ in runs], color=["C0", "C1"])
+    a2.axhline(limit_mib, color="k", ls="--", lw=1, label=f"worker memory limit ({v['memory_limit_per_worker']})")
+    a2.set_ylabel("worker peak RSS (MiB)")
+    a2.set_title("peak worker memory")
+    a2.legend(fontsize=8, loc="lower right")
+    fig.suptitle("3-D PnP (7³ blur + 3-D DnCNN), one worker, 2 threads", fontsize=10)
+    fig.tight_layout()
+    out = Path(__file__).parents[1] / "docs" / "_static" / "ooc_volume.png"
     fig.savefig(out, dpi=100)
     print("wrote", out)

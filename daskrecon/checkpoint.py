@@ -25,6 +25,7 @@ import numpy as np
 import zarr
 
 from daskrecon.errors import DaskreconError
+from daskrecon.staging import register_source
 from daskrecon.waiting import compute
 
 __all__ = ["Checkpoint", "CheckpointMismatchError"]
@@ -98,7 +99,8 @@ class Checkpoint:
         meta = self.meta()
         arr = self.open_array("r", name)
         spec = ((1, 1), *chunks) if chunks is not None else (1, *arr.chunks[1:])
-        return da.from_array(arr, chunks=spec, inline_array=True)[meta["slot"]]
+        out = da.from_array(arr, chunks=spec, inline_array=True)[meta["slot"]]
+        return register_source(out, arr, (meta["slot"],))  # stencils read its halos from here
 
     def check(self, problem: dict) -> None:
         """Refuse to resume a different problem, naming what differs."""
@@ -180,6 +182,24 @@ class Checkpoint:
 
     def open_array(self, mode: str = "r", name: str = "x") -> Any:
         return zarr.open_array(self._array_path(name), mode=mode, storage_options=self.storage_options)
+
+    def scratch(self, name: str, shape: tuple, dtype: Any, chunks: tuple) -> Any:
+        """An uncompressed Zarr array ``name`` for intermediate values (no slots, never committed)."""
+        self.fs.makedirs(str(self.path), exist_ok=True)
+        try:
+            arr = self.open_array("r+", name)
+            if arr.shape == tuple(shape) and arr.dtype == dtype and tuple(arr.chunks) == tuple(chunks):
+                return arr
+        except (FileNotFoundError, zarr.errors.NodeNotFoundError):
+            pass
+        return zarr.create_array(self._array_path(name), shape=shape, chunks=chunks, dtype=dtype, overwrite=True,
+                                 compressors=None, storage_options=self.storage_options)
+
+    def remove_array(self, name: str) -> None:
+        """Delete array ``name`` (nothing if absent)."""
+        path = self._array_path(name)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
 
     def _prepare(self, shape: tuple, dtype: Any, chunks: tuple, name: str = "x") -> Any:
         self.fs.makedirs(str(self.path), exist_ok=True)

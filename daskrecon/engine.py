@@ -27,6 +27,7 @@ from daskrecon.errors import DaskreconError
 from daskrecon.linsolve import Workspace
 from daskrecon.problem import Problem
 from daskrecon.signal import DistributedSignal, advance
+from daskrecon.staging import Stager, staged
 
 __all__ = ["check_stopping", "psnr", "psnr_of_mse", "run"]
 
@@ -120,6 +121,24 @@ def run(
                       "and delete it when done", UserWarning, stacklevel=3)
         store = Checkpoint(where)
     rule.check(problem)
+    # Out of core, stencils exchange halos through scratch Zarr arrays next to the state
+    # (daskrecon.staging): no stage holds a front of chunks for the next.
+    stager = Stager(store) if streamed else None
+    try:
+        with staged(stager):
+            return _run(problem, rule, x0, store, streamed, stager, start, history, record, t0, n_iter=n_iter,
+                        checkpoint_every=checkpoint_every, callback=callback, progress=progress, tol=tol,
+                        max_time=max_time)
+    finally:
+        if stager is not None:
+            stager.cleanup()
+
+
+def _run(problem: Problem, rule: StepRule, x0: Any, store: Checkpoint | None, streamed: bool, stager: Stager | None,
+         start: int, history: list, record: dict, t0: float, *, n_iter: int, checkpoint_every: int,
+         callback: Callable | None, progress: bool, tol: float | None,
+         max_time: float | None) -> tuple[dict[str, DistributedSignal], list[dict]]:
+    ctx = problem.ctx
     rule.prepare(problem, Workspace(problem, store, streamed))
     signals = {name: DistributedSignal(ctx, problem.shape, problem.dtype, store=store, chunks=problem.chunks,
                                        name=name, in_memory=not streamed) for name in rule.state}
@@ -139,6 +158,8 @@ def run(
                 stop = "max_time"
                 break
             state = {name: s.array for name, s in signals.items()}
+            if stager is not None:
+                stager.new_graph()
             commit = store is not None and (streamed or (k + 1) % checkpoint_every == 0 or k + 1 == n_iter)
 
             with span(f"daskrecon-iteration-{k + 1}"):

@@ -24,6 +24,7 @@ import numpy as np
 from dask.delayed import Delayed, delayed
 from dask.highlevelgraph import HighLevelGraph
 
+from daskrecon import staging
 from daskrecon._scheduler import PLACED
 from daskrecon.reduction import reduction_plan
 from daskrecon.sharding import balance_loads
@@ -233,6 +234,7 @@ def denoise(problem: Any, z: da.Array, name: str) -> da.Array:
 
 def metrics(problem: Any, new: da.Array, old: da.Array, name: str) -> Delayed:
     """``[‖new − old‖², ‖old‖², Σ(clip(new) − truth)², pixels]`` in float64, one partial per chunk."""
+    old = staging.fresh(old, after=new)  # out of core: not held from the step to the metrics
     blocks_new, blocks_old = new.to_delayed(optimize_graph=False).ravel(), old.to_delayed(optimize_graph=False).ravel()
     truth = (problem.truth.to_delayed(optimize_graph=False).ravel() if problem.truth is not None
              else [None] * len(blocks_new))

@@ -24,7 +24,7 @@ import numpy as np
 from dask.delayed import Delayed, delayed
 from deepinv.optim.data_fidelity import L2
 
-from daskrecon import graph
+from daskrecon import graph, staging
 from daskrecon.checkpoint import Checkpoint
 from daskrecon.errors import DaskreconError
 from daskrecon.fingerprint import fingerprint
@@ -216,7 +216,9 @@ def prox_data(problem: Any, v: da.Array, gamma: float, workspace: Workspace, *, 
     p_old = da.zeros(problem.shape, chunks=problem.chunks, dtype=dt)
     if not workspace.streamed:
         return _cg_in_memory(problem, workspace, c, p_old, rr0, f_v, max_iter, tol)
+    passes = staging.mark()
     while k < max_iter and rr > (tol ** 2) * rr0 and rr > 0:
+        staging.rewind(passes)  # each pass is computed before the next is built
         r, u = workspace.read("cg-ur", "r"), workspace.read("cg-ur", "u")
         step = graph.token("cg-step")
         p = da.map_blocks(linsolve_tasks.axpy_block, r, p_old, beta, dtype=dt, name=f"cg-direction-{step}")
@@ -308,7 +310,9 @@ def lipschitz(problem: Any, workspace: Workspace, *, max_iter: int = 100, tol: f
     w = da.random.default_rng(seed).random(problem.shape, chunks=problem.chunks, dtype=np.float32).astype(dt)
     out = workspace.write("power", {"w": w}, {"ww": inner(w, w, f"power-ww-{tag}")})
     ww, lam, prev = float(out["ww"]), 0.0, None
+    passes = staging.mark()
     for _ in range(max_iter):
+        staging.rewind(passes)  # each pass is computed before the next is built
         step = graph.token("power-step")
         w = workspace.read("power", "w")
         v = da.map_blocks(array_tasks.scale_array, w, 1.0 / math.sqrt(ww), dtype=dt, name=f"power-normalize-{step}")

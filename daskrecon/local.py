@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from deepinv.physics import Blur, BlurFFT, Denoising, Downsampling, Inpainting
 
+from daskrecon import staging
 from daskrecon.tasks import local_kernels
 from daskrecon.errors import ShapeError
 from daskrecon.operators import FFTConvolution
@@ -221,12 +222,12 @@ class LocalOperator:
 
     def _overlap(self, fn: Any, a: da.Array, halo: tuple[int, ...], out_chunks: tuple, nblocks: tuple) -> da.Array:
         a = a.rechunk({0: -1, 1: -1})
-        return da.map_overlap(
+        return staging.map_overlap(
             fn, a,
             depth={0: 0, 1: 0, **{2 + k: h for k, h in enumerate(halo)}},
             boundary="periodic" if self.padding == "circular" else "none",
             trim=False, chunks=(a.chunks[0], a.chunks[1], *out_chunks[2:]), dtype=a.dtype,
-            meta=np.empty((0,) * a.ndim, a.dtype), allow_rechunk=False,
+            meta=np.empty((0,) * a.ndim, a.dtype),
             filt=self._kernel(a.dtype, a.ndim), padding=self.padding, radius=self.depth_for(a.ndim),
             factor=self.factor, nblocks=tuple(nblocks),
         )

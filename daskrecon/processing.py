@@ -26,6 +26,7 @@ import torch
 from distributed import Future
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from daskrecon import staging
 from daskrecon.tasks import denoising as denoising_tasks
 from daskrecon._arrays import as_numpy, gather_arrays, place
 from daskrecon.context import DistributedContext
@@ -596,18 +597,19 @@ class DistributedProcessing(torch.nn.Module):
         state = self._state()
         if state is not None:
             extra["state"] = state
-        with dask.annotate(**({"workers": workers, "allow_other_workers": True} if workers else {})):
-            if all(x.numblocks[d] == 1 for d in tiling_dims):  # one chunk: no halo to exchange
+        where = {"workers": workers, "allow_other_workers": True} if workers else {}
+        if all(x.numblocks[d] == 1 for d in tiling_dims):  # one chunk: no halo to exchange
+            with dask.annotate(**where):
                 return x.map_blocks(
                     denoising_tasks.process_block, dtype=x.dtype, meta=meta, model_key=self.key,
                     device_mode=self.ctx.device_mode, method=method, tiling=tiling,
                     max_batch_size=self.max_batch_size, args=args, kwargs=kwargs, **extra,
                 )
-            return x.map_overlap(
-                denoising_tasks.process_block, depth=depth, boundary="none", dtype=x.dtype, meta=meta,
-                model_key=self.key, device_mode=self.ctx.device_mode, method=method, tiling=tiling,
-                max_batch_size=self.max_batch_size, args=args, kwargs=kwargs, **extra,
-            )
+        return staging.map_overlap(
+            denoising_tasks.process_block, x, depth=depth, boundary="none", annotations=where, dtype=x.dtype,
+            meta=meta, model_key=self.key, device_mode=self.ctx.device_mode, method=method, tiling=tiling,
+            max_batch_size=self.max_batch_size, args=args, kwargs=kwargs, **extra,
+        )
 
     def _check_chunk(self, x: da.Array, depth: dict, tiling_dims: tuple, patch: tuple, overlap: tuple, method: str,
                      args: tuple, kwargs: dict) -> None:

@@ -85,6 +85,18 @@ def test_workers_malloc_settings(ctx):
         dr.DistributedContext(malloc="jemalloc")
 
 
+def test_workers_bound_onednn_primitive_cache(ctx):
+    """Every conv shape cached by oneDNN costs memory that dask counts as unmanaged; border chunks and
+    tiles have many shapes (a 3-D out-of-core worker gained 1 GiB). Workers start with a small cache."""
+    import os
+
+    from daskrecon.context import _ONEDNN_CACHE
+
+    got = ctx.client.run(lambda: os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY"))
+    assert set(got.values()) == {_ONEDNN_CACHE}, got
+    assert 0 < int(_ONEDNN_CACHE) < 1024
+
+
 def test_worker_list_does_not_race_the_clients_refresh():
     """The client refreshes a cached identity without workers every scheduler-info-interval; a worker
     list read from that cache was empty now and then (CI: operators sharded over 0 workers)."""

@@ -7,7 +7,7 @@ import deepinv as dinv
 from deepinv.optim import L2
 
 import daskrecon as dr
-from daskrecon import linsolve
+from daskrecon import linsolve, staging
 from daskrecon.checkpoint import Checkpoint
 from daskrecon.linsolve import Workspace, lipschitz, prox_data
 from daskrecon.problem import plan_problem
@@ -72,9 +72,17 @@ def test_prox_in_scratch_zarr_is_bitwise_the_in_memory_one(planned, ctx, tmp_pat
     problem = plan()
     v = da.from_array(torch.rand(x_true.shape).numpy(), chunks=problem.chunks)
     u1, f1, i1 = prox_data(problem, v, 0.5, Workspace(problem), max_iter=30, tol=1e-5)
-    u2, f2, i2 = prox_data(problem, v, 0.5, Workspace(problem, Checkpoint(str(tmp_path / "s")), streamed=True),
-                           max_iter=30, tol=1e-5)
+    store = Checkpoint(str(tmp_path / "s"))
+    stager = staging.Stager(store)  # as the engine runs it out of core: halos through Zarr
+    with staging.staged(stager):
+        u2, f2, i2 = prox_data(problem, v, 0.5, Workspace(problem, store, streamed=True), max_iter=30, tol=1e-5)
+        L2 = lipschitz(problem, Workspace(problem, store, streamed=True), seed=1)
     assert torch.equal(_value(ctx, u1), _value(ctx, u2)) and f1 == f2 and i1 == i2
+    assert i2.iterations > 3
+    problem.physics.__dict__.pop("_lipschitz_cache")  # computed again, in memory
+    assert L2 == lipschitz(problem, Workspace(problem), seed=1)
+    # every pass of CG and of the power method reuses the last one's scratch arrays
+    assert 0 < len(stager._made) <= 4 * problem.num_operators + 2, sorted(stager._made)
     assert (tmp_path / "s" / "scratch" / "cg-ur").exists()
 
 

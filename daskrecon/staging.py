@@ -1,0 +1,209 @@
+"""Halo exchange through Zarr for out-of-core graphs: stencils in memory bounded by the chunk.
+
+A ``map_overlap`` builds each chunk's halo from its neighbours' tasks. In a graph that
+chains stencils (``A x``, then ``Aᵀ r``, then the tiled denoiser), the scheduler must keep a
+front of finished neighbours between every two of them: a slab of chunks as wide as the
+volume per stage and per array. For a 3-D volume several times the workers' memory that
+front alone is gigabytes (measured: 1 GiB held — spilled — for a 0.5 GiB volume, and a
+worker restarted by its nanny on a 8 GiB one).
+
+While a :class:`Stager` is active (:func:`staged`; the engine sets one for a problem that
+streams through Zarr), :func:`map_overlap` does instead what a file-backed stencil code
+does: the stencil's input is written to a scratch Zarr array next to the checkpoint, and
+after that write (one barrier task) each chunk reads its own region *with its halo* from
+the array. Nothing is held between stages but the scratch array on disk; each task holds
+one extended chunk. An input that is already a committed state array of the checkpoint is
+read from there directly (no write). The extended blocks are exactly ``map_overlap``'s, so
+results are bitwise the same as without staging.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextvars import ContextVar
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+from dask.array.overlap import coerce_boundary, coerce_depth, trim_internal
+from dask.delayed import Delayed
+from dask.highlevelgraph import HighLevelGraph
+
+from daskrecon.tasks import arrays as array_tasks
+
+__all__ = ["Stager", "active", "fresh", "map_overlap", "mark", "register_source", "rewind", "staged"]
+
+_ACTIVE: ContextVar[Stager | None] = ContextVar("daskrecon_stager", default=None)
+# Dask arrays that read a Zarr array (by array name): (zarr array, leading index). Bounded:
+# only the checkpoint's latest committed arrays matter.
+_SOURCES: OrderedDict[str, tuple[Any, tuple[int, ...]]] = OrderedDict()
+_MAX_SOURCES = 64
+_tokens = itertools.count()
+
+
+def register_source(arr: da.Array, zarr_array: Any, lead: tuple[int, ...] = ()) -> da.Array:
+    """Record that ``arr`` is ``zarr_array[lead]`` read as is, so stencils can read its halos directly."""
+    _SOURCES[arr.name] = (zarr_array, tuple(lead))
+    while len(_SOURCES) > _MAX_SOURCES:
+        _SOURCES.popitem(last=False)
+    return arr
+
+
+def active() -> Stager | None:
+    """The active stager, if any."""
+    return _ACTIVE.get()
+
+
+@contextlib.contextmanager
+def staged(stager: Stager | None) -> Iterator[Stager | None]:
+    """Make ``stager`` active while building graphs (``None``: nothing changes)."""
+    token = _ACTIVE.set(stager)
+    try:
+        yield stager
+    finally:
+        _ACTIVE.reset(token)
+
+
+class Stager:
+    """Scratch Zarr arrays for the stencils of the graphs being built.
+
+    Parameters
+    ----------
+    store : Checkpoint
+        The scratch arrays are ``stage_<k>`` next to its arrays (uncompressed; removed by
+        :meth:`cleanup`).
+    """
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self._next = 0
+        self._made: set[str] = set()
+
+    def new_graph(self) -> None:
+        """Start numbering scratch arrays again: the graphs built before have been computed."""
+        self._next = 0
+
+    def extended(self, a: da.Array, depth: dict[int, int], boundary: dict[int, str],
+                 after: da.Array | None = None) -> da.Array:
+        """``a``'s blocks with their halos, each read in one task from Zarr (``dask.array.overlap``'s blocks).
+
+        ``after``, an array of the same blocks, orders each read after its block of ``after``.
+        """
+        deps: list[Any] = [] if after is None else [after]
+        source = _SOURCES.get(a.name)
+        if source is not None and tuple(source[0].shape[len(source[1]):]) == tuple(a.shape):
+            zarr_array, lead = source
+            barrier = None
+        else:
+            zarr_array, barrier = self._write(a)
+            lead = ()
+            deps.append(barrier)
+        name = f"halo-read-{next(_tokens):06d}"
+        starts = [np.cumsum((0,) + c[:-1]) for c in a.chunks]
+        layer: dict = {}
+        out_chunks: list[list[int]] = [[] for _ in a.chunks]
+        for idx in itertools.product(*(range(len(c)) for c in a.chunks)):
+            where = []
+            for ax, i in enumerate(idx):
+                lo, size, n = int(starts[ax][i]), a.chunks[ax][i], a.shape[ax]
+                d, b, last = depth.get(ax, 0), boundary.get(ax, "none"), len(a.chunks[ax]) - 1
+                if d == 0:
+                    where.append((lo, lo + size, False))
+                elif b == "periodic":
+                    where.append((lo - d, lo + size + d, True))
+                elif b == "none":
+                    where.append((lo - d if i > 0 else lo, lo + size + d if i < last else lo + size, False))
+                else:
+                    raise NotImplementedError(f"staged halo with boundary={b!r}")
+            for ax, (lo, hi, _) in enumerate(where):
+                if len(out_chunks[ax]) <= idx[ax]:
+                    out_chunks[ax].append(hi - lo)
+            layer[(name, *idx)] = (array_tasks.read_region, zarr_array, lead, tuple(where),
+                                   barrier.key if barrier is not None else None,
+                                   (after.name, *idx) if after is not None else None)
+        graph = HighLevelGraph.from_collections(name, layer, dependencies=deps)
+        return da.Array(graph, name, tuple(tuple(c) for c in out_chunks), dtype=a.dtype,
+                        meta=np.empty((0,) * a.ndim, a.dtype))
+
+    def _write(self, a: da.Array) -> tuple[Any, Any]:
+        chunks = tuple(c[0] for c in a.chunks)
+        aligned = all(not (np.cumsum(sizes)[:-1] % size).any() for sizes, size in zip(a.chunks, chunks))
+        if not aligned:  # one Zarr chunk per task, so no two tasks write one chunk
+            a = a.rechunk(chunks)
+        name = f"stage_{self._next}"
+        self._next += 1
+        self._made.add(name)
+        z = self.store.scratch(name, a.shape, a.dtype, chunks)
+        writes = da.store(a, z, lock=False, compute=False)
+        key = f"halo-write-{next(_tokens):06d}"
+        layer = {key: (array_tasks.barrier, list(writes.__dask_keys__()))}
+        return z, Delayed(key, HighLevelGraph.from_collections(key, layer, dependencies=[writes]))
+
+    def cleanup(self) -> None:
+        """Remove the scratch arrays."""
+        for name in sorted(self._made):
+            self.store.remove_array(name)
+        self._made.clear()
+
+
+def mark() -> int | None:
+    """Where the active stager's numbering stands (``None`` without a stager): see :func:`rewind`."""
+    stager = _ACTIVE.get()
+    return None if stager is None else stager._next
+
+
+def rewind(where: int | None) -> None:
+    """Number scratch arrays from ``where`` (a :func:`mark`) again.
+
+    For a loop whose every pass builds and computes its own graph (the power method, conjugate
+    gradient out of core): pass ``k`` reuses pass ``k − 1``'s scratch arrays, which that pass's
+    computation is done with, and never those of a graph built before the loop began.
+    """
+    stager = _ACTIVE.get()
+    if stager is not None and where is not None:
+        stager._next = where
+
+
+def fresh(a: da.Array, after: da.Array | None = None) -> da.Array:
+    """``a`` under new keys when it reads the checkpoint's Zarr (and a stager is active), else ``a``.
+
+    A state array read in two stages of one graph would be held by the scheduler from the
+    first to the last; read twice, it is held by neither. ``after`` (same chunks) orders each
+    block's read after that block of ``after`` — the value it is to be combined with —, so
+    that the read runs when it is needed, not whenever a thread is free.
+    """
+    if _ACTIVE.get() is None or a.name not in _SOURCES:
+        return a
+    if after is not None and after.chunks != a.chunks:
+        after = None
+    return _ACTIVE.get().extended(a, {}, {}, after)
+
+
+def map_overlap(fn: Any, a: da.Array, *, depth: dict[int, int], boundary: str, trim: bool = True,
+                annotations: dict | None = None, **kwargs: Any) -> da.Array:
+    """``dask.array.map_overlap(fn, a, depth=…, boundary=…, trim=…, allow_rechunk=False, **kwargs)``,
+    its halos read from Zarr while a stager is active (see the module).
+
+    ``annotations`` (e.g. worker placement) go on ``fn``'s tasks. Staged, the reads stay
+    unannotated: the scheduler queues unrestricted root tasks and hands them out as threads
+    free up, where restricted ones would all be read at once, ahead of their consumers.
+    """
+    stager = _ACTIVE.get()
+    depth_n = coerce_depth(a.ndim, depth)
+    if stager is None or all(d == 0 for d in depth_n.values()):
+        with dask.annotate(**(annotations or {})):
+            return da.map_overlap(fn, a, depth=depth, boundary=boundary, trim=trim, allow_rechunk=False, **kwargs)
+    boundary_n = coerce_boundary(a.ndim, boundary)
+    for ax, d in depth_n.items():
+        if d and min(a.chunks[ax]) < d and len(a.chunks[ax]) > 1:
+            raise ValueError(f"chunks along axis {ax} ({min(a.chunks[ax])}) are smaller than the halo ({d})")
+    ext = stager.extended(a, depth_n, boundary_n)
+    if not trim:
+        kwargs.setdefault("chunks", a.chunks)
+    with dask.annotate(**(annotations or {})):
+        out = da.map_blocks(fn, ext, **kwargs)
+    return trim_internal(out, depth_n, boundary_n) if trim else out
