@@ -24,6 +24,7 @@ import dask.array as da
 import numpy as np
 import zarr
 
+from daskrecon.chunking import zarr_aligned
 from daskrecon.errors import DaskreconError
 from daskrecon.staging import register_source
 from daskrecon.waiting import compute
@@ -146,10 +147,7 @@ class Checkpoint:
         slot = self._free_slot()
         stores = []
         for name, x in arrays.items():
-            chunks = tuple(c[0] for c in x.chunks)
-            aligned = all(not (np.cumsum(sizes)[:-1] % size).any() for sizes, size in zip(x.chunks, chunks))
-            if not aligned:
-                x = x.rechunk(chunks)
+            x, chunks = zarr_aligned(x)
             arr = self._prepare(x.shape, x.dtype, (1, *chunks), name)
             region = (slice(slot, slot + 1), *(slice(None),) * x.ndim)
             stores.append(da.store(x[None], arr, regions=region, lock=False, compute=False))

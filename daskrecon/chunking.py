@@ -15,7 +15,9 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["MAX_CHUNK_BYTES", "MIN_CHUNKS", "plan_chunks", "working_chunks"]
+import numpy as np
+
+__all__ = ["MAX_CHUNK_BYTES", "MIN_CHUNKS", "plan_chunks", "working_chunks", "zarr_aligned"]
 
 #: Largest chunk of the iterate, in bytes (a chunk and its halo are held whole by a task).
 MAX_CHUNK_BYTES = 64 * 2**20
@@ -138,3 +140,13 @@ def _regular(total: int, size: int, minimum: int, step: int) -> tuple[int, ...]:
     if rest and rest < minimum and full >= 1:
         return tuple([size] * (full - 1) + [size + rest])
     return tuple([size] * full + ([rest] if rest else []))
+
+
+def zarr_aligned(x: Any) -> tuple[Any, tuple[int, ...]]:
+    """``x`` and the Zarr chunks to store it in (its first dask chunk per axis), rechunked to regular
+    chunks first when a dask chunk boundary is not a Zarr one — so that no two tasks write one Zarr
+    chunk (no lock needed, no lost write: zarr-python #3514)."""
+    chunks = tuple(c[0] for c in x.chunks)
+    if not all(not (np.cumsum(sizes)[:-1] % size).any() for sizes, size in zip(x.chunks, chunks)):
+        x = x.rechunk(chunks)
+    return x, chunks

@@ -27,7 +27,7 @@ from daskrecon.errors import DaskreconError
 from daskrecon.linsolve import Workspace
 from daskrecon.problem import Problem
 from daskrecon.signal import DistributedSignal, advance
-from daskrecon.staging import Stager, staged
+from daskrecon.staging import Stager, rewind, staged
 
 __all__ = ["check_stopping", "psnr", "psnr_of_mse", "run"]
 
@@ -100,7 +100,6 @@ def run(
     """
     check_stopping(tol, max_time)
     t0 = time.monotonic()
-    ctx = problem.ctx
     record = {**problem.record, **rule.settings()}
     store = Checkpoint(checkpoint) if checkpoint else None
     start, history = 0, []
@@ -126,7 +125,7 @@ def run(
     stager = Stager(store) if streamed else None
     try:
         with staged(stager):
-            return _run(problem, rule, x0, store, streamed, stager, start, history, record, t0, n_iter=n_iter,
+            return _run(problem, rule, x0, store, streamed, start, history, record, t0, n_iter=n_iter,
                         checkpoint_every=checkpoint_every, callback=callback, progress=progress, tol=tol,
                         max_time=max_time)
     finally:
@@ -134,10 +133,9 @@ def run(
             stager.cleanup()
 
 
-def _run(problem: Problem, rule: StepRule, x0: Any, store: Checkpoint | None, streamed: bool, stager: Stager | None,
-         start: int, history: list, record: dict, t0: float, *, n_iter: int, checkpoint_every: int,
-         callback: Callable | None, progress: bool, tol: float | None,
-         max_time: float | None) -> tuple[dict[str, DistributedSignal], list[dict]]:
+def _run(problem: Problem, rule: StepRule, x0: Any, store: Checkpoint | None, streamed: bool, start: int,
+         history: list, record: dict, t0: float, *, n_iter: int, checkpoint_every: int, callback: Callable | None,
+         progress: bool, tol: float | None, max_time: float | None) -> tuple[dict[str, DistributedSignal], list[dict]]:
     ctx = problem.ctx
     rule.prepare(problem, Workspace(problem, store, streamed))
     signals = {name: DistributedSignal(ctx, problem.shape, problem.dtype, store=store, chunks=problem.chunks,
@@ -158,8 +156,7 @@ def _run(problem: Problem, rule: StepRule, x0: Any, store: Checkpoint | None, st
                 stop = "max_time"
                 break
             state = {name: s.array for name, s in signals.items()}
-            if stager is not None:
-                stager.new_graph()
+            rewind(0)  # out of core: the graphs built before are computed; reuse their scratch arrays
             commit = store is not None and (streamed or (k + 1) % checkpoint_every == 0 or k + 1 == n_iter)
 
             with span(f"daskrecon-iteration-{k + 1}"):

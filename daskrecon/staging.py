@@ -33,6 +33,7 @@ from dask.array.overlap import coerce_boundary, coerce_depth, trim_internal
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
+from daskrecon.chunking import zarr_aligned
 from daskrecon.tasks import arrays as array_tasks
 
 __all__ = ["Stager", "active", "fresh", "map_overlap", "mark", "register_source", "rewind", "staged"]
@@ -83,10 +84,6 @@ class Stager:
         self._next = 0
         self._made: set[str] = set()
 
-    def new_graph(self) -> None:
-        """Start numbering scratch arrays again: the graphs built before have been computed."""
-        self._next = 0
-
     def extended(self, a: da.Array, depth: dict[int, int], boundary: dict[int, str],
                  after: da.Array | None = None) -> da.Array:
         """``a``'s blocks with their halos, each read in one task from Zarr (``dask.array.overlap``'s blocks).
@@ -103,37 +100,19 @@ class Stager:
             lead = ()
             deps.append(barrier)
         name = f"halo-read-{next(_tokens):06d}"
-        starts = [np.cumsum((0,) + c[:-1]) for c in a.chunks]
-        layer: dict = {}
-        out_chunks: list[list[int]] = [[] for _ in a.chunks]
-        for idx in itertools.product(*(range(len(c)) for c in a.chunks)):
-            where = []
-            for ax, i in enumerate(idx):
-                lo, size, n = int(starts[ax][i]), a.chunks[ax][i], a.shape[ax]
-                d, b, last = depth.get(ax, 0), boundary.get(ax, "none"), len(a.chunks[ax]) - 1
-                if d == 0:
-                    where.append((lo, lo + size, False))
-                elif b == "periodic":
-                    where.append((lo - d, lo + size + d, True))
-                elif b == "none":
-                    where.append((lo - d if i > 0 else lo, lo + size + d if i < last else lo + size, False))
-                else:
-                    raise NotImplementedError(f"staged halo with boundary={b!r}")
-            for ax, (lo, hi, _) in enumerate(where):
-                if len(out_chunks[ax]) <= idx[ax]:
-                    out_chunks[ax].append(hi - lo)
-            layer[(name, *idx)] = (array_tasks.read_region, zarr_array, lead, tuple(where),
-                                   barrier.key if barrier is not None else None,
-                                   (after.name, *idx) if after is not None else None)
+        windows = [_windows(sizes, depth.get(ax, 0), boundary.get(ax, "none")) for ax, sizes in enumerate(a.chunks)]
+        layer = {(name, *idx): (array_tasks.read_region, zarr_array, lead, where,
+                                barrier.key if barrier is not None else None,
+                                (after.name, *idx) if after is not None else None)
+                 for idx, where in zip(itertools.product(*(range(len(w)) for w in windows)),
+                                       itertools.product(*windows))}
+        out_chunks = tuple(tuple(hi - lo for lo, hi, _ in w) for w in windows)
         graph = HighLevelGraph.from_collections(name, layer, dependencies=deps)
-        return da.Array(graph, name, tuple(tuple(c) for c in out_chunks), dtype=a.dtype,
+        return da.Array(graph, name, out_chunks, dtype=a.dtype,
                         meta=np.empty((0,) * a.ndim, a.dtype))
 
     def _write(self, a: da.Array) -> tuple[Any, Any]:
-        chunks = tuple(c[0] for c in a.chunks)
-        aligned = all(not (np.cumsum(sizes)[:-1] % size).any() for sizes, size in zip(a.chunks, chunks))
-        if not aligned:  # one Zarr chunk per task, so no two tasks write one chunk
-            a = a.rechunk(chunks)
+        a, chunks = zarr_aligned(a)
         name = f"stage_{self._next}"
         self._next += 1
         self._made.add(name)
@@ -148,6 +127,20 @@ class Stager:
         for name in sorted(self._made):
             self.store.remove_array(name)
         self._made.clear()
+
+
+def _windows(sizes: tuple[int, ...], d: int, boundary: str) -> list[tuple[int, int, bool]]:
+    """Each block's ``(start, stop, periodic)`` along one axis with a halo ``d`` (``dask.array.overlap``'s)."""
+    starts = np.cumsum((0,) + sizes[:-1]).tolist()
+    last = len(sizes) - 1
+    if d == 0:
+        return [(lo, lo + n, False) for lo, n in zip(starts, sizes)]
+    if boundary == "periodic":
+        return [(lo - d, lo + n + d, True) for lo, n in zip(starts, sizes)]
+    if boundary == "none":
+        return [(lo - d if i else lo, lo + n + d if i < last else lo + n, False)
+                for i, (lo, n) in enumerate(zip(starts, sizes))]
+    raise NotImplementedError(f"staged halo with boundary={boundary!r}")
 
 
 def mark() -> int | None:
