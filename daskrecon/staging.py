@@ -35,6 +35,7 @@ from dask.highlevelgraph import HighLevelGraph
 
 from daskrecon.chunking import zarr_aligned
 from daskrecon.tasks import arrays as array_tasks
+from daskrecon.tasks import regions
 
 __all__ = ["Stager", "active", "fresh", "map_overlap", "mark", "register_source", "rewind", "staged"]
 
@@ -101,7 +102,7 @@ class Stager:
             deps.append(barrier)
         name = f"halo-read-{next(_tokens):06d}"
         windows = [_windows(sizes, depth.get(ax, 0), boundary.get(ax, "none")) for ax, sizes in enumerate(a.chunks)]
-        layer = {(name, *idx): (array_tasks.read_region, zarr_array, lead, where,
+        layer = {(name, *idx): (regions.read_region, zarr_array, lead, where,
                                 barrier.key if barrier is not None else None,
                                 (after.name, *idx) if after is not None else None)
                  for idx, where in zip(itertools.product(*(range(len(w)) for w in windows)),

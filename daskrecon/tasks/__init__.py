@@ -11,7 +11,8 @@ accounting understands (torch tensors it does not: engineering notes §2.6).
 - :mod:`~daskrecon.tasks.operators`: per-operator ``A``, ``Aᵀ``, VJPs, norms;
 - :mod:`~daskrecon.tasks.fidelity`: per-operator gradients and values, pointwise chunk kernels;
 - :mod:`~daskrecon.tasks.denoising`: tiles and chunks through the model;
-- :mod:`~daskrecon.tasks.local_kernels`: chunk kernels of the local operators.
+- :mod:`~daskrecon.tasks.local_kernels`: chunk kernels of the local operators;
+- :mod:`~daskrecon.tasks.regions`: a chunk and its halo read from Zarr.
 """
 
 from __future__ import annotations

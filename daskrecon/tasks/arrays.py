@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["barrier", "module_device", "place_array", "read_region", "scale_array", "set_torch_threads", "sum_arrays", "to_numpy", "to_tensor",
+__all__ = ["barrier", "module_device", "place_array", "scale_array", "set_torch_threads", "sum_arrays", "to_numpy", "to_tensor",
            "worker_device"]
 
 
@@ -51,20 +51,6 @@ def place_array(a: np.ndarray) -> np.ndarray:
 
 def barrier(*_: Any) -> None:
     """Nothing: a task that runs after all of its dependencies (writes of a whole array)."""
-
-
-def read_region(zarr_array: Any, lead: tuple[int, ...], where: tuple[tuple[int, int, bool], ...],
-                barrier: Any = None, after: Any = None) -> np.ndarray:
-    """``zarr_array[lead][region]``, ``where`` one ``(start, stop, periodic)`` per axis (periodic: wrapped).
-
-    ``barrier`` (the write of the array, when it is a scratch one) and ``after`` only order the
-    task after them.
-    """
-    if not any(p for _, _, p in where):
-        return np.asarray(zarr_array[(*lead, *(slice(lo, hi) for lo, hi, _ in where))])
-    n = zarr_array.shape[len(lead):]
-    index = tuple(np.arange(lo, hi) % size if p else slice(lo, hi) for (lo, hi, p), size in zip(where, n))
-    return np.asarray(zarr_array.oindex[(*lead, *index)])
 
 
 def sum_arrays(*arrays: np.ndarray) -> np.ndarray:
