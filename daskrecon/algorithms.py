@@ -233,7 +233,7 @@ class HQS(_ProxSplitting):
 
     The data term's prox solves ``(I + γ Σ_i A_iᵀA_i / σ_i²) u = x + γ Σ_i A_iᵀy_i / σ_i²``
     (:func:`daskrecon.linsolve.prox_data`): in closed form by one FFT when every operator is a
-    circular convolution and the image's FFT fits a worker (``prox_solver="auto"``), else by
+    circular convolution, subsampled or not, and the image's FFT fits a worker (``prox_solver="auto"``), else by
     conjugate gradient on the cluster: per-operator tasks next to their operators, the
     fixed-index tree, vectors in cluster memory or scratch Zarr. Needs an L2 data fidelity.
     The value reported is ``f(x)``.
@@ -245,7 +245,7 @@ class HQS(_ProxSplitting):
     cg_max_iter, cg_tol : int, float
         Conjugate gradient: at most ``cg_max_iter`` iterations, until ``‖r‖ ≤ cg_tol ‖r₀‖``.
     prox_solver : {"auto", "cg", "fourier"}
-        ``"fourier"`` requires circular convolutions; ``"cg"`` always iterates.
+        ``"fourier"`` requires circular convolutions (subsampled or not); ``"cg"`` always iterates.
     """
 
     name = "hqs"

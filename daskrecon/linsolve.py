@@ -33,7 +33,7 @@ from daskrecon.signal import DistributedSignal, advance
 from daskrecon.tasks import arrays as array_tasks
 from daskrecon.tasks import linsolve as linsolve_tasks
 
-__all__ = ["CGInfo", "PROX_SOLVERS", "Workspace", "check_quadratic", "fourier_diagonal", "inner", "lipschitz",
+__all__ = ["CGInfo", "PROX_SOLVERS", "Workspace", "check_quadratic", "fourier_diagonal", "fourier_period", "inner", "lipschitz",
            "prox_data"]
 
 #: How :func:`prox_data` solves its linear system.
@@ -111,26 +111,43 @@ def _normal(problem: Any, p: da.Array) -> da.Array:
     return h
 
 
-def fourier_diagonal(problem: Any) -> str | None:
-    """Why the normal operator is not diagonal in Fourier (``None`` when it is).
+def fourier_period(problem: Any) -> tuple[int, str | None]:
+    """``(F, why)``: the normal operator commutes with shifts by ``F`` pixels along every spatial
+    axis, and ``why`` it has no closed form (``None`` when it has one).
 
-    It is when every operator is a circular convolution (``Blur`` with circular padding,
-    ``BlurFFT``: no subsampling, no mask) under an L2 fidelity: ``H = Σ_i A_iᵀA_i / σ_i²``
-    is then a circular convolution per batch element and channel.
+    Every operator must be a circular convolution, subsampled or not (``Blur`` with circular
+    padding, ``BlurFFT``, ``Downsampling`` with circular padding: ``A_i = S_{f_i} K_i``), under
+    an L2 fidelity; ``F`` is the least common multiple of the factors ``f_i``, and the image's
+    sides must be multiples of it. ``F = 1``: ``H = Σ_i A_iᵀA_i / σ_i²`` is a circular
+    convolution, diagonal in Fourier. ``F > 1``: ``H`` couples each frequency with the ``F^d − 1``
+    frequencies it aliases with, so it is block diagonal in Fourier with ``F^d × F^d`` blocks
+    (the polyphase form of fast super-resolution: Zhao et al., IEEE TIP 2016).
     """
     forms = problem.physics.local_forms()  # whether or not the planner streams them chunk-wise
     for i, form in enumerate(forms):
-        if form is None or form.filter is None or form.padding != "circular" or form.factor != 1 \
-                or form.mask is not None or form.mask_bound is not None:
-            return f"operator {i} is not a circular convolution"
+        if form is None or form.mask is not None or form.mask_bound is not None \
+                or (form.filter is not None and form.padding != "circular") or (form.filter is None and form.factor == 1):
+            return 1, f"operator {i} is not a circular convolution (subsampled or not)"
         if not isinstance(problem.fidelity._sources(i), L2):
-            return f"operator {i}'s fidelity is not L2"
-    return None
+            return 1, f"operator {i}'s fidelity is not L2"
+    period = math.lcm(*(form.factor for form in forms))
+    sides = tuple(problem.shape[2:])
+    if any(n % period for n in sides):
+        return period, f"the image's sides {sides} are not multiples of the subsampling period {period}"
+    return period, None
+
+
+def fourier_diagonal(problem: Any) -> str | None:
+    """Why the normal operator has no closed form in Fourier (``None`` when it has): :func:`fourier_period`."""
+    return fourier_period(problem)[1]
 
 
 def _fits_whole(problem: Any) -> bool:
-    """Whether one task can hold the image's FFT (about 10 times the image: complex128 and the spectrum)."""
-    need = 10 * int(np.prod(problem.shape)) * np.dtype(problem.dtype).itemsize
+    """Whether one task can hold the image's FFT: about 10 times the image (complex128 and the
+    spectrum); subsampled, the ``F^d`` impulse responses and one channel's ``F^d × F^d`` blocks."""
+    image = int(np.prod(problem.shape)) * np.dtype(problem.dtype).itemsize
+    blocks = fourier_period(problem)[0] ** (len(problem.shape) - 2)
+    need = 10 * image if blocks == 1 else (blocks + 2) * image + 40 * blocks * image // (problem.shape[0] * problem.shape[1])
     try:
         check_fits(problem.ctx.client, need, "the Fourier prox", "")
     except MemoryLimitError:
@@ -138,33 +155,47 @@ def _fits_whole(problem: Any) -> bool:
     return True
 
 
-def _fourier_terms(problem: Any, workspace: Workspace) -> tuple[da.Array, da.Array]:
-    """``(spectrum of H, ∇f(0))``, computed once per workspace in one pass: the eigenvalues of ``H``
-    from its impulse response (per-operator tasks, the fixed tree), and the constant part of
-    the right-hand side, ``∇f(0) = −Σ_i A_iᵀy_i / σ_i²``."""
+def _fourier_terms(problem: Any, workspace: Workspace) -> tuple[list[da.Array], da.Array]:
+    """``(responses, ∇f(0))``, computed once per workspace in one pass.
+
+    ``responses``: ``H δ_p`` for the impulses ``δ_p`` at the ``F^d`` positions ``p`` of one
+    period cell (per-operator tasks, the fixed tree), which determine ``H`` (:func:`fourier_period`);
+    for ``F = 1``, the spectrum of ``H`` instead, its eigenvalues. ``∇f(0) = −Σ_i A_iᵀy_i / σ_i²``
+    is the constant part of the right-hand side.
+    """
+    period = fourier_period(problem)[0]
+    positions = list(np.ndindex(*(period,) * (len(problem.shape) - 2)))
+    names = ["spectrum"] if period == 1 else [f"response_{k}" for k in range(len(positions))]
     if "fourier" not in workspace._groups:
         tag = graph.token("spectrum")
         zero = da.zeros(problem.shape, chunks=problem.chunks, dtype=problem.dtype)
-        delta = zero.map_blocks(linsolve_tasks.delta_block, dtype=problem.dtype, name=f"impulse-{tag}")
-        h, _ = graph.gradient(problem, delta, measured=False, kind="impulse-response")
-        g0, _ = graph.gradient(problem, zero, kind="gradient-at-zero")
-        lam = delayed(linsolve_tasks.spectrum_of, pure=True)(graph.whole(h, f"assemble-{tag}"),
-                                                            dask_key_name=f"spectrum-{tag}")
-        spectrum = graph.as_array(lam, np.asarray, (), problem.shape, problem.dtype, problem.chunks,
-                                  f"spectrum-chunks-{tag}")
-        workspace.write("fourier", {"spectrum": spectrum, "grad0": g0}, {})
-    return workspace.read("fourier", "spectrum"), workspace.read("fourier", "grad0")
+        values = {}
+        for k, (name, at) in enumerate(zip(names, positions)):
+            delta = zero.map_blocks(linsolve_tasks.delta_block, at, dtype=problem.dtype, name=f"impulse-{k}-{tag}")
+            values[name], _ = graph.gradient(problem, delta, measured=False, kind="impulse-response")
+        if period == 1:
+            lam = delayed(linsolve_tasks.spectrum_of, pure=True)(graph.whole(values["spectrum"], f"assemble-{tag}"),
+                                                                dask_key_name=f"spectrum-{tag}")
+            values["spectrum"] = graph.as_array(lam, np.asarray, (), problem.shape, problem.dtype, problem.chunks,
+                                                f"spectrum-chunks-{tag}")
+        values["grad0"], _ = graph.gradient(problem, zero, kind="gradient-at-zero")
+        workspace.write("fourier", values, {})
+    return [workspace.read("fourier", name) for name in names], workspace.read("fourier", "grad0")
 
 
 def _prox_fourier(problem: Any, v: da.Array, gamma: float, workspace: Workspace) -> tuple[da.Array, Any, CGInfo]:
     """``(I + c·H)⁻¹ (v − c ∇f(0))`` in closed form: one FFT of the assembled image, in the caller's graph."""
     c = gamma * problem.scale
     tag = graph.token("fourier-prox")
-    spectrum, g0 = _fourier_terms(problem, workspace)
+    terms, g0 = _fourier_terms(problem, workspace)
     rhs = da.map_blocks(linsolve_tasks.axpy_block, v, g0, -c, dtype=problem.dtype, name=f"prox-rhs-{tag}")
-    u = delayed(linsolve_tasks.fourier_solve, pure=True)(graph.whole(rhs, f"assemble-{tag}"),
-                                                         graph.whole(spectrum, f"assemble-spectrum-{tag}"), c,
-                                                         dask_key_name=f"fourier-solve-{tag}")
+    assembled = [graph.whole(t, f"assemble-{k}-{tag}") for k, t in enumerate(terms)]
+    if len(terms) == 1:
+        u = delayed(linsolve_tasks.fourier_solve, pure=True)(graph.whole(rhs, f"assemble-{tag}"), assembled[0], c,
+                                                             dask_key_name=f"fourier-solve-{tag}")
+    else:
+        u = delayed(linsolve_tasks.polyphase_solve, pure=True)(graph.whole(rhs, f"assemble-{tag}"), c, *assembled,
+                                                               dask_key_name=f"fourier-solve-{tag}")
     out = graph.as_array(u, np.asarray, (), problem.shape, problem.dtype, problem.chunks, f"prox-{tag}")
     return out, graph.batch_values(problem, v).sum(), CGInfo(0, 0.0)
 
@@ -173,8 +204,8 @@ def prox_data(problem: Any, v: da.Array, gamma: float, workspace: Workspace, *, 
               tol: float = 1e-5, solver: str = "cg") -> tuple[da.Array, Any, CGInfo]:
     """``u = argmin_u γ f(u) + ½‖u − v‖²`` for the L2 data term ``f``.
 
-    ``solver="fourier"``: when the normal operator is diagonal in Fourier
-    (:func:`fourier_diagonal`: circular blurs), in closed form — one FFT of the image
+    ``solver="fourier"``: when the normal operator is block diagonal in Fourier
+    (:func:`fourier_period`: circular blurs, subsampled or not), in closed form — one FFT of the image
     assembled in one task, lazily, inside the caller's graph (its ``f(v)`` is then a
     Delayed). ``"auto"`` takes it when it applies and the image's FFT fits a worker,
     conjugate gradient otherwise. ``"cg"``: conjugate gradient, as follows.
@@ -199,8 +230,8 @@ def prox_data(problem: Any, v: da.Array, gamma: float, workspace: Workspace, *, 
     if solver != "cg":
         why = fourier_diagonal(problem)
         if solver == "fourier" and why is not None:
-            raise ValueError(f"prox_solver='fourier' needs every operator to be a circular convolution under an L2 "
-                             f"fidelity, but {why}; use prox_solver='cg' (or 'auto')")
+            raise ValueError(f"prox_solver='fourier' needs every operator to be a circular convolution (subsampled or "
+                             f"not) under an L2 fidelity, but {why}; use prox_solver='cg' (or 'auto')")
         if why is None and (solver == "fourier" or _fits_whole(problem)):
             return _prox_fourier(problem, v, gamma, workspace)
     tag = graph.token("cg")
