@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 import zarr
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from daskrecon.tasks import regions
 
@@ -94,7 +95,7 @@ def test_chunks_never_written_read_as_the_fill_value(tmp_path):
 
 
 def test_a_chunk_file_of_another_size_is_left_to_zarr(tmp_path):
-    z, data = _array(tmp_path, "odd.zarr", compressors=None)
+    z, _ = _array(tmp_path, "odd.zarr", compressors=None)
     layout = regions.direct_layout(z)
     index = tuple(regions.segments(lo, hi, n, False) for lo, hi, n in ((0, 1, 2), (0, 3, 3), (0, 37, 37), (0, 29, 29)))
     assert regions._read_direct(z, layout, index, (1, 3, 37, 29)) is not None
