@@ -34,6 +34,10 @@ class StepRule:
     name: ClassVar[str] = ""
     #: Arrays of the state, ``"x"`` (the iterate) first.
     state: ClassVar[tuple[str, ...]] = ("x",)
+    #: Whether :meth:`step` only builds a graph (computes nothing, keeps no driver state that a
+    #: later step reads): the loop may then submit iteration k + 1 before iteration k's metrics
+    #: are back (:mod:`daskrecon.engine`).
+    pipelined: ClassVar[bool] = False
 
     def __init__(self, step_size: float) -> None:
         if not step_size > 0:
@@ -73,6 +77,7 @@ class PnP(StepRule):
     """Plug-and-play proximal gradient: ``x ← D_σ(x − τ ∇f(x))``."""
 
     name = "pnp"
+    pipelined = True
 
     def step(self, problem: Any, state: dict[str, da.Array],
              iteration: int) -> tuple[dict[str, da.Array], Delayed, Delayed]:
@@ -96,6 +101,7 @@ class RED(StepRule):
     """
 
     name = "red"
+    pipelined = True
 
     def __init__(self, step_size: float, red_weight: float = 1.0) -> None:
         super().__init__(step_size)
@@ -133,6 +139,7 @@ class FISTA(StepRule):
 
     name = "fista"
     state = ("x", "z")
+    pipelined = True
 
     def __init__(self, step_size: float, a: float = 3.0) -> None:
         super().__init__(step_size)

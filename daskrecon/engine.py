@@ -26,7 +26,7 @@ from daskrecon.checkpoint import Checkpoint
 from daskrecon.errors import DaskreconError
 from daskrecon.linsolve import Workspace
 from daskrecon.problem import Problem
-from daskrecon.signal import DistributedSignal, advance
+from daskrecon.signal import DistributedSignal, Pending, advance, submit
 from daskrecon.staging import Stager, rewind, staged
 
 __all__ = ["check_stopping", "psnr", "psnr_of_mse", "run"]
@@ -82,6 +82,8 @@ def run(
     callback : callable, optional
         ``callback(iteration, x)`` after each iteration, ``x`` the iterate's
         :class:`~daskrecon.signal.DistributedSignal` (its ``.data`` is a tensor when small).
+        Without one, a rule with ``pipelined`` submits iteration k + 1 before iteration k's
+        metrics are back (the same results).
     progress : bool
         A progress bar with the iteration's metrics.
     tol : float, optional
@@ -150,14 +152,43 @@ def _run(problem: Problem, rule: StepRule, x0: Any, store: Checkpoint | None, st
 
     bar = tqdm(total=n_iter, initial=start, disable=not progress, desc=rule.name.upper(), unit="it")
     stop, committed = None, start
+    # Pipelined: iteration k+1 is submitted before iteration k's metrics come back, so the
+    # workers never wait for the driver's round trip. Only for steps that merely build a graph,
+    # in cluster memory, without a callback (it is shown the iterate of its iteration).
+    pipelined = rule.pipelined and not streamed and callback is None
+    pending: tuple[Pending, Callable, bool] | None = None
+
+    def finish(submitted: Pending, extra: Callable, commit: bool) -> bool:
+        """Report an iteration: its history row, the bar, the callback; whether ``tol`` stops the run."""
+        nonlocal committed
+        values = submitted.finish()
+        if not commit:
+            extra(values)
+        committed = submitted.iteration if commit else committed
+        row = history[-1]
+        bar.set_postfix({key: f"{v:.4g}" for key, v in row.items() if isinstance(v, float)})
+        bar.update(1)
+        if callback is not None:
+            callback(submitted.iteration, signals["x"])
+        return tol is not None and row["relative_change"] <= tol
+
     try:
         for k in range(start, n_iter):
             if max_time is not None and k > start and time.monotonic() - t0 >= max_time:
                 stop = "max_time"
                 break
-            state = {name: s.array for name, s in signals.items()}
-            rewind(0)  # out of core: the graphs built before are computed; reuse their scratch arrays
             commit = store is not None and (streamed or (k + 1) % checkpoint_every == 0 or k + 1 == n_iter)
+            if pending is not None and commit:
+                # A commit writes the store's free slot: never two in flight.
+                previous, pending = pending, None
+                if finish(*previous):
+                    stop = "tol"
+                    break
+            if pending is not None:
+                state = dict(pending[0].kept)
+            else:
+                state = {name: s.array for name, s in signals.items()}
+            rewind(0)  # out of core: the graphs built before are computed; reuse their scratch arrays
 
             with span(f"daskrecon-iteration-{k + 1}"):
                 new, value, metrics = rule.step(problem, state, k)
@@ -167,19 +198,22 @@ def _run(problem: Problem, rule: StepRule, x0: Any, store: Checkpoint | None, st
                     history.append({**_row(k + 1, values, problem), **info})
                     return {"history": history}
 
-                values = advance(signals, new, iteration=k + 1, also={"value": value, "metrics": metrics},
-                                 commit=commit, record=record, extra=extra)
-            if not commit:
-                extra(values)
-            committed = k + 1 if commit else committed
-            row = history[-1]
-            bar.set_postfix({key: f"{v:.4g}" for key, v in row.items() if isinstance(v, float)})
-            bar.update(1)
-            if callback is not None:
-                callback(k + 1, signals["x"])
-            if tol is not None and row["relative_change"] <= tol:
+                submitted = submit(signals, new, iteration=k + 1, also={"value": value, "metrics": metrics},
+                                   commit=commit, record=record, extra=extra)
+            previous, pending = pending, (submitted, extra, commit)
+            if previous is not None and finish(*previous):
+                pending = None  # iteration k + 1 is dropped: the run stops at k
                 stop = "tol"
                 break
+            if not pipelined:
+                previous, pending = pending, None
+                if finish(*previous):
+                    stop = "tol"
+                    break
+        if pending is not None:
+            previous, pending = pending, None
+            if finish(*previous):
+                stop = "tol"
     finally:
         bar.close()
     if stop is not None and history:

@@ -25,7 +25,7 @@ from daskrecon.context import DistributedContext
 from daskrecon.errors import ShapeError
 from daskrecon.waiting import compute, gather
 
-__all__ = ["DistributedSignal", "advance"]
+__all__ = ["DistributedSignal", "Pending", "advance", "submit"]
 
 #: ``.data`` of a chunked signal is a tensor up to this size, else a dask array.
 FITS_BYTES = 256 * 2**20
@@ -213,12 +213,68 @@ def advance(
     the same graph: metrics) is computed in the same submission. With ``commit`` and a
     store, every signal is written to the free slot and the slot committed atomically, with
     ``record`` (the problem) and ``extra`` (or ``extra(values)``) in the commit record.
+    :func:`submit` then :meth:`Pending.finish`.
 
     Returns
     -------
     dict
         The computed ``also``.
     """
+    return submit(signals, values, iteration=iteration, also=also, commit=commit, record=record,
+                  extra=extra).finish()
+
+
+class Pending:
+    """An :func:`advance` submitted to the cluster and not yet finished.
+
+    ``kept`` maps the in-memory signals' names to their new values (persisted dask arrays):
+    a next iteration can be built on them before this one's reductions come back. The
+    signals themselves change only in :meth:`finish`.
+    """
+
+    def __init__(self, signals: dict[str, DistributedSignal], kept: dict[str, da.Array], waited: list[list],
+                 names: list[str], n_stores: int, slot: int | None, iteration: int, record: dict | None,
+                 extra: dict | Callable[[dict], dict] | None) -> None:
+        self.signals, self.kept, self._waited, self._names = signals, kept, waited, names
+        self._n_stores, self.slot, self.iteration = n_stores, slot, iteration
+        self._record, self._extra = record, extra
+
+    @property
+    def commits(self) -> bool:
+        """Whether :meth:`finish` commits a slot of the store."""
+        return self.slot is not None
+
+    def finish(self) -> dict[str, Any]:
+        """Wait for the reductions (never for ever), commit, give the signals their new values: the ``also`` values."""
+        first = next(iter(self.signals.values()))
+        ctx, store = first.ctx, first.store
+        flat = [f for fs in self._waited for f in fs]
+        results = gather(ctx.client, flat, what=f"iteration {self.iteration}",
+                         stall_timeout=ctx.stall_timeout) if flat else []
+        out, pos = {}, len(flat) - sum(len(fs) for fs in self._waited[self._n_stores:])
+        for k, fs in zip(self._names, self._waited[self._n_stores:]):
+            out[k] = results[pos] if len(fs) == 1 else results[pos:pos + len(fs)]
+            pos += len(fs)
+        if self.commits:
+            extra = self._extra(out) if callable(self._extra) else self._extra
+            store.commit(self.iteration, self.slot, self._record or {}, extra)
+        for n, s in self.signals.items():
+            s._array = self.kept[n] if s.in_memory else store.committed(n, s.block_chunks).astype(s._np_dtype)
+            s.iteration = self.iteration
+        return out
+
+
+def submit(
+    signals: dict[str, DistributedSignal],
+    values: dict[str, Any],
+    *,
+    iteration: int,
+    also: dict[str, Any] | None = None,
+    commit: bool = True,
+    record: dict | None = None,
+    extra: dict | Callable[[dict], dict] | None = None,
+) -> Pending:
+    """The first half of :func:`advance`: one submission of the new values, writes and ``also``."""
     if not signals:
         raise ValueError("advance needs at least one signal")
     first = next(iter(signals.values()))
@@ -245,18 +301,7 @@ def advance(
                                    optimize_graph=False)
     kept = dict(zip(keep, persisted[:len(keep)]))
     waited = [futures_of(p) for p in persisted[len(keep):]]
-    flat = [f for fs in waited for f in fs]
-    results = gather(client, flat, what=f"iteration {iteration}", stall_timeout=ctx.stall_timeout) if flat else []
-    out, pos = {}, len(flat) - sum(len(fs) for fs in waited[len(stores):])
-    for k, fs in zip(names, waited[len(stores):]):
-        out[k] = results[pos] if len(fs) == 1 else results[pos:pos + len(fs)]
-        pos += len(fs)
-    if committing:
-        store.commit(iteration, slot, record or {}, extra(out) if callable(extra) else extra)
-    for n, s in signals.items():
-        s._array = kept[n] if s.in_memory else store.committed(n, s.block_chunks).astype(s._np_dtype)
-        s.iteration = iteration
-    return out
+    return Pending(signals, kept, waited, names, len(stores), slot if committing else None, iteration, record, extra)
 
 
 def _normalize(chunks: Sequence[Any], shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:

@@ -114,7 +114,9 @@ def reconstruct(
     callback : callable, optional
         ``callback(iteration, x)`` after each completed iteration (1-based); ``x`` is the
         iterate's :class:`~daskrecon.signal.DistributedSignal` (``x.data`` is a tensor when
-        small, ``x.array`` the dask array).
+        small, ``x.array`` the dask array). Without one, PnP, RED and FISTA pipeline their
+        iterations (iteration k + 1 is submitted before iteration k's metrics are back; same
+        results); with one, each iteration is reported before the next is submitted.
     progress : bool
         Show a progress bar with the data-fidelity value ``f(x)`` at the start of each
         iteration, the relative change and, with ``x_true``, the PSNR.

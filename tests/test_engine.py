@@ -159,3 +159,56 @@ def test_a_volume_runs_chunk_wise_like_deepinv_on_the_whole_volume(ctx1, ctx, tm
                 x = model(L2().prox(x, y, stacked, gamma=0.3))
     assert float((outs[0] - x).abs().max()) <= 1e-4
     assert float((outs[0] - x_true).abs().max()) > 0 and float(outs[0].abs().max()) > 0.05
+
+
+@pytest.mark.parametrize("algorithm", ["pnp", "fista"])
+def test_pipelined_iterations_are_the_unpipelined_ones_bitwise(ctx, tmp_path, monkeypatch, algorithm):
+    """Without a callback, iteration k + 1 is submitted before iteration k's metrics are back; the
+    iterates, the history, a tol stop and the checkpoint are those of one iteration at a time."""
+    from daskrecon import engine
+    from daskrecon.checkpoint import Checkpoint
+    from daskrecon.signal import Pending
+
+    ops, x_true, y, model = _problem(size=64)
+    dphys, dden = dr.distribute(ops, ctx), dr.distribute(model, ctx, patch_size=16, overlap=6)
+    events = []
+    submit, finish = engine.submit, Pending.finish
+
+    def logged_submit(*args, **kwargs):
+        events.append(("submit", kwargs["iteration"]))
+        return submit(*args, **kwargs)
+
+    def logged_finish(self):
+        events.append(("finish", self.iteration))
+        return finish(self)
+
+    monkeypatch.setattr(engine, "submit", logged_submit)
+    monkeypatch.setattr(Pending, "finish", logged_finish)
+
+    def run(n_iter=6, callback=None, **kw):
+        events.clear()
+        return dr.reconstruct(dphys, y, dden, n_iter=n_iter, step_size=0.3, progress=False, chunks=(32, 32),
+                              algorithm=algorithm, x_true=x_true, return_history=True, callback=callback, **kw)
+
+    fast, h_fast = run()
+    assert events[:4] == [("finish", 0), ("submit", 1), ("submit", 2), ("finish", 1)], events  # k + 1 before k's metrics
+    slow, h_slow = run(callback=lambda k, x: None)
+    assert events[:4] == [("finish", 0), ("submit", 1), ("finish", 1), ("submit", 2)], events  # a callback sees its iterate
+    assert torch.equal(fast, slow) and h_fast == h_slow
+    assert float((fast - y[0]).abs().max()) > 0.05
+
+    changes = [h["relative_change"] for h in h_slow]
+    tol = sorted(changes)[2]  # stops before the end
+    stop_at = next(i for i, c in enumerate(changes) if c <= tol) + 1
+    assert stop_at < 6
+    a, ha = run(tol=tol)
+    b, hb = run(tol=tol, callback=lambda k, x: None)
+    assert len(ha) == len(hb) == stop_at and ha[-1]["stop"] == hb[-1]["stop"] == "tol"
+    assert torch.equal(a, b) and ha == hb
+    upto, _ = run(n_iter=stop_at, callback=lambda k, x: None)
+    assert torch.equal(a, upto)  # the dropped iteration k + 1 left nothing behind
+
+    c, hc = run(checkpoint=str(tmp_path / "ck"), checkpoint_every=2)
+    assert torch.equal(c, fast) and hc == h_fast
+    meta = Checkpoint(str(tmp_path / "ck")).meta()
+    assert meta["iteration"] == 6 and meta["extra"]["history"] == h_fast
