@@ -212,7 +212,8 @@ class Checkpoint:
             # A new layout replaces both slots: drop the commit first, so a crash from here
             # on leaves "no checkpoint", never a commit pointing into a rewritten array.
             self.fs.rm_file(self._commit)
-        # Uncompressed: zstd saved 8 % on float images and made reads 5x slower; raw chunks
+        # Uncompressed: zstd saved 8 % on float images and made reads 5x slower (benchmarks/
+        # bench_region_reads.py); raw chunks
         # are also what lets a chunk's halo be read without its neighbours (tasks.regions).
         return zarr.create_array(self._array_path(name), shape=full, chunks=chunks, dtype=dtype, overwrite=True,
                                  compressors=None, storage_options=self.storage_options)

@@ -3,13 +3,14 @@
 zarr-python reads and decodes every chunk a selection touches, whole (partial reads are
 an open question of the format: zarr-specs#59, zarr-python#521). A chunk's region with a
 halo of 20 pixels touches up to nine chunks in 2-D (27 in 3-D): measured on this machine,
-a 512² × 3 float32 chunk costs 0.7 ms to read alone and 6.8 ms with its halo, 10× the
+a 512² × 3 float32 chunk costs 0.67 ms to read alone and 6.6 ms with its halo, 10× the
 bytes copied for 1.16× the pixels.
 
 For the arrays daskrecon writes itself — uncompressed Zarr v3 on a local file system, one
 file per chunk holding the chunk's bytes in C order (the ``bytes`` codec alone) — a
 region is read here straight from the chunk files through memory maps, copying only the
-pixels it needs: 0.08 ms per chunk alone, 0.8 ms with its halo. Any other array (a
+pixels it needs: 0.24 ms per chunk alone, 0.89 ms with its halo (``benchmarks/bench_region_reads.py``).
+Any other array (a
 compressor, a filter, sharding, Zarr v2, an object store, a chunk file of the wrong size)
 is read through zarr-python, so the result never depends on which path ran. zarr-python's
 local store replaces a chunk file by renaming a new one over it, so a chunk mapped here is
