@@ -156,15 +156,19 @@ def _run(problem: Problem, rule: StepRule, x0: Any, store: Checkpoint | None, st
     # workers never wait for the driver's round trip. Only for steps that merely build a graph,
     # in cluster memory, without a callback (it is shown the iterate of its iteration).
     pipelined = rule.pipelined and not streamed and callback is None
-    pending: tuple[Pending, Callable, bool] | None = None
+    pending: tuple[Pending, Callable] | None = None  # submitted, not yet reported
 
-    def finish(submitted: Pending, extra: Callable, commit: bool) -> bool:
-        """Report an iteration: its history row, the bar, the callback; whether ``tol`` stops the run."""
-        nonlocal committed
+    def report() -> bool:
+        """Report the pending iteration, if any: history row, bar, callback; whether ``tol`` stops the run."""
+        nonlocal committed, pending
+        if pending is None:
+            return False
+        (submitted, extra), pending = pending, None
         values = submitted.finish()
-        if not commit:
+        if submitted.commits:
+            committed = submitted.iteration
+        else:
             extra(values)
-        committed = submitted.iteration if commit else committed
         row = history[-1]
         bar.set_postfix({key: f"{v:.4g}" for key, v in row.items() if isinstance(v, float)})
         bar.update(1)
@@ -178,12 +182,10 @@ def _run(problem: Problem, rule: StepRule, x0: Any, store: Checkpoint | None, st
                 stop = "max_time"
                 break
             commit = store is not None and (streamed or (k + 1) % checkpoint_every == 0 or k + 1 == n_iter)
-            if pending is not None and commit:
-                # A commit writes the store's free slot: never two in flight.
-                previous, pending = pending, None
-                if finish(*previous):
-                    stop = "tol"
-                    break
+            # A commit writes the store's free slot: never two in flight.
+            if commit and report():
+                stop = "tol"
+                break
             if pending is not None:
                 state = dict(pending[0].kept)
             else:
@@ -200,20 +202,15 @@ def _run(problem: Problem, rule: StepRule, x0: Any, store: Checkpoint | None, st
 
                 submitted = submit(signals, new, iteration=k + 1, also={"value": value, "metrics": metrics},
                                    commit=commit, record=record, extra=extra)
-            previous, pending = pending, (submitted, extra, commit)
-            if previous is not None and finish(*previous):
-                pending = None  # iteration k + 1 is dropped: the run stops at k
+            if report():  # the iteration before (pipelined): stopping here drops iteration k + 1
                 stop = "tol"
                 break
-            if not pipelined:
-                previous, pending = pending, None
-                if finish(*previous):
-                    stop = "tol"
-                    break
-        if pending is not None:
-            previous, pending = pending, None
-            if finish(*previous):
+            pending = (submitted, extra)
+            if not pipelined and report():
                 stop = "tol"
+                break
+        if report():
+            stop = "tol"
     finally:
         bar.close()
     if stop is not None and history:
