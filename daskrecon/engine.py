@@ -25,7 +25,7 @@ from daskrecon.algorithms import StepRule
 from daskrecon.checkpoint import Checkpoint
 from daskrecon.errors import DaskreconError
 from daskrecon.linsolve import Workspace
-from daskrecon.problem import Problem
+from daskrecon.problem import Problem, remove_staged_inputs, stage_inputs
 from daskrecon.signal import DistributedSignal, Pending, advance, submit
 from daskrecon.staging import Stager, rewind, staged
 
@@ -72,7 +72,7 @@ def run(
     problem : Problem
     rule : StepRule
     x0 : dask array or callable
-        The start, or a function returning it lazily (called only when not resuming).
+        The start, or a function of the problem returning it lazily (called only when not resuming).
     n_iter : int
     checkpoint : str, optional
         Directory or fsspec URL; the whole state is committed there every
@@ -121,6 +121,8 @@ def run(
                       f"is kept in {where}, which the result reads from; pass checkpoint=… to choose the place, "
                       "and delete it when done", UserWarning, stacklevel=3)
         store = Checkpoint(where)
+    if streamed:  # the driver's inputs are read from the store, not carried by every graph
+        problem = stage_inputs(problem, store)
     rule.check(problem)
     # Out of core, stencils exchange halos through scratch Zarr arrays next to the state
     # (daskrecon.staging): no stage holds a front of chunks for the next.
@@ -133,6 +135,7 @@ def run(
     finally:
         if stager is not None:
             stager.cleanup()
+            remove_staged_inputs(problem, store)
 
 
 def _run(problem: Problem, rule: StepRule, x0: Any, store: Checkpoint | None, streamed: bool, start: int,
@@ -146,7 +149,7 @@ def _run(problem: Problem, rule: StepRule, x0: Any, store: Checkpoint | None, st
         for s in signals.values():
             s.restore()
     else:
-        initial = rule.start(problem, x0() if callable(x0) else x0)
+        initial = rule.start(problem, x0(problem) if callable(x0) else x0)
         # The start is committed as iteration 0 when the state streams (it must live in the store).
         advance(signals, initial, iteration=0, commit=streamed, record=record, extra={"history": []})
 

@@ -210,7 +210,7 @@ def reconstruct(
         rule = step_rule(algorithm, step_size, red_weight=red_weight, n_subsets=n_subsets,
                          seed=problem.ctx.seed if seed is None else seed, cg_max_iter=cg_max_iter, cg_tol=cg_tol,
                          prox_solver=prox_solver)
-    start = x0_arr if x0_arr is not None else (lambda: graph.adjoint_sum(problem, scale=1.0 / problem.num_operators))
+    start = x0_arr if x0_arr is not None else (lambda p: graph.adjoint_sum(p, scale=1.0 / p.num_operators))
     signals, history = engine.run(problem, rule, start, n_iter=n_iter, checkpoint=checkpoint,
                                   checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite,
                                   callback=callback, progress=progress, tol=tol, max_time=max_time)

@@ -176,3 +176,41 @@ def test_an_out_of_core_run_sends_no_whole_operator_to_a_worker(ctx, tmp_path):
     assert ran and not [k for k in ran if k.startswith("physics-")]
     np.testing.assert_allclose(out, ref.numpy(), atol=5e-5)
     assert float((ref - y[0]).abs().max()) > 0.05
+
+
+def test_out_of_core_graphs_read_the_driver_inputs_from_the_store(ctx, tmp_path, monkeypatch):
+    """Tensor measurements, an Inpainting mask and x_true are written to the store once; no
+    iteration's graph carries them (they would be image-sized data through the scheduler)."""
+    import pickle
+
+    torch.manual_seed(0)
+    x_true = torch.rand(1, 3, 64, 64)
+    ops = [dinv.physics.Blur(filter=torch.ones(1, 1, 3, 3) / 9, padding="reflect"),
+           dinv.physics.Inpainting(img_size=(3, 64, 64), mask=0.5, rng=torch.Generator().manual_seed(2))]
+    y = noisy_measurements(ops, x_true, sigma=0.02)
+    dden = dr.distribute(small_dncnn(3), ctx, patch_size=16, overlap=6)
+    kw = dict(n_iter=3, step_size=0.5, progress=False, x_true=x_true, return_history=True)
+    sizes, persist = [], ctx.client.persist
+
+    def recording(collections, *args, **kwargs):
+        graph = {}
+        for c in collections if isinstance(collections, (list, tuple)) else [collections]:
+            graph.update(dict(c.__dask_graph__()))
+        sizes.append(len(pickle.dumps(graph, protocol=5)))
+        return persist(collections, *args, **kwargs)
+
+    with ctx.client.as_current():
+        dphys = dr.distribute(ops, ctx)
+        ref, ref_hist = dr.reconstruct(dphys, y, dden, x0=y[0].clone(), **kw)
+        monkeypatch.setattr(ctx.client, "persist", recording)
+        out, hist = dr.reconstruct(dphys, y, dden, x0=y[0].clone(), checkpoint=str(tmp_path / "ck"),
+                                   storage="zarr", **kw)
+        monkeypatch.undo()
+    image = x_true.numpy().nbytes  # the inputs: 2 measurements + x_true + a bool mask = 3.25 images
+    assert len(sizes) == 4, sizes  # iteration 0 (the start) and 3 iterations
+    assert sizes[0] < 1.25 * image, sizes  # the start carries x0 (a tensor), once
+    assert max(sizes[1:]) < image / 4, sizes
+    np.testing.assert_allclose(out.numpy(), ref.numpy(), atol=5e-5)
+    assert float((ref - y[0]).abs().max()) > 0.05
+    np.testing.assert_allclose([h["psnr"] for h in hist], [h["psnr"] for h in ref_hist], rtol=1e-4)
+    assert not list((tmp_path / "ck").glob("input_*"))  # removed at the end
