@@ -36,9 +36,9 @@ from daskrecon.fingerprint import fingerprint
 from daskrecon.measurements import DistributedMeasurements
 from daskrecon.physics import DistributedPhysics
 from daskrecon.processing import DistributedPrior, DistributedProcessing
+from daskrecon.staging import register_source
 from daskrecon.tasks import arrays as array_tasks
 from daskrecon.tasks import operators as operator_tasks
-from daskrecon.staging import register_source
 from daskrecon.terms import Problem, check_whole_fits, choose_forms, output_chunks, place_mask, place_measurement
 from daskrecon.waiting import compute, gather
 
