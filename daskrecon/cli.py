@@ -30,7 +30,7 @@ def demo(
 @app.command()
 def reconstruct(
     config: str = typer.Argument(..., help="A TOML or YAML file (see `python -c 'import daskrecon.config as c; print(c.__doc__)'`)."),
-    check: bool = typer.Option(False, "--check", help="Time one operator task and one tile, project the total, and stop."),
+    check: bool = typer.Option(False, "--check", help="Time one operator task and one tile (inputs over 2 GiB: one out-of-core iteration on a crop of whole chunks), project the total, and stop."),
 ) -> None:
     """Run the reconstruction described by CONFIG."""
     try:

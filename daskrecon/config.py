@@ -51,6 +51,8 @@ Example (every key shown; only ``measurements`` and ``operators`` are required):
 
 from __future__ import annotations
 
+import math
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +64,8 @@ import torch
 
 from daskrecon.algorithms import ALGORITHMS
 from daskrecon.errors import DaskreconError
+from daskrecon.local import local_form
+from daskrecon.problem import iterate_chunks
 from daskrecon.waiting import bounded, compute
 
 __all__ = ["ConfigError", "load_config", "run_config"]
@@ -163,7 +167,8 @@ def _resolve(base: Path, p: str) -> Path:
     return q if q.is_absolute() else base / q
 
 
-#: ``--check`` reads Zarr inputs whole up to this size; larger ones are refused with the fix.
+#: ``--check`` reads Zarr inputs whole up to this size; with a larger one it times the configured
+#: iteration out of core on a crop of the signal instead (:func:`_check_streamed`).
 CHECK_MAX_BYTES = 2 * 2**30
 
 
@@ -233,8 +238,13 @@ def write_image(path: Path, x: Any, overwrite: bool, ctx: Any = None) -> None:
         io.imsave(str(path), util.img_as_ubyte(img), check_contrast=False)
 
 
-def build_operator(spec: dict, i: int, shape: tuple[int, ...]) -> Any:
-    """A deepinv operator from one ``[[operators]]`` table."""
+def build_operator(spec: dict, i: int, shape: tuple[int, ...], base: Path | None = None,
+                   region: tuple[slice, ...] | None = None) -> Any:
+    """A deepinv operator from one ``[[operators]]`` table, for signals of ``shape``.
+
+    A mask file is taken relative to ``base`` (the config's folder) and, with ``region`` (the
+    spatial slices of a crop of the signal, ``shape`` being the crop's), cropped to it.
+    """
     import deepinv as dinv
     from deepinv.physics.functional.blur import gaussian_blur
 
@@ -263,7 +273,9 @@ def build_operator(spec: dict, i: int, shape: tuple[int, ...]) -> Any:
     if t == "inpainting":
         mask = _get(spec, "mask", where, (str, float), 0.5)
         if isinstance(mask, str):
-            mask = torch.from_numpy(read_image(Path(mask))[0]) > 0.5
+            mask = torch.from_numpy(read_image(_resolve(base, mask) if base is not None else Path(mask))[0]) > 0.5
+            if region is not None:
+                mask = mask[(slice(None), *region)]
         return dinv.physics.Inpainting(img_size=shape[1:], mask=mask, rng=torch.Generator().manual_seed(i))
     return dinv.physics.Denoising()
 
@@ -314,16 +326,22 @@ def make_context(spec: dict) -> Any:
 
 @dataclass
 class CheckReport:
-    seconds_per_operator_task: float
-    seconds_per_tile: float
+    """What ``--check`` measured: per operator task and tile (inputs read whole), or per iteration on
+    a crop (``crop``: its shape; inputs too large to read whole), and the projected run."""
+
+    seconds_per_operator_task: float | None
+    seconds_per_tile: float | None
     projected_seconds: float
     worker_rss_mib: list[float]
+    seconds_per_iteration: float | None = None
+    crop: tuple[int, ...] | None = None
 
 
 def run_config(path: str | Path, check: bool = False, echo: Any = print) -> Any:
     """Run (or, with ``check``, time one operator task and one tile of) the reconstruction in ``path``."""
-    import daskrecon as dr
     from deepinv.utils import TensorList
+
+    import daskrecon as dr
 
     cfg = load_config(path)
     base = cfg["_base"]
@@ -331,12 +349,14 @@ def run_config(path: str | Path, check: bool = False, echo: Any = print) -> Any:
     ys = [read_lazy(_resolve(base, p)) for p in cfg["input"]["measurements"]]
     truth = cfg["input"].get("ground_truth")
     x_true = read_lazy(_resolve(base, truth)) if truth else None
-    if check:
-        ys = [_eager(v, p) for v, p in zip(ys, cfg["input"]["measurements"])]
-        x_true = _eager(x_true, truth) if x_true is not None else None
+    # --check reads the inputs whole when they are small enough, else times an iteration on a crop.
+    streamed_check = check and any(isinstance(v, da.Array) and v.nbytes > CHECK_MAX_BYTES for v in [*ys, x_true])
+    if check and not streamed_check:
+        ys = [_eager(v) for v in ys]
+        x_true = _eager(x_true) if x_true is not None else None
     lazy = any(not isinstance(v, torch.Tensor) for v in [*ys, x_true] if v is not None)
     shape = tuple((x_true if x_true is not None else ys[0]).shape)
-    ops = [build_operator(s, i, shape) for i, s in enumerate(cfg["operators"])]
+    ops = [build_operator(s, i, shape, base) for i, s in enumerate(cfg["operators"])]
     den = cfg.get("denoiser", {})
     sol = cfg.get("solver", {})
     out = cfg.get("output", {})
@@ -352,17 +372,14 @@ def run_config(path: str | Path, check: bool = False, echo: Any = print) -> Any:
         y = ys if lazy else TensorList(ys)
         # zeros when some measurement is not image-shaped (lazy inputs: the default Aᵀy / N, on the workers)
         x0 = torch.zeros(shape) if not lazy and any(tuple(y_.shape) != shape for y_ in ys) else None
+        if streamed_check:
+            return _check_streamed(ctx, cfg, ys, x_true, dden, echo)
         if check:
             return _check(ctx, dphys, dden, y, shape, _get(sol, "iterations", "solver", int, 30), echo)
         x = dr.reconstruct(
-            dphys, y, dden, algorithm=_get(sol, "algorithm", "solver", str, "pnp"),
-            n_iter=_get(sol, "iterations", "solver", int, 30), step_size=_get(sol, "step_size", "solver", float, None),
-            sigma_denoiser=_get(sol, "sigma_denoiser", "solver", float, 0.05),
-            red_weight=_get(sol, "red_weight", "solver", float, 1.0), x0=x0, x_true=x_true,
+            dphys, y, dden, n_iter=_get(sol, "iterations", "solver", int, 30), x0=x0, x_true=x_true,
             tol=_get(sol, "tol", "solver", float, None), max_time=_get(sol, "max_time", "solver", float, None),
-            n_subsets=_get(sol, "n_subsets", "solver", int, None), seed=_get(sol, "seed", "solver", int, None),
-            cg_max_iter=_get(sol, "cg_max_iter", "solver", int, 50), cg_tol=_get(sol, "cg_tol", "solver", float, 1e-5),
-            prox_solver=_get(sol, "prox_solver", "solver", str, "auto"),
+            **_solver_options(sol),
             checkpoint=str(_resolve(base, ck["path"])) if "path" in ck else None,
             checkpoint_every=_get(ck, "every", "checkpoint", int, 1), resume=_get(ck, "resume", "checkpoint", bool, False),
         )
@@ -372,14 +389,89 @@ def run_config(path: str | Path, check: bool = False, echo: Any = print) -> Any:
     return x
 
 
-def _eager(v: Any, name: str) -> torch.Tensor:
-    """``--check`` times the whole-signal gradient: a lazy input is read whole, when it is not too large."""
+def _solver_options(sol: dict) -> dict:
+    """``reconstruct``'s algorithm options from ``[solver]`` (not the iteration count or stopping rules)."""
+    return dict(
+        algorithm=_get(sol, "algorithm", "solver", str, "pnp"),
+        step_size=_get(sol, "step_size", "solver", float, None),
+        sigma_denoiser=_get(sol, "sigma_denoiser", "solver", float, 0.05),
+        red_weight=_get(sol, "red_weight", "solver", float, 1.0),
+        n_subsets=_get(sol, "n_subsets", "solver", int, None), seed=_get(sol, "seed", "solver", int, None),
+        cg_max_iter=_get(sol, "cg_max_iter", "solver", int, 50), cg_tol=_get(sol, "cg_tol", "solver", float, 1e-5),
+        prox_solver=_get(sol, "prox_solver", "solver", str, "auto"),
+    )
+
+
+def _eager(v: Any) -> torch.Tensor:
+    """A small lazy input read whole (``--check`` times the whole-signal gradient on it)."""
     if isinstance(v, torch.Tensor):
         return v
-    if v.nbytes > CHECK_MAX_BYTES:
-        raise ConfigError(f"--check reads the inputs whole, and {name!r} is {v.nbytes / 2**30:.1f} GiB; run the "
-                          "reconstruction with solver.iterations = 1 to time one iteration out of core instead")
     return torch.from_numpy(np.asarray(v.compute(scheduler="threads")))
+
+
+def crop_shape(shape: tuple[int, ...], chunk: tuple[int, ...], n_workers: int) -> tuple[int, ...]:
+    """The spatial crop ``--check`` times an iteration on: whole chunks of the run's plan (``chunk``
+    per spatial axis), one per axis, then more along the axis with the fewest until every worker
+    has two (or the crop is the whole signal)."""
+    spatial = shape[2:]
+    count = [1] * len(spatial)
+
+    def side(a: int) -> int:
+        return min(spatial[a], count[a] * chunk[a])
+
+    while math.prod(-(-side(a) // chunk[a]) for a in range(len(spatial))) < 2 * n_workers:
+        growable = [a for a in range(len(spatial)) if side(a) < spatial[a]]
+        if not growable:
+            break
+        count[min(growable, key=lambda a: (count[a], -a))] += 1
+    return tuple(side(a) for a in range(len(spatial)))
+
+
+def _check_streamed(ctx: Any, cfg: dict, ys: list, x_true: Any, dden: Any, echo: Any) -> CheckReport:
+    """``--check`` on inputs too large to read whole: two iterations of the configured algorithm, out of
+    core (``storage="zarr"``, as the run streams), on a crop of the signal; the second is timed and
+    scaled by the number of pixels. Nothing of the full volume is read but the crop."""
+    import daskrecon as dr
+
+    base, sol = cfg["_base"], cfg.get("solver", {})
+    specs = cfg["operators"]
+    shape = tuple((x_true if x_true is not None else ys[0]).shape)
+    factors = [_get(s, "factor", f"operators[{i}]", int, 2) if s["type"] == "downsampling" else 1
+               for i, s in enumerate(specs)]
+    # The run's own chunks (they depend on the operators' forms, not on the size of their masks).
+    probe_shape = (*shape[:2], *(min(n, 4 * math.lcm(*factors)) for n in shape[2:]))
+    probe = [build_operator(s, i, probe_shape, base, tuple(slice(0, n) for n in probe_shape[2:]))
+             for i, s in enumerate(specs)]
+    forms = [f for f in map(local_form, probe) if f is not None]
+    chunks = iterate_chunks(dden, shape, np.dtype(np.float32), forms)
+    chunk = tuple(c[0] for c in chunks[2:])
+    crop = crop_shape(shape, chunk, ctx.num_workers)
+    region = tuple(slice(0, c) for c in crop)
+    ops = [build_operator(s, i, (*shape[:2], *crop), base, region) for i, s in enumerate(specs)]
+    y_crop = [_lazy(y)[(slice(None), slice(None), *(slice(0, c // f) for c in crop))] for y, f in zip(ys, factors)]
+    truth = _lazy(x_true)[(slice(None), slice(None), *region)] if x_true is not None else None
+    stamps: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="daskrecon-check-") as tmp:
+        dr.reconstruct(dr.distribute(ops, ctx), y_crop, dden, n_iter=2, x_true=truth, storage="zarr", chunks=chunk,
+                       checkpoint=tmp, progress=False, callback=lambda k, x: stamps.append(time.perf_counter()),
+                       **_solver_options(sol))
+    per_it_crop = stamps[1] - stamps[0]  # the second iteration: the first includes the start
+    per_it = per_it_crop * math.prod(shape[2:]) / math.prod(crop)
+    iterations = _get(sol, "iterations", "solver", int, 30)
+    client = ctx.client
+    rss = sorted(v / 2**20 for v in bounded(client, client._run, _worker_rss, what="reading the workers' memory",
+                                            timeout=ctx.stall_timeout).values())
+    report = CheckReport(None, None, per_it * iterations, rss, seconds_per_iteration=per_it, crop=crop)
+    echo(f"inputs too large to read whole (> {CHECK_MAX_BYTES / 2**30:.0f} GiB): one out-of-core iteration on a "
+         f"{'×'.join(map(str, crop))} crop of {'×'.join(map(str, shape[2:]))}: {per_it_crop:.3f} s; "
+         f"worker RSS {', '.join(f'{r:.0f}' for r in rss)} MiB")
+    echo(f"projected: {per_it:.2f} s per iteration, {report.projected_seconds:.0f} s for {iterations} iterations "
+         "(the crop's throughput per pixel, which holds while every worker has tiles to run)")
+    return report
+
+
+def _lazy(v: Any) -> da.Array:
+    return v if isinstance(v, da.Array) else da.from_array(v.numpy())
 
 
 def _check(ctx: Any, dphys: Any, dden: Any, y: Any, shape: tuple, iterations: int, echo: Any) -> CheckReport:

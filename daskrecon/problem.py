@@ -42,7 +42,7 @@ from daskrecon.tasks import operators as operator_tasks
 from daskrecon.terms import Problem, check_whole_fits, choose_forms, output_chunks, place_mask, place_measurement
 from daskrecon.waiting import compute, gather
 
-__all__ = ["STORAGES", "Problem", "plan_problem", "remove_staged_inputs", "stage_inputs"]
+__all__ = ["STORAGES", "Problem", "iterate_chunks", "plan_problem", "remove_staged_inputs", "stage_inputs"]
 
 STORAGES = ("auto", "memory", "zarr")
 #: The iterate stays in cluster memory when this many copies of it, plus the measurements,
@@ -102,7 +102,6 @@ def plan_problem(
                      (x0.dtype if x0 is not None else _y_dtype(ys)))
     if len(shape) not in (4, 5):
         raise ShapeError(f"the signal must be an image (B, C, H, W) or a volume (B, C, D, H, W), got shape {shape}")
-    spatial = range(2, len(shape))
     nbytes = math.prod(shape) * dtype.itemsize
 
     forms, distances = choose_forms(physics, local, fids, nbytes)
@@ -122,12 +121,7 @@ def plan_problem(
     elif isinstance(x0, da.Array):
         chunks = working_chunks(shape, x0.chunks, chunkwise_forms)
     else:
-        dims, patch, overlap = proc.geometry(shape)
-        patch_nd = [patch[dims.index(a)] if a in dims else shape[a] for a in spatial]
-        over_nd = [overlap[dims.index(a)] if a in dims else 0 for a in spatial]
-        chunks = plan_chunks(shape, dtype.itemsize, patch_nd, overlap=over_nd, align=proc.align,
-                             factor=math.lcm(*(f.factor for f in chunkwise_forms)) if chunkwise_forms else 1,
-                             min_size=max((f.min_chunk(2) for f in chunkwise_forms), default=1))
+        chunks = iterate_chunks(proc, shape, dtype, chunkwise_forms)
 
     # Storage: cluster memory when the working set fits comfortably, else Zarr slots.
     y_bytes = sum(math.prod(s) * dtype.itemsize for s in y_shapes)
@@ -171,6 +165,22 @@ def plan_problem(
         "sigma_denoiser": repr(float(sigma_denoiser)),
     }
     return problem, x0_arr
+
+
+def iterate_chunks(denoiser: DistributedProcessing, shape: tuple[int, ...], dtype: np.dtype,
+                   forms: list) -> tuple[tuple[int, ...], ...]:
+    """The iterate's chunks for a problem of ``shape``, planned from the problem alone.
+
+    Multiples of the denoiser's tile (:func:`daskrecon.chunking.plan_chunks`), aligned to the
+    chunk-wise operators' ``forms`` (their down-sampling factors, their smallest exact chunk).
+    """
+    dims, patch, overlap = denoiser.geometry(shape)
+    spatial = range(2, len(shape))
+    patch_nd = [patch[dims.index(a)] if a in dims else shape[a] for a in spatial]
+    over_nd = [overlap[dims.index(a)] if a in dims else 0 for a in spatial]
+    return plan_chunks(shape, np.dtype(dtype).itemsize, patch_nd, overlap=over_nd, align=denoiser.align,
+                       factor=math.lcm(*(f.factor for f in forms)) if forms else 1,
+                       min_size=max((f.min_chunk(2) for f in forms), default=1))
 
 
 def stage_inputs(problem: Problem, store: Any) -> Problem:

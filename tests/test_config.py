@@ -189,3 +189,42 @@ def test_a_volume_config_streams_from_zarr(tmp_path):
         'path = "result.zarr"', 'path = "other.zarr"'))
     refused = run(bad)
     assert refused.exit_code == 2 and "operators[0].sigma needs 3 values for a 3-D signal" in refused.output
+
+
+def test_check_on_inputs_too_large_to_read_whole_times_a_crop(tmp_path, monkeypatch):
+    """Past CHECK_MAX_BYTES, --check runs the configured iteration out of core on a crop of whole
+    chunks (two per worker) and projects it; nothing but the crop is read, nothing is written."""
+    import dask.array as da
+    import zarr
+    from deepinv.physics import Blur
+    from deepinv.physics.functional import gaussian_blur
+
+    from daskrecon import config
+    from daskrecon.demo import demo_volume
+
+    x = demo_volume((64, 64, 64), chunks=16, seed=5).compute(scheduler="sync")
+    blur = Blur(filter=gaussian_blur(psf_size=None, sigma=(1.0, 1.0, 1.0)), padding="reflect")
+    y = blur.A(torch.from_numpy(x)).numpy()
+    da.from_array(y, chunks=(1, 1, 16, 16, 16)).to_zarr(str(tmp_path / "y.zarr"))
+    zarr.save_array(str(tmp_path / "x.zarr"), x)
+    cfg = tmp_path / "vol.toml"
+    cfg.write_text(VOLUME_CONFIG)
+    monkeypatch.setattr(config, "CHECK_MAX_BYTES", 1024)
+    read = []
+    before = snapshot(tmp_path)
+    report = config.run_config(cfg, check=True, echo=read.append)
+    assert report.crop is not None and report.seconds_per_operator_task is None
+    # the run's chunks (32×32×64 here), one per axis, grown until the 1 worker has two
+    assert report.crop == (32, 64, 64) and report.seconds_per_iteration > 0
+    assert report.projected_seconds == pytest.approx(report.seconds_per_iteration * 4)
+    assert any("32×64×64 crop of 64×64×64" in line for line in read), read
+    assert snapshot(tmp_path) == before and not (tmp_path / "result.zarr").exists()
+
+
+def test_crop_shape_gives_every_worker_two_chunks():
+    from daskrecon.config import crop_shape
+
+    assert crop_shape((1, 1, 512, 512), (128, 128), 2) == (256, 256)
+    assert crop_shape((1, 1, 512, 512), (128, 128), 1) == (128, 256)
+    assert crop_shape((1, 1, 64, 512, 512), (64, 128, 128), 4) == (64, 384, 384)  # depth is whole: 1 chunk
+    assert crop_shape((1, 1, 100, 100), (64, 64), 8) == (100, 100)  # the whole signal is all there is
