@@ -155,16 +155,21 @@ def test_driver_killed_mid_iteration_resumes_bitwise_equal(ctx, tmp_path):
         assert torch.equal(resumed, run_solver(ctx, checkpoint=str(tmp_path / "full"), chunked=True))
 
 
-def test_an_out_of_core_run_sends_no_whole_operator_to_a_worker(ctx, tmp_path):
-    """Only the chunk-wise forms run: an image-sized Inpainting mask never reaches a worker whole."""
-    from distributed import get_task_stream
-
+def _blur_and_mask(ctx):
+    """A reflect blur and an image-sized Inpainting mask on 1×3×64², their measurements, a small DnCNN."""
     torch.manual_seed(0)
     x_true = torch.rand(1, 3, 64, 64)
     ops = [dinv.physics.Blur(filter=torch.ones(1, 1, 3, 3) / 9, padding="reflect"),
            dinv.physics.Inpainting(img_size=(3, 64, 64), mask=0.5, rng=torch.Generator().manual_seed(2))]
     y = noisy_measurements(ops, x_true, sigma=0.02)
-    dden = dr.distribute(small_dncnn(3), ctx, patch_size=16, overlap=6)
+    return x_true, ops, y, dr.distribute(small_dncnn(3), ctx, patch_size=16, overlap=6)
+
+
+def test_an_out_of_core_run_sends_no_whole_operator_to_a_worker(ctx, tmp_path):
+    """Only the chunk-wise forms run: an image-sized Inpainting mask never reaches a worker whole."""
+    from distributed import get_task_stream
+
+    x_true, ops, y, dden = _blur_and_mask(ctx)
     kw = dict(n_iter=2, step_size=0.5, progress=False)
     with ctx.client.as_current():
         dphys = dr.distribute(ops, ctx)
@@ -183,12 +188,7 @@ def test_out_of_core_graphs_read_the_driver_inputs_from_the_store(ctx, tmp_path,
     iteration's graph carries them (they would be image-sized data through the scheduler)."""
     import pickle
 
-    torch.manual_seed(0)
-    x_true = torch.rand(1, 3, 64, 64)
-    ops = [dinv.physics.Blur(filter=torch.ones(1, 1, 3, 3) / 9, padding="reflect"),
-           dinv.physics.Inpainting(img_size=(3, 64, 64), mask=0.5, rng=torch.Generator().manual_seed(2))]
-    y = noisy_measurements(ops, x_true, sigma=0.02)
-    dden = dr.distribute(small_dncnn(3), ctx, patch_size=16, overlap=6)
+    x_true, ops, y, dden = _blur_and_mask(ctx)
     kw = dict(n_iter=3, step_size=0.5, progress=False, x_true=x_true, return_history=True)
     sizes, persist = [], ctx.client.persist
 
