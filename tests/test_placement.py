@@ -55,7 +55,8 @@ def test_soak_with_a_busy_worker_and_work_stealing(busy_ctx, calls):
     """Calls while one worker is kept busy: with work stealing on, the idle worker used to steal
     operator tasks and fetch the operator; this one cannot be serialized, so the call waited for
     ever (issue #11: the old code hangs here within the first calls). Every call must finish, with
-    the quiet result, and no operator may be built twice."""
+    the quiet result — reconstructions too, whose iterations are pipelined —, and no operator may
+    be built twice."""
     ctx, client = busy_ctx, busy_ctx.client
     assert dask.config.get("distributed.scheduler.work-stealing")
     assert client.run_on_scheduler(lambda dask_scheduler: "stealing" in dask_scheduler.extensions)
@@ -66,6 +67,9 @@ def test_soak_with_a_busy_worker_and_work_stealing(busy_ctx, calls):
     x = torch.rand(1, 3, 64, 64)
     y = noisy_measurements(ops, torch.rand(1, 3, 64, 64))
     grad_quiet, den_quiet = f.grad(x, y, d), den(x)
+    # reconstruct pipelines its iterations (k + 1 is submitted before k's metrics are back)
+    solve = lambda: dr.reconstruct(d, y, den, n_iter=4, step_size=0.5, x0=x, progress=False)  # noqa: E731
+    rec_quiet = solve()
     torch.testing.assert_close(grad_quiet, L2().grad(x, y, dinv.physics.stack(*ops)), atol=1e-5, rtol=0)
 
     busy = ctx.workers()[0]
@@ -79,9 +83,11 @@ def test_soak_with_a_busy_worker_and_work_stealing(busy_ctx, calls):
     thread = threading.Thread(target=keep_busy, daemon=True)
     thread.start()
     try:
-        for _ in range(calls):
+        for k in range(calls):
             assert torch.equal(f.grad(x, y, d), grad_quiet)
             assert torch.equal(den(x), den_quiet)
+            if k % 20 == 0:
+                assert torch.equal(solve(), rec_quiet)
     finally:
         stop.set()
         thread.join()
