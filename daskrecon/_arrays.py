@@ -80,7 +80,7 @@ def as_dask(v: Any, name: str) -> Any:
     if isinstance(v, da.Array):
         return v
     if isinstance(v, torch.Tensor):
-        return da.from_array(v.detach().cpu().numpy())
+        return da.from_array(as_numpy(v, name))  # C order: dask's names ignore memory order
     raise TypeError(f"{name} must be a dask array or a tensor, got {type(v).__name__}")
 
 

@@ -62,6 +62,7 @@ import dask.array as da
 import numpy as np
 import torch
 
+from daskrecon._arrays import as_numpy
 from daskrecon.algorithms import ALGORITHMS
 from daskrecon.errors import DaskreconError
 from daskrecon.local import local_form
@@ -471,7 +472,7 @@ def _check_streamed(ctx: Any, cfg: dict, ys: list, x_true: Any, dden: Any, echo:
 
 
 def _lazy(v: Any) -> da.Array:
-    return v if isinstance(v, da.Array) else da.from_array(v.numpy())
+    return v if isinstance(v, da.Array) else da.from_array(as_numpy(v))
 
 
 def _check(ctx: Any, dphys: Any, dden: Any, y: Any, shape: tuple, iterations: int, echo: Any) -> CheckReport:

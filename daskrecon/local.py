@@ -1,7 +1,7 @@
 """Chunk-wise local operators: deepinv operators applied to chunked Dask arrays.
 
 An operator is *local* when an output pixel depends on a bounded neighbourhood of the
-input: blurs (``Blur`` with circular, reflect, replicate or zero padding, ``BlurFFT``),
+input: blurs (``Blur`` with circular, reflect, replicate, zero or ``"valid"`` padding, ``BlurFFT``),
 ``Downsampling``, ``Inpainting``, ``Denoising``. On a Dask array such an operator runs
 chunk by chunk with :func:`dask.array.map_overlap`: the halo is the kernel's half-size,
 the image border gets the operator's own padding (periodic halos for circular padding;
@@ -35,7 +35,7 @@ from daskrecon.operators import FFTConvolution
 
 __all__ = ["LocalOperator", "local_form"]
 
-PADDINGS = ("circular", "reflect", "replicate", "zeros", "constant")
+PADDINGS = ("circular", "reflect", "replicate", "zeros", "constant", "valid")
 
 
 @dataclass(frozen=True, eq=False)
@@ -47,6 +47,10 @@ class LocalOperator:
     conventions: ``filter`` is a deepinv filter ``(b, c, h, w)`` or ``(b, c, d, h, w)``
     (convolution, not correlation, centre ``h // 2`` for odd sizes), ``padding`` one of
     deepinv's modes. ``filter=None`` means no convolution; ``mask=None`` no mask.
+    ``padding="valid"`` keeps only the positions where the kernel fits inside the image:
+    the zero-padded result cropped by ``(k - 1) // 2`` pixels at the start of each axis and
+    ``k // 2`` at its end, so ``A`` maps ``n`` pixels to ``n - k + 1`` (deepinv's ``"valid"``);
+    its adjoint embeds ``y`` in zeros and applies the zero-padded adjoint.
 
     Parameters
     ----------
@@ -77,6 +81,15 @@ class LocalOperator:
             raise ValueError(f"factor must be a positive int, got {self.factor!r}")
         if self.filter is not None and self.filter.ndim not in (4, 5):
             raise ValueError(f"filter must be (b, c, h, w) or (b, c, d, h, w), got shape {self.filter.shape}")
+        if self.padding == "valid" and (self.filter is None or self.factor > 1):
+            raise ValueError("padding='valid' needs a filter and no subsampling (factor=1)")
+        # dask names tasks by a hash of their arguments that ignores memory order: a kernel and
+        # its transpose given as a view (same bytes, same shape) would share task keys, and one
+        # operator's results would stand for the other's. C order makes the bytes tell them apart.
+        for name in ("filter", "mask"):
+            a = getattr(self, name)
+            if isinstance(a, np.ndarray) and not a.flags.c_contiguous:
+                object.__setattr__(self, name, np.ascontiguousarray(a))
 
     # ------------------------------------------------------------------ geometry (pure)
     @property
@@ -94,6 +107,18 @@ class LocalOperator:
     def depth_for(self, ndim: int) -> tuple[int, ...]:
         """:attr:`depth` for an array of ``ndim`` axes (``ndim - 2`` spatial)."""
         return self.depth if self.filter is not None else (0,) * (ndim - 2)
+
+    @property
+    def crop(self) -> tuple[tuple[int, int], ...] | None:
+        """``padding="valid"``: pixels cut from the start and the end of each spatial axis, else ``None``."""
+        if self.padding != "valid":
+            return None
+        return tuple(((k - 1) // 2, k // 2) for k in self.filter.shape[2:])
+
+    @property
+    def _pad_mode(self) -> str:
+        # "valid" is the zero-padded operator, cropped: the chunk kernels pad with zeros.
+        return "zeros" if self.padding == "valid" else self.padding
 
     @property
     def _conv(self) -> bool:
@@ -140,19 +165,30 @@ class LocalOperator:
     def input_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """Shape of ``x`` for a ``y = A(x)`` of ``shape``."""
         f = self.factor
-        return (*shape[:2], *(n * f for n in shape[2:]))
+        crop = self.crop or ((0, 0),) * (len(shape) - 2)
+        return (*shape[:2], *(n * f + lo + hi for n, (lo, hi) in zip(shape[2:], crop)))
 
     def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """Shape of ``A(x)`` for an ``x`` of ``shape``."""
         f = self.factor
-        return (*shape[:2], *(math.ceil(n / f) for n in shape[2:]))
+        crop = self.crop or ((0, 0),) * (len(shape) - 2)
+        return (*shape[:2], *(math.ceil((n - lo - hi) / f) for n, (lo, hi) in zip(shape[2:], crop)))
+
+    def output_chunks(self, chunks: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
+        """Chunks of ``A(x)`` for an ``x`` chunked ``chunks`` (valid for this operator)."""
+        f = self.factor
+        out = [tuple(math.ceil(c / f) for c in chunks[a]) for a in range(2, len(chunks))]
+        for a, (lo, hi) in enumerate(self.crop or ()):
+            out[a] = _widen(out[a], -lo, -hi)
+        return (chunks[0], chunks[1], *out)
 
     def min_chunk(self, n_chunks: int) -> int:
         """Smallest chunk (in pixels of ``x``) the operator can run on exactly."""
         d = max(self.depth)
         if not d:
             return 1
-        # A halo reads d pixels of a neighbour; reflect padding reads d + 1 inside a border chunk.
+        # A halo reads d pixels of a neighbour; reflect padding reads d + 1 inside a border chunk
+        # ("valid" crops up to d from a border chunk, which must keep a pixel).
         return 2 * d + 1 if n_chunks > 1 else d + 1
 
     def fit_chunks(self, chunks: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
@@ -192,6 +228,8 @@ class LocalOperator:
                                                       for a in range(2, x.ndim)))
             x = self._overlap(local_kernels.local_forward_block, x, self.depth_for(x.ndim), out_chunks,
                               x.numblocks[2:])
+            if self.crop is not None:
+                x = x[(slice(None), slice(None), *(slice(lo, n - hi) for n, (lo, hi) in zip(x.shape[2:], self.crop)))]
         if self.mask is not None:
             x = x * self._mask_like(x)
         return x
@@ -205,6 +243,10 @@ class LocalOperator:
             return y
         f = self.factor
         axes = range(2, y.ndim)
+        if self.crop is not None:  # the crop's adjoint: y embedded in zeros
+            if x_chunks is None:
+                x_chunks = (y.chunks[0], y.chunks[1], *(_widen(y.chunks[a], lo, hi) for a, (lo, hi) in zip(axes, self.crop)))
+            y = da.pad(y, ((0, 0), (0, 0), *self.crop), mode="constant").rechunk(x_chunks)
         xc = x_chunks or (y.chunks[0], y.chunks[1], *(tuple(f * c for c in y.chunks[a]) for a in axes))
         xc = self.fit_chunks(xc)
         y = y.rechunk((y.chunks[0], y.chunks[1], *(tuple(c // f for c in xc[a]) for a in axes)))
@@ -228,7 +270,7 @@ class LocalOperator:
             boundary="periodic" if self.padding == "circular" else "none",
             trim=False, chunks=(a.chunks[0], a.chunks[1], *out_chunks[2:]), dtype=a.dtype,
             meta=np.empty((0,) * a.ndim, a.dtype),
-            filt=self._kernel(a.dtype, a.ndim), padding=self.padding, radius=self.depth_for(a.ndim),
+            filt=self._kernel(a.dtype, a.ndim), padding=self._pad_mode, radius=self.depth_for(a.ndim),
             factor=self.factor, nblocks=tuple(nblocks),
         )
 
@@ -260,6 +302,14 @@ def fit_axis(sizes: tuple[int, ...], minimum: int, factor: int = 1) -> tuple[int
     return tuple(out)
 
 
+def _widen(sizes: tuple[int, ...], lo: int, hi: int) -> tuple[int, ...]:
+    """Chunk sizes along an axis with ``lo`` pixels added to the first chunk and ``hi`` to the last."""
+    out = list(sizes)
+    out[0] += lo
+    out[-1] += hi
+    return tuple(out)
+
+
 def _as_images(a: Any, name: str) -> da.Array:
     if not isinstance(a, da.Array):
         raise TypeError(f"{name}: chunk-wise operators take dask arrays, got {type(a).__name__}")
@@ -283,7 +333,7 @@ def local_form(op: Any) -> LocalOperator | None:
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().numpy()
+    return np.ascontiguousarray(t.detach().cpu().numpy())
 
 
 @local_form.register
@@ -295,7 +345,7 @@ def _(op: FFTConvolution) -> LocalOperator | None:
 def _(op: Blur) -> LocalOperator | None:
     f = op.filter
     if f is None or f.dim() not in (4, 5) or f.is_complex() or op.padding not in PADDINGS:
-        return None  # "valid" padding changes the geometry: whole-image path
+        return None
     return LocalOperator(filter=_np(f), padding=op.padding, name=type(op).__name__)
 
 
@@ -314,7 +364,7 @@ def _(op: BlurFFT) -> LocalOperator | None:
 
 @local_form.register
 def _(op: Downsampling) -> LocalOperator | None:
-    if op.padding not in PADDINGS or not isinstance(op.factor, int):
+    if op.padding not in PADDINGS or op.padding == "valid" or not isinstance(op.factor, int):
         return None
     f = op.filter
     if f is not None and (f.dim() != 4 or f.is_complex()):

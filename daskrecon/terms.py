@@ -156,8 +156,7 @@ def check_whole_fits(ctx: DistributedContext, physics: DistributedPhysics, forms
 
 
 def output_chunks(form: LocalOperator, chunks: tuple) -> tuple:
-    f = form.factor
-    return (chunks[0], chunks[1], *(tuple(math.ceil(c / f) for c in chunks[a]) for a in range(2, len(chunks))))
+    return form.output_chunks(chunks)
 
 
 def place_mask(ctx: DistributedContext, form: LocalOperator, shape: tuple, chunks: tuple, dtype: np.dtype,

@@ -212,3 +212,37 @@ def test_pipelined_iterations_are_the_unpipelined_ones_bitwise(ctx, tmp_path, mo
     assert torch.equal(c, fast) and hc == h_fast
     meta = Checkpoint(str(tmp_path / "ck")).meta()
     assert meta["iteration"] == 6 and meta["extra"]["history"] == h_fast
+
+
+def test_deepinvs_default_valid_blur_runs_chunk_wise_in_memory_and_out_of_core(ctx1, ctx, tmp_path):
+    """``Blur(filter=k)`` is deepinv's ``padding="valid"``: y is smaller than x. It streams chunk by
+    chunk (the zero-padded blur, cropped; its adjoint embeds y in zeros), bitwise the same on 1 and 2
+    workers and out of core, and equal to deepinv's PnP on the whole image."""
+    import deepinv as dinv
+    from deepinv.optim import L2
+
+    g = torch.Generator().manual_seed(3)
+    k1, k2 = torch.rand(1, 1, 5, 5, generator=g), torch.rand(1, 1, 4, 6, generator=g)
+    ops = [dinv.physics.Blur(filter=k1 / k1.sum()), dinv.physics.Blur(filter=k2 / k2.sum()),
+           dinv.physics.Blur(filter=k1.transpose(-1, -2) / k1.sum(), padding="circular")]
+    x_true = torch.rand(1, 3, 60, 52, generator=g)
+    y = noisy_measurements(ops, x_true, sigma=0.02)
+    assert y[0].shape == (1, 3, 56, 48) and y[1].shape == (1, 3, 57, 47)
+    model, x0 = small_dncnn(3), torch.full_like(x_true, 0.5)
+    kw = dict(n_iter=3, step_size=0.3, x0=x0, progress=False, chunks=(20, 26))
+    outs = []
+    for c in (ctx1, ctx):
+        d = dr.distribute(ops, c)
+        assert all(f is not None for f in d.local_forms())
+        outs.append(dr.reconstruct(d, y, dr.distribute(model, c, patch_size=16, overlap=6), **kw))
+    with ctx.client.as_current():
+        ys = [da.from_array(t.numpy(), chunks=(1, 3, 16, 16)) for t in y]
+        streamed = dr.reconstruct(dr.distribute(ops, ctx), ys, dr.distribute(model, ctx, patch_size=16, overlap=6),
+                                  storage="zarr", checkpoint=str(tmp_path / "ck"), **kw).compute()
+    assert torch.equal(outs[0], outs[1]) and torch.equal(torch.from_numpy(streamed), outs[0])
+    stacked, x = dinv.physics.stack(*ops), x0.clone()
+    with torch.no_grad():
+        for _ in range(3):
+            x = model(x - 0.3 * L2().grad(x, y, stacked))
+    assert float((outs[0] - x).abs().max()) <= 1e-4
+    assert float((outs[0] - x0).abs().max()) > 0.05
