@@ -357,7 +357,8 @@ def run_config(path: str | Path, check: bool = False, echo: Any = print) -> Any:
         x_true = _eager(x_true) if x_true is not None else None
     lazy = any(not isinstance(v, torch.Tensor) for v in [*ys, x_true] if v is not None)
     shape = tuple((x_true if x_true is not None else ys[0]).shape)
-    ops = [build_operator(s, i, shape, base) for i, s in enumerate(cfg["operators"])]
+    # (not for a check on a crop: a full-size Inpainting mask of a volume that large need not exist)
+    ops = None if streamed_check else [build_operator(s, i, shape, base) for i, s in enumerate(cfg["operators"])]
     den = cfg.get("denoiser", {})
     sol = cfg.get("solver", {})
     out = cfg.get("output", {})
@@ -367,14 +368,14 @@ def run_config(path: str | Path, check: bool = False, echo: Any = print) -> Any:
     ck = cfg.get("checkpoint", {})
     with make_context(cfg.get("cluster", {})) as ctx:
         echo(f"cluster: {ctx.num_workers} workers, dashboard {ctx.dashboard_link}")
-        dphys = dr.distribute(ops, ctx)
         dden = dr.distribute(build_denoiser(den, base), ctx, patch_size=_get(den, "patch_size", "denoiser", int, 256),
                              overlap=_get(den, "overlap", "denoiser", int, 8))
+        if streamed_check:
+            return _check_streamed(ctx, cfg, ys, x_true, dden, echo)
+        dphys = dr.distribute(ops, ctx)
         y = ys if lazy else TensorList(ys)
         # zeros when some measurement is not image-shaped (lazy inputs: the default Aᵀy / N, on the workers)
         x0 = torch.zeros(shape) if not lazy and any(tuple(y_.shape) != shape for y_ in ys) else None
-        if streamed_check:
-            return _check_streamed(ctx, cfg, ys, x_true, dden, echo)
         if check:
             return _check(ctx, dphys, dden, y, shape, _get(sol, "iterations", "solver", int, 30), echo)
         x = dr.reconstruct(
@@ -431,7 +432,8 @@ def crop_shape(shape: tuple[int, ...], chunk: tuple[int, ...], n_workers: int) -
 def _check_streamed(ctx: Any, cfg: dict, ys: list, x_true: Any, dden: Any, echo: Any) -> CheckReport:
     """``--check`` on inputs too large to read whole: two iterations of the configured algorithm, out of
     core (``storage="zarr"``, as the run streams), on a crop of the signal; the second is timed and
-    scaled by the number of pixels. Nothing of the full volume is read but the crop."""
+    scaled by the number of pixels. The inputs are sliced lazily (only the crop is read) and the
+    operators are built for the crop (a mask file cropped)."""
     import daskrecon as dr
 
     base, sol = cfg["_base"], cfg.get("solver", {})

@@ -333,7 +333,7 @@ def local_form(op: Any) -> LocalOperator | None:
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
-    return np.ascontiguousarray(t.detach().cpu().numpy())
+    return t.detach().cpu().numpy()  # made C-ordered by LocalOperator
 
 
 @local_form.register
