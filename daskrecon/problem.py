@@ -189,8 +189,8 @@ def stage_inputs(problem: Problem, store: Any) -> Problem:
     Out of core nothing is persisted: an input that the driver holds (a measurement given as a
     tensor or a numpy-backed dask array, an ``Inpainting`` mask, ``x_true``) would be cut into
     chunks that travel inside every iteration's graph — image-sized data through the scheduler
-    at each iteration (measured: 9.4 MB of graph per iteration for a 1024² image with a mask and
-    two tensor measurements; 4.5 kB once staged). Each such array is written, with the chunks its
+    at each iteration (13.6 MB of graph per iteration for a 1024² image with a mask, two tensor
+    measurements and x_true; 20 kB once staged: ``benchmarks/bench_graph_bytes.py``). Each such array is written, with the chunks its
     consumers use, to an uncompressed array ``input_<what>`` of the checkpoint ``store`` (from the
     driver, once per run), and the graphs read its chunks from there. Arrays already read from
     storage (no data in their graph) are kept as they are. The values are the same bits.
