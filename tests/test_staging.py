@@ -111,5 +111,7 @@ def test_an_out_of_core_iteration_holds_a_few_chunks_not_a_front(ctx, tmp_path):
         ref = ref.compute() if isinstance(ref, da.Array) else ref.numpy()
     np.testing.assert_array_equal(got, ref)
     assert not list((tmp_path / "ooc").glob("stage_*"))  # scratch removed
-    # 216 chunks per array: map_overlap's exchanges held up to 300 chunk-sized results here, staged ~13
-    assert peak <= 40, peak
+    # 216 chunks per array: map_overlap's exchanges held up to 300 chunk-sized results here; staged,
+    # ~13 when the test runs alone, and once 55 in a full-suite run (the scheduler's order varies):
+    # well under one array's 216, far from the 300 of a front.
+    assert peak <= 80, peak
