@@ -49,8 +49,11 @@ class LocalOperator:
     deepinv's modes. ``filter=None`` means no convolution; ``mask=None`` no mask.
     ``padding="valid"`` keeps only the positions where the kernel fits inside the image:
     the zero-padded result cropped by ``(k - 1) // 2`` pixels at the start of each axis and
-    ``k // 2`` at its end, so ``A`` maps ``n`` pixels to ``n - k + 1`` (deepinv's ``"valid"``);
-    its adjoint embeds ``y`` in zeros and applies the zero-padded adjoint.
+    ``k // 2`` at its end, so ``A`` maps ``n`` pixels to ``n - k + 1`` (deepinv's ``"valid"``),
+    then subsampled from its first pixel (``ceil((n - k + 1) / f)``, deepinv's ``Downsampling``);
+    its adjoint embeds ``y`` in zeros and applies the zero-padded adjoint. Chunk by chunk that
+    is the zero-padded operator subsampled with a phase (:attr:`phase`) and cropped by
+    :meth:`crop_for` pixels of ``y``.
 
     Parameters
     ----------
@@ -81,8 +84,8 @@ class LocalOperator:
             raise ValueError(f"factor must be a positive int, got {self.factor!r}")
         if self.filter is not None and self.filter.ndim not in (4, 5):
             raise ValueError(f"filter must be (b, c, h, w) or (b, c, d, h, w), got shape {self.filter.shape}")
-        if self.padding == "valid" and (self.filter is None or self.factor > 1):
-            raise ValueError("padding='valid' needs a filter and no subsampling (factor=1)")
+        if self.padding == "valid" and self.filter is None:
+            raise ValueError("padding='valid' needs a filter (without one the padding plays no part: use 'zeros')")
         # dask names tasks by a hash of their arguments that ignores memory order: a kernel and
         # its transpose given as a view (same bytes, same shape) would share task keys, and one
         # operator's results would stand for the other's. C order makes the bytes tell them apart.
@@ -109,11 +112,24 @@ class LocalOperator:
         return self.depth if self.filter is not None else (0,) * (ndim - 2)
 
     @property
-    def crop(self) -> tuple[tuple[int, int], ...] | None:
-        """``padding="valid"``: pixels cut from the start and the end of each spatial axis, else ``None``."""
+    def phase(self) -> tuple[int, ...] | None:
+        """``padding="valid"``: per spatial axis, the first pixel the subsampling keeps in each chunk
+        (chunks start at multiples of the factor); else ``None`` (pixel 0)."""
         if self.padding != "valid":
             return None
-        return tuple(((k - 1) // 2, k // 2) for k in self.filter.shape[2:])
+        return tuple(((k - 1) // 2) % self.factor for k in self.filter.shape[2:])
+
+    def crop_for(self, spatial: tuple[int, ...]) -> tuple[tuple[int, int], ...] | None:
+        """``padding="valid"``: pixels of ``y`` cut from the start and the end of each spatial axis
+        of the phase-subsampled zero-padded result, for an image of ``spatial`` sizes; else ``None``."""
+        if self.padding != "valid":
+            return None
+        f = self.factor
+        # Kept pixels c, c + f, … of the zero-padded result (c = (k - 1) // 2): in the
+        # phase-subsampled one (pixel i is i·f + c % f) they start at c // f and number
+        # ceil((n - k + 1) / f); the n / f - c // f - that many after them are cut.
+        return tuple(((k - 1) // 2 // f, n // f - (k - 1) // 2 // f - _ceil_div(n - k + 1, f))
+                     for n, k in zip(spatial, self.filter.shape[2:]))
 
     @property
     def _pad_mode(self) -> str:
@@ -163,23 +179,27 @@ class LocalOperator:
         return m.reshape((1,) * (ndim - m.ndim) + m.shape)
 
     def input_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        """Shape of ``x`` for a ``y = A(x)`` of ``shape``."""
+        """Shape of ``x`` for a ``y = A(x)`` of ``shape`` (the one whose sides are multiples of the factor)."""
         f = self.factor
-        crop = self.crop or ((0, 0),) * (len(shape) - 2)
-        return (*shape[:2], *(n * f + lo + hi for n, (lo, hi) in zip(shape[2:], crop)))
+        if self.padding != "valid":
+            return (*shape[:2], *(m * f for m in shape[2:]))
+        # ceil((n - k + 1) / f) = m has exactly one solution n that is a multiple of f.
+        return (*shape[:2], *(f * (m + (k - 1) // f) for m, k in zip(shape[2:], self.filter.shape[2:])))
 
     def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """Shape of ``A(x)`` for an ``x`` of ``shape``."""
         f = self.factor
-        crop = self.crop or ((0, 0),) * (len(shape) - 2)
-        return (*shape[:2], *(math.ceil((n - lo - hi) / f) for n, (lo, hi) in zip(shape[2:], crop)))
+        if self.padding != "valid":
+            return (*shape[:2], *(_ceil_div(n, f) for n in shape[2:]))
+        return (*shape[:2], *(_ceil_div(n - k + 1, f) for n, k in zip(shape[2:], self.filter.shape[2:])))
 
     def output_chunks(self, chunks: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
         """Chunks of ``A(x)`` for an ``x`` chunked ``chunks`` (valid for this operator)."""
         f = self.factor
-        out = [tuple(math.ceil(c / f) for c in chunks[a]) for a in range(2, len(chunks))]
-        for a, (lo, hi) in enumerate(self.crop or ()):
-            out[a] = _widen(out[a], -lo, -hi)
+        out = [tuple(_ceil_div(c, f) for c in chunks[a]) for a in range(2, len(chunks))]
+        crop = self.crop_for(tuple(sum(c) for c in chunks[2:]))
+        for a, (lo, hi) in enumerate(crop or ()):
+            out[a] = _crop_sizes(out[a], lo, hi)
         return (chunks[0], chunks[1], *out)
 
     def min_chunk(self, n_chunks: int) -> int:
@@ -226,10 +246,11 @@ class LocalOperator:
             x = x.rechunk(self.fit_chunks(x.chunks))
             out_chunks = (x.chunks[0], x.chunks[1], *(tuple(math.ceil(c / f) for c in x.chunks[a])
                                                       for a in range(2, x.ndim)))
+            crop = self.crop_for(x.shape[2:])
             x = self._overlap(local_kernels.local_forward_block, x, self.depth_for(x.ndim), out_chunks,
                               x.numblocks[2:])
-            if self.crop is not None:
-                x = x[(slice(None), slice(None), *(slice(lo, n - hi) for n, (lo, hi) in zip(x.shape[2:], self.crop)))]
+            if crop is not None:
+                x = x[(slice(None), slice(None), *(slice(lo, n - hi) for n, (lo, hi) in zip(x.shape[2:], crop)))]
         if self.mask is not None:
             x = x * self._mask_like(x)
         return x
@@ -243,10 +264,11 @@ class LocalOperator:
             return y
         f = self.factor
         axes = range(2, y.ndim)
-        if self.crop is not None:  # the crop's adjoint: y embedded in zeros
-            if x_chunks is None:
-                x_chunks = (y.chunks[0], y.chunks[1], *(_widen(y.chunks[a], lo, hi) for a, (lo, hi) in zip(axes, self.crop)))
-            y = da.pad(y, ((0, 0), (0, 0), *self.crop), mode="constant").rechunk(x_chunks)
+        crop = self.crop_for(self.input_shape(y.shape)[2:])
+        if crop is not None:  # the crop's adjoint: y embedded in zeros
+            padded = (y.chunks[0], y.chunks[1], *(_widen(y.chunks[a], lo, hi) for a, (lo, hi) in zip(axes, crop)))
+            y = da.pad(y, ((0, 0), (0, 0), *crop), mode="constant")
+            y = y.rechunk(padded) if x_chunks is None else y
         xc = x_chunks or (y.chunks[0], y.chunks[1], *(tuple(f * c for c in y.chunks[a]) for a in axes))
         xc = self.fit_chunks(xc)
         y = y.rechunk((y.chunks[0], y.chunks[1], *(tuple(c // f for c in xc[a]) for a in axes)))
@@ -271,7 +293,7 @@ class LocalOperator:
             trim=False, chunks=(a.chunks[0], a.chunks[1], *out_chunks[2:]), dtype=a.dtype,
             meta=np.empty((0,) * a.ndim, a.dtype),
             filt=self._kernel(a.dtype, a.ndim), padding=self._pad_mode, radius=self.depth_for(a.ndim),
-            factor=self.factor, nblocks=tuple(nblocks),
+            factor=self.factor, nblocks=tuple(nblocks), phase=self.phase,
         )
 
 
@@ -300,6 +322,19 @@ def fit_axis(sizes: tuple[int, ...], minimum: int, factor: int = 1) -> tuple[int
         else:
             out.append(total - prev)
     return tuple(out)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _crop_sizes(sizes: tuple[int, ...], lo: int, hi: int) -> tuple[int, ...]:
+    """Chunk sizes along an axis after slicing ``lo`` pixels off its start and ``hi`` off its end,
+    chunks left empty dropped (as dask's slicing does)."""
+    edges = np.concatenate([[0], np.cumsum(sizes)])
+    end = int(edges[-1]) - hi
+    out = tuple(int(min(b, end) - max(a, lo)) for a, b in zip(edges[:-1], edges[1:]))
+    return tuple(c for c in out if c > 0)
 
 
 def _widen(sizes: tuple[int, ...], lo: int, hi: int) -> tuple[int, ...]:
@@ -364,12 +399,18 @@ def _(op: BlurFFT) -> LocalOperator | None:
 
 @local_form.register
 def _(op: Downsampling) -> LocalOperator | None:
-    if op.padding not in PADDINGS or op.padding == "valid" or not isinstance(op.factor, int):
+    if op.padding not in PADDINGS or not isinstance(op.factor, int):
         return None
     f = op.filter
     if f is not None and (f.dim() != 4 or f.is_complex()):
         return None
-    return LocalOperator(filter=None if f is None else _np(f), padding=op.padding, factor=int(op.factor),
+    # Chunk by chunk the image's sides are multiples of the factor; for another size deepinv's
+    # adjoint returns its own img_size, which the chunk-wise form could not give back.
+    size = getattr(op, "imsize", None)
+    if size is not None and any(int(n) % int(op.factor) for n in tuple(size)[-2:]):
+        return None
+    padding = "zeros" if f is None and op.padding == "valid" else op.padding  # no filter: no padding
+    return LocalOperator(filter=None if f is None else _np(f), padding=padding, factor=int(op.factor),
                          name="Downsampling")
 
 

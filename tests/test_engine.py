@@ -246,3 +246,61 @@ def test_deepinvs_default_valid_blur_runs_chunk_wise_in_memory_and_out_of_core(c
             x = model(x - 0.3 * L2().grad(x, y, stacked))
     assert float((outs[0] - x).abs().max()) <= 1e-4
     assert float((outs[0] - x0).abs().max()) > 0.05
+
+
+def test_valid_downsampling_runs_chunk_wise_in_memory_and_out_of_core(ctx1, ctx, tmp_path):
+    """``Downsampling(padding="valid")``: the kept grid starts at the kernel's half-size, so inside a
+    chunk the subsampling has a phase, ``(k - 1) // 2 mod f``: 1 along the 4- and 7-tap axes, 0 along the 5-tap one.
+    Chunk by chunk, bitwise the same on 1 and 2 workers and out of core, equal to deepinv's PnP."""
+    import deepinv as dinv
+    from deepinv.optim import L2
+
+    g = torch.Generator().manual_seed(4)
+    k1, k2 = torch.rand(1, 1, 4, 4, generator=g), torch.rand(1, 1, 7, 5, generator=g)
+    shape = (1, 3, 60, 52)
+    ops = [dinv.physics.Downsampling(img_size=shape[1:], filter=k1 / k1.sum(), factor=2, padding="valid"),
+           dinv.physics.Downsampling(img_size=shape[1:], filter=k2 / k2.sum(), factor=2, padding="valid"),
+           dinv.physics.Blur(filter=k2 / k2.sum(), padding="reflect")]
+    x_true = torch.rand(shape, generator=g)
+    y = noisy_measurements(ops, x_true, sigma=0.02)
+    assert y[0].shape == (1, 3, 29, 25) and y[1].shape == (1, 3, 27, 24)
+    model, x0 = small_dncnn(3), torch.full_like(x_true, 0.5)
+    kw = dict(n_iter=3, step_size=0.5, x0=x0, progress=False, chunks=(20, 26))
+    outs = []
+    for c in (ctx1, ctx):
+        d = dr.distribute(ops, c)
+        assert all(f is not None for f in d.local_forms())
+        outs.append(dr.reconstruct(d, y, dr.distribute(model, c, patch_size=16, overlap=6), **kw))
+    with ctx.client.as_current():
+        ys = [da.from_array(t.numpy(), chunks=(1, 3, 10, 10)) for t in y]
+        streamed = dr.reconstruct(dr.distribute(ops, ctx), ys, dr.distribute(model, ctx, patch_size=16, overlap=6),
+                                  storage="zarr", checkpoint=str(tmp_path / "ck"), **kw).compute()
+    assert torch.equal(outs[0], outs[1]) and torch.equal(torch.from_numpy(streamed), outs[0])
+    stacked, x = dinv.physics.stack(*ops), x0.clone()
+    with torch.no_grad():
+        for _ in range(3):
+            x = model(x - 0.5 * L2().grad(x, y, stacked))
+    assert float((outs[0] - x).abs().max()) <= 1e-4
+    assert float((outs[0] - x0).abs().max()) > 0.05
+
+
+def test_downsampling_of_an_image_not_a_multiple_of_its_factor_keeps_the_image_size(ctx):
+    """deepinv's ``Downsampling(img_size=(3, 30, 30), factor=4)`` maps 30² to 8² and back to 30².
+    The chunk-wise form needs sides that are multiples of the factor, and read x's size off y's
+    (8 · 4 = 32): the reconstruction came back 32×32, a different problem, silently. Such an
+    operator runs whole, and the result is deepinv's."""
+    import deepinv as dinv
+    from deepinv.optim import L2
+
+    op = dinv.physics.Downsampling(img_size=(3, 30, 30), filter="gaussian", factor=4)
+    x_true = torch.rand(1, 3, 30, 30, generator=torch.Generator().manual_seed(8))
+    y = [op.A(x_true)]
+    model = small_dncnn(3)
+    out = dr.reconstruct(dr.distribute([op], ctx), y, dr.distribute(model, ctx), n_iter=2, step_size=1.0,
+                         progress=False)
+    assert out.shape == x_true.shape
+    x = op.A_adjoint(y[0])  # the engine's start, Aᵀy / N
+    with torch.no_grad():
+        for _ in range(2):
+            x = model(x - L2().grad(x, y[0], op))
+    assert float((out - x).abs().max()) <= 1e-4 and float((out - x_true).abs().max()) > 0

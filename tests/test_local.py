@@ -36,7 +36,12 @@ def operators():
     for pad in ("circular", "reflect", "replicate"):
         cases.append((f"down2-{pad}", Downsampling(img_size=SHAPE[1:], filter="gaussian", factor=2, padding=pad)))
         cases.append((f"down4-{pad}", Downsampling(img_size=SHAPE[1:], filter="bicubic", factor=4, padding=pad)))
+    # "valid": the kept grid starts at (k - 1) // 2, a phase inside each chunk (7 % 2, 15 % 4, 3 % 3).
+    cases.append(("down2-valid", Downsampling(img_size=SHAPE[1:], filter=_k(15, 15), factor=2, padding="valid")))
+    cases.append(("down4-valid", Downsampling(img_size=SHAPE[1:], filter="bicubic", factor=4, padding="valid")))
+    cases.append(("down2-valid-even", Downsampling(img_size=SHAPE[1:], filter=_k(6, 4, 3), factor=2, padding="valid")))
     cases.append(("down2-nofilter", Downsampling(img_size=SHAPE[1:], filter=None, factor=2)))
+    cases.append(("down2-nofilter-valid", Downsampling(img_size=SHAPE[1:], filter=None, factor=2, padding="valid")))
     cases.append(("inpainting", Inpainting(img_size=SHAPE[1:], mask=0.5, rng=torch.Generator().manual_seed(2))))
     cases.append(("denoising", Denoising()))
     return cases
@@ -51,7 +56,7 @@ def data():
 CASES = operators()
 # Every operator on uneven chunks; three of them on two more chunkings (one chunk, split channels).
 GRID = [(n, op, (2, 3, 13, 11)) for n, op in CASES] + [
-    (n, op, c) for n, op in CASES if n in ("blur-reflect-6x7-rgb", "down4-replicate", "blurfft-even")
+    (n, op, c) for n, op in CASES if n in ("blur-reflect-6x7-rgb", "down4-replicate", "blurfft-even", "down4-valid")
     for c in ((1, 2, 20, 36), (2, 3, 40, 36))
 ]
 
@@ -65,8 +70,11 @@ def test_chunkwise_equals_whole_image(ctx, data, name, op, chunks):
         if form.factor > 1:
             chunks = (*chunks[:2], max(form.factor, chunks[2] - chunks[2] % form.factor),
                       max(form.factor, chunks[3] - chunks[3] % form.factor))
-        ax = form.apply(da.from_array(x.numpy(), chunks=chunks)).compute()
+        ax = form.apply(da.from_array(x.numpy(), chunks=chunks))
+        assert ax.chunks[2:] == form.output_chunks(form.fit_chunks(da.from_array(x.numpy(), chunks=chunks).chunks))[2:]
+        ax = ax.compute()
         ref = op.A(x)
+        assert form.output_shape(x.shape) == tuple(ref.shape) and form.input_shape(tuple(ref.shape)) == x.shape
         # Same convolution on the same values: equal up to the summation order of conv2d.
         np.testing.assert_allclose(ax, ref.numpy(), atol=2e-6, rtol=0)
         v = torch.rand(ref.shape, generator=torch.Generator().manual_seed(9))
@@ -100,7 +108,9 @@ def test_fit_axis(sizes, minimum, factor):
 
 def test_global_and_user_operators():
     assert local_form(dinv.physics.Tomography(angles=8, img_width=16)) is None
-    assert local_form(Downsampling(img_size=SHAPE[1:], filter="gaussian", factor=2, padding="valid")) is None
+    # deepinv's adjoint gives back its img_size; chunk by chunk the sides are multiples of the factor.
+    assert local_form(Downsampling(img_size=(3, 30, 30), filter="gaussian", factor=4, padding="valid")) is None
+    assert local_form(Downsampling(img_size=(3, 30, 30), filter="gaussian", factor=4)) is None
 
     class Scale(dinv.physics.LinearPhysics):
         def A(self, x, **kw):
@@ -118,7 +128,7 @@ def test_global_and_user_operators():
 
 
 def test_bad_inputs():
-    form = local_form(Downsampling(img_size=(3, 30, 30), filter="gaussian", factor=4))
+    form = local_form(Downsampling(img_size=(3, 32, 32), filter="gaussian", factor=4))
     with pytest.raises(TypeError, match="dask arrays"):
         form.apply(torch.zeros(1, 3, 32, 32))
     with pytest.raises(ShapeError, match=r"\(B, C, H, W\)"):
@@ -129,8 +139,8 @@ def test_bad_inputs():
         form.apply(da.zeros((1, 3, 32, 32), dtype=np.int32))
     with pytest.raises(ValueError, match="padding"):
         LocalOperator(filter=np.ones((1, 1, 3, 3)), padding="wrap")
-    with pytest.raises(ValueError, match="valid.*no subsampling"):
-        LocalOperator(filter=np.ones((1, 1, 3, 3)), padding="valid", factor=2)
+    with pytest.raises(ValueError, match="valid.*needs a filter"):
+        LocalOperator(padding="valid", factor=2)
 
 
 def test_physics_and_fidelity_take_dask_arrays(ctx, data):
@@ -212,12 +222,12 @@ def test_volume_chunkwise_equals_deepinvs_whole_volume(ctx, name, op, chunks):
     assert ref.shape != x.shape or float((ref - x).abs().max()) > 1e-2  # the operator does something
 
 
-@pytest.mark.parametrize("padding", ["circular", "reflect", "replicate"])
+@pytest.mark.parametrize("padding", ["circular", "reflect", "replicate", "valid"])
 def test_volume_downsampling_is_deepinvs_conv3d_then_subsampling(ctx, padding):
     """deepinv has no 3-D Downsampling class: the reference is its conv3d, then [::2] on D, H and W."""
     from deepinv.physics.functional import conv3d
 
-    k = _k3(3, 3, 3, seed=4)
+    k = _k3(3, 3, 3, seed=4) if padding != "valid" else _k3(4, 3, 5, seed=4)  # valid: phases 1, 1, 0
     form = LocalOperator(filter=k.numpy(), padding=padding, factor=2, name="Downsampling3d")
     x = torch.rand(1, 2, 12, 16, 10, generator=torch.Generator().manual_seed(6))
 
@@ -227,7 +237,7 @@ def test_volume_downsampling_is_deepinvs_conv3d_then_subsampling(ctx, padding):
     with ctx.client.as_current():
         ax = form.apply(da.from_array(x.numpy(), chunks=(1, 2, 6, 8, 4))).compute()
         ref = reference(x)
-        assert ax.shape == (1, 2, 6, 8, 5)
+        assert ax.shape == ((1, 2, 6, 8, 5) if padding != "valid" else (1, 2, 5, 7, 3)) == form.output_shape(x.shape)
         np.testing.assert_allclose(ax, ref.numpy(), atol=2e-6, rtol=0)
         v = torch.rand(ref.shape, generator=torch.Generator().manual_seed(3))
         xr = x.clone().requires_grad_(True)

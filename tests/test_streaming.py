@@ -121,7 +121,7 @@ def test_refusals_write_nothing(ctx, problem, tmp_path):
 
 
 def test_working_chunks_are_regular_and_valid():
-    forms = [local_form(dinv.physics.Downsampling(img_size=(3, 100, 90), filter="gaussian", factor=4))]
+    forms = [local_form(dinv.physics.Downsampling(img_size=(3, 100, 100), filter="gaussian", factor=4))]
     c = working_chunks((1, 3, 100, 90), ((1,), (3,), (30, 30, 30, 10), (25, 25, 25, 15)), forms)
     for axis, total in ((2, 100), (3, 90)):
         sizes = c[axis]

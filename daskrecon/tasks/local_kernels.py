@@ -42,29 +42,38 @@ def _pad_border(t: torch.Tensor, radius: tuple[int, ...], border: tuple[tuple[bo
 
 
 def _conv_window(t: torch.Tensor, filt: torch.Tensor, radius: tuple[int, ...],
-                 border: tuple[tuple[bool, bool], ...], padding: str, factor: int) -> torch.Tensor:
-    """deepinv's padded ``conv2d`` / ``conv3d`` (then ``[::f]`` on every spatial axis) on a window with its halo."""
+                 border: tuple[tuple[bool, bool], ...], padding: str, factor: int,
+                 phase: tuple[int, ...]) -> torch.Tensor:
+    """deepinv's padded ``conv2d`` / ``conv3d`` (then ``[p::f]`` on every spatial axis) on a window with its halo."""
     nd = len(radius)
     t = _pad_border(t, radius, border, padding)
     # deepinv pads (p - i) before and p after, i = (k - 1) % 2; the halo is p on each side.
     t = t[(..., *(slice((k - 1) % 2, None) for k in filt.shape[-nd:]))]
     out = _CONV[nd](t, filt, padding="valid")
-    return out[(..., *(slice(None, None, factor),) * nd)] if factor > 1 else out
+    return out[(..., *(slice(p, None, factor) for p in phase))] if factor > 1 else out
 
 
 def local_forward_block(block: np.ndarray, filt: np.ndarray, padding: str, radius: tuple[int, ...], factor: int,
-                        nblocks: tuple[int, ...], block_id: tuple[int, ...] | None = None) -> np.ndarray:
-    """``A`` of a padded convolution on one chunk (with its halo) → that chunk of ``y``."""
+                        nblocks: tuple[int, ...], phase: tuple[int, ...] | None = None,
+                        block_id: tuple[int, ...] | None = None) -> np.ndarray:
+    """``A`` of a padded convolution on one chunk (with its halo) → that chunk of ``y``.
+
+    ``phase`` (per spatial axis, ``< factor``): the subsampling keeps pixels ``p, p + f, …`` of
+    the chunk (chunks start at multiples of ``f``), for ``padding="valid"`` whose grid starts at
+    the kernel's half-size, not at 0.
+    """
     periodic = padding == "circular"
     t = torch.from_numpy(np.ascontiguousarray(block))
     border = _border_sides(block_id, nblocks, periodic)
     with torch.no_grad():
-        out = _conv_window(t, torch.from_numpy(filt).to(t.dtype), radius, border, padding, factor)
+        out = _conv_window(t, torch.from_numpy(filt).to(t.dtype), radius, border, padding, factor,
+                           phase or (0,) * len(radius))
     return out.numpy()
 
 
 def local_adjoint_block(block: np.ndarray, filt: np.ndarray, padding: str, radius: tuple[int, ...], factor: int,
-                        nblocks: tuple[int, ...], block_id: tuple[int, ...] | None = None) -> np.ndarray:
+                        nblocks: tuple[int, ...], phase: tuple[int, ...] | None = None,
+                        block_id: tuple[int, ...] | None = None) -> np.ndarray:
     """``Aᵀ`` on one chunk of ``y`` (with a halo of ``ceil(radius / factor)``) → that chunk of ``x``.
 
     The adjoint of :func:`local_forward_block` over the window of ``x`` that the halo'd ``y``
@@ -92,7 +101,7 @@ def local_adjoint_block(block: np.ndarray, filt: np.ndarray, padding: str, radiu
     # scatters y back onto the valid grid and correlates the zero-padded result with k.
     valid = [n - q + 1 for n, q in zip(t.shape[-nd:], ksize)]
     u = torch.zeros((*yt.shape[:-nd], *valid), dtype=yt.dtype)
-    u[(..., *(slice(None, None, f),) * nd)] = yt
+    u[(..., *(slice(p, None, f) for p in (phase or (0,) * nd)))] = yt
     pad: list[int] = []
     for q in reversed(ksize):
         pad += [q - 1, q - 1]
