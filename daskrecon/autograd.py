@@ -94,7 +94,9 @@ class _PhysicsFunction(torch.autograd.Function):
         outs = _entries(out)
         ctx.physics, ctx.method, ctx.opts, ctx.has_x = physics, method, opts, has_x
         ctx.listed = _listed(method, opts)
-        if has_x:
+        if method == "A_vjp":
+            ctx.save_for_backward(*inputs)
+        elif has_x:
             ctx.save_for_backward(x)
         return tuple(outs)
 
@@ -121,6 +123,14 @@ class _PhysicsFunction(torch.autograd.Function):
             return head + tuple(_entries(physics.A_adjoint(list(grads), reduce_op=None)))
         if method == "A_adjoint_A_each":  # Σ A_iᵀA_i x_i -> [A_iᵀA_i g]
             return head + tuple(_entries(physics.A_adjoint_A(grads[0], reduce_op=None)))
+        if method == "A_vjp" and not all(physics.linear):
+            # Σ_i J_i(x)ᵀ v_i: J_i g in v_i (not A_i g), and in x the second derivative, per operator
+            _refuse_higher_order("A_vjp of non-linear operators (or with respect to x)")
+            x, *v = ctx.saved_tensors
+            g = grads[0] / n if reduce_op == "mean" else grads[0]
+            with torch.no_grad():
+                gx, gv = physics._vjp_backward(x, v, g, wrt_x=ctx.needs_input_grad[4])
+            return head + (gx, *gv)
         # A_adjoint and A_vjp (linear): the backward of Σ_i A_iᵀ y_i is A_i g, per operator
         if ctx.listed:
             gy = _entries(physics.A_each(list(grads)))
@@ -143,9 +153,6 @@ def physics_call(physics: Any, method: str, *, x: torch.Tensor | None = None, ys
         ``False`` returns a list where deepinv returns a list.
     opts : the method's other options (``reduce_op``, operator keyword arguments)
     """
-    if method == "A_vjp" and isinstance(x, torch.Tensor) and x.requires_grad and not all(physics.linear):
-        raise NotImplementedError("A_vjp(x, v): second derivatives of non-linear operators with respect to x "
-                                  "are not supported; detach x (gradients with respect to v do flow)")
     ys_list = [] if ys is None else _entries(ys)
     inputs = ([x] if x is not None else []) + ys_list
     outs = _PhysicsFunction.apply(physics, method, dict(opts, gather=True), x is not None, *inputs)
@@ -154,11 +161,12 @@ def physics_call(physics: Any, method: str, *, x: torch.Tensor | None = None, ys
 
 # ---------------------------------------------------------------------------------------- fidelity
 class _FidelityFunction(torch.autograd.Function):
-    """``f(x)`` (``kind="fn"``, backward ``g·∇f(x)``) or ``∇f(x)`` (``kind="grad"``, backward ``∇²f(x) g``)."""
+    """``f(x)`` (``kind="fn"``, backward ``g·∇f(x)``) or ``∇f(x)`` (``kind="grad"``, backward ``∇²f(x) g``);
+    in the measurements ``ys`` (the tensors of ``y``), backward the vector-Jacobian products per operator."""
 
     @staticmethod
     def forward(ctx: Any, kind: str, fidelity: Any, physics: Any, y: Any, kwargs: dict,
-                x: torch.Tensor) -> torch.Tensor:
+                x: torch.Tensor, *ys: torch.Tensor) -> torch.Tensor:
         ctx.kind, ctx.fidelity, ctx.physics, ctx.y, ctx.kwargs = kind, fidelity, physics, y, kwargs
         ctx.save_for_backward(x)
         with torch.no_grad():
@@ -167,14 +175,21 @@ class _FidelityFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor):
         (x,) = ctx.saved_tensors
-        if ctx.kind == "grad":
-            _refuse_higher_order("the data fidelity's gradient")
+        gx = None
+        if ctx.needs_input_grad[5]:
+            if ctx.kind == "grad":
+                _refuse_higher_order("the data fidelity's gradient")
+                with torch.no_grad():
+                    gx = ctx.fidelity.hessian_vector(x, ctx.y, ctx.physics, g, **ctx.kwargs)
+            else:  # differentiable again under create_graph=True: grad is itself a distributed Function
+                grad = ctx.fidelity.grad(x, ctx.y, ctx.physics, **ctx.kwargs)
+                gx = grad * (g.reshape(g.shape + (1,) * (grad.dim() - g.dim())) if g.dim() else g)
+        gys: list = [None] * (len(ctx.needs_input_grad) - 6)
+        if any(ctx.needs_input_grad[6:]):
+            _refuse_higher_order("the data fidelity with respect to the measurements y")
             with torch.no_grad():
-                gx = ctx.fidelity.hessian_vector(x, ctx.y, ctx.physics, g, **ctx.kwargs)
-        else:  # differentiable again under create_graph=True: grad is itself a distributed Function
-            grad = ctx.fidelity.grad(x, ctx.y, ctx.physics, **ctx.kwargs)
-            gx = grad * (g.reshape(g.shape + (1,) * (grad.dim() - g.dim())) if g.dim() else g)
-        return None, None, None, None, None, gx
+                gys = ctx.fidelity.measurement_vjp(ctx.kind, x.detach(), ctx.y, ctx.physics, g, **ctx.kwargs)
+        return (None, None, None, None, None, gx, *gys)
 
 
 def _refuse_higher_order(what: str) -> None:
@@ -184,22 +199,31 @@ def _refuse_higher_order(what: str) -> None:
                                   "create_graph=True); they are through the physics and the data fidelity's value")
 
 
-def _refuse_measurement_grad(y: Any) -> None:
-    if needs_grad(*_entries(y)) if isinstance(y, (list, tuple, TensorList, torch.Tensor)) else False:
-        raise NotImplementedError("gradients of the data fidelity with respect to the measurements y are not "
-                                  "supported; pass y.detach() (gradients with respect to x flow)")
+def measurement_tensors(y: Any) -> list:
+    """The tensors of measurements ``y`` that autograd can follow (none in a ``DistributedMeasurements``)."""
+    if isinstance(y, (list, tuple, TensorList, torch.Tensor)):
+        return [t for t in _entries(y) if isinstance(t, torch.Tensor)]
+    return []
+
+
+def _detached_measurements(y: Any) -> Any:
+    if isinstance(y, torch.Tensor):
+        return y.detach()
+    if isinstance(y, TensorList):
+        return TensorList([y[i].detach() for i in range(len(y))])
+    if isinstance(y, (list, tuple)):
+        return type(y)(t.detach() if isinstance(t, torch.Tensor) else t for t in y)
+    return y
 
 
 def fidelity_fn(fidelity: Any, x: torch.Tensor, y: Any, physics: Any, **kwargs: Any) -> torch.Tensor:
-    """``f(x)`` whose backward is ``∇f`` computed on the workers."""
-    _refuse_measurement_grad(y)
-    return _FidelityFunction.apply("fn", fidelity, physics, y, kwargs, x)
+    """``f(x)`` whose backward is ``∇f`` (and, in ``y``, its vector-Jacobian product) computed on the workers."""
+    return _FidelityFunction.apply("fn", fidelity, physics, _detached_measurements(y), kwargs, x, *measurement_tensors(y))
 
 
 def fidelity_grad(fidelity: Any, x: torch.Tensor, y: Any, physics: Any, **kwargs: Any) -> torch.Tensor:
-    """``∇f(x)`` whose backward is the Hessian-vector product, per operator on the workers."""
-    _refuse_measurement_grad(y)
-    return _FidelityFunction.apply("grad", fidelity, physics, y, kwargs, x)
+    """``∇f(x)`` whose backward is the Hessian-vector product (and, in ``y``, the mixed product), per operator."""
+    return _FidelityFunction.apply("grad", fidelity, physics, _detached_measurements(y), kwargs, x, *measurement_tensors(y))
 
 
 # ---------------------------------------------------------------------------------------- denoiser

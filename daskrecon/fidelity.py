@@ -16,7 +16,7 @@ from daskrecon.context import DistributedContext
 from daskrecon.errors import MeasurementError
 from daskrecon import graph
 from daskrecon._arrays import as_dask, gather_arrays, gather_tensors
-from daskrecon.autograd import fidelity_fn, fidelity_grad, needs_grad
+from daskrecon.autograd import fidelity_fn, fidelity_grad, measurement_tensors as _measurements, needs_grad
 from daskrecon.physics import DistributedPhysics
 from daskrecon.placement import ObjectSet
 from daskrecon.terms import plan_terms
@@ -180,7 +180,7 @@ class DistributedDataFidelity(torch.nn.Module):
         """
         if isinstance(x, da.Array):
             return self._chunked("fn", x, y, physics, kwargs)
-        if needs_grad(x):
+        if needs_grad(x, *_measurements(y)):
             return fidelity_fn(self, x, y, physics, **kwargs)
         total, labels = self._run(fidelity_tasks.fidelity_fn_op, x, y, physics, kwargs)
         return self._scale(self._gather(total, labels, "data fidelity fn"), physics.num_operators)
@@ -191,7 +191,7 @@ class DistributedDataFidelity(torch.nn.Module):
         """``Σ_i (∂A_i/∂x)ᵀ ∇d_i(A_i x, y_i)``, shape of ``x``."""
         if isinstance(x, da.Array):
             return self._chunked("grad", x, y, physics, kwargs)
-        if needs_grad(x):
+        if needs_grad(x, *_measurements(y)):
             return fidelity_grad(self, x, y, physics, **kwargs)
         total, labels = self._run(fidelity_tasks.fidelity_grad_op, x, y, physics, kwargs)
         return self._scale(self._gather(total, labels, "data fidelity grad"), physics.num_operators)
@@ -214,6 +214,28 @@ class DistributedDataFidelity(torch.nn.Module):
         total = self._gather(physics.placement.reduce(futs), physics.placement.labels(futs), "data fidelity "
                              "Hessian-vector product")
         return self._scale(total, n)
+
+    def measurement_vjp(self, kind: str, x: torch.Tensor, y: Any, physics: DistributedPhysics, g: torch.Tensor,
+                        **kwargs: Any) -> list[torch.Tensor]:
+        """The vector-Jacobian products of :meth:`fn` (``kind="fn"``) or :meth:`grad` (``kind="grad"``)
+        with respect to each measurement ``y_i``, per operator on its worker.
+
+        The backward of ``fn`` / ``grad`` in ``y`` (for ``L2``: ``g·(y_i − A_i x)/σ²`` and
+        ``−A_i g/σ²``); one ``y_i``-shaped tensor per operator, in operator order.
+        """
+        if kind not in ("fn", "grad"):
+            raise ValueError(f"kind must be 'fn' or 'grad', got {kind!r}")
+        physics = self._check_physics(physics)
+        n = physics.num_operators
+        fids = self._fidelities(physics)
+        futs = physics.placement.map(
+            fidelity_tasks.fidelity_y_vjp_op, objects=[physics.objects, fids],
+            per_op=[[physics._place_x(x)] * n, physics._place_y(y), list(range(n)), [kwargs] * n],
+            shared=(kind, physics._place_x(g, "g")),
+        )
+        outs = gather_tensors(self.ctx.client, futs, self.ctx.device, "data fidelity gradient with respect to y",
+                              labels=physics.placement.labels(futs), stall_timeout=self.ctx.stall_timeout)
+        return [self._scale(t, n) for t in outs]
 
     def _grad_value(self, x: Any, y: Any, physics: DistributedPhysics) -> tuple[Future, Future, dict]:
         """Futures of the placed ``x`` and of the tree-reduced ``[∇f(x).ravel(), f(x)]`` (one pass)."""

@@ -9,6 +9,7 @@ in operator order or sums them on the workers along a tree fixed by operator ind
 
 from __future__ import annotations
 
+import operator
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -330,6 +331,24 @@ class DistributedPhysics(Physics):
         futs = self._submit_each(operator_tasks.vjp_op, per_op=[[self._place_x(x)] * self.num_operators,
                                                         self._place_y(v, "v")])
         return self._finish(futs, gather, self._reduce_op(reduce_op), "A_vjp: operator")
+
+    def _vjp_backward(self, x: torch.Tensor, v: Sequence[torch.Tensor], g: torch.Tensor,
+                      wrt_x: bool) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """The backward of ``A_vjp(x, v)`` (summed) at cotangent ``g``: ``Σ_i ∂⟨g, J_iᵀ v_i⟩/∂x`` along
+        the tree (``None`` unless ``wrt_x``) and ``[J_i g]`` per operator, ``J_i`` the Jacobian at ``x``."""
+        n, client = self.num_operators, self.ctx.client
+        futs = self._submit_each(operator_tasks.vjp_backward_op, self._place_x(g, "g"), bool(wrt_x),
+                                 per_op=[[self._place_x(x)] * n, self._place_each(list(v))])
+        labels = self.placement.labels(futs)
+        parts_v = [client.submit(operator.itemgetter(1), f, pure=False) for f in futs]
+        gv = gather_tensors(client, parts_v, self.ctx.device, "backward of A_vjp: operator", labels=labels,
+                            stall_timeout=self.ctx.stall_timeout)
+        gx = None
+        if wrt_x:
+            total = self._reduce([client.submit(operator.itemgetter(0), f, pure=False) for f in futs])
+            gx = gather_tensors(client, [total], self.ctx.device, "backward of A_vjp: operator", labels=labels,
+                                stall_timeout=self.ctx.stall_timeout)[0]
+        return gx, gv
 
     # ------------------------------------------------------------------ linear operations
     def A_adjoint(self, y: Any, gather: bool = True, reduce_op: str | None = BY_REDUCTION, **kwargs: Any):

@@ -73,8 +73,18 @@ def test_non_linear_operators_differentiate_on_their_workers(ctx):
     got = _grads(lambda: dphys.A(x), x)[0]
     want = _grads(lambda: StackedPhysics(ops).A(x), x)[0]
     close(got, want)
-    with pytest.raises(NotImplementedError, match="second derivatives"):
-        dphys.A_vjp(x, [torch.ones(1, 1, 9, 7)] * 2)
+    # A_vjp(x, v) = Σ_i J_i(x)ᵀ v_i: in v its backward is J_i(x) g (not A_i g), in x a second derivative
+    v = [torch.rand(1, 1, 9, 7, requires_grad=True) for _ in ops]
+    mixed = [Square(0.5), blurs(1)[0]]  # a linear operator among non-linear ones
+    xm = torch.rand(1, 3, 9, 7, requires_grad=True)
+    vm = [torch.rand(1, 3, 9, 7, requires_grad=True) for _ in mixed]
+    for o, xx, vv in ((ops, x, v), (mixed, xm, vm)):
+        d = dr.distribute(o, ctx, type_object="physics")
+        got = _grads(lambda: d.A_vjp(xx, vv), xx, *vv)
+        want = _grads(lambda: sum(op.A_vjp(xx, vi) for op, vi in zip(o, vv)), xx, *vv)
+        for a, b in zip(got, want):
+            assert a.abs().max() > 0
+            close(a, b)
 
 
 def test_data_fidelity_value_and_gradient_backpropagate(problem, ctx):
@@ -93,8 +103,30 @@ def test_data_fidelity_value_and_gradient_backpropagate(problem, ctx):
         want = _grads(lambda: fid.grad(x, y, ref), x)[0]
         assert got.abs().max() > 0
         close(got, want)
-    with pytest.raises(NotImplementedError, match="measurements"):
-        dfid.fn(x, dinv.utils.TensorList([t.clone().requires_grad_(True) for t in y]), dphys)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_data_fidelity_backpropagates_to_the_measurements(problem, ctx, reduction):
+    """In ``y`` too (e.g. measurements produced by a network): ``fn``'s backward is ``g·∂d/∂y_i`` and
+    ``grad``'s the mixed product ``(∂²d/∂y_i∂u)ᵀ A_i g``, per operator on its worker."""
+    ops, dphys, ref = problem
+    x0 = torch.rand(2, 3, 36, 30)
+    x = (x0 + 0.1 * torch.randn_like(x0)).requires_grad_(True)
+    y = [t.clone().requires_grad_(True) for t in noisy_measurements(ops, x0)]
+    dfid = dr.distribute(L2(sigma=0.3), ctx, reduction=reduction)
+    fid = StackedPhysicsDataFidelity([L2(sigma=0.3)] * len(ops))
+    scale = 1 / len(ops) if reduction == "mean" else 1
+    for method in ("fn", "grad"):
+        got = _grads(lambda: getattr(dfid, method)(x, dinv.utils.TensorList(y), dphys), x, *y)
+        want = _grads(lambda: scale * getattr(fid, method)(x, dinv.utils.TensorList(y), ref), x, *y)
+        for a, b in zip(got, want):
+            assert a.abs().max() > 0
+            close(a, b)
+        got = _grads(lambda: getattr(dfid, method)(x.detach(), list(y), dphys), *y)  # y alone, a plain list
+        for a, b in zip(got, want[1:]):
+            close(a, b)
+    with pytest.raises(NotImplementedError, match="second derivatives.*measurements"):
+        torch.autograd.grad(dfid.fn(x, dinv.utils.TensorList(y), dphys).sum(), y[0], create_graph=True)
 
 
 def _plain_denoiser_grads(model, x, sigma=None):

@@ -94,6 +94,25 @@ def fidelity_hvp_op(op: torch.nn.Module, fidelity: Any, x: np.ndarray, y: np.nda
     return to_numpy(torch.zeros_like(xt) if out is None else out)
 
 
+def fidelity_y_vjp_op(op: torch.nn.Module, fidelity: Any, x: np.ndarray, y: np.ndarray, index: int, kwargs: dict,
+                      kind: str, g: np.ndarray) -> np.ndarray:
+    """The vector-Jacobian product with respect to ``y_i`` of ``d_i(A_i x, y_i)`` (``kind="fn"``,
+    ``g`` per batch element) or of its gradient in ``x`` (``kind="grad"``, ``g`` shaped like ``x``), by autograd."""
+    dev = module_device(op)
+    xt, gt = to_tensor(x, dev), to_tensor(g, dev)
+    yt = to_tensor(y, dev).requires_grad_(True)
+    with torch.enable_grad():
+        if kind == "fn" and type(fidelity).fn is DataFidelity.fn:
+            ax = op.A(xt)
+            _check_measurement(index, ax, yt)
+            out = fidelity.d(ax, yt, **kwargs)
+        else:
+            out = getattr(fidelity, kind)(xt, yt, op, **kwargs)
+        (gy,) = torch.autograd.grad(torch.as_tensor(out), yt, gt.reshape(torch.as_tensor(out).shape),
+                                    allow_unused=True)
+    return to_numpy(torch.zeros_like(yt) if gy is None else gy)
+
+
 def step_from_gradient(x: np.ndarray, grad_value: np.ndarray, tau: float, scale: float) -> np.ndarray:
     """``x − τ · scale · ∇f`` from a summed :func:`fidelity_grad_value_op` result."""
     g = grad_value[:-1].reshape(x.shape)

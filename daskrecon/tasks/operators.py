@@ -60,6 +60,24 @@ def vjp_op(op: torch.nn.Module, x: np.ndarray, v: np.ndarray) -> np.ndarray:
         return to_numpy(op.A_vjp(xt, vt))
 
 
+def vjp_backward_op(op: torch.nn.Module, x: np.ndarray, v: np.ndarray, g: np.ndarray,
+                    wrt_x: bool) -> tuple[np.ndarray | None, np.ndarray]:
+    """The backward of ``(x, v) ↦ (∂A_i/∂x)ᵀ v`` at cotangent ``g``, by autograd through the operator's
+    own ``A_vjp``: ``(∂⟨g, (∂A_i/∂x)ᵀ v⟩/∂x`` (``None`` unless ``wrt_x``), ``(∂A_i/∂x) g)``."""
+    dev = module_device(op)
+    xt = to_tensor(x, dev).requires_grad_(wrt_x)
+    vt = to_tensor(v, dev).requires_grad_(True)
+    gt = to_tensor(g, dev)
+    with torch.enable_grad():
+        if not wrt_x:  # the VJP must still depend on x through the operator's Jacobian
+            xt.requires_grad_(True)
+        out = op.A_vjp(xt, vt)
+        leaves = [xt, vt] if wrt_x else [vt]
+        grads = torch.autograd.grad(out, leaves, gt, allow_unused=True)
+    grads = [torch.zeros_like(t) if d is None else d for t, d in zip(leaves, grads)]
+    return (to_numpy(grads[0]) if wrt_x else None), to_numpy(grads[-1])
+
+
 def adjoint_A_op(op: torch.nn.Module, x: np.ndarray, kwargs: dict) -> np.ndarray:
     """``A_iᵀ A_i x``."""
     dev = module_device(op)
