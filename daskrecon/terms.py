@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from deepinv.optim import distance as _distance
 from deepinv.optim.data_fidelity import DataFidelity
+from deepinv.physics import Downsampling
 from distributed import Future
 
 from daskrecon._arrays import as_numpy, persist_fresh, place
@@ -152,7 +153,21 @@ def check_whole_fits(ctx: DistributedContext, physics: DistributedPhysics, forms
                    "memory")
     except MemoryLimitError as exc:
         raise MemoryLimitError(f"{exc}. These operators have no chunk-wise form, so each runs on the assembled "
-                               "image on one worker") from None
+                               f"image on one worker{_why_whole(physics, names)}") from None
+
+
+def _why_whole(physics: DistributedPhysics, indices: list[int]) -> str:
+    """A hint for operators that would be chunk-wise at another image size."""
+    sources = physics._sources if isinstance(physics._sources, (list, tuple)) else []
+    hints = []
+    for i in indices:
+        op = sources[i] if i < len(sources) else None
+        size, factor = getattr(op, "imsize", None), getattr(op, "factor", None)
+        if isinstance(op, Downsampling) and size is not None and isinstance(factor, int) \
+                and any(int(n) % factor for n in tuple(size)[-2:]):
+            hints.append(f"operator {i} is a Downsampling by {factor} of a {'×'.join(map(str, tuple(size)[-2:]))} "
+                         f"image: chunk by chunk the sides must be multiples of {factor} (crop or pad the image)")
+    return "; " + "; ".join(hints) if hints else ""
 
 
 def output_chunks(form: LocalOperator, chunks: tuple) -> tuple:

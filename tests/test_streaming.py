@@ -117,7 +117,13 @@ def test_refusals_write_nothing(ctx, problem, tmp_path):
         with pytest.raises(MemoryLimitError, match=r"operators \[0\] \(no chunk-wise form\) run on the whole image"):
             dr.reconstruct(tomo, [da.zeros((1, 1, 60000, 4), dtype="f4")], dden, n_iter=1, step_size=0.3,
                            progress=False, x0=da.zeros(huge, dtype="f4", chunks=4096), checkpoint=str(tmp_path / "tomo"))
-    assert not (tmp_path / "nan").exists() and not (tmp_path / "tomo").exists()
+        # A Downsampling that would stream at another size: the refusal says which size would.
+        down = dr.distribute([dinv.physics.Downsampling(img_size=(1, 60002, 60002), filter=None, factor=4)], ctx)
+        with pytest.raises(MemoryLimitError, match=r"Downsampling by 4 of a 60002×60002 image: .* multiples of 4"):
+            dr.reconstruct(down, [da.zeros((1, 1, 15001, 15001), dtype="f4", chunks=4096)], dden, n_iter=1,
+                           step_size=0.3, progress=False, x0=da.zeros((1, 1, 60002, 60002), dtype="f4", chunks=4096),
+                           checkpoint=str(tmp_path / "down"))
+    assert not any((tmp_path / d).exists() for d in ("nan", "tomo", "down"))
 
 
 def test_working_chunks_are_regular_and_valid():
