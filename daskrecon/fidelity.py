@@ -147,15 +147,19 @@ class DistributedDataFidelity(torch.nn.Module):
         self._placed = (physics, objects)
         return objects
 
+    def _map(self, fn: Callable, x: Any, y: Any, physics: DistributedPhysics, kwargs: dict,
+             shared: tuple = ()) -> list[Future]:
+        """One task ``fn(A_i, d_i, x, y_i, i, kwargs, *shared)`` per operator, on its worker."""
+        n = physics.num_operators
+        return physics.placement.map(
+            fn, objects=[physics.objects, self._fidelities(physics)],
+            per_op=[[physics._place_x(x)] * n, physics._place_y(y), list(range(n)), [kwargs] * n], shared=shared,
+        )
+
     def _run(self, fn: Callable, x: Any, y: Any, physics: Any, kwargs: dict) -> tuple[Future, dict]:
         """The tree sum of ``fn(A_i, d_i, x, y_i, i, kwargs)`` over operators, and labels of its tasks."""
         physics = self._check_physics(physics)
-        n = physics.num_operators
-        fids = self._fidelities(physics)
-        futs = physics.placement.map(
-            fn, objects=[physics.objects, fids],
-            per_op=[[physics._place_x(x)] * n, physics._place_y(y), list(range(n)), [kwargs] * n],
-        )
+        futs = self._map(fn, x, y, physics, kwargs)
         return physics.placement.reduce(futs), physics.placement.labels(futs)
 
     def _gather(self, total: Future, labels: dict, what: str) -> torch.Tensor:
@@ -204,16 +208,10 @@ class DistributedDataFidelity(torch.nn.Module):
         or Gauss-Newton solver needs.
         """
         physics = self._check_physics(physics)
-        n = physics.num_operators
-        fids = self._fidelities(physics)
-        futs = physics.placement.map(
-            fidelity_tasks.fidelity_hvp_op, objects=[physics.objects, fids],
-            per_op=[[physics._place_x(x)] * n, physics._place_y(y), list(range(n)), [kwargs] * n],
-            shared=(physics._place_x(v, "v"),),
-        )
+        futs = self._map(fidelity_tasks.fidelity_hvp_op, x, y, physics, kwargs, shared=(physics._place_x(v, "v"),))
         total = self._gather(physics.placement.reduce(futs), physics.placement.labels(futs), "data fidelity "
                              "Hessian-vector product")
-        return self._scale(total, n)
+        return self._scale(total, physics.num_operators)
 
     def measurement_vjp(self, kind: str, x: torch.Tensor, y: Any, physics: DistributedPhysics, g: torch.Tensor,
                         **kwargs: Any) -> list[torch.Tensor]:
@@ -226,16 +224,11 @@ class DistributedDataFidelity(torch.nn.Module):
         if kind not in ("fn", "grad"):
             raise ValueError(f"kind must be 'fn' or 'grad', got {kind!r}")
         physics = self._check_physics(physics)
-        n = physics.num_operators
-        fids = self._fidelities(physics)
-        futs = physics.placement.map(
-            fidelity_tasks.fidelity_y_vjp_op, objects=[physics.objects, fids],
-            per_op=[[physics._place_x(x)] * n, physics._place_y(y), list(range(n)), [kwargs] * n],
-            shared=(kind, physics._place_x(g, "g")),
-        )
+        futs = self._map(fidelity_tasks.fidelity_y_vjp_op, x, y, physics, kwargs,
+                         shared=(kind, physics._place_x(g, "g")))
         outs = gather_tensors(self.ctx.client, futs, self.ctx.device, "data fidelity gradient with respect to y",
                               labels=physics.placement.labels(futs), stall_timeout=self.ctx.stall_timeout)
-        return [self._scale(t, n) for t in outs]
+        return [self._scale(t, physics.num_operators) for t in outs]
 
     def _grad_value(self, x: Any, y: Any, physics: DistributedPhysics) -> tuple[Future, Future, dict]:
         """Futures of the placed ``x`` and of the tree-reduced ``[∇f(x).ravel(), f(x)]`` (one pass)."""

@@ -214,12 +214,37 @@ def test_pipelined_iterations_are_the_unpipelined_ones_bitwise(ctx, tmp_path, mo
     assert meta["iteration"] == 6 and meta["extra"]["history"] == h_fast
 
 
+def _chunk_wise_pnp_everywhere(ops, y, x0, step, ctx1, ctx, tmp_path, y_chunks):
+    """PnP with operators that all stream chunk by chunk: bitwise the same on 1 and 2 workers and out
+    of core, and equal to deepinv's PnP on the whole image."""
+    import deepinv as dinv
+    from deepinv.optim import L2
+
+    model = small_dncnn(3)
+    kw = dict(n_iter=3, step_size=step, x0=x0, progress=False, chunks=(20, 26))
+    outs = []
+    for c in (ctx1, ctx):
+        d = dr.distribute(ops, c)
+        assert all(f is not None for f in d.local_forms())
+        outs.append(dr.reconstruct(d, y, dr.distribute(model, c, patch_size=16, overlap=6), **kw))
+    with ctx.client.as_current():
+        ys = [da.from_array(t.numpy(), chunks=y_chunks) for t in y]
+        streamed = dr.reconstruct(dr.distribute(ops, ctx), ys, dr.distribute(model, ctx, patch_size=16, overlap=6),
+                                  storage="zarr", checkpoint=str(tmp_path / "ck"), **kw).compute()
+    assert torch.equal(outs[0], outs[1]) and torch.equal(torch.from_numpy(streamed), outs[0])
+    stacked, x = dinv.physics.stack(*ops), x0.clone()
+    with torch.no_grad():
+        for _ in range(3):
+            x = model(x - step * L2().grad(x, y, stacked))
+    assert float((outs[0] - x).abs().max()) <= 1e-4
+    assert float((outs[0] - x0).abs().max()) > 0.05
+
+
 def test_deepinvs_default_valid_blur_runs_chunk_wise_in_memory_and_out_of_core(ctx1, ctx, tmp_path):
     """``Blur(filter=k)`` is deepinv's ``padding="valid"``: y is smaller than x. It streams chunk by
     chunk (the zero-padded blur, cropped; its adjoint embeds y in zeros), bitwise the same on 1 and 2
     workers and out of core, and equal to deepinv's PnP on the whole image."""
     import deepinv as dinv
-    from deepinv.optim import L2
 
     g = torch.Generator().manual_seed(3)
     k1, k2 = torch.rand(1, 1, 5, 5, generator=g), torch.rand(1, 1, 4, 6, generator=g)
@@ -228,24 +253,7 @@ def test_deepinvs_default_valid_blur_runs_chunk_wise_in_memory_and_out_of_core(c
     x_true = torch.rand(1, 3, 60, 52, generator=g)
     y = noisy_measurements(ops, x_true, sigma=0.02)
     assert y[0].shape == (1, 3, 56, 48) and y[1].shape == (1, 3, 57, 47)
-    model, x0 = small_dncnn(3), torch.full_like(x_true, 0.5)
-    kw = dict(n_iter=3, step_size=0.3, x0=x0, progress=False, chunks=(20, 26))
-    outs = []
-    for c in (ctx1, ctx):
-        d = dr.distribute(ops, c)
-        assert all(f is not None for f in d.local_forms())
-        outs.append(dr.reconstruct(d, y, dr.distribute(model, c, patch_size=16, overlap=6), **kw))
-    with ctx.client.as_current():
-        ys = [da.from_array(t.numpy(), chunks=(1, 3, 16, 16)) for t in y]
-        streamed = dr.reconstruct(dr.distribute(ops, ctx), ys, dr.distribute(model, ctx, patch_size=16, overlap=6),
-                                  storage="zarr", checkpoint=str(tmp_path / "ck"), **kw).compute()
-    assert torch.equal(outs[0], outs[1]) and torch.equal(torch.from_numpy(streamed), outs[0])
-    stacked, x = dinv.physics.stack(*ops), x0.clone()
-    with torch.no_grad():
-        for _ in range(3):
-            x = model(x - 0.3 * L2().grad(x, y, stacked))
-    assert float((outs[0] - x).abs().max()) <= 1e-4
-    assert float((outs[0] - x0).abs().max()) > 0.05
+    _chunk_wise_pnp_everywhere(ops, y, torch.full_like(x_true, 0.5), 0.3, ctx1, ctx, tmp_path, (1, 3, 16, 16))
 
 
 def test_valid_downsampling_runs_chunk_wise_in_memory_and_out_of_core(ctx1, ctx, tmp_path):
@@ -253,7 +261,6 @@ def test_valid_downsampling_runs_chunk_wise_in_memory_and_out_of_core(ctx1, ctx,
     chunk the subsampling has a phase, ``(k - 1) // 2 mod f``: 1 along the 4- and 7-tap axes, 0 along the 5-tap one.
     Chunk by chunk, bitwise the same on 1 and 2 workers and out of core, equal to deepinv's PnP."""
     import deepinv as dinv
-    from deepinv.optim import L2
 
     g = torch.Generator().manual_seed(4)
     k1, k2 = torch.rand(1, 1, 4, 4, generator=g), torch.rand(1, 1, 7, 5, generator=g)
@@ -264,24 +271,7 @@ def test_valid_downsampling_runs_chunk_wise_in_memory_and_out_of_core(ctx1, ctx,
     x_true = torch.rand(shape, generator=g)
     y = noisy_measurements(ops, x_true, sigma=0.02)
     assert y[0].shape == (1, 3, 29, 25) and y[1].shape == (1, 3, 27, 24)
-    model, x0 = small_dncnn(3), torch.full_like(x_true, 0.5)
-    kw = dict(n_iter=3, step_size=0.5, x0=x0, progress=False, chunks=(20, 26))
-    outs = []
-    for c in (ctx1, ctx):
-        d = dr.distribute(ops, c)
-        assert all(f is not None for f in d.local_forms())
-        outs.append(dr.reconstruct(d, y, dr.distribute(model, c, patch_size=16, overlap=6), **kw))
-    with ctx.client.as_current():
-        ys = [da.from_array(t.numpy(), chunks=(1, 3, 10, 10)) for t in y]
-        streamed = dr.reconstruct(dr.distribute(ops, ctx), ys, dr.distribute(model, ctx, patch_size=16, overlap=6),
-                                  storage="zarr", checkpoint=str(tmp_path / "ck"), **kw).compute()
-    assert torch.equal(outs[0], outs[1]) and torch.equal(torch.from_numpy(streamed), outs[0])
-    stacked, x = dinv.physics.stack(*ops), x0.clone()
-    with torch.no_grad():
-        for _ in range(3):
-            x = model(x - 0.5 * L2().grad(x, y, stacked))
-    assert float((outs[0] - x).abs().max()) <= 1e-4
-    assert float((outs[0] - x0).abs().max()) > 0.05
+    _chunk_wise_pnp_everywhere(ops, y, torch.full_like(x_true, 0.5), 0.5, ctx1, ctx, tmp_path, (1, 3, 10, 10))
 
 
 def test_downsampling_of_an_image_not_a_multiple_of_its_factor_keeps_the_image_size(ctx):
