@@ -267,8 +267,8 @@ class LocalOperator:
         crop = self.crop_for(self.input_shape(y.shape)[2:])
         if crop is not None:  # the crop's adjoint: y embedded in zeros
             padded = (y.chunks[0], y.chunks[1], *(_widen(y.chunks[a], lo, hi) for a, (lo, hi) in zip(axes, crop)))
-            y = da.pad(y, ((0, 0), (0, 0), *crop), mode="constant")
-            y = y.rechunk(padded) if x_chunks is None else y
+            y = da.map_blocks(local_kernels.embed_block, y, pad=crop, nblocks=y.numblocks[2:], chunks=padded,
+                              dtype=y.dtype, meta=np.empty((0,) * y.ndim, y.dtype))
         xc = x_chunks or (y.chunks[0], y.chunks[1], *(tuple(f * c for c in y.chunks[a]) for a in axes))
         xc = self.fit_chunks(xc)
         y = y.rechunk((y.chunks[0], y.chunks[1], *(tuple(c // f for c in xc[a]) for a in axes)))

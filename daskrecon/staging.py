@@ -188,10 +188,14 @@ def map_overlap(fn: Any, a: da.Array, *, depth: dict[int, int], boundary: str, t
     """
     stager = _ACTIVE.get()
     depth_n = coerce_depth(a.ndim, depth)
-    if stager is None or all(d == 0 for d in depth_n.values()):
+    boundary_n = coerce_boundary(a.ndim, boundary)
+    if all(d == 0 or (len(a.chunks[ax]) == 1 and boundary_n[ax] == "none") for ax, d in depth_n.items()):
+        # No chunk has a neighbour to read a halo from: dask's overlap would only add a task per chunk.
+        with dask.annotate(**(annotations or {})):
+            return da.map_blocks(fn, a, **kwargs)
+    if stager is None:
         with dask.annotate(**(annotations or {})):
             return da.map_overlap(fn, a, depth=depth, boundary=boundary, trim=trim, allow_rechunk=False, **kwargs)
-    boundary_n = coerce_boundary(a.ndim, boundary)
     for ax, d in depth_n.items():
         if d and min(a.chunks[ax]) < d and len(a.chunks[ax]) > 1:
             raise ValueError(f"chunks along axis {ax} ({min(a.chunks[ax])}) are smaller than the halo ({d})")

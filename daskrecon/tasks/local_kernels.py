@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from deepinv.physics.functional import conv2d, conv3d
 
-__all__ = ["local_adjoint_block", "local_forward_block"]
+__all__ = ["embed_block", "local_adjoint_block", "local_forward_block"]
 
 _CONV = {2: conv2d, 3: conv3d}
 
@@ -112,3 +112,12 @@ def local_adjoint_block(block: np.ndarray, filt: np.ndarray, padding: str, radiu
         start = (d + f * h) * a
         region.append(slice(start, start + f * (n - h * (a + b))))
     return g[(..., *region)].contiguous().numpy()
+
+
+def embed_block(block: np.ndarray, pad: tuple[tuple[int, int], ...], nblocks: tuple[int, ...],
+                block_id: tuple[int, ...] | None = None) -> np.ndarray:
+    """A chunk of ``y`` embedded in zeros: per spatial axis ``lo`` zeros before the first chunk and
+    ``hi`` after the last (the adjoint of the crop of ``padding="valid"``), one task per chunk."""
+    border = _border_sides(block_id, nblocks, False)
+    widths = [(0, 0)] * (block.ndim - len(pad)) + [(lo * a, hi * b) for (lo, hi), (a, b) in zip(pad, border)]
+    return np.pad(block, widths) if any(w != (0, 0) for w in widths) else block
