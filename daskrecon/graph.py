@@ -133,8 +133,8 @@ def gradient(problem: Any, x: da.Array, indices: Sequence[int] | None = None, *,
         form, y = problem.forms[i], problem.y[i]
         if form is not None:
             u = form.apply(x)
-            y = (y.rechunk(u.chunks) if measured  # no-op for a planned problem (its chunks suit every operator)
-                 else da.zeros(u.shape, chunks=u.chunks, dtype=u.dtype))
+            # no-op for a planned problem (its chunks suit every operator); unmeasured, y = 0 is made in the tasks
+            y = y.rechunk(u.chunks) if measured else None
             r = da.map_blocks(fidelity_tasks.pointwise_grad_block, u, y, distance=problem.distances[i], dtype=u.dtype,
                               meta=np.empty((0,) * u.ndim, u.dtype), name=f"residual-{i}-{tag}")
             v = da.map_blocks(fidelity_tasks.pointwise_value_block, u, y, distance=problem.distances[i],

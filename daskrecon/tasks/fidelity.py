@@ -142,14 +142,16 @@ def fidelity_fn_op(
     return to_numpy(torch.as_tensor(out))
 
 
-def pointwise_grad_block(u: np.ndarray, y: np.ndarray, distance: Any) -> np.ndarray:
-    """``∇_u d(u, y)`` of a separable distance on one chunk."""
+def pointwise_grad_block(u: np.ndarray, y: np.ndarray | None, distance: Any) -> np.ndarray:
+    """``∇_u d(u, y)`` of a separable distance on one chunk (``y=None``: zeros, made here)."""
+    y = np.zeros_like(u) if y is None else y
     with torch.no_grad():
         return distance.grad(torch.from_numpy(np.ascontiguousarray(u)), torch.from_numpy(np.ascontiguousarray(y))).numpy()
 
 
-def pointwise_value_block(u: np.ndarray, y: np.ndarray, distance: Any) -> np.ndarray:
+def pointwise_value_block(u: np.ndarray, y: np.ndarray | None, distance: Any) -> np.ndarray:
     """``d(u, y)`` of a separable distance on one chunk, per batch element: shape ``(B, 1, …, 1)``."""
+    y = np.zeros_like(u) if y is None else y
     with torch.no_grad():
         v = distance.fn(torch.from_numpy(np.ascontiguousarray(u)), torch.from_numpy(np.ascontiguousarray(y)))
     return v.double().numpy().reshape((u.shape[0],) + (1,) * (u.ndim - 1))
