@@ -322,7 +322,7 @@ def _cg_in_memory(problem: Any, workspace: Workspace, c: float, p_old: da.Array,
     return u, f_v, CGInfo(k, rel)
 
 
-def lipschitz(problem: Any, workspace: Workspace, *, max_iter: int = 100, tol: float = 1e-5,
+def lipschitz(problem: Any, workspace: Workspace, *, max_iter: int = 100, tol: float = 1e-4,
               seed: int = 0) -> float:
     """``L = scale · ‖H‖``, the Lipschitz constant of the L2 data term's gradient, by the power method.
 
