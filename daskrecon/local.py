@@ -397,6 +397,22 @@ def _(op: BlurFFT) -> LocalOperator | None:
     return LocalOperator(filter=f, padding="circular", name="BlurFFT")
 
 
+def unaligned_size(op: Any) -> str | None:
+    """Why a ``Downsampling`` cannot run chunk by chunk at its ``img_size``, or ``None``.
+
+    Chunk by chunk the image's sides are multiples of the factor; for another size deepinv's
+    adjoint returns its own ``img_size``, which the chunk-wise form could not give back.
+    """
+    size, factor = getattr(op, "imsize", None), getattr(op, "factor", None)
+    if not isinstance(op, Downsampling) or size is None or not isinstance(factor, int):
+        return None
+    sides = tuple(int(n) for n in tuple(size)[-2:])
+    if not any(n % factor for n in sides):
+        return None
+    return (f"a Downsampling by {factor} of a {'×'.join(map(str, sides))} image: chunk by chunk the sides must be "
+            f"multiples of {factor} (crop or pad the image)")
+
+
 @local_form.register
 def _(op: Downsampling) -> LocalOperator | None:
     if op.padding not in PADDINGS or not isinstance(op.factor, int):
@@ -404,10 +420,7 @@ def _(op: Downsampling) -> LocalOperator | None:
     f = op.filter
     if f is not None and (f.dim() != 4 or f.is_complex()):
         return None
-    # Chunk by chunk the image's sides are multiples of the factor; for another size deepinv's
-    # adjoint returns its own img_size, which the chunk-wise form could not give back.
-    size = getattr(op, "imsize", None)
-    if size is not None and any(int(n) % int(op.factor) for n in tuple(size)[-2:]):
+    if unaligned_size(op) is not None:
         return None
     padding = "zeros" if f is None and op.padding == "valid" else op.padding  # no filter: no padding
     return LocalOperator(filter=None if f is None else _np(f), padding=padding, factor=int(op.factor),

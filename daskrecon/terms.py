@@ -19,13 +19,12 @@ import numpy as np
 import torch
 from deepinv.optim import distance as _distance
 from deepinv.optim.data_fidelity import DataFidelity
-from deepinv.physics import Downsampling
 from distributed import Future
 
 from daskrecon._arrays import as_numpy, persist_fresh, place
 from daskrecon.context import DistributedContext
 from daskrecon.errors import DaskreconError, ShapeError
-from daskrecon.local import LocalOperator
+from daskrecon.local import LocalOperator, unaligned_size
 from daskrecon.memory import MemoryLimitError, check_fits
 from daskrecon.operators import FFTConvolution, specialize
 from daskrecon.physics import DistributedPhysics
@@ -161,12 +160,9 @@ def _why_whole(physics: DistributedPhysics, indices: list[int]) -> str:
     sources = physics._sources if isinstance(physics._sources, (list, tuple)) else []
     hints = []
     for i in indices:
-        op = sources[i] if i < len(sources) else None
-        size, factor = getattr(op, "imsize", None), getattr(op, "factor", None)
-        if isinstance(op, Downsampling) and size is not None and isinstance(factor, int) \
-                and any(int(n) % factor for n in tuple(size)[-2:]):
-            hints.append(f"operator {i} is a Downsampling by {factor} of a {'×'.join(map(str, tuple(size)[-2:]))} "
-                         f"image: chunk by chunk the sides must be multiples of {factor} (crop or pad the image)")
+        why = unaligned_size(sources[i]) if i < len(sources) else None
+        if why:
+            hints.append(f"operator {i} is {why}")
     return "; " + "; ".join(hints) if hints else ""
 
 

@@ -108,8 +108,8 @@ def fidelity_y_vjp_op(op: torch.nn.Module, fidelity: Any, x: np.ndarray, y: np.n
             out = fidelity.d(ax, yt, **kwargs)
         else:
             out = getattr(fidelity, kind)(xt, yt, op, **kwargs)
-        (gy,) = torch.autograd.grad(torch.as_tensor(out), yt, gt.reshape(torch.as_tensor(out).shape),
-                                    allow_unused=True)
+        out = torch.as_tensor(out)
+        (gy,) = torch.autograd.grad(out, yt, gt.reshape(out.shape), allow_unused=True)
     return to_numpy(torch.zeros_like(yt) if gy is None else gy)
 
 

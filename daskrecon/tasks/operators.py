@@ -67,13 +67,9 @@ def vjp_backward_op(op: torch.nn.Module, x: np.ndarray, v: np.ndarray, g: np.nda
     dev = module_device(op)
     xt = to_tensor(x, dev).requires_grad_(wrt_x)
     vt = to_tensor(v, dev).requires_grad_(True)
-    gt = to_tensor(g, dev)
+    leaves = [xt, vt] if wrt_x else [vt]
     with torch.enable_grad():
-        if not wrt_x:  # the VJP must still depend on x through the operator's Jacobian
-            xt.requires_grad_(True)
-        out = op.A_vjp(xt, vt)
-        leaves = [xt, vt] if wrt_x else [vt]
-        grads = torch.autograd.grad(out, leaves, gt, allow_unused=True)
+        grads = torch.autograd.grad(op.A_vjp(xt, vt), leaves, to_tensor(g, dev), allow_unused=True)
     grads = [torch.zeros_like(t) if d is None else d for t, d in zip(leaves, grads)]
     return (to_numpy(grads[0]) if wrt_x else None), to_numpy(grads[-1])
 
