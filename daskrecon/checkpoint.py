@@ -3,20 +3,30 @@
 Layout of a checkpoint directory::
 
     ckpt/
-      x.zarr/        shape (2, *x.shape): two slots; a write goes to the slot not committed
-      <name>.zarr/   the same for every other array of an algorithm's state (momentum...)
-      COMMIT.json    {"iteration", "slot", "problem", "extra"}: replaced atomically
-                     (os.replace) after every array's slot is written and flushed
+      .daskrecon.json  marks the folder as daskrecon's (:mod:`daskrecon.storage`)
+      x.zarr/          shape (2, *x.shape): two slots; a write goes to the slot not committed
+      <name>.zarr/     the same for every other array of an algorithm's state (momentum...)
+      COMMIT.json      {"iteration", "slot", "problem", "extra"}: replaced atomically
+                       (os.replace) after every array's slot is written and flushed
 
 A crash at any moment leaves ``COMMIT.json`` pointing at a complete slot: the new data
 becomes visible only when the file is replaced, which POSIX makes atomic.
+
+daskrecon writes only into a folder that is new, empty or its own (a non-empty folder of
+other files needs ``claim(overwrite=True)``, and even then nothing of theirs is changed),
+creates, replaces and deletes only arrays it marked as its own, writes every chunk, and
+reads a missing chunk of its arrays as an error, never as zeros (:mod:`daskrecon.storage`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+import posixpath
+import re
+import tempfile
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +34,11 @@ import dask.array as da
 import numpy as np
 import zarr
 
+from daskrecon import storage
 from daskrecon.chunking import zarr_aligned
-from daskrecon.errors import DaskreconError
-from daskrecon.staging import register_source
+from daskrecon.errors import DaskreconError, NotOwnedError
+from daskrecon.staging import read_array
+from daskrecon.tasks.regions import read_region
 from daskrecon.waiting import compute
 
 __all__ = ["Checkpoint", "CheckpointMismatchError"]
@@ -34,6 +46,21 @@ __all__ = ["Checkpoint", "CheckpointMismatchError"]
 
 class CheckpointMismatchError(DaskreconError, ValueError):
     """A checkpoint was written for a different problem than the one being resumed."""
+
+
+#: Names in a checkpoint folder that daskrecon writes whole (not arrays): never someone else's.
+_RESERVED = ("COMMIT.json", "COMMIT.json.tmp")
+#: Zarr's settings for the arrays daskrecon writes: every chunk stored, also one equal to the fill
+#: value, so that a missing chunk is always an error (storage.py).
+_WRITE_CONFIG = {"write_empty_chunks": True}
+
+
+@dataclass
+class _Shared:
+    """The worker set a location (and every folder under it) was last found shared with."""
+
+    workers: frozenset | None = None
+    seconds: list = field(default_factory=list)
 
 
 @dataclass
@@ -55,9 +82,16 @@ class Checkpoint:
         stores the commit file is written with one PUT, which they make atomic.
     storage_options : dict, optional
         Passed to fsspec for URLs (credentials, endpoint).
+
+    Notes
+    -----
+    Before its first write the folder is claimed (:meth:`claim`): a folder that exists, is not
+    empty and is not daskrecon's is refused unless claimed with ``overwrite=True``. Writes that
+    workers make go through :meth:`ensure_shared` first.
     """
 
-    def __init__(self, path: str | os.PathLike, storage_options: dict | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, storage_options: dict | None = None, *,
+                 _shared: _Shared | None = None) -> None:
         from fsspec.core import url_to_fs
         from fsspec.implementations.local import LocalFileSystem
 
@@ -68,12 +102,136 @@ class Checkpoint:
         self.storage_options = None if self.local else (storage_options or {})
         self._commit = f"{root}/COMMIT.json"
         self._root = root
+        self._storage_options = storage_options
+        self._claimed = False
+        self._shared = _shared if _shared is not None else _Shared()
+
+    @classmethod
+    def temporary(cls, ctx: Any, scratch: str | os.PathLike | None = None, *, prefix: str = "daskrecon-",
+                  why: str = "", storage_options: dict | None = None) -> Checkpoint:
+        """A new, empty folder of daskrecon's under ``scratch`` (default :func:`daskrecon.storage.default_scratch`),
+        checked to be shared with the workers of ``ctx``.
+
+        Raises
+        ------
+        StorageNotSharedError
+            The workers cannot see it (the folder is removed again); the message says ``why``
+            it was needed and what to pass.
+        """
+        from fsspec.core import url_to_fs
+        from fsspec.implementations.local import LocalFileSystem
+
+        base = str(scratch) if scratch is not None else storage.default_scratch()
+        fs, root = url_to_fs(base, **(storage_options or {}))
+        where = f"{base.rstrip('/')}/{prefix}{uuid.uuid4().hex[:12]}"
+        if isinstance(fs, LocalFileSystem):
+            os.makedirs(root, exist_ok=True)
+            where = tempfile.mkdtemp(prefix=prefix, dir=root)
+        store = cls(where, storage_options)
+        store.claim()
+        try:
+            store.ensure_shared(ctx, why=why, default=scratch is None)
+        except Exception:
+            store.remove()
+            raise
+        return store
+
+    def child(self, name: str) -> Checkpoint:
+        """The checkpoint folder ``name`` inside this one (same storage; shared when this one is)."""
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+            raise ValueError(f"a child folder's name is one path component of letters, digits, '_', '.', '-', "
+                             f"got {name!r}")
+        return Checkpoint(f"{self.url.rstrip('/')}/{name}", self._storage_options, _shared=self._shared)
+
+    # ------------------------------------------------------------------ ownership and sharing
+    def owned(self) -> bool:
+        """Whether the folder is daskrecon's (it holds :data:`daskrecon.storage.OWNER_FILE`)."""
+        return self.fs.isfile(posixpath.join(str(self._root), storage.OWNER_FILE))
+
+    def claim(self, overwrite: bool = False) -> None:
+        """Make the folder daskrecon's before writing: create it, or accept it when empty or already its own.
+
+        A folder that exists, is not empty and is not daskrecon's is refused, naming what is
+        there; with ``overwrite=True`` daskrecon writes its own arrays next to those files and
+        changes none of them (a name it needs that is taken is still refused).
+
+        Raises
+        ------
+        NotOwnedError
+        """
+        if self._claimed:
+            return
+        root = str(self._root)
+        if self.fs.exists(root):
+            if not self.fs.isdir(root):
+                raise NotOwnedError(f"checkpoint {self.url!r} is a file, not a folder: choose another path")
+            if not self.owned():
+                names = sorted(posixpath.basename(str(p).rstrip("/")) for p in self.fs.ls(root, detail=False))
+                if names and not overwrite:
+                    shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+                    raise NotOwnedError(
+                        f"checkpoint folder {self.url!r} exists and holds files that are not a daskrecon checkpoint "
+                        f"({shown}); daskrecon does not write into someone else's folder: choose a new or empty "
+                        "folder, or pass overwrite=True to write daskrecon's arrays next to those files (none of "
+                        "them is changed)")
+                taken = [n for n in names if n in _RESERVED or n.startswith(".daskrecon")]
+                if taken:
+                    raise NotOwnedError(f"checkpoint folder {self.url!r} holds {', '.join(taken)}, which daskrecon "
+                                        "would write but did not create: choose another folder")
+        self.fs.makedirs(root, exist_ok=True)
+        if not self.owned():
+            self.fs.pipe_file(posixpath.join(root, storage.OWNER_FILE),
+                              json.dumps({"created_by": "daskrecon", "kind": "checkpoint"}).encode())
+        self._claimed = True
+
+    def ensure_shared(self, ctx: Any, *, why: str = "", default: bool = False) -> None:
+        """Check, once per set of workers, that every worker of ``ctx`` sees this folder (see
+        :func:`daskrecon.storage.check_shared`); claims it first.
+
+        ``default``: the folder is the default scratch location, which the message says.
+
+        Raises
+        ------
+        StorageNotSharedError
+        """
+        workers = frozenset(ctx.workers())
+        if self._shared.workers is not None and workers <= self._shared.workers:
+            return
+        self.claim()
+        hint = storage.HINT
+        if default:
+            hint = (f"this is the default scratch location (a folder in the driver's temporary directory "
+                    f"{storage.default_scratch()!r}); {storage.HINT}")
+        self._shared.seconds.append(storage.check_shared(ctx, self.fs, str(self._root), self.url, why=why, hint=hint))
+        self._shared.workers = workers
+
+    def remove(self) -> None:
+        """Delete the whole folder, if it is daskrecon's and holds only what daskrecon made (else nothing)."""
+        if not self.owned():
+            return
+        root = str(self._root)
+        for p in self.fs.ls(root, detail=False):
+            name = posixpath.basename(str(p).rstrip("/"))
+            if name in _RESERVED or name.startswith(".daskrecon"):
+                continue
+            if not (self._owned_path(str(p)) or self.fs.isfile(posixpath.join(str(p), storage.OWNER_FILE))):
+                return  # something that is not ours: keep the folder
+        self.fs.rm(root, recursive=True)
+
+    def _owned_path(self, path: str) -> bool:
+        """Whether the Zarr array at ``path`` (a path of :attr:`fs`) is daskrecon's."""
+        try:
+            meta = json.loads(self.fs.cat_file(posixpath.join(path, "zarr.json")))
+        except (FileNotFoundError, ValueError, OSError):
+            return False
+        return storage.OWNER_ATTR in (meta.get("attributes") or {})
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.url!r})"
 
     def exists(self) -> bool:
-        return self.fs.isfile(self._commit)
+        """Whether the folder holds a committed daskrecon checkpoint."""
+        return self.fs.isfile(self._commit) and self.owned()
 
     def meta(self) -> dict:
         """The commit record: iteration, slot, problem, extra."""
@@ -86,22 +244,27 @@ class Checkpoint:
             raise ValueError(f"array names are identifiers, got {name!r}")
         return str(Path(self._root) / f"{name}.zarr") if self.local else f"{self.url.rstrip('/')}/{name}.zarr"
 
+    def _fs_path(self, name: str) -> str:
+        return posixpath.join(str(self._root), f"{name}.zarr")
+
     def load(self, name: str = "x") -> Committed:
-        """The last committed value of array ``name`` (read whole)."""
+        """The last committed value of array ``name`` (read whole; a missing chunk raises)."""
         meta = self.meta()
-        x = self.open_array("r", name)[meta["slot"]]
-        return Committed(meta["iteration"], np.asarray(x), meta["problem"], meta.get("extra", {}))
+        arr = self.open_array("r", name)
+        whole = tuple((0, n, False) for n in arr.shape[1:])
+        x = read_region(arr, (meta["slot"],), whole, strict=storage.owned(arr))
+        return Committed(meta["iteration"], x, meta["problem"], meta.get("extra", {}))
 
     def committed(self, name: str = "x", chunks: Any = None) -> Any:
         """The last committed value of array ``name`` as a dask array, read chunk by chunk.
 
-        ``chunks`` reads it in those chunks directly (they need not be the store's).
+        ``chunks`` reads it in those chunks directly (they need not be the store's). A chunk
+        that is missing raises :class:`~daskrecon.errors.MissingChunkError` when it is read.
         """
         meta = self.meta()
         arr = self.open_array("r", name)
-        spec = ((1, 1), *chunks) if chunks is not None else (1, *arr.chunks[1:])
-        out = da.from_array(arr, chunks=spec, inline_array=True)[meta["slot"]]
-        return register_source(out, arr, (meta["slot"],))  # stencils read its halos from here
+        return read_array(arr, (meta["slot"],), chunks if chunks is not None else arr.chunks[1:],
+                          name=f"checkpoint-{name}-{uuid.uuid4().hex}")
 
     def check(self, problem: dict) -> None:
         """Refuse to resume a different problem, naming what differs."""
@@ -167,6 +330,7 @@ class Checkpoint:
         self._write_commit(iteration, slot, problem, extra)
 
     def _write_commit(self, iteration: int, slot: int, problem: dict, extra: dict | None) -> None:
+        self.claim()
         record = json.dumps({"iteration": iteration, "slot": slot, "problem": problem, "extra": extra or {}})
         if self.local:
             tmp = self._commit + ".tmp"
@@ -179,32 +343,48 @@ class Checkpoint:
             self.fs.pipe_file(self._commit, record.encode())
 
     def open_array(self, mode: str = "r", name: str = "x") -> Any:
-        return zarr.open_array(self._array_path(name), mode=mode, storage_options=self.storage_options)
+        arr = zarr.open_array(self._array_path(name), mode=mode, storage_options=self.storage_options)
+        return arr if mode == "r" else arr.with_config(_WRITE_CONFIG)
 
     def scratch(self, name: str, shape: tuple, dtype: Any, chunks: tuple) -> Any:
         """An uncompressed Zarr array ``name`` for intermediate values (no slots, never committed)."""
-        self.fs.makedirs(str(self.path), exist_ok=True)
+        self.claim()
         try:
             arr = self.open_array("r+", name)
-            if arr.shape == tuple(shape) and arr.dtype == dtype and tuple(arr.chunks) == tuple(chunks):
+            if (storage.owned(arr) and arr.shape == tuple(shape) and arr.dtype == dtype
+                    and tuple(arr.chunks) == tuple(chunks)):
                 return arr
         except (FileNotFoundError, zarr.errors.NodeNotFoundError):
             pass
-        return zarr.create_array(self._array_path(name), shape=shape, chunks=chunks, dtype=dtype, overwrite=True,
-                                 compressors=None, storage_options=self.storage_options)
+        return self._create(name, tuple(shape), dtype, tuple(chunks), "scratch")
 
-    def remove_array(self, name: str) -> None:
-        """Delete array ``name`` (nothing if absent)."""
-        path = self._array_path(name)
-        if self.fs.exists(path):
-            self.fs.rm(path, recursive=True)
+    def remove_array(self, name: str) -> bool:
+        """Delete array ``name`` if daskrecon created it; whether it did (nothing happens otherwise)."""
+        path = self._fs_path(name)
+        if not self._owned_path(path):
+            return False
+        self.fs.rm(path, recursive=True)
+        return True
+
+    def _create(self, name: str, shape: tuple, dtype: Any, chunks: tuple, role: str) -> Any:
+        """A new array of daskrecon's, replacing only an array that daskrecon made (else :class:`NotOwnedError`)."""
+        path = self._fs_path(name)
+        if self.fs.exists(path) and not self._owned_path(path):
+            raise NotOwnedError(f"{self.url.rstrip('/')}/{name}.zarr exists and was not made by daskrecon: it is not "
+                                "replaced; move it, or choose another checkpoint folder")
+        # Uncompressed: zstd saved 8 % on float images and made reads 5x slower (benchmarks/
+        # bench_region_reads.py); raw chunks are also what lets a chunk's halo be read
+        # without its neighbours (tasks.regions).
+        return zarr.create_array(self._array_path(name), shape=shape, chunks=chunks, dtype=dtype, overwrite=True,
+                                 compressors=None, storage_options=self.storage_options,
+                                 attributes=storage.owner_attributes(role), config=_WRITE_CONFIG)
 
     def _prepare(self, shape: tuple, dtype: Any, chunks: tuple, name: str = "x") -> Any:
-        self.fs.makedirs(str(self.path), exist_ok=True)
+        self.claim()
         full = (2, *shape)
         try:
             arr = self.open_array("r+", name)
-            if arr.shape == full and arr.dtype == dtype and tuple(arr.chunks) == tuple(chunks):
+            if storage.owned(arr) and arr.shape == full and arr.dtype == dtype and tuple(arr.chunks) == tuple(chunks):
                 return arr
         except (FileNotFoundError, zarr.errors.NodeNotFoundError):
             pass
@@ -212,8 +392,4 @@ class Checkpoint:
             # A new layout replaces both slots: drop the commit first, so a crash from here
             # on leaves "no checkpoint", never a commit pointing into a rewritten array.
             self.fs.rm_file(self._commit)
-        # Uncompressed: zstd saved 8 % on float images and made reads 5x slower (benchmarks/
-        # bench_region_reads.py); raw chunks
-        # are also what lets a chunk's halo be read without its neighbours (tasks.regions).
-        return zarr.create_array(self._array_path(name), shape=full, chunks=chunks, dtype=dtype, overwrite=True,
-                                 compressors=None, storage_options=self.storage_options)
+        return self._create(name, full, dtype, chunks, "state")

@@ -12,7 +12,6 @@ and resume live here, once, for every algorithm.
 from __future__ import annotations
 
 import math
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -56,7 +55,8 @@ def run(
     x0: Any,
     *,
     n_iter: int,
-    checkpoint: str | None = None,
+    checkpoint: str | Checkpoint | None = None,
+    scratch: str | None = None,
     checkpoint_every: int = 1,
     resume: bool = False,
     overwrite: bool = False,
@@ -74,9 +74,15 @@ def run(
     x0 : dask array or callable
         The start, or a function of the problem returning it lazily (called only when not resuming).
     n_iter : int
-    checkpoint : str, optional
+    checkpoint : str or Checkpoint, optional
         Directory or fsspec URL; the whole state is committed there every
         ``checkpoint_every`` iterations (every iteration when the state streams through Zarr).
+        It must be new, empty or daskrecon's (else ``overwrite=True``), and every worker
+        must see it (:mod:`daskrecon.storage`; checked before the first write).
+    scratch : str, optional
+        Where a state that streams through Zarr lives without a ``checkpoint``: a new folder
+        under this one (default: the driver's temporary directory), checked to be seen by
+        every worker.
     resume, overwrite : bool
         Continue the checkpoint's run, or start over in a directory that holds one.
     callback : callable, optional
@@ -103,7 +109,10 @@ def run(
     check_stopping(tol, max_time)
     t0 = time.monotonic()
     record = {**problem.record, **rule.settings()}
-    store = Checkpoint(checkpoint) if checkpoint else None
+    store = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint) if checkpoint else None
+    if store is not None:
+        store.claim(overwrite=overwrite)
+        store.ensure_shared(problem.ctx, why="the checkpoint, which the workers write")
     start, history = 0, []
     if store is not None and store.exists():
         if resume:
@@ -116,11 +125,11 @@ def run(
     streamed = problem.storage == "zarr"
     if streamed and store is None:
         # The iterate has to live somewhere larger than memory, and the result reads from it.
-        where = tempfile.mkdtemp(prefix="daskrecon-")
+        store = Checkpoint.temporary(problem.ctx, scratch, why=f"the iterate streams through Zarr (two slots of "
+                                     f"{problem.nbytes / 2**30:.2f} GiB) and no checkpoint was given")
         warnings.warn(f"no checkpoint given: the out-of-core iterate (two slots of {problem.nbytes / 2**30:.2f} GiB) "
-                      f"is kept in {where}, which the result reads from; pass checkpoint=… to choose the place, "
+                      f"is kept in {store.url}, which the result reads from; pass checkpoint=… to choose the place, "
                       "and delete it when done", UserWarning, stacklevel=3)
-        store = Checkpoint(where)
     if streamed:  # the driver's inputs are read from the store, not carried by every graph
         problem = stage_inputs(problem, store)
     rule.check(problem)

@@ -13,9 +13,12 @@ __all__ = [
     "DeviceError",
     "LinearityError",
     "MeasurementError",
+    "MissingChunkError",
+    "NotOwnedError",
     "SerializationError",
     "ShapeError",
     "StalledError",
+    "StorageNotSharedError",
     "TransferError",
     "WorkerTaskError",
 ]
@@ -71,4 +74,29 @@ class SerializationError(DaskreconError, TypeError):
     Its source travels once, pickled, to the worker that owns it. Some objects stop being
     picklable once they have run (deepinv's ``compute_norm`` leaves autograd wrappers inside a
     ``Tomography``): distribute them before using them, or pass a factory.
+    """
+
+
+class StorageNotSharedError(DaskreconError, OSError):
+    """Workers cannot see a storage location that tasks will read and write.
+
+    Raised before any work, by the probe of :func:`daskrecon.storage.check_shared`: the
+    message names the location, the workers that cannot read the driver's probe file there,
+    and what to pass instead (``checkpoint=`` or ``scratch=`` a shared path or an fsspec URL).
+    """
+
+
+class NotOwnedError(DaskreconError, FileExistsError):
+    """A folder or array that daskrecon did not create stands where it would write.
+
+    daskrecon writes, replaces and deletes only what it created (marked as its own); it
+    refuses a non-empty folder of someone else's files, naming what is there.
+    """
+
+
+class MissingChunkError(DaskreconError, FileNotFoundError):
+    """A chunk of an array daskrecon wrote is not where it was written.
+
+    Never read as the fill value (zeros): the usual cause is storage that the workers do not
+    share (each wrote to its own disk). The message names the array, the chunk and the worker.
     """

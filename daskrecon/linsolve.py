@@ -47,7 +47,7 @@ class Workspace:
     ----------
     problem : Problem
     store : Checkpoint, optional
-        With ``streamed``, each group is double-buffered in ``<store>/scratch/<group>``.
+        With ``streamed``, each group is double-buffered in ``<store>/scratch_<group>``.
     streamed : bool
         Keep the vectors in Zarr (the problem does not fit the cluster) rather than in
         cluster memory.
@@ -63,7 +63,7 @@ class Workspace:
     def group(self, name: str, arrays: tuple[str, ...]) -> dict[str, DistributedSignal]:
         if name not in self._groups:
             p = self.problem
-            store = Checkpoint(f"{self.store.url.rstrip('/')}/scratch/{name}") if self.streamed else None
+            store = self.store.child(f"scratch_{name}") if self.streamed else None
             self._groups[name] = {a: DistributedSignal(p.ctx, p.shape, p.dtype, store=store, chunks=p.chunks,
                                                        name=a, in_memory=not self.streamed) for a in arrays}
         return self._groups[name]

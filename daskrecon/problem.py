@@ -36,7 +36,7 @@ from daskrecon.fingerprint import fingerprint
 from daskrecon.measurements import DistributedMeasurements
 from daskrecon.physics import DistributedPhysics
 from daskrecon.processing import DistributedPrior, DistributedProcessing
-from daskrecon.staging import register_source
+from daskrecon.staging import read_array
 from daskrecon.tasks import arrays as array_tasks
 from daskrecon.tasks import operators as operator_tasks
 from daskrecon.terms import Problem, check_whole_fits, choose_forms, output_chunks, place_mask, place_measurement
@@ -215,7 +215,7 @@ def stage_inputs(problem: Problem, store: Any) -> Problem:
         a, zchunks = zarr_aligned(a)
         z = store.scratch(f"input_{what}", a.shape, a.dtype, zchunks)
         dask.compute(da.store(a, z, lock=False, compute=False), scheduler="sync")  # the driver holds it already
-        return register_source(da.from_zarr(z, chunks=chunks, name=f"input-{what}-{uuid.uuid4().hex}"), z)
+        return read_array(z, (), chunks, name=f"input-{what}-{uuid.uuid4().hex}")  # strict: a lost chunk raises
 
     forms = []
     for i, form in enumerate(problem.forms):
@@ -229,7 +229,7 @@ def stage_inputs(problem: Problem, store: Any) -> Problem:
 
 
 def remove_staged_inputs(problem: Problem, store: Any) -> None:
-    """Delete the arrays :func:`stage_inputs` wrote to ``store``."""
+    """Delete the arrays :func:`stage_inputs` wrote to ``store`` (only arrays daskrecon made are ever deleted)."""
     for i in range(problem.num_operators):
         store.remove_array(f"input_mask_{i}")
         store.remove_array(f"input_y_{i}")

@@ -292,6 +292,8 @@ def submit(
     committing = store is not None and (commit or streamed)
     names = list(also or {})
     keep = [n for n, s in signals.items() if s.in_memory]
+    if committing:  # the workers write the store: it must be theirs too (checked again when they change)
+        store.ensure_shared(ctx, why=f"signal {', '.join(signals)} is written there by the workers")
     slot, stores = store.store_tasks(arrays) if committing else (None, [])
     # One submission for everything: new values, writes, metrics. Unoptimized, so that every key
     # (and the placement annotations) is the graph's own, and keys shared between the

@@ -7,8 +7,6 @@ The problem is planned once (:mod:`daskrecon.problem`), the algorithm is a step 
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -46,6 +44,7 @@ def reconstruct(
     red_weight: float = 1.0,
     x0: torch.Tensor | da.Array | None = None,
     checkpoint: str | None = None,
+    scratch: str | None = None,
     checkpoint_every: int = 1,
     resume: bool = False,
     overwrite: bool = False,
@@ -104,13 +103,24 @@ def reconstruct(
         Start; default ``Aᵀy / N``, computed on the workers.
     checkpoint : str, optional
         A directory or fsspec URL; the algorithm's state is committed there every
-        ``checkpoint_every`` iterations (crash-safe: see :mod:`daskrecon.checkpoint`).
+        ``checkpoint_every`` iterations (crash-safe: see :mod:`daskrecon.checkpoint`). It must
+        be new, empty or a daskrecon checkpoint: a folder of other files is refused unless
+        ``overwrite=True``, and even then none of them is changed. The driver and every
+        worker must see it (a shared file system or an fsspec URL): checked before the first
+        write (:class:`~daskrecon.errors.StorageNotSharedError` otherwise).
+    scratch : str, optional
+        A folder (or fsspec URL) under which an out-of-core run without ``checkpoint`` keeps its
+        iterate, and the power method of the default step size its vectors: a new folder is
+        made there and checked to be seen by every worker. Default: the driver's temporary
+        directory (``tempfile.gettempdir()``), which workers on other machines do not see —
+        such a run is refused with a message naming them, never run on storage they miss.
     resume : bool
         Continue from the last commit of ``checkpoint``. The final result is bitwise the
         one of an uninterrupted run. A checkpoint of another problem is refused with the list
         of what differs.
     overwrite : bool
-        Allow starting over (``resume=False``) in a directory that holds a checkpoint.
+        Allow starting over (``resume=False``) in a directory that holds a checkpoint, or
+        writing into a folder that holds other files (they are left unchanged).
     callback : callable, optional
         ``callback(iteration, x)`` after each completed iteration (1-based); ``x`` is the
         iterate's :class:`~daskrecon.signal.DistributedSignal` (``x.data`` is a tensor when
@@ -202,16 +212,20 @@ def reconstruct(
     engine.check_stopping(tol, max_time)  # before the problem is planned (one pass over the inputs)
     problem, x0_arr = plan_problem(physics, y, denoiser, data_fidelity=data_fidelity, x0=x0, x_true=x_true,
                                    sigma_denoiser=sigma_denoiser, storage=storage, chunks=chunks)
+    store = Checkpoint(checkpoint) if checkpoint else None
+    if store is not None:  # after every check of the inputs, before anything is written
+        store.claim(overwrite=overwrite)
+        store.ensure_shared(problem.ctx, why="the checkpoint, which the workers write")
     if isinstance(algorithm, StepRule):
         rule = algorithm
     else:
         if step_size is None:
-            step_size = default_step_size(problem)
+            step_size = default_step_size(problem, store=store, scratch=scratch)
         rule = step_rule(algorithm, step_size, red_weight=red_weight, n_subsets=n_subsets,
                          seed=problem.ctx.seed if seed is None else seed, cg_max_iter=cg_max_iter, cg_tol=cg_tol,
                          prox_solver=prox_solver)
     start = x0_arr if x0_arr is not None else (lambda p: graph.adjoint_sum(p, scale=1.0 / p.num_operators))
-    signals, history = engine.run(problem, rule, start, n_iter=n_iter, checkpoint=checkpoint,
+    signals, history = engine.run(problem, rule, start, n_iter=n_iter, checkpoint=store, scratch=scratch,
                                   checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite,
                                   callback=callback, progress=progress, tol=tol, max_time=max_time)
     x = signals["x"].array
@@ -222,13 +236,16 @@ def reconstruct(
     return (x, history) if return_history else x
 
 
-def default_step_size(problem: Problem) -> float:
+def default_step_size(problem: Problem, *, store: Checkpoint | None = None, scratch: str | None = None) -> float:
     """``1 / L``, ``L`` the Lipschitz constant of the data term's gradient.
 
     In memory (and for operators without a closed-form norm): ``L = scale · ‖Σ_i A_iᵀA_i / σ_i²‖``
     by the distributed power method (:func:`daskrecon.linsolve.lipschitz`), cached with the
     physics. Out of core, when every operator has a closed-form norm, the bound of
     :func:`step_size_bound` (no extra pass over a volume larger than the cluster).
+
+    Out of core, the power method's vectors live in ``store`` (the run's checkpoint) when
+    given, else in a new folder under ``scratch`` (see :func:`reconstruct`); removed after.
     """
     if problem.storage == "zarr" and all(f is not None for f in problem.forms):
         return 1.0 / step_size_bound(problem)
@@ -237,11 +254,13 @@ def default_step_size(problem: Problem) -> float:
         return 1.0 / step_size_bound(problem)
     if problem.storage != "zarr":
         return 1.0 / lipschitz(problem, Workspace(problem))
-    where = tempfile.mkdtemp(prefix="daskrecon-power-")
+    why = "the power method of the default step size keeps image-sized vectors there"
+    where = store.child("scratch_power") if store is not None else Checkpoint.temporary(
+        problem.ctx, scratch, prefix="daskrecon-power-", why=why)
     try:
-        return 1.0 / lipschitz(problem, Workspace(problem, Checkpoint(where), streamed=True))
+        return 1.0 / lipschitz(problem, Workspace(problem, where, streamed=True))
     finally:
-        shutil.rmtree(where, ignore_errors=True)
+        where.remove()
 
 
 def step_size_bound(problem: Problem) -> float:

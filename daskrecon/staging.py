@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextvars import ContextVar
@@ -34,10 +35,11 @@ from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
 from daskrecon.chunking import zarr_aligned
+from daskrecon.storage import owned
 from daskrecon.tasks import arrays as array_tasks
 from daskrecon.tasks import regions
 
-__all__ = ["Stager", "active", "fresh", "map_overlap", "mark", "register_source", "rewind", "staged"]
+__all__ = ["Stager", "active", "fresh", "map_overlap", "mark", "read_array", "register_source", "rewind", "staged"]
 
 _ACTIVE: ContextVar[Stager | None] = ContextVar("daskrecon_stager", default=None)
 # Dask arrays that read a Zarr array (by array name): (zarr array, leading index). Bounded:
@@ -91,7 +93,6 @@ class Stager:
 
         ``after``, an array of the same blocks, orders each read after its block of ``after``.
         """
-        deps: list[Any] = [] if after is None else [after]
         source = _SOURCES.get(a.name)
         if source is not None and tuple(source[0].shape[len(source[1]):]) == tuple(a.shape):
             zarr_array, lead = source
@@ -99,18 +100,7 @@ class Stager:
         else:
             zarr_array, barrier = self._write(a)
             lead = ()
-            deps.append(barrier)
-        name = f"halo-read-{next(_tokens):06d}"
-        windows = [_windows(sizes, depth.get(ax, 0), boundary.get(ax, "none")) for ax, sizes in enumerate(a.chunks)]
-        layer = {(name, *idx): (regions.read_region, zarr_array, lead, where,
-                                barrier.key if barrier is not None else None,
-                                (after.name, *idx) if after is not None else None)
-                 for idx, where in zip(itertools.product(*(range(len(w)) for w in windows)),
-                                       itertools.product(*windows))}
-        out_chunks = tuple(tuple(hi - lo for lo, hi, _ in w) for w in windows)
-        graph = HighLevelGraph.from_collections(name, layer, dependencies=deps)
-        return da.Array(graph, name, out_chunks, dtype=a.dtype,
-                        meta=np.empty((0,) * a.ndim, a.dtype))
+        return _reads(zarr_array, lead, a.chunks, depth, boundary, f"halo-read-{next(_tokens):06d}", barrier, after)
 
     def _write(self, a: da.Array) -> tuple[Any, Any]:
         a, chunks = zarr_aligned(a)
@@ -128,6 +118,37 @@ class Stager:
         for name in sorted(self._made):
             self.store.remove_array(name)
         self._made.clear()
+
+
+def read_array(zarr_array: Any, lead: tuple[int, ...], chunks: Any, name: str | None = None) -> da.Array:
+    """``zarr_array[lead]`` as a dask array with ``chunks``, each block read in one task.
+
+    Registered as a source (stencils read its halos from the array directly). An array
+    daskrecon owns is read strictly: a missing chunk raises
+    :class:`~daskrecon.errors.MissingChunkError`, never the fill value.
+    """
+    shape = tuple(zarr_array.shape[len(lead):])
+    chunks = da.core.normalize_chunks(chunks, shape)
+    out = _reads(zarr_array, tuple(lead), chunks, {}, {}, name or f"zarr-read-{uuid.uuid4().hex}")
+    return register_source(out, zarr_array, lead)
+
+
+def _reads(zarr_array: Any, lead: tuple[int, ...], chunks: tuple[tuple[int, ...], ...], depth: dict[int, int],
+           boundary: dict[int, str], name: str, barrier: Delayed | None = None,
+           after: da.Array | None = None) -> da.Array:
+    """The blocks of ``zarr_array[lead]`` cut by ``chunks``, with halos ``depth``, one read task each."""
+    windows = [_windows(sizes, depth.get(ax, 0), boundary.get(ax, "none")) for ax, sizes in enumerate(chunks)]
+    strict = owned(zarr_array)
+    layer = {(name, *idx): (regions.read_region, zarr_array, lead, where,
+                            barrier.key if barrier is not None else None,
+                            (after.name, *idx) if after is not None else None, strict)
+             for idx, where in zip(itertools.product(*(range(len(w)) for w in windows)),
+                                   itertools.product(*windows))}
+    out_chunks = tuple(tuple(hi - lo for lo, hi, _ in w) for w in windows)
+    deps = [d for d in (after, barrier) if d is not None]
+    graph = HighLevelGraph.from_collections(name, layer, dependencies=deps)
+    dtype = np.dtype(zarr_array.dtype)
+    return da.Array(graph, name, out_chunks, dtype=dtype, meta=np.empty((0,) * len(chunks), dtype))
 
 
 def _windows(sizes: tuple[int, ...], d: int, boundary: str) -> list[tuple[int, int, bool]]:

@@ -83,7 +83,7 @@ def test_prox_in_scratch_zarr_is_bitwise_the_in_memory_one(planned, ctx, tmp_pat
     assert L2 == lipschitz(problem, Workspace(problem), seed=1)
     # every pass of CG and of the power method reuses the last one's scratch arrays
     assert 0 < len(stager._made) <= 4 * problem.num_operators + 2, sorted(stager._made)
-    assert (tmp_path / "s" / "scratch" / "cg-ur").exists()
+    assert (tmp_path / "s" / "scratch_cg-ur").exists()
 
 
 def test_power_method_finds_the_largest_eigenvalue_once_and_sets_the_default_step(planned, monkeypatch):

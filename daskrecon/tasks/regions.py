@@ -15,6 +15,12 @@ compressor, a filter, sharding, Zarr v2, an object store, a chunk file of the wr
 is read through zarr-python, so the result never depends on which path ran. zarr-python's
 local store replaces a chunk file by renaming a new one over it, so a chunk mapped here is
 never truncated under the reader.
+
+``strict`` reads (the arrays daskrecon writes itself) never take a missing chunk for the
+fill value: they raise :class:`~daskrecon.errors.MissingChunkError`, naming the array, the
+chunk and the worker. Every chunk of such an array is written, even one that equals the fill
+value (``write_empty_chunks``), so a missing one means lost data or storage the workers do
+not share. Other arrays keep zarr's semantics.
 """
 
 from __future__ import annotations
@@ -26,7 +32,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["direct_layout", "read_region", "segments"]
+from daskrecon.errors import MissingChunkError
+from daskrecon.tasks.storage import here
+
+__all__ = ["check_chunks", "direct_layout", "read_region", "segments"]
 
 
 def segments(lo: int, hi: int, n: int, periodic: bool) -> list[tuple[int, int, int]]:
@@ -75,7 +84,7 @@ def direct_layout(zarr_array: Any) -> tuple[str, tuple[int, ...], np.dtype, Any]
 
 
 def _read_direct(zarr_array: Any, layout: tuple, index: tuple[list[tuple[int, int, int]], ...],
-                 out_shape: tuple[int, ...]) -> np.ndarray | None:
+                 out_shape: tuple[int, ...], strict: bool = False) -> np.ndarray | None:
     """The region from the chunk files (``None``: a chunk file is not what the layout says)."""
     directory, chunks, disk_dtype, fill = layout
     out = np.empty(out_shape, dtype=zarr_array.dtype)
@@ -93,6 +102,8 @@ def _read_direct(zarr_array: Any, layout: tuple, index: tuple[list[tuple[int, in
             try:
                 size = os.path.getsize(path)
             except FileNotFoundError:
+                if strict:
+                    raise _missing(zarr_array, coords) from None
                 out[dst] = fill  # a chunk never written reads as the fill value, as in zarr
                 continue
             if size != chunk_bytes:
@@ -103,13 +114,51 @@ def _read_direct(zarr_array: Any, layout: tuple, index: tuple[list[tuple[int, in
     return out
 
 
+def _missing(zarr_array: Any, coords: tuple[int, ...]) -> MissingChunkError:
+    return MissingChunkError(
+        f"chunk {coords} of the Zarr array {_describe(zarr_array)} is missing on {here()}: daskrecon wrote every "
+        "chunk of this array, so the data was lost or the workers do not share this storage (each wrote to its "
+        "own disk). Use a checkpoint= or scratch= location that every worker and the driver see (a shared file "
+        "system or an fsspec URL)")
+
+
+def _describe(zarr_array: Any) -> str:
+    try:
+        store = zarr_array.store_path.store
+        root = getattr(store, "root", None) or getattr(store, "path", None) or store
+        return repr(os.path.join(str(root), zarr_array.store_path.path))
+    except AttributeError:
+        return repr(zarr_array)
+
+
+def _chunks_touched(zarr_array: Any, index: tuple[list[tuple[int, int, int]], ...]) -> set[tuple[int, ...]]:
+    chunks = tuple(int(c) for c in zarr_array.metadata.chunk_grid.chunk_shape)
+    touched: set[tuple[int, ...]] = set()
+    for runs in itertools.product(*index):
+        ranges = [range(start // c, (stop - 1) // c + 1) for (start, stop, _), c in zip(runs, chunks)]
+        touched.update(itertools.product(*ranges))
+    return touched
+
+
+def check_chunks(zarr_array: Any, index: tuple[list[tuple[int, int, int]], ...]) -> None:
+    """Raise :class:`MissingChunkError` for the first chunk the region ``index`` touches that is not stored."""
+    from zarr.core.sync import sync  # zarr-python's stores are asynchronous; its own sync API uses this
+
+    store, prefix = zarr_array.store_path.store, zarr_array.store_path.path
+    for coords in sorted(_chunks_touched(zarr_array, index)):
+        key = zarr_array.metadata.encode_chunk_key(coords)
+        if not sync(store.exists(f"{prefix}/{key}" if prefix else key)):
+            raise _missing(zarr_array, coords)
+
+
 def read_region(zarr_array: Any, lead: tuple[int, ...], where: tuple[tuple[int, int, bool], ...],
-                barrier: Any = None, after: Any = None) -> np.ndarray:
+                barrier: Any = None, after: Any = None, strict: bool = False) -> np.ndarray:
     """``zarr_array[lead][region]``, ``where`` one ``(start, stop, periodic)`` per axis (periodic: wrapped).
 
     ``barrier`` (the write of the array, when it is a scratch one) and ``after`` only order the
     task after them. Raw chunk files are read in place (see the module); the values are
-    those zarr-python returns.
+    those zarr-python returns. ``strict``: a chunk that is not stored raises
+    :class:`~daskrecon.errors.MissingChunkError` instead of reading as the fill value.
     """
     shape = tuple(zarr_array.shape)
     inner = shape[len(lead):]
@@ -118,9 +167,11 @@ def read_region(zarr_array: Any, lead: tuple[int, ...], where: tuple[tuple[int, 
     out_shape = tuple(hi - lo for lo, hi, _ in where)
     layout = direct_layout(zarr_array)
     if layout is not None and all(hi > lo for lo, hi, _ in where):
-        got = _read_direct(zarr_array, layout, tuple(index), (1,) * len(lead) + out_shape)
+        got = _read_direct(zarr_array, layout, tuple(index), (1,) * len(lead) + out_shape, strict)
         if got is not None:
             return got.reshape(out_shape)
+    if strict and all(hi > lo for lo, hi, _ in where):
+        check_chunks(zarr_array, tuple(index))
     if not any(p for _, _, p in where):
         return np.asarray(zarr_array[(*lead, *(slice(lo, hi) for lo, hi, _ in where))])
     sel = tuple(np.arange(lo, hi) % n if p else slice(lo, hi) for (lo, hi, p), n in zip(where, inner))

@@ -1,0 +1,282 @@
+"""Storage the workers share, folders and arrays daskrecon owns, chunks never read as zeros.
+
+The cluster of the first tests is started the way HPC users start theirs — ``dask scheduler``
+and ``dask worker`` from Dask's own CLI — with each worker in its own mount namespace, a
+private ``/tmp`` and cwd ``/``: like a worker on another node, it does not see the driver's
+temporary directory (nor pytest's ``tmp_path``), only what the machine really shares
+(here ``/var/tmp``).
+"""
+
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import pytest
+import torch
+import zarr
+
+import daskrecon as dr
+from daskrecon import storage
+from daskrecon.checkpoint import Checkpoint
+from daskrecon.errors import MissingChunkError, NotOwnedError, StorageNotSharedError
+from daskrecon.tasks import regions
+
+from helpers import blurs, noisy_measurements, small_dncnn, snapshot
+
+DASK = str(Path(sys.executable).with_name("dask"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _namespaces_work() -> str | None:
+    """Why workers cannot get a mount namespace of their own here (None: they can)."""
+    if os.geteuid() != 0:
+        return "needs root to give workers their own mount namespace (unshare -m)"
+    if shutil.which("unshare") is None:
+        return "needs util-linux's unshare"
+    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", "mount -t tmpfs tmpfs /tmp"],
+                           capture_output=True, text=True)
+    return None if probe.returncode == 0 else f"mount namespaces unavailable: {probe.stderr.strip()}"
+
+
+@pytest.fixture(scope="module")
+def island():
+    """A scheduler and two workers started with Dask's CLI, each worker with a private /tmp (its own node)."""
+    why = _namespaces_work()
+    if why:
+        pytest.skip(why)
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    procs = [subprocess.Popen([DASK, "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                               "--dashboard-address", "127.0.0.1:0"], start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    for i in range(2):
+        node = (f'mount -t tmpfs tmpfs /tmp && cd / && exec "$0" worker {address} --nworkers 1 --nthreads 1 '
+                f'--memory-limit 3GiB --no-dashboard --name node{i}')
+        procs.append(subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", node, DASK],
+                                      start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    try:
+        from distributed import Client
+
+        deadline = time.time() + 90
+        while True:
+            try:
+                with Client(address, timeout=5) as c:
+                    c.wait_for_workers(2, timeout=max(1, deadline - time.time()))
+                break
+            except (OSError, TimeoutError):
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.5)
+        yield address
+    finally:
+        for p in procs[::-1]:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def shared_dir():
+    """A folder the driver and the island's workers both see."""
+    where = tempfile.mkdtemp(prefix="daskrecon-test-shared-", dir="/var/tmp")
+    yield where
+    shutil.rmtree(where, ignore_errors=True)
+
+
+def _problem(ctx, size=64, whole=False):
+    """Three circular blurs: chunk-wise, or (``whole``) each an FFT on its worker — then the default step
+    is the power method's, whose vectors stream through scratch Zarr out of core."""
+    torch.manual_seed(0)
+    ops = blurs(3)
+    x = torch.rand(1, 3, size, size)
+    y = noisy_measurements(ops, x, sigma=0.02)
+    return (dr.distribute(ops, ctx, fast_operators=whole), y,
+            dr.distribute(small_dncnn(3), ctx, patch_size=32, overlap=6))
+
+
+def _tensor(ctx, out):
+    return out if isinstance(out, torch.Tensor) else torch.from_numpy(np.asarray(ctx.client.compute(out).result()))
+
+
+def test_workers_that_cannot_see_the_storage_are_refused_before_any_work(island, tmp_path, monkeypatch):
+    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "daskrecon-*")))
+    with dr.DistributedContext(island) as ctx:
+        d, y, den = _problem(ctx)
+        workers = ctx.workers()
+        run = dict(n_iter=2, step_size=0.5, progress=False)
+        # Out of core with no checkpoint: the default scratch folder is the driver's /tmp.
+        with pytest.raises(StorageNotSharedError) as err:
+            dr.reconstruct(d, y, den, storage="zarr", chunks=(32, 32), **run)
+        msg = str(err.value)
+        assert "2 of 2 workers" in msg and all(w in msg for w in workers), msg
+        assert "default scratch location" in msg and "scratch=" in msg and "checkpoint=" in msg
+        # storage="auto" that decides to stream does not silently take it either.
+        monkeypatch.setattr("daskrecon.problem._WORKING_COPIES", 10**9)
+        with pytest.raises(StorageNotSharedError, match="default scratch location"):
+            dr.reconstruct(d, y, den, chunks=(32, 32), **run)
+        monkeypatch.undo()
+        # A checkpoint only the driver's machine has: out of core, and in memory (the workers write it).
+        for storage_kind in ("zarr", "memory"):
+            ck = tmp_path / f"ck-{storage_kind}"
+            with pytest.raises(StorageNotSharedError, match=f"cannot see '{ck}'"):
+                dr.reconstruct(d, y, den, storage=storage_kind, chunks=(32, 32), checkpoint=str(ck), **run)
+            assert sorted(os.listdir(ck)) == [storage.OWNER_FILE]  # nothing written but the mark
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "daskrecon-*"))) == before  # no scratch left behind
+
+
+@pytest.mark.parametrize("algorithm", ["pnp", "admm-cg"])
+def test_a_location_every_worker_sees_gives_the_in_memory_result(island, shared_dir, algorithm):
+    with dr.DistributedContext(island) as ctx:
+        d, y, den = _problem(ctx, whole=True)
+        kw = dict(n_iter=3, progress=False, chunks=(32, 32))
+        if algorithm == "admm-cg":
+            kw.update(algorithm="admm", prox_solver="cg", cg_max_iter=4)
+        ref = dr.reconstruct(d, y, den, **kw)  # default step: the power method, in cluster memory
+        streamed = dr.reconstruct(d, y, den, storage="zarr", scratch=shared_dir, **kw)
+        assert torch.equal(_tensor(ctx, streamed), ref)  # the power method's and CG's vectors went to scratch too
+        checkpointed = dr.reconstruct(d, y, den, storage="zarr",
+                                      checkpoint=os.path.join(shared_dir, "ck"), **kw)
+        assert torch.equal(_tensor(ctx, checkpointed), ref)
+        in_memory = dr.reconstruct(d, y, den, checkpoint=os.path.join(shared_dir, "ck-mem"), **kw)
+        assert torch.equal(in_memory, ref)
+    left = sorted(os.listdir(shared_dir))  # the power method's scratch folders are gone; the streamed iterate stays
+    assert left[:2] == ["ck", "ck-mem"] and len(left) == 3 and left[2].startswith("daskrecon-"), left
+    assert not any(n.startswith("scratch_power") for n in os.listdir(os.path.join(shared_dir, "ck")))
+
+
+def test_the_check_is_one_call_per_worker_set(ctx, tmp_path):
+    store = Checkpoint(tmp_path / "ck")
+    store.ensure_shared(ctx)
+    store.ensure_shared(ctx)
+    store.child("scratch_cg").ensure_shared(ctx)  # a folder inside a shared one is shared
+    assert len(store._shared.seconds) == 1 and store._shared.seconds[0] < 5
+    assert not any(p.name.startswith(".daskrecon-probe") for p in (tmp_path / "ck").iterdir())
+
+
+def test_a_per_process_store_is_not_shared(ctx):
+    # memory:// lives in one process: the workers' copies are empty.
+    with pytest.raises(StorageNotSharedError, match=r"2 of 2 workers cannot see 'memory://"):
+        Checkpoint("memory://daskrecon-test/ck").ensure_shared(ctx)
+
+
+def test_a_deleted_chunk_of_a_checkpoint_slot_is_an_error_not_zeros(ctx, tmp_path):
+    d, y, den = _problem(ctx, size=48)
+    ck = tmp_path / "ck"
+    ys = [da.from_array(t.numpy(), chunks=(1, 3, 24, 24)) for t in y]
+    dr.reconstruct(d, ys, den, n_iter=2, step_size=0.5, progress=False, storage="zarr", checkpoint=str(ck),
+                   chunks=(24, 24))
+    slot = Checkpoint(ck).meta()["slot"]
+    chunk = ck / "x.zarr" / "c" / str(slot) / "0" / "0" / "1" / "0"
+    chunk.unlink()
+    with pytest.raises(MissingChunkError) as err:
+        dr.reconstruct(d, ys, den, n_iter=3, step_size=0.5, progress=False, storage="zarr", checkpoint=str(ck),
+                       chunks=(24, 24), resume=True)
+    msg = str(err.value)
+    assert f"chunk ({slot}, 0, 0, 1, 0)" in msg and "x.zarr" in msg and "worker tcp://" in msg, msg
+
+
+def test_a_deleted_chunk_of_a_saved_tensor_is_an_error_on_the_driver(tmp_path):
+    store = Checkpoint(tmp_path / "ck")
+    store.save(1, np.ones((1, 3, 8, 8), np.float32), {"p": 1})
+    for f in (tmp_path / "ck" / "x.zarr" / "c").rglob("*"):
+        if f.is_file():
+            f.unlink()
+    with pytest.raises(MissingChunkError, match=r"chunk \(0, 0, 0, 0, 0\) .*x\.zarr.* on the driver"):
+        store.load()
+
+
+@pytest.mark.parametrize("where", ["raw files", "zarr store"])
+def test_owned_arrays_are_read_strictly_others_keep_the_fill_value(tmp_path, where):
+    if where == "raw files":
+        store = Checkpoint(tmp_path / "ck")
+        mine = store.scratch("a", (4, 6), np.float32, (2, 3))
+        theirs = zarr.create_array(str(tmp_path / "theirs.zarr"), shape=(4, 6), chunks=(2, 3), dtype="f4",
+                                   compressors=None)
+    else:  # an object-store-like store: the generic path of regions.read_region
+        mine = zarr.create_array(zarr.storage.MemoryStore(), shape=(4, 6), chunks=(2, 3), dtype="f4",
+                                 attributes=storage.owner_attributes("scratch"), config={"write_empty_chunks": True})
+        theirs = zarr.create_array(zarr.storage.MemoryStore(), shape=(4, 6), chunks=(2, 3), dtype="f4")
+    for arr in (mine, theirs):
+        arr[:] = 0.0  # equal to the fill value: written all the same for daskrecon's arrays
+        arr[2:, 3:] = np.arange(6, dtype="f4").reshape(2, 3) + 1
+    assert storage.owned(mine) and not storage.owned(theirs)
+    assert np.array_equal(regions.read_region(mine, (), ((0, 4, False), (0, 6, False)), strict=True), mine[:])
+    assert mine.nchunks_initialized == 4 and theirs.nchunks_initialized == 1  # zarr skipped theirs' zero chunks
+    assert np.array_equal(regions.read_region(theirs, (), ((0, 4, False), (0, 6, False)), strict=False), theirs[:])
+    key = mine.metadata.encode_chunk_key((1, 0))
+    if where == "raw files":
+        (tmp_path / "ck" / "a.zarr" / key).unlink()
+    else:
+        from zarr.core.sync import sync
+
+        sync(mine.store_path.store.delete(key))
+    with pytest.raises(MissingChunkError, match=r"chunk \(1, 0\)"):
+        regions.read_region(mine, (), ((1, 3, False), (0, 2, False)), strict=True)
+    assert regions.read_region(mine, (), ((0, 2, False), (0, 6, False)), strict=True).shape == (2, 6)  # others read
+
+
+# ---------------------------------------------------------------- folders that are not daskrecon's
+def _user_folder(root: Path, arrays: dict) -> Path:
+    root.mkdir()
+    for name, a in arrays.items():
+        z = zarr.create_array(str(root / name), shape=a.shape, chunks=a.shape, dtype=a.dtype)
+        z[:] = a
+    (root / "notes.txt").write_text("the user's own notes")
+    return root
+
+
+def test_a_folder_of_someone_elses_files_is_refused_and_left_unchanged(ctx, tmp_path):
+    d, y, den = _problem(ctx, size=32)
+    data = _user_folder(tmp_path / "data", {"x.zarr": np.random.default_rng(0).random((1, 3, 32, 32), np.float32)})
+    before = snapshot(data)
+    with pytest.raises(NotOwnedError, match=r"'.*data' exists and holds files that are not a daskrecon checkpoint "
+                                            r"\(notes.txt, x.zarr\).*overwrite=True"):
+        dr.reconstruct(d, y, den, n_iter=1, step_size=0.5, progress=False, checkpoint=str(data))
+    for storage_kind in ("memory", "zarr"):  # even with overwrite=True, daskrecon replaces no array of theirs
+        with pytest.raises(NotOwnedError, match=r"data/x.zarr exists and was not made by daskrecon"):
+            dr.reconstruct(d, y, den, n_iter=1, step_size=0.5, progress=False, checkpoint=str(data), overwrite=True,
+                           storage=storage_kind, chunks=(16, 16))
+    after = snapshot(data)
+    assert {k: v for k, v in after.items() if not k.startswith(".daskrecon")} == before
+    with pytest.raises(NotOwnedError):  # nor resumed: it is not a checkpoint
+        dr.reconstruct(d, y, den, n_iter=1, step_size=0.5, progress=False, checkpoint=str(data / "x.zarr"),
+                       resume=True)
+
+
+def test_with_overwrite_daskrecon_writes_next_to_the_users_files_and_changes_none(ctx, tmp_path):
+    d, y, den = _problem(ctx, size=32)
+    # The user's measurements, and an array of theirs named like one daskrecon stages
+    data = _user_folder(tmp_path / "data", {**{f"y{i}.zarr": t.numpy() for i, t in enumerate(y)},
+                                            "input_y_0.zarr": np.zeros((2, 2), np.float32)})
+    before = snapshot(data)
+    ys = [da.from_zarr(str(data / f"y{i}.zarr")) for i in range(len(y))]  # read from storage: nothing to stage
+    # out of core, measurements held by the driver are staged as input_y_<i>: theirs is not replaced
+    with pytest.raises(NotOwnedError, match="input_y_0.zarr exists and was not made by daskrecon"):
+        dr.reconstruct(d, y, den, n_iter=1, step_size=0.5, progress=False, checkpoint=str(data), overwrite=True,
+                       storage="zarr")
+    out = dr.reconstruct(d, ys, den, n_iter=2, step_size=0.5, progress=False, checkpoint=str(data), overwrite=True,
+                         storage="zarr")
+    assert np.isfinite(_tensor(ctx, out).numpy()).all()
+    after = snapshot(data)
+    assert {k: after[k] for k in before} == before  # every file of theirs: same bytes, same mtime
+    assert (data / "COMMIT.json").is_file() and (data / "x.zarr").is_dir()
