@@ -34,26 +34,35 @@ Example (every key shown; only ``measurements`` and ``operators`` are required):
     prox_solver = "auto"                       # hqs | admm: "auto" (FFT for circular blurs) | "cg" | "fourier"
 
     [output]
-    path = "result.zarr"                       # .zarr, .npy, .png, .tif
-    overwrite = false
+    path = "result.zarr"                       # .zarr, .npy (any signal), .png, .tif (an image of 1 or 3 channels)
+    overwrite = false                          # also at write time: a file that appeared meanwhile is kept,
+                                               # the result goes next to it (result-1.zarr) and the run says so
 
     [checkpoint]                               # optional
-    path = "ckpt"
+    path = "ckpt"                              # a folder every worker sees, or an fsspec URL
     every = 1
     resume = true
+    scratch = "/shared/tmp"                    # where out-of-core runs without a path keep their iterate
+                                               # (default: the driver's temporary directory)
 
     [cluster]
     kind = "local"                             # local | cuda | slurm | address
     n_workers = 2                              # local / cuda
     address = "tcp://host:8786"                # address
     jobs = 4                                   # slurm: SLURMCluster(**[cluster.slurm]).scale(jobs=...)
+
+Paths are taken relative to the config's folder; a URL (``s3://…``, ``file://…``, anything with
+``://``) is used as it is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,7 +78,7 @@ from daskrecon.local import local_form
 from daskrecon.problem import iterate_chunks
 from daskrecon.waiting import bounded, compute
 
-__all__ = ["ConfigError", "load_config", "run_config"]
+__all__ = ["ConfigError", "OutputExistsError", "load_config", "run_config"]
 
 _SECTIONS = {"input", "operators", "denoiser", "solver", "output", "checkpoint", "cluster"}
 _OPERATORS = {"blur", "downsampling", "inpainting", "denoising"}
@@ -80,13 +89,17 @@ _KEYS = {
     "solver": {"algorithm", "iterations", "step_size", "sigma_denoiser", "red_weight", "tol", "max_time", "n_subsets",
                "seed", "cg_max_iter", "cg_tol", "prox_solver"},
     "output": {"path", "overwrite"},
-    "checkpoint": {"path", "every", "resume"},
+    "checkpoint": {"path", "every", "resume", "scratch"},
     "cluster": {"kind", "n_workers", "address", "timeout", "jobs", "slurm"},
 }
 
 
 class ConfigError(DaskreconError, ValueError):
     """A configuration file is invalid; the message names the key and the fix."""
+
+
+class OutputExistsError(ConfigError):
+    """The output path was taken while the run went on (``output.overwrite = false``): the result went next to it."""
 
 
 def _get(d: dict, key: str, where: str, kind: type | tuple, default: Any = ...) -> Any:
@@ -159,13 +172,85 @@ def load_config(path: str | Path) -> dict:
     prox_solver = _get(cfg.get("solver", {}), "prox_solver", "solver", str, "auto")
     if prox_solver not in ("auto", "cg", "fourier"):
         raise ConfigError(f"solver.prox_solver must be 'auto', 'cg' or 'fourier', got {prox_solver!r}")
+    _check_output(cfg, base)
     cfg["_base"] = base
     return cfg
 
 
-def _resolve(base: Path, p: str) -> Path:
+#: Output formats: what each can hold.
+OUTPUT_FORMATS = {".zarr": "any signal", ".npy": "any signal", ".png": "an image of 1 or 3 channels",
+                  ".tif": "an image of 1 or 3 channels", ".tiff": "an image of 1 or 3 channels"}
+
+
+def _check_output(cfg: dict, base: Path) -> None:
+    """The output's format against the problem's dimensions, before anything runs."""
+    out = cfg.get("output", {})
+    path = _get(out, "path", "output", str, "result.zarr")
+    _get(out, "overwrite", "output", bool, False)
+    suffix = _suffix(path)
+    if suffix not in OUTPUT_FORMATS:
+        raise ConfigError(f"output.path {path!r} must end in one of {', '.join(OUTPUT_FORMATS)} (the format to write); "
+                          f"e.g. {path.rstrip('/') + '.zarr'!r}")
+    if suffix in (".zarr", ".npy"):
+        return
+    inp = cfg["input"]
+    source = inp.get("ground_truth") or inp["measurements"][0]
+    shape = input_shape(_resolve(base, source))
+    if len(shape) == 5:
+        raise ConfigError(f"output.path {path!r}: a {suffix} file holds a 2-D image, and this problem's signal is a "
+                          f"volume {shape}; write it to .zarr or .npy")
+    if shape[1] not in (1, 3):
+        raise ConfigError(f"output.path {path!r}: a {suffix} file holds 1 or 3 channels, and this problem's signal has "
+                          f"{shape[1]}; write it to .zarr or .npy")
+
+
+def _suffix(path: str) -> str:
+    return os.path.splitext(path.rstrip("/"))[1].lower()
+
+
+def _is_url(p: str) -> bool:
+    return "://" in p
+
+
+def _resolve(base: Path, p: str) -> str:
+    """``p`` taken relative to the config's folder ``base``; a URL (``s3://…``) as it is."""
+    if _is_url(p):
+        return p
     q = Path(p)
-    return q if q.is_absolute() else base / q
+    return str(q if q.is_absolute() else base / q)
+
+
+def _fs(path: str) -> tuple[Any, str]:
+    from fsspec.core import url_to_fs
+
+    return url_to_fs(path)
+
+
+def _is_zarr(path: str) -> bool:
+    fs, root = _fs(path)
+    return _suffix(path) == ".zarr" or fs.isdir(root)
+
+
+def input_shape(path: str) -> tuple[int, ...]:
+    """The shape an input will have (at least 4-D), read from its metadata only (images: ``(1, 1 or 3, H, W)``)."""
+    fs, root = _fs(path)
+    if not fs.exists(root):
+        raise ConfigError(f"input {path!r} does not exist")
+    if _is_zarr(path):
+        import zarr
+
+        try:
+            shape = tuple(zarr.open_array(path, mode="r").shape)
+        except Exception as exc:
+            raise ConfigError(f"{path!r} is not a readable Zarr array: {exc}") from None
+    elif _suffix(path) == ".npy":
+        with fs.open(root, "rb") as f:
+            fmt = np.lib.format
+            major, _ = fmt.read_magic(f)
+            shape = (fmt.read_array_header_1_0 if major == 1 else fmt.read_array_header_2_0)(f)[0]
+    else:
+        return (1, 3, 0, 0)  # an image file: read as 1 or 3 channels, its size does not matter here
+    return (1,) * max(0, 4 - len(shape)) + tuple(shape)
 
 
 #: ``--check`` reads Zarr inputs whole up to this size; with a larger one it times the configured
@@ -173,70 +258,121 @@ def _resolve(base: Path, p: str) -> Path:
 CHECK_MAX_BYTES = 2 * 2**30
 
 
-def read_lazy(path: Path) -> Any:
+def read_lazy(path: str | Path) -> Any:
     """A Zarr input as a lazy dask array (float32; 2-D/3-D arrays made ``(1, C, H, W)``, 4-D/5-D as stored),
-    any other file as a tensor (:func:`read_image`)."""
-    if not (path.suffix == ".zarr" or path.is_dir()):
+    any other file as a tensor (:func:`read_image`). ``path``: a local path or an fsspec URL."""
+    path = str(path)
+    if not _is_zarr(path):
         return torch.from_numpy(read_image(path))
-    if not path.exists():
-        raise ConfigError(f"input {str(path)!r} does not exist")
+    if not _fs(path)[0].exists(_fs(path)[1]):
+        raise ConfigError(f"input {path!r} does not exist")
     try:
-        a = da.from_zarr(str(path))
+        a = da.from_zarr(path)
     except Exception as exc:
-        raise ConfigError(f"{str(path)!r} is not a readable Zarr array: {exc}") from None
+        raise ConfigError(f"{path!r} is not a readable Zarr array: {exc}") from None
     while a.ndim < 4:
         a = a[None]
     return a.astype(np.float32)
 
 
-def read_image(path: Path) -> np.ndarray:
+def read_image(path: str | Path) -> np.ndarray:
     """An image as float32 ``(1, C, H, W)`` (a volume ``(1, C, D, H, W)`` from a 5-D Zarr / .npy array):
-    Zarr / .npy arrays as stored (made at least 4-D), PNG/TIFF scaled to [0, 1]."""
-    if not path.exists():
-        raise ConfigError(f"input {str(path)!r} does not exist")
-    if path.suffix == ".zarr" or path.is_dir():
+    Zarr / .npy arrays as stored (made at least 4-D), PNG/TIFF scaled to [0, 1]. ``path``: a local path
+    or an fsspec URL."""
+    path = str(path)
+    fs, root = _fs(path)
+    if not fs.exists(root):
+        raise ConfigError(f"input {path!r} does not exist")
+    if _is_zarr(path):
         import zarr
 
         try:
-            a = np.asarray(zarr.open_array(str(path), mode="r")[...], dtype=np.float32)
+            a = np.asarray(zarr.open_array(path, mode="r")[...], dtype=np.float32)
         except Exception as exc:
-            raise ConfigError(f"{str(path)!r} is not a readable Zarr array: {exc}") from None
-    elif path.suffix == ".npy":
-        a = np.load(path).astype(np.float32)
+            raise ConfigError(f"{path!r} is not a readable Zarr array: {exc}") from None
+    elif _suffix(path) == ".npy":
+        with fs.open(root, "rb") as f:
+            a = np.load(f).astype(np.float32)
     else:
-        from skimage import io, util
+        import imageio.v3 as iio
+        from skimage import util
 
-        a = util.img_as_float32(io.imread(str(path)))
+        a = util.img_as_float32(iio.imread(fs.cat_file(root), extension=_suffix(path)))
         a = a[None] if a.ndim == 2 else np.moveaxis(a[..., :3], -1, 0)
     while a.ndim < 4:
         a = a[None]
     return np.ascontiguousarray(a)
 
 
-def write_image(path: Path, x: Any, overwrite: bool, ctx: Any = None) -> None:
-    """Write ``x`` (an array, or a dask array computed on ``ctx``'s cluster within its stall timeout)."""
-    if path.exists() and not overwrite:
-        raise ConfigError(f"output {str(path)!r} exists; set output.overwrite = true or choose another path")
+def write_image(path: str | Path, x: Any, overwrite: bool, ctx: Any = None) -> str:
+    """Write ``x`` (an array, or a dask array computed on ``ctx``'s cluster within its stall timeout) to
+    ``path`` (a local path or an fsspec URL; the format from its suffix); return where it was written.
+
+    Without ``overwrite`` nothing that exists is replaced, also if it appeared since the run
+    started: the result then goes to the first free ``<name>-<k><suffix>`` next to it (the
+    output is never lost), and that path is returned.
+    """
+    path = str(path)
+    fs, root = _fs(path)
+    if overwrite:
+        target = path
+    else:
+        target = _free_name(path)
+    suffix = _suffix(path)
     if isinstance(x, da.Array):
         if ctx is None:
             raise ValueError("writing a dask array needs the context whose cluster holds it")
         bound = dict(client=ctx.client, what="writing the result", stall_timeout=ctx.stall_timeout)
-        if path.suffix == ".zarr":  # streams into Zarr chunk by chunk
-            compute([x.to_zarr(str(path), overwrite=True, compute=False)], **bound)
-            return
+        if suffix == ".zarr":  # streams into Zarr chunk by chunk
+            compute([x.to_zarr(target, overwrite=overwrite, compute=False)], **bound)
+            return target
         x = np.asarray(compute([x], **bound)[0])
-    if path.suffix == ".zarr":
+    if suffix == ".zarr":
         import zarr
 
-        zarr.save_array(str(path), x)
-    elif path.suffix == ".npy":
-        np.save(path, x)
+        z = zarr.create_array(target, shape=x.shape, dtype=x.dtype, overwrite=overwrite)  # refuses an existing one
+        z[...] = x
+        return target
+    if suffix == ".npy":
+        import io
+
+        buf = io.BytesIO()
+        np.save(buf, x)
+        data = buf.getvalue()
     else:
-        from skimage import io, util
+        import imageio.v3 as iio
+        from skimage import util
 
         img = np.clip(x[0], 0, 1)
         img = img[0] if img.shape[0] == 1 else np.moveaxis(img, 0, -1)
-        io.imsave(str(path), util.img_as_ubyte(img), check_contrast=False)
+        data = iio.imwrite("<bytes>", util.img_as_ubyte(img), extension=suffix)
+    _write_bytes(fs, _fs(target)[1], data, exclusive=not overwrite)
+    return target
+
+
+def _free_name(path: str) -> str:
+    """``path`` when nothing is there, else the first free ``<stem>-<k><suffix>`` beside it."""
+    fs, root = _fs(path)
+    if not fs.exists(root):
+        return path
+    stem, suffix = os.path.splitext(path.rstrip("/"))
+    k = 1
+    while fs.exists(_fs(f"{stem}-{k}{suffix}")[1]):
+        k += 1
+    return f"{stem}-{k}{suffix}"
+
+
+def _write_bytes(fs: Any, root: str, data: bytes, exclusive: bool) -> None:
+    """Write a file; ``exclusive``: fail rather than replace one that appeared meanwhile (atomic where local)."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    if exclusive and isinstance(fs, LocalFileSystem):
+        with open(root, "xb") as f:
+            f.write(data)
+        return
+    if exclusive and fs.exists(root):
+        raise FileExistsError(root)
+    fs.pipe_file(root, data)
 
 
 def build_operator(spec: dict, i: int, shape: tuple[int, ...], base: Path | None = None,
@@ -304,24 +440,34 @@ def build_denoiser(spec: dict, base: Path) -> torch.nn.Module:
     return model.eval()
 
 
-def make_context(spec: dict) -> Any:
-    """A :class:`DistributedContext` for ``[cluster]``."""
+@contextlib.contextmanager
+def make_context(spec: dict) -> Iterator[Any]:
+    """A started :class:`DistributedContext` for ``[cluster]``; a cluster it starts (SLURM) is closed on exit."""
     import daskrecon as dr
 
     kind = _get(spec, "kind", "cluster", str, "local")
     if kind in ("local", "cuda"):
-        return dr.DistributedContext(n_workers=_get(spec, "n_workers", "cluster", int, None),
-                                     device_mode="gpu" if kind == "cuda" else None)
+        with dr.DistributedContext(n_workers=_get(spec, "n_workers", "cluster", int, None),
+                                   device_mode="gpu" if kind == "cuda" else None) as ctx:
+            yield ctx
+        return
     if kind == "address":
-        return dr.DistributedContext(_get(spec, "address", "cluster", str), timeout=_get(spec, "timeout", "cluster", float, 30.0))
+        with dr.DistributedContext(_get(spec, "address", "cluster", str),
+                                   timeout=_get(spec, "timeout", "cluster", float, 30.0)) as ctx:
+            yield ctx
+        return
     if kind == "slurm":
         try:
             from dask_jobqueue import SLURMCluster
         except ImportError:
             raise ConfigError("cluster.kind = 'slurm' needs dask-jobqueue: pip install 'daskrecon[hpc]'") from None
-        cluster = SLURMCluster(**_get(spec, "slurm", "cluster", dict, {}))
-        cluster.scale(jobs=_get(spec, "jobs", "cluster", int, 1))
-        return dr.DistributedContext(cluster, timeout=_get(spec, "timeout", "cluster", float, 600.0))
+        # A context given a cluster leaves it running: this one the config started, so it is closed here
+        # (its jobs cancelled), whatever happens in the run.
+        with SLURMCluster(**_get(spec, "slurm", "cluster", dict, {})) as cluster:
+            cluster.scale(jobs=_get(spec, "jobs", "cluster", int, 1))
+            with dr.DistributedContext(cluster, timeout=_get(spec, "timeout", "cluster", float, 600.0)) as ctx:
+                yield ctx
+        return
     raise ConfigError(f"cluster.kind must be local, cuda, slurm or address, got {kind!r}")
 
 
@@ -363,8 +509,9 @@ def run_config(path: str | Path, check: bool = False, echo: Any = print) -> Any:
     sol = cfg.get("solver", {})
     out = cfg.get("output", {})
     out_path = _resolve(base, _get(out, "path", "output", str, "result.zarr"))
-    if out_path.exists() and not _get(out, "overwrite", "output", bool, False):
-        raise ConfigError(f"output {str(out_path)!r} exists; set output.overwrite = true or choose another path")
+    overwrite = _get(out, "overwrite", "output", bool, False)
+    if not overwrite and _fs(out_path)[0].exists(_fs(out_path)[1]):
+        raise ConfigError(f"output {out_path!r} exists; set output.overwrite = true or choose another path")
     ck = cfg.get("checkpoint", {})
     with make_context(cfg.get("cluster", {})) as ctx:
         echo(f"cluster: {ctx.num_workers} workers, dashboard {ctx.dashboard_link}")
@@ -382,12 +529,17 @@ def run_config(path: str | Path, check: bool = False, echo: Any = print) -> Any:
             dphys, y, dden, n_iter=_get(sol, "iterations", "solver", int, 30), x0=x0, x_true=x_true,
             tol=_get(sol, "tol", "solver", float, None), max_time=_get(sol, "max_time", "solver", float, None),
             **_solver_options(sol),
-            checkpoint=str(_resolve(base, ck["path"])) if "path" in ck else None,
+            checkpoint=_resolve(base, _get(ck, "path", "checkpoint", str)) if "path" in ck else None,
+            scratch=_resolve(base, _get(ck, "scratch", "checkpoint", str)) if "scratch" in ck else None,
             checkpoint_every=_get(ck, "every", "checkpoint", int, 1), resume=_get(ck, "resume", "checkpoint", bool, False),
         )
         # inside the context: a lazy result reads chunks from the cluster (or its checkpoint) as it is written
-        write_image(out_path, x if not isinstance(x, torch.Tensor) else x.cpu().numpy(), overwrite=True, ctx=ctx)
-    echo(f"wrote {out_path}")
+        written = write_image(out_path, x if not isinstance(x, torch.Tensor) else x.cpu().numpy(),
+                              overwrite=overwrite, ctx=ctx)
+    echo(f"wrote {written}")
+    if written != out_path:
+        raise OutputExistsError(f"output {out_path!r} appeared during the run and output.overwrite = false: it was left "
+                                f"as it is; the result was written to {written!r}")
     return x
 
 
@@ -454,7 +606,10 @@ def _check_streamed(ctx: Any, cfg: dict, ys: list, x_true: Any, dden: Any, echo:
     y_crop = [_lazy(y)[(slice(None), slice(None), *(slice(0, c // f) for c in crop))] for y, f in zip(ys, factors)]
     truth = _lazy(x_true)[(slice(None), slice(None), *region)] if x_true is not None else None
     stamps: list[float] = []
-    with tempfile.TemporaryDirectory(prefix="daskrecon-check-") as tmp:
+    ck = cfg.get("checkpoint", {})
+    scratch = _resolve(base, _get(ck, "scratch", "checkpoint", str)) if "scratch" in ck else None
+    # A folder the workers must see, like the run's (checked by reconstruct); removed after.
+    with tempfile.TemporaryDirectory(prefix="daskrecon-check-", dir=scratch) as tmp:
         dr.reconstruct(dr.distribute(ops, ctx), y_crop, dden, n_iter=2, x_true=truth, storage="zarr", chunks=chunk,
                        checkpoint=tmp, progress=False, callback=lambda k, x: stamps.append(time.perf_counter()),
                        **_solver_options(sol))

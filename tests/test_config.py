@@ -228,3 +228,116 @@ def test_crop_shape_gives_every_worker_two_chunks():
     assert crop_shape((1, 1, 512, 512), (128, 128), 1) == (128, 256)
     assert crop_shape((1, 1, 64, 512, 512), (64, 128, 128), 4) == (64, 384, 384)  # depth is whole: 1 chunk
     assert crop_shape((1, 1, 100, 100), (64, 64), 8) == (100, 100)  # the whole signal is all there is
+
+
+@pytest.mark.parametrize("path, message", [
+    ("result", "output.path 'result' must end in one of .zarr, .npy, .png"),
+    ("result.jpg", "must end in one of"),
+])
+def test_an_output_without_a_known_format_is_refused_before_anything_runs(inputs, path, message):
+    cfg = inputs / "bad.toml"
+    cfg.write_text(CONFIG.format(out=path))
+    before = snapshot(inputs)
+    result = run(cfg)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert "cluster:" not in result.output  # refused by load_config: no cluster was started
+    assert snapshot(inputs) == before
+
+
+def test_a_volume_to_a_png_is_refused_before_anything_runs(tmp_path):
+    import zarr
+
+    zarr.save_array(str(tmp_path / "y.zarr"), np.zeros((1, 1, 8, 8, 8), np.float32))
+    zarr.save_array(str(tmp_path / "x.zarr"), np.zeros((1, 1, 8, 8, 8), np.float32))
+    cfg = tmp_path / "vol.toml"
+    cfg.write_text(VOLUME_CONFIG.replace('path = "result.zarr"', 'path = "result.png"'))
+    result = run(cfg)
+    assert result.exit_code == 2 and "a .png file holds a 2-D image" in result.output and "volume (1, 1, 8, 8, 8)" \
+        in result.output, result.output
+
+
+def test_an_output_that_appears_during_the_run_is_kept(inputs, monkeypatch):
+    import daskrecon
+
+    original = daskrecon.reconstruct
+    mine = np.full((2, 2), 7.0)
+
+    def reconstruct_then_someone_writes_the_output(*args, **kwargs):
+        out = original(*args, **kwargs)
+        np.save(inputs / "result.npy", mine)  # e.g. another job, during a long run
+        return out
+
+    monkeypatch.setattr(daskrecon, "reconstruct", reconstruct_then_someone_writes_the_output)
+    cfg = inputs / "run.toml"
+    cfg.write_text(CONFIG.format(out="result.npy"))  # output.overwrite defaults to false
+    result = run(cfg)
+    assert result.exit_code == 2 and "appeared during the run" in result.output and "result-1.npy" in result.output
+    assert np.array_equal(np.load(inputs / "result.npy"), mine)  # theirs, untouched
+    out = np.load(inputs / "result-1.npy")  # the result is not lost
+    assert out.shape == (1, 3, 48, 48) and np.isfinite(out).all()
+
+
+def test_urls_pass_through_unchanged(inputs, tmp_path):
+    from daskrecon.config import _resolve, write_image
+
+    assert _resolve(inputs, "s3://bucket/run") == "s3://bucket/run"
+    assert _resolve(inputs, "memory://scratch/a.npy") == "memory://scratch/a.npy"
+    assert _resolve(inputs, "ckpt") == str(inputs / "ckpt")
+    # a whole run with file:// inputs, checkpoint and output
+    text = CONFIG.format(out=f"file://{inputs}/url-result.npy")
+    for name in ("y0.npy", "y1.npy", "y2.png", "truth.npy"):
+        text = text.replace(f'"{name}"', f'"file://{inputs}/{name}"')
+    text += f'\n[checkpoint]\npath = "file://{tmp_path}/url-ckpt"\n'
+    cfg = tmp_path / "url.toml"
+    cfg.write_text(text)
+    result = run(cfg)
+    assert result.exit_code == 0, result.output
+    assert np.load(inputs / "url-result.npy").shape == (1, 3, 48, 48)
+    assert (tmp_path / "url-ckpt" / "COMMIT.json").is_file()
+    assert not (tmp_path / "file:").exists() and not (inputs / "file:").exists()
+    # an fsspec memory:// output, written by the driver
+    import fsspec
+
+    assert write_image("memory://daskrecon-test/out.npy", np.ones((1, 1, 4, 4), np.float32), overwrite=False) == \
+        "memory://daskrecon-test/out.npy"
+    with fsspec.open("memory://daskrecon-test/out.npy", "rb") as f:
+        assert np.load(f).shape == (1, 1, 4, 4)
+
+
+def test_a_slurm_cluster_the_config_started_is_closed(inputs, tmp_path, monkeypatch):
+    """dask-jobqueue's real SLURMCluster, with stand-ins for ``sbatch`` and ``scancel`` that run the job
+    script here: the jobs it submits must be cancelled when the run ends."""
+    import os
+    import stat
+
+    import sys
+
+    bin_dir, log = tmp_path / "bin", tmp_path / "slurm.log"
+    bin_dir.mkdir()
+    scripts = {
+        "sbatch": f"""#!/usr/bin/env bash
+cp "$1" "{tmp_path}/job-$$.sh"
+setsid bash "{tmp_path}/job-$$.sh" > "{tmp_path}/job-$$.out" 2>&1 &
+echo "sbatch $!" >> "{log}"
+echo "Submitted batch job $!"
+""",
+        "scancel": f"""#!/usr/bin/env bash
+echo "scancel $*" >> "{log}"
+for j in "$@"; do kill -TERM -- "-$j" 2>/dev/null; done
+""",
+    }
+    for name, text in scripts.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    slurm = (f'kind = "slurm"\njobs = 1\ntimeout = 120.0\n[cluster.slurm]\ncores = 1\nmemory = "2GB"\n'
+             f'processes = 1\npython = "{sys.executable}"\n'
+             'scheduler_options = {host = "127.0.0.1", dashboard_address = "127.0.0.1:0"}\n')
+    cfg = inputs / "slurm.toml"
+    cfg.write_text(CONFIG.format(out="result.npy").replace('kind = "local"\nn_workers = 1', slurm))
+    result = run(cfg)
+    assert result.exit_code == 0, result.output
+    lines = log.read_text().split()
+    job = lines[lines.index("sbatch") + 1]
+    assert ["scancel", job] == lines[lines.index("scancel"):lines.index("scancel") + 2], lines  # its job cancelled
+    assert np.load(inputs / "result.npy").shape == (1, 3, 48, 48)
