@@ -184,7 +184,7 @@ def main() -> None:
     model = bundled_denoiser()
     n = args.iterations
     results = {}
-    with dr.DistributedContext(n_workers=2, threads_per_worker=1, dashboard_address=":0", seed=0) as ctx:
+    with dr.DistributedContext(n_workers=2, threads_per_worker=1, dashboard_address="127.0.0.1:0", seed=0) as ctx:
         x_true, ops, y = blur_problem(args.size)
         blur = {
             "daskrecon pnp": ("dr", "pnp", n, {}),

@@ -71,11 +71,11 @@ def main() -> None:
         d["torch_threads_per_worker"] = sorted(ctx.client.run(torch.get_num_threads).values())
         return d  # the operators are released with this frame, before the next variant
 
-    with dr.DistributedContext(n_workers=args.workers, threads_per_worker=1, dashboard_address=":0") as ctx:
+    with dr.DistributedContext(n_workers=args.workers, threads_per_worker=1, dashboard_address="127.0.0.1:0") as ctx:
         for name, fast in (("daskrecon", True), ("daskrecon_fast_operators_off", False)):
             results[name] = time_daskrecon(ctx, fast)
     if args.malloc_safe:
-        with dr.DistributedContext(n_workers=args.workers, threads_per_worker=1, dashboard_address=":0",
+        with dr.DistributedContext(n_workers=args.workers, threads_per_worker=1, dashboard_address="127.0.0.1:0",
                                    malloc="safe") as ctx:
             results["daskrecon_malloc_safe"] = time_daskrecon(ctx, True)
 

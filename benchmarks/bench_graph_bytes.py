@@ -53,7 +53,7 @@ def _run(size: int, staged: bool) -> list[int]:
     if not staged:
         engine.stage_inputs, engine.remove_staged_inputs = (lambda p, s: p), (lambda p, s: None)
     try:
-        with dr.DistributedContext(n_workers=2, threads_per_worker=1, dashboard_address=":0") as ctx, \
+        with dr.DistributedContext(n_workers=2, threads_per_worker=1, dashboard_address="127.0.0.1:0") as ctx, \
                 tempfile.TemporaryDirectory() as tmp:
             model = dinv.models.DnCNN(1, 1, pretrained=None, depth=3, nf=8).eval()
             dr.reconstruct(dr.distribute(ops, ctx), y, dr.distribute(model, ctx, patch_size=256, overlap=4),

@@ -180,7 +180,7 @@ def main() -> None:
     try:
         with dask.config.set(thresholds), dr.DistributedContext(
             n_workers=args.workers, threads_per_worker=args.threads, memory_limit=args.memory_limit,
-            malloc=args.malloc, dashboard_address=":0",
+            malloc=args.malloc, dashboard_address="127.0.0.1:0",
         ) as ctx, ctx.client.as_current():
             dphys = dr.distribute([blur], ctx)
             dden = dr.distribute(model, ctx, patch_size=512, overlap=4, max_batch_size=1)

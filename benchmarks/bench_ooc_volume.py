@@ -94,7 +94,7 @@ def main() -> None:
     try:
         with dask.config.set(thresholds), dr.DistributedContext(
             n_workers=args.workers, threads_per_worker=args.threads, memory_limit=args.memory_limit,
-            dashboard_address=":0", malloc=args.malloc,
+            dashboard_address="127.0.0.1:0", malloc=args.malloc,
         ) as ctx, ctx.client.as_current():
             dphys = dr.distribute([blur], ctx)
             dden = dr.distribute(bundled_denoiser_3d(), ctx, patch_size=tile, overlap=4, max_batch_size=1)

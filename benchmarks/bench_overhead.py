@@ -71,7 +71,7 @@ def main() -> None:
     loop.pop("_out")
     res["pnp_iteration_plain_deepinv_s"] = loop["median_s"] / args.iterations
 
-    with dr.DistributedContext(n_workers=2, threads_per_worker=1, dashboard_address=":0") as ctx:
+    with dr.DistributedContext(n_workers=2, threads_per_worker=1, dashboard_address="127.0.0.1:0") as ctx:
         dphys = dr.distribute(ops, ctx)
         dfid = dr.distribute(L2(), ctx)
         dfid.grad(x, y, dphys)  # places y once, as a reconstruction would

@@ -27,7 +27,7 @@ def _time_with_malloc(malloc: str, ops, y, model, x_true, args) -> float:
 
     import daskrecon as dr
 
-    with dr.DistributedContext(n_workers=2, threads_per_worker=1, dashboard_address=":0", malloc=malloc) as ctx:
+    with dr.DistributedContext(n_workers=2, threads_per_worker=1, dashboard_address="127.0.0.1:0", malloc=malloc) as ctx:
         dphys = dr.distribute(ops, ctx)
         dden = dr.distribute(model, ctx, patch_size=256, overlap=20)
         run = lambda: dr.reconstruct(dphys, y, dden, n_iter=args.iterations, step_size=0.3,  # noqa: E731
@@ -52,7 +52,7 @@ def main() -> None:
     res = {"workload": vars(args), "machine": machine()}
     res["deepinv_distributed_1proc"] = deepinv_distributed(1, args)
     res["deepinv_distributed_torchrun2"] = deepinv_distributed(2, args)
-    with dr.DistributedContext(n_workers=2, threads_per_worker=1, dashboard_address=":0") as ctx:
+    with dr.DistributedContext(n_workers=2, threads_per_worker=1, dashboard_address="127.0.0.1:0") as ctx:
         dphys = dr.distribute(ops, ctx)
         dden = dr.distribute(model, ctx, patch_size=256, overlap=20)
         dr.reconstruct(dphys, y, dden, n_iter=1, step_size=0.3, x0=torch.zeros_like(x_true), progress=False)  # warm-up

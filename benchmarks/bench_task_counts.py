@@ -93,7 +93,7 @@ def power_method(repeats: int) -> dict:
     linsolve._normal = counted
     res = {}
     try:
-        with dr.DistributedContext(n_workers=2, threads_per_worker=1, dashboard_address=":0") as ctx:
+        with dr.DistributedContext(n_workers=2, threads_per_worker=1, dashboard_address="127.0.0.1:0") as ctx:
             model = dinv.models.DnCNN(3, 3, pretrained=None, depth=2, nf=8).eval()
             den = dr.distribute(model, ctx, patch_size=32, overlap=4)
             for tol in (1e-5, 1e-4):

@@ -55,7 +55,7 @@ def run_case(name: str, repeats: int, workers: int) -> dict:
     res["untiled"] = untiled
     res["deepinv_distributed_1proc"] = deepinv_distributed(1, name, **cfg, repeats=repeats)
     res["deepinv_distributed_torchrun2"] = deepinv_distributed(2, name, **cfg, repeats=repeats)
-    with dr.DistributedContext(n_workers=workers, threads_per_worker=1, dashboard_address=":0") as ctx:
+    with dr.DistributedContext(n_workers=workers, threads_per_worker=1, dashboard_address="127.0.0.1:0") as ctx:
         dden = dr.distribute(model, ctx, patch_size=cfg["patch"], overlap=cfg["overlap"])
         dden(x[..., : 2 * cfg["patch"], : 2 * cfg["patch"]].contiguous(), *args)  # loads the model on the workers
         d = timeit(lambda: dden(x, *args), repeats, warmup=0)
@@ -101,7 +101,7 @@ def run_out_of_core(size: int, workers: int, memory_limit: str, chunk: int) -> d
     thresholds = {"distributed.worker.memory.pause": 0.92, "distributed.worker.memory.terminate": 0.98}
     try:
         with dask.config.set(thresholds), dr.DistributedContext(n_workers=workers, threads_per_worker=1, memory_limit=memory_limit,
-                                   dashboard_address=":0") as ctx, ctx.client.as_current():
+                                   dashboard_address="127.0.0.1:0") as ctx, ctx.client.as_current():
             src, dst = os.path.join(tmp, "in.zarr"), os.path.join(tmp, "out.zarr")
             t0 = time.perf_counter()
             noisy = da.random.default_rng(0).random((1, 1, size, size), chunks=(1, 1, chunk, chunk), dtype="f4")

@@ -95,7 +95,7 @@ def _daskrecon(ops, y, x_true, build, repeats: int, patch: int, overlap: int, me
 
     import daskrecon as dr
 
-    with dr.DistributedContext(n_workers=2, threads_per_worker=1, dashboard_address=":0",
+    with dr.DistributedContext(n_workers=2, threads_per_worker=1, dashboard_address="127.0.0.1:0",
                                memory_limit=memory_limit) as ctx:
         dphys = dr.distribute(ops, ctx)
         model = dr.distribute(build(), ctx, patch_size=patch, overlap=overlap)

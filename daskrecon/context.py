@@ -154,7 +154,7 @@ class DistributedContext(SingleRank):
     Examples
     --------
     >>> import daskrecon as dr
-    >>> with dr.DistributedContext(n_workers=2, processes=False, dashboard_address=":0") as ctx:
+    >>> with dr.DistributedContext(n_workers=2, processes=False, dashboard_address="127.0.0.1:0") as ctx:
     ...     ctx.num_workers, ctx.world_size
     (2, 1)
     """

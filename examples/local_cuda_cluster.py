@@ -20,7 +20,9 @@ if __name__ == "__main__":
     else:
         from dask_cuda import LocalCUDACluster
 
-        cluster = LocalCUDACluster(threads_per_worker=1, rmm_allocator_external_lib_list=["torch"])
+        # dask-cuda's dashboard listens on every interface by default (":8787"): keep it on this machine
+        cluster = LocalCUDACluster(threads_per_worker=1, rmm_allocator_external_lib_list=["torch"],
+                                   dashboard_address="127.0.0.1:8787")
         with dr.DistributedContext(cluster, device_mode="gpu") as ctx:
             print(ctx, ctx.device)
             x_true, ops, y = demo_problem(1024)

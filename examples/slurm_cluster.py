@@ -24,11 +24,14 @@ def make_cluster(jobs: int = 4) -> SLURMCluster:
         job_script_prologue=["module load cuda", f"source {os.environ.get('VIRTUAL_ENV', '~/venv')}/bin/activate"],
         worker_extra_args=["--resources", "GPU=1", "--lifetime", "115m", "--lifetime-stagger", "4m"],
         log_directory="dask-logs",
+        # The scheduler must be reachable from the compute nodes; its dashboard need not be:
+        # open it through an SSH tunnel (ssh -L 8787:127.0.0.1:8787 login-node).
+        scheduler_options={"dashboard_address": "127.0.0.1:8787"},
     )
     return cluster
 
 
-if __name__ == "__main__" and os.environ.get("SLURM_JOB_ID") is not None or os.environ.get("DASKRECON_RUN_SLURM"):
+if __name__ == "__main__" and (os.environ.get("SLURM_JOB_ID") is not None or os.environ.get("DASKRECON_RUN_SLURM")):
     import daskrecon as dr
     from daskrecon.demo import demo_problem
     from daskrecon.models import bundled_denoiser

@@ -25,7 +25,7 @@ if __name__ == "__main__":
     ops = [Blur(filter=gaussian_blur(sigma=(s, s)), padding="circular") for s in (1.0, 1.5, 2.0)]
     x = torch.rand(1, 3, 64, 64)
     y = [op.A(x) for op in ops]
-    with dr.DistributedContext(n_workers=2, dashboard_address=":0") as ctx:
+    with dr.DistributedContext(n_workers=2, dashboard_address="127.0.0.1:0") as ctx:
         problem, x0 = plan_problem(dr.distribute(ops, ctx), y, dr.distribute(DnCNN(3, 3, depth=3, nf=8, pretrained=None),
                                                                            ctx, patch_size=32, overlap=4),
                                    data_fidelity=None, x0=x, x_true=None, sigma_denoiser=0.05, chunks=(32, 32))

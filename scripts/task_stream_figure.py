@@ -35,7 +35,7 @@ def kind(key) -> str:
 
 if __name__ == "__main__":
     ops, y, model, x_true = problem(512)
-    with dr.DistributedContext(n_workers=2, dashboard_address=":0") as ctx:
+    with dr.DistributedContext(n_workers=2, dashboard_address="127.0.0.1:0") as ctx:
         dphys, dden = dr.distribute(ops, ctx), dr.distribute(model, ctx, patch_size=256, overlap=20)
         run = lambda cb=None: dr.reconstruct(dphys, y, dden, n_iter=3, step_size=0.3,  # noqa: E731
                                              x0=torch.zeros_like(x_true), progress=False, callback=cb)

@@ -26,7 +26,7 @@ def ctx():
     """Two worker processes, one thread each: a real multi-process cluster."""
     import daskrecon as dr
 
-    with dr.DistributedContext(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as c:
+    with dr.DistributedContext(n_workers=2, threads_per_worker=1, processes=True, dashboard_address="127.0.0.1:0") as c:
         yield c
 
 
@@ -36,7 +36,7 @@ def ctx_block():
     import daskrecon as dr
 
     with dr.DistributedContext(n_workers=2, threads_per_worker=1, processes=True, sharding="block",
-                               dashboard_address=":0") as c:
+                               dashboard_address="127.0.0.1:0") as c:
         yield c
 
 
@@ -49,7 +49,7 @@ def _seed():
 def ctx1():
     import daskrecon as dr
 
-    with dr.DistributedContext(n_workers=1, processes=True, dashboard_address=":0", torch_threads=1) as c:
+    with dr.DistributedContext(n_workers=1, processes=True, dashboard_address="127.0.0.1:0", torch_threads=1) as c:
         yield c
 
 
@@ -57,5 +57,5 @@ def ctx1():
 def ctx3():
     import daskrecon as dr
 
-    with dr.DistributedContext(n_workers=3, processes=True, dashboard_address=":0", torch_threads=1) as c:
+    with dr.DistributedContext(n_workers=3, processes=True, dashboard_address="127.0.0.1:0", torch_threads=1) as c:
         yield c

@@ -14,7 +14,7 @@ from helpers import small_dncnn
 
 def guide_example(clean_image, denoiser, num_iterations=4, lr=1.0):
     """The guide's quick start, verbatim but for the denoiser."""
-    with DistributedContext(seed=42, n_workers=2, dashboard_address=":0") as ctx:
+    with DistributedContext(seed=42, n_workers=2, dashboard_address="127.0.0.1:0") as ctx:
         kernels = [
             gaussian_blur(sigma=1.0),
             gaussian_blur(sigma=2.0),
@@ -58,7 +58,7 @@ def test_quick_start_matches_a_plain_deepinv_loop():
 def test_signal_store_and_shape_check(tmp_path):
     from daskrecon import DistributedSignal
 
-    with DistributedContext(n_workers=1, processes=False, dashboard_address=":0") as ctx:
+    with DistributedContext(n_workers=1, processes=False, dashboard_address="127.0.0.1:0") as ctx:
         s = DistributedSignal(ctx, (1, 1, 4, 4), store=str(tmp_path / "sig"))
         s.update_(torch.ones(1, 1, 4, 4))
         s.update_(2 * torch.ones(1, 1, 4, 4))

@@ -19,12 +19,26 @@ def test_local_cluster_attributes_and_threads(ctx):
     assert len(set(ctx.owners(4))) == 2
 
 
+def test_a_default_context_listens_on_this_machine_only():
+    """Scheduler, dashboard, nannies, workers and their HTTP servers: every listening socket on loopback."""
+    import os
+
+    import psutil
+
+    with dr.DistributedContext(n_workers=2) as c:  # every default, as the examples and the demo use it
+        pids = {os.getpid(), *c.client.run(os.getpid).values(), *c.client.run(os.getpid, nanny=True).values()}
+        listening = [(pid, conn.laddr) for pid in pids for conn in psutil.Process(pid).net_connections(kind="inet")
+                     if conn.status == psutil.CONN_LISTEN]
+    assert {pid for pid, _ in listening} == pids and len(pids) == 5, listening  # driver (scheduler), 2 nannies, 2 workers
+    assert all(addr.ip in ("127.0.0.1", "::1") for _, addr in listening), listening
+
+
 def test_closes_only_what_it_started():
-    with dr.DistributedContext(n_workers=1, processes=False, dashboard_address=":0") as c:
+    with dr.DistributedContext(n_workers=1, processes=False, dashboard_address="127.0.0.1:0") as c:
         cluster = c.cluster
         assert cluster.status.name == "running"
     assert cluster.status.name == "closed"
-    with LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as cl, Client(cl) as client:
+    with LocalCluster(n_workers=1, processes=False, dashboard_address="127.0.0.1:0") as cl, Client(cl) as client:
         with dr.DistributedContext(client) as c:
             assert c.client is client
         assert client.status == "running"
@@ -79,7 +93,7 @@ def test_workers_malloc_settings(ctx):
     assert all(ctx.client.run(lambda dask_worker: "daskrecon-trim" in dask_worker.plugins).values())
     # "safe": distributed's trim is kept (an earlier version dropped it: RSS never came down and a
     # memory-limited worker paused for good).
-    with dr.DistributedContext(n_workers=1, malloc="safe", dashboard_address=":0") as safe:
+    with dr.DistributedContext(n_workers=1, malloc="safe", dashboard_address="127.0.0.1:0") as safe:
         assert all(v[0] == "65536" for v in safe.client.run(read).values())
     with pytest.raises(ValueError, match="malloc must be one of"):
         dr.DistributedContext(malloc="jemalloc")
@@ -105,7 +119,7 @@ def test_worker_list_does_not_race_the_clients_refresh():
     from daskrecon.memory import MemoryLimitError, check_fits
 
     with dask.config.set({"distributed.client.scheduler-info-interval": "1ms"}):  # refresh all the time
-        with dr.DistributedContext(n_workers=2, processes=False, memory_limit="1GiB", dashboard_address=":0") as c:
+        with dr.DistributedContext(n_workers=2, processes=False, memory_limit="1GiB", dashboard_address="127.0.0.1:0") as c:
             for _ in range(200):
                 assert len(c.workers()) == 2
                 assert len(c.worker_threads()) == 2

@@ -77,7 +77,7 @@ def test_results_are_bitwise_the_same_on_1_2_3_workers_and_in_either_storage(ctx
 def test_workers_joining_and_leaving_mid_run_change_nothing():
     """An adaptive cluster (dask-jobqueue) adds and retires workers during a reconstruction."""
     ops, x_true, y, model = _problem(size=64)
-    with dr.DistributedContext(n_workers=1, dashboard_address=":0", torch_threads=1) as ctx:
+    with dr.DistributedContext(n_workers=1, dashboard_address="127.0.0.1:0", torch_threads=1) as ctx:
         cluster, client = ctx.cluster, ctx.client
 
         def run(callback=None):

@@ -8,21 +8,36 @@ import pytest
 EXAMPLES = sorted((Path(__file__).parents[1] / "examples").glob("*.py"))
 
 
+def _no_slurm(env: dict) -> dict:
+    """The environment without what would make the SLURM example submit jobs (inside a SLURM job, say)."""
+    return {k: v for k, v in env.items() if not (k.startswith("SLURM_") or k == "DASKRECON_RUN_SLURM")}
+
+
 @pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.name)
 def test_example_runs(script, tmp_path):
-    env = dict(os.environ, DASKRECON_EXAMPLE_SIZE="64", MPLBACKEND="Agg")
+    env = dict(_no_slurm(os.environ), DASKRECON_EXAMPLE_SIZE="64", MPLBACKEND="Agg")
     out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=240)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
 
 
-def test_slurm_job_script_without_slurm():
-    pytest.importorskip("dask_jobqueue")  # the [hpc] extra; installed by the [test] extra too
+def test_slurm_job_script_without_slurm(monkeypatch):
+    dask_jobqueue = pytest.importorskip("dask_jobqueue")  # the [hpc] extra; installed by the [test] extra too
     import importlib.util
 
+    for k in list(os.environ):
+        if k.startswith("SLURM_"):
+            monkeypatch.delenv(k)
+    # Importing the example never submits jobs, even where DASKRECON_RUN_SLURM is set (its guard read
+    # `A and B or C`, so an import with the variable set submitted 4 jobs).
+    monkeypatch.setenv("DASKRECON_RUN_SLURM", "1")
+    built = []
+    real = dask_jobqueue.SLURMCluster
+    monkeypatch.setattr(dask_jobqueue, "SLURMCluster", lambda *a, **k: built.append(k) or real(*a, **k))
     spec = importlib.util.spec_from_file_location("slurm_example", EXAMPLES[0].parent / "slurm_cluster.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    assert built == []
     cluster = module.make_cluster()
     try:
         script = cluster.job_script()
@@ -31,6 +46,17 @@ def test_slurm_job_script_without_slurm():
     assert "#SBATCH --gres=gpu:1" in script and "#SBATCH -t 02:00:00" in script
     assert "--resources GPU=1" in script and "module load cuda" in script
     assert "distributed.cli.dask_worker" in script
+    assert built[0]["scheduler_options"]["dashboard_address"].startswith("127.0.0.1:")
+
+
+def test_the_cuda_example_keeps_its_dashboard_on_this_machine():
+    """LocalCUDACluster cannot start here (no GPU): its call is read from the example's source."""
+    import ast
+
+    tree = ast.parse((EXAMPLES[0].parent / "local_cuda_cluster.py").read_text())
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "LocalCUDACluster"]
+    assert calls and all(any(k.arg == "dashboard_address" and ast.literal_eval(k.value).startswith("127.0.0.1:")
+                             for k in c.keywords) for c in calls)
 
 
 def test_notebook_runs_in_a_jupyter_kernel(tmp_path):

@@ -11,7 +11,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def test_gpu_context_places_operators_and_models_on_the_gpu():
-    with dr.DistributedContext(device_mode="gpu", dashboard_address=":0") as ctx:
+    with dr.DistributedContext(device_mode="gpu", dashboard_address="127.0.0.1:0") as ctx:
         assert ctx.device.type == "cuda"
         d = dr.distribute(blurs(3), ctx)
         devices = d.map_operators(lambda o: str(next(o.buffers()).device))

@@ -24,7 +24,7 @@ def _trims(dask_worker=None):
 def test_freed_memory_returns_to_the_os_under_pressure():
     limit = int(2.5 * 2**30)
     threshold = TrimUnderPressure().fraction * limit
-    with dr.DistributedContext(n_workers=1, processes=True, dashboard_address=":0", torch_threads=1,
+    with dr.DistributedContext(n_workers=1, processes=True, dashboard_address="127.0.0.1:0", torch_threads=1,
                                memory_limit=limit, malloc="fast") as ctx:
         client = ctx.client
         assert list(client.run(_trims).values()) == [0]

@@ -29,7 +29,7 @@ def test_bundled_3d_denoiser_denoises_held_out_volumes_and_tiles_exactly():
     assert torch.mean((whole - x) ** 2) < 0.25 * torch.mean((y - x) ** 2)  # > 6 dB better
     # .compute() must run on this cluster: without as_current() dask takes the process's latest client,
     # in the full suite another test's cluster, where the model was never sent ("has not reached this worker")
-    with dr.DistributedContext(n_workers=1, processes=True, dashboard_address=":0", torch_threads=1) as ctx:
+    with dr.DistributedContext(n_workers=1, processes=True, dashboard_address="127.0.0.1:0", torch_threads=1) as ctx:
         d = dr.distribute(model, ctx, patch_size=12, overlap=4)  # kept: its lazy arrays need it alive
         with ctx.client.as_current():
             tiled = d(da.from_array(y.numpy(), chunks=(1, 1, 20, 20, 20))).compute()

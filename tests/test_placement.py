@@ -45,7 +45,7 @@ def inc(v):
 
 @pytest.fixture(scope="module")
 def busy_ctx():
-    with dr.DistributedContext(n_workers=2, processes=True, dashboard_address=":0", torch_threads=1) as c:
+    with dr.DistributedContext(n_workers=2, processes=True, dashboard_address="127.0.0.1:0", torch_threads=1) as c:
         yield c
 
 
@@ -151,7 +151,7 @@ def test_tasks_for_a_departed_owner_run_elsewhere(busy_ctx):
 def test_owners_follow_the_cluster_when_it_grows():
     """Workers joining take over operators (fewest moves, no worker above ceil(n/w)); the old owner
     drops what it gave away; results stay bitwise the same."""
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster, \
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0") as cluster, \
             Client(cluster) as client, dr.DistributedContext(client) as ctx:
         ops = [dinv.physics.Blur(filter=gaussian_blur(sigma=(1.0 + 0.5 * i, 1.0)), padding="circular")
                for i in range(4)]

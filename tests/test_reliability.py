@@ -15,7 +15,7 @@ from helpers import SlowBlur, noisy_measurements, small_dncnn
 
 @pytest.fixture(scope="module")
 def nanny_ctx():
-    with dr.DistributedContext(n_workers=2, processes=True, dashboard_address=":0", torch_threads=1) as c:
+    with dr.DistributedContext(n_workers=2, processes=True, dashboard_address="127.0.0.1:0", torch_threads=1) as c:
         yield c
 
 
@@ -136,7 +136,7 @@ def test_single_worker_killed_mid_call():
     ops = [SlowBlur(1.0 + 0.5 * i, 0.0) for i in range(4)]
     x = torch.rand(1, 3, 32, 32)
     y = noisy_measurements(ops, torch.rand(1, 3, 32, 32))
-    with dr.DistributedContext(n_workers=1, processes=True, dashboard_address=":0", torch_threads=1) as ctx:
+    with dr.DistributedContext(n_workers=1, processes=True, dashboard_address="127.0.0.1:0", torch_threads=1) as ctx:
         f = dr.distribute(L2(), ctx)
         expected = f.grad(x, y, dr.distribute(ops, ctx, fast_operators=False))
         d = dr.distribute([SlowBlur(1.0 + 0.5 * i, 0.5) for i in range(4)], ctx, fast_operators=False)

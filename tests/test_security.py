@@ -18,7 +18,7 @@ def test_a_tls_cluster_runs_a_gradient():
     sec = Security.temporary()  # self-signed CA, certificate and key, encryption required
     assert sec.require_encryption
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, security=sec, protocol="tls",
-                      dashboard_address=":0", host="127.0.0.1") as cluster, Client(cluster, security=sec) as client:
+                      dashboard_address="127.0.0.1:0", host="127.0.0.1") as cluster, Client(cluster, security=sec) as client:
         assert client.scheduler.address.startswith("tls://")
         workers = scheduler_workers(client)
         assert len(workers) == 1 and all(a.startswith("tls://") for a in workers)

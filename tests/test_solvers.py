@@ -166,7 +166,7 @@ sys.path.insert(0, {tests!r})
 import daskrecon as dr
 from helpers import run_solver
 if __name__ == "__main__":
-    with dr.DistributedContext(n_workers=2, dashboard_address=":0", torch_threads=1) as ctx:
+    with dr.DistributedContext(n_workers=2, dashboard_address="127.0.0.1:0", torch_threads=1) as ctx:
         run_solver(ctx, checkpoint={ckpt!r}, callback=lambda k, x: time.sleep(0.5))
 """
 

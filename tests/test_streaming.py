@@ -141,7 +141,7 @@ sys.path.insert(0, {tests!r})
 import daskrecon as dr
 from helpers import run_solver
 if __name__ == "__main__":
-    with dr.DistributedContext(n_workers=2, dashboard_address=":0", torch_threads=1) as ctx, ctx.client.as_current():
+    with dr.DistributedContext(n_workers=2, dashboard_address="127.0.0.1:0", torch_threads=1) as ctx, ctx.client.as_current():
         run_solver(ctx, checkpoint={ckpt!r}, chunked=True, callback=lambda k, x: time.sleep(0.2))
 """
 

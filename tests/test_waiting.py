@@ -35,7 +35,7 @@ def use(obj):
 
 @pytest.fixture(scope="module")
 def cluster():
-    with dr.DistributedContext(n_workers=2, processes=True, dashboard_address=":0", torch_threads=1) as c:
+    with dr.DistributedContext(n_workers=2, processes=True, dashboard_address="127.0.0.1:0", torch_threads=1) as c:
         yield c
 
 
@@ -95,7 +95,7 @@ def test_waiting_on_many_futures_keeps_one_waiter_per_future(cluster):
 
 def test_a_worker_that_never_answers_raises_stalled():
     """A frozen worker (SIGSTOP) holds a task for ever; the call gives up after stall_timeout."""
-    with dr.DistributedContext(n_workers=1, processes=True, dashboard_address=":0", torch_threads=1,
+    with dr.DistributedContext(n_workers=1, processes=True, dashboard_address="127.0.0.1:0", torch_threads=1,
                                stall_timeout=4) as ctx:
         d = dr.distribute([SlowBlur(1.0, delay=3.0)], ctx, fast_operators=False)
         x = torch.rand(1, 3, 16, 16)
@@ -122,7 +122,7 @@ def test_a_worker_that_never_answers_raises_stalled():
 def test_fetching_finished_results_from_a_frozen_worker_raises_stalled():
     """The tasks are done, but the worker holding their results stops answering: the fetch itself
     must give up after stall_timeout, not wait for ever."""
-    with dr.DistributedContext(n_workers=1, processes=True, dashboard_address=":0", torch_threads=1) as ctx:
+    with dr.DistributedContext(n_workers=1, processes=True, dashboard_address="127.0.0.1:0", torch_threads=1) as ctx:
         client = ctx.client
         futures = client.map(nap, range(4), pure=False)
         wait(futures)
