@@ -38,7 +38,7 @@ from daskrecon.context import scheduler_workers
 from daskrecon.placement import release_everywhere
 from daskrecon.reduction import tree_reduce
 from daskrecon.sharding import balance_loads
-from daskrecon.strategies import DistributedSignalStrategy, OverlapTilingStrategy, create_strategy
+from daskrecon.strategies import DistributedSignalStrategy, OverlapTilingStrategy, check_sizes, create_strategy
 from daskrecon.tiling import default_batch
 from daskrecon.waiting import bounded
 
@@ -218,11 +218,12 @@ class DistributedProcessing(torch.nn.Module):
                             f"got {type(strategy).__name__}")
         if max_batch_size is not None and (not isinstance(max_batch_size, int) or max_batch_size < 1):
             raise ValueError(f"max_batch_size must be a positive int or None, got {max_batch_size!r}")
-        for name, v in (("patch_size", patch_size), ("overlap", overlap)):
-            vals = [v] if isinstance(v, int) else list(v)
-            if any((not isinstance(a, int)) or a < (1 if name == "patch_size" else 0) for a in vals):
-                raise ValueError(f"{name} must be {'positive' if name == 'patch_size' else 'non-negative'} "
-                                 f"int(s), got {v!r}")
+        check_sizes(patch_size, "patch_size", 1)
+        check_sizes(overlap, "overlap", 0)
+        if tiling_dims is not None and not (
+                isinstance(tiling_dims, int) or (isinstance(tiling_dims, (list, tuple)) and
+                                                 all(isinstance(d, int) for d in tiling_dims))):
+            raise ValueError(f"tiling_dims must be an int or a sequence of ints, got {tiling_dims!r}")
         self.ctx = ctx
         self.processor = processor
         self.strategy = strategy
@@ -391,9 +392,14 @@ class DistributedProcessing(torch.nn.Module):
         return self._limits[1]
 
     def _release_kept(self, call_id: str, nbytes: int) -> None:
-        """Drop a forward's kept activations on every worker (its backward ran, or never will)."""
+        """Drop a forward's kept activations on every worker (its backward ran, or never will).
+
+        Runs from a finalizer, possibly after the context closed (a result that outlived it, freed
+        at interpreter exit): then there is no cluster to tell, and nothing to say.
+        """
         self._kept_live = max(0, self._kept_live - nbytes)
-        release_everywhere(self.ctx.client, denoising_tasks.release_kept, call_id)
+        if self.ctx.started:
+            release_everywhere(self.ctx.client, denoising_tasks.release_kept, call_id)
 
     def fingerprint(self) -> str:
         """A hash of the pickled model (weights included)."""

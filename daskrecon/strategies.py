@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
@@ -85,23 +86,47 @@ class DistributedSignalStrategy(ABC):
         return processed
 
 
-def _per_dim(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
-    if isinstance(value, int):
-        return (value,) * n
-    value = tuple(int(v) for v in value)
-    if len(value) != n:
-        raise ValueError(f"{name} has {len(value)} entries for {n} tiled dimensions")
-    return value
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def check_sizes(value: Any, name: str, minimum: int) -> tuple[int, ...]:
+    """``value`` (an int or a sequence of ints, each at least ``minimum``) as a tuple; a clear error otherwise.
+
+    A float (``patch_size=16.0``) or a bool is refused rather than truncated or iterated.
+    """
+    vals = (value,) if not isinstance(value, (list, tuple)) else tuple(value)
+    if not vals or not all(_is_int(v) and v >= minimum for v in vals):
+        what = "positive" if minimum >= 1 else "non-negative"
+        raise ValueError(f"{name} must be a {what} int or a sequence of {what} ints (one per tiled dimension), "
+                         f"got {value!r}")
+    return tuple(int(v) for v in vals)
+
+
+def _per_dim(value: int | Sequence[int], n: int, name: str, minimum: int = 1) -> tuple[int, ...]:
+    vals = check_sizes(value, name, minimum)
+    if not isinstance(value, (list, tuple)):
+        return vals * n
+    if len(vals) != n:
+        raise ValueError(f"{name} has {len(vals)} entries for {n} tiled dimensions")
+    return vals
 
 
 def _tiling_dims(img_size: torch.Size, tiling_dims: int | Sequence[int] | None) -> tuple[int, ...]:
+    """The tiled dimensions, each in ``[-ndim, ndim)`` as indexing allows, made non-negative; never wrapped."""
     nd = len(img_size)
     if tiling_dims is None:
         dims = tuple(range(2, nd))  # every spatial dim: (B, C, *spatial)
-    elif isinstance(tiling_dims, int):
+    elif _is_int(tiling_dims):
         dims = (tiling_dims,)
-    else:
+    elif isinstance(tiling_dims, (list, tuple)) and all(_is_int(d) for d in tiling_dims):
         dims = tuple(tiling_dims)
+    else:
+        raise ValueError(f"tiling_dims must be an int or a sequence of ints, got {tiling_dims!r}")
+    outside = [d for d in dims if not -nd <= d < nd]
+    if outside:
+        raise ValueError(f"tiling_dims {tiling_dims!r} names dimension(s) {outside} that a {nd}-D signal of shape "
+                         f"{tuple(img_size)} does not have (valid: {-nd}..{nd - 1})")
     dims = tuple(sorted(d % nd for d in dims))
     if not dims or len(set(dims)) != len(dims):
         raise ValueError(f"tiling_dims {tiling_dims!r} must name distinct dimensions of a {nd}-D signal")
@@ -167,7 +192,7 @@ class OverlapTilingStrategy(DistributedSignalStrategy):
         n = len(self.tiling_dims)
         self.align = int(align)
         self.patch_size = tuple(round_up(p, self.align) for p in _per_dim(patch_size, n, "patch_size"))
-        self.overlap = tuple(round_up(o, self.align) for o in _per_dim(overlap, n, "overlap"))
+        self.overlap = tuple(round_up(o, self.align) for o in _per_dim(overlap, n, "overlap", minimum=0))
         self.blend = blend
         self.uniform_windows = uniform_windows
         spatial = tuple(self.img_size[d] for d in self.tiling_dims)

@@ -418,3 +418,24 @@ def test_second_derivatives_through_the_denoiser_are_refused(ctx):
     x = torch.rand(1, 1, 30, 30, requires_grad=True)
     with pytest.raises(NotImplementedError, match="second derivatives through the tiled denoiser"):
         torch.autograd.grad(d(x).sum(), x, create_graph=True)
+
+
+def test_a_result_that_outlives_its_context_leaves_nothing_on_stderr(tmp_path):
+    """The kept activations of a forward with gradients are released by a finalizer: after the context
+    closed (here at interpreter exit) it has no cluster to tell, and says nothing."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "outlives.py"
+    script.write_text(
+        "import torch\n"
+        "import daskrecon as dr\n"
+        "from deepinv.models import DnCNN\n"
+        "with dr.DistributedContext(n_workers=1, dashboard_address='127.0.0.1:0') as ctx:\n"
+        "    den = dr.distribute(DnCNN(3, 3, depth=2, nf=4, pretrained=None), ctx, patch_size=16, overlap=4)\n"
+        "    out = den(torch.rand(1, 3, 32, 32, requires_grad=True), 0.05)\n"
+        "assert out.grad_fn is not None\n"
+        "print('done')\n")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "done", run.stderr[-2000:]
+    assert "Traceback" not in run.stderr and "Exception ignored" not in run.stderr, run.stderr[-2000:]

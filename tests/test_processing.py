@@ -205,8 +205,17 @@ def test_bad_input(ctx):
         dr.distribute(model, ctx, tiling_strategy="fancy")
     with pytest.raises(ValueError, match="max_batch_size must be a positive int"):
         dr.distribute(model, ctx, max_batch_size=0)
-    with pytest.raises(ValueError, match="overlap must be non-negative"):
+    with pytest.raises(ValueError, match="overlap must be a non-negative int"):
         dr.distribute(model, ctx, overlap=-1)
+    for bad in (16.0, True, (16, "a"), ()):  # refused, not truncated or iterated ('float' object is not iterable)
+        with pytest.raises(ValueError, match=r"patch_size must be a positive int or a sequence of positive ints"):
+            dr.distribute(model, ctx, patch_size=bad)
+    with pytest.raises(ValueError, match="tiling_dims must be an int or a sequence of ints"):
+        dr.distribute(model, ctx, tiling_dims="HW")
+    for dims in (4, 5, (-5,), (2, 4)):  # never wrapped onto another axis (5 used to tile the channels)
+        beyond = dr.distribute(model, ctx, patch_size=16, overlap=8, tiling_dims=dims)
+        with pytest.raises(ValueError, match=r"names dimension\(s\) \[-?\d\] that a 4-D signal .* \(valid: -4..3\)"):
+            beyond(torch.rand(1, 3, 32, 32))
     d = dr.distribute(model, ctx, patch_size=16, overlap=8)
     with pytest.raises(ShapeError, match=r"chunks along axis 2 \(4 px\) are smaller than overlap=8"):
         d(da.zeros((1, 3, 40, 40), chunks=(1, 3, 4, 40), dtype=np.float32))
