@@ -198,7 +198,7 @@ def adjoint_sum(problem: Any, *, scale: float = 1.0) -> da.Array:
             leaves.append(form.adjoint(y, problem.chunks))
         else:
             owner = owners[i]
-            a = placed(operator_tasks.adjoint_op, owner, [physics.objects.ref(i, owner)], y, {},
+            a = placed(operator_tasks.adjoint_op, owner, [physics.objects.ref(i, owner)], y, {}, True,
                        name=f"operator-adjoint-{i}-{tag}")
             leaves.append(da.from_delayed(a, problem.shape, dtype=problem.dtype).rechunk(problem.chunks))
     total = tree_sum([leaf.astype(problem.dtype) for leaf in leaves], ctx.fan_in, f"tree-sum-{tag}")

@@ -301,7 +301,7 @@ def _x_shape(local: list, y_shapes: list) -> tuple[int, ...]:
 def _whole_start(ctx: DistributedContext, physics: DistributedPhysics, ys: list) -> da.Array:
     """``Aᵀy / N`` computed whole on the workers (it stays there), as a one-chunk dask array."""
     owners, tag = physics.owners, graph.token("start")
-    leaves = [graph.placed(operator_tasks.adjoint_op, owners[i], [physics.objects.ref(i, owners[i])], y, {},
+    leaves = [graph.placed(operator_tasks.adjoint_op, owners[i], [physics.objects.ref(i, owners[i])], y, {}, True,
                            name=f"operator-adjoint-{i}-{tag}") for i, y in enumerate(ys)]
     total = graph.tree_sum(leaves, ctx.fan_in, f"tree-sum-{tag}")
     with dask.config.set({"optimization.fuse.active": False}):

@@ -1,4 +1,9 @@
-"""Per-operator tasks: ``A_i``, ``A_iᵀ``, vector-Jacobian products, norms, pseudo-inverses."""
+"""Per-operator tasks: ``A_i``, ``A_iᵀ``, vector-Jacobian products, norms, pseudo-inverses.
+
+These back the public operator methods of the distributed physics, so each runs the operator
+as the user built it (:func:`daskrecon.operators.original`): bit for bit deepinv's own
+computation. ``fast=True`` (the engine's start ``Aᵀy/N``) takes a worker's faster substitute.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import torch
 from deepinv.physics import LinearPhysics
 
 from daskrecon.local import local_form
+from daskrecon.operators import original
 from daskrecon.tasks.arrays import module_device, to_numpy, to_tensor, worker_device
 
 __all__ = ["adjoint_A_op", "adjoint_op", "build_measurement", "dagger_op", "describe", "forward_op", "local_form_of",
@@ -38,6 +44,7 @@ def _seeded(seed: int | None):
 
 def forward_op(op: torch.nn.Module, x: np.ndarray, kwargs: dict, seed: int | None, noise: bool) -> np.ndarray:
     """``A_i(x)`` (``noise=False``) or ``forward_i(x)`` with noise drawn from ``seed``."""
+    op = original(op)
     dev = module_device(op)
     with torch.no_grad(), _seeded(seed):
         xt = to_tensor(x, dev)
@@ -45,8 +52,9 @@ def forward_op(op: torch.nn.Module, x: np.ndarray, kwargs: dict, seed: int | Non
     return to_numpy(out)
 
 
-def adjoint_op(op: torch.nn.Module, y: np.ndarray, kwargs: dict) -> np.ndarray:
-    """``A_iᵀ y_i``."""
+def adjoint_op(op: torch.nn.Module, y: np.ndarray, kwargs: dict, fast: bool = False) -> np.ndarray:
+    """``A_iᵀ y_i`` (``fast``: by the worker's substitute, if any)."""
+    op = op if fast else original(op)
     dev = module_device(op)
     with torch.no_grad():
         return to_numpy(op.A_adjoint(to_tensor(y, dev), **kwargs))
@@ -54,6 +62,7 @@ def adjoint_op(op: torch.nn.Module, y: np.ndarray, kwargs: dict) -> np.ndarray:
 
 def vjp_op(op: torch.nn.Module, x: np.ndarray, v: np.ndarray) -> np.ndarray:
     """``(∂A_i/∂x)ᵀ v_i``; by autograd when the operator is not linear."""
+    op = original(op)
     dev = module_device(op)
     xt, vt = to_tensor(x, dev), to_tensor(v, dev)
     with torch.enable_grad():
@@ -64,6 +73,7 @@ def vjp_backward_op(op: torch.nn.Module, x: np.ndarray, v: np.ndarray, g: np.nda
                     wrt_x: bool) -> tuple[np.ndarray | None, np.ndarray]:
     """The backward of ``(x, v) ↦ (∂A_i/∂x)ᵀ v`` at cotangent ``g``, by autograd through the operator's
     own ``A_vjp``: ``(∂⟨g, (∂A_i/∂x)ᵀ v⟩/∂x`` (``None`` unless ``wrt_x``), ``(∂A_i/∂x) g)``."""
+    op = original(op)
     dev = module_device(op)
     xt = to_tensor(x, dev).requires_grad_(wrt_x)
     vt = to_tensor(v, dev).requires_grad_(True)
@@ -76,6 +86,7 @@ def vjp_backward_op(op: torch.nn.Module, x: np.ndarray, v: np.ndarray, g: np.nda
 
 def adjoint_A_op(op: torch.nn.Module, x: np.ndarray, kwargs: dict) -> np.ndarray:
     """``A_iᵀ A_i x``."""
+    op = original(op)
     dev = module_device(op)
     with torch.no_grad():
         return to_numpy(op.A_adjoint_A(to_tensor(x, dev), **kwargs))
@@ -83,6 +94,7 @@ def adjoint_A_op(op: torch.nn.Module, x: np.ndarray, kwargs: dict) -> np.ndarray
 
 def sqnorm_op(op: torch.nn.Module, x0: np.ndarray, max_iter: int, tol: float) -> float:
     """``‖A_i‖²`` by the operator's own power method."""
+    op = original(op)
     dev = module_device(op)
     with torch.no_grad():
         out = op.compute_sqnorm(to_tensor(x0, dev), max_iter=max_iter, tol=tol, verbose=False)
@@ -104,6 +116,7 @@ def dagger_op(op: torch.nn.Module, y: np.ndarray, kwargs: dict) -> np.ndarray:
     Solver options are passed only where the operator's ``A_dagger`` names them (a
     closed-form pseudo-inverse such as ``BlurFFT``'s takes none).
     """
+    op = original(op)
     named = inspect.signature(op.A_dagger).parameters
     kwargs = {k: v for k, v in kwargs.items() if k in named}
     dev = module_device(op)
