@@ -296,44 +296,47 @@ def denoiser_call(proc: Any, x: torch.Tensor, method: str, args: tuple, kwargs: 
 
 # ---------------------------------------------------------------------------------------- parameters
 class DistributedReplicatedParameters:
-    """deepinv 0.5's gradient-synchronised parameters, for scripts that use them.
+    """deepinv 0.5's gradient synchronisation of replicated parameters, with its signature and attributes.
 
-    Under ``torchrun`` each rank holds a replica whose gradient covers only that rank's
-    share of the operators and tiles, so deepinv all-reduces the gradients after each
-    backward. Here the driver holds the only copy, and the backward of every distributed
-    operation returns its whole contribution (summed along fixed trees on the workers):
-    the gradient autograd leaves in ``p.grad`` is already complete, on any number of
-    workers. This container therefore only keeps the parameters.
+    Under ``torchrun`` each rank holds a replica whose gradient covers only that rank's share
+    of the operators and tiles, so deepinv registers hooks that all-reduce ``p.grad`` after each
+    backward (and divide by the world size with ``average``). Here the driver holds the only
+    copy, and the backward of every distributed operation returns its whole contribution
+    (summed along fixed trees on the workers): the gradient autograd leaves in ``p.grad`` is
+    already complete, on any number of workers. No hook is registered; ``average`` has
+    nothing to average (one rank).
 
     Parameters
     ----------
-    params : nn.Parameter or iterable of nn.Parameter
     ctx : DistributedContext
+    parameters : sequence of nn.Parameter
+        Entries that are not ``nn.Parameter`` are dropped, as deepinv does.
     average : bool
-        Accepted for deepinv compatibility (there is nothing to average).
+        deepinv's averaging over ranks (``world_size`` is 1 here).
+
+    Attributes
+    ----------
+    ctx, average
+    parameters : list of nn.Parameter
     """
 
-    def __init__(self, params: Any, ctx: Any = None, average: bool = True) -> None:
-        params = [params] if isinstance(params, torch.Tensor) else list(params)
-        bad = [type(p).__name__ for p in params if not isinstance(p, torch.Tensor)]
-        if not params or bad:
-            raise TypeError(f"expected an nn.Parameter or a non-empty list of them, got {bad or 'nothing'}")
-        self.params = params
+    def __init__(self, ctx: Any, parameters: Any, average: bool = True) -> None:
+        if isinstance(ctx, torch.Tensor) or (isinstance(ctx, (list, tuple)) and ctx
+                                             and isinstance(ctx[0], torch.Tensor)):
+            raise TypeError("DistributedReplicatedParameters takes (ctx, parameters, average=True), as deepinv 0.5: "
+                            "the context comes first")
+        if isinstance(parameters, torch.Tensor):
+            raise TypeError("parameters must be a sequence of nn.Parameter (wrap one in a list)")
         self.ctx = ctx
         self.average = average
+        self.parameters = [p for p in parameters if isinstance(p, torch.nn.Parameter)]
+        self._hooks: list = []
 
-    def parameters(self):
-        """The parameters, for an optimizer."""
-        return iter(self.params)
-
-    def __iter__(self):
-        return iter(self.params)
-
-    def __len__(self) -> int:
-        return len(self.params)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.params[i]
+    def remove_hooks(self) -> None:
+        """deepinv's hook removal: there are none to remove (see the class)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
 
     def __repr__(self) -> str:
-        return f"DistributedReplicatedParameters({len(self.params)} parameters)"
+        return f"DistributedReplicatedParameters({len(self.parameters)} parameters, average={self.average})"

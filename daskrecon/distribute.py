@@ -39,8 +39,8 @@ _KIND_OPTIONS: dict[str, frozenset[str]] = {
     "denoiser": _TILING_OPTIONS,
     "prior": _TILING_OPTIONS,
     # deepinv 0.5's training kinds
-    "parameters": frozenset(),
-    "module": _TILING_OPTIONS | {"reduction"},
+    "parameters": frozenset({"average"}),
+    "module": _TILING_OPTIONS | {"reduction", "average"},
 }
 # deepinv 0.5 passes these to every kind with its own defaults; a script written for it may too.
 _SHARED_DEFAULTS = {"dtype": torch.float32, "gather_strategy": "concatenated", "tiling_strategy": None,
@@ -250,11 +250,27 @@ def _tiling_options(options: dict) -> dict:
     return options
 
 
-def _parameters_handler(obj: Any, ctx: DistributedContext, **options: Any) -> DistributedReplicatedParameters:
-    return DistributedReplicatedParameters(obj, ctx)
+def _parameters_handler(obj: Any, ctx: DistributedContext, *, average: bool = True) -> Any:
+    """deepinv 0.5's ``type_object="parameters"``: the parameter itself (a list for a list), on the context's
+    device, carrying its :class:`DistributedReplicatedParameters` as ``_deepinv_dist_sync``.
+
+    Usable as it is in ``Adam([p])`` and arithmetic; its gradient is complete without hooks.
+    """
+    single = isinstance(obj, torch.nn.Parameter)
+    params = [obj] if single else list(obj)
+    for i, p in enumerate(params):
+        if not isinstance(p, torch.nn.Parameter):
+            raise TypeError(f"expected torch.nn.Parameter, got {type(p).__name__} at index {i}")
+        if p.device != ctx.device:  # as deepinv: a new Parameter on the context's device
+            params[i] = torch.nn.Parameter(p.data.to(ctx.device), requires_grad=p.requires_grad)
+    sync = DistributedReplicatedParameters(ctx, params, average=average)
+    for p in params:
+        p._deepinv_dist_sync = sync
+    return params[0] if single else params
 
 
-def _module_handler(obj: Any, ctx: DistributedContext, *, reduction: str = "sum", **options: Any) -> Any:
+def _module_handler(obj: Any, ctx: DistributedContext, *, reduction: str = "sum", average: bool = True,
+                    **options: Any) -> Any:
     """deepinv 0.5's ``type_object="module"``: an unfolded algorithm, distributed in place.
 
     Each data fidelity becomes a :class:`DistributedDataFidelity` and each prior's
@@ -273,6 +289,10 @@ def _module_handler(obj: Any, ctx: DistributedContext, *, reduction: str = "sum"
         den = getattr(prior, "denoiser", None)
         if isinstance(den, torch.nn.Module) and not isinstance(den, DistributedProcessing):
             prior.denoiser = DistributedProcessing(ctx, den, **_tiling_options(options))
+    params = [p for v in getattr(obj, "params_algo", {}).values() if isinstance(v, torch.nn.ParameterList)
+              for p in v]
+    if params:  # deepinv attaches its gradient sync of the trainable step sizes here
+        obj._deepinv_dist_sync = DistributedReplicatedParameters(ctx, params, average=average)
     return obj
 
 

@@ -5,6 +5,7 @@ from deepinv.optim import L2
 from deepinv.optim.data_fidelity import StackedPhysicsDataFidelity
 
 import daskrecon as dr
+from daskrecon.framework import DistributedReplicatedParameters
 
 from helpers import Square, blurs
 
@@ -80,13 +81,21 @@ def test_deepinv_05_keywords_and_kinds(ctx):
     with pytest.raises(ValueError, match="checkpoint_batches must be one of"):
         dr.distribute(DnCNN(3, 3, depth=2, nf=4, pretrained=None), ctx, checkpoint_batches="sometimes")
     p = torch.nn.Parameter(torch.ones(3))
-    assert list(dr.distribute(p, ctx)) == [p]
-    assert len(dr.distribute([p, p], ctx, type_object="parameters")) == 2
+    assert dr.distribute(p, ctx) is p  # deepinv 0.5: the parameter itself, usable in Adam([p]) and arithmetic
+    assert isinstance(p._deepinv_dist_sync, DistributedReplicatedParameters) and p._deepinv_dist_sync.parameters == [p]
+    q = torch.nn.Parameter(torch.zeros(2))
+    both = dr.distribute([p, q], ctx, type_object="parameters", average=False)
+    assert isinstance(both, list) and both[0] is p and both[1] is q and not q._deepinv_dist_sync.average
+    opt = torch.optim.Adam([dr.distribute(torch.nn.Parameter(torch.tensor(0.5)), ctx)], lr=0.1)
+    (2 * opt.param_groups[0]["params"][0] + 1).backward()
+    opt.step()
+    assert float(opt.param_groups[0]["params"][0]) < 0.5
     with pytest.raises(TypeError, match="nn.Parameter"):
         dr.distribute(["a"], ctx, type_object="parameters")
     model = PGD(data_fidelity=L2(), prior=PnP(DnCNN(3, 3, depth=2, nf=4, pretrained=None)), stepsize=[0.9],
                 sigma_denoiser=[0.05], max_iter=1, unfold=True)
     assert dr.distribute(model, ctx, patch_size=16, overlap=4) is model  # in place, as deepinv 0.5
+    assert isinstance(model._deepinv_dist_sync, DistributedReplicatedParameters)
     assert isinstance(model.data_fidelity[0], dr.DistributedDataFidelity)
     assert isinstance(model.prior[0].denoiser, dr.DistributedProcessing)
     assert model.prior[0].denoiser.patch_size == 16
@@ -94,9 +103,13 @@ def test_deepinv_05_keywords_and_kinds(ctx):
                        sigma_denoiser=[0.05], max_iter=1)
     with pytest.raises(TypeError, match="unfold=True"):
         dr.distribute(not_unfolded, ctx)
-    from daskrecon.framework import DistributedReplicatedParameters
-
-    assert len(DistributedReplicatedParameters([torch.nn.Parameter(torch.ones(1))], ctx)) == 1
+    # deepinv 0.5's signature and attributes: (ctx, parameters, average=True), .parameters a list
+    params = [torch.nn.Parameter(torch.ones(1)), torch.ones(1)]  # a plain tensor is dropped, as deepinv does
+    sync = DistributedReplicatedParameters(ctx, params)
+    assert sync.parameters == [params[0]] and sync.average and sync.ctx is ctx
+    sync.remove_hooks()
+    with pytest.raises(TypeError, match="the context comes first"):
+        DistributedReplicatedParameters(params, ctx)
 
 
 def test_framework_module_has_deepinv_05_names():
