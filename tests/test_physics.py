@@ -74,6 +74,16 @@ def test_norms(ctx):
     assert exact.item() == pytest.approx(3.0, rel=1e-2)
     lopsided = dr.distribute([dinv.physics.Denoising(), blurs(1)[0]], ctx)  # = 2 locally, 2 exactly too
     assert lopsided.compute_sqnorm(x0, max_iter=100, verbose=False).item() == pytest.approx(2.0, rel=1e-2)
+    # Where the bound is not the norm: two complementary masks. Each ‖M_i‖² = 1, so the local bound is
+    # Σ_i ‖A_i‖² = 2, while AᵀA = M_1 + M_2 = I has norm 1 — as deepinv's own power method on the stack says.
+    mask = (torch.rand(1, 3, 24, 24, generator=torch.Generator().manual_seed(4)) > 0.5).float()
+    halves = [dinv.physics.Inpainting(img_size=(3, 24, 24), mask=m) for m in (mask, 1 - mask)]
+    split = dr.distribute(halves, ctx)
+    bound = split.compute_sqnorm(x0, max_iter=100, tol=1e-7, verbose=False).item()
+    exact = split.compute_sqnorm(x0, max_iter=100, tol=1e-7, verbose=False, local_only=False).item()
+    serial = dinv.physics.stack(*halves).compute_sqnorm(x0, max_iter=100, tol=1e-7, verbose=False).item()
+    assert bound == pytest.approx(2.0, rel=1e-3) and exact == pytest.approx(1.0, rel=1e-3)
+    assert exact == pytest.approx(serial, rel=1e-3)
 
 
 def test_pseudo_inverse_local_and_exact(ctx):

@@ -20,7 +20,10 @@ def nanny_ctx():
 
 
 def kill_one_worker_soon(ctx, delay):
-    """Hard-kill (os._exit) one worker process after `delay` s; its nanny starts a new one."""
+    """Hard-kill (os._exit) one worker process after `delay` s; its nanny starts a new one.
+
+    The returned thread's ``killed_at`` is a ``time.perf_counter()`` taken once the worker is dead
+    (its answer to the kill never came)."""
     victim = ctx.workers()[0]
 
     def go():
@@ -29,8 +32,10 @@ def kill_one_worker_soon(ctx, delay):
             ctx.client.run(os._exit, 1, workers=[victim])
         except Exception:
             pass  # the call itself fails: the worker died while answering
+        t.killed_at = time.perf_counter()
 
     t = threading.Thread(target=go)
+    t.killed_at = None
     t.start()
     return t
 
@@ -56,12 +61,16 @@ def test_denoising_survives_a_killed_worker(nanny_ctx):
     model = small_dncnn(3)
     x = torch.rand(1, 3, 160, 160)
     d = dr.distribute(model, nanny_ctx, patch_size=16, overlap=6, max_batch_size=1)
+    t0 = time.perf_counter()
     expected = d(x)
+    took = time.perf_counter() - t0
     before = set(nanny_ctx.workers())
-    killer = kill_one_worker_soon(nanny_ctx, 0.3)
+    killer = kill_one_worker_soon(nanny_ctx, took / 3)
     out = d(x)  # the model reaches the new worker through its plugin
+    returned = time.perf_counter()
     killer.join()
     assert set(nanny_ctx.workers()) != before
+    assert killer.killed_at is not None and killer.killed_at < returned, "the worker died after the call returned"
     assert torch.equal(out, expected)
 
 
