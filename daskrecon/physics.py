@@ -89,7 +89,11 @@ class DistributedPhysics(Physics):
         same result, fetched by the client.
     fast_operators : bool
         Let workers evaluate operators with a known faster equivalent of the same linear
-        map (:mod:`daskrecon.operators`: circular blurs by FFT). Default True.
+        map (:mod:`daskrecon.operators`: circular blurs by FFT) where results are sums over
+        operators — data-fidelity values and gradients, the normal operator, the
+        reconstruction engine. This class's own operator methods (``A``, ``A_adjoint``,
+        ``A_adjoint_A``, ``A_vjp``...) always run each operator as built, bit for bit
+        deepinv's computation. Default True.
     reduction : {"sum", "mean"}
         How per-operator results in the signal space combine by default, as
         ``StackedLinearPhysics(..., reduction=...)``: ``A_adjoint``, ``A_vjp`` and
