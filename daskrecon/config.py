@@ -60,7 +60,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -608,11 +607,18 @@ def _check_streamed(ctx: Any, cfg: dict, ys: list, x_true: Any, dden: Any, echo:
     stamps: list[float] = []
     ck = cfg.get("checkpoint", {})
     scratch = _resolve(base, _get(ck, "scratch", "checkpoint", str)) if "scratch" in ck else None
-    # A folder the workers must see, like the run's (checked by reconstruct); removed after.
-    with tempfile.TemporaryDirectory(prefix="daskrecon-check-", dir=scratch) as tmp:
+    # A new folder under the run's scratch location (a path or a URL), checked to be shared like the run's;
+    # removed after.
+    from daskrecon.checkpoint import Checkpoint
+
+    store = Checkpoint.temporary(ctx, scratch, prefix="daskrecon-check-",
+                                 why="--check runs two out-of-core iterations there")
+    try:
         dr.reconstruct(dr.distribute(ops, ctx), y_crop, dden, n_iter=2, x_true=truth, storage="zarr", chunks=chunk,
-                       checkpoint=tmp, progress=False, callback=lambda k, x: stamps.append(time.perf_counter()),
-                       **_solver_options(sol))
+                       checkpoint=store.url, scratch=scratch, progress=False,
+                       callback=lambda k, x: stamps.append(time.perf_counter()), **_solver_options(sol))
+    finally:
+        store.remove()
     per_it_crop = stamps[1] - stamps[0]  # the second iteration: the first includes the start
     per_it = per_it_crop * math.prod(shape[2:]) / math.prod(crop)
     iterations = _get(sol, "iterations", "solver", int, 30)

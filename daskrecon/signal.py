@@ -47,7 +47,9 @@ class DistributedSignal:
         :class:`~daskrecon.checkpoint.Checkpoint` shared with other signals: every update is
         committed there crash-safely (double-buffered Zarr array + atomic commit record):
         the stored state is never half old, half new, and :meth:`restore` reads the last
-        complete one back.
+        complete one back. The workers write it: it must be a location they all see
+        (checked before the first write, :mod:`daskrecon.storage`), new, empty or
+        daskrecon's own.
     chunks : tuple, optional
         Makes the signal *chunked*: its value is a dask array with these chunks (a tuple of
         ints, or dask's tuple of tuples), persisted in cluster memory or streamed through
