@@ -173,6 +173,19 @@ def test_the_check_is_one_call_per_worker_set(ctx, tmp_path):
     assert not any(p.name.startswith(".daskrecon-probe") for p in (tmp_path / "ck").iterdir())
 
 
+def test_workers_that_join_are_checked_at_the_next_write(tmp_path):
+    with dr.DistributedContext(n_workers=1, dashboard_address="127.0.0.1:0", torch_threads=1) as c:
+        store = Checkpoint(tmp_path / "ck")
+        store.ensure_shared(c)
+        c.cluster.scale(2)
+        c.client.wait_for_workers(2, timeout=60)
+        deadline = time.time() + 30
+        while c.num_workers < 2 and time.time() < deadline:  # the context hears of the join
+            time.sleep(0.1)
+        store.ensure_shared(c)
+        assert len(store._shared.seconds) == 2 and len(store._shared.workers) == 2
+
+
 def test_a_per_process_store_is_not_shared(ctx):
     # memory:// lives in one process: the workers' copies are empty.
     with pytest.raises(StorageNotSharedError, match=r"2 of 2 workers cannot see 'memory://"):
