@@ -4,7 +4,9 @@ The cluster of the first tests is started the way HPC users start theirs — ``d
 and ``dask worker`` from Dask's own CLI — with each worker in its own mount namespace, a
 private ``/tmp`` and cwd ``/``: like a worker on another node, it does not see the driver's
 temporary directory (nor pytest's ``tmp_path``), only what the machine really shares
-(here ``/var/tmp``).
+(here ``/var/tmp``). What the worker needs to run — the environment and this checkout, when
+they live under ``/tmp`` (a CI clone may) — is bound back into its private ``/tmp``, as a
+shared software installation would be on another node.
 """
 
 import glob
@@ -41,15 +43,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _kept_under_tmp() -> list[str]:
+    """The paths under /tmp a worker needs (Python environment, this checkout), outermost only."""
+    import daskrecon
+
+    needed = {os.path.realpath(sys.prefix), os.path.realpath(Path(daskrecon.__file__).parents[1])}
+    under = sorted(p for p in needed if p.startswith("/tmp/"))
+    return [p for p in under if not any(p != q and p.startswith(q + "/") for q in under)]
+
+
 def _namespaces_work() -> str | None:
     """Why workers cannot get a mount namespace of their own here (None: they can)."""
     if os.geteuid() != 0:
         return "needs root to give workers their own mount namespace (unshare -m)"
     if shutil.which("unshare") is None:
         return "needs util-linux's unshare"
-    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", "mount -t tmpfs tmpfs /tmp"],
+    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "bash", "-c", _private_tmp("true")],
                            capture_output=True, text=True)
     return None if probe.returncode == 0 else f"mount namespaces unavailable: {probe.stderr.strip()}"
+
+
+def _private_tmp(command: str) -> str:
+    """A bash script: an empty tmpfs over /tmp, the kept paths bound back into it, then ``command``.
+
+    The kept directories are opened before /tmp is covered and bound from those descriptors
+    (``--no-canonicalize``: mount(8) would otherwise resolve the path into the new, empty /tmp)."""
+    keep = _kept_under_tmp()
+    opened = "".join(f'exec {3 + i}< "{p}"; ' for i, p in enumerate(keep))
+    bound = "".join(f'mkdir -p "{p}" && mount --no-canonicalize --bind /proc/self/fd/{3 + i} "{p}" && '
+                    for i, p in enumerate(keep))
+    return f"set -e; {opened}mount -t tmpfs tmpfs /tmp && {bound}cd / && {command}"
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +87,9 @@ def island():
                                "--dashboard-address", "127.0.0.1:0"], start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     for i in range(2):
-        node = (f'mount -t tmpfs tmpfs /tmp && cd / && exec "$0" worker {address} --nworkers 1 --nthreads 1 '
-                f'--memory-limit 3GiB --no-dashboard --name node{i}')
-        procs.append(subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", node, DASK],
+        node = _private_tmp(f'exec "{DASK}" worker {address} --nworkers 1 --nthreads 1 --memory-limit 3GiB '
+                            f'--no-dashboard --name node{i}')
+        procs.append(subprocess.Popen(["unshare", "-m", "--propagation", "private", "bash", "-c", node],
                                       start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     try:
         from distributed import Client
