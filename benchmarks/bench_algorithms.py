@@ -52,7 +52,7 @@ def ct_problem(size, n_ops=12, n_angles=360):
 
 
 def psnr(x, ref):
-    from daskrecon.engine import psnr as _psnr
+    from daskrecon.engine.loop import psnr as _psnr
 
     return _psnr(x, ref)
 
@@ -63,7 +63,7 @@ def plain(kind, ops, y, model, x0, x_true, tau, n_iter, n_subsets=None):
     import torch
     from deepinv.optim import L2
 
-    from daskrecon.subsets import partition, subset_at
+    from daskrecon.planning.subsets import partition, subset_at
 
     stacked = dinv.physics.stack(*ops)
     stacked.set_ls_solver("CG", max_iter=50, tol=1e-5)

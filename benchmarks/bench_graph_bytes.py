@@ -4,7 +4,7 @@ A 1x1xSxS image (S = 1024 by default), a reflect blur and an Inpainting mask (ha
 pixels), measurements and x_true given as tensors, PnP with a small DnCNN, 3 iterations
 out of core (``storage="zarr"``) on 2 workers. Every graph the engine submits is pickled
 (as the client sends it) and measured: once as daskrecon runs, once with the staging of
-inputs switched off (``daskrecon.engine.stage_inputs`` replaced by the identity), where the
+inputs switched off (``daskrecon.engine.loop.stage_inputs`` replaced by the identity), where the
 measurements, the mask and x_true ride inside every iteration's graph.
 
 Writes benchmarks/results/graph_bytes.json.
@@ -31,7 +31,7 @@ def _run(size: int, staged: bool) -> list[int]:
     import torch
 
     import daskrecon as dr
-    from daskrecon import engine
+    from daskrecon.engine import loop as engine
 
     g = torch.Generator().manual_seed(0)
     x = torch.rand(1, 1, size, size, generator=g)

@@ -1,7 +1,7 @@
 """What checking that the workers share the storage costs, on workers that do (the same machine).
 
 Before the first write to a checkpoint or scratch folder, daskrecon writes a probe file there
-and every worker reads it back (``daskrecon.storage.check_shared``). This times, in one run:
+and every worker reads it back (``daskrecon.runtime.storage.check_shared``). This times, in one run:
 
 - the probe alone, on a fresh folder each time (median of ``--probes``);
 - an out-of-core PnP reconstruction (3 circular blurs + DnCNN, ``storage="zarr"`` into a new
@@ -39,7 +39,7 @@ def main() -> None:
     from fsspec.implementations.local import LocalFileSystem
 
     import daskrecon as dr
-    from daskrecon import storage
+    from daskrecon.runtime import storage
 
     ops, _, y = blur_problem(3, args.size)
     ys = [da.from_array(t.numpy(), chunks=(1, 3, args.size // 2, args.size // 2)) for t in y]

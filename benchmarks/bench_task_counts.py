@@ -4,7 +4,7 @@
    1×3×64×56 image, in one chunk and in 2×2 chunks: circular padding with daskrecon's periodic
    halos against dask's own ``map_overlap(boundary="periodic")`` on the same kernel; the
    ``"valid"`` adjoint's zero-embedding against ``da.pad`` + ``rechunk``.
-2. ``daskrecon.linsolve.lipschitz`` (the default step ``1/L``) on that image with a reflect blur,
+2. ``daskrecon.engine.linsolve.lipschitz`` (the default step ``1/L``) on that image with a reflect blur,
    a valid blur and a valid 2× downsampling, 2 workers: passes and seconds at ``tol=1e-5`` and
    ``1e-4`` (the default), medians of ``--repeats`` runs, each on a fresh cache.
 
@@ -38,7 +38,7 @@ def task_counts() -> dict:
     import numpy as np
     import torch
 
-    from daskrecon.local import local_form
+    from daskrecon.operators.chunkwise import local_form
     from daskrecon.tasks import local_kernels
 
     k = torch.rand(1, 1, 5, 5, generator=torch.Generator().manual_seed(0))
@@ -74,8 +74,8 @@ def power_method(repeats: int) -> dict:
     import torch
 
     import daskrecon as dr
-    from daskrecon import linsolve
-    from daskrecon.problem import plan_problem
+    from daskrecon.engine import linsolve
+    from daskrecon.frontend.reconstruct import plan_problem
 
     g = torch.Generator().manual_seed(4)
     k1, k2 = torch.rand(1, 1, 4, 4, generator=g), torch.rand(1, 1, 7, 5, generator=g)

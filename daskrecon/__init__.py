@@ -1,23 +1,35 @@
-"""daskrecon: DeepInverse imaging inverse problems on Dask clusters."""
+"""daskrecon: DeepInverse imaging inverse problems on Dask clusters.
 
-from daskrecon.bundle import DistributedBundle, FactoryConfig, TilingConfig, make_distrib_bundle
-from daskrecon.context import DistributedContext
-from daskrecon.distribute import distribute, register
+The package is layered; each subpackage imports only those below it (``tests/test_layers.py``):
+``errors`` → ``planning`` (pure geometry and schedules) → ``tasks`` (what runs inside Dask
+tasks) → ``runtime`` (the cluster at work, driver side) → ``operators`` (chunk-wise forms) →
+``engine`` (reconstructions: plan, step rules, one graph per iteration, state) →
+``frontend`` (the deepinv-compatible objects and ``reconstruct``) → ``cli``, ``config``,
+``demo``. See ``docs/architecture.md``.
+"""
+
+from daskrecon import _moved
+
+_moved.install()  # old flat import paths (daskrecon.staging, daskrecon.local...) keep working
+
+from daskrecon.frontend.bundle import DistributedBundle, FactoryConfig, TilingConfig, make_distrib_bundle
+from daskrecon.frontend.context import DistributedContext
+from daskrecon.frontend.distribute import distribute, register
 from daskrecon.errors import DaskreconError
-from daskrecon.fidelity import DistributedDataFidelity
-from daskrecon.measurements import DistributedMeasurements
-from daskrecon.physics import (
+from daskrecon.frontend.fidelity import DistributedDataFidelity
+from daskrecon.frontend.measurements import DistributedMeasurements
+from daskrecon.frontend.physics import (
     DistributedLinearPhysics,
     DistributedPhysics,
     DistributedStackedLinearPhysics,
     DistributedStackedPhysics,
 )
-from daskrecon.processing import DistributedPrior, DistributedProcessing
-from daskrecon.receptive import receptive_radius
-from daskrecon.reduction import reduction_plan
-from daskrecon.signal import DistributedSignal
-from daskrecon.solvers import reconstruct
-from daskrecon import strategies
+from daskrecon.frontend.processing import DistributedPrior, DistributedProcessing
+from daskrecon.planning.receptive import receptive_radius
+from daskrecon.planning.reduction import reduction_plan
+from daskrecon.engine.signal import DistributedSignal
+from daskrecon.frontend.reconstruct import reconstruct
+from daskrecon.planning import strategies
 
 __version__ = "0.1.0"
 

@@ -7,9 +7,9 @@ from typing import Optional
 import typer
 
 from daskrecon.config import ConfigError, run_config
-from daskrecon.context import DistributedContext
 from daskrecon.demo import run_demo
 from daskrecon.errors import ClusterConnectionError
+from daskrecon.frontend.context import DistributedContext
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="DeepInverse reconstructions on Dask clusters.")

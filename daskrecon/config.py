@@ -70,12 +70,12 @@ import dask.array as da
 import numpy as np
 import torch
 
-from daskrecon._arrays import as_numpy
-from daskrecon.algorithms import ALGORITHMS
+from daskrecon.engine.algorithms import ALGORITHMS
+from daskrecon.engine.problem import iterate_chunks
 from daskrecon.errors import DaskreconError
-from daskrecon.local import local_form
-from daskrecon.problem import iterate_chunks
-from daskrecon.waiting import bounded, compute
+from daskrecon.operators.chunkwise import local_form
+from daskrecon.runtime.arrays import as_numpy
+from daskrecon.runtime.waiting import bounded, compute
 
 __all__ = ["ConfigError", "OutputExistsError", "load_config", "run_config"]
 
@@ -609,7 +609,7 @@ def _check_streamed(ctx: Any, cfg: dict, ys: list, x_true: Any, dden: Any, echo:
     scratch = _resolve(base, _get(ck, "scratch", "checkpoint", str)) if "scratch" in ck else None
     # A new folder under the run's scratch location (a path or a URL), checked to be shared like the run's;
     # removed after.
-    from daskrecon.checkpoint import Checkpoint
+    from daskrecon.engine.checkpoint import Checkpoint
 
     store = Checkpoint.temporary(ctx, scratch, prefix="daskrecon-check-",
                                  why="--check runs two out-of-core iterations there")

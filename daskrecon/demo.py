@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from daskrecon.engine import psnr as _psnr
+from daskrecon.engine.loop import psnr as _psnr
 
 __all__ = ["demo_image", "demo_problem", "demo_volume", "run_demo"]
 

@@ -80,7 +80,7 @@ class SerializationError(DaskreconError, TypeError):
 class StorageNotSharedError(DaskreconError, OSError):
     """Workers cannot see a storage location that tasks will read and write.
 
-    Raised before any work, by the probe of :func:`daskrecon.storage.check_shared`: the
+    Raised before any work, by the probe of :func:`daskrecon.runtime.storage.check_shared`: the
     message names the location, the workers that cannot read the driver's probe file there,
     and what to pass instead (``checkpoint=`` or ``scratch=`` a shared path or an fsspec URL).
     """

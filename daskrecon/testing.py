@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from deepinv.utils import TensorList
 
-from daskrecon._arrays import entries
+from daskrecon.runtime.arrays import entries
 
 __all__ = ["assert_adjoint", "assert_allclose", "assert_matches_serial", "inner"]
 

@@ -3,7 +3,7 @@ Plug-and-play on an image in Zarr, out of core
 ===============================================
 
 When the measurements are dask arrays (here read from Zarr) and every operator is local
-(blurs, downsampling, inpainting: :mod:`daskrecon.local`), ``dr.reconstruct`` streams each
+(blurs, downsampling, inpainting: :mod:`daskrecon.operators.chunkwise`), ``dr.reconstruct`` streams each
 iteration chunk by chunk from one Zarr slot of the checkpoint to the other: the image can
 be larger than the memory of the whole cluster. A crash leaves the last committed iterate;
 ``resume=True`` continues from it.

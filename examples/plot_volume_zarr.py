@@ -25,7 +25,7 @@ from deepinv.physics.functional import gaussian_blur
 
 import daskrecon as dr
 from daskrecon.demo import demo_volume
-from daskrecon.engine import psnr_of_mse
+from daskrecon.engine.loop import psnr_of_mse
 from daskrecon.models import bundled_denoiser_3d
 
 SIZE = int(os.environ.get("DASKRECON_EXAMPLE_SIZE", "96"))

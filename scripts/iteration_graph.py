@@ -15,8 +15,8 @@ from deepinv.physics import Blur
 from deepinv.physics.functional.blur import gaussian_blur
 
 import daskrecon as dr
-from daskrecon.algorithms import PnP
-from daskrecon.problem import plan_problem
+from daskrecon.engine.algorithms import PnP
+from daskrecon.frontend.reconstruct import plan_problem
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "docs", "_static", "iteration-graph")
 

@@ -74,7 +74,7 @@ def small_dncnn(channels=3, depth=6, dim=2, seed=0):
 class TwoStripes:
     """A custom strategy: the rows cut in two halves, each with a halo of `halo` rows."""
 
-    from daskrecon.strategies import DistributedSignalStrategy as _Base
+    from daskrecon.planning.strategies import DistributedSignalStrategy as _Base
 
     class Strategy(_Base):
         def __init__(self, img_size, halo=8):

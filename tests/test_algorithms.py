@@ -1,4 +1,4 @@
-"""The step rules of daskrecon.algorithms: each against deepinv or a plain loop, resumed whole, refused where it cannot run."""
+"""The step rules of daskrecon.engine.algorithms: each against deepinv or a plain loop, resumed whole, refused where it cannot run."""
 
 import dask.array as da
 import pytest
@@ -7,9 +7,9 @@ import deepinv as dinv
 from deepinv.optim import L1, L2
 
 import daskrecon as dr
-from daskrecon.algorithms import ADMM, HQS, OSPnP, SVRG
+from daskrecon.engine.algorithms import ADMM, HQS, OSPnP, SVRG
 from daskrecon.errors import DaskreconError
-from daskrecon.subsets import epoch_order, partition, subset_at
+from daskrecon.planning.subsets import epoch_order, partition, subset_at
 from daskrecon.testing import assert_allclose
 
 from helpers import blurs, noisy_measurements, small_dncnn

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from daskrecon.checkpoint import Checkpoint, CheckpointMismatchError
+from daskrecon.engine.checkpoint import Checkpoint, CheckpointMismatchError
 
 
 def test_round_trip_and_slots(tmp_path):
@@ -27,7 +27,7 @@ def test_round_trip_and_slots(tmp_path):
 CHILD = textwrap.dedent(
     """
     import os, signal, sys, numpy as np
-    from daskrecon.checkpoint import Checkpoint
+    from daskrecon.engine.checkpoint import Checkpoint
     ck = Checkpoint(sys.argv[1])
     mode = sys.argv[2]
     shape = (1, 4, 2048, 2048)  # 64 MiB of incompressible data: its write takes well over 50 ms

@@ -104,7 +104,7 @@ def test_workers_bound_onednn_primitive_cache(ctx):
     tiles have many shapes (a 3-D out-of-core worker gained 1 GiB). Workers start with a small cache."""
     import os
 
-    from daskrecon.context import _ONEDNN_CACHE
+    from daskrecon.frontend.context import _ONEDNN_CACHE
 
     got = ctx.client.run(lambda: os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY"))
     assert set(got.values()) == {_ONEDNN_CACHE}, got
@@ -116,7 +116,7 @@ def test_worker_list_does_not_race_the_clients_refresh():
     list read from that cache was empty now and then (CI: operators sharded over 0 workers)."""
     import dask
 
-    from daskrecon.memory import MemoryLimitError, check_fits
+    from daskrecon.runtime.memory import MemoryLimitError, check_fits
 
     with dask.config.set({"distributed.client.scheduler-info-interval": "1ms"}):  # refresh all the time
         with dr.DistributedContext(n_workers=2, processes=False, memory_limit="1GiB", dashboard_address="127.0.0.1:0") as c:

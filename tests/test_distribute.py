@@ -5,7 +5,7 @@ from deepinv.optim import L2
 from deepinv.optim.data_fidelity import StackedPhysicsDataFidelity
 
 import daskrecon as dr
-from daskrecon.framework import DistributedReplicatedParameters
+from daskrecon.frontend.framework import DistributedReplicatedParameters
 
 from helpers import Square, blurs
 
@@ -115,7 +115,7 @@ def test_deepinv_05_keywords_and_kinds(ctx):
 def test_framework_module_has_deepinv_05_names():
     import deepinv.distributed.framework as theirs
 
-    import daskrecon.framework as ours
+    import daskrecon.frontend.framework as ours
 
     assert set(theirs.__all__) <= set(ours.__all__)
     assert ours.DistributedStackedLinearPhysics is dr.DistributedLinearPhysics

@@ -165,9 +165,9 @@ def test_a_volume_runs_chunk_wise_like_deepinv_on_the_whole_volume(ctx1, ctx, tm
 def test_pipelined_iterations_are_the_unpipelined_ones_bitwise(ctx, tmp_path, monkeypatch, algorithm):
     """Without a callback, iteration k + 1 is submitted before iteration k's metrics are back; the
     iterates, the history, a tol stop and the checkpoint are those of one iteration at a time."""
-    from daskrecon import engine
-    from daskrecon.checkpoint import Checkpoint
-    from daskrecon.signal import Pending
+    from daskrecon.engine import loop as engine
+    from daskrecon.engine.checkpoint import Checkpoint
+    from daskrecon.engine.signal import Pending
 
     ops, x_true, y, model = _problem(size=64)
     dphys, dden = dr.distribute(ops, ctx), dr.distribute(model, ctx, patch_size=16, overlap=6)

@@ -81,13 +81,13 @@ def test_measurements_placed_once_and_reused(ctx):
     d = dr.distribute(ops, ctx)
     f = dr.distribute(L2(), ctx)
     f.grad(x, y, d)
-    placed = d._y_cache[2]
+    placed = d.inputs.placed_measurements
     f.grad(x, y, d)
     d.A_adjoint(y)
-    assert d._y_cache[2] is placed  # unchanged y: not sent again
+    assert d.inputs.placed_measurements is placed  # unchanged y: not sent again
     y[0].add_(1.0)  # an in-place change is seen
     g = f.grad(x, y, d)
-    assert d._y_cache[2] is not placed
+    assert d.inputs.placed_measurements is not placed
     assert_allclose(g, sum(L2().grad(x, y[i], ops[i]) for i in range(4)), atol=1e-5)
 
 

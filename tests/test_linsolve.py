@@ -7,12 +7,13 @@ import deepinv as dinv
 from deepinv.optim import L2
 
 import daskrecon as dr
-from daskrecon import linsolve, staging
-from daskrecon.checkpoint import Checkpoint
-from daskrecon.linsolve import Workspace, lipschitz, prox_data
-from daskrecon.problem import plan_problem
-from daskrecon.solvers import step_size_bound
-from daskrecon.waiting import compute
+from daskrecon.engine import linsolve
+from daskrecon.runtime import halos as staging
+from daskrecon.engine.checkpoint import Checkpoint
+from daskrecon.engine.linsolve import Workspace, lipschitz, prox_data
+from daskrecon.frontend.reconstruct import plan_problem
+from daskrecon.frontend.reconstruct import step_size_bound
+from daskrecon.runtime.waiting import compute
 
 from helpers import heterogeneous, noisy_measurements, small_dncnn
 
@@ -104,7 +105,7 @@ def test_power_method_finds_the_largest_eigenvalue_once_and_sets_the_default_ste
 def test_fourier_prox_solves_the_normal_equations_for_circular_blurs(ctx, tmp_path, storage):
     """The closed form (one FFT of the assembled image) against the dense solution; CG agrees; a mask
     (not a convolution) is refused with the operator's index."""
-    from daskrecon.linsolve import fourier_diagonal
+    from daskrecon.engine.linsolve import fourier_diagonal
 
     from helpers import blurs
 
@@ -146,7 +147,7 @@ def test_fourier_prox_solves_the_normal_equations_for_circular_blurs(ctx, tmp_pa
 def test_fourier_prox_in_closed_form_for_subsampled_circular_blurs(ctx, tmp_path, storage):
     """Downsampling (factor 2) and circular blurs: H is block diagonal in Fourier (4×4 blocks); the
     closed form equals the dense solution and CG, at a non-zero residual."""
-    from daskrecon.linsolve import fourier_period
+    from daskrecon.engine.linsolve import fourier_period
 
     from helpers import blurs
 

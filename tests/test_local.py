@@ -1,4 +1,4 @@
-"""Chunk-wise local operators against deepinv's whole-image operators (daskrecon.local)."""
+"""Chunk-wise local operators against deepinv's whole-image operators (daskrecon.operators.chunkwise)."""
 
 import dask.array as da
 import numpy as np
@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 import daskrecon as dr
 from daskrecon.errors import ShapeError
-from daskrecon.local import LocalOperator, fit_axis, local_form
+from daskrecon.operators.chunkwise import LocalOperator, fit_axis, local_form
 
 from helpers import heterogeneous, noisy_measurements
 

@@ -3,7 +3,7 @@
 import time
 
 import daskrecon as dr
-from daskrecon.memory_trim import TrimUnderPressure
+from daskrecon.runtime.memory_trim import TrimUnderPressure
 
 from helpers import fragment_heap
 

@@ -4,7 +4,7 @@ import deepinv as dinv
 from deepinv.physics.functional.blur import gaussian_blur
 
 import daskrecon as dr
-from daskrecon.operators import FFTConvolution, specialize
+from daskrecon.tasks.substitutes import FFTConvolution, specialize
 from daskrecon.testing import assert_allclose
 
 from helpers import blurs, noisy_measurements

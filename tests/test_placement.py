@@ -13,9 +13,9 @@ from distributed import Client, LocalCluster, wait
 
 import daskrecon as dr
 from daskrecon.tasks import registry
-from daskrecon._scheduler import PLACED
+from daskrecon.runtime.scheduler_plugin import PLACED
 from daskrecon.errors import StalledError
-from daskrecon.waiting import gather
+from daskrecon.runtime.waiting import gather
 
 from helpers import noisy_measurements, small_dncnn
 

@@ -135,7 +135,7 @@ def test_a_downsampling_3d_unet_tiles_exactly_inside_volume_chunks(ctx):
     import dask.array as da
     from deepinv.models import UNet
 
-    from daskrecon.receptive import receptive_radius
+    from daskrecon.planning.receptive import receptive_radius
 
     torch.manual_seed(0)
     model = UNet(1, 1, scales=2, batch_norm=False, dim=3).eval()
@@ -228,8 +228,8 @@ def test_bad_input(ctx):
 def test_a_tile_too_large_for_the_workers_is_refused_with_its_size_and_the_limit(ctx):
     from deepinv.models import DnCNN
 
-    from daskrecon.context import scheduler_workers
-    from daskrecon.memory import MemoryLimitError
+    from daskrecon.runtime.cluster import scheduler_workers
+    from daskrecon.runtime.memory import MemoryLimitError
 
     model = DnCNN(1, 1, depth=3, nf=64, pretrained=None).eval()
     big = dr.distribute(model, ctx, patch_size=8192, overlap=3)

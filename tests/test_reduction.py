@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from daskrecon.reduction import reduction_plan, tree_reduce
+from daskrecon.planning.reduction import reduction_plan
+from daskrecon.runtime.graphs import tree_reduce
 
 
 def evaluate(plan, leaves):

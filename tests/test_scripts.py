@@ -103,7 +103,7 @@ def test_a_context_opened_in_a_spawned_child_is_refused_clearly(tmp_path):
     script.write_text(textwrap.dedent('''
         import multiprocessing as mp
         from daskrecon import DistributedContext
-        from daskrecon.cluster import spawned_by_multiprocessing
+        from daskrecon.runtime.cluster import spawned_by_multiprocessing
         from daskrecon.errors import DaskreconError
 
         if spawned_by_multiprocessing():

@@ -5,7 +5,7 @@ import deepinv as dinv
 from deepinv.optim import L2
 
 import daskrecon as dr
-from daskrecon.context import scheduler_workers
+from daskrecon.runtime.cluster import scheduler_workers
 from daskrecon.testing import assert_allclose
 
 from helpers import blurs, noisy_measurements

@@ -5,7 +5,7 @@ from hypothesis import given, strategies as st
 
 import itertools
 
-from daskrecon.sharding import assign_owners, balance_loads, reassign_owners
+from daskrecon.planning.sharding import assign_owners, balance_loads, reassign_owners
 
 sizes = st.integers(min_value=0, max_value=200)
 workers = st.integers(min_value=1, max_value=17)

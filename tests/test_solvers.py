@@ -4,8 +4,8 @@ import deepinv as dinv
 from deepinv.optim import L2
 
 import daskrecon as dr
-from daskrecon.algorithms import FISTA
-from daskrecon.checkpoint import Checkpoint, CheckpointMismatchError
+from daskrecon.engine.algorithms import FISTA
+from daskrecon.engine.checkpoint import Checkpoint, CheckpointMismatchError
 from daskrecon.errors import DaskreconError, MeasurementError
 from daskrecon.testing import assert_allclose
 

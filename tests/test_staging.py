@@ -1,4 +1,4 @@
-"""Halo exchange through Zarr (daskrecon.staging): the blocks of map_overlap, memory bounded by the chunk."""
+"""Halo exchange through Zarr (daskrecon.runtime.halos): the blocks of map_overlap, memory bounded by the chunk."""
 
 import dask.array as da
 import numpy as np
@@ -9,8 +9,8 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from hypothesis import given, settings, strategies as st
 
 import daskrecon as dr
-from daskrecon import staging
-from daskrecon.checkpoint import Checkpoint
+from daskrecon.runtime import halos as staging
+from daskrecon.engine.checkpoint import Checkpoint
 
 from helpers import small_dncnn
 

@@ -27,8 +27,8 @@ import torch
 import zarr
 
 import daskrecon as dr
-from daskrecon import storage
-from daskrecon.checkpoint import Checkpoint
+from daskrecon.runtime import storage
+from daskrecon.engine.checkpoint import Checkpoint
 from daskrecon.errors import MissingChunkError, NotOwnedError, StorageNotSharedError
 from daskrecon.tasks import regions
 
@@ -154,7 +154,7 @@ def test_workers_that_cannot_see_the_storage_are_refused_before_any_work(island,
         assert "2 of 2 workers" in msg and all(w in msg for w in workers), msg
         assert "default scratch location" in msg and "scratch=" in msg and "checkpoint=" in msg
         # storage="auto" that decides to stream does not silently take it either.
-        monkeypatch.setattr("daskrecon.problem._WORKING_COPIES", 10**9)
+        monkeypatch.setattr("daskrecon.engine.problem._WORKING_COPIES", 10**9)
         with pytest.raises(StorageNotSharedError, match="default scratch location"):
             dr.reconstruct(d, y, den, chunks=(32, 32), **run)
         monkeypatch.undo()

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from daskrecon.strategies import BasicStrategy, OverlapTilingStrategy, SmartTilingStrategy, create_strategy
+from daskrecon.planning.strategies import BasicStrategy, OverlapTilingStrategy, SmartTilingStrategy, create_strategy
 
 
 def test_names_and_aliases():
@@ -49,7 +49,7 @@ def test_align_rounds_patch_and_overlap_up():
 def test_deepinv_05_create_strategy_and_tiling_strategy():
     import warnings
 
-    from daskrecon.strategies import TilingStrategy
+    from daskrecon.planning.strategies import TilingStrategy
 
     assert TilingStrategy is OverlapTilingStrategy
     with warnings.catch_warnings():

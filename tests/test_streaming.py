@@ -9,11 +9,11 @@ import torch
 import deepinv as dinv
 
 import daskrecon as dr
-from daskrecon.checkpoint import Checkpoint
+from daskrecon.engine.checkpoint import Checkpoint
 from daskrecon.errors import DaskreconError
-from daskrecon.memory import MemoryLimitError
-from daskrecon.chunking import working_chunks
-from daskrecon.local import local_form
+from daskrecon.runtime.memory import MemoryLimitError
+from daskrecon.planning.chunking import working_chunks
+from daskrecon.operators.chunkwise import local_form
 
 from helpers import blurs, noisy_measurements, small_dncnn
 

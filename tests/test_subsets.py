@@ -3,7 +3,7 @@
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from daskrecon.subsets import epoch_order, partition, subset_at
+from daskrecon.planning.subsets import epoch_order, partition, subset_at
 
 
 @settings(max_examples=200, deadline=None)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from hypothesis import assume, given, settings, strategies as st
 
-from daskrecon.tiling import axis_tiles, batch_tiles, blend_weights_1d, default_batch, plan_tiles
+from daskrecon.planning.tiling import axis_tiles, batch_tiles, blend_weights_1d, default_batch, plan_tiles
 
 
 @st.composite

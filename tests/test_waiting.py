@@ -13,7 +13,7 @@ from distributed import wait
 
 import daskrecon as dr
 from daskrecon.errors import StalledError, TransferError
-from daskrecon.waiting import gather
+from daskrecon.runtime.waiting import gather
 
 from helpers import SlowBlur
 

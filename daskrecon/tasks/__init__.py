@@ -12,7 +12,13 @@ accounting understands (torch tensors it does not: engineering notes §2.6).
 - :mod:`~daskrecon.tasks.fidelity`: per-operator gradients and values, pointwise chunk kernels;
 - :mod:`~daskrecon.tasks.denoising`: tiles and chunks through the model;
 - :mod:`~daskrecon.tasks.local_kernels`: chunk kernels of the local operators;
-- :mod:`~daskrecon.tasks.regions`: a chunk and its halo read from Zarr.
+- :mod:`~daskrecon.tasks.regions`: a chunk and its halo read from Zarr (strictly, for daskrecon's arrays);
+- :mod:`~daskrecon.tasks.substitutes`: faster equivalents of deepinv operators, built on the workers;
+- :mod:`~daskrecon.tasks.storage`: the shared-storage probe;
+- :mod:`~daskrecon.tasks.iteration`, :mod:`~daskrecon.tasks.linsolve`, :mod:`~daskrecon.tasks.phantoms`:
+  an iteration's steps and metrics, CG and power-method pieces, synthetic test data.
+
+May import: :mod:`daskrecon.errors`, :mod:`daskrecon.planning` — nothing of the driver.
 """
 
 from __future__ import annotations

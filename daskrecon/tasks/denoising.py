@@ -9,9 +9,9 @@ import cloudpickle
 import numpy as np
 import torch
 
-from daskrecon.strategies import OverlapTilingStrategy
+from daskrecon.planning.strategies import OverlapTilingStrategy
+from daskrecon.planning.tiling import default_batch
 from daskrecon.tasks.arrays import module_device, to_numpy, to_tensor, worker_device
-from daskrecon.tiling import default_batch
 
 __all__ = ["apply_state", "backward_patches", "forget_model", "get_model", "leaf_gradients", "process_block",
            "process_patches", "release_kept", "store_model_payload", "window_gradients"]

@@ -11,8 +11,8 @@ from deepinv.optim.data_fidelity import L2, DataFidelity
 from daskrecon.errors import ShapeError
 from daskrecon.tasks.arrays import module_device, to_numpy, to_tensor
 
-__all__ = ["fidelity_fn_op", "fidelity_grad_op", "fidelity_grad_value_op", "fidelity_hvp_op", "last_value", "pointwise_grad_block",
-           "pointwise_value_block", "step_from_gradient", "uses_chain_rule"]
+__all__ = ["fidelity_fn_op", "fidelity_grad_op", "fidelity_grad_value_op", "fidelity_hvp_op", "pointwise_grad_block",
+           "pointwise_value_block", "uses_chain_rule"]
 
 
 def uses_chain_rule(fidelity: Any) -> bool:
@@ -111,19 +111,6 @@ def fidelity_y_vjp_op(op: torch.nn.Module, fidelity: Any, x: np.ndarray, y: np.n
         out = torch.as_tensor(out)
         (gy,) = torch.autograd.grad(out, yt, gt.reshape(out.shape), allow_unused=True)
     return to_numpy(torch.zeros_like(yt) if gy is None else gy)
-
-
-def step_from_gradient(x: np.ndarray, grad_value: np.ndarray, tau: float, scale: float) -> np.ndarray:
-    """``x − τ · scale · ∇f`` from a summed :func:`fidelity_grad_value_op` result."""
-    g = grad_value[:-1].reshape(x.shape)
-    if scale != 1.0:
-        g = g * np.asarray(scale, dtype=g.dtype)
-    return x - np.asarray(tau, dtype=x.dtype) * g
-
-
-def last_value(grad_value: np.ndarray, scale: float = 1.0) -> float:
-    """``f`` from a summed :func:`fidelity_grad_value_op` result."""
-    return float(grad_value[-1]) * scale
 
 
 def fidelity_fn_op(

@@ -1,4 +1,4 @@
-"""Chunk kernels of the cluster's linear solvers (:mod:`daskrecon.linsolve`)."""
+"""Chunk kernels of the cluster's linear solvers (:mod:`daskrecon.engine.linsolve`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Chunk kernels of the local operators (:mod:`daskrecon.local`), run by ``map_overlap``.
+"""Chunk kernels of the local operators (:mod:`daskrecon.operators.chunkwise`), run by ``map_overlap``.
 
 A chunk arrives from ``map_overlap`` with a halo of ``radius`` on the sides that face another
 chunk (all sides when the boundary is periodic). The sides on the image border get the

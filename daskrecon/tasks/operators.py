@@ -1,7 +1,7 @@
 """Per-operator tasks: ``A_i``, ``A_iᵀ``, vector-Jacobian products, norms, pseudo-inverses.
 
 These back the public operator methods of the distributed physics, so each runs the operator
-as the user built it (:func:`daskrecon.operators.original`): bit for bit deepinv's own
+as the user built it (:func:`daskrecon.tasks.substitutes.original`): bit for bit deepinv's own
 computation. ``fast=True`` (the engine's start ``Aᵀy/N``) takes a worker's faster substitute.
 """
 
@@ -16,11 +16,10 @@ import numpy as np
 import torch
 from deepinv.physics import LinearPhysics
 
-from daskrecon.local import local_form
-from daskrecon.operators import original
 from daskrecon.tasks.arrays import module_device, to_numpy, to_tensor, worker_device
+from daskrecon.tasks.substitutes import original
 
-__all__ = ["adjoint_A_op", "adjoint_op", "build_measurement", "dagger_op", "describe", "forward_op", "local_form_of",
+__all__ = ["adjoint_A_op", "adjoint_op", "build_measurement", "dagger_op", "describe", "forward_op",
            "sqnorm_from_shape", "sqnorm_op", "vjp_op"]
 
 
@@ -127,8 +126,3 @@ def dagger_op(op: torch.nn.Module, y: np.ndarray, kwargs: dict) -> np.ndarray:
 def describe(obj: Any) -> dict:
     """What the driver needs to know about a built operator."""
     return {"linear": isinstance(obj, LinearPhysics), "type": type(getattr(obj, "op", obj)).__name__}
-
-
-def local_form_of(op: Any) -> Any:
-    """The chunk-wise form of an operator built on this worker (:mod:`daskrecon.local`)."""
-    return local_form(op)

@@ -1,4 +1,4 @@
-"""The per-worker registry of operators and data fidelities (see :mod:`daskrecon.placement`)."""
+"""The per-worker registry of operators and data fidelities (see :mod:`daskrecon.runtime.placement`)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 import cloudpickle
 import torch
 
-from daskrecon.operators import specialize
 from daskrecon.tasks.arrays import worker_device
+from daskrecon.tasks.substitutes import specialize
 
 __all__ = ["build_object", "forget_objects", "held_objects", "object_builds", "obtain", "on_objects", "task_states"]
 
@@ -27,7 +27,7 @@ def build_object(
     ``source`` is either the object itself (unpickled once, here) or a factory
     ``factory(index, device, factory_kwargs)`` in deepinv's convention. With
     ``fast=True`` a known faster equivalent is substituted
-    (:func:`daskrecon.operators.specialize`).
+    (:func:`daskrecon.tasks.substitutes.specialize`).
     """
     device = worker_device(device_mode)
     if isinstance(source, torch.nn.Module):
@@ -121,7 +121,7 @@ def task_states(keys: list, dask_worker: Any = None) -> dict:
     """This worker's view of some tasks: ``{key: (state, {input: reason} of inputs in error)}``.
 
     An input in the ``error`` state is one this worker failed to fetch: distributed keeps
-    the task waiting for ever (see :mod:`daskrecon.waiting`).
+    the task waiting for ever (see :mod:`daskrecon.runtime.waiting`).
     """
     out: dict = {}
     tasks = dask_worker.state.tasks

@@ -1,0 +1,450 @@
+"""Algorithms as step rules on the engine's loop (:mod:`daskrecon.engine.loop`).
+
+A step rule names its state (the arrays the loop keeps, in cluster memory or Zarr, and
+checkpoints together), builds the initial state, and builds one iteration as a lazy graph:
+the new state, the data-fidelity value at the start of the iteration, and the iteration's
+metrics. The loop does everything else once: submission, progress, spans, history,
+callbacks, checkpoints and resume. A new algorithm is one subclass.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, ClassVar
+
+import dask.array as da
+from dask.delayed import Delayed, delayed
+
+from daskrecon.engine import iteration as graph
+from daskrecon.engine import linsolve
+from daskrecon.planning.subsets import epoch_order, partition, subset_at
+from daskrecon.runtime import graphs
+from daskrecon.tasks import iteration as iteration_tasks
+
+__all__ = ["ADMM", "ALGORITHMS", "FISTA", "FISTARED", "HQS", "RED", "SVRG", "OSPnP", "PnP", "StepRule", "step_rule"]
+
+
+class StepRule:
+    """One algorithm: its state, its start, its iteration (see the module docstring).
+
+    Parameters
+    ----------
+    step_size : float
+        ``τ``.
+    """
+
+    name: ClassVar[str] = ""
+    #: Arrays of the state, ``"x"`` (the iterate) first.
+    state: ClassVar[tuple[str, ...]] = ("x",)
+    #: Whether :meth:`step` only builds a graph (computes nothing, keeps no driver state that a
+    #: later step reads): the loop may then submit iteration k + 1 before iteration k's metrics
+    #: are back (:mod:`daskrecon.engine.loop`).
+    pipelined: ClassVar[bool] = False
+
+    def __init__(self, step_size: float) -> None:
+        if not step_size > 0:
+            raise ValueError(f"step_size must be > 0, got {step_size!r}")
+        self.step_size = float(step_size)
+
+    def settings(self) -> dict:
+        """What defines the algorithm, for the checkpoint's problem record."""
+        return {"algorithm": self.name, "step_size": repr(self.step_size)}
+
+    def check(self, problem: Any) -> None:
+        """Raise if the algorithm cannot run on ``problem`` (before anything is computed)."""
+
+    def prepare(self, problem: Any, workspace: linsolve.Workspace) -> None:
+        """Called by the loop before the first iteration: the workspace for solvers inside a step."""
+        self.workspace = workspace
+
+    def report(self) -> dict:
+        """Extra entries for the history row of the iteration just built (e.g. inner solver iterations)."""
+        return {}
+
+    def start(self, problem: Any, x0: da.Array) -> dict[str, da.Array]:
+        """The initial state from ``x0``."""
+        return {"x": x0}
+
+    def step(self, problem: Any, state: dict[str, da.Array],
+             iteration: int) -> tuple[dict[str, da.Array], Delayed, Delayed]:
+        """Iteration ``iteration + 1``, lazily: ``(new state, f at the start, metrics of x → x_new)``.
+
+        ``iteration`` counts the iterations done before this one (0 for the first; a resumed
+        run continues the count), for rules whose coefficients depend on it.
+        """
+        raise NotImplementedError
+
+
+class PnP(StepRule):
+    """Plug-and-play proximal gradient: ``x ← D_σ(x − τ ∇f(x))``."""
+
+    name = "pnp"
+    pipelined = True
+
+    def step(self, problem: Any, state: dict[str, da.Array],
+             iteration: int) -> tuple[dict[str, da.Array], Delayed, Delayed]:
+        x = state["x"]
+        tag = graphs.token("pnp")
+        grad, value = graph.gradient(problem, x)
+        z = da.map_blocks(iteration_tasks.pnp_step_block, x, grad, self.step_size, problem.scale, dtype=x.dtype,
+                          name=f"step-{tag}")
+        new = graph.denoise(problem, z, f"denoise-{tag}")
+        return {"x": new}, value, graph.metrics(problem, new, x, f"metrics-{tag}")
+
+
+class RED(StepRule):
+    """Regularization by denoising: ``x ← x − τ (∇f(x) + λ (x − D_σ(x)))``.
+
+    Parameters
+    ----------
+    step_size : float
+    red_weight : float
+        ``λ``.
+    """
+
+    name = "red"
+    pipelined = True
+
+    def __init__(self, step_size: float, red_weight: float = 1.0) -> None:
+        super().__init__(step_size)
+        self.red_weight = float(red_weight)
+
+    def settings(self) -> dict:
+        return {**super().settings(), "red_weight": repr(self.red_weight)}
+
+    def step(self, problem: Any, state: dict[str, da.Array],
+             iteration: int) -> tuple[dict[str, da.Array], Delayed, Delayed]:
+        x = state["x"]
+        tag = graphs.token("red")
+        grad, value = graph.gradient(problem, x)
+        d = graph.denoise(problem, x, f"denoise-{tag}")
+        new = da.map_blocks(iteration_tasks.red_step_block, x, grad, d, self.step_size, problem.scale,
+                            self.red_weight, dtype=x.dtype, name=f"step-{tag}")
+        return {"x": new}, value, graph.metrics(problem, new, x, f"metrics-{tag}")
+
+
+class FISTA(StepRule):
+    """Accelerated proximal gradient with a plug-and-play prior (deepinv's ``FISTA`` iteration).
+
+    ``u = z − τ ∇f(z)``, ``x' = D_σ(u)``, ``z' = x' + α_k (x' − x)`` with
+    ``α_k = (k + a − 1) / (k + a)``, ``k`` the iterations done before this one. The state is
+    ``x`` and the extrapolated point ``z`` (both checkpointed: a resumed run continues the
+    momentum exactly); the data-fidelity value reported is ``f(z)``, the one the gradient
+    pass computes.
+
+    Parameters
+    ----------
+    step_size : float
+    a : float
+        Momentum parameter, ``> 2`` (deepinv's default 3).
+    """
+
+    name = "fista"
+    state = ("x", "z")
+    pipelined = True
+
+    def __init__(self, step_size: float, a: float = 3.0) -> None:
+        super().__init__(step_size)
+        if not a > 2:
+            raise ValueError(f"FISTA's momentum parameter a must be > 2, got {a!r}")
+        self.a = float(a)
+
+    def settings(self) -> dict:
+        return {**super().settings(), "a": repr(self.a)}
+
+    def start(self, problem: Any, x0: da.Array) -> dict[str, da.Array]:
+        return {"x": x0, "z": x0}
+
+    def step(self, problem: Any, state: dict[str, da.Array],
+             iteration: int) -> tuple[dict[str, da.Array], Delayed, Delayed]:
+        x, z = state["x"], state["z"]
+        tag = graphs.token(self.name)
+        grad, value = graph.gradient(problem, z)
+        new = self._point(problem, z, grad, tag)
+        alpha = (iteration + self.a - 1) / (iteration + self.a)
+        z_new = da.map_blocks(iteration_tasks.momentum_block, new, x, alpha, dtype=new.dtype, name=f"momentum-{tag}")
+        return {"x": new, "z": z_new}, value, graph.metrics(problem, new, x, f"metrics-{tag}")
+
+    def _point(self, problem: Any, z: da.Array, grad: da.Array, tag: str) -> da.Array:
+        """The new iterate from the extrapolated point: ``D_σ(z − τ∇f(z))``."""
+        u = da.map_blocks(iteration_tasks.pnp_step_block, z, grad, self.step_size, problem.scale, dtype=z.dtype,
+                          name=f"step-{tag}")
+        return graph.denoise(problem, u, f"denoise-{tag}")
+
+
+class FISTARED(FISTA):
+    """Accelerated gradient descent on ``f + λ·RED`` (FISTA's momentum with a RED prior).
+
+    ``x' = z − τ (∇f(z) + λ (z − D_σ(z)))``, ``z' = x' + α_k (x' − x)``: the RED gradient step of
+    :class:`RED` taken at the extrapolated point. State ``x`` and ``z``, as :class:`FISTA`.
+
+    Parameters
+    ----------
+    step_size : float
+    red_weight : float
+        ``λ``.
+    a : float
+        Momentum parameter, ``> 2``.
+    """
+
+    name = "fista-red"
+
+    def __init__(self, step_size: float, red_weight: float = 1.0, a: float = 3.0) -> None:
+        super().__init__(step_size, a)
+        self.red_weight = float(red_weight)
+
+    def settings(self) -> dict:
+        return {**super().settings(), "red_weight": repr(self.red_weight)}
+
+    def _point(self, problem: Any, z: da.Array, grad: da.Array, tag: str) -> da.Array:
+        """RED's gradient step at the extrapolated point: ``z − τ (∇f(z) + λ (z − D_σ(z)))``."""
+        d = graph.denoise(problem, z, f"denoise-{tag}")
+        return da.map_blocks(iteration_tasks.red_step_block, z, grad, d, self.step_size, problem.scale,
+                             self.red_weight, dtype=z.dtype, name=f"step-{tag}")
+
+
+class _ProxSplitting(StepRule):
+    """Shared by HQS and ADMM: the data term's prox by conjugate gradient on the cluster."""
+
+    def __init__(self, step_size: float, cg_max_iter: int = 50, cg_tol: float = 1e-5,
+                 prox_solver: str = "auto") -> None:
+        super().__init__(step_size)
+        if prox_solver not in linsolve.PROX_SOLVERS:
+            raise ValueError(f"prox_solver must be one of {linsolve.PROX_SOLVERS}, got {prox_solver!r}")
+        self.prox_solver = prox_solver
+        if not isinstance(cg_max_iter, int) or cg_max_iter < 1:
+            raise ValueError(f"cg_max_iter must be a positive int, got {cg_max_iter!r}")
+        if not 0 <= cg_tol < 1:
+            raise ValueError(f"cg_tol must be in [0, 1), got {cg_tol!r}")
+        self.cg_max_iter, self.cg_tol = cg_max_iter, float(cg_tol)
+        self._info: linsolve.CGInfo | None = None
+
+    def settings(self) -> dict:
+        return {**super().settings(), "cg_max_iter": self.cg_max_iter, "cg_tol": repr(self.cg_tol),
+                "prox_solver": self.prox_solver}
+
+    def check(self, problem: Any) -> None:
+        linsolve.check_quadratic(problem, self.name)
+
+    def report(self) -> dict:
+        if self._info is None:
+            return {}
+        return {"cg_iterations": self._info.iterations, "cg_residual": self._info.relative_residual}
+
+    def _prox(self, problem: Any, v: da.Array, tag: str) -> tuple[da.Array, Delayed]:
+        u, f_v, self._info = linsolve.prox_data(problem, v, self.step_size, self.workspace,
+                                                max_iter=self.cg_max_iter, tol=self.cg_tol, solver=self.prox_solver)
+        return u, delayed(float, pure=True)(f_v, dask_key_name=f"value-{tag}")
+
+
+class HQS(_ProxSplitting):
+    """Half-quadratic splitting (deepinv's ``HQS``): ``u = prox_{γf}(x)``, ``x' = D_σ(u)``.
+
+    The data term's prox solves ``(I + γ Σ_i A_iᵀA_i / σ_i²) u = x + γ Σ_i A_iᵀy_i / σ_i²``
+    (:func:`daskrecon.engine.linsolve.prox_data`): in closed form by one FFT when every operator is a
+    circular convolution, subsampled or not, and the image's FFT fits a worker (``prox_solver="auto"``), else by
+    conjugate gradient on the cluster: per-operator tasks next to their operators, the
+    fixed-index tree, vectors in cluster memory or scratch Zarr. Needs an L2 data fidelity.
+    The value reported is ``f(x)``.
+
+    Parameters
+    ----------
+    step_size : float
+        ``γ``.
+    cg_max_iter, cg_tol : int, float
+        Conjugate gradient: at most ``cg_max_iter`` iterations, until ``‖r‖ ≤ cg_tol ‖r₀‖``.
+    prox_solver : {"auto", "cg", "fourier"}
+        ``"fourier"`` requires circular convolutions (subsampled or not); ``"cg"`` always iterates.
+    """
+
+    name = "hqs"
+
+    def step(self, problem: Any, state: dict[str, da.Array],
+             iteration: int) -> tuple[dict[str, da.Array], Delayed, Delayed]:
+        x = state["x"]
+        tag = graphs.token("hqs")
+        u, value = self._prox(problem, x, tag)
+        new = graph.denoise(problem, u, f"denoise-{tag}")
+        return {"x": new}, value, graph.metrics(problem, new, x, f"metrics-{tag}")
+
+
+class ADMM(_ProxSplitting):
+    """ADMM (deepinv's ``ADMM``, ``g_first=False``) with a plug-and-play prior.
+
+    ``u = prox_{γf}(x − z)``, ``x' = D_σ(u + z)``, ``z' = z + β (u − x')``; the state is
+    ``x`` and the scaled dual ``z`` (zeros at the start), both checkpointed. The data
+    term's prox is the conjugate gradient of :class:`HQS`. The value reported is
+    ``f(x − z)``, at the prox's input.
+
+    Parameters
+    ----------
+    step_size : float
+        ``γ``.
+    beta : float
+        Relaxation ``β > 0`` (deepinv's default 1).
+    cg_max_iter, cg_tol : int, float
+    """
+
+    name = "admm"
+    state = ("x", "z")
+
+    def __init__(self, step_size: float, beta: float = 1.0, cg_max_iter: int = 50, cg_tol: float = 1e-5,
+                 prox_solver: str = "auto") -> None:
+        super().__init__(step_size, cg_max_iter, cg_tol, prox_solver)
+        if not beta > 0:
+            raise ValueError(f"ADMM's relaxation beta must be > 0, got {beta!r}")
+        self.beta = float(beta)
+
+    def settings(self) -> dict:
+        return {**super().settings(), "beta": repr(self.beta)}
+
+    def start(self, problem: Any, x0: da.Array) -> dict[str, da.Array]:
+        return {"x": x0, "z": da.zeros_like(x0)}
+
+    def step(self, problem: Any, state: dict[str, da.Array],
+             iteration: int) -> tuple[dict[str, da.Array], Delayed, Delayed]:
+        x, z = state["x"], state["z"]
+        tag = graphs.token("admm")
+        v = da.map_blocks(iteration_tasks.axpy_block, x, z, -1.0, dtype=x.dtype, name=f"prox-point-{tag}")
+        u, value = self._prox(problem, v, tag)
+        p = da.map_blocks(iteration_tasks.axpy_block, u, z, 1.0, dtype=x.dtype, name=f"prior-point-{tag}")
+        new = graph.denoise(problem, p, f"denoise-{tag}")
+        z_new = da.map_blocks(iteration_tasks.dual_block, z, u, new, self.beta, dtype=x.dtype, name=f"dual-{tag}")
+        return {"x": new, "z": z_new}, value, graph.metrics(problem, new, x, f"metrics-{tag}")
+
+
+class _Stochastic(StepRule):
+    """Shared by the subset methods: the partition and the seeded schedule (:mod:`daskrecon.planning.subsets`)."""
+
+    def __init__(self, step_size: float, n_subsets: int, seed: int = 0) -> None:
+        super().__init__(step_size)
+        if not isinstance(n_subsets, int) or n_subsets < 1:
+            raise ValueError(f"n_subsets must be a positive int, got {n_subsets!r}")
+        self.n_subsets, self.seed = n_subsets, int(seed)
+        self._subset: int | None = None
+
+    def settings(self) -> dict:
+        return {**super().settings(), "n_subsets": self.n_subsets, "seed": self.seed}
+
+    def check(self, problem: Any) -> None:
+        partition(problem.num_operators, self.n_subsets)  # raises for more subsets than operators
+
+    def report(self) -> dict:
+        return {} if self._subset is None else {"subset": self._subset}
+
+    def _subset_gradient(self, problem: Any, x: da.Array, j: int) -> tuple[da.Array, Delayed, float]:
+        members = partition(problem.num_operators, self.n_subsets)[j]
+        g, value = graph.gradient(problem, x, members, kind=f"subset-{j}-gradient")
+        return g, value, problem.num_operators / len(members)
+
+
+class OSPnP(_Stochastic):
+    """Ordered-subsets PnP: ``x ← D_σ(x − τ (N/|S_k|) ∇f_{S_k}(x))``, one operator subset per iteration.
+
+    ``N`` operators in ``n_subsets`` interleaved subsets; each epoch visits every subset once,
+    in an order drawn from ``(seed, epoch)`` (:func:`daskrecon.planning.subsets.subset_at`). An
+    iteration costs ``1/n_subsets`` of a full gradient. The value reported is the subset's
+    estimate ``(N/|S_k|) f_{S_k}(x)``; the history row names the subset.
+
+    Parameters
+    ----------
+    step_size : float
+    n_subsets : int
+    seed : int
+        The context's seed by default (:func:`daskrecon.reconstruct`).
+    """
+
+    name = "os-pnp"
+
+    def step(self, problem: Any, state: dict[str, da.Array],
+             iteration: int) -> tuple[dict[str, da.Array], Delayed, Delayed]:
+        x = state["x"]
+        tag = graphs.token("os-pnp")
+        self._subset = j = subset_at(self.seed, iteration, self.n_subsets)
+        g, value, weight = self._subset_gradient(problem, x, j)
+        z = da.map_blocks(iteration_tasks.pnp_step_block, x, g, self.step_size, problem.scale * weight,
+                          dtype=x.dtype, name=f"step-{tag}")
+        new = graph.denoise(problem, z, f"denoise-{tag}")
+        value = delayed(operator.mul, pure=True)(value, weight, dask_key_name=f"value-estimate-{tag}")
+        return {"x": new}, value, graph.metrics(problem, new, x, f"metrics-{tag}")
+
+
+class SVRG(_Stochastic):
+    """Stochastic variance-reduced PnP over operator subsets (SVRG with a plug-and-play prox).
+
+    An epoch is ``n_subsets + 1`` iterations: a full gradient at ``x``, which becomes the
+    anchor ``x̃`` and its gradient ``μ``, then every subset once, in an order drawn from
+    ``(seed, epoch)``, with the variance-reduced gradient ``w (∇f_S(x) − ∇f_S(x̃)) + μ``
+    (``w = N/|S|``; two subset gradients per iteration).
+    Then ``x ← D_σ(x − τ g)``. The state — ``x``, the anchor and ``μ`` — is checkpointed
+    whole: a resume continues the epoch exactly.
+
+    Parameters
+    ----------
+    step_size : float
+    n_subsets : int
+    seed : int
+    """
+
+    name = "svrg"
+    state = ("x", "anchor", "mean_gradient")
+
+    def start(self, problem: Any, x0: da.Array) -> dict[str, da.Array]:
+        return {"x": x0, "anchor": x0, "mean_gradient": da.zeros_like(x0)}
+
+    def step(self, problem: Any, state: dict[str, da.Array],
+             iteration: int) -> tuple[dict[str, da.Array], Delayed, Delayed]:
+        x, anchor, mu = state["x"], state["anchor"], state["mean_gradient"]
+        tag = graphs.token("svrg")
+        m = self.n_subsets
+        epoch, pos = divmod(iteration, m + 1)
+        if pos == 0:  # an epoch starts: full gradient, new anchor
+            self._subset = None
+            g, value = graph.gradient(problem, x)
+            z = da.map_blocks(iteration_tasks.pnp_step_block, x, g, self.step_size, problem.scale, dtype=x.dtype,
+                              name=f"step-{tag}")
+            anchor, mu = x, g
+        else:
+            self._subset = j = epoch_order(self.seed, epoch, m)[pos - 1]  # every subset once per epoch
+            gx, value, weight = self._subset_gradient(problem, x, j)
+            ga, _ = graph.gradient(problem, anchor, partition(problem.num_operators, m)[j],
+                                   kind=f"subset-{j}-anchor-gradient")
+            z = da.map_blocks(iteration_tasks.svrg_step_block, x, gx, ga, mu, self.step_size, problem.scale, weight,
+                              dtype=x.dtype, name=f"step-{tag}")
+            value = delayed(operator.mul, pure=True)(value, weight, dask_key_name=f"value-estimate-{tag}")
+        new = graph.denoise(problem, z, f"denoise-{tag}")
+        return ({"x": new, "anchor": anchor, "mean_gradient": mu}, value,
+                graph.metrics(problem, new, x, f"metrics-{tag}"))
+
+
+ALGORITHMS: dict[str, type[StepRule]] = {"pnp": PnP, "red": RED, "fista": FISTA, "fista-red": FISTARED, "hqs": HQS,
+                                         "admm": ADMM, "os-pnp": OSPnP, "svrg": SVRG}
+
+
+def step_rule(algorithm: str, step_size: float, **options: Any) -> StepRule:
+    """The step rule named ``algorithm`` (see :data:`ALGORITHMS`) with its options.
+
+    Options that do not apply to the algorithm are ignored: ``red_weight`` (RED, FISTA-RED),
+    ``fista_a`` (FISTA), ``cg_max_iter``/``cg_tol``/``prox_solver`` (HQS, ADMM), ``admm_beta`` (ADMM),
+    ``n_subsets``/``seed`` (OS-PnP, SVRG).
+    """
+    try:
+        cls = ALGORITHMS[algorithm]
+    except KeyError:
+        raise ValueError(f"algorithm must be one of {tuple(ALGORITHMS)}, got {algorithm!r}") from None
+    cg = {k: options[k] for k in ("cg_max_iter", "cg_tol", "prox_solver") if options.get(k) is not None}
+    if cls is RED:
+        return RED(step_size, options.get("red_weight", 1.0))
+    if cls is FISTA:
+        return FISTA(step_size, options.get("fista_a", 3.0))
+    if cls is FISTARED:
+        return FISTARED(step_size, options.get("red_weight", 1.0), options.get("fista_a", 3.0))
+    if cls is HQS:
+        return HQS(step_size, **cg)
+    if cls is ADMM:
+        return ADMM(step_size, options.get("admm_beta", 1.0), **cg)
+    if cls in (OSPnP, SVRG):
+        if options.get("n_subsets") is None:
+            raise ValueError(f"algorithm {algorithm!r} needs n_subsets (how many operator subsets)")
+        return cls(step_size, options["n_subsets"], options.get("seed") or 0)
+    return cls(step_size)

@@ -1,0 +1,323 @@
+"""A reconstruction problem, planned once: shapes, chunks, how each operator runs, where data lives.
+
+:func:`plan` turns what :func:`daskrecon.reconstruct` receives (distributed physics,
+measurements as tensors, dask arrays or futures on the workers, a distributed denoiser, a data
+fidelity; validated as objects by :func:`daskrecon.frontend.reconstruct.plan_problem`) into a
+:class:`Problem`: the iterate's shape, dtype and chunks
+(:mod:`daskrecon.planning.chunking`, from the problem alone), for each operator whether it runs
+chunk by chunk (its chunk-wise form, :mod:`daskrecon.operators.chunkwise`) or whole on the worker that
+holds it, the measurements placed accordingly, and where the iterate lives: persisted in
+cluster memory when the problem fits the cluster, double-buffered in Zarr when it does not.
+Everything image-sized stays on the cluster; the driver keeps shapes and scalars.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+import torch
+from dask.base import tokenize
+from distributed import Future
+
+from daskrecon.engine.terms import Problem, check_whole_fits, choose_forms, output_chunks, place_mask, place_measurement
+from daskrecon.errors import ShapeError
+from daskrecon.planning.chunking import plan_chunks, working_chunks, zarr_aligned
+from daskrecon.planning.fingerprint import fingerprint
+from daskrecon.runtime import graphs
+from daskrecon.runtime.arrays import as_numpy, persist_fresh
+from daskrecon.runtime.cluster import scheduler_workers
+from daskrecon.runtime.halos import read_array
+from daskrecon.runtime.waiting import compute, gather
+from daskrecon.tasks import arrays as array_tasks
+from daskrecon.tasks import operators as operator_tasks
+
+__all__ = ["STORAGES", "Denoising", "Problem", "iterate_chunks", "plan", "remove_staged_inputs", "stage_inputs"]
+
+STORAGES = ("auto", "memory", "zarr")
+#: The iterate stays in cluster memory when this many copies of it, plus the measurements,
+#: fit in this fraction of the workers' total memory limit.
+_WORKING_COPIES, _MEMORY_FRACTION = 6, 0.5
+
+
+@dataclass(frozen=True)
+class Denoising:
+    """The denoiser as the engine calls it: ``processing.run(x, method, args, kwargs)``, tile by tile.
+
+    Built by :func:`daskrecon.frontend.reconstruct.plan_problem` from a distributed denoiser
+    (its own method, ``sigma`` as its argument) or a distributed prior (``prox`` with
+    ``sigma_denoiser=sigma``).
+    """
+
+    processing: Any
+    method: str
+    args: tuple
+    kwargs: dict
+    sigma: float
+
+
+def plan(physics: Any, ys: list, denoising: Denoising, fidelity: Any, *, x0: Any, x_true: Any,
+         storage: str = "auto", chunks: Any = None) -> tuple[Problem, da.Array | None]:
+    """Plan a reconstruction: validate → shapes → forms → chunks → storage → place.
+
+    Returns the problem and ``x0`` as a chunked dask array (``None``: the engine starts from
+    ``Aᵀy / N``). ``ys``: one measurement per operator (tensors, dask arrays, or futures of
+    arrays on the operators' workers). Every input is checked before anything is written:
+    lengths, shapes, dtypes, and one pass for NaN/Inf over the measurements and ``x0`` (on
+    the workers for dask arrays).
+    """
+    ctx, n = physics.ctx, physics.num_operators
+    named = _validate(denoising.processing, ys, x0, storage)
+    local = physics.local_forms()
+    y_shapes = [_shape_of(ctx, v) for v in ys]
+    if x0 is None and all(f is None for f in local):
+        # No operator says what shape x has: Aᵀy / N, on the workers, tells.
+        _check_finite(ctx, named)
+        named = []
+        x0 = _whole_start(ctx, physics, [place_measurement(ctx, physics, i, v, None, (), (), np.dtype("f4"), True)
+                                         for i, v in enumerate(ys)])
+    shape, dtype = _shape_and_dtype(x0, local, y_shapes, ys)
+    nbytes = math.prod(shape) * dtype.itemsize
+    forms, distances = _forms(physics, local, fidelity, shape, y_shapes, nbytes)
+    chunks = _chunks(denoising.processing, shape, dtype, forms, chunks, x0)
+    storage = _storage(ctx, storage, nbytes, sum(math.prod(s) * dtype.itemsize for s in y_shapes))
+    if forms.count(None):  # some operators run whole: the image must fit one worker
+        check_whole_fits(ctx, physics, forms, shape, nbytes)
+    _check_finite(ctx, named)  # one pass over the inputs, once every cheap check has passed
+
+    persist = storage == "memory"
+    placed_forms = [place_mask(ctx, f, shape, chunks, dtype, persist) if f is not None else None for f in forms]
+    placed_y = [place_measurement(ctx, physics, i, v, f, shape, chunks, dtype, persist) for i, (v, f) in
+                enumerate(zip(ys, placed_forms))]
+    truth = None
+    if x_true is not None:
+        truth = _as_chunked(x_true, chunks, dtype, "x_true")
+        if persist:
+            truth = persist_fresh(ctx.client, truth, "x_true")
+    proc = denoising.processing
+    problem = Problem(
+        ctx=ctx, physics=physics, fidelity=fidelity, shape=shape, dtype=dtype, chunks=chunks,
+        forms=placed_forms, distances=distances, y=placed_y, scale=1.0 / n if fidelity.reduction == "mean" else 1.0,
+        storage=storage, denoiser=proc, denoise_method=denoising.method, denoise_args=denoising.args,
+        denoise_kwargs=denoising.kwargs, truth=truth,
+    )
+    problem.record = {
+        "operators": physics.fingerprint(),
+        "measurements": _digest(ys),
+        "x0": _digest([x0]) if x0 is not None else "A^T y / N",
+        "shape": list(shape),
+        "chunks": [list(c) for c in chunks[2:]],
+        "forms": ["chunk-wise" if f is not None else "whole" for f in forms],
+        "denoiser": proc.fingerprint(),
+        "tiling": repr((proc.patch_size, proc.overlap, proc.max_batch_size, proc.blend)),
+        "sigma_denoiser": repr(float(denoising.sigma)),
+    }
+    return problem, (_as_chunked(x0, chunks, dtype, "x0") if x0 is not None else None)
+
+
+def _validate(proc: Any, ys: list, x0: Any, storage: str) -> list[tuple[str, Any]]:
+    """The cheap checks, before any pass over the data; the inputs to check for NaN/Inf, by name."""
+    if storage not in STORAGES:
+        raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
+    named = [(f"y[{i}]", v) for i, v in enumerate(ys) if not isinstance(v, Future)]
+    if x0 is not None:
+        if not isinstance(x0, (torch.Tensor, da.Array)):
+            raise TypeError(f"x0 must be a torch.Tensor or a dask array, got {type(x0).__name__}")
+        named.append(("x0", x0))
+    for name, v in named:
+        proc.check_dtype(v.dtype)  # before any pass over the data
+        if isinstance(v, torch.Tensor) and v.is_complex():
+            raise TypeError(f"{name} is complex: the denoiser takes real images")
+    return named
+
+
+def _shape_and_dtype(x0: Any, local: list, y_shapes: list, ys: list) -> tuple[tuple[int, ...], np.dtype]:
+    shape = tuple(x0.shape) if x0 is not None else _x_shape(local, y_shapes)
+    dtype = np.dtype(torch.empty((), dtype=x0.dtype).numpy().dtype if isinstance(x0, torch.Tensor) else
+                     (x0.dtype if x0 is not None else _y_dtype(ys)))
+    if len(shape) not in (4, 5):
+        raise ShapeError(f"the signal must be an image (B, C, H, W) or a volume (B, C, D, H, W), got shape {shape}")
+    return shape, dtype
+
+
+def _forms(physics: Any, local: list, fidelity: Any, shape: tuple, y_shapes: list, nbytes: int) -> tuple[list, list]:
+    """Each operator's form (chunk-wise, or whole on its worker), checked against its measurement's shape."""
+    forms, distances = choose_forms(physics, local, [fidelity.source(i) for i in range(physics.num_operators)],
+                                    nbytes)
+    for i, form in enumerate(forms):
+        if form is not None and form.output_shape(shape) != tuple(y_shapes[i]):
+            raise ShapeError(f"y[{i}] has shape {tuple(y_shapes[i])} but operator {i} maps x {shape} to "
+                             f"{form.output_shape(shape)}")
+    return forms, distances
+
+
+def _chunks(proc: Any, shape: tuple, dtype: np.dtype, forms: list, chunks: Any, x0: Any) -> tuple:
+    """The iterate's chunks: the caller's, a dask ``x0``'s, else planned from the problem (never from the cluster)."""
+    chunkwise_forms = [f for f in forms if f is not None]
+    if chunks is not None:
+        if not (isinstance(chunks, (tuple, list)) and len(chunks) == len(shape) - 2
+                and all(isinstance(c, int) and c > 0 for c in chunks)):
+            what = "(height, width)" if len(shape) == 4 else "(depth, height, width)"
+            raise ValueError(f"chunks must be {what} of the iterate's chunks, got {chunks!r}")
+        return working_chunks(shape, ((shape[0],), (shape[1],), *((c,) for c in chunks)), chunkwise_forms)
+    if isinstance(x0, da.Array):
+        return working_chunks(shape, x0.chunks, chunkwise_forms)
+    return iterate_chunks(proc, shape, dtype, chunkwise_forms)
+
+
+def _storage(ctx: Any, storage: str, nbytes: int, y_bytes: int) -> str:
+    """Cluster memory when the working set fits comfortably, else Zarr slots (``"auto"``)."""
+    if storage != "auto":
+        return storage
+    total = sum(w.get("memory_limit") or 0 for w in scheduler_workers(ctx.client, ctx.stall_timeout).values())
+    return "memory" if not total or _WORKING_COPIES * nbytes + y_bytes <= _MEMORY_FRACTION * total else "zarr"
+
+
+def iterate_chunks(denoiser: Any, shape: tuple[int, ...], dtype: np.dtype,
+                   forms: list) -> tuple[tuple[int, ...], ...]:
+    """The iterate's chunks for a problem of ``shape``, planned from the problem alone.
+
+    Multiples of the denoiser's tile (:func:`daskrecon.planning.chunking.plan_chunks`), aligned to the
+    chunk-wise operators' ``forms`` (their down-sampling factors, their smallest exact chunk).
+    """
+    dims, patch, overlap = denoiser.geometry(shape)
+    spatial = range(2, len(shape))
+    patch_nd = [patch[dims.index(a)] if a in dims else shape[a] for a in spatial]
+    over_nd = [overlap[dims.index(a)] if a in dims else 0 for a in spatial]
+    return plan_chunks(shape, np.dtype(dtype).itemsize, patch_nd, overlap=over_nd, align=denoiser.align,
+                       factor=math.lcm(*(f.factor for f in forms)) if forms else 1,
+                       min_size=max((f.min_chunk(2) for f in forms), default=1))
+
+
+def stage_inputs(problem: Problem, store: Any) -> Problem:
+    """The problem with its in-graph inputs written once to ``store`` and read from there.
+
+    Out of core nothing is persisted: an input that the driver holds (a measurement given as a
+    tensor or a numpy-backed dask array, an ``Inpainting`` mask, ``x_true``) would be cut into
+    chunks that travel inside every iteration's graph — image-sized data through the scheduler
+    at each iteration (13.6 MB of graph per iteration for a 1024² image with a mask, two tensor
+    measurements and x_true; 20 kB once staged: ``benchmarks/bench_graph_bytes.py``). Each such array is written, with the chunks its
+    consumers use, to an uncompressed array ``input_<what>`` of the checkpoint ``store`` (from the
+    driver, once per run), and the graphs read its chunks from there. Arrays already read from
+    storage (no data in their graph) are kept as they are. The values are the same bits.
+
+    Parameters
+    ----------
+    problem : Problem
+        A problem whose iterate streams through Zarr (``storage="zarr"``).
+    store : Checkpoint
+        The run's checkpoint; the input arrays live next to its state (see
+        :func:`remove_staged_inputs`).
+
+    Returns
+    -------
+    Problem
+    """
+    def staged(a: da.Array | None, what: str, chunks: tuple | None = None) -> da.Array | None:
+        if not isinstance(a, da.Array) or not _holds_data(a):
+            return a
+        chunks = a.chunks if chunks is None else chunks
+        a = a.rechunk(chunks)
+        a, zchunks = zarr_aligned(a)
+        z = store.scratch(f"input_{what}", a.shape, a.dtype, zchunks)
+        dask.compute(da.store(a, z, lock=False, compute=False), scheduler="sync")  # the driver holds it already
+        return read_array(z, (), chunks, name=f"input-{what}-{uuid.uuid4().hex}")  # strict: a lost chunk raises
+
+    forms = []
+    for i, form in enumerate(problem.forms):
+        if form is not None and isinstance(form.mask, da.Array):
+            m = form.mask
+            out = output_chunks(form, problem.chunks)
+            form = dataclasses.replace(form, mask=staged(m, f"mask_{i}", (m.shape[0], m.shape[1], *out[2:])))
+        forms.append(form)
+    ys = [staged(y, f"y_{i}") if form is not None else y for i, (y, form) in enumerate(zip(problem.y, forms))]
+    return dataclasses.replace(problem, forms=forms, y=ys, truth=staged(problem.truth, "truth"))
+
+
+def remove_staged_inputs(problem: Problem, store: Any) -> None:
+    """Delete the arrays :func:`stage_inputs` wrote to ``store`` (only arrays daskrecon made are ever deleted)."""
+    for i in range(problem.num_operators):
+        store.remove_array(f"input_mask_{i}")
+        store.remove_array(f"input_y_{i}")
+    store.remove_array("input_truth")
+
+
+# ---------------------------------------------------------------------- helpers
+def _holds_data(a: da.Array) -> bool:
+    """Whether ``a``'s graph carries array data itself (chunks of an in-memory array)."""
+    return any(isinstance(v, np.ndarray) and v.ndim > 0 for v in dict(a.__dask_graph__()).values())
+
+
+def _check_finite(ctx: Any, named: list) -> None:
+    """One pass over the inputs before anything is written: no NaN/Inf may enter a run."""
+    lazy = [(name, v) for name, v in named if isinstance(v, da.Array)]
+    counts = {name: int((~torch.isfinite(v)).sum()) for name, v in named if isinstance(v, torch.Tensor)}
+    if lazy:
+        values = compute([(~da.isfinite(v)).sum() for _, v in lazy], client=ctx.client, what="input check",
+                         stall_timeout=ctx.stall_timeout)
+        counts.update({name: int(c) for (name, _), c in zip(lazy, values)})
+    for name, _ in named:
+        if counts.get(name):
+            raise ValueError(f"{name} has {counts[name]} non-finite values (NaN or Inf); clean or mask them before "
+                             "reconstructing")
+
+
+def _shape_of(ctx: Any, v: Any) -> tuple[int, ...]:
+    if isinstance(v, Future):
+        return tuple(gather(ctx.client, [ctx.client.submit(np.shape, v, pure=False)], what="measurement shape",
+                            stall_timeout=ctx.stall_timeout)[0])
+    return tuple(v.shape)
+
+
+def _y_dtype(ys: list) -> np.dtype:
+    for v in ys:
+        if isinstance(v, torch.Tensor):
+            return torch.empty((), dtype=v.dtype).numpy().dtype
+        if isinstance(v, da.Array):
+            return np.dtype(v.dtype)
+    return np.dtype(np.float32)
+
+
+def _x_shape(local: list, y_shapes: list) -> tuple[int, ...]:
+    for form, s in zip(local, y_shapes):
+        if form is not None:
+            return form.input_shape(tuple(s))
+    raise AssertionError("no chunk-wise form: the shape comes from _whole_start")
+
+
+def _whole_start(ctx: Any, physics: Any, ys: list) -> da.Array:
+    """``Aᵀy / N`` computed whole on the workers (it stays there), as a one-chunk dask array."""
+    owners, tag = physics.owners, graphs.token("start")
+    leaves = [graphs.placed(operator_tasks.adjoint_op, owners[i], [physics.objects.ref(i, owners[i])], y, {}, True,
+                           name=f"operator-adjoint-{i}-{tag}") for i, y in enumerate(ys)]
+    total = graphs.tree_sum(leaves, ctx.fan_in, f"tree-sum-{tag}")
+    with dask.config.set({"optimization.fuse.active": False}):
+        fut = ctx.client.compute(total, optimize_graph=False)
+    shape, dtype = gather(ctx.client, [ctx.client.submit(_shape_dtype, fut, pure=False)], what="the start Aᵀy/N",
+                          labels=physics.placement.labels(leaves), stall_timeout=ctx.stall_timeout)[0]
+    start = dask.delayed(array_tasks.scale_array, pure=True)(fut, 1.0 / physics.num_operators)
+    return da.from_delayed(start, shape, dtype=dtype)
+
+
+def _shape_dtype(a: np.ndarray) -> tuple[tuple[int, ...], str]:
+    return tuple(a.shape), str(a.dtype)
+
+
+def _as_chunked(v: Any, chunks: tuple, dtype: np.dtype, name: str) -> da.Array:
+    if isinstance(v, torch.Tensor):
+        v = da.from_array(as_numpy(v, name), chunks=chunks)
+    elif not isinstance(v, da.Array):
+        raise TypeError(f"{name} must be a torch.Tensor or a dask array, got {type(v).__name__}")
+    return v.astype(dtype).rechunk(chunks)
+
+
+def _digest(values: list) -> str:
+    """A fingerprint of inputs: tensors by content, dask arrays by their graph's name."""
+    return fingerprint([v.name if isinstance(v, da.Array) else (v.key if isinstance(v, Future) else v)
+                        for v in values]) if values else tokenize()

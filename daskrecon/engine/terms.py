@@ -1,0 +1,200 @@
+"""The data term of a problem, planned: how each operator runs and where its measurement lives.
+
+An operator with a chunk-wise form (:mod:`daskrecon.operators.chunkwise`) and a pixel-wise fidelity runs
+chunk by chunk, its measurement chunked like its output; any other runs whole on the worker
+that holds it, its measurement placed there. :class:`Problem` carries this plan (and, for a
+reconstruction, the denoiser and the iterate's chunks) to the graph builders
+(:mod:`daskrecon.engine.iteration`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import dask
+import dask.array as da
+import numpy as np
+import torch
+from deepinv.optim import distance as _distance
+from deepinv.optim.data_fidelity import DataFidelity
+from distributed import Future
+
+from daskrecon.errors import DaskreconError, ShapeError
+from daskrecon.operators.chunkwise import LocalOperator, unaligned_size
+from daskrecon.runtime.arrays import as_numpy, persist_fresh, place
+from daskrecon.runtime.memory import MemoryLimitError, check_fits
+from daskrecon.tasks import fidelity as fidelity_tasks
+from daskrecon.tasks.substitutes import FFTConvolution, specialize
+
+if TYPE_CHECKING:  # annotations only: the front is a layer above
+    from daskrecon.frontend.context import DistributedContext
+    from daskrecon.frontend.physics import DistributedPhysics
+
+__all__ = ["GLOBAL_FORM_MAX_BYTES", "Problem", "check_whole_fits", "choose_forms", "output_chunks", "place_mask",
+           "place_measurement", "plan_terms"]
+
+#: A circular blur is evaluated whole, by FFT, on its worker (faster than its chunk-wise
+#: spatial form) when the image is at most this large; above, it streams chunk by chunk.
+GLOBAL_FORM_MAX_BYTES = 1 * 2**30
+
+# Distances that act pixel by pixel: d(u, y) = Σ_pixels φ(u_p, y_p), so chunk-wise values add up.
+SEPARABLE_DISTANCES = tuple(
+    getattr(_distance, n)
+    for n in ("L2Distance", "L1Distance", "PoissonLikelihoodDistance", "LogPoissonLikelihoodDistance")
+    if hasattr(_distance, n)
+)
+
+
+@dataclass
+class Problem:
+    """What one iteration's graph needs, planned once per reconstruction (see the module docstring).
+
+    Attributes
+    ----------
+    shape, dtype, chunks
+        Of the iterate ``x``.
+    forms : list
+        Per operator: its chunk-wise :class:`~daskrecon.operators.chunkwise.LocalOperator` (masks placed on
+        the cluster), or ``None`` when it runs whole on its worker.
+    distances : list
+        Per chunk-wise operator, the pixel-wise distance of its fidelity.
+    y : list
+        Per operator: a dask array chunked like ``A_i x`` (chunk-wise operators) or the future
+        of the whole ``y_i`` on the operator's worker.
+    storage : {"memory", "zarr"}
+        Where the iterate lives.
+    """
+
+    ctx: DistributedContext
+    physics: DistributedPhysics
+    fidelity: Any  # a DistributedDataFidelity
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    chunks: tuple[tuple[int, ...], ...]
+    forms: list
+    distances: list
+    y: list
+    scale: float
+    storage: str = "memory"
+    denoiser: Any = None  # a DistributedProcessing
+    denoise_method: str = "__call__"
+    denoise_args: tuple = ()
+    denoise_kwargs: dict = field(default_factory=dict)
+    truth: da.Array | None = None
+    record: dict = field(default_factory=dict)
+
+    @property
+    def num_operators(self) -> int:
+        return self.physics.num_operators
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def global_ops(self) -> list[int]:
+        return [i for i, f in enumerate(self.forms) if f is None]
+
+
+def choose_forms(physics: DistributedPhysics, local: list, fids: list, nbytes: int,
+                 prefer_fft: bool = True) -> tuple[list, list]:
+    """How each operator runs: chunk by chunk (its form) or whole on its worker (``None``).
+
+    Chunk by chunk when it has a chunk-wise form and a pixel-wise chain-rule fidelity, except
+    circular blurs on images up to :data:`GLOBAL_FORM_MAX_BYTES` with ``fast_operators``: their
+    FFT evaluation on one worker beats the spatial convolution. Depends on the problem only.
+    """
+    forms, distances = [], []
+    for i, (form, fid) in enumerate(zip(local, fids)):
+        chunkwise = (form is not None and isinstance(fid, DataFidelity) and fidelity_tasks.uses_chain_rule(fid)
+                     and isinstance(fid.d, SEPARABLE_DISTANCES))
+        if (chunkwise and prefer_fft and physics.fast_operators and nbytes <= GLOBAL_FORM_MAX_BYTES
+                and _has_fft_form(physics, i)):
+            chunkwise = False
+        forms.append(form if chunkwise else None)
+        distances.append(fid.d if chunkwise else None)
+    return forms, distances
+
+
+def plan_terms(physics: DistributedPhysics, fidelity: Any, ys: list, x: da.Array) -> Problem:
+    """The data term alone on a dask array ``x`` (for :meth:`DistributedDataFidelity.grad` / ``fn``):
+    chunk-wise where possible (in ``x``'s chunks), whole on the operators' workers otherwise. Lazy."""
+    ctx, n = physics.ctx, physics.num_operators
+    dtype = np.dtype(x.dtype)
+    shape = tuple(x.shape)
+    forms, distances = choose_forms(physics, physics.local_forms(), [fidelity.source(i) for i in range(n)],
+                                    x.nbytes, prefer_fft=False)
+    if forms.count(None):
+        check_whole_fits(ctx, physics, forms, shape, x.nbytes)
+    for i, form in enumerate(forms):
+        if form is not None and form.output_shape(shape) != tuple(ys[i].shape):
+            raise ShapeError(f"y[{i}] has shape {tuple(ys[i].shape)} but operator {i} maps x to shape "
+                             f"{form.output_shape(shape)}; check the image shape and that y is in operator order")
+    chunks = x.chunks
+    placed_y = [place_measurement(ctx, physics, i, v, f, shape, chunks, dtype, False)
+                for i, (v, f) in enumerate(zip(ys, forms))]
+    return Problem(ctx=ctx, physics=physics, fidelity=fidelity, shape=shape, dtype=dtype, chunks=chunks, forms=forms,
+                   distances=distances, y=placed_y, scale=1.0 / n if fidelity.reduction == "mean" else 1.0)
+
+
+def _has_fft_form(physics: DistributedPhysics, i: int) -> bool:
+    src = physics.sources[i]
+    return isinstance(src, torch.nn.Module) and isinstance(specialize(src), FFTConvolution)
+
+
+def check_whole_fits(ctx: DistributedContext, physics: DistributedPhysics, forms: list, shape: tuple,
+                      nbytes: int) -> None:
+    names = [i for i, f in enumerate(forms) if f is None]
+    try:
+        # the image, its measurement and the operator's workspace (a few image-sized buffers)
+        check_fits(ctx.client, 6 * nbytes, f"operators {names} (no chunk-wise form) run on the whole image {shape}",
+                   "give them a chunk-wise form (daskrecon.operators.chunkwise.local_form.register), or give the workers more "
+                   "memory")
+    except MemoryLimitError as exc:
+        raise MemoryLimitError(f"{exc}. These operators have no chunk-wise form, so each runs on the assembled "
+                               f"image on one worker{_why_whole(physics, names)}") from None
+
+
+def _why_whole(physics: DistributedPhysics, indices: list[int]) -> str:
+    """A hint for operators that would be chunk-wise at another image size."""
+    sources = physics.sources if isinstance(physics.sources, (list, tuple)) else []
+    hints = []
+    for i in indices:
+        why = unaligned_size(sources[i]) if i < len(sources) else None
+        if why:
+            hints.append(f"operator {i} is {why}")
+    return "; " + "; ".join(hints) if hints else ""
+
+
+def output_chunks(form: LocalOperator, chunks: tuple) -> tuple:
+    return form.output_chunks(chunks)
+
+
+def place_mask(ctx: DistributedContext, form: LocalOperator, shape: tuple, chunks: tuple, dtype: np.dtype,
+                persist: bool) -> LocalOperator:
+    m = form.mask_array(dtype, len(shape))
+    if m is None or all(n == 1 for n in m.shape[2:]):
+        return form
+    arr = da.from_array(m, chunks=(-1, -1, *output_chunks(form, chunks)[2:]) if form.factor == 1 else -1)
+    return form.with_placed_mask(persist_fresh(ctx.client, arr, "mask") if persist else arr)
+
+
+def place_measurement(ctx: DistributedContext, physics: DistributedPhysics, i: int, v: Any, form: LocalOperator | None,
+             shape: tuple, chunks: tuple, dtype: np.dtype, persist: bool) -> Any:
+    if form is None:  # whole, on the worker holding operator i
+        owner = physics.owners[i]
+        if isinstance(v, Future):
+            return v
+        if isinstance(v, torch.Tensor):
+            return place(ctx.client, as_numpy(v, f"y[{i}]"), owner)
+        with dask.annotate(workers=[owner], allow_other_workers=True):
+            whole = v.rechunk(v.shape)
+        return ctx.client.persist(whole).to_delayed(optimize_graph=False).ravel()[0]
+    if isinstance(v, Future):
+        raise DaskreconError(f"y[{i}] lives whole on a worker (DistributedMeasurements) but operator {i} streams "
+                             "chunk by chunk; pass y as a dask array or a tensor")
+    arr = da.from_array(as_numpy(v, f"y[{i}]"), chunks=output_chunks(form, chunks)) if isinstance(v, torch.Tensor) \
+        else v.astype(dtype).rechunk(output_chunks(form, chunks))
+    return persist_fresh(ctx.client, arr, f"y-{i}") if persist else arr

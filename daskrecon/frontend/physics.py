@@ -1,0 +1,513 @@
+"""`DistributedPhysics` and `DistributedLinearPhysics`: a stack of operators, one per task.
+
+Operator ``i`` is built once, on the worker that owns it, and stays there in that worker's
+registry (:mod:`daskrecon.runtime.placement`): it never travels between workers. Every method
+submits one task per operator on its owner, then either gathers the per-operator results
+in operator order or sums them on the workers along a tree fixed by operator index
+(:mod:`daskrecon.planning.reduction`).
+"""
+
+from __future__ import annotations
+
+import operator
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import torch
+from deepinv.physics import LinearPhysics, Physics
+from deepinv.utils import TensorList
+from distributed import Future
+
+from daskrecon.errors import LinearityError, MeasurementError
+from daskrecon.frontend.autograd import needs_grad, physics_call
+from daskrecon.frontend.context import DistributedContext
+from daskrecon.frontend.operator_inputs import OperatorInputs
+from daskrecon.frontend.physics_arrays import apply_lazily
+from daskrecon.operators.chunkwise import local_form, local_form_of
+from daskrecon.planning.fingerprint import fingerprint
+from daskrecon.runtime.arrays import gather_arrays, gather_tensors
+from daskrecon.runtime.placement import ObjectSet, Placement
+from daskrecon.tasks import arrays as array_tasks
+from daskrecon.tasks import operators as operator_tasks
+
+__all__ = [
+    "DistributedLinearPhysics",
+    "DistributedPhysics",
+    "DistributedStackedLinearPhysics",
+    "DistributedStackedPhysics",
+]
+
+GATHER_STRATEGIES = ("naive", "concatenated", "broadcast")
+_REDUCE_OPS = ("sum", "mean")
+REDUCTIONS = ("sum", "mean")
+
+
+class _Reduction:
+    """Default of ``reduce_op``: the physics' ``reduction`` (``"sum"`` unless set otherwise)."""
+
+    def __repr__(self) -> str:
+        return "<the physics' reduction>"
+
+
+BY_REDUCTION: Any = _Reduction()
+
+
+Factory = Callable[[int, torch.device, "dict | None"], Physics]
+
+
+def _entries_of(y: Any) -> list:
+    return [y[i] for i in range(len(y))] if isinstance(y, (TensorList, list, tuple)) else [y]
+
+
+def _is_chunked(y: Any) -> bool:
+    return isinstance(y, (list, tuple)) and len(y) > 0 and all(isinstance(v, da.Array) for v in y)
+
+
+class _LinearOnly:
+    """A linear-only method looked up on the non-linear stack: calling it raises LinearityError, naming it."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        if obj is None:
+            return self
+
+        def refuse(*args: Any, **kwargs: Any) -> Any:
+            obj.require_linear(self.name)
+            raise LinearityError(f"{self.name} is a method of DistributedLinearPhysics: distribute these linear "
+                                 "operators with type_object='linear_physics'")
+
+        return refuse
+
+
+class DistributedPhysics(Physics):
+    """A stack of physics operators ``A = [A_1; …; A_N]`` spread over Dask workers.
+
+    Parameters
+    ----------
+    ctx : DistributedContext
+    num_operators : int
+        ``N``.
+    factory : callable or sequence of Physics
+        Either ``factory(i, device, factory_kwargs) -> Physics``, called on the worker
+        that owns operator ``i``, or the ``N`` operators themselves (each is pickled
+        once and unpickled once, on its worker).
+    factory_kwargs : dict, optional
+        Third argument of ``factory``.
+    dtype : torch.dtype, optional
+        Kept for compatibility with deepinv (results keep the operators' dtypes).
+    gather_strategy : {"naive", "concatenated", "broadcast"}
+        Accepted for compatibility with deepinv; on Dask every strategy returns the
+        same result, fetched by the client.
+    fast_operators : bool
+        Let workers evaluate operators with a known faster equivalent of the same linear
+        map (:mod:`daskrecon.tasks.substitutes`: circular blurs by FFT) where results are sums over
+        operators — data-fidelity values and gradients, the normal operator, the
+        reconstruction engine. This class's own operator methods (``A``, ``A_adjoint``,
+        ``A_adjoint_A``, ``A_vjp``...) always run each operator as built, bit for bit
+        deepinv's computation. Default True.
+    reduction : {"sum", "mean"}
+        How per-operator results in the signal space combine by default, as
+        ``StackedLinearPhysics(..., reduction=...)``: ``A_adjoint``, ``A_vjp`` and
+        ``A_adjoint_A`` sum (or average over the ``N`` operators) unless their
+        ``reduce_op`` says otherwise, and ``A_A_adjoint``, ``compute_sqnorm`` and
+        ``A_dagger`` follow. ``"mean"`` makes ``A_adjoint`` ``(1/N)·Aᵀ``, so that
+        ``(A, A_adjoint)`` is no longer an adjoint pair (deepinv#1066; deepinv deprecates
+        it): a warning says so. The true adjoint stays available as
+        ``A_adjoint(y, reduce_op="sum")``; to average a data term over operators, use
+        ``distribute(L2(), ctx, reduction="mean")``, whose value and gradient stay consistent.
+
+    Attributes
+    ----------
+    local_indexes : list of int
+        deepinv's "operators owned by this rank": every index, since the driver is the
+        only rank and receives every operator's result (where each *runs* is
+        :attr:`owners`).
+    local_physics : list of Physics
+        The operators as the driver sees them: the objects given, or built by the factory
+        on the driver (``factory(i, ctx.device, factory_kwargs)``) when first read. The
+        computations never use these copies; they run on the workers.
+
+    Notes
+    -----
+    ``gather=False`` keeps deepinv's single-process return types (a ``list`` rather
+    than a ``TensorList`` for per-operator results): the driver is the only rank and
+    sees every operator. Non-linear operators support :meth:`A`, :meth:`forward` and
+    :meth:`A_vjp` (by autograd on the worker). Every method on tensors is differentiable:
+    its backward is the adjoint operation, run per operator on the workers (noise in
+    :meth:`forward` is treated as additive: its backward is that of :meth:`A`).
+    """
+
+    def __init__(
+        self,
+        ctx: DistributedContext,
+        num_operators: int,
+        factory: Factory | Sequence[Physics],
+        *,
+        factory_kwargs: dict | None = None,
+        dtype: torch.dtype | None = None,
+        gather_strategy: str = "concatenated",
+        fast_operators: bool = True,
+        reduction: str = "sum",
+        **kwargs: Any,
+    ) -> None:
+        if kwargs:
+            raise TypeError(f"unexpected keyword arguments {sorted(kwargs)} for {type(self).__name__}")
+        super().__init__()
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}; for per-operator "
+                             "results in the signal space pass reduce_op=None to the call")
+        if reduction == "mean":
+            warnings.warn(
+                "reduction='mean' makes A_adjoint (1/N)·Aᵀ, so (A, A_adjoint) is no longer an adjoint pair "
+                "(as in deepinv's StackedLinearPhysics, deepinv#1066); the adjoint is A_adjoint(y, reduce_op='sum'). "
+                "To average a data term, use distribute(L2(), ctx, reduction='mean') instead", UserWarning, stacklevel=2)
+        self.reduction = reduction
+        if not isinstance(num_operators, int) or num_operators < 1:
+            raise ValueError(f"num_operators must be a positive int, got {num_operators!r}")
+        if gather_strategy not in GATHER_STRATEGIES:
+            raise ValueError(f"gather_strategy must be one of {GATHER_STRATEGIES}, got {gather_strategy!r}")
+        if not callable(factory) and len(factory) != num_operators:
+            raise ValueError(f"got {len(factory)} operators for num_operators={num_operators}")
+        self.ctx = ctx
+        self.num_operators = num_operators
+        self.dtype = dtype or torch.float32
+        self.gather_strategy = gather_strategy
+        self.factory_kwargs = factory_kwargs
+        self.fast_operators = fast_operators
+        sources = [factory] * num_operators if callable(factory) and not isinstance(factory, Physics) else list(factory)
+        self.sources = sources
+        self.placement = Placement(ctx, num_operators)
+        # Operators given as objects reach their worker with the first task that needs them, not
+        # here: an out-of-core run, which uses only their chunk-wise forms, never puts a whole
+        # operator (an image-sized Inpainting mask, say) on a worker. Factories run now: their
+        # results say whether they are linear.
+        self.objects = ObjectSet(ctx, sources, num_operators, factory_kwargs=factory_kwargs, fast=fast_operators)
+        self.placement.register(self.objects)
+        self._local_physics: list | None = None
+        if all(isinstance(s, Physics) for s in sources):
+            self.linear = [isinstance(s, LinearPhysics) for s in sources]
+        else:
+            self.linear = [d["linear"] for d in self.map_operators(operator_tasks.describe, what="physics factory")]
+        self.inputs = OperatorInputs(self)
+        self._local: list | None = None
+        self._check_linearity()
+
+    def _check_linearity(self) -> None:
+        """Hook for the linear subclass."""
+
+    @property
+    def local_indexes(self) -> list[int]:
+        """Every operator index: the driver is the only rank (deepinv's attribute; see the class notes)."""
+        return self.ctx.local_indices(self.num_operators)
+
+    @property
+    def local_physics(self) -> list[Physics]:
+        """The operators on the driver: as given, or built by the factory here (see the class notes)."""
+        if self._local_physics is None:
+            self._local_physics = [
+                s if isinstance(s, Physics) else s(i, self.ctx.device, self.factory_kwargs)
+                for i, s in enumerate(self.sources)
+            ]
+        return self._local_physics
+
+    def _reduce_op(self, reduce_op: Any) -> str | None:
+        return self.reduction if reduce_op is BY_REDUCTION else reduce_op
+
+    @property
+    def owners(self) -> list[str]:
+        """The worker holding each operator (re-planned when workers join or leave)."""
+        return self.placement.owners
+
+    def map_operators(self, fn: Callable, *args: Any, what: str = "operator") -> list:
+        """``[fn(A_i, *args) for each i]``, each call on the worker holding ``A_i``; results in operator order.
+
+        ``fn`` must be importable (or picklable) on the workers; its results travel back to
+        the driver. Use it to inspect the operators where they live (their device, type...).
+        """
+        futs = self._submit_each(fn, *args)
+        return gather_arrays(self.ctx.client, futs, what, labels=self.placement.labels(futs),
+                             stall_timeout=self.ctx.stall_timeout)
+
+    # ------------------------------------------------------------------ inputs, placed on the workers
+    def place_x(self, x: torch.Tensor | Future, name: str = "x") -> Future:
+        """An image placed on the cluster once, for every operator's task (a future passes through)."""
+        return self.inputs.place_x(x, name)
+
+    def place_y(self, y: Any, name: str = "y") -> list[Future]:
+        """Futures of ``y_1 … y_N`` on their operators' workers; a TensorList is placed once and reused."""
+        return self.inputs.place_y(y, name)
+
+    def place_each(self, tensors: Sequence[torch.Tensor]) -> list[Future]:
+        """One tensor per operator, each placed on its operator's worker (not cached, unlike ``y``)."""
+        return self.inputs.place_each(tensors)
+
+    def _submit_each(self, fn: Callable, *args: Any, per_op: Sequence[Sequence[Any]] = ()) -> list[Future]:
+        """One task ``fn(A_i, *per_op[.][i], *args)`` per operator, on the worker holding ``A_i``."""
+        return self.placement.map(fn, objects=[self.objects], per_op=per_op, shared=args)
+
+    def _finish(self, futures: list[Future], gather: bool, reduce_op: str | None, what: str):
+        """Per-operator futures → TensorList / list, or their tree sum (or mean)."""
+        labels = self.placement.labels(futures)
+        if reduce_op is None:
+            tensors = gather_tensors(self.ctx.client, futures, self.ctx.device, what, labels=labels,
+                                     stall_timeout=self.ctx.stall_timeout)
+            return TensorList(tensors) if gather else tensors
+        if reduce_op not in _REDUCE_OPS:
+            raise ValueError(f"reduce_op must be None, 'sum' or 'mean', got {reduce_op!r}")
+        total = gather_tensors(self.ctx.client, [self._reduce(futures)], self.ctx.device, what, labels=labels,
+                               stall_timeout=self.ctx.stall_timeout)[0]
+        return total / self.num_operators if reduce_op == "mean" else total
+
+    def _reduce(self, futures: list[Future]) -> Future:
+        return self.placement.reduce(futures)
+
+    def require_linear(self, method: str) -> None:
+        bad = [i for i, lin in enumerate(self.linear) if not lin]
+        if bad:
+            raise LinearityError(
+                f"{method} needs linear operators, but operators {bad} are not LinearPhysics; "
+                "use A_vjp (autograd) or a data fidelity gradient instead"
+            )
+
+    def _next_seeds(self) -> list[int]:
+        # Drawn on the driver so noise depends on the driver's seed, not on the workers.
+        base = int(torch.randint(0, 2**62, (1,)).item())
+        return [base + i for i in range(self.num_operators)]
+
+    # ------------------------------------------------------------------ forward model
+    def A(self, x: torch.Tensor, gather: bool = True, reduce_op: str | None = None,
+          force_input_grad_sync: bool = False, return_graph_anchor: bool = False, **kwargs: Any):
+        """``[A_1 x, …, A_N x]`` in operator order (``reduce_op`` sums or averages them).
+
+        ``x`` may be a (B, C, H, W) dask array: see :meth:`local_forms`. A tensor that
+        requires grad gives a result whose backward runs on the workers
+        (:mod:`daskrecon.frontend.autograd`); deepinv 0.5's ``force_input_grad_sync`` changes nothing
+        (gradients are always whole); ``return_graph_anchor=True`` also returns the input,
+        as deepinv does.
+        """
+        if isinstance(x, da.Array):
+            return self._chunked("A", x, reduce_op)
+        if needs_grad(x):
+            out = physics_call(self, "A", x=x, gather=gather, reduce_op=reduce_op, **kwargs)
+            return (out, x) if return_graph_anchor else out
+        futs = self._submit_each(operator_tasks.forward_op, self.place_x(x), kwargs, None, False)
+        out = self._finish(futs, gather, reduce_op, f"A(x), x of shape {tuple(x.shape)}: operator")
+        return (out, x) if return_graph_anchor else out
+
+    def forward(self, x: torch.Tensor, gather: bool = True, reduce_op: str | None = None,
+                force_input_grad_sync: bool = False, return_graph_anchor: bool = False, **kwargs: Any):
+        """Noisy measurements ``[N_1(A_1 x), …]``; noise seeded per operator from the driver's RNG."""
+        if needs_grad(x):
+            out = physics_call(self, "forward", x=x, gather=gather, reduce_op=reduce_op, **kwargs)
+            return (out, x) if return_graph_anchor else out
+        n = self.num_operators
+        futs = self._submit_each(operator_tasks.forward_op, per_op=[[self.place_x(x)] * n, [kwargs] * n,
+                                                            self._next_seeds(), [True] * n])
+        out = self._finish(futs, gather, reduce_op, "forward(x): operator")
+        return (out, x) if return_graph_anchor else out
+
+    def A_vjp(self, x: torch.Tensor, v: Any, gather: bool = True, reduce_op: str | None = BY_REDUCTION):
+        """``Σ_i (∂A_i/∂x)ᵀ v_i`` (autograd for non-linear operators); averaged with ``reduction="mean"``."""
+        if needs_grad(x, *_entries_of(v)):
+            return physics_call(self, "A_vjp", x=x, ys=v, gather=gather, reduce_op=self._reduce_op(reduce_op))
+        futs = self._submit_each(operator_tasks.vjp_op, per_op=[[self.place_x(x)] * self.num_operators,
+                                                        self.place_y(v, "v")])
+        return self._finish(futs, gather, self._reduce_op(reduce_op), "A_vjp: operator")
+
+    def vjp_backward(self, x: torch.Tensor, v: Sequence[torch.Tensor], g: torch.Tensor,
+                      wrt_x: bool) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """The backward of ``A_vjp(x, v)`` (summed) at cotangent ``g``: ``Σ_i ∂⟨g, J_iᵀ v_i⟩/∂x`` along
+        the tree (``None`` unless ``wrt_x``) and ``[J_i g]`` per operator, ``J_i`` the Jacobian at ``x``."""
+        n, client = self.num_operators, self.ctx.client
+        futs = self._submit_each(operator_tasks.vjp_backward_op, self.place_x(g, "g"), bool(wrt_x),
+                                 per_op=[[self.place_x(x)] * n, self.place_each(list(v))])
+        labels = self.placement.labels(futs)
+        parts_v = [client.submit(operator.itemgetter(1), f, pure=False) for f in futs]
+        gv = gather_tensors(client, parts_v, self.ctx.device, "backward of A_vjp: operator", labels=labels,
+                            stall_timeout=self.ctx.stall_timeout)
+        gx = None
+        if wrt_x:
+            total = self._reduce([client.submit(operator.itemgetter(0), f, pure=False) for f in futs])
+            gx = gather_tensors(client, [total], self.ctx.device, "backward of A_vjp: operator", labels=labels,
+                                stall_timeout=self.ctx.stall_timeout)[0]
+        return gx, gv
+
+    # ------------------------------------------------------------------ per-operator inputs
+    def A_each(self, xs: Sequence[torch.Tensor], gather: bool = True):
+        """``[A_1 x_1, …, A_N x_N]``: each operator on its own input (the backward of ``A_adjoint``)."""
+        if len(xs) != self.num_operators:
+            raise MeasurementError(f"A_each needs one input per operator ({self.num_operators}), got {len(xs)}")
+        if needs_grad(*xs):
+            self.require_linear("A_each with inputs that require grad")
+            return physics_call(self, "A_each", ys=list(xs), gather=gather)
+        futs = self._submit_each(operator_tasks.forward_op, {}, None, False, per_op=[self.place_each(xs)])
+        return self._finish(futs, gather, None, "A_each: operator")
+
+    # Linear-only methods live on DistributedLinearPhysics; on this class they raise LinearityError.
+    A_adjoint = _LinearOnly()
+    A_adjoint_A = _LinearOnly()
+    A_A_adjoint = _LinearOnly()
+    A_adjoint_A_each = _LinearOnly()
+    compute_sqnorm = _LinearOnly()
+
+    # ------------------------------------------------------------------ chunk-wise (dask arrays)
+    def local_forms(self) -> list:
+        """The chunk-wise form of each operator (:func:`daskrecon.operators.chunkwise.local_form`), ``None`` where global.
+
+        When every operator is local, :meth:`A`, :meth:`A_adjoint` and :meth:`A_adjoint_A`
+        take and return dask arrays lazily, chunk by chunk (``map_overlap``), so an image
+        larger than the cluster's memory streams from and to Zarr. Otherwise a dask array
+        is assembled and goes through the per-operator tasks.
+        """
+        if self._local is None:
+            if all(isinstance(s, Physics) for s in self.sources):
+                self._local = [local_form(s) for s in self.sources]
+            else:
+                self._local = self.map_operators(local_form_of, what="local form of operator")
+        return self._local
+
+    @property
+    def chunkable(self) -> bool:
+        """Whether every operator has a chunk-wise form."""
+        return all(f is not None for f in self.local_forms())
+
+    def _chunked(self, method: str, arg: Any, reduce_op: str | None):
+        """``A`` / ``A_adjoint`` / ``A_adjoint_A`` of dask arrays, lazily (:func:`.physics_arrays.apply_lazily`)."""
+        if reduce_op not in (None, *_REDUCE_OPS):
+            raise ValueError(f"reduce_op must be None, 'sum' or 'mean', got {reduce_op!r}")
+        return apply_lazily(self, method, arg, reduce_op)
+
+    # ------------------------------------------------------------------ misc
+    def fingerprint(self) -> str:
+        """A hash of what defines the operators (their state and factory arguments), stable across processes."""
+        return fingerprint((self.sources, self.factory_kwargs, self.fast_operators))
+
+    def __len__(self) -> int:
+        return self.num_operators
+
+    def extra_repr(self) -> str:
+        return f"num_operators={self.num_operators}, workers={len(set(self.owners))}, sharding={self.ctx.sharding!r}"
+
+
+class DistributedLinearPhysics(DistributedPhysics, LinearPhysics):
+    """Linear stack ``A = [A_1; …; A_N]``; usable wherever deepinv expects a ``LinearPhysics``.
+
+    Adds :meth:`A_adjoint`, :meth:`A_adjoint_A`, :meth:`A_A_adjoint`,
+    :meth:`A_dagger` and :meth:`compute_sqnorm`; see :class:`DistributedPhysics` for the
+    parameters. Every operator must be a ``deepinv.physics.LinearPhysics``.
+    """
+
+    def _check_linearity(self) -> None:
+        bad = [i for i, lin in enumerate(self.linear) if not lin]
+        if bad:
+            raise LinearityError(
+                f"operators {bad} are not LinearPhysics; a DistributedLinearPhysics needs linear operators "
+                "(use DistributedPhysics / distribute(..., type_object='physics') for non-linear ones)"
+            )
+
+    def A_adjoint(self, y: Any, gather: bool = True, reduce_op: str | None = BY_REDUCTION, **kwargs: Any):
+        """``Σ_i A_iᵀ y_i`` (``(1/N) Σ`` with ``reduction="mean"``; ``reduce_op=None``: the per-operator ``A_iᵀ y_i``)."""
+        reduce_op = self._reduce_op(reduce_op)
+        if _is_chunked(y):
+            return self._chunked("A_adjoint", list(y), reduce_op)
+        if needs_grad(*_entries_of(y)):
+            return physics_call(self, "A_adjoint", ys=y, gather=gather, reduce_op=reduce_op, **kwargs)
+        futs = self._submit_each(operator_tasks.adjoint_op, kwargs, per_op=[self.place_y(y)])
+        return self._finish(futs, gather, reduce_op, "A_adjoint(y): operator")
+
+    def A_adjoint_A(self, x: torch.Tensor, gather: bool = True, reduce_op: str | None = BY_REDUCTION, **kwargs: Any):
+        """``Σ_i A_iᵀ A_i x`` (averaged with ``reduction="mean"``)."""
+        reduce_op = self._reduce_op(reduce_op)
+        if isinstance(x, da.Array):
+            return self._chunked("A_adjoint_A", x, reduce_op)
+        if needs_grad(x):
+            return physics_call(self, "A_adjoint_A", x=x, gather=gather, reduce_op=reduce_op, **kwargs)
+        futs = self._submit_each(operator_tasks.adjoint_A_op, kwargs, per_op=[[self.place_x(x)] * self.num_operators])
+        return self._finish(futs, gather, reduce_op, "A_adjoint_A(x): operator")
+
+    def A_A_adjoint(self, y: Any, gather: bool = True, **kwargs: Any):
+        """``[A_1 (Aᵀ y), …, A_N (Aᵀ y)]`` with the full adjoint ``Aᵀ y = Σ_i A_iᵀ y_i`` (averaged with ``reduction="mean"``)."""
+        if needs_grad(*_entries_of(y)):
+            return physics_call(self, "A_A_adjoint", ys=y, gather=gather, **kwargs)
+        adj = self._reduce(self._submit_each(operator_tasks.adjoint_op, kwargs, per_op=[self.place_y(y)]))
+        if self.reduction == "mean":
+            adj = self.ctx.client.submit(array_tasks.scale_array, adj, 1.0 / self.num_operators, pure=False)
+        futs = self._submit_each(operator_tasks.forward_op, adj, kwargs, None, False)
+        return self._finish(futs, gather, None, "A_A_adjoint(y): operator")
+
+    def A_adjoint_A_each(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``Σ_i A_iᵀ A_i x_i``: each normal operator on its own input, summed along the fixed tree."""
+        if len(xs) != self.num_operators:
+            raise MeasurementError(f"A_adjoint_A_each needs one input per operator ({self.num_operators}), "
+                                   f"got {len(xs)}")
+        if needs_grad(*xs):
+            return physics_call(self, "A_adjoint_A_each", ys=list(xs))
+        futs = self._submit_each(operator_tasks.adjoint_A_op, {}, per_op=[self.place_each(xs)])
+        return self._finish(futs, True, "sum", "A_adjoint_A_each: operator")
+
+    def A_dagger(
+        self,
+        y: Any,
+        solver: str = "CG",
+        max_iter: int | None = None,
+        tol: float | None = None,
+        verbose: bool = False,
+        *,
+        local_only: bool = True,
+        gather: bool = True,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """Pseudo-inverse.
+
+        ``local_only=True`` (deepinv's default, approximate): ``(1/N) Σ_i A_i^† y_i``,
+        each with the operator's own ``A_dagger`` (``solver``/``max_iter``/``tol`` are
+        forwarded where the operator accepts them). ``local_only=False``: the exact
+        least-squares solution of the stacked system, by deepinv's solver driving the
+        distributed ``A``/``A_adjoint`` (one round of tasks per solver iteration).
+        """
+        if not local_only:
+            return LinearPhysics.A_dagger(self, y, solver=solver, max_iter=max_iter, tol=tol, verbose=verbose, **kwargs)
+        opts = {k: v for k, v in dict(solver=solver, max_iter=max_iter, tol=tol).items() if v is not None}
+        futs = self._submit_each(operator_tasks.dagger_op, {**opts, **kwargs}, per_op=[self.place_y(y)])
+        return self._finish(futs, gather, "mean", "A_dagger(y): operator")
+
+    def compute_sqnorm(
+        self,
+        x0: torch.Tensor,
+        *,
+        max_iter: int = 50,
+        tol: float = 1e-3,
+        verbose: bool = True,
+        local_only: bool = True,
+        gather: bool = True,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """Squared spectral norm ``‖A‖²``.
+
+        ``local_only=True``: ``Σ_i ‖A_i‖²``, an upper bound (``AᵀA = Σ_i A_iᵀA_i``), each
+        term by the operator's power method on its worker. ``local_only=False``: the
+        power method on the distributed ``AᵀA`` (exact). With ``reduction="mean"`` both
+        are of the averaged operator ``(1/N) Σ_i A_iᵀA_i``, as deepinv's stack computes it.
+        """
+        if not local_only:
+            return LinearPhysics.compute_sqnorm(self, x0, max_iter=max_iter, tol=tol, verbose=verbose, **kwargs)
+        futs = self._submit_each(operator_tasks.sqnorm_op, max_iter, tol, per_op=[[self.place_x(x0, "x0")] * self.num_operators])
+        values = gather_arrays(self.ctx.client, futs, "compute_sqnorm: operator", labels=self.placement.labels(futs),
+                               stall_timeout=self.ctx.stall_timeout)
+        total = float(np.sum(np.asarray(values, dtype=np.float64)))
+        if self.reduction == "mean":  # ‖(1/N) Σ A_iᵀA_i‖ ≤ (1/N) Σ ‖A_i‖²
+            total /= self.num_operators
+        total = torch.tensor(total, device=self.ctx.device)
+        if verbose:
+            print(f"Computed local norm upper bound: ||A||_2^2 <= {total.item():.4f}")
+        return total
+
+
+
+DistributedStackedPhysics = DistributedPhysics
+DistributedStackedLinearPhysics = DistributedLinearPhysics

@@ -1,0 +1,354 @@
+"""`reconstruct()`: plug-and-play reconstructions on the cluster, in memory or out of core, with checkpoints.
+
+The problem is planned once (:mod:`daskrecon.engine.problem`), the algorithm is a step rule
+(:mod:`daskrecon.engine.algorithms`) and every iteration is one Dask graph run by the engine
+(:mod:`daskrecon.engine.loop`). Tensors in, tensor out; dask arrays in, dask array out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import torch
+from deepinv.optim.data_fidelity import L2
+from deepinv.utils import TensorList
+
+from daskrecon.engine import iteration as graph
+from daskrecon.engine import loop as engine
+from daskrecon.engine.algorithms import ALGORITHMS, StepRule, step_rule
+from daskrecon.engine.checkpoint import Checkpoint
+from daskrecon.engine.linsolve import Workspace, lipschitz
+from daskrecon.engine.problem import Denoising, Problem, plan
+from daskrecon.engine.signal import DistributedSignal
+from daskrecon.errors import MeasurementError
+from daskrecon.frontend.fidelity import DistributedDataFidelity
+from daskrecon.frontend.measurements import DistributedMeasurements
+from daskrecon.frontend.physics import DistributedPhysics
+from daskrecon.frontend.processing import DistributedPrior, DistributedProcessing
+from daskrecon.runtime.waiting import compute, gather
+from daskrecon.tasks import operators as operator_tasks
+from daskrecon.tasks.substitutes import FFTConvolution, specialize
+
+__all__ = ["ALGORITHMS", "default_step_size", "plan_problem", "reconstruct", "step_size_bound"]
+
+
+def reconstruct(
+    physics: DistributedPhysics,
+    y: Any,
+    denoiser: DistributedProcessing | DistributedPrior,
+    *,
+    data_fidelity: DistributedDataFidelity | None = None,
+    algorithm: str | StepRule = "pnp",
+    n_iter: int = 20,
+    step_size: float | None = None,
+    sigma_denoiser: float = 0.05,
+    red_weight: float = 1.0,
+    x0: torch.Tensor | da.Array | None = None,
+    checkpoint: str | None = None,
+    scratch: str | None = None,
+    checkpoint_every: int = 1,
+    resume: bool = False,
+    overwrite: bool = False,
+    callback: Callable[[int, DistributedSignal], Any] | None = None,
+    progress: bool = True,
+    x_true: torch.Tensor | da.Array | None = None,
+    return_history: bool = False,
+    storage: str = "auto",
+    chunks: tuple[int, int] | None = None,
+    tol: float | None = None,
+    max_time: float | None = None,
+    n_subsets: int | None = None,
+    seed: int | None = None,
+    cg_max_iter: int = 50,
+    cg_tol: float = 1e-5,
+    prox_solver: str = "auto",
+) -> torch.Tensor | da.Array | tuple[torch.Tensor | da.Array, list[dict]]:
+    """Solve ``min_x Σ_i d_i(A_i x, y_i) + prior(x)`` with a plug-and-play algorithm.
+
+    Parameters
+    ----------
+    physics : DistributedPhysics
+        From :func:`daskrecon.frontend.distribute`.
+    y : TensorList, list of tensors or dask arrays, or DistributedMeasurements
+        One measurement per operator.
+    denoiser : DistributedProcessing or DistributedPrior
+        A distributed denoiser (its ``prox`` for a prior).
+    data_fidelity : DistributedDataFidelity, optional
+        Default: ``L2()`` on every operator.
+    algorithm : {"pnp", "red", "fista", "fista-red", "hqs", "admm", "os-pnp", "svrg"} or StepRule
+        ``"pnp"``: proximal gradient ``x ← D_σ(x − τ ∇f(x))``. ``"red"``: gradient descent on
+        ``f + λ·RED``: ``x ← x − τ (∇f(x) + λ (x − D_σ(x)))``. ``"fista"``: accelerated
+        proximal gradient with the same prior, deepinv's ``FISTA`` iteration
+        (:class:`daskrecon.engine.algorithms.FISTA`; its state, ``x`` and the extrapolated ``z``,
+        is checkpointed whole); ``"fista-red"`` the same momentum with RED's gradient step
+        (:class:`~daskrecon.engine.algorithms.FISTARED`). ``"hqs"`` / ``"admm"``: splitting methods whose data-term
+        prox is a conjugate gradient on the cluster (L2 fidelity; ``τ`` is their ``γ``;
+        :class:`~daskrecon.engine.algorithms.HQS`, :class:`~daskrecon.engine.algorithms.ADMM`).
+        ``"os-pnp"`` / ``"svrg"``: one subset of the operators per iteration (ordered
+        subsets; variance-reduced), ``n_subsets`` subsets visited in an order drawn from
+        ``seed`` (:class:`~daskrecon.engine.algorithms.OSPnP`, :class:`~daskrecon.engine.algorithms.SVRG`).
+        A :class:`~daskrecon.engine.algorithms.StepRule` instance runs as given (its own step size
+        and options).
+    n_iter : int
+        Iterations in total (a resumed run continues up to ``n_iter``).
+    step_size : float, optional
+        ``τ``; default ``1 / L`` with ``L`` the Lipschitz constant of ``∇f``
+        (:func:`default_step_size`: exact by a distributed power method, computed once and
+        cached with the physics; a closed-form bound for out-of-core problems whose operators
+        all have one).
+    sigma_denoiser : float
+        Noise level given to the denoiser.
+    red_weight : float
+        ``λ`` of RED and FISTA-RED.
+    x0 : torch.Tensor or dask array, optional
+        Start; default ``Aᵀy / N``, computed on the workers.
+    checkpoint : str, optional
+        A directory or fsspec URL; the algorithm's state is committed there every
+        ``checkpoint_every`` iterations (crash-safe: see :mod:`daskrecon.engine.checkpoint`). It must
+        be new, empty or a daskrecon checkpoint: a folder of other files is refused unless
+        ``overwrite=True``, and even then none of them is changed. The driver and every
+        worker must see it (a shared file system or an fsspec URL): checked before the first
+        write (:class:`~daskrecon.errors.StorageNotSharedError` otherwise).
+    scratch : str, optional
+        A folder (or fsspec URL) under which an out-of-core run without ``checkpoint`` keeps its
+        iterate, and the power method of the default step size its vectors: a new folder is
+        made there and checked to be seen by every worker. Default: the driver's temporary
+        directory (``tempfile.gettempdir()``), which workers on other machines do not see —
+        such a run is refused with a message naming them, never run on storage they miss.
+    resume : bool
+        Continue from the last commit of ``checkpoint``. The final result is bitwise the
+        one of an uninterrupted run. A checkpoint of another problem is refused with the list
+        of what differs.
+    overwrite : bool
+        Allow starting over (``resume=False``) in a directory that holds a checkpoint, or
+        writing into a folder that holds other files (they are left unchanged).
+    callback : callable, optional
+        ``callback(iteration, x)`` after each completed iteration (1-based); ``x`` is the
+        iterate's :class:`~daskrecon.engine.signal.DistributedSignal` (``x.data`` is a tensor when
+        small, ``x.array`` the dask array). Without one, PnP, RED and FISTA pipeline their
+        iterations (iteration k + 1 is submitted before iteration k's metrics are back; same
+        results); with one, each iteration is reported before the next is submitted.
+    progress : bool
+        Show a progress bar with the data-fidelity value ``f(x)`` at the start of each
+        iteration, the relative change and, with ``x_true``, the PSNR.
+    x_true : torch.Tensor or dask array, optional
+        Ground truth, for the PSNR only.
+    return_history : bool
+        Also return the per-iteration metrics.
+    storage : {"auto", "memory", "zarr"}
+        Where the iterate lives: in cluster memory, or streamed from one Zarr slot to the
+        other. ``"auto"``: in memory when several copies of it fit comfortably in the workers'
+        total memory limit, else Zarr.
+    chunks : (int, int) or (int, int, int), optional
+        Chunk height and width of the iterate (depth, height and width for a
+        ``(B, C, D, H, W)`` volume). Default: planned from the problem alone
+        (:func:`daskrecon.planning.chunking.plan_chunks`: whole denoiser tiles, large chunks, a small
+        image in one piece), or a dask ``x0``'s. Results do not depend on the cluster.
+    tol : float, optional
+        Stopping rule: stop after the first iteration whose relative change
+        ``‖x_{k+1} − x_k‖ / ‖x_k‖`` is at most ``tol`` (``n_iter`` stays the cap).
+    max_time : float, optional
+        Stopping rule: a wall-clock budget in seconds; no iteration starts once it is spent
+        (at least one runs). With ``checkpoint``, the state at the stop is committed, and
+        ``resume=True`` continues from it.
+    n_subsets : int, optional
+        Operator subsets of ``"os-pnp"`` and ``"svrg"`` (required for them).
+    seed : int, optional
+        Seed of the subset schedule; default the context's ``seed`` (0 without one). The
+        schedule depends on it and the iteration number only: results are bitwise the same
+        on any number of workers and after a resume.
+    cg_max_iter, cg_tol : int, float
+        Conjugate gradient of ``"hqs"`` and ``"admm"``: at most ``cg_max_iter`` iterations,
+        until the residual falls by ``cg_tol``. Their history rows add ``"cg_iterations"``
+        and ``"cg_residual"``.
+    prox_solver : {"auto", "cg", "fourier"}
+        How ``"hqs"`` and ``"admm"`` solve the data prox: ``"auto"`` in closed form (one FFT,
+        no iterations) when every operator is a circular convolution and the image's FFT
+        fits a worker, by conjugate gradient otherwise; ``"cg"`` always iterates;
+        ``"fourier"`` insists (a ``ValueError`` names the operator that prevents it).
+
+    Returns
+    -------
+    x : torch.Tensor or dask.array.Array
+        The last iterate: a tensor when the inputs were tensors, else a dask array (in
+        cluster memory, or reading the last committed Zarr slot).
+    history : list of dict
+        Only with ``return_history=True``: one dict per iteration since the start (a
+        resumed run includes the checkpointed ones), with ``"iteration"`` (1-based),
+        ``"data_fidelity"`` (``f(x)`` at the start of the iteration), ``"relative_change"``
+        (``‖x_{k+1} − x_k‖ / ‖x_k‖``) and, with ``x_true``, ``"psnr"``; the last row of a
+        run ended by a stopping rule has ``"stop"`` (``"tol"`` or ``"max_time"``).
+
+    Notes
+    -----
+    Every iteration is one Dask graph, computed once: per-operator gradient tasks next to
+    their operators (or chunk by chunk for operators with a chunk-wise form,
+    :mod:`daskrecon.operators.chunkwise`), summed along a tree fixed by operator index, the step, the
+    tiled denoiser (``map_overlap``) and the metrics. The iterate never travels to the
+    driver: it stays in cluster memory, or — when it does not fit, e.g. ``da.from_zarr``
+    inputs larger than the cluster — streams from one slot of a Zarr checkpoint to the
+    other, committed atomically. Without ``checkpoint`` that store is a new temporary
+    directory, named in a ``UserWarning`` and left in place (the result reads from it).
+    The result is bitwise the same on any number of workers and in either storage.
+
+    Raises
+    ------
+    ValueError
+        Non-finite values in ``y`` or ``x0``; ``y`` of the wrong length; an unknown
+        algorithm; a checkpoint of another problem (:class:`CheckpointMismatchError`).
+    """
+    if isinstance(algorithm, StepRule):
+        if step_size is not None:
+            raise ValueError("a StepRule carries its own step size: pass step_size to it, not to reconstruct")
+    elif algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {tuple(ALGORITHMS)} or a StepRule, got {algorithm!r}")
+    elif algorithm in ("os-pnp", "svrg") and n_subsets is None:
+        raise ValueError(f"algorithm {algorithm!r} needs n_subsets (how many operator subsets to cycle through)")
+    elif algorithm not in ("os-pnp", "svrg") and n_subsets is not None:
+        raise ValueError(f"n_subsets applies to 'os-pnp' and 'svrg', not to {algorithm!r}")
+    if not isinstance(n_iter, int) or n_iter < 0:
+        raise ValueError(f"n_iter must be a non-negative int, got {n_iter!r}")
+    if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
+    engine.check_stopping(tol, max_time)  # before the problem is planned (one pass over the inputs)
+    problem, x0_arr = plan_problem(physics, y, denoiser, data_fidelity=data_fidelity, x0=x0, x_true=x_true,
+                                   sigma_denoiser=sigma_denoiser, storage=storage, chunks=chunks)
+    store = Checkpoint(checkpoint) if checkpoint else None
+    if store is not None:  # after every check of the inputs, before anything is written
+        store.claim(overwrite=overwrite)
+        store.ensure_shared(problem.ctx, why="the checkpoint, which the workers write")
+    if isinstance(algorithm, StepRule):
+        rule = algorithm
+    else:
+        if step_size is None:
+            step_size = default_step_size(problem, store=store, scratch=scratch)
+        rule = step_rule(algorithm, step_size, red_weight=red_weight, n_subsets=n_subsets,
+                         seed=problem.ctx.seed if seed is None else seed, cg_max_iter=cg_max_iter, cg_tol=cg_tol,
+                         prox_solver=prox_solver)
+    start = x0_arr if x0_arr is not None else (lambda p: graph.adjoint_sum(p, scale=1.0 / p.num_operators))
+    signals, history = engine.run(problem, rule, start, n_iter=n_iter, checkpoint=store, scratch=scratch,
+                                  checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite,
+                                  callback=callback, progress=progress, tol=tol, max_time=max_time)
+    x = signals["x"].array
+    if _tensor_inputs(y, x0):
+        ctx = problem.ctx
+        x = torch.from_numpy(np.asarray(compute([x], client=ctx.client, what="the result",
+                                                stall_timeout=ctx.stall_timeout)[0])).to(ctx.device)
+    return (x, history) if return_history else x
+
+
+def plan_problem(physics: DistributedPhysics, y: Any, denoiser: DistributedProcessing | DistributedPrior, *,
+                 data_fidelity: DistributedDataFidelity | None, x0: Any, x_true: Any, sigma_denoiser: float,
+                 storage: str = "auto", chunks: Any = None) -> tuple[Problem, da.Array | None]:
+    """Check the objects :func:`reconstruct` was given, then plan the problem (:func:`daskrecon.engine.problem.plan`).
+
+    The engine takes the denoiser as a :class:`~daskrecon.engine.problem.Denoising` (a
+    prior's ``prox`` with ``sigma_denoiser``, or the denoiser's own method with ``sigma``),
+    the fidelity (default: ``L2()`` on every operator) and one measurement per operator.
+    """
+    if not isinstance(physics, DistributedPhysics):
+        raise TypeError("physics must be a DistributedPhysics: dr.distribute(physics, ctx)")
+    if isinstance(denoiser, DistributedPrior):
+        denoising = Denoising(denoiser.processing, "prox", (), {"sigma_denoiser": sigma_denoiser}, sigma_denoiser)
+    elif isinstance(denoiser, DistributedProcessing):
+        denoising = Denoising(denoiser, denoiser.method, (sigma_denoiser,), {}, sigma_denoiser)
+    else:
+        raise TypeError("denoiser must be a DistributedProcessing or DistributedPrior: dr.distribute(denoiser, ctx)")
+    fidelity = data_fidelity or DistributedDataFidelity(physics.ctx, L2())
+    return plan(physics, _entries(y, physics.num_operators), denoising, fidelity, x0=x0, x_true=x_true,
+                storage=storage, chunks=chunks)
+
+
+def _entries(y: Any, n: int) -> list:
+    """One measurement per operator: tensors, dask arrays, or the futures of DistributedMeasurements."""
+    if isinstance(y, DistributedMeasurements):
+        if len(y) != n:
+            raise MeasurementError(f"y has {len(y)} measurements but the physics has {n} operators")
+        return list(y.futures)
+    if isinstance(y, torch.Tensor):
+        y = [y]
+    if not isinstance(y, (TensorList, list, tuple)):
+        raise TypeError(f"y must be a TensorList, a list of tensors or dask arrays, or DistributedMeasurements, "
+                        f"got {type(y).__name__}")
+    ys = [y[i] for i in range(len(y))]
+    if len(ys) != n:
+        raise MeasurementError(f"y has {len(ys)} entries but the physics has {n} operators")
+    for i, v in enumerate(ys):
+        if not isinstance(v, (torch.Tensor, da.Array)):
+            raise TypeError(f"y[{i}] must be a torch.Tensor or a dask array, got {type(v).__name__}")
+    return ys
+
+
+def default_step_size(problem: Problem, *, store: Checkpoint | None = None, scratch: str | None = None) -> float:
+    """``1 / L``, ``L`` the Lipschitz constant of the data term's gradient.
+
+    In memory (and for operators without a closed-form norm): ``L = scale · ‖Σ_i A_iᵀA_i / σ_i²‖``
+    by the distributed power method (:func:`daskrecon.engine.linsolve.lipschitz`), cached with the
+    physics. Out of core, when every operator has a closed-form norm, the bound of
+    :func:`step_size_bound` (no extra pass over a volume larger than the cluster).
+
+    Out of core, the power method's vectors live in ``store`` (the run's checkpoint) when
+    given, else in a new folder under ``scratch`` (see :func:`reconstruct`); removed after.
+    """
+    if problem.storage == "zarr" and all(f is not None for f in problem.forms):
+        return 1.0 / step_size_bound(problem)
+    fids = [problem.fidelity.source(i) for i in range(problem.num_operators)]
+    if not all(isinstance(f, L2) for f in fids):  # not quadratic: no normal operator, the per-operator bound
+        return 1.0 / step_size_bound(problem)
+    if problem.storage != "zarr":
+        return 1.0 / lipschitz(problem, Workspace(problem))
+    why = "the power method of the default step size keeps image-sized vectors there"
+    where = store.child("scratch_power") if store is not None else Checkpoint.temporary(
+        problem.ctx, scratch, prefix="daskrecon-power-", why=why)
+    try:
+        return 1.0 / lipschitz(problem, Workspace(problem, where, streamed=True))
+    finally:
+        where.remove()
+
+
+def step_size_bound(problem: Problem) -> float:
+    """An upper bound ``L`` of the data term's Lipschitz constant: ``scale · Σ_i ‖A_i‖² / σ_i²``.
+
+    Chunk-wise operators give ``‖A_i‖²`` in closed form (:meth:`LocalOperator.norm_bound`),
+    as do circular blurs with a non-negative kernel that sums to one (``‖A_i‖ = 1``); the
+    others run their own power method on their worker, from a vector made there. ``σ_i`` is
+    the noise level of an ``L2(sigma)`` fidelity (1 for others).
+    """
+    ctx, physics = problem.ctx, problem.physics
+    weights = [float(getattr(f, "norm", 1.0)) if isinstance(f, L2) else 1.0
+               for f in (problem.fidelity.source(i) for i in range(problem.num_operators))]
+    bound, pending = 0.0, []
+    for i, form in enumerate(problem.forms):
+        if form is not None:
+            bound += weights[i] * form.norm_bound()
+        elif _normalized_circular_blur(physics, i):
+            bound += weights[i]
+        else:
+            pending.append(i)
+    if pending:
+        futs = physics.placement.map(operator_tasks.sqnorm_from_shape, objects=[physics.objects],
+                                     shared=(problem.shape, str(problem.dtype), 50, 1e-3), indices=pending)
+        labels = physics.placement.labels(futs, pending)
+        norms = gather(ctx.client, futs, what="operator norm", labels=labels, stall_timeout=ctx.stall_timeout)
+        bound += sum(weights[i] * float(v) for i, v in zip(pending, norms))
+    return bound * problem.scale
+
+
+def _normalized_circular_blur(physics: DistributedPhysics, i: int) -> bool:
+    """A circular blur whose non-negative kernel sums to 1 has ``‖A‖ = 1`` exactly."""
+    src = physics.sources[i]
+    if not (isinstance(src, torch.nn.Module) and isinstance(specialize(src), FFTConvolution)):
+        return False
+    f = src.filter.detach()
+    return bool((f >= 0).all()) and bool(torch.allclose(f.sum(dim=(-2, -1)), torch.ones(()), atol=1e-5))
+
+
+def _tensor_inputs(y: Any, x0: Any) -> bool:
+    if isinstance(x0, da.Array):
+        return False
+    entries = y if isinstance(y, (list, tuple)) else [y]
+    return not any(isinstance(v, da.Array) for v in entries)
+

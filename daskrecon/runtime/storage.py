@@ -1,0 +1,103 @@
+"""Storage that daskrecon's tasks read and write: seen by every worker, owned by daskrecon.
+
+Many nodes are the normal case (jobqueue nodes, cloud VMs): a worker may share no disk with
+the driver. A path that the driver made on its own disk (a temporary folder, a checkpoint
+folder on a laptop) then names a different, empty place on each worker; each writes its
+chunks there and the others read nothing. Three rules keep that from ever returning a
+wrong result:
+
+* **Checked before the first write** — :func:`check_shared`: the driver writes a probe file
+  holding a fresh random token; every worker must read the same token back (one call per
+  worker, bounded in time) or :class:`~daskrecon.errors.StorageNotSharedError` names the
+  location, the workers that cannot see it, and what to pass instead.
+* **Owned** — a folder daskrecon writes into carries :data:`OWNER_FILE`, every array it
+  creates the attribute :data:`OWNER_ATTR`. It writes, replaces and deletes only those
+  (:class:`~daskrecon.errors.NotOwnedError` otherwise): a folder of someone else's files is
+  refused, never "cleaned".
+* **Never read as zeros** — every chunk of an owned array is written (also one that equals
+  the fill value), and reading one that is missing raises
+  :class:`~daskrecon.errors.MissingChunkError` (:mod:`daskrecon.tasks.regions`).
+
+The default scratch location (:func:`default_scratch`) is a new folder under the driver's
+temporary directory (``tempfile.gettempdir()``: ``$TMPDIR``, else ``/tmp``); it is checked
+like any other, so a cluster whose workers cannot see it is told to pass ``scratch=`` (or a
+``checkpoint=``) rather than given zeros.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import tempfile
+import time
+import uuid
+from typing import Any
+
+from daskrecon.errors import StorageNotSharedError
+from daskrecon.runtime.waiting import bounded
+from daskrecon.tasks import storage as storage_tasks
+
+__all__ = ["OWNER_ATTR", "OWNER_FILE", "check_shared", "default_scratch", "owned", "owner_attributes"]
+
+#: The file that marks a folder as daskrecon's (a checkpoint, a scratch folder).
+OWNER_FILE = ".daskrecon.json"
+#: The Zarr attribute that marks an array as daskrecon's.
+OWNER_ATTR = "daskrecon"
+
+#: What to pass when a location is not shared, for messages.
+HINT = ("pass checkpoint= (or scratch=) a folder that the driver and every worker see — a shared file system "
+        "such as the cluster's parallel file system or NFS home — or an fsspec URL (s3://…, gs://…)")
+
+
+def default_scratch() -> str:
+    """The folder under which runs without ``scratch=`` make their scratch folders: the driver's temporary directory."""
+    return tempfile.gettempdir()
+
+
+def owner_attributes(role: str) -> dict:
+    """The Zarr attributes of an array daskrecon creates (``role``: ``"state"``, ``"scratch"``...)."""
+    return {OWNER_ATTR: {"role": role}}
+
+
+def owned(zarr_array: Any) -> bool:
+    """Whether ``zarr_array`` was created by daskrecon (it carries :data:`OWNER_ATTR`)."""
+    try:
+        return OWNER_ATTR in zarr_array.attrs
+    except (AttributeError, KeyError, TypeError):
+        return False
+
+
+def check_shared(ctx: Any, fs: Any, root: str, url: str, *, why: str = "", hint: str = HINT) -> float:
+    """Check that every current worker reads what the driver writes under ``root``; return the seconds it took.
+
+    The driver writes a probe file with a fresh random token into ``root`` (an existing
+    folder of the fsspec file system ``fs``; ``url`` names it in messages); each worker reads
+    it through its own copy of ``fs`` (one ``Client.run``, bounded by the context's
+    ``stall_timeout``); the probe is removed.
+
+    A cluster with no workers yet passes: callers check again when the workers change.
+
+    Raises
+    ------
+    StorageNotSharedError
+        Some worker read nothing, or something else: the message names ``url``, those
+        workers and what they saw, ``why`` the location is needed, and ``hint``.
+    """
+    t0 = time.perf_counter()
+    token = uuid.uuid4().hex
+    probe = posixpath.join(str(root), f".daskrecon-probe-{token}")
+    client = ctx.client
+    fs.pipe_file(probe, token.encode())
+    try:
+        seen = bounded(client, client._run, storage_tasks.read_probe, fs, probe, on_error="return",
+                       what=f"checking that the workers see {url!r}", timeout=ctx.stall_timeout)
+    finally:
+        fs.rm_file(probe)
+    bad = {w: (v[1:] if isinstance(v, str) and v.startswith("!") else f"read {v!r}")
+           for w, v in sorted(seen.items()) if v != token}
+    if bad:
+        which = "; ".join(f"{w}: {reason}" for w, reason in bad.items())
+        raise StorageNotSharedError(
+            f"{len(bad)} of {len(seen)} workers cannot see {url!r}{f' ({why})' if why else ''}: the driver wrote a probe "
+            f"file there that they cannot read back ({which}). They would write their chunks to a folder of their own "
+            f"that nobody else reads. {hint[0].upper()}{hint[1:]}")
+    return time.perf_counter() - t0
