@@ -104,7 +104,7 @@ def test_workers_bound_onednn_primitive_cache(ctx):
     tiles have many shapes (a 3-D out-of-core worker gained 1 GiB). Workers start with a small cache."""
     import os
 
-    from daskrecon.frontend.context import _ONEDNN_CACHE
+    from daskrecon.runtime.cluster import ONEDNN_CACHE as _ONEDNN_CACHE
 
     got = ctx.client.run(lambda: os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY"))
     assert set(got.values()) == {_ONEDNN_CACHE}, got

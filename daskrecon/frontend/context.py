@@ -2,55 +2,25 @@
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 import warnings
 from typing import Any
 
-import dask
 import torch
-from distributed import Client, LocalCluster
+from distributed import Client
 from distributed.deploy import Cluster
-from distributed.diagnostics.plugin import WorkerPlugin
 
-from daskrecon.errors import ClusterConnectionError, DaskreconError, DeviceError
+from daskrecon.errors import ClusterConnectionError, DeviceError
 from daskrecon.frontend.collectives import SingleRank
 from daskrecon.planning.sharding import SHARDINGS, assign_owners
-from daskrecon.runtime.cluster import local_cluster, scheduler_workers, spawned_by_multiprocessing
-from daskrecon.runtime.memory_trim import TrimUnderPressure
-from daskrecon.runtime.scheduler_plugin import MEMBERSHIP_TOPIC, ReleaseOrphanedRestrictions
-from daskrecon.runtime.waiting import DEFAULT_STALL_TIMEOUT, bounded
-from daskrecon.tasks import arrays as array_tasks
+from daskrecon.runtime.cluster import MALLOC_MODES, configure_workers, scheduler_workers, start_local_cluster
+from daskrecon.runtime.scheduler_plugin import MEMBERSHIP_TOPIC
+from daskrecon.runtime.waiting import DEFAULT_STALL_TIMEOUT
 
 __all__ = ["DistributedContext"]
 
 _DEVICE_MODES = (None, "cpu", "gpu")
-_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-# oneDNN (torch's CPU convolutions) caches up to 1024 primitives, ~1.5-17 MiB each, one per
-# layer and input shape: tiles and chunks at the image's borders have many shapes, and a 3-D
-# out-of-core worker grew by 1 GiB of unmanaged memory this way (measured: 752 -> 1271 MiB
-# after 27 window shapes; 840 with 8 entries). 16 keeps the shapes of the interior cached
-# (2-D DnCNN tile: 0.279 s against 0.278 s with 1024; 0.303 s with none).
-_ONEDNN_CACHE = "16"
-# glibc settings of local workers (``malloc=``). "safe" is distributed's: freed memory above
-# 64 KiB goes back to the OS at once, but setting a trim threshold also pins glibc's mmap
-# threshold at 128 KiB, so every activation and FFT buffer is mapped and page-faulted afresh.
-# "fast" serves buffers under 32 MiB from the heap and trims above 64 MiB: 2.2x faster FFT
-# gradients, 13 % faster PnP (benchmarks/bench_gradient.py, bench_pnp.py). Alone it let a 2 GiB
-# out-of-core worker keep 1.84 GiB of freed memory and pause for good; with it comes
-# daskrecon.runtime.memory_trim.TrimUnderPressure, which returns free heap pages whenever a worker
-# passes half its limit (tested), so it is the default.
-MALLOC_MODES = ("safe", "fast")
 _WORKERS_TTL = 30.0
-_MALLOC_FAST = {"MALLOC_TRIM_THRESHOLD_": str(64 * 2**20), "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20)}
-
-
-def _available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 class DistributedContext(SingleRank):
@@ -236,7 +206,11 @@ class DistributedContext(SingleRank):
             )
         arg = self._cluster_arg
         if arg is None:
-            self._cluster = self._start_local_cluster()
+            local = start_local_cluster(
+                n_workers=self.n_workers, threads_per_worker=self.threads_per_worker, torch_threads=self.torch_threads,
+                memory_limit=self.memory_limit, device_mode=self.device_mode, processes=self.processes,
+                dashboard_address=self.dashboard_address, malloc=self.malloc, cluster_kwargs=self.cluster_kwargs)
+            self._cluster, self._local_n_workers, self._local_torch_threads = local
             self._owns_cluster = True
             self._client = Client(self._cluster)
             self._owns_client = True
@@ -258,7 +232,9 @@ class DistributedContext(SingleRank):
                 f"{wait_s:g} s; " + ("their processes' errors are printed above" if self._owns_cluster else
                                     "scale the cluster (e.g. cluster.scale(jobs=...)) or raise timeout")
             ) from exc
-        self._configure_workers()
+        self._membership = configure_workers(
+            self._client, malloc=self.malloc, torch_threads=self.torch_threads or getattr(self, "_local_torch_threads", None),
+            device_mode=self.device_mode, timeout=self.setup_timeout, on_membership=self._on_membership)
         if self.seed is not None:
             torch.manual_seed(self.seed)
         if self.deterministic:
@@ -291,95 +267,6 @@ class DistributedContext(SingleRank):
                 f"could not reach the Dask scheduler at {where!r} within timeout={self.timeout}s: {exc}. "
                 "Check the address and that the scheduler is running, or pass cluster=None for a local cluster"
             ) from exc
-
-    def _local_sizes(self, n_gpus: int) -> tuple[int, int, int]:
-        cores = _available_cores()
-        n_workers = self.n_workers or (n_gpus if n_gpus else max(1, min(cores, 4)))
-        threads = self.threads_per_worker or 1
-        torch_threads = self.torch_threads or max(1, cores // (n_workers * threads))
-        return n_workers, threads, torch_threads
-
-    def _start_local_cluster(self) -> Cluster:
-        use_gpu = self.device_mode != "cpu" and torch.cuda.is_available()
-        n_gpus = torch.cuda.device_count() if use_gpu else 0
-        n_workers, threads, torch_threads = self._local_sizes(n_gpus)
-        if use_gpu:
-            threads = 1  # one task per GPU at a time (dask-cuda's default)
-        self._local_torch_threads = torch_threads
-        self._local_n_workers = n_workers
-        ours = {k: str(torch_threads) for k in _THREAD_ENV}
-        ours["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY", _ONEDNN_CACHE)
-        if self.malloc == "fast":
-            ours.update(_MALLOC_FAST)
-        env = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **ours}
-        memory_limit = self.memory_limit if self.memory_limit is not None else "auto"
-        try:
-            if not self.processes:  # threads of this process: nothing to spawn, nothing to re-import
-                return LocalCluster(processes=False, n_workers=n_workers, threads_per_worker=threads,
-                                    dashboard_address=self.dashboard_address, memory_limit=memory_limit,
-                                    **self.cluster_kwargs)
-            if sys.platform == "win32":
-                return self._start_spawned_cluster(n_workers, threads, memory_limit, env, ours)
-            # Worker processes started from a fresh interpreter: they never run this script
-            # (daskrecon.runtime.cluster), so a context opened at module level without a main guard works.
-            return local_cluster(n_workers, threads, memory_limit=memory_limit, dashboard_address=self.dashboard_address,
-                                 env=env, gpus=n_gpus, **self.cluster_kwargs)
-        except OSError as exc:
-            raise ClusterConnectionError(f"could not start a local Dask cluster: {exc}") from exc
-
-    def _start_spawned_cluster(self, n_workers: int, threads: int, memory_limit: Any, env: dict,
-                               ours: dict) -> Cluster:
-        """Windows: distributed's LocalCluster (its workers re-import the script: it needs a main guard)."""
-        if spawned_by_multiprocessing():
-            raise DaskreconError(
-                "DistributedContext() ran again inside a worker process that imported your script: on Windows "
-                "the script must open the context under `if __name__ == \"__main__\":`"
-            )
-        # distributed lets this process's environment override the config, and its nanny writes
-        # the pre-spawn environment into this process: set ours here for the start, then put
-        # back what the driver had, so a later context starts from the same state.
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(ours)
-        try:
-            with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
-                return LocalCluster(processes=True, n_workers=n_workers, threads_per_worker=threads,
-                                    dashboard_address=self.dashboard_address, memory_limit=memory_limit,
-                                    **{"host": "127.0.0.1", **self.cluster_kwargs})
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-
-    def _configure_workers(self) -> None:
-        client, timeout = self.client, self.setup_timeout
-        try:
-            plugin = ReleaseOrphanedRestrictions()
-            bounded(client, client._register_scheduler_plugin, plugin=plugin, name=plugin.name, idempotent=True,
-                    what="installing daskrecon's scheduler plugin", timeout=timeout)
-        except Exception as exc:  # a remote scheduler without daskrecon installed
-            warnings.warn(f"could not install daskrecon's scheduler plugin ({exc}); when a worker leaves, "
-                          "its operators' tasks wait until stall_timeout and then fail", stacklevel=3)
-        else:
-            self._membership = 0
-            self.client.subscribe_topic(MEMBERSHIP_TOPIC, self._on_membership)
-        if self.malloc == "fast":  # keep the fast allocator from holding freed memory near the limit
-            bounded(client, client._register_worker_plugin, plugin=TrimUnderPressure(), name=TrimUnderPressure.name,
-                    idempotent=True, what="installing the memory trim on the workers", timeout=timeout)
-        threads = self.torch_threads or getattr(self, "_local_torch_threads", None)
-        if threads is not None:
-            bounded(client, client._register_worker_plugin, plugin=_TorchThreads(threads),
-                    name="daskrecon-torch-threads", idempotent=True, what="setting torch threads on the workers",
-                    timeout=timeout)
-        if self.device_mode == "gpu":
-            has_gpu = bounded(client, client._run, torch.cuda.is_available, what="asking the workers for GPUs",
-                              timeout=timeout)
-            if not any(has_gpu.values()):
-                raise DeviceError(
-                    "device_mode='gpu' but no worker of the cluster sees a CUDA device "
-                    f"(workers: {sorted(has_gpu)}); start GPU workers or use device_mode=None"
-                )
 
     # ------------------------------------------------------------------ properties
     @property
@@ -470,15 +357,3 @@ class DistributedContext(SingleRank):
             f"DistributedContext(workers={self.num_workers}, sharding={self.sharding!r}, "
             f"device_mode={self.device_mode!r}, dashboard={self.dashboard_link})"
         )
-
-
-class _TorchThreads(WorkerPlugin):
-    """Worker plugin: bound torch's intra-op threads on every (also restarted) worker."""
-
-    idempotent = True
-
-    def __init__(self, n_threads: int) -> None:
-        self.n_threads = n_threads
-
-    def setup(self, worker: Any) -> None:
-        array_tasks.set_torch_threads(self.n_threads)

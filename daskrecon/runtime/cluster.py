@@ -22,17 +22,20 @@ import logging
 import multiprocessing
 import os
 import sys
+import warnings
 from typing import Any
 
 import dask
 from distributed import Client, Scheduler, SpecCluster
 from distributed.deploy.subprocess import SubprocessWorker
+from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.worker_memory import parse_memory_limit
 
-from daskrecon.errors import DaskreconError
+from daskrecon.errors import ClusterConnectionError, DaskreconError
 from daskrecon.runtime.waiting import bounded
+from daskrecon.tasks import arrays as array_tasks
 
-__all__ = ["ScriptSafeWorker", "local_cluster", "scheduler_workers", "spawned_by_multiprocessing"]
+__all__ = ["MALLOC_MODES", "ScriptSafeWorker", "TorchThreads", "configure_workers", "local_cluster", "local_sizes", "scheduler_workers", "spawned_by_multiprocessing", "start_local_cluster"]
 
 # LocalCluster keywords that configure the scheduler; every other keyword goes to the workers.
 _SCHEDULER_KEYS = ("host", "scheduler_port", "protocol", "scheduler_kwargs", "blocked_handlers", "service_kwargs")
@@ -192,3 +195,163 @@ def scheduler_workers(client: Client, timeout: float | None = None) -> dict[str,
     identity = bounded(client, client.scheduler.identity, n_workers=-1, what="asking the scheduler for its workers",
                        timeout=timeout)
     return dict(identity["workers"])
+
+
+_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+# oneDNN (torch's CPU convolutions) caches up to 1024 primitives, ~1.5-17 MiB each, one per
+# layer and input shape: tiles and chunks at the image's borders have many shapes, and a 3-D
+# out-of-core worker grew by 1 GiB of unmanaged memory this way (measured: 752 -> 1271 MiB
+# after 27 window shapes; 840 with 8 entries). 16 keeps the shapes of the interior cached
+# (2-D DnCNN tile: 0.279 s against 0.278 s with 1024; 0.303 s with none).
+ONEDNN_CACHE = "16"
+# glibc settings of local workers (``malloc=``). "safe" is distributed's: freed memory above
+# 64 KiB goes back to the OS at once, but setting a trim threshold also pins glibc's mmap
+# threshold at 128 KiB, so every activation and FFT buffer is mapped and page-faulted afresh.
+# "fast" serves buffers under 32 MiB from the heap and trims above 64 MiB: 2.2x faster FFT
+# gradients, 13 % faster PnP (benchmarks/bench_gradient.py, bench_pnp.py). Alone it let a 2 GiB
+# out-of-core worker keep 1.84 GiB of freed memory and pause for good; with it comes
+# daskrecon.runtime.memory_trim.TrimUnderPressure, which returns free heap pages whenever a worker
+# passes half its limit (tested), so it is the default.
+MALLOC_MODES = ("safe", "fast")
+_MALLOC_FAST = {"MALLOC_TRIM_THRESHOLD_": str(64 * 2**20), "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20)}
+
+
+def _available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def local_sizes(n_gpus: int, n_workers: int | None, threads_per_worker: int | None,
+                torch_threads: int | None) -> tuple[int, int, int]:
+    """Workers, threads per worker and torch threads of a local cluster: one per GPU, else up to 4 workers,
+    torch threads so that workers x threads never oversubscribe the cores."""
+    cores = _available_cores()
+    n_workers = n_workers or (n_gpus if n_gpus else max(1, min(cores, 4)))
+    threads = threads_per_worker or 1
+    torch_threads = torch_threads or max(1, cores // (n_workers * threads))
+    return n_workers, threads, torch_threads
+
+
+def start_local_cluster(*, n_workers: int | None, threads_per_worker: int | None, torch_threads: int | None,
+                        memory_limit: Any, device_mode: str | None, processes: bool, dashboard_address: str,
+                        malloc: str, cluster_kwargs: dict) -> tuple[Any, int, int]:
+    """A local cluster sized to this machine: ``(cluster, n_workers, torch_threads)``.
+
+    Worker processes start in fresh interpreters (:func:`local_cluster`), one per GPU when
+    there are GPUs (``device_mode`` allowing), with the thread and allocator environment of
+    ``malloc``; ``processes=False`` gives threads of this process.
+    """
+    import torch
+    from distributed import LocalCluster
+
+    use_gpu = device_mode != "cpu" and torch.cuda.is_available()
+    n_gpus = torch.cuda.device_count() if use_gpu else 0
+    n_workers, threads, torch_threads = local_sizes(n_gpus, n_workers, threads_per_worker, torch_threads)
+    if use_gpu:
+        threads = 1  # one task per GPU at a time (dask-cuda's default)
+    ours = {k: str(torch_threads) for k in _THREAD_ENV}
+    ours["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_CACHE)
+    if malloc == "fast":
+        ours.update(_MALLOC_FAST)
+    env = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **ours}
+    memory_limit = memory_limit if memory_limit is not None else "auto"
+    try:
+        if not processes:  # threads of this process: nothing to spawn, nothing to re-import
+            cluster = LocalCluster(processes=False, n_workers=n_workers, threads_per_worker=threads,
+                                   dashboard_address=dashboard_address, memory_limit=memory_limit, **cluster_kwargs)
+        elif sys.platform == "win32":
+            cluster = _start_spawned_cluster(n_workers, threads, memory_limit, env, ours, dashboard_address,
+                                             cluster_kwargs)
+        else:
+            # Worker processes started from a fresh interpreter: they never run the user's script,
+            # so a context opened at module level without a main guard works.
+            cluster = local_cluster(n_workers, threads, memory_limit=memory_limit, dashboard_address=dashboard_address,
+                                    env=env, gpus=n_gpus, **cluster_kwargs)
+    except OSError as exc:
+        raise ClusterConnectionError(f"could not start a local Dask cluster: {exc}") from exc
+    return cluster, n_workers, torch_threads
+
+
+def _start_spawned_cluster(n_workers: int, threads: int, memory_limit: Any, env: dict, ours: dict,
+                           dashboard_address: str, cluster_kwargs: dict) -> Any:
+    """Windows: distributed's LocalCluster (its workers re-import the script: it needs a main guard)."""
+    from distributed import LocalCluster
+
+    if spawned_by_multiprocessing():
+        raise DaskreconError(
+            "DistributedContext() ran again inside a worker process that imported your script: on Windows "
+            "the script must open the context under `if __name__ == \"__main__\":`"
+        )
+    # distributed lets this process's environment override the config, and its nanny writes
+    # the pre-spawn environment into this process: set ours here for the start, then put
+    # back what the driver had, so a later context starts from the same state.
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(ours)
+    try:
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
+            return LocalCluster(processes=True, n_workers=n_workers, threads_per_worker=threads,
+                                dashboard_address=dashboard_address, memory_limit=memory_limit,
+                                **{"host": "127.0.0.1", **cluster_kwargs})
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def configure_workers(client: Client, *, malloc: str, torch_threads: int | None, device_mode: str | None,
+                      timeout: float, on_membership: Any) -> int | None:
+    """Install daskrecon's plugins on a cluster; the membership counter's start (``None``: not tracked).
+
+    The scheduler plugin that releases tasks restricted to departed workers (and announces
+    joins and departures to ``on_membership``), the memory trim with ``malloc="fast"``, the
+    torch thread count, and a check that ``device_mode="gpu"`` finds GPUs.
+    """
+    import torch
+
+    from daskrecon.errors import DeviceError
+    from daskrecon.runtime.memory_trim import TrimUnderPressure
+    from daskrecon.runtime.scheduler_plugin import MEMBERSHIP_TOPIC, ReleaseOrphanedRestrictions
+
+    membership = None
+    try:
+        plugin = ReleaseOrphanedRestrictions()
+        bounded(client, client._register_scheduler_plugin, plugin=plugin, name=plugin.name, idempotent=True,
+                what="installing daskrecon's scheduler plugin", timeout=timeout)
+    except Exception as exc:  # a remote scheduler without daskrecon installed
+        warnings.warn(f"could not install daskrecon's scheduler plugin ({exc}); when a worker leaves, "
+                      "its operators' tasks wait until stall_timeout and then fail", stacklevel=4)
+    else:
+        membership = 0
+        client.subscribe_topic(MEMBERSHIP_TOPIC, on_membership)
+    if malloc == "fast":  # keep the fast allocator from holding freed memory near the limit
+        bounded(client, client._register_worker_plugin, plugin=TrimUnderPressure(), name=TrimUnderPressure.name,
+                idempotent=True, what="installing the memory trim on the workers", timeout=timeout)
+    if torch_threads is not None:
+        bounded(client, client._register_worker_plugin, plugin=TorchThreads(torch_threads),
+                name="daskrecon-torch-threads", idempotent=True, what="setting torch threads on the workers",
+                timeout=timeout)
+    if device_mode == "gpu":
+        has_gpu = bounded(client, client._run, torch.cuda.is_available, what="asking the workers for GPUs",
+                          timeout=timeout)
+        if not any(has_gpu.values()):
+            raise DeviceError(
+                "device_mode='gpu' but no worker of the cluster sees a CUDA device "
+                f"(workers: {sorted(has_gpu)}); start GPU workers or use device_mode=None"
+            )
+    return membership
+
+
+class TorchThreads(WorkerPlugin):
+    """Worker plugin: bound torch's intra-op threads on every (also restarted) worker."""
+
+    idempotent = True
+
+    def __init__(self, n_threads: int) -> None:
+        self.n_threads = n_threads
+
+    def setup(self, worker: Any) -> None:
+        array_tasks.set_torch_threads(self.n_threads)
