@@ -4,7 +4,7 @@ A 1x1xSxS image (S = 1024 by default), a reflect blur and an Inpainting mask (ha
 pixels), measurements and x_true given as tensors, PnP with a small DnCNN, 3 iterations
 out of core (``storage="zarr"``) on 2 workers. Every graph the engine submits is pickled
 (as the client sends it) and measured: once as daskrecon runs, once with the staging of
-inputs switched off (``daskrecon.engine.loop.stage_inputs`` replaced by the identity), where the
+inputs switched off (``daskrecon.engine.loop.store_inputs`` replaced by the identity), where the
 measurements, the mask and x_true ride inside every iteration's graph.
 
 Writes benchmarks/results/graph_bytes.json.
@@ -48,10 +48,10 @@ def _run(size: int, staged: bool) -> list[int]:
         sizes.append(len(pickle.dumps(graph, protocol=5)))
         return persist(self, collections, *args, **kwargs)
 
-    stage, remove = engine.stage_inputs, engine.remove_staged_inputs
+    stage, remove = engine.store_inputs, engine.remove_stored_inputs
     distributed.Client.persist = recording
     if not staged:
-        engine.stage_inputs, engine.remove_staged_inputs = (lambda p, s: p), (lambda p, s: None)
+        engine.store_inputs, engine.remove_stored_inputs = (lambda p, s: p), (lambda p, s: None)
     try:
         with dr.DistributedContext(n_workers=2, threads_per_worker=1, dashboard_address="127.0.0.1:0") as ctx, \
                 tempfile.TemporaryDirectory() as tmp:
@@ -60,7 +60,7 @@ def _run(size: int, staged: bool) -> list[int]:
                            n_iter=3, step_size=0.5, x_true=x, storage="zarr", checkpoint=tmp, progress=False)
     finally:
         distributed.Client.persist = persist
-        engine.stage_inputs, engine.remove_staged_inputs = stage, remove
+        engine.store_inputs, engine.remove_stored_inputs = stage, remove
     return sizes
 
 

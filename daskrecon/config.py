@@ -21,7 +21,7 @@ Example (every key shown; only ``measurements`` and ``operators`` are required):
 
     [solver]
     algorithm = "red"                          # pnp | red | fista | fista-red | hqs | admm | os-pnp | svrg
-    iterations = 30
+    iterations = 30                            # every [solver] / [checkpoint] key defaults as reconstruct()'s
     step_size = 0.3
     sigma_denoiser = 0.05
     red_weight = 0.3
@@ -58,6 +58,7 @@ Paths are taken relative to the config's folder; a URL (``s3://…``, ``file://�
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -71,6 +72,7 @@ import numpy as np
 import torch
 
 from daskrecon.engine.algorithms import ALGORITHMS
+from daskrecon.engine.options import ReconstructOptions
 from daskrecon.engine.problem import iterate_chunks
 from daskrecon.errors import DaskreconError
 from daskrecon.operators.chunkwise import local_form
@@ -505,13 +507,11 @@ def run_config(path: str | Path, check: bool = False, echo: Any = print) -> Any:
     # (not for a check on a crop: a full-size Inpainting mask of a volume that large need not exist)
     ops = None if streamed_check else [build_operator(s, i, shape, base) for i, s in enumerate(cfg["operators"])]
     den = cfg.get("denoiser", {})
-    sol = cfg.get("solver", {})
     out = cfg.get("output", {})
     out_path = _resolve(base, _get(out, "path", "output", str, "result.zarr"))
     overwrite = _get(out, "overwrite", "output", bool, False)
     if not overwrite and _fs(out_path)[0].exists(_fs(out_path)[1]):
         raise ConfigError(f"output {out_path!r} exists; set output.overwrite = true or choose another path")
-    ck = cfg.get("checkpoint", {})
     with make_context(cfg.get("cluster", {})) as ctx:
         echo(f"cluster: {ctx.num_workers} workers, dashboard {ctx.dashboard_link}")
         dden = dr.distribute(build_denoiser(den, base), ctx, patch_size=_get(den, "patch_size", "denoiser", int, 256),
@@ -522,16 +522,10 @@ def run_config(path: str | Path, check: bool = False, echo: Any = print) -> Any:
         y = ys if lazy else TensorList(ys)
         # zeros when some measurement is not image-shaped (lazy inputs: the default Aᵀy / N, on the workers)
         x0 = torch.zeros(shape) if not lazy and any(tuple(y_.shape) != shape for y_ in ys) else None
+        opts = options_from(cfg)
         if check:
-            return _check(ctx, dphys, dden, y, shape, _get(sol, "iterations", "solver", int, 30), echo)
-        x = dr.reconstruct(
-            dphys, y, dden, n_iter=_get(sol, "iterations", "solver", int, 30), x0=x0, x_true=x_true,
-            tol=_get(sol, "tol", "solver", float, None), max_time=_get(sol, "max_time", "solver", float, None),
-            **_solver_options(sol),
-            checkpoint=_resolve(base, _get(ck, "path", "checkpoint", str)) if "path" in ck else None,
-            scratch=_resolve(base, _get(ck, "scratch", "checkpoint", str)) if "scratch" in ck else None,
-            checkpoint_every=_get(ck, "every", "checkpoint", int, 1), resume=_get(ck, "resume", "checkpoint", bool, False),
-        )
+            return _check(ctx, dphys, dden, y, shape, opts.n_iter, echo)
+        x = dr.reconstruct(dphys, y, dden, x0=x0, x_true=x_true, **_keywords(opts))
         # inside the context: a lazy result reads chunks from the cluster (or its checkpoint) as it is written
         written = write_image(out_path, x if not isinstance(x, torch.Tensor) else x.cpu().numpy(),
                               overwrite=overwrite, ctx=ctx)
@@ -542,17 +536,36 @@ def run_config(path: str | Path, check: bool = False, echo: Any = print) -> Any:
     return x
 
 
-def _solver_options(sol: dict) -> dict:
-    """``reconstruct``'s algorithm options from ``[solver]`` (not the iteration count or stopping rules)."""
-    return dict(
-        algorithm=_get(sol, "algorithm", "solver", str, "pnp"),
-        step_size=_get(sol, "step_size", "solver", float, None),
-        sigma_denoiser=_get(sol, "sigma_denoiser", "solver", float, 0.05),
-        red_weight=_get(sol, "red_weight", "solver", float, 1.0),
-        n_subsets=_get(sol, "n_subsets", "solver", int, None), seed=_get(sol, "seed", "solver", int, None),
-        cg_max_iter=_get(sol, "cg_max_iter", "solver", int, 50), cg_tol=_get(sol, "cg_tol", "solver", float, 1e-5),
-        prox_solver=_get(sol, "prox_solver", "solver", str, "auto"),
-    )
+def options_from(cfg: dict) -> ReconstructOptions:
+    """The reconstruction's options from ``[solver]`` and ``[checkpoint]``: what a key does not say takes
+    :class:`~daskrecon.engine.options.ReconstructOptions`' default, the same as :func:`daskrecon.reconstruct`'s."""
+    sol, ck, base = cfg.get("solver", {}), cfg.get("checkpoint", {}), cfg["_base"]
+    d = ReconstructOptions.default
+    try:
+        return ReconstructOptions(
+            algorithm=_get(sol, "algorithm", "solver", str, d("algorithm")),
+            n_iter=_get(sol, "iterations", "solver", int, d("n_iter")),
+            step_size=_get(sol, "step_size", "solver", float, d("step_size")),
+            sigma_denoiser=_get(sol, "sigma_denoiser", "solver", float, d("sigma_denoiser")),
+            red_weight=_get(sol, "red_weight", "solver", float, d("red_weight")),
+            n_subsets=_get(sol, "n_subsets", "solver", int, d("n_subsets")),
+            seed=_get(sol, "seed", "solver", int, d("seed")),
+            cg_max_iter=_get(sol, "cg_max_iter", "solver", int, d("cg_max_iter")),
+            cg_tol=_get(sol, "cg_tol", "solver", float, d("cg_tol")),
+            prox_solver=_get(sol, "prox_solver", "solver", str, d("prox_solver")),
+            tol=_get(sol, "tol", "solver", float, d("tol")),
+            max_time=_get(sol, "max_time", "solver", float, d("max_time")),
+            checkpoint=_resolve(base, _get(ck, "path", "checkpoint", str)) if "path" in ck else d("checkpoint"),
+            scratch=_resolve(base, _get(ck, "scratch", "checkpoint", str)) if "scratch" in ck else d("scratch"),
+            checkpoint_every=_get(ck, "every", "checkpoint", int, d("checkpoint_every")),
+            resume=_get(ck, "resume", "checkpoint", bool, d("resume")),
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _keywords(opts: ReconstructOptions) -> dict:
+    return {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)}
 
 
 def _eager(v: Any) -> torch.Tensor:
@@ -587,7 +600,7 @@ def _check_streamed(ctx: Any, cfg: dict, ys: list, x_true: Any, dden: Any, echo:
     operators are built for the crop (a mask file cropped)."""
     import daskrecon as dr
 
-    base, sol = cfg["_base"], cfg.get("solver", {})
+    base = cfg["_base"]
     specs = cfg["operators"]
     shape = tuple((x_true if x_true is not None else ys[0]).shape)
     factors = [_get(s, "factor", f"operators[{i}]", int, 2) if s["type"] == "downsampling" else 1
@@ -605,8 +618,7 @@ def _check_streamed(ctx: Any, cfg: dict, ys: list, x_true: Any, dden: Any, echo:
     y_crop = [_lazy(y)[(slice(None), slice(None), *(slice(0, c // f) for c in crop))] for y, f in zip(ys, factors)]
     truth = _lazy(x_true)[(slice(None), slice(None), *region)] if x_true is not None else None
     stamps: list[float] = []
-    ck = cfg.get("checkpoint", {})
-    scratch = _resolve(base, _get(ck, "scratch", "checkpoint", str)) if "scratch" in ck else None
+    scratch = options_from(cfg).scratch
     # A new folder under the run's scratch location (a path or a URL), checked to be shared like the run's;
     # removed after.
     from daskrecon.engine.checkpoint import Checkpoint
@@ -614,14 +626,15 @@ def _check_streamed(ctx: Any, cfg: dict, ys: list, x_true: Any, dden: Any, echo:
     store = Checkpoint.temporary(ctx, scratch, prefix="daskrecon-check-",
                                  why="--check runs two out-of-core iterations there")
     try:
-        dr.reconstruct(dr.distribute(ops, ctx), y_crop, dden, n_iter=2, x_true=truth, storage="zarr", chunks=chunk,
-                       checkpoint=store.url, scratch=scratch, progress=False,
-                       callback=lambda k, x: stamps.append(time.perf_counter()), **_solver_options(sol))
+        crop_run = options_from(cfg).replace(n_iter=2, storage="zarr", chunks=chunk, checkpoint=store.url,
+                                             resume=False, checkpoint_every=1, progress=False)
+        dr.reconstruct(dr.distribute(ops, ctx), y_crop, dden, x_true=truth,
+                       callback=lambda k, x: stamps.append(time.perf_counter()), **_keywords(crop_run))
     finally:
         store.remove()
     per_it_crop = stamps[1] - stamps[0]  # the second iteration: the first includes the start
     per_it = per_it_crop * math.prod(shape[2:]) / math.prod(crop)
-    iterations = _get(sol, "iterations", "solver", int, 30)
+    iterations = options_from(cfg).n_iter
     client = ctx.client
     rss = sorted(v / 2**20 for v in bounded(client, client._run, _worker_rss, what="reading the workers' memory",
                                             timeout=ctx.stall_timeout).values())

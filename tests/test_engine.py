@@ -142,7 +142,7 @@ def test_a_volume_runs_chunk_wise_like_deepinv_on_the_whole_volume(ctx1, ctx, tm
     outs = []
     for c in ((ctx1, ctx) if algorithm == "pnp" else (ctx,)):  # HQS across worker counts: tests in 2-D
         d = dr.distribute(ops, c)
-        assert all(f is not None for f in d.local_forms())  # chunk-wise forms of the 3-D blurs
+        assert all(f is not None for f in d.chunkwise_forms())  # chunk-wise forms of the 3-D blurs
         outs.append(dr.reconstruct(d, y, dr.distribute(model, c, patch_size=8, overlap=3), **kw))
     ys = [da.from_array(t.numpy(), chunks=(1, 1, 12, 10, 11)) for t in y]
     with ctx.client.as_current():
@@ -225,7 +225,7 @@ def _chunk_wise_pnp_everywhere(ops, y, x0, step, ctx1, ctx, tmp_path, y_chunks):
     outs = []
     for c in (ctx1, ctx):
         d = dr.distribute(ops, c)
-        assert all(f is not None for f in d.local_forms())
+        assert all(f is not None for f in d.chunkwise_forms())
         outs.append(dr.reconstruct(d, y, dr.distribute(model, c, patch_size=16, overlap=6), **kw))
     with ctx.client.as_current():
         ys = [da.from_array(t.numpy(), chunks=y_chunks) for t in y]

@@ -15,6 +15,7 @@ May import: :mod:`daskrecon.errors`, :mod:`daskrecon.planning`, :mod:`daskrecon.
 """
 
 # ``daskrecon.engine`` was the loop's module: its names stay importable from here.
-from daskrecon.engine.loop import check_stopping, psnr, psnr_of_mse, run
+from daskrecon.engine.loop import open_checkpoint, psnr, psnr_of_mse, run
+from daskrecon.engine.options import ReconstructOptions
 
-__all__ = ["check_stopping", "psnr", "psnr_of_mse", "run"]
+__all__ = ["ReconstructOptions", "open_checkpoint", "psnr", "psnr_of_mse", "run"]

@@ -125,7 +125,7 @@ def fourier_period(problem: Any) -> tuple[int, str | None]:
     frequencies it aliases with, so it is block diagonal in Fourier with ``F^d × F^d`` blocks
     (the polyphase form of fast super-resolution: Zhao et al., IEEE TIP 2016).
     """
-    forms = problem.physics.local_forms()  # whether or not the planner streams them chunk-wise
+    forms = problem.physics.chunkwise_forms()  # whether or not the planner streams them chunk-wise
     for i, form in enumerate(forms):
         if form is None or form.mask is not None or form.mask_bound is not None \
                 or (form.filter is not None and form.padding != "circular") or (form.filter is None and form.factor == 1):

@@ -23,12 +23,13 @@ from tqdm.auto import tqdm
 from daskrecon.engine.algorithms import StepRule
 from daskrecon.engine.checkpoint import Checkpoint
 from daskrecon.engine.linsolve import Workspace
-from daskrecon.engine.problem import Problem, remove_staged_inputs, stage_inputs
+from daskrecon.engine.options import ReconstructOptions
+from daskrecon.engine.problem import Problem, remove_stored_inputs, store_inputs
 from daskrecon.engine.signal import DistributedSignal, Pending, advance, submit
 from daskrecon.errors import DaskreconError
 from daskrecon.runtime.halos import Stager, rewind, staged
 
-__all__ = ["check_stopping", "psnr", "psnr_of_mse", "run"]
+__all__ = ["open_checkpoint", "psnr", "psnr_of_mse", "run"]
 
 
 def psnr(x: Any, ref: Any) -> float:
@@ -41,31 +42,9 @@ def psnr_of_mse(mse: float) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
-def check_stopping(tol: float | None, max_time: float | None) -> None:
-    """Raise ``ValueError`` for a negative ``tol`` or a non-positive ``max_time``."""
-    if tol is not None and not tol >= 0:
-        raise ValueError(f"tol must be >= 0, got {tol!r}")
-    if max_time is not None and not max_time > 0:
-        raise ValueError(f"max_time must be > 0 seconds, got {max_time!r}")
-
-
-def run(
-    problem: Problem,
-    rule: StepRule,
-    x0: Any,
-    *,
-    n_iter: int,
-    checkpoint: str | Checkpoint | None = None,
-    scratch: str | None = None,
-    checkpoint_every: int = 1,
-    resume: bool = False,
-    overwrite: bool = False,
-    callback: Callable[[int, DistributedSignal], Any] | None = None,
-    progress: bool = True,
-    tol: float | None = None,
-    max_time: float | None = None,
-) -> tuple[dict[str, DistributedSignal], list[dict]]:
-    """Run ``rule`` for ``n_iter`` iterations in total (a resumed run continues), or until a stopping rule.
+def run(problem: Problem, rule: StepRule, x0: Any, options: ReconstructOptions, *, store: Checkpoint | None = None,
+        callback: Callable[[int, DistributedSignal], Any] | None = None) -> tuple[dict[str, DistributedSignal], list[dict]]:
+    """Run ``rule`` for ``options.n_iter`` iterations in total (a resumed run continues), or until a stopping rule.
 
     Parameters
     ----------
@@ -73,31 +52,24 @@ def run(
     rule : StepRule
     x0 : dask array or callable
         The start, or a function of the problem returning it lazily (called only when not resuming).
-    n_iter : int
-    checkpoint : str or Checkpoint, optional
-        Directory or fsspec URL; the whole state is committed there every
-        ``checkpoint_every`` iterations (every iteration when the state streams through Zarr).
-        It must be new, empty or daskrecon's (else ``overwrite=True``), and every worker
-        must see it (:mod:`daskrecon.runtime.storage`; checked before the first write).
-    scratch : str, optional
-        Where a state that streams through Zarr lives without a ``checkpoint``: a new folder
-        under this one (default: the driver's temporary directory), checked to be seen by
-        every worker.
-    resume, overwrite : bool
-        Continue the checkpoint's run, or start over in a directory that holds one.
+    options : ReconstructOptions
+        What this reads: ``n_iter``; ``checkpoint`` (a directory, an fsspec URL or a
+        :class:`~daskrecon.engine.checkpoint.Checkpoint`: the whole state is committed there every
+        ``checkpoint_every`` iterations, every iteration when it streams through Zarr; it must
+        be new, empty or daskrecon's, else ``overwrite``, and every worker must see it), or
+        ``scratch`` (where a state that streams lives without one: a new folder under it,
+        default the driver's temporary directory, checked to be seen by every worker);
+        ``resume`` / ``overwrite``; ``progress`` (a progress bar with the metrics); ``tol``
+        (stop after the first iteration whose relative change ``‖x_{k+1} − x_k‖ / ‖x_k‖`` is at
+        most ``tol``); ``max_time`` (no iteration starts once this many seconds of this call
+        are spent; at least one runs). The results never depend on them, only how many run.
+    store : Checkpoint, optional
+        ``options.checkpoint`` opened already (claimed and checked by the caller).
     callback : callable, optional
         ``callback(iteration, x)`` after each iteration, ``x`` the iterate's
         :class:`~daskrecon.engine.signal.DistributedSignal` (its ``.data`` is a tensor when small).
         Without one, a rule with ``pipelined`` submits iteration k + 1 before iteration k's
         metrics are back (the same results).
-    progress : bool
-        A progress bar with the iteration's metrics.
-    tol : float, optional
-        Stop after the first iteration whose relative change ``‖x_{k+1} − x_k‖ / ‖x_k‖`` is
-        at most ``tol``.
-    max_time : float, optional
-        Wall-clock budget in seconds for this call: no iteration starts once it is spent (at
-        least one runs). The results do not depend on it, only how many iterations run.
 
     Returns
     -------
@@ -106,135 +78,170 @@ def run(
         One row per iteration; the last row of a run ended by a stopping rule has ``"stop"``
         (``"tol"`` or ``"max_time"``).
     """
-    check_stopping(tol, max_time)
     t0 = time.monotonic()
     record = {**problem.record, **rule.settings()}
-    store = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint) if checkpoint else None
-    if store is not None:
-        store.claim(overwrite=overwrite)
-        store.ensure_shared(problem.ctx, why="the checkpoint, which the workers write")
-    start, history = 0, []
-    if store is not None and store.exists():
-        if resume:
-            store.check(record)
-            meta = store.meta()
-            start, history = meta["iteration"], list(meta.get("extra", {}).get("history", []))
-        elif not overwrite:
-            raise DaskreconError(f"{store.url!r} already holds a checkpoint (iteration {store.meta()['iteration']}); "
-                                 "pass resume=True to continue it or overwrite=True to start over")
+    store = store if store is not None else open_checkpoint(problem.ctx, options)
+    start, history = _resumed(store, record, options)
     streamed = problem.storage == "zarr"
     if streamed and store is None:
         # The iterate has to live somewhere larger than memory, and the result reads from it.
-        store = Checkpoint.temporary(problem.ctx, scratch, why=f"the iterate streams through Zarr (two slots of "
-                                     f"{problem.nbytes / 2**30:.2f} GiB) and no checkpoint was given")
+        store = Checkpoint.temporary(problem.ctx, options.scratch, why=f"the iterate streams through Zarr (two slots "
+                                     f"of {problem.nbytes / 2**30:.2f} GiB) and no checkpoint was given")
         warnings.warn(f"no checkpoint given: the out-of-core iterate (two slots of {problem.nbytes / 2**30:.2f} GiB) "
                       f"is kept in {store.url}, which the result reads from; pass checkpoint=… to choose the place, "
                       "and delete it when done", UserWarning, stacklevel=3)
     if streamed:  # the driver's inputs are read from the store, not carried by every graph
-        problem = stage_inputs(problem, store)
+        problem = store_inputs(problem, store)
     rule.check(problem)
     # Out of core, stencils exchange halos through scratch Zarr arrays next to the state
     # (daskrecon.runtime.halos): no stage holds a front of chunks for the next.
     stager = Stager(store) if streamed else None
     try:
         with staged(stager):
-            return _run(problem, rule, x0, store, streamed, start, history, record, t0, n_iter=n_iter,
-                        checkpoint_every=checkpoint_every, callback=callback, progress=progress, tol=tol,
-                        max_time=max_time)
+            loop = _Loop(problem, rule, store, streamed, record, options, callback, history, t0)
+            loop.begin(x0, start)
+            return loop.signals, loop.iterate(start)
     finally:
         if stager is not None:
             stager.cleanup()
-            remove_staged_inputs(problem, store)
+            remove_stored_inputs(problem, store)
 
 
-def _run(problem: Problem, rule: StepRule, x0: Any, store: Checkpoint | None, streamed: bool, start: int,
-         history: list, record: dict, t0: float, *, n_iter: int, checkpoint_every: int, callback: Callable | None,
-         progress: bool, tol: float | None, max_time: float | None) -> tuple[dict[str, DistributedSignal], list[dict]]:
-    ctx = problem.ctx
-    rule.prepare(problem, Workspace(problem, store, streamed))
-    signals = {name: DistributedSignal(ctx, problem.shape, problem.dtype, store=store, chunks=problem.chunks,
-                                       name=name, in_memory=not streamed) for name in rule.state}
-    if start:
-        for s in signals.values():
-            s.restore()
-    else:
-        initial = rule.start(problem, x0(problem) if callable(x0) else x0)
-        # The start is committed as iteration 0 when the state streams (it must live in the store).
-        advance(signals, initial, iteration=0, commit=streamed, record=record, extra={"history": []})
+def open_checkpoint(ctx: Any, options: ReconstructOptions) -> Checkpoint | None:
+    """``options.checkpoint`` claimed (new, empty, daskrecon's, or ``overwrite``) and seen by every worker."""
+    checkpoint = options.checkpoint
+    if not checkpoint:
+        return None
+    store = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
+    store.claim(overwrite=options.overwrite)
+    store.ensure_shared(ctx, why="the checkpoint, which the workers write")
+    return store
 
-    bar = tqdm(total=n_iter, initial=start, disable=not progress, desc=rule.name.upper(), unit="it")
-    stop, committed = None, start
-    # Pipelined: iteration k+1 is submitted before iteration k's metrics come back, so the
-    # workers never wait for the driver's round trip. Only for steps that merely build a graph,
-    # in cluster memory, without a callback (it is shown the iterate of its iteration).
-    pipelined = rule.pipelined and not streamed and callback is None
-    pending: tuple[Pending, Callable] | None = None  # submitted, not yet reported
 
-    def report() -> bool:
+def _resumed(store: Checkpoint | None, record: dict, options: ReconstructOptions) -> tuple[int, list]:
+    """Where the run starts (its iteration, its history so far): a resumed checkpoint's, else 0."""
+    if store is None or not store.exists():
+        return 0, []
+    if options.resume:
+        store.check(record)
+        meta = store.meta()
+        return meta["iteration"], list(meta.get("extra", {}).get("history", []))
+    if not options.overwrite:
+        raise DaskreconError(f"{store.url!r} already holds a checkpoint (iteration {store.meta()['iteration']}); "
+                             "pass resume=True to continue it or overwrite=True to start over")
+    return 0, []
+
+
+class _Loop:
+    """The iterations of one run: submit iteration k (after k − 1's metrics, or before them when
+    pipelined), report each in order (history row, bar, callback), stop on a rule, commit."""
+
+    def __init__(self, problem: Problem, rule: StepRule, store: Checkpoint | None, streamed: bool, record: dict,
+                 options: ReconstructOptions, callback: Callable | None, history: list, t0: float) -> None:
+        self.problem, self.rule, self.store, self.streamed = problem, rule, store, streamed
+        self.record, self.options, self.callback, self.history, self.t0 = record, options, callback, history, t0
+        # Pipelined: iteration k+1 is submitted before iteration k's metrics come back, so the
+        # workers never wait for the driver's round trip. Only for steps that merely build a graph,
+        # in cluster memory, without a callback (it is shown the iterate of its iteration).
+        self.pipelined = rule.pipelined and not streamed and callback is None
+        self.pending: tuple[Pending, Callable] | None = None  # submitted, not yet reported
+        self.signals: dict[str, DistributedSignal] = {}
+        self.bar: Any = None
+        self.committed = 0
+
+    def begin(self, x0: Any, start: int) -> None:
+        """The state at iteration ``start``: restored from the checkpoint, or the rule's start (iteration 0)."""
+        problem, rule = self.problem, self.rule
+        rule.prepare(problem, Workspace(problem, self.store, self.streamed))
+        self.signals = {name: DistributedSignal(problem.ctx, problem.shape, problem.dtype, store=self.store,
+                                                chunks=problem.chunks, name=name, in_memory=not self.streamed)
+                        for name in rule.state}
+        if start:
+            for s in self.signals.values():
+                s.restore()
+        else:
+            initial = rule.start(problem, x0(problem) if callable(x0) else x0)
+            # The start is committed as iteration 0 when the state streams (it must live in the store).
+            advance(self.signals, initial, iteration=0, commit=self.streamed, record=self.record,
+                    extra={"history": []})
+        self.committed = start
+
+    def iterate(self, start: int) -> list[dict]:
+        """Iterations ``start + 1 ..`` up to ``n_iter`` or a stopping rule; the history."""
+        opts = self.options
+        self.bar = tqdm(total=opts.n_iter, initial=start, disable=not opts.progress, desc=self.rule.name.upper(),
+                        unit="it")
+        stop = None
+        try:
+            for k in range(start, opts.n_iter):
+                if opts.max_time is not None and k > start and time.monotonic() - self.t0 >= opts.max_time:
+                    stop = "max_time"
+                    break
+                commit = self.store is not None and (self.streamed or (k + 1) % opts.checkpoint_every == 0
+                                                     or k + 1 == opts.n_iter)
+                if commit and self.report():  # a commit writes the store's free slot: never two in flight
+                    stop = "tol"
+                    break
+                submitted = self.submit(k, commit)
+                if self.report():  # the iteration before (pipelined): stopping here drops iteration k + 1
+                    stop = "tol"
+                    break
+                self.pending = submitted
+                if not self.pipelined and self.report():
+                    stop = "tol"
+                    break
+            if self.report():
+                stop = "tol"
+        finally:
+            self.bar.close()
+        if stop is not None and self.history:
+            self.commit_at_stop(stop)
+        return self.history
+
+    def submit(self, k: int, commit: bool) -> tuple[Pending, Callable]:
+        """Build and submit iteration ``k + 1``'s graph, on the state of the last one submitted."""
+        state = dict(self.pending[0].kept) if self.pending is not None else \
+            {name: s.array for name, s in self.signals.items()}
+        rewind(0)  # out of core: the graphs built before are computed; reuse their scratch arrays
+        with span(f"daskrecon-iteration-{k + 1}"):
+            new, value, metrics = self.rule.step(self.problem, state, k)
+            info = self.rule.report()
+
+            def extra(values: dict, k: int = k, info: dict = info) -> dict:
+                self.history.append({**_row(k + 1, values, self.problem), **info})
+                return {"history": self.history}
+
+            return submit(self.signals, new, iteration=k + 1, also={"value": value, "metrics": metrics},
+                          commit=commit, record=self.record, extra=extra), extra
+
+    def report(self) -> bool:
         """Report the pending iteration, if any: history row, bar, callback; whether ``tol`` stops the run."""
-        nonlocal committed, pending
-        if pending is None:
+        if self.pending is None:
             return False
-        (submitted, extra), pending = pending, None
+        (submitted, extra), self.pending = self.pending, None
         values = submitted.finish()
         if submitted.commits:
-            committed = submitted.iteration
+            self.committed = submitted.iteration
         else:
             extra(values)
-        row = history[-1]
-        bar.set_postfix({key: f"{v:.4g}" for key, v in row.items() if isinstance(v, float)})
-        bar.update(1)
-        if callback is not None:
-            callback(submitted.iteration, signals["x"])
-        return tol is not None and row["relative_change"] <= tol
+        row = self.history[-1]
+        self.bar.set_postfix({key: f"{v:.4g}" for key, v in row.items() if isinstance(v, float)})
+        self.bar.update(1)
+        if self.callback is not None:
+            self.callback(submitted.iteration, self.signals["x"])
+        return self.options.tol is not None and row["relative_change"] <= self.options.tol
 
-    try:
-        for k in range(start, n_iter):
-            if max_time is not None and k > start and time.monotonic() - t0 >= max_time:
-                stop = "max_time"
-                break
-            commit = store is not None and (streamed or (k + 1) % checkpoint_every == 0 or k + 1 == n_iter)
-            # A commit writes the store's free slot: never two in flight.
-            if commit and report():
-                stop = "tol"
-                break
-            if pending is not None:
-                state = dict(pending[0].kept)
-            else:
-                state = {name: s.array for name, s in signals.items()}
-            rewind(0)  # out of core: the graphs built before are computed; reuse their scratch arrays
-
-            with span(f"daskrecon-iteration-{k + 1}"):
-                new, value, metrics = rule.step(problem, state, k)
-                info = rule.report()
-
-                def extra(values: dict, k: int = k, info: dict = info) -> dict:
-                    history.append({**_row(k + 1, values, problem), **info})
-                    return {"history": history}
-
-                submitted = submit(signals, new, iteration=k + 1, also={"value": value, "metrics": metrics},
-                                   commit=commit, record=record, extra=extra)
-            if report():  # the iteration before (pipelined): stopping here drops iteration k + 1
-                stop = "tol"
-                break
-            pending = (submitted, extra)
-            if not pipelined and report():
-                stop = "tol"
-                break
-        if report():
-            stop = "tol"
-    finally:
-        bar.close()
-    if stop is not None and history:
+    def commit_at_stop(self, stop: str) -> None:
+        """Mark the last row with why the run stopped, and commit the state there with its history."""
+        store, history = self.store, self.history
         history[-1]["stop"] = stop
         done = history[-1]["iteration"]
-        if store is not None and committed != done:
+        if store is not None and self.committed != done:
             # The run ends here: commit the last state (in memory, so no recomputation) with its history.
-            advance(signals, {name: s.array for name, s in signals.items()}, iteration=done, commit=True,
-                    record=record, extra={"history": history})
+            advance(self.signals, {name: s.array for name, s in self.signals.items()}, iteration=done, commit=True,
+                    record=self.record, extra={"history": history})
         elif store is not None:
-            store.commit(done, store.meta()["slot"], record, {"history": history})
-    return signals, history
+            store.commit(done, store.meta()["slot"], self.record, {"history": history})
 
 
 def _row(iteration: int, values: dict, problem: Problem) -> dict:

@@ -38,7 +38,7 @@ from daskrecon.runtime.waiting import compute, gather
 from daskrecon.tasks import arrays as array_tasks
 from daskrecon.tasks import operators as operator_tasks
 
-__all__ = ["STORAGES", "Denoising", "Problem", "iterate_chunks", "plan", "remove_staged_inputs", "stage_inputs"]
+__all__ = ["STORAGES", "Denoising", "Problem", "iterate_chunks", "plan", "remove_stored_inputs", "store_inputs"]
 
 STORAGES = ("auto", "memory", "zarr")
 #: The iterate stays in cluster memory when this many copies of it, plus the measurements,
@@ -74,7 +74,7 @@ def plan(physics: Any, ys: list, denoising: Denoising, fidelity: Any, *, x0: Any
     """
     ctx, n = physics.ctx, physics.num_operators
     named = _validate(denoising.processing, ys, x0, storage)
-    local = physics.local_forms()
+    local = physics.chunkwise_forms()
     y_shapes = [_shape_of(ctx, v) for v in ys]
     if x0 is None and all(f is None for f in local):
         # No operator says what shape x has: Aᵀy / N, on the workers, tells.
@@ -195,7 +195,7 @@ def iterate_chunks(denoiser: Any, shape: tuple[int, ...], dtype: np.dtype,
                        min_size=max((f.min_chunk(2) for f in forms), default=1))
 
 
-def stage_inputs(problem: Problem, store: Any) -> Problem:
+def store_inputs(problem: Problem, store: Any) -> Problem:
     """The problem with its in-graph inputs written once to ``store`` and read from there.
 
     Out of core nothing is persisted: an input that the driver holds (a measurement given as a
@@ -213,7 +213,7 @@ def stage_inputs(problem: Problem, store: Any) -> Problem:
         A problem whose iterate streams through Zarr (``storage="zarr"``).
     store : Checkpoint
         The run's checkpoint; the input arrays live next to its state (see
-        :func:`remove_staged_inputs`).
+        :func:`remove_stored_inputs`).
 
     Returns
     -------
@@ -240,8 +240,8 @@ def stage_inputs(problem: Problem, store: Any) -> Problem:
     return dataclasses.replace(problem, forms=forms, y=ys, truth=staged(problem.truth, "truth"))
 
 
-def remove_staged_inputs(problem: Problem, store: Any) -> None:
-    """Delete the arrays :func:`stage_inputs` wrote to ``store`` (only arrays daskrecon made are ever deleted)."""
+def remove_stored_inputs(problem: Problem, store: Any) -> None:
+    """Delete the arrays :func:`store_inputs` wrote to ``store`` (only arrays daskrecon made are ever deleted)."""
     for i in range(problem.num_operators):
         store.remove_array(f"input_mask_{i}")
         store.remove_array(f"input_y_{i}")
@@ -299,14 +299,11 @@ def _whole_start(ctx: Any, physics: Any, ys: list) -> da.Array:
     total = graphs.tree_sum(leaves, ctx.fan_in, f"tree-sum-{tag}")
     with dask.config.set({"optimization.fuse.active": False}):
         fut = ctx.client.compute(total, optimize_graph=False)
-    shape, dtype = gather(ctx.client, [ctx.client.submit(_shape_dtype, fut, pure=False)], what="the start Aᵀy/N",
+    shape, dtype = gather(ctx.client, [ctx.client.submit(array_tasks.shape_dtype, fut, pure=False)], what="the start Aᵀy/N",
                           labels=physics.placement.labels(leaves), stall_timeout=ctx.stall_timeout)[0]
     start = dask.delayed(array_tasks.scale_array, pure=True)(fut, 1.0 / physics.num_operators)
     return da.from_delayed(start, shape, dtype=dtype)
 
-
-def _shape_dtype(a: np.ndarray) -> tuple[tuple[int, ...], str]:
-    return tuple(a.shape), str(a.dtype)
 
 
 def _as_chunked(v: Any, chunks: tuple, dtype: np.dtype, name: str) -> da.Array:

@@ -124,7 +124,7 @@ def plan_terms(physics: DistributedPhysics, fidelity: Any, ys: list, x: da.Array
     ctx, n = physics.ctx, physics.num_operators
     dtype = np.dtype(x.dtype)
     shape = tuple(x.shape)
-    forms, distances = choose_forms(physics, physics.local_forms(), [fidelity.source(i) for i in range(n)],
+    forms, distances = choose_forms(physics, physics.chunkwise_forms(), [fidelity.source(i) for i in range(n)],
                                     x.nbytes, prefer_fft=False)
     if forms.count(None):
         check_whole_fits(ctx, physics, forms, shape, x.nbytes)

@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from daskrecon.planning.reduction import REDUCTIONS
+
 __all__ = ["SingleRank"]
 
 _OPS = ("SUM", "AVG", "MEAN", "PRODUCT", "MIN", "MAX", "BAND", "BOR", "BXOR", "PREMUL_SUM")
@@ -82,7 +84,7 @@ class SingleRank:
 
     def all_reduce_(self, x: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """The older user guide's in-place reduction (``"sum"`` or ``"mean"``): ``x`` unchanged."""
-        if op not in ("sum", "mean"):
+        if op not in REDUCTIONS:
             raise ValueError(f"op must be 'sum' or 'mean', got {op!r}")
         return x
 

@@ -18,13 +18,13 @@ from daskrecon.frontend.autograd import fidelity_fn, fidelity_grad, needs_grad
 from daskrecon.frontend.autograd import measurement_tensors as _measurements
 from daskrecon.frontend.context import DistributedContext
 from daskrecon.frontend.physics import DistributedPhysics
+from daskrecon.planning.reduction import REDUCTIONS
 from daskrecon.runtime.arrays import as_dask, gather_tensors
 from daskrecon.runtime.placement import ObjectSet
 from daskrecon.tasks import fidelity as fidelity_tasks
 
 __all__ = ["DistributedDataFidelity"]
 
-_REDUCTIONS = ("sum", "mean")
 
 FidelityFactory = Callable[[int, torch.device, "dict | None"], DataFidelity]
 
@@ -79,8 +79,8 @@ class DistributedDataFidelity(torch.nn.Module):
         reduction: str = "sum",
     ) -> None:
         super().__init__()
-        if reduction not in _REDUCTIONS:
-            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         if isinstance(data_fidelity, StackedPhysicsDataFidelity):
             data_fidelity = list(data_fidelity.data_fidelity_list)
         self._given = data_fidelity

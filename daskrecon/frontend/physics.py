@@ -28,6 +28,7 @@ from daskrecon.frontend.operator_inputs import OperatorInputs
 from daskrecon.frontend.physics_arrays import apply_lazily
 from daskrecon.operators.chunkwise import local_form, local_form_of
 from daskrecon.planning.fingerprint import fingerprint
+from daskrecon.planning.reduction import REDUCTIONS
 from daskrecon.runtime.arrays import gather_arrays, gather_tensors
 from daskrecon.runtime.placement import ObjectSet, Placement
 from daskrecon.tasks import arrays as array_tasks
@@ -41,8 +42,6 @@ __all__ = [
 ]
 
 GATHER_STRATEGIES = ("naive", "concatenated", "broadcast")
-_REDUCE_OPS = ("sum", "mean")
-REDUCTIONS = ("sum", "mean")
 
 
 class _Reduction:
@@ -257,7 +256,7 @@ class DistributedPhysics(Physics):
             tensors = gather_tensors(self.ctx.client, futures, self.ctx.device, what, labels=labels,
                                      stall_timeout=self.ctx.stall_timeout)
             return TensorList(tensors) if gather else tensors
-        if reduce_op not in _REDUCE_OPS:
+        if reduce_op not in REDUCTIONS:
             raise ValueError(f"reduce_op must be None, 'sum' or 'mean', got {reduce_op!r}")
         total = gather_tensors(self.ctx.client, [self._reduce(futures)], self.ctx.device, what, labels=labels,
                                stall_timeout=self.ctx.stall_timeout)[0]
@@ -356,7 +355,7 @@ class DistributedPhysics(Physics):
     compute_sqnorm = _LinearOnly()
 
     # ------------------------------------------------------------------ chunk-wise (dask arrays)
-    def local_forms(self) -> list:
+    def chunkwise_forms(self) -> list:
         """The chunk-wise form of each operator (:func:`daskrecon.operators.chunkwise.local_form`), ``None`` where global.
 
         When every operator is local, :meth:`A`, :meth:`A_adjoint` and :meth:`A_adjoint_A`
@@ -371,14 +370,16 @@ class DistributedPhysics(Physics):
                 self._local = self.map_operators(local_form_of, what="local form of operator")
         return self._local
 
+    local_forms = chunkwise_forms  # the name it had: "local" as in deepinv's local operators
+
     @property
     def chunkable(self) -> bool:
         """Whether every operator has a chunk-wise form."""
-        return all(f is not None for f in self.local_forms())
+        return all(f is not None for f in self.chunkwise_forms())
 
     def _chunked(self, method: str, arg: Any, reduce_op: str | None):
         """``A`` / ``A_adjoint`` / ``A_adjoint_A`` of dask arrays, lazily (:func:`.physics_arrays.apply_lazily`)."""
-        if reduce_op not in (None, *_REDUCE_OPS):
+        if reduce_op not in (None, *REDUCTIONS):
             raise ValueError(f"reduce_op must be None, 'sum' or 'mean', got {reduce_op!r}")
         return apply_lazily(self, method, arg, reduce_op)
 

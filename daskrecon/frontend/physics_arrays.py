@@ -12,13 +12,13 @@ from typing import Any
 
 import dask
 import dask.array as da
-import numpy as np
 
 from daskrecon.errors import MeasurementError
 from daskrecon.runtime import graphs
 from daskrecon.runtime.arrays import as_dask
 from daskrecon.runtime.memory import check_fits
 from daskrecon.runtime.waiting import compute
+from daskrecon.tasks import arrays as array_tasks
 from daskrecon.tasks import operators as operator_tasks
 
 __all__ = ["apply_lazily"]
@@ -33,7 +33,7 @@ def apply_lazily(physics: Any, method: str, arg: Any, reduce_op: str | None) -> 
     n = physics.num_operators
     if method == "A_adjoint" and len(arg) != n:
         raise MeasurementError(f"y has {len(arg)} entries but the physics has {n} operators")
-    forms = physics.local_forms()
+    forms = physics.chunkwise_forms()
     ins = [as_dask(v, f"y[{i}]") for i, v in enumerate(arg)] if method == "A_adjoint" else [arg] * n
     whole_ops = [i for i, f in enumerate(forms) if f is None]
     if whole_ops:
@@ -57,7 +57,7 @@ def apply_lazily(physics: Any, method: str, arg: Any, reduce_op: str | None) -> 
         placed.append((i, d))
         out.append(None)
     if placed:  # shapes of whole-image results: asked once of the workers
-        metas = compute([dask.delayed(_shape_dtype, pure=True)(d) for _, d in placed], client=physics.ctx.client,
+        metas = compute([dask.delayed(array_tasks.shape_dtype, pure=True)(d) for _, d in placed], client=physics.ctx.client,
                         what=f"{method} of a dask array", stall_timeout=physics.ctx.stall_timeout,
                         optimize_graph=False)
         for (i, d), (shape, dtype) in zip(placed, metas):
@@ -68,6 +68,3 @@ def apply_lazily(physics: Any, method: str, arg: Any, reduce_op: str | None) -> 
     total = graphs.tree_sum([o.rechunk(ref.chunks) for o in out], physics.ctx.fan_in, f"tree-sum-{tag}")
     return total / n if reduce_op == "mean" else total
 
-
-def _shape_dtype(a: np.ndarray) -> tuple[tuple[int, ...], str]:
-    return tuple(a.shape), str(a.dtype)

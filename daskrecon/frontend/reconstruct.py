@@ -21,6 +21,7 @@ from daskrecon.engine import loop as engine
 from daskrecon.engine.algorithms import ALGORITHMS, StepRule, step_rule
 from daskrecon.engine.checkpoint import Checkpoint
 from daskrecon.engine.linsolve import Workspace, lipschitz
+from daskrecon.engine.options import ReconstructOptions
 from daskrecon.engine.problem import Denoising, Problem, plan
 from daskrecon.engine.signal import DistributedSignal
 from daskrecon.errors import MeasurementError
@@ -200,38 +201,21 @@ def reconstruct(
         Non-finite values in ``y`` or ``x0``; ``y`` of the wrong length; an unknown
         algorithm; a checkpoint of another problem (:class:`CheckpointMismatchError`).
     """
-    if isinstance(algorithm, StepRule):
-        if step_size is not None:
-            raise ValueError("a StepRule carries its own step size: pass step_size to it, not to reconstruct")
-    elif algorithm not in ALGORITHMS:
-        raise ValueError(f"algorithm must be one of {tuple(ALGORITHMS)} or a StepRule, got {algorithm!r}")
-    elif algorithm in ("os-pnp", "svrg") and n_subsets is None:
-        raise ValueError(f"algorithm {algorithm!r} needs n_subsets (how many operator subsets to cycle through)")
-    elif algorithm not in ("os-pnp", "svrg") and n_subsets is not None:
-        raise ValueError(f"n_subsets applies to 'os-pnp' and 'svrg', not to {algorithm!r}")
-    if not isinstance(n_iter, int) or n_iter < 0:
-        raise ValueError(f"n_iter must be a non-negative int, got {n_iter!r}")
-    if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
-        raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
-    engine.check_stopping(tol, max_time)  # before the problem is planned (one pass over the inputs)
+    opts = ReconstructOptions(  # checked here, once, before any pass over the inputs; handed on whole
+        algorithm=algorithm, n_iter=n_iter, step_size=step_size, sigma_denoiser=sigma_denoiser, red_weight=red_weight,
+        n_subsets=n_subsets, seed=seed, cg_max_iter=cg_max_iter, cg_tol=cg_tol, prox_solver=prox_solver,
+        storage=storage, chunks=chunks, checkpoint=checkpoint, scratch=scratch, checkpoint_every=checkpoint_every,
+        resume=resume, overwrite=overwrite, progress=progress, tol=tol, max_time=max_time)
     problem, x0_arr = plan_problem(physics, y, denoiser, data_fidelity=data_fidelity, x0=x0, x_true=x_true,
-                                   sigma_denoiser=sigma_denoiser, storage=storage, chunks=chunks)
-    store = Checkpoint(checkpoint) if checkpoint else None
-    if store is not None:  # after every check of the inputs, before anything is written
-        store.claim(overwrite=overwrite)
-        store.ensure_shared(problem.ctx, why="the checkpoint, which the workers write")
-    if isinstance(algorithm, StepRule):
-        rule = algorithm
-    else:
-        if step_size is None:
-            step_size = default_step_size(problem, store=store, scratch=scratch)
-        rule = step_rule(algorithm, step_size, red_weight=red_weight, n_subsets=n_subsets,
-                         seed=problem.ctx.seed if seed is None else seed, cg_max_iter=cg_max_iter, cg_tol=cg_tol,
-                         prox_solver=prox_solver)
+                                   sigma_denoiser=opts.sigma_denoiser, storage=opts.storage, chunks=opts.chunks)
+    store = engine.open_checkpoint(problem.ctx, opts)  # after every check of the inputs, before any write
+    rule = opts.algorithm if isinstance(opts.algorithm, StepRule) else step_rule(
+        opts.algorithm, opts.step_size if opts.step_size is not None else
+        default_step_size(problem, store=store, scratch=opts.scratch), red_weight=opts.red_weight,
+        n_subsets=opts.n_subsets, seed=problem.ctx.seed if opts.seed is None else opts.seed,
+        cg_max_iter=opts.cg_max_iter, cg_tol=opts.cg_tol, prox_solver=opts.prox_solver)
     start = x0_arr if x0_arr is not None else (lambda p: graph.adjoint_sum(p, scale=1.0 / p.num_operators))
-    signals, history = engine.run(problem, rule, start, n_iter=n_iter, checkpoint=store, scratch=scratch,
-                                  checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite,
-                                  callback=callback, progress=progress, tol=tol, max_time=max_time)
+    signals, history = engine.run(problem, rule, start, opts, store=store, callback=callback)
     x = signals["x"].array
     if _tensor_inputs(y, x0):
         ctx = problem.ctx

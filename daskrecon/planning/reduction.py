@@ -7,7 +7,10 @@ same on any number of workers and under any sharding.
 
 from __future__ import annotations
 
-__all__ = ["reduction_plan"]
+__all__ = ["REDUCTIONS", "reduction_plan"]
+
+#: How per-operator results in the signal space combine: summed, or averaged over the operators.
+REDUCTIONS = ("sum", "mean")
 
 
 def reduction_plan(n_leaves: int, fan_in: int = 4) -> list[list[tuple[int, ...]]]:

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["barrier", "module_device", "place_array", "scale_array", "set_torch_threads", "sum_arrays", "to_numpy", "to_tensor",
+__all__ = ["barrier", "shape_dtype", "module_device", "place_array", "scale_array", "set_torch_threads", "sum_arrays", "to_numpy", "to_tensor",
            "worker_device"]
 
 
@@ -69,3 +69,8 @@ def sum_arrays(*arrays: np.ndarray) -> np.ndarray:
 def scale_array(a: np.ndarray, factor: float) -> np.ndarray:
     """``factor · a``, keeping ``a``'s dtype."""
     return a * np.asarray(factor, dtype=a.dtype)
+
+
+def shape_dtype(a: np.ndarray) -> tuple[tuple[int, ...], str]:
+    """An array's shape and dtype name (what the driver asks of a result it does not fetch)."""
+    return tuple(a.shape), str(a.dtype)

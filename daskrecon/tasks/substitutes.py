@@ -10,7 +10,7 @@ costs one real FFT pair instead of a spatial convolution with a kernel of up to 
 Where substitutes run. A substitute is as accurate as deepinv's own computation — here more:
 on a 512² image with a 25×25 kernel, deepinv's float32 spatial convolution is 1.25e-6 from the
 exact result (the same convolution in float64), the float32 FFT 3.98e-7
-(``tests/test_operators.py``). But two float32 computations of one map differ by their
+(``tests/test_substitutes.py``). But two float32 computations of one map differ by their
 roundings, and deepinv's demo ``demo_physics_distributed.py`` checks ``A``, ``A_adjoint``
 and ``A_adjoint_A`` against the plain stack at ``max_diff < 1e-6``, below deepinv's own
 rounding. So the operator methods of :class:`~daskrecon.frontend.physics.DistributedPhysics`

@@ -1,4 +1,4 @@
-"""Out-of-core reconstruction: iterations streamed from one Zarr slot to the other (daskrecon.streaming)."""
+"""The loop out of core: iterations streamed from one Zarr slot to the other (engine.loop, engine.signal)."""
 
 import json
 

@@ -1,0 +1,85 @@
+"""The options of a reconstruction, with their one set of defaults.
+
+:func:`daskrecon.reconstruct` takes them as keywords and the batch config
+(``daskrecon reconstruct run.toml``) as keys; both build one :class:`ReconstructOptions`,
+checked once, and hand it on whole: the step rule is built from it
+(:func:`daskrecon.engine.algorithms.step_rule`) and the loop reads it
+(:func:`daskrecon.engine.loop.run`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from daskrecon.engine.algorithms import ALGORITHMS, StepRule
+from daskrecon.engine.linsolve import PROX_SOLVERS
+from daskrecon.engine.problem import STORAGES
+
+__all__ = ["SUBSET_ALGORITHMS", "ReconstructOptions"]
+
+#: Algorithms that visit one operator subset per iteration (they need ``n_subsets``).
+SUBSET_ALGORITHMS = ("os-pnp", "svrg")
+
+
+@dataclass(frozen=True)
+class ReconstructOptions:
+    """What a reconstruction runs and how (the parameters of :func:`daskrecon.reconstruct`, documented there).
+
+    Checked when made: a bad value raises ``ValueError`` naming it, before any work.
+    """
+
+    algorithm: str | StepRule = "pnp"
+    n_iter: int = 20
+    step_size: float | None = None
+    sigma_denoiser: float = 0.05
+    red_weight: float = 1.0
+    n_subsets: int | None = None
+    seed: int | None = None
+    cg_max_iter: int = 50
+    cg_tol: float = 1e-5
+    prox_solver: str = "auto"
+    storage: str = "auto"
+    chunks: tuple[int, ...] | None = None
+    checkpoint: Any = None
+    scratch: str | None = None
+    checkpoint_every: int = 1
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+    tol: float | None = None
+    max_time: float | None = None
+
+    def __post_init__(self) -> None:
+        algorithm = self.algorithm
+        if isinstance(algorithm, StepRule):
+            if self.step_size is not None:
+                raise ValueError("a StepRule carries its own step size: pass step_size to it, not to reconstruct")
+        elif algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {tuple(ALGORITHMS)} or a StepRule, got {algorithm!r}")
+        elif algorithm in SUBSET_ALGORITHMS and self.n_subsets is None:
+            raise ValueError(f"algorithm {algorithm!r} needs n_subsets (how many operator subsets to cycle through)")
+        elif algorithm not in SUBSET_ALGORITHMS and self.n_subsets is not None:
+            raise ValueError(f"n_subsets applies to 'os-pnp' and 'svrg', not to {algorithm!r}")
+        if not isinstance(self.n_iter, int) or self.n_iter < 0:
+            raise ValueError(f"n_iter must be a non-negative int, got {self.n_iter!r}")
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be a positive int, got {self.checkpoint_every!r}")
+        if self.tol is not None and not self.tol >= 0:
+            raise ValueError(f"tol must be >= 0, got {self.tol!r}")
+        if self.max_time is not None and not self.max_time > 0:
+            raise ValueError(f"max_time must be > 0 seconds, got {self.max_time!r}")
+        if self.storage not in STORAGES:
+            raise ValueError(f"storage must be one of {STORAGES}, got {self.storage!r}")
+        if self.prox_solver not in PROX_SOLVERS:
+            raise ValueError(f"prox_solver must be one of {PROX_SOLVERS}, got {self.prox_solver!r}")
+
+    def replace(self, **changes: Any) -> ReconstructOptions:
+        """A copy with ``changes`` (checked again)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def default(cls, name: str) -> Any:
+        """The default of option ``name``."""
+        return cls.__dataclass_fields__[name].default

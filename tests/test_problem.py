@@ -1,0 +1,70 @@
+"""engine.problem: a reconstruction planned once — shapes, chunks from the problem alone, storage, forms."""
+
+import pytest
+import torch
+
+import daskrecon as dr
+from daskrecon.engine import problem as problem_module
+from daskrecon.errors import ShapeError
+from daskrecon.frontend.reconstruct import plan_problem
+
+from helpers import blurs, noisy_measurements, small_dncnn
+
+
+def _plan(ctx, y=None, ops=None, **kw):
+    torch.manual_seed(0)
+    ops = blurs(2) if ops is None else ops
+    x = torch.rand(1, 3, 64, 48)
+    y = noisy_measurements(ops, x) if y is None else y
+    args = dict(data_fidelity=None, x0=None, x_true=None, sigma_denoiser=0.05)
+    args.update(kw)
+    return plan_problem(dr.distribute(ops, ctx), y, dr.distribute(small_dncnn(3), ctx, patch_size=16, overlap=6), **args)
+
+
+def test_the_plan_depends_on_the_problem_not_on_the_cluster(ctx1, ctx3):
+    (p1, _), (p3, _) = _plan(ctx1), _plan(ctx3)
+    assert p1.shape == p3.shape == (1, 3, 64, 48) and p1.chunks == p3.chunks
+    assert p1.record == {**p3.record, "operators": p1.record["operators"], "denoiser": p1.record["denoiser"]}
+    assert p1.storage == p3.storage == "memory" and p1.denoise_method == "__call__"
+
+
+def test_storage_streams_when_the_working_set_exceeds_the_cluster(ctx, monkeypatch):
+    monkeypatch.setattr(problem_module, "_WORKING_COPIES", 10**9)
+    problem, _ = _plan(ctx)
+    assert problem.storage == "zarr"
+    problem, _ = _plan(ctx, storage="memory")
+    assert problem.storage == "memory"  # asked for: kept
+
+
+def test_given_chunks_and_a_given_start(ctx):
+    problem, x0 = _plan(ctx, chunks=(32, 24), x0=torch.zeros(1, 3, 64, 48))
+    assert problem.chunks[2:] == ((32, 32), (24, 24)) and x0.chunks == problem.chunks
+    with pytest.raises(ValueError, match=r"chunks must be \(height, width\)"):
+        _plan(ctx, chunks=(32,))
+
+
+def test_measurements_of_the_wrong_shape_are_named_when_planned(ctx):
+    import deepinv as dinv
+    from deepinv.physics.functional.blur import gaussian_blur
+
+    # chunk-wise operators: their output shape is known when planning (whole ones check in their task)
+    ops = [dinv.physics.Blur(filter=gaussian_blur(sigma=(1.0, 1.0)), padding="reflect") for _ in range(2)]
+    y = noisy_measurements(ops, torch.rand(1, 3, 64, 48))
+    y[1] = y[1][..., :40]
+    with pytest.raises(ShapeError, match=r"y\[1\] has shape \(1, 3, 64, 40\)"):
+        _plan(ctx, y=y, ops=ops, x0=torch.zeros(1, 3, 64, 48))
+
+
+def test_a_prior_is_called_through_its_prox(ctx):
+    from deepinv.optim import PnP
+
+    torch.manual_seed(0)
+    ops = blurs(2)
+    y = noisy_measurements(ops, torch.rand(1, 3, 64, 48))
+    prior = dr.distribute(PnP(small_dncnn(3)), ctx, patch_size=16, overlap=6)
+    problem, _ = plan_problem(dr.distribute(ops, ctx), y, prior, data_fidelity=None, x0=None, x_true=None,
+                              sigma_denoiser=0.1)
+    assert problem.denoise_method == "prox" and problem.denoise_kwargs == {"sigma_denoiser": 0.1}
+    with pytest.raises(TypeError, match="denoiser must be a DistributedProcessing or DistributedPrior"):
+        plan_problem(dr.distribute(ops, ctx), y, small_dncnn(3), data_fidelity=None, x0=None, x_true=None,
+                     sigma_denoiser=0.1)
