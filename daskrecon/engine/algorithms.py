@@ -17,6 +17,7 @@ from dask.delayed import Delayed, delayed
 
 from daskrecon.engine import iteration as graph
 from daskrecon.engine import linsolve
+from daskrecon.engine.problem import Problem
 from daskrecon.planning.subsets import epoch_order, partition, subset_at
 from daskrecon.runtime import graphs
 from daskrecon.tasks import iteration as iteration_tasks
@@ -50,10 +51,10 @@ class StepRule:
         """What defines the algorithm, for the checkpoint's problem record."""
         return {"algorithm": self.name, "step_size": repr(self.step_size)}
 
-    def check(self, problem: Any) -> None:
+    def check(self, problem: Problem) -> None:
         """Raise if the algorithm cannot run on ``problem`` (before anything is computed)."""
 
-    def prepare(self, problem: Any, workspace: linsolve.Workspace) -> None:
+    def prepare(self, problem: Problem, workspace: linsolve.Workspace) -> None:
         """Called by the loop before the first iteration: the workspace for solvers inside a step."""
         self.workspace = workspace
 
@@ -61,11 +62,11 @@ class StepRule:
         """Extra entries for the history row of the iteration just built (e.g. inner solver iterations)."""
         return {}
 
-    def start(self, problem: Any, x0: da.Array) -> dict[str, da.Array]:
+    def start(self, problem: Problem, x0: da.Array) -> dict[str, da.Array]:
         """The initial state from ``x0``."""
         return {"x": x0}
 
-    def step(self, problem: Any, state: dict[str, da.Array],
+    def step(self, problem: Problem, state: dict[str, da.Array],
              iteration: int) -> tuple[dict[str, da.Array], Delayed, Delayed]:
         """Iteration ``iteration + 1``, lazily: ``(new state, f at the start, metrics of x → x_new)``.
 
@@ -81,7 +82,7 @@ class PnP(StepRule):
     name = "pnp"
     pipelined = True
 
-    def step(self, problem: Any, state: dict[str, da.Array],
+    def step(self, problem: Problem, state: dict[str, da.Array],
              iteration: int) -> tuple[dict[str, da.Array], Delayed, Delayed]:
         x = state["x"]
         tag = graphs.token("pnp")
@@ -112,7 +113,7 @@ class RED(StepRule):
     def settings(self) -> dict:
         return {**super().settings(), "red_weight": repr(self.red_weight)}
 
-    def step(self, problem: Any, state: dict[str, da.Array],
+    def step(self, problem: Problem, state: dict[str, da.Array],
              iteration: int) -> tuple[dict[str, da.Array], Delayed, Delayed]:
         x = state["x"]
         tag = graphs.token("red")
@@ -152,10 +153,10 @@ class FISTA(StepRule):
     def settings(self) -> dict:
         return {**super().settings(), "a": repr(self.a)}
 
-    def start(self, problem: Any, x0: da.Array) -> dict[str, da.Array]:
+    def start(self, problem: Problem, x0: da.Array) -> dict[str, da.Array]:
         return {"x": x0, "z": x0}
 
-    def step(self, problem: Any, state: dict[str, da.Array],
+    def step(self, problem: Problem, state: dict[str, da.Array],
              iteration: int) -> tuple[dict[str, da.Array], Delayed, Delayed]:
         x, z = state["x"], state["z"]
         tag = graphs.token(self.name)
@@ -165,7 +166,7 @@ class FISTA(StepRule):
         z_new = da.map_blocks(iteration_tasks.momentum_block, new, x, alpha, dtype=new.dtype, name=f"momentum-{tag}")
         return {"x": new, "z": z_new}, value, graph.metrics(problem, new, x, f"metrics-{tag}")
 
-    def _point(self, problem: Any, z: da.Array, grad: da.Array, tag: str) -> da.Array:
+    def _point(self, problem: Problem, z: da.Array, grad: da.Array, tag: str) -> da.Array:
         """The new iterate from the extrapolated point: ``D_σ(z − τ∇f(z))``."""
         u = da.map_blocks(iteration_tasks.pnp_step_block, z, grad, self.step_size, problem.scale, dtype=z.dtype,
                           name=f"step-{tag}")
@@ -196,7 +197,7 @@ class FISTARED(FISTA):
     def settings(self) -> dict:
         return {**super().settings(), "red_weight": repr(self.red_weight)}
 
-    def _point(self, problem: Any, z: da.Array, grad: da.Array, tag: str) -> da.Array:
+    def _point(self, problem: Problem, z: da.Array, grad: da.Array, tag: str) -> da.Array:
         """RED's gradient step at the extrapolated point: ``z − τ (∇f(z) + λ (z − D_σ(z)))``."""
         d = graph.denoise(problem, z, f"denoise-{tag}")
         return da.map_blocks(iteration_tasks.red_step_block, z, grad, d, self.step_size, problem.scale,
@@ -223,7 +224,7 @@ class _ProxSplitting(StepRule):
         return {**super().settings(), "cg_max_iter": self.cg_max_iter, "cg_tol": repr(self.cg_tol),
                 "prox_solver": self.prox_solver}
 
-    def check(self, problem: Any) -> None:
+    def check(self, problem: Problem) -> None:
         linsolve.check_quadratic(problem, self.name)
 
     def report(self) -> dict:
@@ -231,7 +232,7 @@ class _ProxSplitting(StepRule):
             return {}
         return {"cg_iterations": self._info.iterations, "cg_residual": self._info.relative_residual}
 
-    def _prox(self, problem: Any, v: da.Array, tag: str) -> tuple[da.Array, Delayed]:
+    def _prox(self, problem: Problem, v: da.Array, tag: str) -> tuple[da.Array, Delayed]:
         u, f_v, self._info = linsolve.prox_data(problem, v, self.step_size, self.workspace,
                                                 max_iter=self.cg_max_iter, tol=self.cg_tol, solver=self.prox_solver)
         return u, delayed(float, pure=True)(f_v, dask_key_name=f"value-{tag}")
@@ -259,7 +260,7 @@ class HQS(_ProxSplitting):
 
     name = "hqs"
 
-    def step(self, problem: Any, state: dict[str, da.Array],
+    def step(self, problem: Problem, state: dict[str, da.Array],
              iteration: int) -> tuple[dict[str, da.Array], Delayed, Delayed]:
         x = state["x"]
         tag = graphs.token("hqs")
@@ -298,10 +299,10 @@ class ADMM(_ProxSplitting):
     def settings(self) -> dict:
         return {**super().settings(), "beta": repr(self.beta)}
 
-    def start(self, problem: Any, x0: da.Array) -> dict[str, da.Array]:
+    def start(self, problem: Problem, x0: da.Array) -> dict[str, da.Array]:
         return {"x": x0, "z": da.zeros_like(x0)}
 
-    def step(self, problem: Any, state: dict[str, da.Array],
+    def step(self, problem: Problem, state: dict[str, da.Array],
              iteration: int) -> tuple[dict[str, da.Array], Delayed, Delayed]:
         x, z = state["x"], state["z"]
         tag = graphs.token("admm")
@@ -326,13 +327,13 @@ class _Stochastic(StepRule):
     def settings(self) -> dict:
         return {**super().settings(), "n_subsets": self.n_subsets, "seed": self.seed}
 
-    def check(self, problem: Any) -> None:
+    def check(self, problem: Problem) -> None:
         partition(problem.num_operators, self.n_subsets)  # raises for more subsets than operators
 
     def report(self) -> dict:
         return {} if self._subset is None else {"subset": self._subset}
 
-    def _subset_gradient(self, problem: Any, x: da.Array, j: int) -> tuple[da.Array, Delayed, float]:
+    def _subset_gradient(self, problem: Problem, x: da.Array, j: int) -> tuple[da.Array, Delayed, float]:
         members = partition(problem.num_operators, self.n_subsets)[j]
         g, value = graph.gradient(problem, x, members, kind=f"subset-{j}-gradient")
         return g, value, problem.num_operators / len(members)
@@ -356,7 +357,7 @@ class OSPnP(_Stochastic):
 
     name = "os-pnp"
 
-    def step(self, problem: Any, state: dict[str, da.Array],
+    def step(self, problem: Problem, state: dict[str, da.Array],
              iteration: int) -> tuple[dict[str, da.Array], Delayed, Delayed]:
         x = state["x"]
         tag = graphs.token("os-pnp")
@@ -389,10 +390,10 @@ class SVRG(_Stochastic):
     name = "svrg"
     state = ("x", "anchor", "mean_gradient")
 
-    def start(self, problem: Any, x0: da.Array) -> dict[str, da.Array]:
+    def start(self, problem: Problem, x0: da.Array) -> dict[str, da.Array]:
         return {"x": x0, "anchor": x0, "mean_gradient": da.zeros_like(x0)}
 
-    def step(self, problem: Any, state: dict[str, da.Array],
+    def step(self, problem: Problem, state: dict[str, da.Array],
              iteration: int) -> tuple[dict[str, da.Array], Delayed, Delayed]:
         x, anchor, mu = state["x"], state["anchor"], state["mean_gradient"]
         tag = graphs.token("svrg")

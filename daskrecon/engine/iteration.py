@@ -22,6 +22,7 @@ import dask.array as da
 import numpy as np
 from dask.delayed import Delayed, delayed
 
+from daskrecon.engine.problem import Problem
 from daskrecon.planning.sharding import balance_loads
 from daskrecon.runtime import halos as staging
 from daskrecon.runtime.graphs import as_array, placed, token, tree_sum, tree_sum_values, whole
@@ -32,7 +33,7 @@ from daskrecon.tasks import operators as operator_tasks
 
 __all__ = ["adjoint_sum", "batch_values", "denoise", "gradient", "metrics"]
 
-def gradient(problem: Any, x: da.Array, indices: Sequence[int] | None = None, *,
+def gradient(problem: Problem, x: da.Array, indices: Sequence[int] | None = None, *,
              measured: bool = True, kind: str = "gradient") -> tuple[da.Array, Delayed]:
     """``(∇f(x), f(x))`` of ``f = Σ_i d_i(A_i x, y_i)`` (times ``problem.scale``), lazily.
 
@@ -89,7 +90,7 @@ def gradient(problem: Any, x: da.Array, indices: Sequence[int] | None = None, *,
     return grad, tree_sum_values(values, fan_in, f"value-tree-{tag}")
 
 
-def batch_values(problem: Any, x: da.Array) -> da.Array:
+def batch_values(problem: Problem, x: da.Array) -> da.Array:
     """``Σ_i d_i(A_i x, y_i)`` per batch element, shape ``(B,)`` (float64), lazily, along the same tree."""
     physics, tag = problem.physics, token("fidelity-value")
     owners = physics.placement.owners if problem.global_ops else None
@@ -114,7 +115,7 @@ def batch_values(problem: Any, x: da.Array) -> da.Array:
     return tree_sum(leaves, problem.ctx.fan_in, f"tree-sum-{tag}")
 
 
-def adjoint_sum(problem: Any, *, scale: float = 1.0) -> da.Array:
+def adjoint_sum(problem: Problem, *, scale: float = 1.0) -> da.Array:
     """``scale · Σ_i A_iᵀ y_i``, chunked like the iterate (the default start ``Aᵀy / N``)."""
     ctx, physics = problem.ctx, problem.physics
     tag = token("adjoint")
@@ -133,7 +134,7 @@ def adjoint_sum(problem: Any, *, scale: float = 1.0) -> da.Array:
     return da.map_blocks(array_tasks.scale_array, total, scale, dtype=problem.dtype, name=f"scale-{tag}")
 
 
-def denoise(problem: Any, z: da.Array, name: str) -> da.Array:
+def denoise(problem: Problem, z: da.Array, name: str) -> da.Array:
     """The tiled denoiser over ``z``'s chunks (``map_overlap``), chunk tasks spread over the workers.
 
     Left to itself the scheduler runs every chunk next to its input, which one worker may
@@ -160,7 +161,7 @@ def denoise(problem: Any, z: da.Array, name: str) -> da.Array:
     return out if out.chunks == z.chunks else out.rechunk(z.chunks)
 
 
-def metrics(problem: Any, new: da.Array, old: da.Array, name: str) -> Delayed:
+def metrics(problem: Problem, new: da.Array, old: da.Array, name: str) -> Delayed:
     """``[‖new − old‖², ‖old‖², Σ(clip(new) − truth)², pixels]`` in float64, one partial per chunk."""
     old = staging.fresh(old, after=new)  # out of core: not held from the step to the metrics
     blocks_new, blocks_old = new.to_delayed(optimize_graph=False).ravel(), old.to_delayed(optimize_graph=False).ravel()

@@ -26,6 +26,7 @@ from deepinv.optim.data_fidelity import L2
 
 from daskrecon.engine import iteration as graph
 from daskrecon.engine.checkpoint import Checkpoint
+from daskrecon.engine.problem import Problem
 from daskrecon.engine.signal import DistributedSignal, advance
 from daskrecon.errors import DaskreconError
 from daskrecon.planning.fingerprint import fingerprint
@@ -55,7 +56,7 @@ class Workspace:
         cluster memory.
     """
 
-    def __init__(self, problem: Any, store: Checkpoint | None = None, streamed: bool = False) -> None:
+    def __init__(self, problem: Problem, store: Checkpoint | None = None, streamed: bool = False) -> None:
         if streamed and store is None:
             raise ValueError("a streamed workspace needs a store")
         self.problem, self.store, self.streamed = problem, store, streamed
@@ -88,7 +89,7 @@ class CGInfo:
     relative_residual: float
 
 
-def check_quadratic(problem: Any, algorithm: str) -> None:
+def check_quadratic(problem: Problem, algorithm: str) -> None:
     """Raise unless every operator's fidelity is deepinv's ``L2`` (its prox is a linear solve)."""
     for i in range(problem.num_operators):
         fid = problem.fidelity.source(i)
@@ -107,13 +108,13 @@ def inner(a: da.Array, b: da.Array, name: str) -> Delayed:
     return delayed(linsolve_tasks.sum_in_order, pure=True)(*parts, dask_key_name=f"{name}-sum")
 
 
-def _normal(problem: Any, p: da.Array) -> da.Array:
+def _normal(problem: Problem, p: da.Array) -> da.Array:
     """``scale · H p`` with ``H = Σ_i A_iᵀA_i / σ_i²`` (lazy)."""
     h, _ = graph.gradient(problem, p, measured=False, kind="normal")
     return h
 
 
-def fourier_period(problem: Any) -> tuple[int, str | None]:
+def fourier_period(problem: Problem) -> tuple[int, str | None]:
     """``(F, why)``: the normal operator commutes with shifts by ``F`` pixels along every spatial
     axis, and ``why`` it has no closed form (``None`` when it has one).
 
@@ -139,12 +140,12 @@ def fourier_period(problem: Any) -> tuple[int, str | None]:
     return period, None
 
 
-def fourier_diagonal(problem: Any) -> str | None:
+def fourier_diagonal(problem: Problem) -> str | None:
     """Why the normal operator has no closed form in Fourier (``None`` when it has): :func:`fourier_period`."""
     return fourier_period(problem)[1]
 
 
-def _fits_whole(problem: Any) -> bool:
+def _fits_whole(problem: Problem) -> bool:
     """Whether one task can hold the image's FFT: about 10 times the image (complex128 and the
     spectrum); subsampled, the ``F^d`` impulse responses and one channel's ``F^d × F^d`` blocks."""
     image = int(np.prod(problem.shape)) * np.dtype(problem.dtype).itemsize
@@ -157,7 +158,7 @@ def _fits_whole(problem: Any) -> bool:
     return True
 
 
-def _fourier_terms(problem: Any, workspace: Workspace) -> tuple[list[da.Array], da.Array]:
+def _fourier_terms(problem: Problem, workspace: Workspace) -> tuple[list[da.Array], da.Array]:
     """``(responses, ∇f(0))``, computed once per workspace in one pass.
 
     ``responses``: ``H δ_p`` for the impulses ``δ_p`` at the ``F^d`` positions ``p`` of one
@@ -185,7 +186,7 @@ def _fourier_terms(problem: Any, workspace: Workspace) -> tuple[list[da.Array], 
     return [workspace.read("fourier", name) for name in names], workspace.read("fourier", "grad0")
 
 
-def _prox_fourier(problem: Any, v: da.Array, gamma: float, workspace: Workspace) -> tuple[da.Array, Any, CGInfo]:
+def _prox_fourier(problem: Problem, v: da.Array, gamma: float, workspace: Workspace) -> tuple[da.Array, Any, CGInfo]:
     """``(I + c·H)⁻¹ (v − c ∇f(0))`` in closed form: one FFT of the assembled image, in the caller's graph."""
     c = gamma * problem.scale
     tag = graphs.token("fourier-prox")
@@ -202,7 +203,7 @@ def _prox_fourier(problem: Any, v: da.Array, gamma: float, workspace: Workspace)
     return out, graph.batch_values(problem, v).sum(), CGInfo(0, 0.0)
 
 
-def prox_data(problem: Any, v: da.Array, gamma: float, workspace: Workspace, *, max_iter: int = 50,
+def prox_data(problem: Problem, v: da.Array, gamma: float, workspace: Workspace, *, max_iter: int = 50,
               tol: float = 1e-5, solver: str = "cg") -> tuple[da.Array, Any, CGInfo]:
     """``u = argmin_u γ f(u) + ½‖u − v‖²`` for the L2 data term ``f``.
 
@@ -277,7 +278,7 @@ def prox_data(problem: Any, v: da.Array, gamma: float, workspace: Workspace, *, 
 CG_ITERATIONS_PER_GRAPH = 4
 
 
-def _cg_in_memory(problem: Any, workspace: Workspace, c: float, p_old: da.Array, rr0: float, f_v: float,
+def _cg_in_memory(problem: Problem, workspace: Workspace, c: float, p_old: da.Array, rr0: float, f_v: float,
                   max_iter: int, tol: float) -> tuple[da.Array, float, CGInfo]:
     """CG with :data:`CG_ITERATIONS_PER_GRAPH` iterations per graph: ``α``, ``β`` and the
     convergence test stay tasks, the updates read them.
@@ -324,7 +325,7 @@ def _cg_in_memory(problem: Any, workspace: Workspace, c: float, p_old: da.Array,
     return u, f_v, CGInfo(k, rel)
 
 
-def lipschitz(problem: Any, workspace: Workspace, *, max_iter: int = 100, tol: float = 1e-4,
+def lipschitz(problem: Problem, workspace: Workspace, *, max_iter: int = 100, tol: float = 1e-4,
               seed: int = 0) -> float:
     """``L = scale · ‖H‖``, the Lipschitz constant of the L2 data term's gradient, by the power method.
 

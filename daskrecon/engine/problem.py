@@ -16,8 +16,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import uuid
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import dask
 import dask.array as da
@@ -26,7 +26,7 @@ import torch
 from dask.base import tokenize
 from distributed import Future
 
-from daskrecon.engine.terms import Problem, check_whole_fits, choose_forms, output_chunks, place_mask, place_measurement
+from daskrecon.engine.terms import check_whole_fits, choose_forms, output_chunks, place_mask, place_measurement
 from daskrecon.errors import ShapeError
 from daskrecon.planning.chunking import plan_chunks, working_chunks, zarr_aligned
 from daskrecon.planning.fingerprint import fingerprint
@@ -38,12 +38,69 @@ from daskrecon.runtime.waiting import compute, gather
 from daskrecon.tasks import arrays as array_tasks
 from daskrecon.tasks import operators as operator_tasks
 
-__all__ = ["STORAGES", "Denoising", "Problem", "iterate_chunks", "plan", "remove_stored_inputs", "store_inputs"]
+if TYPE_CHECKING:  # annotations only: the front is a layer above
+    from daskrecon.frontend.context import DistributedContext
+    from daskrecon.frontend.physics import DistributedPhysics
+
+__all__ = ["STORAGES", "Denoising", "Problem", "iterate_chunks", "plan", "plan_terms", "remove_stored_inputs",
+           "store_inputs"]
 
 STORAGES = ("auto", "memory", "zarr")
 #: The iterate stays in cluster memory when this many copies of it, plus the measurements,
 #: fit in this fraction of the workers' total memory limit.
 _WORKING_COPIES, _MEMORY_FRACTION = 6, 0.5
+
+
+@dataclass
+class Problem:
+    """What one iteration's graph needs, planned once per reconstruction (see the module docstring).
+
+    Attributes
+    ----------
+    shape, dtype, chunks
+        Of the iterate ``x``.
+    forms : list
+        Per operator: its chunk-wise :class:`~daskrecon.operators.chunkwise.LocalOperator` (masks placed on
+        the cluster), or ``None`` when it runs whole on its worker.
+    distances : list
+        Per chunk-wise operator, the pixel-wise distance of its fidelity.
+    y : list
+        Per operator: a dask array chunked like ``A_i x`` (chunk-wise operators) or the future
+        of the whole ``y_i`` on the operator's worker.
+    storage : {"memory", "zarr"}
+        Where the iterate lives.
+    """
+
+    ctx: DistributedContext
+    physics: DistributedPhysics
+    fidelity: Any  # a DistributedDataFidelity
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    chunks: tuple[tuple[int, ...], ...]
+    forms: list
+    distances: list
+    y: list
+    scale: float
+    storage: str = "memory"
+    denoiser: Any = None  # a DistributedProcessing
+    denoise_method: str = "__call__"
+    denoise_args: tuple = ()
+    denoise_kwargs: dict = field(default_factory=dict)
+    truth: da.Array | None = None
+    record: dict = field(default_factory=dict)
+
+    @property
+    def num_operators(self) -> int:
+        return self.physics.num_operators
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def global_ops(self) -> list[int]:
+        return [i for i, f in enumerate(self.forms) if f is None]
+
 
 
 @dataclass(frozen=True)
@@ -177,6 +234,27 @@ def _storage(ctx: Any, storage: str, nbytes: int, y_bytes: int) -> str:
         return storage
     total = sum(w.get("memory_limit") or 0 for w in scheduler_workers(ctx.client, ctx.stall_timeout).values())
     return "memory" if not total or _WORKING_COPIES * nbytes + y_bytes <= _MEMORY_FRACTION * total else "zarr"
+
+
+def plan_terms(physics: Any, fidelity: Any, ys: list, x: da.Array) -> Problem:
+    """The data term alone on a dask array ``x`` (for :meth:`DistributedDataFidelity.grad` / ``fn``):
+    chunk-wise where possible (in ``x``'s chunks), whole on the operators' workers otherwise. Lazy."""
+    ctx, n = physics.ctx, physics.num_operators
+    dtype = np.dtype(x.dtype)
+    shape = tuple(x.shape)
+    forms, distances = choose_forms(physics, physics.chunkwise_forms(), [fidelity.source(i) for i in range(n)],
+                                    x.nbytes, prefer_fft=False)
+    if forms.count(None):
+        check_whole_fits(ctx, physics, forms, shape, x.nbytes)
+    for i, form in enumerate(forms):
+        if form is not None and form.output_shape(shape) != tuple(ys[i].shape):
+            raise ShapeError(f"y[{i}] has shape {tuple(ys[i].shape)} but operator {i} maps x to shape "
+                             f"{form.output_shape(shape)}; check the image shape and that y is in operator order")
+    chunks = x.chunks
+    placed_y = [place_measurement(ctx, physics, i, v, f, shape, chunks, dtype, False)
+                for i, (v, f) in enumerate(zip(ys, forms))]
+    return Problem(ctx=ctx, physics=physics, fidelity=fidelity, shape=shape, dtype=dtype, chunks=chunks, forms=forms,
+                   distances=distances, y=placed_y, scale=1.0 / n if fidelity.reduction == "mean" else 1.0)
 
 
 def iterate_chunks(denoiser: Any, shape: tuple[int, ...], dtype: np.dtype,

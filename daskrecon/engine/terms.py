@@ -2,15 +2,13 @@
 
 An operator with a chunk-wise form (:mod:`daskrecon.operators.chunkwise`) and a pixel-wise fidelity runs
 chunk by chunk, its measurement chunked like its output; any other runs whole on the worker
-that holds it, its measurement placed there. :class:`Problem` carries this plan (and, for a
-reconstruction, the denoiser and the iterate's chunks) to the graph builders
-(:mod:`daskrecon.engine.iteration`).
+that holds it, its measurement placed there. The plan goes into a
+:class:`~daskrecon.engine.problem.Problem`, which carries it (and, for a reconstruction, the
+denoiser and the iterate's chunks) to the graph builders (:mod:`daskrecon.engine.iteration`).
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import dask
@@ -21,7 +19,7 @@ from deepinv.optim import distance as _distance
 from deepinv.optim.data_fidelity import DataFidelity
 from distributed import Future
 
-from daskrecon.errors import DaskreconError, ShapeError
+from daskrecon.errors import DaskreconError
 from daskrecon.operators.chunkwise import LocalOperator, unaligned_size
 from daskrecon.runtime.arrays import as_numpy, persist_fresh, place
 from daskrecon.runtime.memory import MemoryLimitError, check_fits
@@ -32,8 +30,8 @@ if TYPE_CHECKING:  # annotations only: the front is a layer above
     from daskrecon.frontend.context import DistributedContext
     from daskrecon.frontend.physics import DistributedPhysics
 
-__all__ = ["GLOBAL_FORM_MAX_BYTES", "Problem", "check_whole_fits", "choose_forms", "output_chunks", "place_mask",
-           "place_measurement", "plan_terms"]
+__all__ = ["GLOBAL_FORM_MAX_BYTES", "check_whole_fits", "choose_forms", "output_chunks", "place_mask",
+           "place_measurement"]
 
 #: A circular blur is evaluated whole, by FFT, on its worker (faster than its chunk-wise
 #: spatial form) when the image is at most this large; above, it streams chunk by chunk.
@@ -45,57 +43,6 @@ SEPARABLE_DISTANCES = tuple(
     for n in ("L2Distance", "L1Distance", "PoissonLikelihoodDistance", "LogPoissonLikelihoodDistance")
     if hasattr(_distance, n)
 )
-
-
-@dataclass
-class Problem:
-    """What one iteration's graph needs, planned once per reconstruction (see the module docstring).
-
-    Attributes
-    ----------
-    shape, dtype, chunks
-        Of the iterate ``x``.
-    forms : list
-        Per operator: its chunk-wise :class:`~daskrecon.operators.chunkwise.LocalOperator` (masks placed on
-        the cluster), or ``None`` when it runs whole on its worker.
-    distances : list
-        Per chunk-wise operator, the pixel-wise distance of its fidelity.
-    y : list
-        Per operator: a dask array chunked like ``A_i x`` (chunk-wise operators) or the future
-        of the whole ``y_i`` on the operator's worker.
-    storage : {"memory", "zarr"}
-        Where the iterate lives.
-    """
-
-    ctx: DistributedContext
-    physics: DistributedPhysics
-    fidelity: Any  # a DistributedDataFidelity
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    chunks: tuple[tuple[int, ...], ...]
-    forms: list
-    distances: list
-    y: list
-    scale: float
-    storage: str = "memory"
-    denoiser: Any = None  # a DistributedProcessing
-    denoise_method: str = "__call__"
-    denoise_args: tuple = ()
-    denoise_kwargs: dict = field(default_factory=dict)
-    truth: da.Array | None = None
-    record: dict = field(default_factory=dict)
-
-    @property
-    def num_operators(self) -> int:
-        return self.physics.num_operators
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
-
-    @property
-    def global_ops(self) -> list[int]:
-        return [i for i, f in enumerate(self.forms) if f is None]
 
 
 def choose_forms(physics: DistributedPhysics, local: list, fids: list, nbytes: int,
@@ -116,27 +63,6 @@ def choose_forms(physics: DistributedPhysics, local: list, fids: list, nbytes: i
         forms.append(form if chunkwise else None)
         distances.append(fid.d if chunkwise else None)
     return forms, distances
-
-
-def plan_terms(physics: DistributedPhysics, fidelity: Any, ys: list, x: da.Array) -> Problem:
-    """The data term alone on a dask array ``x`` (for :meth:`DistributedDataFidelity.grad` / ``fn``):
-    chunk-wise where possible (in ``x``'s chunks), whole on the operators' workers otherwise. Lazy."""
-    ctx, n = physics.ctx, physics.num_operators
-    dtype = np.dtype(x.dtype)
-    shape = tuple(x.shape)
-    forms, distances = choose_forms(physics, physics.chunkwise_forms(), [fidelity.source(i) for i in range(n)],
-                                    x.nbytes, prefer_fft=False)
-    if forms.count(None):
-        check_whole_fits(ctx, physics, forms, shape, x.nbytes)
-    for i, form in enumerate(forms):
-        if form is not None and form.output_shape(shape) != tuple(ys[i].shape):
-            raise ShapeError(f"y[{i}] has shape {tuple(ys[i].shape)} but operator {i} maps x to shape "
-                             f"{form.output_shape(shape)}; check the image shape and that y is in operator order")
-    chunks = x.chunks
-    placed_y = [place_measurement(ctx, physics, i, v, f, shape, chunks, dtype, False)
-                for i, (v, f) in enumerate(zip(ys, forms))]
-    return Problem(ctx=ctx, physics=physics, fidelity=fidelity, shape=shape, dtype=dtype, chunks=chunks, forms=forms,
-                   distances=distances, y=placed_y, scale=1.0 / n if fidelity.reduction == "mean" else 1.0)
 
 
 def _has_fft_form(physics: DistributedPhysics, i: int) -> bool:

@@ -12,7 +12,7 @@ from deepinv.optim.data_fidelity import DataFidelity, StackedPhysicsDataFidelity
 from distributed import Future
 
 from daskrecon.engine import iteration as graph
-from daskrecon.engine.terms import plan_terms
+from daskrecon.engine.problem import plan_terms
 from daskrecon.errors import MeasurementError
 from daskrecon.frontend.autograd import fidelity_fn, fidelity_grad, needs_grad
 from daskrecon.frontend.autograd import measurement_tensors as _measurements
