@@ -324,7 +324,15 @@ def write_image(path: str | Path, x: Any, overwrite: bool, ctx: Any = None) -> s
         if ctx is None:
             raise ValueError("writing a dask array needs the context whose cluster holds it")
         bound = dict(client=ctx.client, what="writing the result", stall_timeout=ctx.stall_timeout)
-        if suffix == ".zarr":  # streams into Zarr chunk by chunk
+        if suffix == ".zarr":  # streams into Zarr chunk by chunk, written by the workers: they must see it
+            from daskrecon.runtime.storage import check_shared
+
+            tfs, troot = _fs(target)
+            parent = tfs._parent(troot)
+            tfs.makedirs(parent, exist_ok=True)
+            check_shared(ctx, tfs, parent, target, why="the workers write the result there",
+                         hint="write the result to a folder that the driver and every worker see (a shared file "
+                              "system) or an fsspec URL (s3://…), or as .npy/.png/.tif (written by the driver)")
             compute([x.to_zarr(target, overwrite=overwrite, compute=False)], **bound)
             return target
         x = np.asarray(compute([x], **bound)[0])

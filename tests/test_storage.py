@@ -187,6 +187,21 @@ def test_a_location_every_worker_sees_gives_the_in_memory_result(island, shared_
     assert not any(n.startswith("scratch_power") for n in os.listdir(os.path.join(shared_dir, "ck")))
 
 
+def test_a_lazy_result_is_written_only_where_the_workers_see_it(island, tmp_path, shared_dir):
+    """The batch config writes a lazy result to Zarr from the workers: a driver-only folder is refused."""
+    import dask.array as da
+
+    from daskrecon.config import write_image
+
+    with dr.DistributedContext(island) as ctx:
+        x = da.ones((1, 1, 32, 32), chunks=16, dtype="f4")
+        with pytest.raises(StorageNotSharedError, match="workers write the result there"):
+            write_image(tmp_path / "out" / "result.zarr", x, overwrite=False, ctx=ctx)
+        assert not (tmp_path / "out" / "result.zarr").exists()
+        where = write_image(os.path.join(shared_dir, "result.zarr"), x, overwrite=False, ctx=ctx)
+    assert zarr.open_array(where)[...].sum() == 32 * 32  # every chunk, on the driver's side
+
+
 def test_the_check_is_one_call_per_worker_set(ctx, tmp_path):
     store = Checkpoint(tmp_path / "ck")
     store.ensure_shared(ctx)
