@@ -8,6 +8,7 @@ from deepinv.optim import L1, L2
 
 import daskrecon as dr
 from daskrecon.engine.algorithms import ADMM, HQS, OSPnP, SVRG
+from daskrecon.engine.checkpoint import CheckpointMismatchError
 from daskrecon.errors import DaskreconError
 from daskrecon.planning.subsets import epoch_order, partition, subset_at
 from daskrecon.testing import assert_allclose
@@ -128,6 +129,10 @@ def test_every_algorithm_resumes_its_whole_state_bitwise(problem, tmp_path, algo
     resumed, hist = dr.reconstruct(dphys, y, dden, checkpoint=ck, resume=True, return_history=True, **kw)
     assert torch.equal(resumed, full)
     assert hist == full_hist
+    other = "pnp" if algorithm != "pnp" else "red"
+    with pytest.raises(CheckpointMismatchError, match="algorithm"):  # another algorithm's state is not resumed
+        dr.reconstruct(dphys, y, dden, checkpoint=ck, resume=True, algorithm=other, n_iter=5, step_size=0.3,
+                       progress=False)
 
 
 @pytest.mark.parametrize("algorithm", ["admm", "svrg"])

@@ -33,8 +33,9 @@ def test_staged_blocks_are_map_overlaps_bitwise(ctx, tmp_path, boundary, trim):
     fn = lambda b: _stencil(b, (0, 2, 3, 1))  # noqa: E731
     ref = da.map_overlap(fn, a, depth=depth, boundary=boundary, trim=trim, allow_rechunk=False, dtype=np.float64)
     stager = staging.Stager(Checkpoint(tmp_path / "ck"))
-    with staging.staged(stager):
-        got = staging.map_overlap(fn, a, depth=depth, boundary=boundary, trim=trim, dtype=np.float64)
+    got = staging.map_overlap(fn, a, depth=depth, boundary=boundary, trim=trim, dtype=np.float64, stager=stager)
+    unstaged = staging.map_overlap(fn, a, depth=depth, boundary=boundary, trim=trim, dtype=np.float64)
+    assert not any(k.startswith("halo-read") for k in unstaged.__dask_graph__().layers)  # no ambient state
     assert got.chunks == ref.chunks
     assert any(k.startswith("halo-read") for k in got.__dask_graph__().layers)
     assert not any(k.startswith("overlap") for k in got.__dask_graph__().layers)
@@ -83,17 +84,17 @@ def test_a_committed_state_array_is_read_in_place(ctx, tmp_path):
         ck.commit(1, slot, {})
         a = ck.committed("x", ((1,), (1,), (16, 16, 8), (16, 16, 8)))
         stager = staging.Stager(ck)
-        with staging.staged(stager):
-            got = staging.map_overlap(lambda b: _stencil(b, (0, 0, 2, 2)), a, depth={2: 2, 3: 2}, boundary="none",
-                                      dtype=np.float64)
-            again = staging.fresh(a)
+        got = staging.map_overlap(lambda b: _stencil(b, (0, 0, 2, 2)), a, depth={2: 2, 3: 2}, boundary="none",
+                                  dtype=np.float64, stager=stager)
+        again = stager.fresh(a)
         assert stager._made == set()  # nothing written: its halos come from the checkpoint
         ref = da.map_overlap(lambda b: _stencil(b, (0, 0, 2, 2)), a, depth={2: 2, 3: 2}, boundary="none",
                              dtype=np.float64)
         np.testing.assert_array_equal(got.compute(), ref.compute())
         assert again.name != a.name
         np.testing.assert_array_equal(again.compute(), x)
-    assert staging.fresh(a) is a  # no stager: unchanged
+    other = staging.Stager(Checkpoint(tmp_path / "other"))
+    assert other.fresh(a) is a  # another store's stager: not its source, unchanged
 
 
 class _PeakChunks(SchedulerPlugin):

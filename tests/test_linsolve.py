@@ -11,8 +11,9 @@ from daskrecon.engine import linsolve
 from daskrecon.runtime import halos as staging
 from daskrecon.engine.checkpoint import Checkpoint
 from daskrecon.engine.linsolve import Workspace, lipschitz, prox_data
+from daskrecon.engine.problem import with_stager
 from daskrecon.frontend.reconstruct import plan_problem
-from daskrecon.frontend.reconstruct import step_size_bound
+from daskrecon.frontend.reconstruct import default_step_size, step_size_bound
 from daskrecon.runtime.waiting import compute
 
 from helpers import heterogeneous, noisy_measurements, small_dncnn
@@ -75,9 +76,9 @@ def test_prox_in_scratch_zarr_is_bitwise_the_in_memory_one(planned, ctx, tmp_pat
     u1, f1, i1 = prox_data(problem, v, 0.5, Workspace(problem), max_iter=30, tol=1e-5)
     store = Checkpoint(str(tmp_path / "s"))
     stager = staging.Stager(store)  # as the engine runs it out of core: halos through Zarr
-    with staging.staged(stager):
-        u2, f2, i2 = prox_data(problem, v, 0.5, Workspace(problem, store, streamed=True), max_iter=30, tol=1e-5)
-        L2 = lipschitz(problem, Workspace(problem, store, streamed=True), seed=1)
+    staged = with_stager(problem, stager)
+    u2, f2, i2 = prox_data(staged, v, 0.5, Workspace(staged, store, streamed=True), max_iter=30, tol=1e-5)
+    L2 = lipschitz(staged, Workspace(staged, store, streamed=True), seed=1)
     assert torch.equal(_value(ctx, u1), _value(ctx, u2)) and f1 == f2 and i1 == i2
     assert i2.iterations > 3
     problem.physics.__dict__.pop("_lipschitz_cache")  # computed again, in memory
@@ -96,7 +97,7 @@ def test_power_method_finds_the_largest_eigenvalue_once_and_sets_the_default_ste
     assert step_size_bound(problem) >= exact * (1 - 1e-3)  # the closed-form bound holds (with 1/σ²)...
     assert step_size_bound(problem) > 1.05 * exact  # ...and is looser
     monkeypatch.setattr(linsolve.graph, "gradient", lambda *a, **k: pytest.fail("cached: no pass over the data"))
-    assert dr.solvers.default_step_size(problem) == 1 / L  # computed once per problem, cached with the physics
+    assert default_step_size(problem) == 1 / L  # computed once per problem, cached with the physics
 
 
 

@@ -68,3 +68,32 @@ def test_a_prior_is_called_through_its_prox(ctx):
     with pytest.raises(TypeError, match="denoiser must be a DistributedProcessing or DistributedPrior"):
         plan_problem(dr.distribute(ops, ctx), y, small_dncnn(3), data_fidelity=None, x0=None, x_true=None,
                      sigma_denoiser=0.1)
+
+
+def test_the_stager_is_carried_by_the_plan_not_by_the_process(ctx, tmp_path):
+    """Out of core, halos go through Zarr because the plan says so: the problem's forms and its
+    denoiser call hold the stager; graphs built from the plain plan (or by anyone else) are dask's."""
+    import dask.array as da
+
+    from daskrecon.engine import iteration
+    from daskrecon.engine.checkpoint import Checkpoint
+    from daskrecon.runtime.halos import Stager
+
+    import deepinv as dinv
+    from deepinv.physics.functional.blur import gaussian_blur
+
+    ops = [dinv.physics.Blur(filter=gaussian_blur(sigma=(1.0, 1.0)), padding="reflect") for _ in range(2)]
+    problem, _ = _plan(ctx, ops=ops, chunks=(32, 24))
+    stager = Stager(Checkpoint(tmp_path / "ck"))
+    staged = problem_module.with_stager(problem, stager)
+    assert problem.stager is None and all(f.stager is None for f in problem.forms)  # the plain plan is untouched
+    assert staged.stager is stager and all(f.stager is stager for f in staged.forms)
+    x = da.zeros(problem.shape, chunks=problem.chunks, dtype="f4")
+
+    def layers(p):
+        grad, _ = iteration.gradient(p, x)
+        return set(grad.__dask_graph__().layers) | set(iteration.denoise(p, x, "d").__dask_graph__().layers)
+
+    assert any(k.startswith("halo-read") for k in layers(staged))
+    assert not any(k.startswith("halo-read") for k in layers(problem))
+    assert problem_module.with_stager(staged, None).forms[0].stager is None

@@ -37,7 +37,7 @@ import zarr
 from daskrecon.errors import DaskreconError, NotOwnedError
 from daskrecon.planning.chunking import zarr_aligned
 from daskrecon.runtime import storage
-from daskrecon.runtime.halos import read_array
+from daskrecon.runtime.halos import Sources, read_array
 from daskrecon.runtime.waiting import compute
 from daskrecon.tasks.regions import read_region
 
@@ -91,7 +91,7 @@ class Checkpoint:
     """
 
     def __init__(self, path: str | os.PathLike, storage_options: dict | None = None, *,
-                 _shared: _Shared | None = None) -> None:
+                 _shared: _Shared | None = None, _sources: Sources | None = None) -> None:
         from fsspec.core import url_to_fs
         from fsspec.implementations.local import LocalFileSystem
 
@@ -105,6 +105,8 @@ class Checkpoint:
         self._storage_options = storage_options
         self._claimed = False
         self._shared = _shared if _shared is not None else _Shared()
+        #: The dask arrays this checkpoint (and its children) handed out, read in place by halo stencils.
+        self.sources = _sources if _sources is not None else Sources()
 
     @classmethod
     def temporary(cls, ctx: Any, scratch: str | os.PathLike | None = None, *, prefix: str = "daskrecon-",
@@ -141,7 +143,8 @@ class Checkpoint:
         if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
             raise ValueError(f"a child folder's name is one path component of letters, digits, '_', '.', '-', "
                              f"got {name!r}")
-        return Checkpoint(f"{self.url.rstrip('/')}/{name}", self._storage_options, _shared=self._shared)
+        return Checkpoint(f"{self.url.rstrip('/')}/{name}", self._storage_options, _shared=self._shared,
+                          _sources=self.sources)
 
     # ------------------------------------------------------------------ ownership and sharing
     def owned(self) -> bool:
@@ -264,7 +267,7 @@ class Checkpoint:
         meta = self.meta()
         arr = self.open_array("r", name)
         return read_array(arr, (meta["slot"],), chunks if chunks is not None else arr.chunks[1:],
-                          name=f"checkpoint-{name}-{uuid.uuid4().hex}")
+                          name=f"checkpoint-{name}-{uuid.uuid4().hex}", sources=self.sources)
 
     def check(self, problem: dict) -> None:
         """Refuse to resume a different problem, naming what differs."""

@@ -23,13 +23,12 @@ import numpy as np
 from dask.delayed import Delayed, delayed
 
 from daskrecon.engine.problem import Problem
+from daskrecon.engine.terms import chunkwise_values, whole_adjoint
 from daskrecon.planning.sharding import balance_loads
-from daskrecon.runtime import halos as staging
 from daskrecon.runtime.graphs import as_array, placed, token, tree_sum, tree_sum_values, whole
 from daskrecon.tasks import arrays as array_tasks
 from daskrecon.tasks import fidelity as fidelity_tasks
 from daskrecon.tasks import iteration as iteration_tasks
-from daskrecon.tasks import operators as operator_tasks
 
 __all__ = ["adjoint_sum", "batch_values", "denoise", "gradient", "metrics"]
 
@@ -66,9 +65,7 @@ def gradient(problem: Problem, x: da.Array, indices: Sequence[int] | None = None
             y = y.rechunk(u.chunks) if measured else None
             r = da.map_blocks(fidelity_tasks.pointwise_grad_block, u, y, distance=problem.distances[i], dtype=u.dtype,
                               meta=np.empty((0,) * u.ndim, u.dtype), name=f"residual-{i}-{tag}")
-            v = da.map_blocks(fidelity_tasks.pointwise_value_block, u, y, distance=problem.distances[i],
-                              dtype=np.float64, meta=np.empty((0,) * u.ndim, np.float64),
-                              chunks=(u.chunks[0], *((1,) * len(c) for c in u.chunks[1:])), name=f"value-{i}-{tag}")
+            v = chunkwise_values(u, y, problem.distances[i], f"value-{i}-{tag}")
             grads.append(form.adjoint(r, x.chunks).rechunk(x.chunks))  # no-op when x's chunks suit the operator
             parts = v.to_delayed(optimize_graph=False).ravel().tolist()
             values.append(delayed(iteration_tasks.sum_values, pure=True)(*parts, dask_key_name=f"value-sum-{i}-{tag}"))
@@ -103,9 +100,7 @@ def batch_values(problem: Problem, x: da.Array) -> da.Array:
         if form is not None:
             u = form.apply(x)
             y = y.rechunk(u.chunks)
-            v = da.map_blocks(fidelity_tasks.pointwise_value_block, u, y, distance=problem.distances[i],
-                              dtype=np.float64, meta=np.empty((0,) * u.ndim, np.float64),
-                              chunks=(u.chunks[0], *((1,) * len(c) for c in u.chunks[1:])), name=f"value-{i}-{tag}")
+            v = chunkwise_values(u, y, problem.distances[i], f"value-{i}-{tag}")
             leaves.append(v.sum(axis=tuple(range(1, v.ndim))).rechunk(b))
         else:
             owner = owners[i]
@@ -119,16 +114,13 @@ def adjoint_sum(problem: Problem, *, scale: float = 1.0) -> da.Array:
     """``scale · Σ_i A_iᵀ y_i``, chunked like the iterate (the default start ``Aᵀy / N``)."""
     ctx, physics = problem.ctx, problem.physics
     tag = token("adjoint")
-    owners = physics.placement.owners if problem.global_ops else None
     leaves: list[Any] = []
     for i in range(problem.num_operators):
         form, y = problem.forms[i], problem.y[i]
         if form is not None:
             leaves.append(form.adjoint(y, problem.chunks))
         else:
-            owner = owners[i]
-            a = placed(operator_tasks.adjoint_op, owner, [physics.objects.ref(i, owner)], y, {}, True,
-                       name=f"operator-adjoint-{i}-{tag}")
+            a = whole_adjoint(physics, i, y, tag)
             leaves.append(da.from_delayed(a, problem.shape, dtype=problem.dtype).rechunk(problem.chunks))
     total = tree_sum([leaf.astype(problem.dtype) for leaf in leaves], ctx.fan_in, f"tree-sum-{tag}")
     return da.map_blocks(array_tasks.scale_array, total, scale, dtype=problem.dtype, name=f"scale-{tag}")
@@ -157,13 +149,14 @@ def denoise(problem: Problem, z: da.Array, name: str) -> da.Array:
         return None if flat is None else [workers[where[flat]]]
 
     out = proc.run_dask(z, problem.denoise_method, problem.denoise_args, problem.denoise_kwargs, name=name,
-                         workers=place_chunk)
+                         workers=place_chunk, stager=problem.stager)
     return out if out.chunks == z.chunks else out.rechunk(z.chunks)
 
 
 def metrics(problem: Problem, new: da.Array, old: da.Array, name: str) -> Delayed:
     """``[‖new − old‖², ‖old‖², Σ(clip(new) − truth)², pixels]`` in float64, one partial per chunk."""
-    old = staging.fresh(old, after=new)  # out of core: not held from the step to the metrics
+    if problem.stager is not None:  # out of core: not held from the step to the metrics
+        old = problem.stager.fresh(old, after=new)
     blocks_new, blocks_old = new.to_delayed(optimize_graph=False).ravel(), old.to_delayed(optimize_graph=False).ravel()
     truth = (problem.truth.to_delayed(optimize_graph=False).ravel() if problem.truth is not None
              else [None] * len(blocks_new))

@@ -31,7 +31,6 @@ from daskrecon.engine.signal import DistributedSignal, advance
 from daskrecon.errors import DaskreconError
 from daskrecon.planning.fingerprint import fingerprint
 from daskrecon.runtime import graphs
-from daskrecon.runtime import halos as staging
 from daskrecon.runtime.memory import MemoryLimitError, check_fits
 from daskrecon.tasks import arrays as array_tasks
 from daskrecon.tasks import linsolve as linsolve_tasks
@@ -250,9 +249,11 @@ def prox_data(problem: Problem, v: da.Array, gamma: float, workspace: Workspace,
     p_old = da.zeros(problem.shape, chunks=problem.chunks, dtype=dt)
     if not workspace.streamed:
         return _cg_in_memory(problem, workspace, c, p_old, rr0, f_v, max_iter, tol)
-    passes = staging.mark()
+    stager = problem.stager
+    passes = stager.mark() if stager is not None else 0
     while k < max_iter and rr > (tol ** 2) * rr0 and rr > 0:
-        staging.rewind(passes)  # each pass is computed before the next is built
+        if stager is not None:
+            stager.rewind(passes)  # each pass is computed before the next is built
         r, u = workspace.read("cg-ur", "r"), workspace.read("cg-ur", "u")
         step = graphs.token("cg-step")
         p = da.map_blocks(linsolve_tasks.axpy_block, r, p_old, beta, dtype=dt, name=f"cg-direction-{step}")
@@ -344,9 +345,11 @@ def lipschitz(problem: Problem, workspace: Workspace, *, max_iter: int = 100, to
     w = da.random.default_rng(seed).random(problem.shape, chunks=problem.chunks, dtype=np.float32).astype(dt)
     out = workspace.write("power", {"w": w}, {"ww": inner(w, w, f"power-ww-{tag}")})
     ww, lam, prev = float(out["ww"]), 0.0, None
-    passes = staging.mark()
+    stager = problem.stager
+    passes = stager.mark() if stager is not None else 0
     for _ in range(max_iter):
-        staging.rewind(passes)  # each pass is computed before the next is built
+        if stager is not None:
+            stager.rewind(passes)  # each pass is computed before the next is built
         step = graphs.token("power-step")
         w = workspace.read("power", "w")
         v = da.map_blocks(array_tasks.scale_array, w, 1.0 / math.sqrt(ww), dtype=dt, name=f"power-normalize-{step}")

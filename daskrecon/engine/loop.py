@@ -24,10 +24,10 @@ from daskrecon.engine.algorithms import StepRule
 from daskrecon.engine.checkpoint import Checkpoint
 from daskrecon.engine.linsolve import Workspace
 from daskrecon.engine.options import ReconstructOptions
-from daskrecon.engine.problem import Problem, remove_stored_inputs, store_inputs
+from daskrecon.engine.problem import Problem, remove_stored_inputs, store_inputs, with_stager
 from daskrecon.engine.signal import DistributedSignal, Pending, advance, submit
 from daskrecon.errors import DaskreconError
-from daskrecon.runtime.halos import Stager, rewind, staged
+from daskrecon.runtime.halos import Stager
 
 __all__ = ["open_checkpoint", "psnr", "psnr_of_mse", "run"]
 
@@ -96,11 +96,11 @@ def run(problem: Problem, rule: StepRule, x0: Any, options: ReconstructOptions, 
     # Out of core, stencils exchange halos through scratch Zarr arrays next to the state
     # (daskrecon.runtime.halos): no stage holds a front of chunks for the next.
     stager = Stager(store) if streamed else None
+    problem = with_stager(problem, stager)
     try:
-        with staged(stager):
-            loop = _Loop(problem, rule, store, streamed, record, options, callback, history, t0)
-            loop.begin(x0, start)
-            return loop.signals, loop.iterate(start)
+        loop = _Loop(problem, rule, store, streamed, record, options, callback, history, t0)
+        loop.begin(x0, start)
+        return loop.signals, loop.iterate(start)
     finally:
         if stager is not None:
             stager.cleanup()
@@ -202,7 +202,8 @@ class _Loop:
         """Build and submit iteration ``k + 1``'s graph, on the state of the last one submitted."""
         state = dict(self.pending[0].kept) if self.pending is not None else \
             {name: s.array for name, s in self.signals.items()}
-        rewind(0)  # out of core: the graphs built before are computed; reuse their scratch arrays
+        if self.problem.stager is not None:  # the graphs built before are computed: reuse their scratch arrays
+            self.problem.stager.rewind(0)
         with span(f"daskrecon-iteration-{k + 1}"):
             new, value, metrics = self.rule.step(self.problem, state, k)
             info = self.rule.report()

@@ -26,24 +26,24 @@ import torch
 from dask.base import tokenize
 from distributed import Future
 
-from daskrecon.engine.terms import check_whole_fits, choose_forms, output_chunks, place_mask, place_measurement
+from daskrecon.engine.terms import (check_whole_fits, choose_forms, output_chunks, place_mask, place_measurement,
+                                    whole_adjoint)
 from daskrecon.errors import ShapeError
 from daskrecon.planning.chunking import plan_chunks, working_chunks, zarr_aligned
 from daskrecon.planning.fingerprint import fingerprint
 from daskrecon.runtime import graphs
 from daskrecon.runtime.arrays import as_numpy, persist_fresh
 from daskrecon.runtime.cluster import scheduler_workers
-from daskrecon.runtime.halos import read_array
+from daskrecon.runtime.halos import Stager, read_array
 from daskrecon.runtime.waiting import compute, gather
 from daskrecon.tasks import arrays as array_tasks
-from daskrecon.tasks import operators as operator_tasks
 
 if TYPE_CHECKING:  # annotations only: the front is a layer above
     from daskrecon.frontend.context import DistributedContext
     from daskrecon.frontend.physics import DistributedPhysics
 
 __all__ = ["STORAGES", "Denoising", "Problem", "iterate_chunks", "plan", "plan_terms", "remove_stored_inputs",
-           "store_inputs"]
+           "store_inputs", "with_stager"]
 
 STORAGES = ("auto", "memory", "zarr")
 #: The iterate stays in cluster memory when this many copies of it, plus the measurements,
@@ -69,6 +69,9 @@ class Problem:
         of the whole ``y_i`` on the operator's worker.
     storage : {"memory", "zarr"}
         Where the iterate lives.
+    stager : Stager, optional
+        Out of core, the scratch arrays its stencils exchange halos through
+        (:func:`with_stager`): held by the chunk-wise forms and handed to the denoiser.
     """
 
     ctx: DistributedContext
@@ -88,6 +91,7 @@ class Problem:
     denoise_kwargs: dict = field(default_factory=dict)
     truth: da.Array | None = None
     record: dict = field(default_factory=dict)
+    stager: Stager | None = None
 
     @property
     def num_operators(self) -> int:
@@ -305,7 +309,8 @@ def store_inputs(problem: Problem, store: Any) -> Problem:
         a, zchunks = zarr_aligned(a)
         z = store.scratch(f"input_{what}", a.shape, a.dtype, zchunks)
         dask.compute(da.store(a, z, lock=False, compute=False), scheduler="sync")  # the driver holds it already
-        return read_array(z, (), chunks, name=f"input-{what}-{uuid.uuid4().hex}")  # strict: a lost chunk raises
+        # strict (a lost chunk raises); a source of the store, so stencils read its halos in place
+        return read_array(z, (), chunks, name=f"input-{what}-{uuid.uuid4().hex}", sources=store.sources)
 
     forms = []
     for i, form in enumerate(problem.forms):
@@ -371,9 +376,8 @@ def _x_shape(local: list, y_shapes: list) -> tuple[int, ...]:
 
 def _whole_start(ctx: Any, physics: Any, ys: list) -> da.Array:
     """``Aᵀy / N`` computed whole on the workers (it stays there), as a one-chunk dask array."""
-    owners, tag = physics.owners, graphs.token("start")
-    leaves = [graphs.placed(operator_tasks.adjoint_op, owners[i], [physics.objects.ref(i, owners[i])], y, {}, True,
-                           name=f"operator-adjoint-{i}-{tag}") for i, y in enumerate(ys)]
+    tag = graphs.token("start")
+    leaves = [whole_adjoint(physics, i, y, tag) for i, y in enumerate(ys)]
     total = graphs.tree_sum(leaves, ctx.fan_in, f"tree-sum-{tag}")
     with dask.config.set({"optimization.fuse.active": False}):
         fut = ctx.client.compute(total, optimize_graph=False)
@@ -396,3 +400,14 @@ def _digest(values: list) -> str:
     """A fingerprint of inputs: tensors by content, dask arrays by their graph's name."""
     return fingerprint([v.name if isinstance(v, da.Array) else (v.key if isinstance(v, Future) else v)
                         for v in values]) if values else tokenize()
+
+
+def with_stager(problem: Problem, stager: Stager | None) -> Problem:
+    """``problem`` whose graphs exchange their stencils' halos through ``stager``'s Zarr arrays.
+
+    The chunk-wise forms hold it (their ``A``/``Aᵀ`` on dask arrays), the denoiser call and the
+    loops that rebuild their graph every pass (:mod:`daskrecon.engine.linsolve`) read it from
+    the problem. ``None``: halos by dask's ``map_overlap``, as planned.
+    """
+    forms = [dataclasses.replace(f, stager=stager) if f is not None else None for f in problem.forms]
+    return dataclasses.replace(problem, forms=forms, stager=stager)

@@ -22,16 +22,18 @@ from distributed import Future
 from daskrecon.errors import DaskreconError
 from daskrecon.operators.chunkwise import LocalOperator, unaligned_size
 from daskrecon.runtime.arrays import as_numpy, persist_fresh, place
+from daskrecon.runtime.graphs import placed
 from daskrecon.runtime.memory import MemoryLimitError, check_fits
 from daskrecon.tasks import fidelity as fidelity_tasks
+from daskrecon.tasks import operators as operator_tasks
 from daskrecon.tasks.substitutes import FFTConvolution, specialize
 
 if TYPE_CHECKING:  # annotations only: the front is a layer above
     from daskrecon.frontend.context import DistributedContext
     from daskrecon.frontend.physics import DistributedPhysics
 
-__all__ = ["GLOBAL_FORM_MAX_BYTES", "check_whole_fits", "choose_forms", "output_chunks", "place_mask",
-           "place_measurement"]
+__all__ = ["GLOBAL_FORM_MAX_BYTES", "check_whole_fits", "choose_forms", "chunkwise_values", "output_chunks",
+           "place_mask", "place_measurement", "whole_adjoint"]
 
 #: A circular blur is evaluated whole, by FFT, on its worker (faster than its chunk-wise
 #: spatial form) when the image is at most this large; above, it streams chunk by chunk.
@@ -124,3 +126,23 @@ def place_measurement(ctx: DistributedContext, physics: DistributedPhysics, i: i
     arr = da.from_array(as_numpy(v, f"y[{i}]"), chunks=output_chunks(form, chunks)) if isinstance(v, torch.Tensor) \
         else v.astype(dtype).rechunk(output_chunks(form, chunks))
     return persist_fresh(ctx.client, arr, f"y-{i}") if persist else arr
+
+
+# ---------------------------------------------------------------- one operator's term, as graph pieces
+def whole_adjoint(physics: DistributedPhysics, i: int, y: Any, tag: str) -> Any:
+    """``A_iᵀ y_i`` of a whole-image operator, one task on the worker holding it (its fast substitute).
+
+    The one way the engine applies a whole operator's adjoint: the default start ``Aᵀy / N``
+    (planned eagerly when no operator tells ``x``'s shape, lazily otherwise) and
+    :func:`daskrecon.engine.iteration.adjoint_sum` both build it here.
+    """
+    owner = physics.owners[i]
+    return placed(operator_tasks.adjoint_op, owner, [physics.objects.ref(i, owner)], y, {}, True,
+                  name=f"operator-adjoint-{i}-{tag}")
+
+
+def chunkwise_values(u: da.Array, y: da.Array, distance: Any, name: str) -> da.Array:
+    """``d(u, y)`` of a chunk-wise operator, one float64 per (batch element, chunk): ``(B, 1, …, 1)`` blocks."""
+    return da.map_blocks(fidelity_tasks.pointwise_value_block, u, y, distance=distance, dtype=np.float64,
+                         meta=np.empty((0,) * u.ndim, np.float64),
+                         chunks=(u.chunks[0], *((1,) * len(c) for c in u.chunks[1:])), name=name)

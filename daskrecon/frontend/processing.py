@@ -284,9 +284,11 @@ class DistributedProcessing(torch.nn.Module):
                                               x_placed=x_placed)
 
     def run_dask(self, x: da.Array, method: str, args: tuple, kwargs: dict, *, name: str | None = None,
-                 workers: Any = None, portable: bool = False) -> da.Array:
-        """A dask array through the tiled network, lazily (:func:`~daskrecon.frontend.tile_executors.map_dask`)."""
-        return tile_executors.map_dask(self, x, method, args, kwargs, name=name, workers=workers, portable=portable)
+                 workers: Any = None, portable: bool = False, stager: Any = None) -> da.Array:
+        """A dask array through the tiled network, lazily (:func:`~daskrecon.frontend.tile_executors.map_dask`);
+        with a ``stager`` (out of core) the tiles' halos are read from Zarr."""
+        return tile_executors.map_dask(self, x, method, args, kwargs, name=name, workers=workers, portable=portable,
+                                       stager=stager)
 
 
 class DistributedPrior(torch.nn.Module):

@@ -122,12 +122,13 @@ def backward_tensor(proc: Any, x: torch.Tensor, g: torch.Tensor, method: str, ar
 
 
 def map_dask(proc: Any, x: da.Array, method: str, args: tuple, kwargs: dict, *, name: str | None = None,
-             workers: Any = None, portable: bool = False) -> da.Array:
+             workers: Any = None, portable: bool = False, stager: Any = None) -> da.Array:
     """``map_overlap`` of the tiled network over ``x``'s chunks, lazily.
 
     ``workers``, a function of a chunk's block index, places each chunk's task (loosely);
     ``name`` names the tasks on the dashboard. ``portable`` puts the pickled model in the
-    graph (arrays handed to users); the engine's graphs run where the plugin is.
+    graph (arrays handed to users); the engine's graphs run where the plugin is. ``stager``
+    (a :class:`~daskrecon.runtime.halos.Stager`, out of core) reads the halos from Zarr.
     """
     plan = proc.plan
     if isinstance(plan.strategy, DistributedSignalStrategy) or plan.strategy == "basic":
@@ -171,7 +172,7 @@ def map_dask(proc: Any, x: da.Array, method: str, args: tuple, kwargs: dict, *, 
         with dask.annotate(**where):
             return x.map_blocks(denoising_tasks.process_block, **common)
     return halos.map_overlap(denoising_tasks.process_block, x, depth=depth, boundary="none", annotations=where,
-                             **common)
+                             stager=stager, **common)
 
 
 def _arg_at(args: tuple, kwargs: dict, path: tuple) -> Any:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import dask.array as da
@@ -67,6 +67,9 @@ class LocalOperator:
         (kept as it is) or numeric (cast to the image's dtype).
     name : str
         For messages.
+    stager : daskrecon.runtime.halos.Stager, optional
+        Set by the planner when the image streams through Zarr: the halos of :meth:`A` and
+        :meth:`A_adjoint` on dask arrays are then read from scratch Zarr arrays (bitwise the same).
     """
 
     filter: np.ndarray | None = None
@@ -76,6 +79,7 @@ class LocalOperator:
     name: str = "operator"
     #: ``max |mask|``, kept when the mask is placed on the cluster (read without fetching it).
     mask_bound: float | None = None
+    stager: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.padding not in PADDINGS:
@@ -287,7 +291,7 @@ class LocalOperator:
     def _overlap(self, fn: Any, a: da.Array, halo: tuple[int, ...], out_chunks: tuple, nblocks: tuple) -> da.Array:
         a = a.rechunk({0: -1, 1: -1})
         return staging.map_overlap(
-            fn, a,
+            fn, a, stager=self.stager,
             depth={0: 0, 1: 0, **{2 + k: h for k, h in enumerate(halo)}},
             boundary="periodic" if self.padding == "circular" else "none",
             trim=False, chunks=(a.chunks[0], a.chunks[1], *out_chunks[2:]), dtype=a.dtype,

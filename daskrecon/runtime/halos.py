@@ -7,24 +7,23 @@ volume per stage and per array. For a 3-D volume several times the workers' memo
 front alone is gigabytes (measured: 1 GiB held — spilled — for a 0.5 GiB volume, and a
 worker restarted by its nanny on a 8 GiB one).
 
-While a :class:`Stager` is active (:func:`staged`; the engine sets one for a problem that
-streams through Zarr), :func:`map_overlap` does instead what a file-backed stencil code
-does: the stencil's input is written to a scratch Zarr array next to the checkpoint, and
+Given a :class:`Stager` (the engine makes one for a problem that streams through Zarr and
+carries it in the plan: the problem's chunk-wise forms and its denoiser call hold it),
+:func:`map_overlap` does instead what a file-backed stencil code does: the stencil's input is written to a scratch Zarr array next to the checkpoint, and
 after that write (one barrier task) each chunk reads its own region *with its halo* from
 the array. Nothing is held between stages but the scratch array on disk; each task holds
 one extended chunk. An input that is already a committed state array of the checkpoint is
-read from there directly (no write). The extended blocks are exactly ``map_overlap``'s, so
-results are bitwise the same as without staging.
+read from there directly (no write): the checkpoint keeps a :class:`Sources` table of the
+dask arrays it handed out. The extended blocks are exactly ``map_overlap``'s, so results are
+bitwise the same as without staging. Nothing here is module state: a graph built without a
+stager is dask's ``map_overlap``, whatever else runs in the process.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator
-from contextvars import ContextVar
 from typing import Any
 
 import dask
@@ -39,37 +38,35 @@ from daskrecon.runtime.storage import owned
 from daskrecon.tasks import arrays as array_tasks
 from daskrecon.tasks import regions
 
-__all__ = ["Stager", "active", "fresh", "map_overlap", "mark", "read_array", "register_source", "rewind", "staged"]
-
-_ACTIVE: ContextVar[Stager | None] = ContextVar("daskrecon_stager", default=None)
-# Dask arrays that read a Zarr array (by array name): (zarr array, leading index). Bounded:
-# only the checkpoint's latest committed arrays matter.
-_SOURCES: OrderedDict[str, tuple[Any, tuple[int, ...]]] = OrderedDict()
-_MAX_SOURCES = 64
-_tokens = itertools.count()
+__all__ = ["Sources", "Stager", "map_overlap", "read_array"]
 
 
-def register_source(arr: da.Array, zarr_array: Any, lead: tuple[int, ...] = ()) -> da.Array:
-    """Record that ``arr`` is ``zarr_array[lead]`` read as is, so stencils can read its halos directly."""
-    _SOURCES[arr.name] = (zarr_array, tuple(lead))
-    while len(_SOURCES) > _MAX_SOURCES:
-        _SOURCES.popitem(last=False)
-    return arr
+class Sources:
+    """Dask arrays that read a Zarr array as they are (by dask name): ``(zarr array, leading index)``.
 
+    Bounded (``limit`` most recent): only the latest committed arrays of a checkpoint matter.
+    """
 
-def active() -> Stager | None:
-    """The active stager, if any."""
-    return _ACTIVE.get()
+    def __init__(self, limit: int = 64) -> None:
+        self.limit = limit
+        self._table: OrderedDict[str, tuple[Any, tuple[int, ...]]] = OrderedDict()
 
+    def add(self, arr: da.Array, zarr_array: Any, lead: tuple[int, ...] = ()) -> da.Array:
+        """Record that ``arr`` is ``zarr_array[lead]`` read as is; returns ``arr``."""
+        self._table[arr.name] = (zarr_array, tuple(lead))
+        while len(self._table) > self.limit:
+            self._table.popitem(last=False)
+        return arr
 
-@contextlib.contextmanager
-def staged(stager: Stager | None) -> Iterator[Stager | None]:
-    """Make ``stager`` active while building graphs (``None``: nothing changes)."""
-    token = _ACTIVE.set(stager)
-    try:
-        yield stager
-    finally:
-        _ACTIVE.reset(token)
+    def get(self, arr: da.Array) -> tuple[Any, tuple[int, ...]] | None:
+        """``(zarr array, lead)`` when ``arr`` reads one as it is (and has its shape), else ``None``."""
+        found = self._table.get(arr.name)
+        if found is None or tuple(found[0].shape[len(found[1]):]) != tuple(arr.shape):
+            return None
+        return found
+
+    def __len__(self) -> int:
+        return len(self._table)
 
 
 class Stager:
@@ -79,13 +76,44 @@ class Stager:
     ----------
     store : Checkpoint
         The scratch arrays are ``stage_<k>`` next to its arrays (uncompressed; removed by
-        :meth:`cleanup`).
+        :meth:`cleanup`); the arrays it hands out (its ``sources``) are read in place.
     """
 
     def __init__(self, store: Any) -> None:
         self.store = store
+        sources = getattr(store, "sources", None)
+        self.sources: Sources = sources if sources is not None else Sources()
         self._next = 0
         self._made: set[str] = set()
+        self._tokens = itertools.count()
+        self._id = uuid.uuid4().hex[:8]  # keys unique across stagers of one client
+
+    def mark(self) -> int:
+        """Where the scratch numbering stands: see :meth:`rewind`."""
+        return self._next
+
+    def rewind(self, where: int) -> None:
+        """Number scratch arrays from ``where`` (a :meth:`mark`) again.
+
+        For a loop whose every pass builds and computes its own graph (the power method, conjugate
+        gradient out of core): pass ``k`` reuses pass ``k − 1``'s scratch arrays, which that pass's
+        computation is done with, and never those of a graph built before the loop began.
+        """
+        self._next = where
+
+    def fresh(self, a: da.Array, after: da.Array | None = None) -> da.Array:
+        """``a`` under new keys when it reads the checkpoint's Zarr, else ``a``.
+
+        A state array read in two stages of one graph would be held by the scheduler from the
+        first to the last; read twice, it is held by neither. ``after`` (same chunks) orders each
+        block's read after that block of ``after`` — the value it is to be combined with —, so
+        that the read runs when it is needed, not whenever a thread is free.
+        """
+        if self.sources.get(a) is None:
+            return a
+        if after is not None and after.chunks != a.chunks:
+            after = None
+        return self.extended(a, {}, {}, after)
 
     def extended(self, a: da.Array, depth: dict[int, int], boundary: dict[int, str],
                  after: da.Array | None = None) -> da.Array:
@@ -93,14 +121,15 @@ class Stager:
 
         ``after``, an array of the same blocks, orders each read after its block of ``after``.
         """
-        source = _SOURCES.get(a.name)
-        if source is not None and tuple(source[0].shape[len(source[1]):]) == tuple(a.shape):
+        source = self.sources.get(a)
+        if source is not None:
             zarr_array, lead = source
             barrier = None
         else:
             zarr_array, barrier = self._write(a)
             lead = ()
-        return _reads(zarr_array, lead, a.chunks, depth, boundary, f"halo-read-{next(_tokens):06d}", barrier, after)
+        name = f"halo-read-{self._id}-{next(self._tokens):06d}"
+        return _reads(zarr_array, lead, a.chunks, depth, boundary, name, barrier, after)
 
     def _write(self, a: da.Array) -> tuple[Any, Any]:
         a, chunks = zarr_aligned(a)
@@ -109,7 +138,7 @@ class Stager:
         self._made.add(name)
         z = self.store.scratch(name, a.shape, a.dtype, chunks)
         writes = da.store(a, z, lock=False, compute=False)
-        key = f"halo-write-{next(_tokens):06d}"
+        key = f"halo-write-{self._id}-{next(self._tokens):06d}"
         layer = {key: (array_tasks.barrier, list(writes.__dask_keys__()))}
         return z, Delayed(key, HighLevelGraph.from_collections(key, layer, dependencies=[writes]))
 
@@ -120,17 +149,19 @@ class Stager:
         self._made.clear()
 
 
-def read_array(zarr_array: Any, lead: tuple[int, ...], chunks: Any, name: str | None = None) -> da.Array:
+def read_array(zarr_array: Any, lead: tuple[int, ...], chunks: Any, name: str | None = None,
+               sources: Sources | None = None) -> da.Array:
     """``zarr_array[lead]`` as a dask array with ``chunks``, each block read in one task.
 
-    Registered as a source (stencils read its halos from the array directly). An array
+    Recorded in ``sources`` when given (a stager over them reads its halos from the array
+    directly). An array
     daskrecon owns is read strictly: a missing chunk raises
     :class:`~daskrecon.errors.MissingChunkError`, never the fill value.
     """
     shape = tuple(zarr_array.shape[len(lead):])
     chunks = da.core.normalize_chunks(chunks, shape)
     out = _reads(zarr_array, tuple(lead), chunks, {}, {}, name or f"zarr-read-{uuid.uuid4().hex}")
-    return register_source(out, zarr_array, lead)
+    return sources.add(out, zarr_array, lead) if sources is not None else out
 
 
 def _reads(zarr_array: Any, lead: tuple[int, ...], chunks: tuple[tuple[int, ...], ...], depth: dict[int, int],
@@ -165,39 +196,6 @@ def _windows(sizes: tuple[int, ...], d: int, boundary: str) -> list[tuple[int, i
     raise NotImplementedError(f"staged halo with boundary={boundary!r}")
 
 
-def mark() -> int | None:
-    """Where the active stager's numbering stands (``None`` without a stager): see :func:`rewind`."""
-    stager = _ACTIVE.get()
-    return None if stager is None else stager._next
-
-
-def rewind(where: int | None) -> None:
-    """Number scratch arrays from ``where`` (a :func:`mark`) again.
-
-    For a loop whose every pass builds and computes its own graph (the power method, conjugate
-    gradient out of core): pass ``k`` reuses pass ``k − 1``'s scratch arrays, which that pass's
-    computation is done with, and never those of a graph built before the loop began.
-    """
-    stager = _ACTIVE.get()
-    if stager is not None and where is not None:
-        stager._next = where
-
-
-def fresh(a: da.Array, after: da.Array | None = None) -> da.Array:
-    """``a`` under new keys when it reads the checkpoint's Zarr (and a stager is active), else ``a``.
-
-    A state array read in two stages of one graph would be held by the scheduler from the
-    first to the last; read twice, it is held by neither. ``after`` (same chunks) orders each
-    block's read after that block of ``after`` — the value it is to be combined with —, so
-    that the read runs when it is needed, not whenever a thread is free.
-    """
-    if _ACTIVE.get() is None or a.name not in _SOURCES:
-        return a
-    if after is not None and after.chunks != a.chunks:
-        after = None
-    return _ACTIVE.get().extended(a, {}, {}, after)
-
-
 def _wrapped(a: da.Array, depth: dict[int, int], boundary: dict[int, Any]) -> tuple[da.Array, dict[int, Any]]:
     """``a`` with its periodic halos appended to its first and last chunks (``depth`` pixels of the
     other end), and those axes' boundary now ``"none"``.
@@ -224,15 +222,14 @@ def _wrapped(a: da.Array, depth: dict[int, int], boundary: dict[int, Any]) -> tu
 
 
 def map_overlap(fn: Any, a: da.Array, *, depth: dict[int, int], boundary: str, trim: bool = True,
-                annotations: dict | None = None, **kwargs: Any) -> da.Array:
+                annotations: dict | None = None, stager: Stager | None = None, **kwargs: Any) -> da.Array:
     """``dask.array.map_overlap(fn, a, depth=…, boundary=…, trim=…, allow_rechunk=False, **kwargs)``,
-    its halos read from Zarr while a stager is active (see the module).
+    its halos read from Zarr when a ``stager`` is given (see the module).
 
     ``annotations`` (e.g. worker placement) go on ``fn``'s tasks. Staged, the reads stay
     unannotated: the scheduler queues unrestricted root tasks and hands them out as threads
     free up, where restricted ones would all be read at once, ahead of their consumers.
     """
-    stager = _ACTIVE.get()
     depth_n = coerce_depth(a.ndim, depth)
     boundary_n = coerce_boundary(a.ndim, boundary)
     if stager is None and not trim and any(d and boundary_n[ax] == "periodic" for ax, d in depth_n.items()):
