@@ -11,7 +11,8 @@ Cases (``--case``):
 
 For the first two, every variant runs in this one command: the untiled model call (one
 process, all cores), deepinv.distributed in one process and under torchrun ×2 (gloo), and
-daskrecon on 2 worker processes. Printed: medians, ratio to the best deepinv.distributed
+daskrecon on 2 worker processes, in fp32 and with the tiles in bf16 (``precision="bf16"``,
+its error against fp32 reported). Printed: medians, ratio to the best deepinv.distributed
 time, and efficiency = untiled time ÷ daskrecon time. Results: benchmarks/results/tiling.json.
 """
 
@@ -65,23 +66,35 @@ def run_case(name: str, repeats: int, workers: int) -> dict:
         d["tiles"] = strategy.get_num_patches()
         d["processed_pixels_over_image_pixels"] = strategy.processed_pixels() / (cfg["size"] ** 2)
         res["daskrecon"] = d
+        d16 = dr.distribute(model, ctx, patch_size=cfg["patch"], overlap=cfg["overlap"], precision="bf16")
+        d16(x[..., : 2 * cfg["patch"], : 2 * cfg["patch"]].contiguous(), *args)  # the probe, the model loaded
+        b = timeit(lambda: d16(x, *args), repeats, warmup=0)
+        out16 = b.pop("_out")
+        b["max_abs_diff_vs_fp32"] = float((out16 - out).abs().max())
+        b["rel_l2_diff_vs_fp32"] = float((out16 - out).norm() / out.norm())
+        b["probe"] = d16.precision_report["probe"]
+        res["daskrecon_bf16"] = b
     for k in ("deepinv_distributed_1proc", "deepinv_distributed_torchrun2"):
         res[k]["max_abs_checksum_diff_vs_untiled"] = abs(res[k]["checksum"] - float(ref.double().sum()))
     best = min(res["deepinv_distributed_1proc"]["median_s"], res["deepinv_distributed_torchrun2"]["median_s"])
     res["ratio_daskrecon_vs_best_deepinv_distributed"] = d["median_s"] / best
+    res["ratio_daskrecon_bf16_vs_best_deepinv_distributed"] = b["median_s"] / best
     res["efficiency_untiled_over_daskrecon"] = untiled["median_s"] / d["median_s"]
     # Halo cost removed: the untiled model's time for as many pixels as daskrecon processes.
     res["efficiency_after_halo"] = res["efficiency_untiled_over_daskrecon"] * d["processed_pixels_over_image_pixels"]
     rows = [("untiled model call (1 process)", untiled["median_s"]),
             ("deepinv.distributed (1 process)", res["deepinv_distributed_1proc"]["median_s"]),
             ("deepinv.distributed (torchrun x2, gloo)", res["deepinv_distributed_torchrun2"]["median_s"]),
-            (f"daskrecon ({workers} workers)", d["median_s"])]
+            (f"daskrecon ({workers} workers)", d["median_s"]),
+            (f"daskrecon ({workers} workers), tiles in bf16", b["median_s"])]
     print(f"\n{name}: 1x3x{cfg['size']}^2, patch {cfg['patch']}, overlap {cfg['overlap']}, median of {repeats}")
     print(table(rows, best))
     print(f"daskrecon / best deepinv.distributed = {res['ratio_daskrecon_vs_best_deepinv_distributed']:.2f}; "
           f"efficiency (untiled / daskrecon) = {res['efficiency_untiled_over_daskrecon']:.2f}, "
           f"{res['efficiency_after_halo']:.2f} after halo cost ({d['processed_pixels_over_image_pixels']:.2f}x pixels); "
           f"max |daskrecon - untiled| = {d['max_abs_diff_vs_untiled']:.1e}")
+    print(f"bf16: {res['ratio_daskrecon_bf16_vs_best_deepinv_distributed']:.2f}x best deepinv.distributed; vs fp32: "
+          f"max {b['max_abs_diff_vs_fp32']:.1e}, relative L2 {b['rel_l2_diff_vs_fp32']:.1e}")
     return res
 
 

@@ -10,7 +10,10 @@ a step is forward, MSE against the ground truth, backward, Adam step. Timed (med
 * deepinv.distributed 0.5 (``distribute(model, ctx, patch_size, overlap, max_batch_size=1)``,
   its unrolled-training demo's call) in one process and under ``torchrun`` x2;
 * daskrecon (``dr.distribute(model, ctx, ...)``, 2 workers x 1 thread), with each process's peak
-  RSS (workers for daskrecon, ranks for deepinv.distributed).
+  RSS (workers for daskrecon, ranks for deepinv.distributed);
+* daskrecon with the tiles' forward and backward in bf16 autocast (``precision="bf16"``, fp32
+  master weights), and the loss curve of ``--curve-steps`` steps from the same start in fp32
+  and in bf16.
 
 Then the memory check: one step on a ``--mem-size``² image (``--mem-depth``/``--mem-nf`` DnCNN,
 one unrolled iteration) whose untiled backward needs more than a daskrecon worker's
@@ -90,7 +93,7 @@ def _plain_memory_only(args) -> None:
 
 
 def _daskrecon(ops, y, x_true, build, repeats: int, patch: int, overlap: int, memory_limit=None,
-               warmup: int = 1) -> dict:
+               warmup: int = 1, precision: str = "fp32", curve_steps: int = 0) -> dict:
     import torch
 
     import daskrecon as dr
@@ -98,7 +101,12 @@ def _daskrecon(ops, y, x_true, build, repeats: int, patch: int, overlap: int, me
     with dr.DistributedContext(n_workers=2, threads_per_worker=1, dashboard_address="127.0.0.1:0",
                                memory_limit=memory_limit) as ctx:
         dphys = dr.distribute(ops, ctx)
-        model = dr.distribute(build(), ctx, patch_size=patch, overlap=overlap)
+        if curve_steps:  # the loss curve from the model's initial weights, then the timing
+            torch.manual_seed(0)
+            model = dr.distribute(build(), ctx, patch_size=patch, overlap=overlap, precision=precision)
+            opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+            curve = [train_step(model, opt, y, dphys, x_true) for _ in range(curve_steps)]
+        model = dr.distribute(build(), ctx, patch_size=patch, overlap=overlap, precision=precision)
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
         for _ in range(warmup):
             train_step(model, opt, y, dphys, x_true)
@@ -107,6 +115,8 @@ def _daskrecon(ops, y, x_true, build, repeats: int, patch: int, overlap: int, me
         r["loss"] = r.pop("_out")
         r["peak_rss_mib_per_worker"] = sorted(ctx.client.run(peak_rss_mib).values())
         r["restarts"] = len(ctx.client.run(lambda: 0)) != 2
+        if curve_steps:
+            r["loss_curve"] = curve
     return r
 
 
@@ -118,6 +128,7 @@ def main() -> None:
     p.add_argument("--mem-nf", type=int, default=32)
     p.add_argument("--memory-limit", default="2GiB")
     p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--curve-steps", type=int, default=6, help="training steps of the fp32/bf16 loss curves")
     p.add_argument("--plain-memory-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.plain_memory_only:
@@ -130,9 +141,17 @@ def main() -> None:
     res["plain_deepinv"] = _plain(ops, y, x_true, build, args.repeats)
     res["deepinv_distributed_1proc"] = run_deepinv_distributed("_deepinv_distributed_training.py", 1, opts)
     res["deepinv_distributed_torchrun2"] = run_deepinv_distributed("_deepinv_distributed_training.py", 2, opts)
-    res["daskrecon"] = _daskrecon(ops, y, x_true, build, args.repeats, args.patch, args.overlap)
+    res["daskrecon"] = _daskrecon(ops, y, x_true, build, args.repeats, args.patch, args.overlap,
+                                  curve_steps=args.curve_steps)
+    res["daskrecon_bf16"] = _daskrecon(ops, y, x_true, build, args.repeats, args.patch, args.overlap,
+                                       precision="bf16", curve_steps=args.curve_steps)
     best = min(res["deepinv_distributed_1proc"]["median_s"], res["deepinv_distributed_torchrun2"]["median_s"])
     res["ratio_daskrecon_vs_best_deepinv_distributed"] = res["daskrecon"]["median_s"] / best
+    res["ratio_daskrecon_bf16_vs_best_deepinv_distributed"] = res["daskrecon_bf16"]["median_s"] / best
+    c32, c16 = res["daskrecon"].get("loss_curve", []), res["daskrecon_bf16"].get("loss_curve", [])
+    res["loss_curve_max_rel_diff_bf16_vs_fp32"] = max((abs(a - b) / abs(a) for a, b in zip(c32, c16)), default=None)
+    # "noise": how much the fp32 loss moves from one step to the next
+    res["loss_curve_fp32_step_to_step_rel"] = [abs(b - a) / abs(a) for a, b in zip(c32, c32[1:])]
     res["loss_first_timed_step"] = {k: res[k]["loss"] for k in
                                     ("plain_deepinv", "deepinv_distributed_1proc", "deepinv_distributed_torchrun2",
                                      "daskrecon")}
@@ -141,8 +160,15 @@ def main() -> None:
     print(table([("plain deepinv (1 process, untiled)", res["plain_deepinv"]["median_s"]),
                  ("deepinv.distributed (1 process)", res["deepinv_distributed_1proc"]["median_s"]),
                  ("deepinv.distributed (torchrun x2, gloo)", res["deepinv_distributed_torchrun2"]["median_s"]),
-                 ("daskrecon (2 workers)", res["daskrecon"]["median_s"])], best))
-    print(f"daskrecon / best deepinv.distributed = {res['ratio_daskrecon_vs_best_deepinv_distributed']:.2f}")
+                 ("daskrecon (2 workers)", res["daskrecon"]["median_s"]),
+                 ("daskrecon (2 workers), tiles in bf16 autocast", res["daskrecon_bf16"]["median_s"])], best))
+    print(f"daskrecon / best deepinv.distributed = {res['ratio_daskrecon_vs_best_deepinv_distributed']:.2f}; "
+          f"bf16: {res['ratio_daskrecon_bf16_vs_best_deepinv_distributed']:.2f}")
+    if c32:
+        print("loss curve fp32: " + ", ".join(f"{v:.5f}" for v in c32))
+        print("loss curve bf16: " + ", ".join(f"{v:.5f}" for v in c16))
+        print(f"largest relative difference {res['loss_curve_max_rel_diff_bf16_vs_fp32']:.2e}; fp32 step-to-step "
+              f"changes {', '.join(f'{v:.1e}' for v in res['loss_curve_fp32_step_to_step_rel'])}")
     print(f"peak RSS MiB: plain {res['plain_deepinv']['peak_rss_mib']:.0f}; deepinv.distributed 1 proc "
           f"{res['deepinv_distributed_1proc']['peak_rss_mib_per_process']}, torchrun "
           f"{res['deepinv_distributed_torchrun2']['peak_rss_mib_per_process']}; daskrecon workers "

@@ -18,6 +18,8 @@ Example (every key shown; only ``measurements`` and ``operators`` are required):
     architecture = "dncnn"                     # dncnn | drunet (for a weight file)
     patch_size = 256
     overlap = 8
+    precision = "fp32"                         # fp32 | bf16 | fp16 | auto: the tiles' network (probed, see docs)
+    precision_tol = 0.02                       # largest relative L2 error of the probe against fp32
 
     [solver]
     algorithm = "red"                          # pnp | red | fista | fista-red | hqs | admm | os-pnp | svrg
@@ -75,6 +77,7 @@ from daskrecon.engine.algorithms import ALGORITHMS
 from daskrecon.engine.options import ReconstructOptions
 from daskrecon.engine.problem import iterate_chunks
 from daskrecon.errors import DaskreconError
+from daskrecon.planning.precision import check_precision
 from daskrecon.operators.chunkwise import local_form
 from daskrecon.runtime.arrays import as_numpy
 from daskrecon.runtime.waiting import bounded, compute
@@ -86,7 +89,7 @@ _OPERATORS = {"blur", "downsampling", "inpainting", "denoising"}
 _KEYS = {
     "input": {"measurements", "ground_truth"},
     "operators": {"type", "sigma", "angle", "padding", "factor", "filter", "mask"},
-    "denoiser": {"weights", "architecture", "patch_size", "overlap"},
+    "denoiser": {"weights", "architecture", "patch_size", "overlap", "precision", "precision_tol"},
     "solver": {"algorithm", "iterations", "step_size", "sigma_denoiser", "red_weight", "tol", "max_time", "n_subsets",
                "seed", "cg_max_iter", "cg_tol", "prox_solver"},
     "output": {"path", "overwrite"},
@@ -170,6 +173,12 @@ def load_config(path: str | Path) -> dict:
     elif n_subsets is not None:
         raise ConfigError(f"solver.n_subsets applies to algorithm 'os-pnp' or 'svrg', not {algorithm!r}: remove it "
                           "or change the algorithm")
+    den = cfg.get("denoiser", {})
+    try:
+        check_precision(_get(den, "precision", "denoiser", str, "fp32"),
+                        _get(den, "precision_tol", "denoiser", float, None))
+    except ValueError as exc:
+        raise ConfigError(f"denoiser: {exc}") from None
     prox_solver = _get(cfg.get("solver", {}), "prox_solver", "solver", str, "auto")
     if prox_solver not in ("auto", "cg", "fourier"):
         raise ConfigError(f"solver.prox_solver must be 'auto', 'cg' or 'fourier', got {prox_solver!r}")
@@ -523,7 +532,9 @@ def run_config(path: str | Path, check: bool = False, echo: Any = print) -> Any:
     with make_context(cfg.get("cluster", {})) as ctx:
         echo(f"cluster: {ctx.num_workers} workers, dashboard {ctx.dashboard_link}")
         dden = dr.distribute(build_denoiser(den, base), ctx, patch_size=_get(den, "patch_size", "denoiser", int, 256),
-                             overlap=_get(den, "overlap", "denoiser", int, 8))
+                             overlap=_get(den, "overlap", "denoiser", int, 8),
+                             precision=_get(den, "precision", "denoiser", str, "fp32"),
+                             precision_tol=_get(den, "precision_tol", "denoiser", float, None))
         if streamed_check:
             return _check_streamed(ctx, cfg, ys, x_true, dden, echo)
         dphys = dr.distribute(ops, ctx)

@@ -15,6 +15,7 @@ __all__ = [
     "MeasurementError",
     "MissingChunkError",
     "NotOwnedError",
+    "PrecisionError",
     "SerializationError",
     "ShapeError",
     "StalledError",
@@ -100,3 +101,7 @@ class MissingChunkError(DaskreconError, FileNotFoundError):
     Never read as the fill value (zeros): the usual cause is storage that the workers do not
     share (each wrote to its own disk). The message names the array, the chunk and the worker.
     """
+
+
+class PrecisionError(DaskreconError, ValueError):
+    """A reduced precision was asked for that the device cannot run or whose measured error is over budget."""

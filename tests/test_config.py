@@ -6,6 +6,7 @@ from typer.testing import CliRunner
 
 from daskrecon.cli import app
 from daskrecon.demo import demo_problem
+from daskrecon.tasks.precision import supported
 
 from helpers import snapshot
 
@@ -341,3 +342,19 @@ for j in "$@"; do kill -TERM -- "-$j" 2>/dev/null; done
     job = lines[lines.index("sbatch") + 1]
     assert ["scancel", job] == lines[lines.index("scancel"):lines.index("scancel") + 2], lines  # its job cancelled
     assert np.load(inputs / "result.npy").shape == (1, 3, 48, 48)
+
+
+@pytest.mark.skipif("bf16" not in supported(torch.device("cpu")),
+                    reason="this CPU has no bf16 units: bf16 is refused here")
+def test_a_config_runs_its_denoiser_in_the_precision_it_names(inputs):
+    import zarr
+
+    cfg = inputs / "bf16.toml"
+    cfg.write_text(CONFIG.format(out="bf16.zarr").replace("overlap = 8", 'overlap = 8\nprecision = "bf16"'))
+    assert run(cfg).exit_code == 0
+    ref = inputs / "fp32.toml"
+    ref.write_text(CONFIG.format(out="fp32.zarr"))
+    assert run(ref).exit_code == 0
+    a, b = zarr.open_array(str(inputs / "bf16.zarr"))[...], zarr.open_array(str(inputs / "fp32.zarr"))[...]
+    rel = float(np.linalg.norm(a - b) / np.linalg.norm(b))
+    assert 0 < rel < 5e-2, rel  # the bundled denoiser really ran in bf16, close to fp32

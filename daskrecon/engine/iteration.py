@@ -149,7 +149,7 @@ def denoise(problem: Problem, z: da.Array, name: str) -> da.Array:
         return None if flat is None else [workers[where[flat]]]
 
     out = proc.run_dask(z, problem.denoise_method, problem.denoise_args, problem.denoise_kwargs, name=name,
-                         workers=place_chunk, stager=problem.stager)
+                         workers=place_chunk, stager=problem.stager, precision=problem.denoise_precision)
     return out if out.chunks == z.chunks else out.rechunk(z.chunks)
 
 

@@ -251,4 +251,5 @@ def _row(iteration: int, values: dict, problem: Problem) -> dict:
            "relative_change": math.sqrt(change2) / max(math.sqrt(norm2), 1e-12)}
     if problem.truth is not None:
         row["psnr"] = psnr_of_mse(err2 / pixels)
+    row.update(problem.precision_row)  # the denoiser's reduced precision and its measured error, if any
     return row

@@ -16,6 +16,7 @@ from typing import Any
 from daskrecon.engine.algorithms import ALGORITHMS, StepRule
 from daskrecon.engine.linsolve import PROX_SOLVERS
 from daskrecon.engine.problem import STORAGES
+from daskrecon.planning.precision import check_precision
 
 __all__ = ["SUBSET_ALGORITHMS", "ReconstructOptions"]
 
@@ -50,6 +51,8 @@ class ReconstructOptions:
     progress: bool = True
     tol: float | None = None
     max_time: float | None = None
+    precision: str | None = None
+    precision_tol: float | None = None
 
     def __post_init__(self) -> None:
         algorithm = self.algorithm
@@ -72,6 +75,8 @@ class ReconstructOptions:
             raise ValueError(f"max_time must be > 0 seconds, got {self.max_time!r}")
         if self.storage not in STORAGES:
             raise ValueError(f"storage must be one of {STORAGES}, got {self.storage!r}")
+        if self.precision is not None or self.precision_tol is not None:
+            check_precision(self.precision or "fp32", self.precision_tol)
         if self.prox_solver not in PROX_SOLVERS:
             raise ValueError(f"prox_solver must be one of {PROX_SOLVERS}, got {self.prox_solver!r}")
 

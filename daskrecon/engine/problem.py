@@ -43,7 +43,7 @@ if TYPE_CHECKING:  # annotations only: the front is a layer above
     from daskrecon.frontend.physics import DistributedPhysics
 
 __all__ = ["STORAGES", "Denoising", "Problem", "iterate_chunks", "plan", "plan_terms", "remove_stored_inputs",
-           "store_inputs", "with_stager"]
+           "store_inputs", "with_precision", "with_stager"]
 
 STORAGES = ("auto", "memory", "zarr")
 #: The iterate stays in cluster memory when this many copies of it, plus the measurements,
@@ -69,6 +69,9 @@ class Problem:
         of the whole ``y_i`` on the operator's worker.
     storage : {"memory", "zarr"}
         Where the iterate lives.
+    denoise_precision : {"fp32", "bf16", "fp16"}
+        What the denoiser's tiles run in (:func:`with_precision`); ``precision_row`` the
+        probe's columns for the history.
     stager : Stager, optional
         Out of core, the scratch arrays its stencils exchange halos through
         (:func:`with_stager`): held by the chunk-wise forms and handed to the denoiser.
@@ -89,6 +92,8 @@ class Problem:
     denoise_method: str = "__call__"
     denoise_args: tuple = ()
     denoise_kwargs: dict = field(default_factory=dict)
+    denoise_precision: str = "fp32"
+    precision_row: dict = field(default_factory=dict)
     truth: da.Array | None = None
     record: dict = field(default_factory=dict)
     stager: Stager | None = None
@@ -411,3 +416,19 @@ def with_stager(problem: Problem, stager: Stager | None) -> Problem:
     """
     forms = [dataclasses.replace(f, stager=stager) if f is not None else None for f in problem.forms]
     return dataclasses.replace(problem, forms=forms, stager=stager)
+
+
+def with_precision(problem: Problem, report: dict) -> Problem:
+    """``problem`` whose denoiser tiles run in ``report["precision"]`` (a probe's report,
+    :meth:`~daskrecon.frontend.processing.DistributedProcessing.resolve_precision`).
+
+    A reduced precision is part of the record (a checkpoint made in one precision resumes only
+    in it) and its measured error goes into every history row; fp32 changes nothing.
+    """
+    precision = report["precision"]
+    if precision == "fp32":
+        return dataclasses.replace(problem, denoise_precision="fp32", precision_row={})
+    r = report["probe"][precision]
+    row = {"precision": precision, "precision_max_error": r["max_error"], "precision_rel_error": r["rel_error"]}
+    return dataclasses.replace(problem, denoise_precision=precision, precision_row=row,
+                               record={**problem.record, "precision": precision})

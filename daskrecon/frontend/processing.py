@@ -28,6 +28,7 @@ from daskrecon.frontend.autograd import denoiser_call, needs_grad
 from daskrecon.frontend.context import DistributedContext
 from daskrecon.frontend.model_shipping import ModelShipment, module_of, param_dtype
 from daskrecon.frontend.tile_plan import CHECKPOINT_MODES, ActivationBudget, TilePlan
+from daskrecon.frontend.tile_precision import PrecisionChoice
 from daskrecon.planning.strategies import DistributedSignalStrategy, check_sizes, create_strategy
 
 __all__ = ["CHECKPOINT_MODES", "DistributedPrior", "DistributedProcessing", "default_align"]
@@ -106,6 +107,16 @@ class DistributedProcessing(torch.nn.Module):
         ``"auto"`` (default) keeps them while all kept activations fit a quarter of the
         workers' memory limit, and recomputes beyond. The same gradients, bitwise, in
         every mode. The other two are accepted for compatibility.
+    precision : {"fp32", "bf16", "fp16", "auto"}
+        What the tiles' network calls run in (:mod:`daskrecon.planning.precision`). ``"fp32"``
+        (default): the network as it is. ``"bf16"``/``"fp16"``: under ``torch.autocast``, fp32
+        weights, outputs cast back to the input's type; checked once by a probe on a window of
+        the first input, refused (:class:`~daskrecon.errors.PrecisionError`) when its error
+        exceeds ``precision_tol``. ``"auto"``: the reduced precision the workers' hardware runs
+        (bf16, then fp16) when within budget, else fp32 with a warning. The probe's report is
+        :attr:`precision_report`.
+    precision_tol : float, optional
+        Largest relative L2 error of the probe's output against fp32 (default 2e-2).
 
     Examples
     --------
@@ -141,6 +152,8 @@ class DistributedProcessing(torch.nn.Module):
         checkpoint_batches: str = "auto",
         checkpoint_use_reentrant: bool = False,
         checkpoint_preserve_rng_state: bool = True,
+        precision: str = "fp32",
+        precision_tol: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -165,6 +178,7 @@ class DistributedProcessing(torch.nn.Module):
                 isinstance(tiling_dims, int) or (isinstance(tiling_dims, (list, tuple)) and
                                                  all(isinstance(d, int) for d in tiling_dims))):
             raise ValueError(f"tiling_dims must be an int or a sequence of ints, got {tiling_dims!r}")
+        self.precision_choice = PrecisionChoice(precision, precision_tol)  # checks both before anything ships
         self.ctx = ctx
         self.processor = processor
         self.method = method
@@ -197,6 +211,10 @@ class DistributedProcessing(torch.nn.Module):
     align = property(lambda self: self.plan.align)
     blend = property(lambda self: self.plan.blend)
     checkpoint_batches = property(lambda self: self.activations.mode)
+    precision = property(lambda self: self.precision_choice.requested)
+    precision_tol = property(lambda self: self.precision_choice.tol)
+    #: The last precision probe's report (``None`` before one ran; fp32 never probes).
+    precision_report = property(lambda self: self.precision_choice.report)
 
     @property
     def key(self) -> str:
@@ -216,11 +234,19 @@ class DistributedProcessing(torch.nn.Module):
         if not isinstance(x, (da.Array, torch.Tensor)):
             raise TypeError(f"x must be a torch.Tensor or a dask.array.Array, got {type(x).__name__}")
         self.check_dtype(x.dtype)
+        self.resolve_precision(x, method, args, kwargs)
         if isinstance(x, da.Array):
             return self.run_dask(x, method, args, kwargs, portable=True)
         if needs_grad(x, *args, *kwargs.values()) or self.trainable_parameters():
             return denoiser_call(self, x, method, args, kwargs)
         return self.run_tensor(x, method, args, kwargs)
+
+    def resolve_precision(self, x: Any, method: str, args: tuple = (), kwargs: dict | None = None, *,
+                          precision: str | None = None, tol: float | None = None) -> dict:
+        """The precision the tiles run in for inputs like ``x``, as a report (``report["precision"]``;
+        probed once when not fp32; see ``precision``). ``precision``/``tol`` override the denoiser's
+        own settings for one run (``reconstruct(precision=…)``) without changing them."""
+        return self.precision_choice.resolve(self, x, method, args, kwargs or {}, requested=precision, tol=tol)
 
     def check_dtype(self, dtype: Any) -> None:
         """Refuse inputs the network cannot take: complex values, or a float type other than its weights'.
@@ -270,7 +296,8 @@ class DistributedProcessing(torch.nn.Module):
     def run_tensor(self, x: torch.Tensor, method: str, args: tuple, kwargs: dict, placed: Future | None = None,
                    labels: dict | None = None, keep: dict | None = None) -> torch.Tensor:
         """A tensor pass on the workers (:func:`~daskrecon.frontend.tile_executors.forward_tensor`), no autograd."""
-        out = tile_executors.forward_tensor(self, x, method, args, kwargs, placed=placed, labels=labels, keep=keep)
+        out = tile_executors.forward_tensor(self, x, method, args, kwargs, placed=placed, labels=labels, keep=keep,
+                                            precision=self.precision_choice.active)
         self.current_shape = self.img_size = torch.Size(x.shape)
         self.num_patches = self.strategy_for(x.shape).get_num_patches()
         self.local_indices = list(range(self.num_patches))
@@ -281,14 +308,16 @@ class DistributedProcessing(torch.nn.Module):
                      x_placed: Future | None = None) -> tuple[torch.Tensor | None, list]:
         """The backward of a tensor pass (:func:`~daskrecon.frontend.tile_executors.backward_tensor`)."""
         return tile_executors.backward_tensor(self, x, g, method, args, kwargs, params, paths, need_x, kept=kept,
-                                              x_placed=x_placed)
+                                              x_placed=x_placed, precision=self.precision_choice.active)
 
     def run_dask(self, x: da.Array, method: str, args: tuple, kwargs: dict, *, name: str | None = None,
-                 workers: Any = None, portable: bool = False, stager: Any = None) -> da.Array:
+                 workers: Any = None, portable: bool = False, stager: Any = None,
+                 precision: str | None = None) -> da.Array:
         """A dask array through the tiled network, lazily (:func:`~daskrecon.frontend.tile_executors.map_dask`);
-        with a ``stager`` (out of core) the tiles' halos are read from Zarr."""
+        with a ``stager`` (out of core) the tiles' halos are read from Zarr; ``precision`` (already
+        resolved) overrides the active one."""
         return tile_executors.map_dask(self, x, method, args, kwargs, name=name, workers=workers, portable=portable,
-                                       stager=stager)
+                                       stager=stager, precision=precision or self.precision_choice.active)
 
 
 class DistributedPrior(torch.nn.Module):

@@ -22,7 +22,7 @@ from daskrecon.engine.algorithms import ALGORITHMS, StepRule, step_rule
 from daskrecon.engine.checkpoint import Checkpoint
 from daskrecon.engine.linsolve import Workspace, lipschitz
 from daskrecon.engine.options import ReconstructOptions
-from daskrecon.engine.problem import Denoising, Problem, plan
+from daskrecon.engine.problem import Denoising, Problem, plan, with_precision
 from daskrecon.engine.signal import DistributedSignal
 from daskrecon.errors import MeasurementError
 from daskrecon.frontend.fidelity import DistributedDataFidelity
@@ -66,6 +66,8 @@ def reconstruct(
     cg_max_iter: int = 50,
     cg_tol: float = 1e-5,
     prox_solver: str = "auto",
+    precision: str | None = None,
+    precision_tol: float | None = None,
 ) -> torch.Tensor | da.Array | tuple[torch.Tensor | da.Array, list[dict]]:
     """Solve ``min_x Σ_i d_i(A_i x, y_i) + prior(x)`` with a plug-and-play algorithm.
 
@@ -170,6 +172,17 @@ def reconstruct(
         no iterations) when every operator is a circular convolution and the image's FFT
         fits a worker, by conjugate gradient otherwise; ``"cg"`` always iterates;
         ``"fourier"`` insists (a ``ValueError`` names the operator that prevents it).
+    precision : {"fp32", "bf16", "fp16", "auto"}, optional
+        What the denoiser's tiles run in for this run (default: the denoiser's own
+        ``precision``, fp32 unless set); the data term, the tree, the step and the metrics stay
+        fp32. A reduced precision is probed first on a window of the start, against fp32, on a
+        worker (:mod:`daskrecon.planning.precision`): over ``precision_tol`` an asked-for one is
+        refused (:class:`~daskrecon.errors.PrecisionError`), ``"auto"`` falls back to fp32
+        with a warning. The history rows then add ``"precision"``, ``"precision_max_error"``
+        and ``"precision_rel_error"``; a checkpoint resumes only in the precision it was made
+        in. Bitwise the same on any number of workers within a precision.
+    precision_tol : float, optional
+        Largest relative L2 error of the probe against fp32 (default: the denoiser's, 2e-2).
 
     Returns
     -------
@@ -205,9 +218,11 @@ def reconstruct(
         algorithm=algorithm, n_iter=n_iter, step_size=step_size, sigma_denoiser=sigma_denoiser, red_weight=red_weight,
         n_subsets=n_subsets, seed=seed, cg_max_iter=cg_max_iter, cg_tol=cg_tol, prox_solver=prox_solver,
         storage=storage, chunks=chunks, checkpoint=checkpoint, scratch=scratch, checkpoint_every=checkpoint_every,
-        resume=resume, overwrite=overwrite, progress=progress, tol=tol, max_time=max_time)
+        resume=resume, overwrite=overwrite, progress=progress, tol=tol, max_time=max_time, precision=precision,
+        precision_tol=precision_tol)
     problem, x0_arr = plan_problem(physics, y, denoiser, data_fidelity=data_fidelity, x0=x0, x_true=x_true,
                                    sigma_denoiser=opts.sigma_denoiser, storage=opts.storage, chunks=opts.chunks)
+    problem = _in_precision(problem, x0_arr, opts)
     store = engine.open_checkpoint(problem.ctx, opts)  # after every check of the inputs, before any write
     rule = opts.algorithm if isinstance(opts.algorithm, StepRule) else step_rule(
         opts.algorithm, opts.step_size if opts.step_size is not None else
@@ -244,6 +259,18 @@ def plan_problem(physics: DistributedPhysics, y: Any, denoiser: DistributedProce
     fidelity = data_fidelity or DistributedDataFidelity(physics.ctx, L2())
     return plan(physics, _entries(y, physics.num_operators), denoising, fidelity, x0=x0, x_true=x_true,
                 storage=storage, chunks=chunks)
+
+
+def _in_precision(problem: Problem, x0: da.Array | None, opts: ReconstructOptions) -> Problem:
+    """``problem`` with its denoiser's precision chosen: probed on a window of the start when not fp32."""
+    proc = problem.denoiser
+    requested = opts.precision or proc.precision
+    if requested == "fp32":
+        return problem
+    start = x0 if x0 is not None else graph.adjoint_sum(problem, scale=1.0 / problem.num_operators)
+    report = proc.resolve_precision(start, problem.denoise_method, problem.denoise_args, problem.denoise_kwargs,
+                                    precision=requested, tol=opts.precision_tol)
+    return with_precision(problem, report)
 
 
 def _entries(y: Any, n: int) -> list:

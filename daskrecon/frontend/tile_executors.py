@@ -34,7 +34,8 @@ __all__ = ["backward_tensor", "forward_tensor", "map_dask"]
 
 
 def forward_tensor(proc: Any, x: torch.Tensor, method: str, args: tuple, kwargs: dict, *,
-                   placed: Future | None = None, labels: dict | None = None, keep: dict | None = None) -> torch.Tensor:
+                   placed: Future | None = None, labels: dict | None = None, keep: dict | None = None,
+                   precision: str = "fp32") -> torch.Tensor:
     """``proc.processor.<method>(x, *args, **kwargs)`` tile by tile on the workers; a tensor on ``ctx.device``.
 
     ``placed``: ``x`` already on the cluster; ``labels`` name tasks ``x`` depends on (for
@@ -52,7 +53,7 @@ def forward_tensor(proc: Any, x: torch.Tensor, method: str, args: tuple, kwargs:
     state = proc.shipment.state()
     futs = [
         client.submit(denoising_tasks.process_patches, proc.key, ctx.device_mode, method, strategy, x_fut,
-                      idx, plan.max_batch_size, args, kwargs, state, keep, pure=False, workers=[w],
+                      idx, plan.max_batch_size, args, kwargs, state, keep, precision, pure=False, workers=[w],
                       allow_other_workers=True)
         for idx, w in zip(batches, plan.placement(strategy, batches))
     ]
@@ -67,7 +68,7 @@ def forward_tensor(proc: Any, x: torch.Tensor, method: str, args: tuple, kwargs:
 
 def backward_tensor(proc: Any, x: torch.Tensor, g: torch.Tensor, method: str, args: tuple, kwargs: dict,
                     params: list[str], paths: list, need_x: bool, kept: str | None = None,
-                    x_placed: Future | None = None) -> tuple[torch.Tensor | None, list]:
+                    x_placed: Future | None = None, precision: str = "fp32") -> tuple[torch.Tensor | None, list]:
     """Gradients of ``<g, denoise(x)>``: w.r.t. ``x``, the parameters named ``params`` and the arguments at ``paths``.
 
     Each tile batch is backpropagated from the cotangent of its tiles' cores, from the
@@ -90,7 +91,7 @@ def backward_tensor(proc: Any, x: torch.Tensor, g: torch.Tensor, method: str, ar
     state = proc.shipment.state()
     futs = [
         client.submit(denoising_tasks.backward_patches, proc.key, ctx.device_mode, method, strategy, x_fut,
-                      g_fut, idx, plan.max_batch_size, args, kwargs, state, params, paths, need_x, kept,
+                      g_fut, idx, plan.max_batch_size, args, kwargs, state, params, paths, need_x, kept, precision,
                       pure=False, workers=[w], allow_other_workers=True)
         for idx, w in zip(batches, plan.placement(strategy, batches))
     ]
@@ -122,13 +123,14 @@ def backward_tensor(proc: Any, x: torch.Tensor, g: torch.Tensor, method: str, ar
 
 
 def map_dask(proc: Any, x: da.Array, method: str, args: tuple, kwargs: dict, *, name: str | None = None,
-             workers: Any = None, portable: bool = False, stager: Any = None) -> da.Array:
+             workers: Any = None, portable: bool = False, stager: Any = None, precision: str = "fp32") -> da.Array:
     """``map_overlap`` of the tiled network over ``x``'s chunks, lazily.
 
     ``workers``, a function of a chunk's block index, places each chunk's task (loosely);
     ``name`` names the tasks on the dashboard. ``portable`` puts the pickled model in the
     graph (arrays handed to users); the engine's graphs run where the plugin is. ``stager``
-    (a :class:`~daskrecon.runtime.halos.Stager`, out of core) reads the halos from Zarr.
+    (a :class:`~daskrecon.runtime.halos.Stager`, out of core) reads the halos from Zarr;
+    ``precision`` is the tiles' (:mod:`daskrecon.tasks.precision`).
     """
     plan = proc.plan
     if isinstance(plan.strategy, DistributedSignalStrategy) or plan.strategy == "basic":
@@ -160,6 +162,8 @@ def map_dask(proc: Any, x: da.Array, method: str, args: tuple, kwargs: dict, *, 
     plan.check_chunk(x, depth, tiling_dims, patch, overlap, method, args, kwargs)
     meta = np.empty((0,) * x.ndim, dtype=x.dtype)
     extra = {"name": name} if name else {}
+    if precision != "fp32":  # fp32 graphs keep their keys (and their results) as before
+        extra["precision"] = precision
     if portable:
         extra["payload"] = proc.shipment.payload
     state = proc.shipment.state()

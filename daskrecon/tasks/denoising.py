@@ -12,6 +12,7 @@ import torch
 from daskrecon.planning.strategies import OverlapTilingStrategy
 from daskrecon.planning.tiling import default_batch
 from daskrecon.tasks.arrays import module_device, to_numpy, to_tensor, worker_device
+from daskrecon.tasks.precision import autocast
 
 __all__ = ["apply_state", "backward_patches", "forget_model", "get_model", "leaf_gradients", "process_block",
            "process_patches", "release_kept", "store_model_payload", "window_gradients"]
@@ -103,11 +104,12 @@ def _to_device(value: Any, device: torch.device) -> Any:
 
 
 def _run_patches(model: Any, method: str, strategy: Any, xt: torch.Tensor, indices: list[int],
-                 max_batch_size: int | None, args: tuple, kwargs: dict) -> list[tuple[int, torch.Tensor]]:
-    """Process some patches: ``max_batch_size`` tiles per network call.
+                 max_batch_size: int | None, args: tuple, kwargs: dict,
+                 precision: str = "fp32") -> list[tuple[int, torch.Tensor]]:
+    """Process some patches: ``max_batch_size`` tiles per network call, in ``precision``.
 
     Default: one tile per call on the CPU (measured fastest per pixel with oneDNN), all
-    of them on a GPU.
+    of them on a GPU. Outputs come back in the input's type whatever the precision.
     """
     fn = model if method == "__call__" else getattr(model, method)
     args, kwargs = _to_device(args, xt.device), _to_device(kwargs, xt.device)
@@ -121,7 +123,9 @@ def _run_patches(model: Any, method: str, strategy: Any, xt: torch.Tensor, indic
         for b in batches:
             if nhwc and b.dim() == 4:
                 b = b.contiguous(memory_format=torch.channels_last)
-            outs.append(fn(b, *args, **kwargs).detach().contiguous())
+            with autocast(xt.device, precision):
+                out = fn(b, *args, **kwargs)
+            outs.append(out.detach().to(xt.dtype).contiguous())
     results = strategy.unpack_batched_results(outs, len(pairs))
     return [(i, strategy.trim_patch(i, r)) for (i, _), r in zip(pairs, results)]
 
@@ -132,7 +136,8 @@ def model_device(model: Any, device_mode: str | None) -> torch.device:
 
 def process_patches(model_key: str, device_mode: str | None, method: str, strategy: Any, x: np.ndarray,
                     indices: list[int], max_batch_size: int | None, args: tuple, kwargs: dict,
-                    state: dict | None = None, keep: dict | None = None) -> list[tuple[int, np.ndarray]]:
+                    state: dict | None = None, keep: dict | None = None,
+                    precision: str = "fp32") -> list[tuple[int, np.ndarray]]:
     """Process some patches of an image held by this worker; return ``(index, trimmed output)`` pairs.
 
     With ``keep`` (a forward whose backward will follow) the network runs with grad
@@ -143,9 +148,14 @@ def process_patches(model_key: str, device_mode: str | None, method: str, strate
     apply_state(model, state)
     xt = to_tensor(x, model_device(model, device_mode))
     if keep is not None:
-        return _run_keeping(model, method, strategy, xt, indices, max_batch_size, args, kwargs, keep)
-    return [(i, to_numpy(r)) for i, r in _run_patches(model, method, strategy, xt, indices, max_batch_size, args, kwargs)]
+        return _run_keeping(model, method, strategy, xt, indices, max_batch_size, args, kwargs, keep, precision)
+    return [(i, to_numpy(r)) for i, r in _run_patches(model, method, strategy, xt, indices, max_batch_size, args, kwargs,
+                                                      precision)]
 
+
+#: fp16 backward: the loss is multiplied by this before backpropagating, gradients divided after
+#: (torch.amp.GradScaler's initial scale, kept fixed: an overflow raises instead of skipping a step).
+FP16_LOSS_SCALE = 2.0 ** 16
 
 # Graphs of forwards whose backward is pending: call id -> {tile indices of a task: entry}.
 _KEPT: dict[str, dict[tuple, dict]] = {}
@@ -163,17 +173,25 @@ def _calls(pairs: list, per_call: int) -> list[list]:
     return [pairs[s:s + per_call] for s in range(0, len(pairs), per_call)]
 
 
-def _network_call(model: Any, fn: Any, group: list, args: tuple, kwargs: dict, need_x: bool) -> tuple:
-    """One network call on a group of windows; ``(input batch, output)`` with the graph between them."""
+def _network_call(model: Any, fn: Any, group: list, args: tuple, kwargs: dict, need_x: bool,
+                  precision: str = "fp32") -> tuple:
+    """One network call on a group of windows; ``(input batch, output)`` with the graph between them.
+
+    In a reduced precision the output is cast back to the input's type inside the graph:
+    gradients reach the fp32 weights (the master copy) and the fp32 input through the cast.
+    """
     b = torch.cat([p for _, p in group], dim=0).detach()
     if getattr(model, "_daskrecon_channels_last", False) and b.dim() == 4:
         b = b.contiguous(memory_format=torch.channels_last)
     b.requires_grad_(need_x)
-    return b, fn(b, *args, **kwargs)
+    with autocast(b.device, precision):
+        out = fn(b, *args, **kwargs)
+    return b, out.to(b.dtype)
 
 
 def _run_keeping(model: Any, method: str, strategy: Any, xt: torch.Tensor, indices: list[int],
-                 max_batch_size: int | None, args: tuple, kwargs: dict, keep: dict) -> list[tuple[int, np.ndarray]]:
+                 max_batch_size: int | None, args: tuple, kwargs: dict, keep: dict,
+                 precision: str = "fp32") -> list[tuple[int, np.ndarray]]:
     dev = xt.device
     args, kwargs, arg_leaves = _with_leaves(args, kwargs, keep["paths"], dev)
     named = dict(model.named_parameters()) if isinstance(model, torch.nn.Module) else {}
@@ -185,7 +203,7 @@ def _run_keeping(model: Any, method: str, strategy: Any, xt: torch.Tensor, indic
     calls, results = [], []
     with torch.enable_grad():
         for group in _calls(pairs, per_call):
-            b, out = _network_call(model, fn, group, args, kwargs, keep["need_x"])
+            b, out = _network_call(model, fn, group, args, kwargs, keep["need_x"], precision)
             trimmed = [(i, strategy.trim_patch(i, o)) for (i, _), o in zip(group, out.split(group[0][1].shape[0], dim=0))]
             calls.append((group, b, trimmed))
             results += [(i, to_numpy(t.contiguous())) for i, t in trimmed]
@@ -195,8 +213,8 @@ def _run_keeping(model: Any, method: str, strategy: Any, xt: torch.Tensor, indic
 
 def process_block(block: np.ndarray, model_key: str, device_mode: str | None, method: str, tiling: dict,
                   max_batch_size: int | None, args: tuple, kwargs: dict, payload: bytes | None = None,
-                  state: dict | None = None) -> np.ndarray:
-    """``map_overlap`` function: exact overlap tiling of one (halo-extended) block."""
+                  state: dict | None = None, precision: str = "fp32") -> np.ndarray:
+    """``map_overlap`` function: exact overlap tiling of one (halo-extended) block, the network in ``precision``."""
     model = get_model(model_key, device_mode, payload)
     apply_state(model, state)
     strategy = OverlapTilingStrategy(block.shape, **tiling)
@@ -205,7 +223,8 @@ def process_block(block: np.ndarray, model_key: str, device_mode: str | None, me
     xt = to_tensor(block, model_device(model, device_mode))
     out = torch.zeros_like(xt)
     for indices in strategy.batches(per_batch):
-        strategy.reduce_patches(out, _run_patches(model, method, strategy, xt, indices, max_batch_size, args, kwargs))
+        strategy.reduce_patches(out, _run_patches(model, method, strategy, xt, indices, max_batch_size, args, kwargs,
+                                                  precision))
     return to_numpy(out).astype(block.dtype, copy=False)
 
 
@@ -223,7 +242,7 @@ def _with_leaves(args: tuple, kwargs: dict, paths: list, device: torch.device) -
 def backward_patches(model_key: str, device_mode: str | None, method: str, strategy: Any, x: np.ndarray,
                      grad_out: np.ndarray, indices: list[int], max_batch_size: int | None, args: tuple, kwargs: dict,
                      state: dict | None, params: list[str], paths: list, need_x: bool, kept: str | None = None,
-                     ) -> tuple[list[tuple[int, np.ndarray]], np.ndarray]:
+                     precision: str = "fp32") -> tuple[list[tuple[int, np.ndarray]], np.ndarray]:
     """Backward of some tiles: ``(index, window gradient)`` pairs and the flat gradient of the parameters and arguments.
 
     The flat vector ends with one flag per parameter/argument: 1 where the network used it.
@@ -234,6 +253,11 @@ def backward_patches(model_key: str, device_mode: str | None, method: str, strat
     forward: ``max_batch_size`` tiles, or one on the CPU), each call's activations freed
     before the next. Each call is backpropagated from the output cotangent of the cores it
     contributes; gradients of the calls add up in call order.
+
+    In ``precision="fp16"`` the loss is scaled by :data:`FP16_LOSS_SCALE` before the backward
+    and the gradients unscaled after (fp16's range would flush small gradients to zero); a
+    gradient that overflows raises rather than reaching the optimizer. bf16 has fp32's range
+    and needs no scale.
     """
     model = get_model(model_key, device_mode)
     apply_state(model, state)
@@ -261,11 +285,17 @@ def backward_patches(model_key: str, device_mode: str | None, method: str, strat
                 group, b, trimmed = call
             else:
                 group = call
-                b, out = _network_call(model, fn, group, args, kwargs, need_x)
+                b, out = _network_call(model, fn, group, args, kwargs, need_x, precision)
                 trimmed = [(i, strategy.trim_patch(i, o)) for (i, _), o in zip(group, out.split(group[0][1].shape[0], dim=0))]
             loss = sum((t * cotangents[i]).sum() for i, t in trimmed)
             wrt = ([b] if need_x else []) + leaves
-            grads = torch.autograd.grad(loss, wrt, allow_unused=True) if wrt else []
+            scale = FP16_LOSS_SCALE if precision == "fp16" else 1.0
+            grads = torch.autograd.grad(loss * scale if scale != 1.0 else loss, wrt, allow_unused=True) if wrt else []
+            if scale != 1.0:
+                grads = [None if gr is None else gr / scale for gr in grads]
+                if not all(gr is None or bool(torch.isfinite(gr).all()) for gr in grads):
+                    raise FloatingPointError(f"fp16 backward overflowed at loss scale {scale:g}: train in "
+                                             "precision='bf16' (fp32's range) or 'fp32'")
         if need_x:
             gb, grads = grads[0], grads[1:]
             windows += [(i, to_numpy(w.contiguous())) for (i, _), w in zip(group, gb.split(group[0][1].shape[0], dim=0))]
