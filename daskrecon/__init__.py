@@ -12,6 +12,8 @@ from daskrecon import _moved
 
 _moved.install()  # old flat import paths (daskrecon.staging, daskrecon.local...) keep working
 
+from daskrecon.runtime import defaults as _defaults  # noqa: F401  (registers daskrecon.* in dask.config)
+
 from daskrecon.frontend.bundle import DistributedBundle, FactoryConfig, TilingConfig, make_distrib_bundle
 from daskrecon.frontend.context import DistributedContext
 from daskrecon.frontend.distribute import distribute, register

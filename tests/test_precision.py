@@ -5,7 +5,6 @@ import math
 import warnings
 
 import dask.array as da
-import deepinv as dinv
 import numpy as np
 import pytest
 import torch

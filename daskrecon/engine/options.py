@@ -17,8 +17,14 @@ from daskrecon.engine.algorithms import ALGORITHMS, StepRule
 from daskrecon.engine.linsolve import PROX_SOLVERS
 from daskrecon.engine.problem import STORAGES
 from daskrecon.planning.precision import check_precision
+from daskrecon.runtime.defaults import default
 
-__all__ = ["SUBSET_ALGORITHMS", "ReconstructOptions"]
+__all__ = ["CONFIGURED", "SUBSET_ALGORITHMS", "ReconstructOptions"]
+
+#: Options whose default is configured (``daskrecon.reconstruct.<key>`` in ``dask.config``): option -> key.
+CONFIGURED = {"algorithm": "algorithm", "n_iter": "iterations", "sigma_denoiser": "sigma-denoiser",
+              "red_weight": "red-weight", "storage": "storage", "checkpoint_every": "checkpoint-every",
+              "progress": "progress", "cg_max_iter": "cg-max-iter", "cg_tol": "cg-tol", "prox_solver": "prox-solver"}
 
 #: Algorithms that visit one operator subset per iteration (they need ``n_subsets``).
 SUBSET_ALGORITHMS = ("os-pnp", "svrg")
@@ -28,33 +34,38 @@ SUBSET_ALGORITHMS = ("os-pnp", "svrg")
 class ReconstructOptions:
     """What a reconstruction runs and how (the parameters of :func:`daskrecon.reconstruct`, documented there).
 
-    Checked when made: a bad value raises ``ValueError`` naming it, before any work.
+    Checked when made: a bad value raises ``ValueError`` naming it, before any work. An option
+    left ``None`` that has a configured default (:data:`CONFIGURED`: ``daskrecon.reconstruct.*``
+    in ``dask.config``) takes it then.
     """
 
-    algorithm: str | StepRule = "pnp"
-    n_iter: int = 20
+    algorithm: str | StepRule | None = None
+    n_iter: int | None = None
     step_size: float | None = None
-    sigma_denoiser: float = 0.05
-    red_weight: float = 1.0
+    sigma_denoiser: float | None = None
+    red_weight: float | None = None
     n_subsets: int | None = None
     seed: int | None = None
-    cg_max_iter: int = 50
-    cg_tol: float = 1e-5
-    prox_solver: str = "auto"
-    storage: str = "auto"
+    cg_max_iter: int | None = None
+    cg_tol: float | None = None
+    prox_solver: str | None = None
+    storage: str | None = None
     chunks: tuple[int, ...] | None = None
     checkpoint: Any = None
     scratch: str | None = None
-    checkpoint_every: int = 1
+    checkpoint_every: int | None = None
     resume: bool = False
     overwrite: bool = False
-    progress: bool = True
+    progress: bool | None = None
     tol: float | None = None
     max_time: float | None = None
     precision: str | None = None
     precision_tol: float | None = None
 
     def __post_init__(self) -> None:
+        for name, key in CONFIGURED.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default(f"reconstruct.{key}"))
         algorithm = self.algorithm
         if isinstance(algorithm, StepRule):
             if self.step_size is not None:
@@ -86,5 +97,7 @@ class ReconstructOptions:
 
     @classmethod
     def default(cls, name: str) -> Any:
-        """The default of option ``name``."""
+        """The default of option ``name`` (now: the configured one where there is one)."""
+        if name in CONFIGURED:
+            return default(f"reconstruct.{CONFIGURED[name]}")
         return cls.__dataclass_fields__[name].default

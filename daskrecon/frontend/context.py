@@ -15,7 +15,7 @@ from daskrecon.frontend.collectives import SingleRank
 from daskrecon.planning.sharding import SHARDINGS, assign_owners
 from daskrecon.runtime.cluster import MALLOC_MODES, configure_workers, scheduler_workers, start_local_cluster
 from daskrecon.runtime.scheduler_plugin import MEMBERSHIP_TOPIC
-from daskrecon.runtime.waiting import DEFAULT_STALL_TIMEOUT
+from daskrecon.runtime.defaults import pick
 
 __all__ = ["DistributedContext"]
 
@@ -28,6 +28,10 @@ class DistributedContext(SingleRank):
 
     Use it as a context manager. A context that starts a cluster closes it on exit;
     a cluster or client it was given is left running.
+
+    (``sharding``, ``dashboard_address``, ``timeout``, ``fan_in``, ``stall_timeout`` and
+    ``malloc`` default to ``None``: the configured value, ``daskrecon.context.*`` in
+    ``dask.config`` — the defaults below unless set; see ``docs/configuration.md``.)
 
     Parameters
     ----------
@@ -58,7 +62,7 @@ class DistributedContext(SingleRank):
         ``None``: GPUs when the workers have them, else CPU. ``"gpu"`` without a GPU
         raises :class:`~daskrecon.errors.DeviceError`.
     sharding : {"round_robin", "block"}
-        Which worker owns which operator (see :func:`daskrecon.planning.sharding.assign_owners`).
+        Which worker owns which operator (default ``"round_robin"``) (see :func:`daskrecon.planning.sharding.assign_owners`).
         Results never depend on it.
     seed : int, optional
         Seeds the driver's torch RNG. Noise drawn on workers is seeded per operator
@@ -124,21 +128,26 @@ class DistributedContext(SingleRank):
         threads_per_worker: int | None = None,
         memory_limit: str | int | None = None,
         device_mode: str | None = None,
-        sharding: str = "round_robin",
+        sharding: str | None = None,
         seed: int | None = None,
         processes: bool = True,
-        dashboard_address: str = "127.0.0.1:8787",
-        timeout: float = 30.0,
+        dashboard_address: str | None = None,
+        timeout: float | None = None,
         torch_threads: int | None = None,
-        fan_in: int = 4,
-        stall_timeout: float = DEFAULT_STALL_TIMEOUT,
+        fan_in: int | None = None,
+        stall_timeout: float | None = None,
         backend: str | None = None,
         cleanup: bool = True,
         seed_offset: bool = True,
         deterministic: bool = False,
-        malloc: str = "fast",
+        malloc: str | None = None,
         **cluster_kwargs: Any,
     ) -> None:
+        # None: the configured default (daskrecon.context.* in dask.config: docs/configuration.md)
+        sharding, dashboard_address = pick(sharding, "context.sharding"), pick(dashboard_address,
+                                                                             "context.dashboard-address")
+        timeout, fan_in = pick(timeout, "context.timeout"), pick(fan_in, "context.fan-in")
+        stall_timeout, malloc = pick(stall_timeout, "context.stall-timeout"), pick(malloc, "context.malloc")
         if malloc not in MALLOC_MODES:
             raise ValueError(f"malloc must be one of {MALLOC_MODES}, got {malloc!r}")
         if device_mode not in _DEVICE_MODES:

@@ -29,7 +29,9 @@ from daskrecon.frontend.context import DistributedContext
 from daskrecon.frontend.model_shipping import ModelShipment, module_of, param_dtype
 from daskrecon.frontend.tile_plan import CHECKPOINT_MODES, ActivationBudget, TilePlan
 from daskrecon.frontend.tile_precision import PrecisionChoice
+from daskrecon.frontend.xarrays import is_dataarray, unwrap, wrap
 from daskrecon.planning.strategies import DistributedSignalStrategy, check_sizes, create_strategy
+from daskrecon.runtime.defaults import pick
 
 __all__ = ["CHECKPOINT_MODES", "DistributedPrior", "DistributedProcessing", "default_align"]
 
@@ -67,6 +69,11 @@ def _torch_dtype(dtype: Any) -> torch.dtype:
 
 class DistributedProcessing(torch.nn.Module):
     """Apply a denoiser (any ``f(x, *args, **kwargs)``) tile by tile on the workers.
+
+    (``patch_size``, ``overlap``, ``max_batch_size``, ``channels_last``, ``checkpoint_batches``,
+    ``precision`` and ``precision_tol`` default to ``None``: the configured value,
+    ``daskrecon.denoiser.*`` in ``dask.config`` — the defaults below unless set; see
+    ``docs/configuration.md``.)
 
     Parameters
     ----------
@@ -141,22 +148,28 @@ class DistributedProcessing(torch.nn.Module):
         *,
         strategy: str | DistributedSignalStrategy | None = None,
         strategy_kwargs: dict | None = None,
-        patch_size: int | Sequence[int] = 256,
-        overlap: int | Sequence[int] = 64,
+        patch_size: int | Sequence[int] | None = None,
+        overlap: int | Sequence[int] | None = None,
         tiling_dims: int | Sequence[int] | None = None,
         max_batch_size: int | None = None,
         align: int | None = None,
         blend: str | None = None,
         method: str = "__call__",
-        channels_last: bool = True,
-        checkpoint_batches: str = "auto",
+        channels_last: bool | None = None,
+        checkpoint_batches: str | None = None,
         checkpoint_use_reentrant: bool = False,
         checkpoint_preserve_rng_state: bool = True,
-        precision: str = "fp32",
+        precision: str | None = None,
         precision_tol: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
+        # None: the configured default (daskrecon.denoiser.* in dask.config: docs/configuration.md)
+        patch_size, overlap = pick(patch_size, "denoiser.patch-size"), pick(overlap, "denoiser.overlap")
+        max_batch_size = pick(max_batch_size, "denoiser.max-batch-size")
+        channels_last = pick(channels_last, "denoiser.channels-last")
+        checkpoint_batches = pick(checkpoint_batches, "denoiser.checkpoint-batches")
+        precision, precision_tol = pick(precision, "denoiser.precision"), pick(precision_tol, "denoiser.precision-tol")
         if kwargs:
             raise TypeError(f"unexpected keyword arguments {sorted(kwargs)} for DistributedProcessing")
         if checkpoint_batches not in CHECKPOINT_MODES:
@@ -229,8 +242,11 @@ class DistributedProcessing(torch.nn.Module):
     forward = __call__
 
     def run(self, x: Any, method: str, args: tuple = (), kwargs: dict | None = None) -> Any:
-        """Process ``x`` with ``processor.<method>(tile, *args, **kwargs)``."""
+        """Process ``x`` with ``processor.<method>(tile, *args, **kwargs)``; an ``xarray.DataArray``
+        gives a ``DataArray`` with its dims, coordinates and attributes (:mod:`.xarrays`)."""
         kwargs = kwargs or {}
+        if is_dataarray(x):
+            return wrap(self.run(unwrap(x, "x"), method, args, kwargs), x)
         if not isinstance(x, (da.Array, torch.Tensor)):
             raise TypeError(f"x must be a torch.Tensor or a dask.array.Array, got {type(x).__name__}")
         self.check_dtype(x.dtype)

@@ -29,6 +29,7 @@ from daskrecon.frontend.fidelity import DistributedDataFidelity
 from daskrecon.frontend.measurements import DistributedMeasurements
 from daskrecon.frontend.physics import DistributedPhysics
 from daskrecon.frontend.processing import DistributedPrior, DistributedProcessing
+from daskrecon.frontend.xarrays import is_dataarray, unwrap, wrap
 from daskrecon.runtime.waiting import compute, gather
 from daskrecon.tasks import operators as operator_tasks
 from daskrecon.tasks.substitutes import FFTConvolution, specialize
@@ -42,41 +43,49 @@ def reconstruct(
     denoiser: DistributedProcessing | DistributedPrior,
     *,
     data_fidelity: DistributedDataFidelity | None = None,
-    algorithm: str | StepRule = "pnp",
-    n_iter: int = 20,
+    algorithm: str | StepRule | None = None,
+    n_iter: int | None = None,
     step_size: float | None = None,
-    sigma_denoiser: float = 0.05,
-    red_weight: float = 1.0,
+    sigma_denoiser: float | None = None,
+    red_weight: float | None = None,
     x0: torch.Tensor | da.Array | None = None,
     checkpoint: str | None = None,
     scratch: str | None = None,
-    checkpoint_every: int = 1,
+    checkpoint_every: int | None = None,
     resume: bool = False,
     overwrite: bool = False,
     callback: Callable[[int, DistributedSignal], Any] | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     x_true: torch.Tensor | da.Array | None = None,
     return_history: bool = False,
-    storage: str = "auto",
+    storage: str | None = None,
     chunks: tuple[int, int] | None = None,
     tol: float | None = None,
     max_time: float | None = None,
     n_subsets: int | None = None,
     seed: int | None = None,
-    cg_max_iter: int = 50,
-    cg_tol: float = 1e-5,
-    prox_solver: str = "auto",
+    cg_max_iter: int | None = None,
+    cg_tol: float | None = None,
+    prox_solver: str | None = None,
     precision: str | None = None,
     precision_tol: float | None = None,
 ) -> torch.Tensor | da.Array | tuple[torch.Tensor | da.Array, list[dict]]:
     """Solve ``min_x Σ_i d_i(A_i x, y_i) + prior(x)`` with a plug-and-play algorithm.
+
+    (``algorithm``, ``n_iter``, ``sigma_denoiser``, ``red_weight``, ``storage``,
+    ``checkpoint_every``, ``progress``, ``cg_max_iter``, ``cg_tol`` and ``prox_solver`` default
+    to ``None``: the configured value, ``daskrecon.reconstruct.*`` in ``dask.config`` — the
+    defaults below unless set; see ``docs/configuration.md``.)
 
     Parameters
     ----------
     physics : DistributedPhysics
         From :func:`daskrecon.frontend.distribute`.
     y : TensorList, list of tensors or dask arrays, or DistributedMeasurements
-        One measurement per operator.
+        One measurement per operator. ``xarray.DataArray`` entries (numpy- or dask-backed, in
+        deepinv's axis order whatever their dims' names) give a ``DataArray`` result with the
+        dims, attributes and coordinates of ``x0`` if it is one, else of the first of them
+        (coordinates along an axis whose size the operators change are dropped).
     denoiser : DistributedProcessing or DistributedPrior
         A distributed denoiser (its ``prox`` for a prior).
     data_fidelity : DistributedDataFidelity, optional
@@ -220,6 +229,10 @@ def reconstruct(
         storage=storage, chunks=chunks, checkpoint=checkpoint, scratch=scratch, checkpoint_every=checkpoint_every,
         resume=resume, overwrite=overwrite, progress=progress, tol=tol, max_time=max_time, precision=precision,
         precision_tol=precision_tol)
+    template = next((v for v in [x0, *(y if isinstance(y, (list, tuple)) else [y])] if is_dataarray(v)), None)
+    if template is not None:  # xarray in: computed by position, the result wrapped like the template
+        y = [unwrap(v, f"y[{i}]") for i, v in enumerate(y)] if isinstance(y, (list, tuple)) else unwrap(y, "y")
+        x0, x_true = unwrap(x0, "x0"), unwrap(x_true, "x_true")
     problem, x0_arr = plan_problem(physics, y, denoiser, data_fidelity=data_fidelity, x0=x0, x_true=x_true,
                                    sigma_denoiser=opts.sigma_denoiser, storage=opts.storage, chunks=opts.chunks)
     problem = _in_precision(problem, x0_arr, opts)
@@ -236,6 +249,8 @@ def reconstruct(
         ctx = problem.ctx
         x = torch.from_numpy(np.asarray(compute([x], client=ctx.client, what="the result",
                                                 stall_timeout=ctx.stall_timeout)[0])).to(ctx.device)
+    if template is not None:
+        x = wrap(x, template)
     return (x, history) if return_history else x
 
 
