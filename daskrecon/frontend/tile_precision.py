@@ -3,7 +3,7 @@
 ``DistributedProcessing(precision=…)`` (and ``reconstruct(precision=…)``) ask; the first call
 that needs a reduced precision takes a window of its input (one tile's window at the image's
 centre, first batch element), runs the network on it in fp32 and in the candidates on one
-worker (:func:`daskrecon.tasks.precision.probe`), and keeps the report: the precision chosen
+worker (:func:`daskrecon.tasks.denoising.precision_probe`), and keeps the report: the precision chosen
 (:func:`daskrecon.planning.precision.choose`), why, and each precision's error and time. The
 report goes to the log (``logging.getLogger("daskrecon")``), to the reconstruction's history
 and to :attr:`PrecisionChoice.report`; a fallback of ``"auto"`` to fp32 also warns.
@@ -20,7 +20,7 @@ import numpy as np
 
 from daskrecon.planning.precision import REDUCED, check_precision, choose
 from daskrecon.runtime.waiting import compute, gather
-from daskrecon.tasks import precision as precision_tasks
+from daskrecon.tasks import denoising as denoising_tasks
 
 __all__ = ["PrecisionChoice", "probe_window"]
 
@@ -94,7 +94,7 @@ class PrecisionChoice:
         window = probe_window(x, proc.plan.geometry(x.shape), proc.plan.align, ctx)
         worker = sorted(ctx.client.scheduler_info()["workers"])[0]  # one worker: the same device kind as all
         candidates = list(REDUCED) if requested == "auto" else [requested]
-        fut = ctx.client.submit(precision_tasks.probe, proc.key, ctx.device_mode, method, window, args, kwargs,
+        fut = ctx.client.submit(denoising_tasks.precision_probe, proc.key, ctx.device_mode, method, window, args, kwargs,
                                 candidates, pure=False, workers=[worker], allow_other_workers=True)
         report = gather(ctx.client, [fut], what="the precision probe", stall_timeout=ctx.stall_timeout)[0]
         chosen, reason = choose(requested, report, tol)  # raises PrecisionError for an asked precision over budget

@@ -8,8 +8,8 @@ fastest precision the device runs in hardware (bf16, then fp16) whose measured e
 budget — decided from the hardware and the error only, never from timings, so that the same
 cluster always makes the same choice (results bitwise reproducible, resume included).
 
-The budget is measured, not assumed: a probe (:func:`daskrecon.tasks.precision.probe`) runs the
-network on a window of the actual input in fp32 and in each candidate, on a worker, and
+The budget is measured, not assumed: a probe
+(:func:`daskrecon.tasks.denoising.precision_probe`) runs the network on a window of the actual input in fp32 and in each candidate, on a worker, and
 reports the error of each — the largest absolute difference and the relative L2 difference
 ``‖out_p − out_fp32‖ / ‖out_fp32‖`` — and its time. :func:`choose` decides from that report
 alone (a pure function): an asked-for precision over budget is refused

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import statistics
 import threading
+import time
 from typing import Any
 
 import cloudpickle
@@ -12,10 +14,10 @@ import torch
 from daskrecon.planning.strategies import OverlapTilingStrategy
 from daskrecon.planning.tiling import default_batch
 from daskrecon.tasks.arrays import module_device, to_numpy, to_tensor, worker_device
-from daskrecon.tasks.precision import autocast
+from daskrecon.tasks.precision import autocast, supported, synchronize
 
-__all__ = ["apply_state", "backward_patches", "forget_model", "get_model", "leaf_gradients", "process_block",
-           "process_patches", "release_kept", "store_model_payload", "window_gradients"]
+__all__ = ["apply_state", "backward_patches", "forget_model", "get_model", "leaf_gradients", "precision_probe",
+           "process_block", "process_patches", "release_kept", "store_model_payload", "to_device", "window_gradients"]
 
 
 _MODEL_PAYLOADS: dict[str, bytes] = {}
@@ -93,13 +95,14 @@ def apply_state(model: Any, state: dict | None) -> None:
         model._daskrecon_state_version = state["version"]
 
 
-def _to_device(value: Any, device: torch.device) -> Any:
+def to_device(value: Any, device: torch.device) -> Any:
+    """Tensors in ``value`` (nested lists, tuples, dicts) moved to ``device``."""
     if isinstance(value, torch.Tensor):
         return value.to(device)
     if isinstance(value, (list, tuple)):
-        return type(value)(_to_device(v, device) for v in value)
+        return type(value)(to_device(v, device) for v in value)
     if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
+        return {k: to_device(v, device) for k, v in value.items()}
     return value
 
 
@@ -112,7 +115,7 @@ def _run_patches(model: Any, method: str, strategy: Any, xt: torch.Tensor, indic
     of them on a GPU. Outputs come back in the input's type whatever the precision.
     """
     fn = model if method == "__call__" else getattr(model, method)
-    args, kwargs = _to_device(args, xt.device), _to_device(kwargs, xt.device)
+    args, kwargs = to_device(args, xt.device), to_device(kwargs, xt.device)
     pairs = strategy.get_local_patches(xt, indices)
     per_call = max_batch_size or (len(pairs) if xt.device.type == "cuda" else 1)
     batches = strategy.apply_batching([p for _, p in pairs], per_call)
@@ -230,7 +233,7 @@ def process_block(block: np.ndarray, model_key: str, device_mode: str | None, me
 
 def _with_leaves(args: tuple, kwargs: dict, paths: list, device: torch.device) -> tuple[tuple, dict, list]:
     """Arguments on ``device``, those at ``paths`` made leaves that require grad."""
-    args, kwargs = list(_to_device(args, device)), _to_device(kwargs, device)
+    args, kwargs = list(to_device(args, device)), to_device(kwargs, device)
     leaves = []
     for kind, key in paths:
         holder = args if kind == "arg" else kwargs
@@ -316,3 +319,40 @@ def window_gradients(result: tuple) -> list[tuple[int, np.ndarray]]:
 def leaf_gradients(result: tuple) -> np.ndarray:
     """The flat parameter/argument gradient of a :func:`backward_patches` result."""
     return result[1]
+
+
+def precision_probe(model_key: str, device_mode: str | None, method: str, window: np.ndarray, args: tuple,
+                    kwargs: dict, candidates: list[str], repeats: int = 3) -> dict[str, dict[str, float]]:
+    """The network on ``window`` in fp32 and in each of ``candidates`` this worker's device runs in hardware.
+
+    Returns ``{precision: {"seconds": median of repeats, "max_error": …, "rel_error": …}}``,
+    errors against fp32 (computed in float64). The first call of each precision warms up and
+    is not timed.
+    """
+    model = get_model(model_key, device_mode)
+    dev = model_device(model, device_mode)
+    xt = to_tensor(window, dev)
+    if getattr(model, "_daskrecon_channels_last", False) and xt.dim() == 4:
+        xt = xt.contiguous(memory_format=torch.channels_last)
+    fn = model if method == "__call__" else getattr(model, method)
+    args, kwargs = to_device(args, dev), to_device(kwargs, dev)
+    native = supported(dev)
+    outputs, report = {}, {}
+    for p in ["fp32"] + [c for c in candidates if c in native]:
+        times = []
+        with torch.no_grad():
+            for k in range(repeats + 1):
+                synchronize(dev)
+                t0 = time.perf_counter()
+                with autocast(dev, p):
+                    out = fn(xt, *args, **kwargs)
+                out = out.to(xt.dtype)
+                synchronize(dev)
+                if k:
+                    times.append(time.perf_counter() - t0)
+        outputs[p] = out.double()
+        ref = outputs["fp32"]
+        diff = outputs[p] - ref
+        report[p] = {"seconds": statistics.median(times), "max_error": float(diff.abs().max()),
+                     "rel_error": float(diff.norm() / ref.norm()) if float(ref.norm()) > 0 else float(diff.norm())}
+    return report

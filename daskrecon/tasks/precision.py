@@ -1,9 +1,10 @@
-"""Inside tasks: the denoiser's network calls in a reduced precision, and the probe that measures it.
+"""Inside tasks: the denoiser's network calls in a reduced precision (the probe that measures it is
+:func:`daskrecon.tasks.denoising.precision_probe`).
 
 :func:`autocast` is the one place a network call changes precision: ``"fp32"`` is a no-op
 (today's results bit for bit), ``"bf16"``/``"fp16"`` run under ``torch.autocast`` with the
-weights kept in fp32 (measured on this project's CPU: autocast 0.144 s against 0.149 s for
-weights cast to bf16 once, DnCNN 20×64 on a 276² window). Outputs are cast back to the
+weights kept in fp32 (casting the network to bf16 once runs faster on some inputs but rounds
+every activation too, and training needs fp32 weights: docs/precision.md). Outputs are cast back to the
 input's type by the callers (:mod:`daskrecon.tasks.denoising`), so the data term, the tree
 and the step never see a reduced type.
 """
@@ -11,16 +12,10 @@ and the step never see a reduced type.
 from __future__ import annotations
 
 import contextlib
-import statistics
-import time
 
-
-import numpy as np
 import torch
 
-from daskrecon.tasks.arrays import to_tensor
-
-__all__ = ["DTYPES", "autocast", "probe", "supported"]
+__all__ = ["DTYPES", "autocast", "supported", "synchronize"]
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -47,45 +42,7 @@ def supported(device: torch.device) -> list[str]:
     return (["bf16"] if native else []) + (["fp16"] if fp16 else [])
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (GPU), so that a timing measures it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def probe(model_key: str, device_mode: str | None, method: str, window: np.ndarray, args: tuple, kwargs: dict,
-          candidates: list[str], repeats: int = 3) -> dict[str, dict[str, float]]:
-    """The network on ``window`` in fp32 and in each of ``candidates`` this worker's device runs.
-
-    Returns ``{precision: {"seconds": median of repeats, "max_error": …, "rel_error": …}}``,
-    errors against fp32 (computed in float64). The first call of each precision warms up and
-    is not timed.
-    """
-    from daskrecon.tasks.denoising import _to_device, get_model, model_device  # noqa: PLC0415 (same layer)
-
-    model = get_model(model_key, device_mode)
-    dev = model_device(model, device_mode)
-    xt = to_tensor(window, dev)
-    if getattr(model, "_daskrecon_channels_last", False) and xt.dim() == 4:
-        xt = xt.contiguous(memory_format=torch.channels_last)
-    fn = model if method == "__call__" else getattr(model, method)
-    args, kwargs = _to_device(args, dev), _to_device(kwargs, dev)
-    native = supported(dev)
-    outputs, report = {}, {}
-    for p in ["fp32"] + [c for c in candidates if c in native]:
-        times = []
-        with torch.no_grad():
-            for k in range(repeats + 1):
-                _sync(dev)
-                t0 = time.perf_counter()
-                with autocast(dev, p):
-                    out = fn(xt, *args, **kwargs)
-                out = out.to(xt.dtype)
-                _sync(dev)
-                if k:
-                    times.append(time.perf_counter() - t0)
-        outputs[p] = out.double()
-        ref = outputs["fp32"]
-        diff = (out.double() - ref)
-        report[p] = {"seconds": statistics.median(times), "max_error": float(diff.abs().max()),
-                     "rel_error": float(diff.norm() / ref.norm()) if float(ref.norm()) > 0 else float(diff.norm())}
-    return report
