@@ -1,4 +1,4 @@
-"""Print the README's benchmark tables (markdown) from benchmarks/results/*.json.
+"""Print the performance page's (docs/performance.md) benchmark tables (markdown) from benchmarks/results/*.json.
 
     python benchmarks/report.py
 """
