@@ -15,10 +15,11 @@ reports the error of each — the largest absolute difference and the relative L
 alone (a pure function): an asked-for precision over budget is refused
 (:class:`PrecisionError`), ``"auto"`` falls back to the next within budget, fp32 last.
 
-:data:`DEFAULT_TOL` (relative L2) was chosen from measurements on this project's machine:
-deepinv's DnCNN (20 layers, random weights) 0.75 %, the bundled trained DnCNN 0.72 % at
-σ = 0.05 and 0.1 (−0.05 dB PSNR against the clean image), DRUNet 0.29 % — all in bf16;
-2 % leaves room for other networks of that kind and refuses one that bf16 breaks.
+:data:`DEFAULT_TOL` (relative L2) was chosen from measurements on this project's machine, all
+in bf16 (``benchmarks/bench_precision.py``, ``benchmarks/bench_tiling.py``): the bundled 2-D
+DnCNN 0.74–0.75 % (≤ 0.08 dB PSNR lost), the bundled 3-D DnCNN 1.0–1.1 %, deepinv's DnCNN
+(20 layers, random weights) 1.2 %, tiled DRUNet 0.62 %; 2 % leaves room for other networks of
+that kind and refuses one that bf16 breaks.
 """
 
 from __future__ import annotations
