@@ -20,6 +20,7 @@ from daskrecon.frontend.distribute import distribute, register
 from daskrecon.errors import DaskreconError
 from daskrecon.frontend.fidelity import DistributedDataFidelity
 from daskrecon.frontend.measurements import DistributedMeasurements
+from daskrecon.frontend.omezarr import OMEImage, open_ome_zarr, write_ome_zarr
 from daskrecon.frontend.physics import (
     DistributedLinearPhysics,
     DistributedPhysics,
@@ -47,14 +48,17 @@ __all__ = [
     "DistributedProcessing",
     "DistributedSignal",
     "FactoryConfig",
+    "OMEImage",
     "TilingConfig",
     "DistributedStackedLinearPhysics",
     "DistributedStackedPhysics",
     "distribute",
     "make_distrib_bundle",
+    "open_ome_zarr",
     "receptive_radius",
     "reconstruct",
     "reduction_plan",
     "register",
     "strategies",
+    "write_ome_zarr",
 ]

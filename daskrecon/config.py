@@ -4,8 +4,10 @@ Example (every key shown; only ``measurements`` and ``operators`` are required):
 
     [input]
     measurements = ["y0.zarr", "y1.png"]       # one per operator: .zarr (read lazily), .npy, .png, .tif;
-                                               # volumes: 5-D (1, C, D, H, W) .zarr / .npy arrays
+                                               # volumes: 5-D (1, C, D, H, W) .zarr / .npy arrays;
+                                               # OME-Zarr images (read lazily, axes mapped to (B, C, [D,] H, W))
     ground_truth = "x.png"                     # optional, for the PSNR
+    level = 0                                  # which level of OME-Zarr inputs (0: full resolution)
 
     [[operators]]                              # in measurement order
     type = "blur"                              # blur | downsampling | inpainting | denoising
@@ -22,21 +24,28 @@ Example (every key shown; only ``measurements`` and ``operators`` are required):
     precision_tol = 0.02                       # largest relative L2 error of the probe against fp32
 
     [solver]
-    algorithm = "red"                          # pnp | red | fista | fista-red | hqs | admm | os-pnp | svrg
+    algorithm = "red"                          # pnp | red | fista | fista-red | hqs | admm | os-pnp | svrg |
+                                               # mlem | osem (Poisson EM; with the denoiser, a RED prior term)
     iterations = 30                            # every [solver] / [checkpoint] key defaults as reconstruct()'s
     step_size = 0.3
     sigma_denoiser = 0.05
     red_weight = 0.3
     tol = 1e-4                                 # optional: stop when the relative change is below
     max_time = 3600                            # optional: wall-clock budget in seconds
-    n_subsets = 4                              # os-pnp | svrg: operator subsets (required for them)
-    seed = 0                                   # os-pnp | svrg: seed of the subset order
+    n_subsets = 4                              # os-pnp | svrg | osem: operator subsets (required for them)
+    seed = 0                                   # os-pnp | svrg | osem: seed of the subset order
     cg_max_iter = 50                           # hqs | admm: conjugate gradient of the data prox
     cg_tol = 1e-5
     prox_solver = "auto"                       # hqs | admm: "auto" (FFT for circular blurs) | "cg" | "fourier"
 
     [output]
-    path = "result.zarr"                       # .zarr, .npy (any signal), .png, .tif (an image of 1 or 3 channels)
+    path = "result.zarr"                       # .zarr, .npy (any signal), .png, .tif (an image of 1 or 3 channels),
+                                               # .ome.zarr: an OME-Zarr pyramid, axes / voxel size / units copied
+                                               # from the OME-Zarr ground truth or signal-sized measurement
+    ngff = "0.4"                               # .ome.zarr: NGFF version, "0.4" (Zarr v2) or "0.5" (Zarr v3)
+    levels = 4                                 # .ome.zarr: pyramid levels with level 0 (default: until <= 256 voxels)
+    voxel_size = [2.0, 0.5, 0.5]               # .ome.zarr: overrides the input's ([D,] H, W order)
+    units = "micrometer"                       # .ome.zarr: overrides the input's
     overwrite = false                          # also at write time: a file that appeared meanwhile is kept,
                                                # the result goes next to it (result-1.zarr) and the run says so
 
@@ -74,8 +83,10 @@ import numpy as np
 import torch
 
 from daskrecon.engine.algorithms import ALGORITHMS
-from daskrecon.engine.options import ReconstructOptions
+from daskrecon.engine.options import SUBSET_ALGORITHMS, ReconstructOptions
 from daskrecon.engine.problem import iterate_chunks
+from daskrecon.frontend.omezarr import is_ome_zarr
+from daskrecon import errors
 from daskrecon.errors import DaskreconError
 from daskrecon.planning.precision import check_precision
 from daskrecon.operators.chunkwise import local_form
@@ -87,12 +98,12 @@ __all__ = ["ConfigError", "OutputExistsError", "load_config", "run_config"]
 _SECTIONS = {"input", "operators", "denoiser", "solver", "output", "checkpoint", "cluster"}
 _OPERATORS = {"blur", "downsampling", "inpainting", "denoising"}
 _KEYS = {
-    "input": {"measurements", "ground_truth"},
+    "input": {"measurements", "ground_truth", "level"},
     "operators": {"type", "sigma", "angle", "padding", "factor", "filter", "mask"},
     "denoiser": {"weights", "architecture", "patch_size", "overlap", "precision", "precision_tol"},
     "solver": {"algorithm", "iterations", "step_size", "sigma_denoiser", "red_weight", "tol", "max_time", "n_subsets",
                "seed", "cg_max_iter", "cg_tol", "prox_solver"},
-    "output": {"path", "overwrite"},
+    "output": {"path", "overwrite", "ngff", "levels", "voxel_size", "units"},
     "checkpoint": {"path", "every", "resume", "scratch"},
     "cluster": {"kind", "n_workers", "address", "timeout", "jobs", "slurm"},
 }
@@ -102,7 +113,7 @@ class ConfigError(DaskreconError, ValueError):
     """A configuration file is invalid; the message names the key and the fix."""
 
 
-class OutputExistsError(ConfigError):
+class OutputExistsError(ConfigError, errors.OutputExistsError):
     """The output path was taken while the run went on (``output.overwrite = false``): the result went next to it."""
 
 
@@ -163,7 +174,7 @@ def load_config(path: str | Path) -> dict:
     if algorithm not in ALGORITHMS:
         raise ConfigError(f"solver.algorithm must be one of {sorted(ALGORITHMS)}, got {algorithm!r}")
     n_subsets = _get(cfg.get("solver", {}), "n_subsets", "solver", int, None)
-    if algorithm in ("os-pnp", "svrg"):
+    if algorithm in SUBSET_ALGORITHMS:
         if n_subsets is None:
             raise ConfigError(f"solver.algorithm = {algorithm!r} needs solver.n_subsets (how many operator subsets, "
                               f"at most the {len(ops)} operators)")
@@ -171,7 +182,7 @@ def load_config(path: str | Path) -> dict:
             raise ConfigError(f"solver.n_subsets must be between 1 and the number of operators ({len(ops)}), "
                               f"got {n_subsets}")
     elif n_subsets is not None:
-        raise ConfigError(f"solver.n_subsets applies to algorithm 'os-pnp' or 'svrg', not {algorithm!r}: remove it "
+        raise ConfigError(f"solver.n_subsets applies to algorithm {' or '.join(map(repr, SUBSET_ALGORITHMS))}, not {algorithm!r}: remove it "
                           "or change the algorithm")
     den = cfg.get("denoiser", {})
     try:
@@ -201,11 +212,18 @@ def _check_output(cfg: dict, base: Path) -> None:
     if suffix not in OUTPUT_FORMATS:
         raise ConfigError(f"output.path {path!r} must end in one of {', '.join(OUTPUT_FORMATS)} (the format to write); "
                           f"e.g. {path.rstrip('/') + '.zarr'!r}")
+    inp = cfg["input"]
+    level = _get(inp, "level", "input", int, 0)
+    ome_keys = sorted(k for k in ("ngff", "levels", "voxel_size", "units") if k in out)
+    if not _is_ome_path(path):
+        if ome_keys:
+            raise ConfigError(f"output {ome_keys} apply to an OME-Zarr output: name it *.ome.zarr, or remove them")
+    else:
+        _ome_options(out)
     if suffix in (".zarr", ".npy"):
         return
-    inp = cfg["input"]
     source = inp.get("ground_truth") or inp["measurements"][0]
-    shape = input_shape(_resolve(base, source))
+    shape = input_shape(_resolve(base, source), level)
     if len(shape) == 5:
         raise ConfigError(f"output.path {path!r}: a {suffix} file holds a 2-D image, and this problem's signal is a "
                           f"volume {shape}; write it to .zarr or .npy")
@@ -216,6 +234,28 @@ def _check_output(cfg: dict, base: Path) -> None:
 
 def _suffix(path: str) -> str:
     return os.path.splitext(path.rstrip("/"))[1].lower()
+
+
+def _is_ome_path(path: str) -> bool:
+    """An output named ``*.ome.zarr`` is written as an OME-Zarr image (the NGFF naming convention)."""
+    return path.rstrip("/").lower().endswith(".ome.zarr")
+
+
+def _ome_options(out: dict) -> dict:
+    """``[output]``'s OME-Zarr keys as :func:`daskrecon.write_ome_zarr`'s keywords, checked."""
+    from daskrecon.frontend.omezarr import VERSIONS
+
+    version = _get(out, "ngff", "output", str, "0.4")
+    if version not in VERSIONS:
+        raise ConfigError(f"output.ngff must be one of {list(VERSIONS)}, got {version!r}")
+    levels = _get(out, "levels", "output", int, None)
+    if levels is not None and levels < 1:
+        raise ConfigError(f"output.levels must be at least 1 (the full-resolution level), got {levels}")
+    voxel = _get(out, "voxel_size", "output", (list, float, int), None)
+    if voxel is not None and any(not isinstance(v, int | float) or v <= 0 for v in np.atleast_1d(voxel).tolist()):
+        raise ConfigError(f"output.voxel_size must be positive numbers ([D,] H, W order), got {voxel!r}")
+    units = _get(out, "units", "output", str, None)
+    return dict(version=version, levels=levels, voxel_size=voxel, units=units)
 
 
 def _is_url(p: str) -> bool:
@@ -241,11 +281,13 @@ def _is_zarr(path: str) -> bool:
     return _suffix(path) == ".zarr" or fs.isdir(root)
 
 
-def input_shape(path: str) -> tuple[int, ...]:
+def input_shape(path: str, level: int = 0) -> tuple[int, ...]:
     """The shape an input will have (at least 4-D), read from its metadata only (images: ``(1, 1 or 3, H, W)``)."""
     fs, root = _fs(path)
     if not fs.exists(root):
         raise ConfigError(f"input {path!r} does not exist")
+    if _is_zarr(path) and is_ome_zarr(path):
+        return tuple(_open_ome(path, level).data.shape)
     if _is_zarr(path):
         import zarr
 
@@ -268,14 +310,27 @@ def input_shape(path: str) -> tuple[int, ...]:
 CHECK_MAX_BYTES = 2 * 2**30
 
 
-def read_lazy(path: str | Path) -> Any:
-    """A Zarr input as a lazy dask array (float32; 2-D/3-D arrays made ``(1, C, H, W)``, 4-D/5-D as stored),
-    any other file as a tensor (:func:`read_image`). ``path``: a local path or an fsspec URL."""
+def _open_ome(path: str, level: int) -> Any:
+    from daskrecon.errors import OMEZarrError
+    from daskrecon.frontend.omezarr import open_ome_zarr
+
+    try:
+        return open_ome_zarr(path, level)
+    except OMEZarrError as exc:
+        raise ConfigError(f"input: {exc}") from None
+
+
+def read_lazy(path: str | Path, level: int = 0) -> Any:
+    """A Zarr input as a lazy dask array (float32; 2-D/3-D arrays made ``(1, C, H, W)``, 4-D/5-D as stored;
+    an OME-Zarr image's ``level`` with its axes mapped to ``(B, C, [D,] H, W)``), any other file as a
+    tensor (:func:`read_image`). ``path``: a local path or an fsspec URL."""
     path = str(path)
     if not _is_zarr(path):
         return torch.from_numpy(read_image(path))
     if not _fs(path)[0].exists(_fs(path)[1]):
         raise ConfigError(f"input {path!r} does not exist")
+    if is_ome_zarr(path):
+        return _open_ome(path, level).data.astype(np.float32)
     try:
         a = da.from_zarr(path)
     except Exception as exc:
@@ -293,7 +348,9 @@ def read_image(path: str | Path) -> np.ndarray:
     fs, root = _fs(path)
     if not fs.exists(root):
         raise ConfigError(f"input {path!r} does not exist")
-    if _is_zarr(path):
+    if _is_zarr(path) and is_ome_zarr(path):
+        a = np.asarray(_open_ome(path, 0).data, dtype=np.float32)
+    elif _is_zarr(path):
         import zarr
 
         try:
@@ -314,9 +371,11 @@ def read_image(path: str | Path) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def write_image(path: str | Path, x: Any, overwrite: bool, ctx: Any = None) -> str:
+def write_image(path: str | Path, x: Any, overwrite: bool, ctx: Any = None, ome: dict | None = None) -> str:
     """Write ``x`` (an array, or a dask array computed on ``ctx``'s cluster within its stall timeout) to
-    ``path`` (a local path or an fsspec URL; the format from its suffix); return where it was written.
+    ``path`` (a local path or an fsspec URL; the format from its suffix, ``*.ome.zarr`` an OME-Zarr
+    image written by :func:`daskrecon.write_ome_zarr` with the keywords ``ome``); return where it was
+    written.
 
     Without ``overwrite`` nothing that exists is replaced, also if it appeared since the run
     started: the result then goes to the first free ``<name>-<k><suffix>`` next to it (the
@@ -329,6 +388,10 @@ def write_image(path: str | Path, x: Any, overwrite: bool, ctx: Any = None) -> s
     else:
         target = _free_name(path)
     suffix = _suffix(path)
+    if _is_ome_path(path):
+        from daskrecon.frontend.omezarr import write_ome_zarr
+
+        return write_ome_zarr(x, target, overwrite=overwrite, ctx=ctx, **(ome or {}))
     if isinstance(x, da.Array):
         if ctx is None:
             raise ValueError("writing a dask array needs the context whose cluster holds it")
@@ -374,6 +437,8 @@ def _free_name(path: str) -> str:
     if not fs.exists(root):
         return path
     stem, suffix = os.path.splitext(path.rstrip("/"))
+    if _is_ome_path(path):
+        stem, suffix = stem[:-len(".ome")], stem[-len(".ome"):] + suffix
     k = 1
     while fs.exists(_fs(f"{stem}-{k}{suffix}")[1]):
         k += 1
@@ -511,9 +576,10 @@ def run_config(path: str | Path, check: bool = False, echo: Any = print) -> Any:
     cfg = load_config(path)
     base = cfg["_base"]
     # Zarr inputs stay lazy (a volume larger than memory streams); other files are read whole.
-    ys = [read_lazy(_resolve(base, p)) for p in cfg["input"]["measurements"]]
+    level = _get(cfg["input"], "level", "input", int, 0)
+    ys = [read_lazy(_resolve(base, p), level) for p in cfg["input"]["measurements"]]
     truth = cfg["input"].get("ground_truth")
-    x_true = read_lazy(_resolve(base, truth)) if truth else None
+    x_true = read_lazy(_resolve(base, truth), level) if truth else None
     # --check reads the inputs whole when they are small enough, else times an iteration on a crop.
     streamed_check = check and any(isinstance(v, da.Array) and v.nbytes > CHECK_MAX_BYTES for v in [*ys, x_true])
     if check and not streamed_check:
@@ -547,12 +613,31 @@ def run_config(path: str | Path, check: bool = False, echo: Any = print) -> Any:
         x = dr.reconstruct(dphys, y, dden, x0=x0, x_true=x_true, **_keywords(opts))
         # inside the context: a lazy result reads chunks from the cluster (or its checkpoint) as it is written
         written = write_image(out_path, x if not isinstance(x, torch.Tensor) else x.cpu().numpy(),
-                              overwrite=overwrite, ctx=ctx)
+                              overwrite=overwrite, ctx=ctx, ome=_ome_output(cfg, shape) if _is_ome_path(out_path) else None)
     echo(f"wrote {written}")
     if written != out_path:
         raise OutputExistsError(f"output {out_path!r} appeared during the run and output.overwrite = false: it was left "
                                 f"as it is; the result was written to {written!r}")
     return x
+
+
+def _ome_output(cfg: dict, shape: tuple[int, ...]) -> dict:
+    """:func:`daskrecon.write_ome_zarr`'s keywords for the output: ``[output]``'s, and ``like=`` the first
+    OME-Zarr input the size of the signal (the ground truth, else a measurement), whose axes, voxel
+    size and units the result keeps."""
+    base = cfg["_base"]
+    level = _get(cfg["input"], "level", "input", int, 0)
+    kw = _ome_options(cfg.get("output", {}))
+    for p in [cfg["input"].get("ground_truth"), *cfg["input"]["measurements"]]:
+        if p is None:
+            continue
+        path = _resolve(base, p)
+        if _is_zarr(path) and is_ome_zarr(path):
+            img = _open_ome(path, level)
+            if tuple(img.data.shape) == tuple(shape):
+                kw["like"] = img
+                break
+    return kw
 
 
 def options_from(cfg: dict) -> ReconstructOptions:

@@ -15,6 +15,8 @@ __all__ = [
     "MeasurementError",
     "MissingChunkError",
     "NotOwnedError",
+    "OMEZarrError",
+    "OutputExistsError",
     "PrecisionError",
     "SerializationError",
     "ShapeError",
@@ -105,3 +107,18 @@ class MissingChunkError(DaskreconError, FileNotFoundError):
 
 class PrecisionError(DaskreconError, ValueError):
     """A reduced precision was asked for that the device cannot run or whose measured error is over budget."""
+
+
+class OMEZarrError(DaskreconError, ValueError):
+    """A path that is not an OME-Zarr image, a level it lacks, or axes with no place in deepinv's layout.
+
+    daskrecon maps an OME-Zarr image's time axis to the batch ``B``, its channel axis to ``C`` and
+    its 2 or 3 space axes to ``[D,] H, W``; anything else is refused with the axes named.
+    """
+
+
+class OutputExistsError(DaskreconError, FileExistsError):
+    """Something is already where a result would be written, and overwriting was not asked for.
+
+    Nothing is deleted: pass ``overwrite=True`` (``output.overwrite = true`` in a config) or another path.
+    """

@@ -115,7 +115,7 @@ def test_check_projects_the_run(inputs):
         (lambda c: c.replace('algorithm = "red"', 'algorithm = "svrg"\nn_subsets = 4'),
          "solver.n_subsets must be between 1 and the number of operators (3)"),
         (lambda c: c.replace('algorithm = "red"', 'algorithm = "pnp"\nn_subsets = 2'),
-         "solver.n_subsets applies to algorithm 'os-pnp' or 'svrg'"),
+         "solver.n_subsets applies to algorithm 'os-pnp' or 'svrg' or 'osem'"),
     ],
 )
 def test_bad_configs_name_the_key(inputs, edit, message):

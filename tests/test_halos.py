@@ -126,7 +126,7 @@ def test_an_out_of_core_iteration_holds_a_few_chunks_not_a_front(ctx, tmp_path):
     da.from_array(y.numpy(), chunks=(1, 1, 8, 8, 8)).to_zarr(str(tmp_path / "y.zarr"))
     ya = da.from_zarr(str(tmp_path / "y.zarr"))
     dphys = dr.distribute([blur], ctx)
-    dden = dr.distribute(small_dncnn(1, depth=4, dim=3), ctx, patch_size=8, overlap=4)
+    dden = dr.distribute(small_dncnn(1, depth=2, dim=3), ctx, patch_size=8, overlap=2)
     plugin = _PeakChunks(8 ** 3 * 4)
     ctx.client.register_plugin(plugin, name="peak-chunks")
     try:

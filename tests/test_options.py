@@ -21,7 +21,7 @@ def test_reconstruct_and_the_config_have_the_same_defaults():
 @pytest.mark.parametrize("bad, message", [
     (dict(algorithm="lbfgs"), "algorithm must be one of"),
     (dict(algorithm="os-pnp"), "needs n_subsets"),
-    (dict(n_subsets=2), "n_subsets applies to 'os-pnp' and 'svrg'"),
+    (dict(n_subsets=2), "n_subsets applies to 'os-pnp', 'svrg', 'osem'"),
     (dict(n_iter=-1), "n_iter must be a non-negative int"),
     (dict(checkpoint_every=0), "checkpoint_every must be a positive int"),
     (dict(tol=-1.0), "tol must be >= 0"),

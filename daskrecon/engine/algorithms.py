@@ -21,8 +21,10 @@ from daskrecon.engine.problem import Problem
 from daskrecon.planning.subsets import epoch_order, partition, subset_at
 from daskrecon.runtime import graphs
 from daskrecon.tasks import iteration as iteration_tasks
+from daskrecon.tasks import poisson as poisson_tasks
 
-__all__ = ["ADMM", "ALGORITHMS", "FISTA", "FISTARED", "HQS", "RED", "SVRG", "OSPnP", "PnP", "StepRule", "step_rule"]
+__all__ = ["ADMM", "ALGORITHMS", "FISTA", "FISTARED", "HQS", "MLEM", "OSEM", "RED", "SVRG", "OSPnP", "PnP", "StepRule",
+           "step_rule"]
 
 
 class StepRule:
@@ -41,6 +43,10 @@ class StepRule:
     #: later step reads): the loop may then submit iteration k + 1 before iteration k's metrics
     #: are back (:mod:`daskrecon.engine.loop`).
     pipelined: ClassVar[bool] = False
+    #: Whether the rule takes a step size (else none is computed for it).
+    uses_step_size: ClassVar[bool] = True
+    #: Whether the rule runs without a denoiser (its prior is optional).
+    prior_optional: ClassVar[bool] = False
 
     def __init__(self, step_size: float) -> None:
         if not step_size > 0:
@@ -61,6 +67,10 @@ class StepRule:
     def report(self) -> dict:
         """Extra entries for the history row of the iteration just built (e.g. inner solver iterations)."""
         return {}
+
+    def initial(self, problem: Problem) -> da.Array | None:
+        """The default ``x0`` when none is given; ``None``: the engine's ``Aᵀy / N``."""
+        return None
 
     def start(self, problem: Problem, x0: da.Array) -> dict[str, da.Array]:
         """The initial state from ``x0``."""
@@ -418,8 +428,166 @@ class SVRG(_Stochastic):
                 graph.metrics(problem, new, x, f"metrics-{tag}"))
 
 
+class MLEM(StepRule):
+    """Maximum-likelihood expectation maximization (deepinv's ``MLEM``; Richardson–Lucy for blurs).
+
+    ``x ← x ⊙ Σ_i A_iᵀ(y_i / max(A_i x, ε)) / max(s, ε)`` with the sensitivity ``s = Σ_i A_iᵀ1``
+    — the multiplicative update that decreases the Poisson negative log-likelihood and keeps a
+    positive start positive. Both sums are the engine's gradient pass with pixel-wise terms in
+    place of the fidelity's (:mod:`daskrecon.tasks.poisson`): chunk by chunk for chunk-wise
+    operators, whole on their workers otherwise, along the fixed-index tree — bitwise the same
+    on any number of workers, in memory or out of core. ``s`` is computed once, at the start,
+    and kept in the state (checkpointed: a resume does not recompute it). The start is ones
+    (deepinv's); the value reported is the Poisson NLL ``Σ_i Σ (A_i x − y_i log A_i x)`` at the
+    start of the iteration.
+
+    With a denoiser, the one-step-late MAP-EM of deepinv's ``MLEM(prior=RED(denoiser))``:
+    ``u = x ⊙ Σ_i A_iᵀ(y_i / A_i x)``, ``x ← u / max(s + λ (u − D_σ(u)), ε)``, ``λ`` the
+    ``red_weight``.
+
+    Parameters
+    ----------
+    eps : float
+        ``ε``, the floor of the denominators (deepinv's default 1e-6).
+    red_weight : float
+        ``λ`` of the prior term (used with a denoiser).
+    """
+
+    name = "mlem"
+    state = ("x", "sensitivity")
+    pipelined = True
+    uses_step_size = False
+    prior_optional = True
+
+    def __init__(self, eps: float = 1e-6, red_weight: float = 1.0) -> None:
+        super().__init__(1.0)
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0, got {eps!r}")
+        self.eps, self.red_weight = float(eps), float(red_weight)
+        self._fidelities: tuple[Any, Any] | None = None
+        self._terms: tuple[Problem, Problem, Problem] | None = None
+
+    def settings(self) -> dict:
+        return {"algorithm": self.name, "eps": repr(self.eps), "red_weight": repr(self.red_weight)}
+
+    def check(self, problem: Problem) -> None:
+        bad = [i for i, linear in enumerate(problem.physics.linear) if not linear]
+        if bad:
+            raise TypeError(f"{self.name} back-projects with A_iᵀ: operators {bad} are not linear")
+
+    def initial(self, problem: Problem) -> da.Array:
+        return da.ones(problem.shape, chunks=problem.chunks, dtype=problem.dtype)
+
+    def _problems(self, problem: Problem) -> tuple[Problem, Problem]:
+        """``problem`` with the back-projected-ratio terms, and with the sensitivity's.
+
+        Rebuilt when the loop hands another version of the problem (its inputs staged, its
+        stager set); the two fidelities are made once and placed with the operators once.
+        """
+        import dataclasses
+
+        if self._fidelities is None:
+            distributed = type(problem.fidelity)  # the front's DistributedDataFidelity (no import up the layers)
+            self._fidelities = (distributed(problem.ctx, poisson_tasks.RatioFidelity(self.eps)),
+                                distributed(problem.ctx, poisson_tasks.OnesFidelity()))
+        if self._terms is None or self._terms[0] is not problem:
+            n = problem.num_operators
+            ratio_fid, ones_fid = self._fidelities
+            self._terms = (problem,
+                           dataclasses.replace(problem, fidelity=ratio_fid, distances=[poisson_tasks.Ratio(self.eps)] * n),
+                           dataclasses.replace(problem, fidelity=ones_fid, distances=[poisson_tasks.Ones()] * n))
+        return self._terms[1], self._terms[2]
+
+    def _sensitivity(self, problem: Problem, x0: da.Array, members: list[int] | None, name: str) -> da.Array:
+        s, _ = graph.gradient(self._problems(problem)[1], x0, members, kind=name)
+        return s
+
+    def start(self, problem: Problem, x0: da.Array) -> dict[str, da.Array]:
+        return {"x": x0, "sensitivity": self._sensitivity(problem, x0, None, "sensitivity")}
+
+    def _update(self, problem: Problem, x: da.Array, s: da.Array, members: list[int] | None, weight: float,
+                tag: str) -> tuple[da.Array, Delayed]:
+        back, value = graph.gradient(self._problems(problem)[0], x, members, kind=f"back-projected-ratio-{tag}")
+        if problem.denoiser is None:
+            new = da.map_blocks(poisson_tasks.em_block, x, back, s, self.eps, dtype=x.dtype, name=f"em-{tag}")
+            return new, value
+        u = da.map_blocks(poisson_tasks.em_numerator_block, x, back, dtype=x.dtype, name=f"em-numerator-{tag}")
+        d = graph.denoise(problem, u, f"denoise-{tag}")
+        prior = da.map_blocks(poisson_tasks.red_term_block, u, d, dtype=x.dtype, name=f"red-term-{tag}")
+        new = da.map_blocks(poisson_tasks.em_block, x, back, s, self.eps, prior, weight, dtype=x.dtype,
+                            name=f"em-{tag}")
+        return new, value
+
+    def step(self, problem: Problem, state: dict[str, da.Array],
+             iteration: int) -> tuple[dict[str, da.Array], Delayed, Delayed]:
+        x, s = state["x"], state["sensitivity"]
+        tag = graphs.token("mlem")
+        new, value = self._update(problem, x, s, None, self.red_weight, tag)
+        return {"x": new, "sensitivity": s}, value, graph.metrics(problem, new, x, f"metrics-{tag}")
+
+
+class OSEM(MLEM):
+    """Ordered-subsets EM (deepinv's ``OSEM``): :class:`MLEM`'s update on one operator subset per iteration.
+
+    ``N`` operators in ``n_subsets`` interleaved subsets (:func:`daskrecon.planning.subsets.partition`:
+    with operators in acquisition order — angles, frames — each subset spans the acquisition);
+    iteration ``k`` updates with subset ``S = S_{j(k)}``:
+    ``x ← x ⊙ Σ_{i∈S} A_iᵀ(y_i / A_i x) / max(s_S, ε)``, each epoch visiting every subset once in
+    an order drawn from ``(seed, epoch)`` (the engine's schedule,
+    :func:`daskrecon.planning.subsets.subset_at`; deepinv's one iteration is an epoch in the order
+    0, 1, …). The subset sensitivities ``s_S = Σ_{i∈S} A_iᵀ1`` are computed once and kept in the
+    state. With a denoiser, the one-step-late prior term of :class:`MLEM` with weight
+    ``λ / n_subsets`` (deepinv's: one epoch applies the whole weight). The value reported is the
+    subset's NLL times ``N/|S|``.
+
+    Parameters
+    ----------
+    n_subsets : int
+    seed : int
+    eps : float
+    red_weight : float
+    """
+
+    name = "osem"
+
+    def __init__(self, n_subsets: int, seed: int = 0, eps: float = 1e-6, red_weight: float = 1.0) -> None:
+        super().__init__(eps, red_weight)
+        if not isinstance(n_subsets, int) or n_subsets < 1:
+            raise ValueError(f"n_subsets must be a positive int, got {n_subsets!r}")
+        self.n_subsets, self.seed = n_subsets, int(seed)
+        self.state = ("x", *(f"sensitivity_{j}" for j in range(n_subsets)))
+        self._subset: int | None = None
+
+    def settings(self) -> dict:
+        return {**super().settings(), "n_subsets": self.n_subsets, "seed": self.seed}
+
+    def check(self, problem: Problem) -> None:
+        super().check(problem)
+        partition(problem.num_operators, self.n_subsets)  # raises for more subsets than operators
+
+    def report(self) -> dict:
+        return {} if self._subset is None else {"subset": self._subset}
+
+    def start(self, problem: Problem, x0: da.Array) -> dict[str, da.Array]:
+        subsets = partition(problem.num_operators, self.n_subsets)
+        return {"x": x0, **{f"sensitivity_{j}": self._sensitivity(problem, x0, members, f"sensitivity_{j}")
+                            for j, members in enumerate(subsets)}}
+
+    def step(self, problem: Problem, state: dict[str, da.Array],
+             iteration: int) -> tuple[dict[str, da.Array], Delayed, Delayed]:
+        x = state["x"]
+        tag = graphs.token("osem")
+        self._subset = j = subset_at(self.seed, iteration, self.n_subsets)
+        members = partition(problem.num_operators, self.n_subsets)[j]
+        new, value = self._update(problem, x, state[f"sensitivity_{j}"], members,
+                                  1.0 / self.n_subsets * self.red_weight, tag)
+        weight = problem.num_operators / len(members)
+        value = delayed(operator.mul, pure=True)(value, weight, dask_key_name=f"value-estimate-{tag}")
+        return {**state, "x": new}, value, graph.metrics(problem, new, x, f"metrics-{tag}")
+
+
 ALGORITHMS: dict[str, type[StepRule]] = {"pnp": PnP, "red": RED, "fista": FISTA, "fista-red": FISTARED, "hqs": HQS,
-                                         "admm": ADMM, "os-pnp": OSPnP, "svrg": SVRG}
+                                         "admm": ADMM, "os-pnp": OSPnP, "svrg": SVRG, "mlem": MLEM, "osem": OSEM}
 
 
 def step_rule(algorithm: str, step_size: float, **options: Any) -> StepRule:
@@ -427,7 +595,7 @@ def step_rule(algorithm: str, step_size: float, **options: Any) -> StepRule:
 
     Options that do not apply to the algorithm are ignored: ``red_weight`` (RED, FISTA-RED),
     ``fista_a`` (FISTA), ``cg_max_iter``/``cg_tol``/``prox_solver`` (HQS, ADMM), ``admm_beta`` (ADMM),
-    ``n_subsets``/``seed`` (OS-PnP, SVRG).
+    ``n_subsets``/``seed`` (OS-PnP, SVRG, OSEM), ``eps`` (MLEM, OSEM).
     """
     try:
         cls = ALGORITHMS[algorithm]
@@ -444,6 +612,13 @@ def step_rule(algorithm: str, step_size: float, **options: Any) -> StepRule:
         return HQS(step_size, **cg)
     if cls is ADMM:
         return ADMM(step_size, options.get("admm_beta", 1.0), **cg)
+    if cls is MLEM:
+        return MLEM(options.get("eps") or 1e-6, options.get("red_weight", 1.0))
+    if cls is OSEM:
+        if options.get("n_subsets") is None:
+            raise ValueError("algorithm 'osem' needs n_subsets (how many operator subsets)")
+        return OSEM(options["n_subsets"], options.get("seed") or 0, options.get("eps") or 1e-6,
+                    options.get("red_weight", 1.0))
     if cls in (OSPnP, SVRG):
         if options.get("n_subsets") is None:
             raise ValueError(f"algorithm {algorithm!r} needs n_subsets (how many operator subsets)")

@@ -133,6 +133,8 @@ def denoise(problem: Problem, z: da.Array, name: str) -> da.Array:
     hold whole (the split of a whole-image gradient); a loose placement by chunk size
     (:func:`daskrecon.planning.sharding.balance_loads`) spreads them. It never changes a value.
     """
+    if problem.denoiser is None:
+        raise ValueError("this algorithm needs a denoiser (or a prior): pass one to reconstruct()")
     proc = problem.denoiser
     threads = problem.ctx.worker_threads()
     workers = list(threads)

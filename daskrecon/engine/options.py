@@ -27,7 +27,7 @@ CONFIGURED = {"algorithm": "algorithm", "n_iter": "iterations", "sigma_denoiser"
               "progress": "progress", "cg_max_iter": "cg-max-iter", "cg_tol": "cg-tol", "prox_solver": "prox-solver"}
 
 #: Algorithms that visit one operator subset per iteration (they need ``n_subsets``).
-SUBSET_ALGORITHMS = ("os-pnp", "svrg")
+SUBSET_ALGORITHMS = ("os-pnp", "svrg", "osem")
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class ReconstructOptions:
         elif algorithm in SUBSET_ALGORITHMS and self.n_subsets is None:
             raise ValueError(f"algorithm {algorithm!r} needs n_subsets (how many operator subsets to cycle through)")
         elif algorithm not in SUBSET_ALGORITHMS and self.n_subsets is not None:
-            raise ValueError(f"n_subsets applies to 'os-pnp' and 'svrg', not to {algorithm!r}")
+            raise ValueError(f"n_subsets applies to {', '.join(map(repr, SUBSET_ALGORITHMS))}, not to {algorithm!r}")
         if not isinstance(self.n_iter, int) or self.n_iter < 0:
             raise ValueError(f"n_iter must be a non-negative int, got {self.n_iter!r}")
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 1:

@@ -180,8 +180,8 @@ def plan(physics: Any, ys: list, denoising: Denoising, fidelity: Any, *, x0: Any
         "shape": list(shape),
         "chunks": [list(c) for c in chunks[2:]],
         "forms": ["chunk-wise" if f is not None else "whole" for f in forms],
-        "denoiser": proc.fingerprint(),
-        "tiling": repr((proc.patch_size, proc.overlap, proc.max_batch_size, proc.blend)),
+        "denoiser": proc.fingerprint() if proc is not None else "none",
+        "tiling": repr((proc.patch_size, proc.overlap, proc.max_batch_size, proc.blend)) if proc is not None else "none",
         "sigma_denoiser": repr(float(denoising.sigma)),
     }
     return problem, (_as_chunked(x0, chunks, dtype, "x0") if x0 is not None else None)
@@ -197,7 +197,8 @@ def _validate(proc: Any, ys: list, x0: Any, storage: str) -> list[tuple[str, Any
             raise TypeError(f"x0 must be a torch.Tensor or a dask array, got {type(x0).__name__}")
         named.append(("x0", x0))
     for name, v in named:
-        proc.check_dtype(v.dtype)  # before any pass over the data
+        if proc is not None:
+            proc.check_dtype(v.dtype)  # before any pass over the data
         if isinstance(v, torch.Tensor) and v.is_complex():
             raise TypeError(f"{name} is complex: the denoiser takes real images")
     return named
@@ -266,6 +267,10 @@ def plan_terms(physics: Any, fidelity: Any, ys: list, x: da.Array) -> Problem:
                    distances=distances, y=placed_y, scale=1.0 / n if fidelity.reduction == "mean" else 1.0)
 
 
+#: Without a denoiser (EM algorithms without a prior), the chunk planner's unit along each axis.
+NO_DENOISER_PATCH = 256
+
+
 def iterate_chunks(denoiser: Any, shape: tuple[int, ...], dtype: np.dtype,
                    forms: list) -> tuple[tuple[int, ...], ...]:
     """The iterate's chunks for a problem of ``shape``, planned from the problem alone.
@@ -273,8 +278,12 @@ def iterate_chunks(denoiser: Any, shape: tuple[int, ...], dtype: np.dtype,
     Multiples of the denoiser's tile (:func:`daskrecon.planning.chunking.plan_chunks`), aligned to the
     chunk-wise operators' ``forms`` (their down-sampling factors, their smallest exact chunk).
     """
-    dims, patch, overlap = denoiser.geometry(shape)
     spatial = range(2, len(shape))
+    if denoiser is None:  # no tiles to align to
+        return plan_chunks(shape, np.dtype(dtype).itemsize, [min(shape[a], NO_DENOISER_PATCH) for a in spatial],
+                           overlap=[0] * len(spatial), factor=math.lcm(*(f.factor for f in forms)) if forms else 1,
+                           min_size=max((f.min_chunk(2) for f in forms), default=1))
+    dims, patch, overlap = denoiser.geometry(shape)
     patch_nd = [patch[dims.index(a)] if a in dims else shape[a] for a in spatial]
     over_nd = [overlap[dims.index(a)] if a in dims else 0 for a in spatial]
     return plan_chunks(shape, np.dtype(dtype).itemsize, patch_nd, overlap=over_nd, align=denoiser.align,

@@ -40,7 +40,7 @@ __all__ = ["ALGORITHMS", "default_step_size", "plan_problem", "reconstruct", "st
 def reconstruct(
     physics: DistributedPhysics,
     y: Any,
-    denoiser: DistributedProcessing | DistributedPrior,
+    denoiser: DistributedProcessing | DistributedPrior | None,
     *,
     data_fidelity: DistributedDataFidelity | None = None,
     algorithm: str | StepRule | None = None,
@@ -86,11 +86,12 @@ def reconstruct(
         deepinv's axis order whatever their dims' names) give a ``DataArray`` result with the
         dims, attributes and coordinates of ``x0`` if it is one, else of the first of them
         (coordinates along an axis whose size the operators change are dropped).
-    denoiser : DistributedProcessing or DistributedPrior
-        A distributed denoiser (its ``prox`` for a prior).
+    denoiser : DistributedProcessing or DistributedPrior or None
+        A distributed denoiser (its ``prox`` for a prior). ``None`` for ``"mlem"`` and
+        ``"osem"`` without a prior.
     data_fidelity : DistributedDataFidelity, optional
         Default: ``L2()`` on every operator.
-    algorithm : {"pnp", "red", "fista", "fista-red", "hqs", "admm", "os-pnp", "svrg"} or StepRule
+    algorithm : {"pnp", "red", "fista", "fista-red", "hqs", "admm", "os-pnp", "svrg", "mlem", "osem"} or StepRule
         ``"pnp"``: proximal gradient ``x ← D_σ(x − τ ∇f(x))``. ``"red"``: gradient descent on
         ``f + λ·RED``: ``x ← x − τ (∇f(x) + λ (x − D_σ(x)))``. ``"fista"``: accelerated
         proximal gradient with the same prior, deepinv's ``FISTA`` iteration
@@ -102,6 +103,11 @@ def reconstruct(
         ``"os-pnp"`` / ``"svrg"``: one subset of the operators per iteration (ordered
         subsets; variance-reduced), ``n_subsets`` subsets visited in an order drawn from
         ``seed`` (:class:`~daskrecon.engine.algorithms.OSPnP`, :class:`~daskrecon.engine.algorithms.SVRG`).
+        ``"mlem"`` / ``"osem"``: expectation maximization for Poisson data (Richardson–Lucy
+        for blurs; ordered subsets), positive and with no step size, from ones by default;
+        with a denoiser, the one-step-late prior term ``λ (u − D_σ(u))``, ``λ`` the
+        ``red_weight`` (:class:`~daskrecon.engine.algorithms.MLEM`,
+        :class:`~daskrecon.engine.algorithms.OSEM`).
         A :class:`~daskrecon.engine.algorithms.StepRule` instance runs as given (its own step size
         and options).
     n_iter : int
@@ -233,16 +239,26 @@ def reconstruct(
     if template is not None:  # xarray in: computed by position, the result wrapped like the template
         y = [unwrap(v, f"y[{i}]") for i, v in enumerate(y)] if isinstance(y, (list, tuple)) else unwrap(y, "y")
         x0, x_true = unwrap(x0, "x0"), unwrap(x_true, "x_true")
+    kind = opts.algorithm if isinstance(opts.algorithm, StepRule) else ALGORITHMS.get(opts.algorithm)
+    if denoiser is None and not (kind is not None and kind.prior_optional):
+        raise TypeError(f"algorithm {opts.algorithm!r} needs a denoiser: dr.distribute(denoiser, ctx); only "
+                        f"{', '.join(repr(k) for k, c in ALGORITHMS.items() if c.prior_optional)} run without one")
     problem, x0_arr = plan_problem(physics, y, denoiser, data_fidelity=data_fidelity, x0=x0, x_true=x_true,
                                    sigma_denoiser=opts.sigma_denoiser, storage=opts.storage, chunks=opts.chunks)
     problem = _in_precision(problem, x0_arr, opts)
     store = engine.open_checkpoint(problem.ctx, opts)  # after every check of the inputs, before any write
-    rule = opts.algorithm if isinstance(opts.algorithm, StepRule) else step_rule(
-        opts.algorithm, opts.step_size if opts.step_size is not None else
-        default_step_size(problem, store=store, scratch=opts.scratch), red_weight=opts.red_weight,
-        n_subsets=opts.n_subsets, seed=problem.ctx.seed if opts.seed is None else opts.seed,
-        cg_max_iter=opts.cg_max_iter, cg_tol=opts.cg_tol, prox_solver=opts.prox_solver)
-    start = x0_arr if x0_arr is not None else (lambda p: graph.adjoint_sum(p, scale=1.0 / p.num_operators))
+    if isinstance(opts.algorithm, StepRule):
+        rule = opts.algorithm
+    else:
+        tau = opts.step_size if opts.step_size is not None or not kind.uses_step_size else \
+            default_step_size(problem, store=store, scratch=opts.scratch)
+        rule = step_rule(opts.algorithm, tau or 1.0, red_weight=opts.red_weight, n_subsets=opts.n_subsets,
+                         seed=problem.ctx.seed if opts.seed is None else opts.seed, cg_max_iter=opts.cg_max_iter,
+                         cg_tol=opts.cg_tol, prox_solver=opts.prox_solver)
+    if x0 is None and rule.initial(problem) is not None:  # the rule's own start (EM: ones), not Aᵀy / N
+        start = rule.initial
+    else:
+        start = x0_arr if x0_arr is not None else (lambda p: graph.adjoint_sum(p, scale=1.0 / p.num_operators))
     signals, history = engine.run(problem, rule, start, opts, store=store, callback=callback)
     x = signals["x"].array
     if _tensor_inputs(y, x0):
@@ -265,7 +281,9 @@ def plan_problem(physics: DistributedPhysics, y: Any, denoiser: DistributedProce
     """
     if not isinstance(physics, DistributedPhysics):
         raise TypeError("physics must be a DistributedPhysics: dr.distribute(physics, ctx)")
-    if isinstance(denoiser, DistributedPrior):
+    if denoiser is None:
+        denoising = Denoising(None, "", (), {}, 0.0 if sigma_denoiser is None else sigma_denoiser)
+    elif isinstance(denoiser, DistributedPrior):
         denoising = Denoising(denoiser.processing, "prox", (), {"sigma_denoiser": sigma_denoiser}, sigma_denoiser)
     elif isinstance(denoiser, DistributedProcessing):
         denoising = Denoising(denoiser, denoiser.method, (sigma_denoiser,), {}, sigma_denoiser)
@@ -279,8 +297,8 @@ def plan_problem(physics: DistributedPhysics, y: Any, denoiser: DistributedProce
 def _in_precision(problem: Problem, x0: da.Array | None, opts: ReconstructOptions) -> Problem:
     """``problem`` with its denoiser's precision chosen: probed on a window of the start when not fp32."""
     proc = problem.denoiser
-    requested = opts.precision or proc.precision
-    if requested == "fp32":
+    requested = None if proc is None else opts.precision or proc.precision
+    if requested is None or requested == "fp32":
         return problem
     start = x0 if x0 is not None else graph.adjoint_sum(problem, scale=1.0 / problem.num_operators)
     report = proc.resolve_precision(start, problem.denoise_method, problem.denoise_args, problem.denoise_kwargs,

@@ -1,0 +1,105 @@
+"""MLEM and OSEM (daskrecon.engine.algorithms, daskrecon.tasks.poisson) against deepinv 0.5's own, on Poisson data."""
+
+import pytest
+import torch
+import deepinv as dinv
+
+import daskrecon as dr
+from daskrecon.planning.subsets import epoch_order
+
+from helpers import blurs, small_dncnn
+
+
+def _poisson(ops, x, gain=60.0, seed=1):
+    """Photon counts ``Poisson(gain · A_i x) / gain``: positive, noisy measurements."""
+    g = torch.Generator().manual_seed(seed)
+    return dinv.utils.TensorList([torch.poisson(gain * op.A(x).clamp(min=0), generator=g) / gain for op in ops])
+
+
+def _operators(kind):
+    if kind == "blurs":  # chunk-wise forms: the engine runs them chunk by chunk
+        return blurs(4), torch.rand(1, 3, 40, 36) + 0.1
+    # parallel-beam CT, four interleaved angle sets: whole-image operators on their workers
+    angles = torch.linspace(0, 180, 24)
+    ops = [dinv.physics.Tomography(angles=angles[j::4], img_width=32, circle=False) for j in range(4)]
+    return ops, torch.rand(1, 1, 32, 32) + 0.1
+
+
+def _rel(a, b):
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
+
+
+def _stacked_poisson(ops):
+    return dinv.optim.StackedPhysicsDataFidelity([dinv.optim.PoissonLikelihood() for _ in ops])
+
+
+def _deepinv_mlem(algo, y, ops):
+    """deepinv's MLEM on stacked physics: its iterations, with the sensitivity computed per measurement.
+
+    (deepinv 0.5's ``MLEM.forward`` takes ``torch.ones_like(y)``, which a ``TensorList`` — the
+    measurements of a ``StackedLinearPhysics`` — does not pass; the iterations themselves take it.)
+    """
+    physics = dinv.physics.StackedLinearPhysics(ops)
+    sensitivity = physics.A_adjoint(dinv.utils.TensorList([torch.ones_like(t) for t in y]))
+    return super(dinv.optim.MLEM, algo).forward(y, physics, sensitivity=sensitivity)
+
+
+@pytest.mark.parametrize("kind", ["blurs", "tomography"])
+def test_mlem_is_deepinvs_mlem(ctx, kind):
+    ops, x_true = _operators(kind)
+    y = _poisson(ops, x_true)
+    dphys = dr.distribute(_operators(kind)[0], ctx)  # fresh: a Tomography that ran does not pickle
+    ref = _deepinv_mlem(dinv.optim.MLEM(data_fidelity=_stacked_poisson(ops), max_iter=6), y, ops)
+    out, hist = dr.reconstruct(dphys, y, None, algorithm="mlem", n_iter=6, progress=False, return_history=True)
+    assert _rel(out, ref) <= 1e-5
+    assert float(out.min()) > 0  # multiplicative updates from ones stay positive
+    nll = [h["data_fidelity"] for h in hist]
+    assert nll == sorted(nll, reverse=True)  # EM decreases the Poisson likelihood's negative log
+    assert _rel(out, torch.ones_like(out)) > 0.1  # it moved
+
+
+def test_mlem_with_a_red_prior_is_deepinvs_one_step_late_map_em(ctx):
+    ops, x_true = _operators("blurs")
+    y = _poisson(ops, x_true)
+    model = small_dncnn(3)
+    lam = 0.05
+    ref = _deepinv_mlem(dinv.optim.MLEM(data_fidelity=_stacked_poisson(ops), prior=dinv.optim.RED(model), lambda_reg=lam,
+                                        g_param=0.05, max_iter=4), y, ops)
+    out = dr.reconstruct(dr.distribute(ops, ctx), y, dr.distribute(model, ctx, patch_size=16, overlap=6),
+                         algorithm="mlem", red_weight=lam, sigma_denoiser=0.05, n_iter=4, progress=False)
+    plain = dr.reconstruct(dr.distribute(ops, ctx), y, None, algorithm="mlem", n_iter=4, progress=False)
+    assert _rel(out, ref) <= 1e-5
+    assert _rel(out, plain) > 1e-3  # the prior term acts
+
+
+@pytest.mark.parametrize("kind", ["blurs", "tomography"])
+def test_osem_is_deepinvs_osem_epoch_by_epoch_in_the_seeded_order(ctx, kind):
+    ops, x_true = _operators(kind)
+    y = _poisson(ops, x_true)
+    m, seed, epochs = len(ops), 7, 3
+    dphys = dr.distribute(_operators(kind)[0], ctx)  # fresh: a Tomography that ran does not pickle
+    out, hist = dr.reconstruct(dphys, y, None, algorithm="osem", n_subsets=m, seed=seed, n_iter=m * epochs,
+                               progress=False, return_history=True)
+    # deepinv's OSEM: one iteration visits its subsets in the order given; ours draws an order per epoch
+    x = torch.ones_like(x_true)
+    for e in range(epochs):
+        order = epoch_order(seed, e, m)
+        assert [h["subset"] for h in hist[e * m:(e + 1) * m]] == order
+        x = dinv.optim.OSEM(max_iter=1)(dinv.utils.TensorList([y[j] for j in order]),
+                                        dinv.physics.StackedLinearPhysics([ops[j] for j in order]), init=x)
+    assert _rel(out, x) <= 1e-5
+    mlem = dr.reconstruct(dphys, y, None, algorithm="mlem", n_iter=epochs, progress=False)
+    assert _rel(out, mlem) > 1e-3  # subset updates are not MLEM's
+
+
+def test_em_refuses_what_it_cannot_run(ctx):
+    ops, x_true = _operators("blurs")
+    y = _poisson(ops, x_true)
+    with pytest.raises(TypeError, match="algorithm 'pnp' needs a denoiser"):
+        dr.reconstruct(dr.distribute(ops, ctx), y, None, algorithm="pnp", n_iter=1, progress=False)
+    with pytest.raises(ValueError, match="'osem' needs n_subsets"):
+        dr.reconstruct(dr.distribute(ops, ctx), y, None, algorithm="osem", n_iter=1, progress=False)
+    nonlinear = [dinv.physics.Physics(A=lambda x: x ** 2)] * 2
+    with pytest.raises(TypeError, match="mlem back-projects with A_iᵀ: operators \\[0, 1\\] are not linear"):
+        dr.reconstruct(dr.distribute(nonlinear, ctx), [x_true ** 2] * 2, None, algorithm="mlem", n_iter=1,
+                       x0=x_true, progress=False)
