@@ -25,7 +25,8 @@ Example (every key shown; only ``measurements`` and ``operators`` are required):
 
     [solver]
     algorithm = "red"                          # pnp | red | fista | fista-red | hqs | admm | os-pnp | svrg |
-                                               # mlem | osem (Poisson EM; with the denoiser, a RED prior term)
+                                               # mlem | osem (Poisson EM: with a [denoiser] section, its
+                                               # one-step-late RED prior term) | sirt (CT; no denoiser)
     iterations = 30                            # every [solver] / [checkpoint] key defaults as reconstruct()'s
     step_size = 0.3
     sigma_denoiser = 0.05
@@ -597,10 +598,10 @@ def run_config(path: str | Path, check: bool = False, echo: Any = print) -> Any:
         raise ConfigError(f"output {out_path!r} exists; set output.overwrite = true or choose another path")
     with make_context(cfg.get("cluster", {})) as ctx:
         echo(f"cluster: {ctx.num_workers} workers, dashboard {ctx.dashboard_link}")
-        dden = dr.distribute(build_denoiser(den, base), ctx, patch_size=_get(den, "patch_size", "denoiser", int, 256),
-                             overlap=_get(den, "overlap", "denoiser", int, 8),
-                             precision=_get(den, "precision", "denoiser", str, "fp32"),
-                             precision_tol=_get(den, "precision_tol", "denoiser", float, None))
+        dden = None if not _uses_denoiser(cfg) else dr.distribute(
+            build_denoiser(den, base), ctx, patch_size=_get(den, "patch_size", "denoiser", int, 256),
+            overlap=_get(den, "overlap", "denoiser", int, 8), precision=_get(den, "precision", "denoiser", str, "fp32"),
+            precision_tol=_get(den, "precision_tol", "denoiser", float, None))
         if streamed_check:
             return _check_streamed(ctx, cfg, ys, x_true, dden, echo)
         dphys = dr.distribute(ops, ctx)
@@ -638,6 +639,13 @@ def _ome_output(cfg: dict, shape: tuple[int, ...]) -> dict:
                 kw["like"] = img
                 break
     return kw
+
+
+def _uses_denoiser(cfg: dict) -> bool:
+    """Every algorithm takes the ``[denoiser]`` (bundled by default), but ``sirt`` (no prior) and
+    ``mlem``/``osem`` without a ``[denoiser]`` section (plain EM; with one, its one-step-late prior)."""
+    rule = ALGORITHMS[options_from(cfg).algorithm]
+    return not rule.prior_optional or ("denoiser" in cfg and rule.name != "sirt")
 
 
 def options_from(cfg: dict) -> ReconstructOptions:
@@ -767,14 +775,16 @@ def _check(ctx: Any, dphys: Any, dden: Any, y: Any, shape: tuple, iterations: in
     t0 = time.perf_counter()
     f.grad(x, y, dphys)
     t_grad = time.perf_counter() - t0
-    strategy = dden.strategy_for(shape)
-    one = strategy.tiles[0].window() if hasattr(strategy, "tiles") else None
-    tile = x[(slice(None), slice(None), *one)] if one else x
-    dden(tile.contiguous())
-    t0 = time.perf_counter()
-    dden(tile.contiguous())
-    t_tile = time.perf_counter() - t0
-    n_tiles = strategy.get_num_patches()
+    t_tile, n_tiles = 0.0, 0
+    if dden is not None:  # EM and SIRT without a prior have no tiles
+        strategy = dden.strategy_for(shape)
+        one = strategy.tiles[0].window() if hasattr(strategy, "tiles") else None
+        tile = x[(slice(None), slice(None), *one)] if one else x
+        dden(tile.contiguous())
+        t0 = time.perf_counter()
+        dden(tile.contiguous())
+        t_tile = time.perf_counter() - t0
+        n_tiles = strategy.get_num_patches()
     client = ctx.client
     rss = sorted(v / 2**20 for v in bounded(client, client._run, _worker_rss, what="reading the workers' memory",
                                             timeout=ctx.stall_timeout).values())

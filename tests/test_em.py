@@ -103,3 +103,39 @@ def test_em_refuses_what_it_cannot_run(ctx):
     with pytest.raises(TypeError, match="mlem back-projects with A_iᵀ: operators \\[0, 1\\] are not linear"):
         dr.reconstruct(dr.distribute(nonlinear, ctx), [x_true ** 2] * 2, None, algorithm="mlem", n_iter=1,
                        x0=x_true, progress=False)
+
+
+def _deepinv_sirt_by_formula(ops, y, x, n_iter, tau=1.0, eps=1e-8):
+    """deepinv's SIRTIteration, written out for stacked physics (its normalizers take ``ones_like(y)``,
+    which a TensorList does not pass): ``x + τ Aᵀ((y − A x) / A1) / Aᵀ1``."""
+    stacked = dinv.physics.StackedLinearPhysics(ops)
+    rows = [op.A(torch.ones_like(x)).clamp(min=eps) for op in ops]
+    cols = stacked.A_adjoint(dinv.utils.TensorList([torch.ones_like(t) for t in y])).clamp(min=eps)
+    for _ in range(n_iter):
+        resid = dinv.utils.TensorList([(t - op.A(x)) / r for t, op, r in zip(y, ops, rows)])
+        x = x + tau * stacked.A_adjoint(resid) / cols
+    return x
+
+
+@pytest.mark.parametrize("kind", ["blurs", "tomography"])
+def test_sirt_is_deepinvs_sirt(ctx, kind):
+    ops, x_true = _operators(kind)
+    y = _poisson(ops, x_true)
+    # one operator: deepinv's own SIRT object, as it ships
+    one = dr.reconstruct(dr.distribute(_operators(kind)[0][:1], ctx), [y[0]], None, algorithm="sirt", n_iter=5,
+                         step_size=1.5, progress=False)
+    assert _rel(one, dinv.optim.SIRT(stepsize=1.5, max_iter=5)(y[0], ops[0])) <= 1e-5
+    # four: the same iteration over the stacked physics, from deepinv's start Σ Aᵢᵀyᵢ
+    out, hist = dr.reconstruct(dr.distribute(_operators(kind)[0], ctx), y, None, algorithm="sirt", n_iter=5,
+                               progress=False, return_history=True)
+    start = dinv.physics.StackedLinearPhysics(ops).A_adjoint(y)
+    assert _rel(out, _deepinv_sirt_by_formula(ops, y, start, 5)) <= 1e-5
+    values = [h["data_fidelity"] for h in hist]
+    assert values == sorted(values, reverse=True)  # the least-squares term decreases
+
+
+def test_sirt_refuses_a_prior(ctx):
+    ops, x_true = _operators("blurs")
+    with pytest.raises(ValueError, match="sirt takes no prior"):
+        dr.reconstruct(dr.distribute(ops, ctx), _poisson(ops, x_true), dr.distribute(small_dncnn(3), ctx),
+                       algorithm="sirt", n_iter=1, progress=False)

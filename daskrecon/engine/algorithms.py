@@ -20,10 +20,11 @@ from daskrecon.engine import linsolve
 from daskrecon.engine.problem import Problem
 from daskrecon.planning.subsets import epoch_order, partition, subset_at
 from daskrecon.runtime import graphs
+from daskrecon.tasks import fidelity as fidelity_tasks
 from daskrecon.tasks import iteration as iteration_tasks
 from daskrecon.tasks import poisson as poisson_tasks
 
-__all__ = ["ADMM", "ALGORITHMS", "FISTA", "FISTARED", "HQS", "MLEM", "OSEM", "RED", "SVRG", "OSPnP", "PnP", "StepRule",
+__all__ = ["ADMM", "ALGORITHMS", "FISTA", "FISTARED", "HQS", "MLEM", "OSEM", "RED", "SIRT", "SVRG", "OSPnP", "PnP", "StepRule",
            "step_rule"]
 
 
@@ -428,7 +429,44 @@ class SVRG(_Stochastic):
                 graph.metrics(problem, new, x, f"metrics-{tag}"))
 
 
-class MLEM(StepRule):
+class _Variants(StepRule):
+    """Shared by MLEM, OSEM and SIRT: the problem with other pixel-wise terms in its gradient pass.
+
+    A variant replaces the fidelity (placed with the operators once, for whole-image operators)
+    and the chunk-wise operators' distances; it is rebuilt when the loop hands another version
+    of the problem (its inputs staged, its stager set).
+    """
+
+    def __init__(self, step_size: float) -> None:
+        super().__init__(step_size)
+        self._fidelities: dict[str, Any] = {}
+        self._variants: dict[str, tuple[Problem, Problem]] = {}
+
+    def check(self, problem: Problem) -> None:
+        bad = [i for i, linear in enumerate(problem.physics.linear) if not linear]
+        if bad:
+            raise TypeError(f"{self.name} back-projects with A_iᵀ: operators {bad} are not linear")
+
+    def _variant(self, problem: Problem, name: str, fidelity: Any, distance: Any) -> Problem:
+        import dataclasses
+
+        if name not in self._fidelities:  # the front's DistributedDataFidelity (no import up the layers)
+            self._fidelities[name] = type(problem.fidelity)(problem.ctx, fidelity)
+        cached = self._variants.get(name)
+        if cached is None or cached[0] is not problem:
+            cached = (problem, dataclasses.replace(problem, fidelity=self._fidelities[name],
+                                                   distances=[distance] * problem.num_operators))
+            self._variants[name] = cached
+        return cached[1]
+
+    def _sensitivity(self, problem: Problem, x0: da.Array, members: list[int] | None, name: str) -> da.Array:
+        """``Σ_{i ∈ members} A_iᵀ1`` (all operators for ``None``), chunked like ``x0``."""
+        ones = self._variant(problem, "ones", poisson_tasks.OnesFidelity(), poisson_tasks.Ones())
+        s, _ = graph.gradient(ones, x0, members, kind=name)
+        return s
+
+
+class MLEM(_Variants):
     """Maximum-likelihood expectation maximization (deepinv's ``MLEM``; Richardson–Lucy for blurs).
 
     ``x ← x ⊙ Σ_i A_iᵀ(y_i / max(A_i x, ε)) / max(s, ε)`` with the sensitivity ``s = Σ_i A_iᵀ1``
@@ -464,50 +502,20 @@ class MLEM(StepRule):
         if not eps > 0:
             raise ValueError(f"eps must be > 0, got {eps!r}")
         self.eps, self.red_weight = float(eps), float(red_weight)
-        self._fidelities: tuple[Any, Any] | None = None
-        self._terms: tuple[Problem, Problem, Problem] | None = None
 
     def settings(self) -> dict:
         return {"algorithm": self.name, "eps": repr(self.eps), "red_weight": repr(self.red_weight)}
 
-    def check(self, problem: Problem) -> None:
-        bad = [i for i, linear in enumerate(problem.physics.linear) if not linear]
-        if bad:
-            raise TypeError(f"{self.name} back-projects with A_iᵀ: operators {bad} are not linear")
-
     def initial(self, problem: Problem) -> da.Array:
         return da.ones(problem.shape, chunks=problem.chunks, dtype=problem.dtype)
-
-    def _problems(self, problem: Problem) -> tuple[Problem, Problem]:
-        """``problem`` with the back-projected-ratio terms, and with the sensitivity's.
-
-        Rebuilt when the loop hands another version of the problem (its inputs staged, its
-        stager set); the two fidelities are made once and placed with the operators once.
-        """
-        import dataclasses
-
-        if self._fidelities is None:
-            distributed = type(problem.fidelity)  # the front's DistributedDataFidelity (no import up the layers)
-            self._fidelities = (distributed(problem.ctx, poisson_tasks.RatioFidelity(self.eps)),
-                                distributed(problem.ctx, poisson_tasks.OnesFidelity()))
-        if self._terms is None or self._terms[0] is not problem:
-            n = problem.num_operators
-            ratio_fid, ones_fid = self._fidelities
-            self._terms = (problem,
-                           dataclasses.replace(problem, fidelity=ratio_fid, distances=[poisson_tasks.Ratio(self.eps)] * n),
-                           dataclasses.replace(problem, fidelity=ones_fid, distances=[poisson_tasks.Ones()] * n))
-        return self._terms[1], self._terms[2]
-
-    def _sensitivity(self, problem: Problem, x0: da.Array, members: list[int] | None, name: str) -> da.Array:
-        s, _ = graph.gradient(self._problems(problem)[1], x0, members, kind=name)
-        return s
 
     def start(self, problem: Problem, x0: da.Array) -> dict[str, da.Array]:
         return {"x": x0, "sensitivity": self._sensitivity(problem, x0, None, "sensitivity")}
 
     def _update(self, problem: Problem, x: da.Array, s: da.Array, members: list[int] | None, weight: float,
                 tag: str) -> tuple[da.Array, Delayed]:
-        back, value = graph.gradient(self._problems(problem)[0], x, members, kind=f"back-projected-ratio-{tag}")
+        ratio = self._variant(problem, "ratio", poisson_tasks.RatioFidelity(self.eps), poisson_tasks.Ratio(self.eps))
+        back, value = graph.gradient(ratio, x, members, kind=f"back-projected-ratio-{tag}")
         if problem.denoiser is None:
             new = da.map_blocks(poisson_tasks.em_block, x, back, s, self.eps, dtype=x.dtype, name=f"em-{tag}")
             return new, value
@@ -586,8 +594,68 @@ class OSEM(MLEM):
         return {**state, "x": new}, value, graph.metrics(problem, new, x, f"metrics-{tag}")
 
 
+class SIRT(_Variants):
+    """Simultaneous iterative reconstruction technique (deepinv's ``SIRT``), the CT workhorse.
+
+    ``x ← x + τ V Σ_i A_iᵀ W_i (y_i − A_i x)`` with ``W_i = 1 / max(A_i 1, ε)`` (row sums) and
+    ``V = 1 / max(Σ_i A_iᵀ1, ε)`` (column sums). The weighted residuals are the engine's gradient
+    pass with the row sums dividing each operator's term (:func:`daskrecon.engine.iteration.gradient`'s
+    ``row_weights``: made chunk by chunk from ones for chunk-wise operators; computed once per
+    operator on its worker for whole-image ones, :class:`daskrecon.tasks.fidelity.SIRTFidelity`).
+    The column sums are computed once, at the start, and kept in the state. The start is
+    ``Σ_i A_iᵀ y_i`` (deepinv's); the value reported is ``½ Σ_i ‖A_i x − y_i‖²``.
+
+    Parameters
+    ----------
+    step_size : float
+        ``τ``, in (0, 2) for convergence (deepinv's default 1).
+    eps : float
+        ``ε`` (deepinv's default 1e-8).
+    """
+
+    name = "sirt"
+    state = ("x", "column_sums")
+    pipelined = True
+    uses_step_size = False
+    prior_optional = True
+
+    def __init__(self, step_size: float = 1.0, eps: float = 1e-8) -> None:
+        super().__init__(step_size)
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0, got {eps!r}")
+        self.eps = float(eps)
+
+    def settings(self) -> dict:
+        return {**super().settings(), "eps": repr(self.eps)}
+
+    def check(self, problem: Problem) -> None:
+        super().check(problem)
+        if problem.denoiser is not None:
+            raise ValueError("sirt takes no prior: pass denoiser=None (for a prior, use 'mlem'/'osem' with a denoiser, "
+                             "or 'fista' / 'admm')")
+
+    def initial(self, problem: Problem) -> da.Array:
+        return graph.adjoint_sum(problem, scale=1.0)
+
+    def start(self, problem: Problem, x0: da.Array) -> dict[str, da.Array]:
+        return {"x": x0, "column_sums": self._sensitivity(problem, x0, None, "column-sums")}
+
+    def step(self, problem: Problem, state: dict[str, da.Array],
+             iteration: int) -> tuple[dict[str, da.Array], Delayed, Delayed]:
+        x, c = state["x"], state["column_sums"]
+        tag = graphs.token("sirt")
+        from deepinv.optim.distance import L2Distance
+
+        weighted = self._variant(problem, "sirt", fidelity_tasks.SIRTFidelity(self.eps), L2Distance())
+        g, value = graph.gradient(weighted, x, kind=f"weighted-residual-{tag}", row_weights=self.eps)
+        new = da.map_blocks(poisson_tasks.sirt_block, x, g, c, self.step_size, self.eps, dtype=x.dtype,
+                            name=f"sirt-{tag}")
+        return {"x": new, "column_sums": c}, value, graph.metrics(problem, new, x, f"metrics-{tag}")
+
+
 ALGORITHMS: dict[str, type[StepRule]] = {"pnp": PnP, "red": RED, "fista": FISTA, "fista-red": FISTARED, "hqs": HQS,
-                                         "admm": ADMM, "os-pnp": OSPnP, "svrg": SVRG, "mlem": MLEM, "osem": OSEM}
+                                         "admm": ADMM, "os-pnp": OSPnP, "svrg": SVRG, "mlem": MLEM, "osem": OSEM,
+                                         "sirt": SIRT}
 
 
 def step_rule(algorithm: str, step_size: float, **options: Any) -> StepRule:
@@ -612,6 +680,8 @@ def step_rule(algorithm: str, step_size: float, **options: Any) -> StepRule:
         return HQS(step_size, **cg)
     if cls is ADMM:
         return ADMM(step_size, options.get("admm_beta", 1.0), **cg)
+    if cls is SIRT:
+        return SIRT(step_size)
     if cls is MLEM:
         return MLEM(options.get("eps") or 1e-6, options.get("red_weight", 1.0))
     if cls is OSEM:

@@ -33,7 +33,8 @@ from daskrecon.tasks import iteration as iteration_tasks
 __all__ = ["adjoint_sum", "batch_values", "denoise", "gradient", "metrics"]
 
 def gradient(problem: Problem, x: da.Array, indices: Sequence[int] | None = None, *,
-             measured: bool = True, kind: str = "gradient") -> tuple[da.Array, Delayed]:
+             measured: bool = True, kind: str = "gradient",
+             row_weights: float | None = None) -> tuple[da.Array, Delayed]:
     """``(∇f(x), f(x))`` of ``f = Σ_i d_i(A_i x, y_i)`` (times ``problem.scale``), lazily.
 
     Chunk-wise operators: ``A_i`` and ``A_iᵀ`` by ``map_overlap``, the residual and the
@@ -44,6 +45,10 @@ def gradient(problem: Problem, x: da.Array, indices: Sequence[int] | None = None
     tree is fixed by the position in it). ``measured=False`` takes every ``y_i = 0``: for
     an L2 fidelity the result is then the normal operator ``Σ_i A_iᵀA_i x / σ²``
     (:mod:`daskrecon.engine.linsolve`).
+
+    ``row_weights=ε`` divides each chunk-wise operator's pixel-wise term by ``max(A_i 1, ε)``
+    (its row sums, SIRT's ``W``; made chunk by chunk from ones); whole-image operators take
+    theirs from their fidelity (:class:`daskrecon.tasks.poisson.SIRTFidelity`).
     """
     ctx, physics = problem.ctx, problem.physics
     fan_in = ctx.fan_in
@@ -63,7 +68,9 @@ def gradient(problem: Problem, x: da.Array, indices: Sequence[int] | None = None
             u = form.apply(x)
             # no-op for a planned problem (its chunks suit every operator); unmeasured, y = 0 is made in the tasks
             y = y.rechunk(u.chunks) if measured else None
-            r = da.map_blocks(fidelity_tasks.pointwise_grad_block, u, y, distance=problem.distances[i], dtype=u.dtype,
+            w = None if row_weights is None else form.apply(da.ones(x.shape, chunks=x.chunks, dtype=x.dtype))
+            r = da.map_blocks(fidelity_tasks.pointwise_grad_block, u, y, w, distance=problem.distances[i],
+                              eps=0.0 if row_weights is None else row_weights, dtype=u.dtype,
                               meta=np.empty((0,) * u.ndim, u.dtype), name=f"residual-{i}-{tag}")
             v = chunkwise_values(u, y, problem.distances[i], f"value-{i}-{tag}")
             grads.append(form.adjoint(r, x.chunks).rechunk(x.chunks))  # no-op when x's chunks suit the operator

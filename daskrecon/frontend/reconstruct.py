@@ -88,10 +88,10 @@ def reconstruct(
         (coordinates along an axis whose size the operators change are dropped).
     denoiser : DistributedProcessing or DistributedPrior or None
         A distributed denoiser (its ``prox`` for a prior). ``None`` for ``"mlem"`` and
-        ``"osem"`` without a prior.
+        ``"osem"`` without a prior, and for ``"sirt"``.
     data_fidelity : DistributedDataFidelity, optional
         Default: ``L2()`` on every operator.
-    algorithm : {"pnp", "red", "fista", "fista-red", "hqs", "admm", "os-pnp", "svrg", "mlem", "osem"} or StepRule
+    algorithm : {"pnp", "red", "fista", "fista-red", "hqs", "admm", "os-pnp", "svrg", "mlem", "osem", "sirt"} or StepRule
         ``"pnp"``: proximal gradient ``x ← D_σ(x − τ ∇f(x))``. ``"red"``: gradient descent on
         ``f + λ·RED``: ``x ← x − τ (∇f(x) + λ (x − D_σ(x)))``. ``"fista"``: accelerated
         proximal gradient with the same prior, deepinv's ``FISTA`` iteration
@@ -107,7 +107,9 @@ def reconstruct(
         for blurs; ordered subsets), positive and with no step size, from ones by default;
         with a denoiser, the one-step-late prior term ``λ (u − D_σ(u))``, ``λ`` the
         ``red_weight`` (:class:`~daskrecon.engine.algorithms.MLEM`,
-        :class:`~daskrecon.engine.algorithms.OSEM`).
+        :class:`~daskrecon.engine.algorithms.OSEM`). ``"sirt"``: the CT workhorse, row- and
+        column-normalized residual steps, ``τ`` default 1, no prior
+        (:class:`~daskrecon.engine.algorithms.SIRT`).
         A :class:`~daskrecon.engine.algorithms.StepRule` instance runs as given (its own step size
         and options).
     n_iter : int

@@ -11,7 +11,7 @@ from deepinv.optim.data_fidelity import L2, DataFidelity
 from daskrecon.errors import ShapeError
 from daskrecon.tasks.arrays import module_device, to_numpy, to_tensor
 
-__all__ = ["fidelity_fn_op", "fidelity_grad_op", "fidelity_grad_value_op", "fidelity_hvp_op", "pointwise_grad_block",
+__all__ = ["SIRTFidelity", "fidelity_fn_op", "fidelity_grad_op", "fidelity_grad_value_op", "fidelity_hvp_op", "pointwise_grad_block",
            "pointwise_value_block", "uses_chain_rule"]
 
 
@@ -129,11 +129,16 @@ def fidelity_fn_op(
     return to_numpy(torch.as_tensor(out))
 
 
-def pointwise_grad_block(u: np.ndarray, y: np.ndarray | None, distance: Any) -> np.ndarray:
-    """``∇_u d(u, y)`` of a separable distance on one chunk (``y=None``: zeros, made here)."""
+def pointwise_grad_block(u: np.ndarray, y: np.ndarray | None, weight: np.ndarray | None = None, *, distance: Any,
+                         eps: float = 0.0) -> np.ndarray:
+    """``∇_u d(u, y)`` of a separable distance on one chunk (``y=None``: zeros, made here), divided by
+    ``max(weight, eps)`` when a weight chunk is given (SIRT's row sums)."""
     y = np.zeros_like(u) if y is None else y
     with torch.no_grad():
-        return distance.grad(torch.from_numpy(np.ascontiguousarray(u)), torch.from_numpy(np.ascontiguousarray(y))).numpy()
+        g = distance.grad(torch.from_numpy(np.ascontiguousarray(u)), torch.from_numpy(np.ascontiguousarray(y)))
+        if weight is not None:
+            g = g / torch.from_numpy(np.ascontiguousarray(weight)).clamp(min=eps)
+        return g.numpy()
 
 
 def pointwise_value_block(u: np.ndarray, y: np.ndarray | None, distance: Any) -> np.ndarray:
@@ -142,3 +147,30 @@ def pointwise_value_block(u: np.ndarray, y: np.ndarray | None, distance: Any) ->
     with torch.no_grad():
         v = distance.fn(torch.from_numpy(np.ascontiguousarray(u)), torch.from_numpy(np.ascontiguousarray(y)))
     return v.double().numpy().reshape((u.shape[0],) + (1,) * (u.ndim - 1))
+
+
+class SIRTFidelity(DataFidelity):
+    """SIRT's weighted residual back-projected: ``grad(x, y, A) = A.A_adjoint((A x − y) / max(A 1, ε))``.
+
+    The value is the plain L2 term ``½‖A x − y‖²``. The row sums ``A 1`` are computed once per
+    operator and image shape, on the worker holding the operator, and kept with this object
+    (which lives there while the physics does): later iterations reuse them.
+    """
+
+    def __init__(self, eps: float = 1e-8) -> None:
+        super().__init__()
+        from deepinv.optim.distance import L2Distance
+
+        self.d = L2Distance()
+        self.eps = float(eps)
+        self._rows: dict = {}
+
+    def grad(self, x: torch.Tensor, y: torch.Tensor, physics: Any, *args, **kwargs) -> torch.Tensor:
+        key = (id(physics), tuple(x.shape), x.dtype)
+        with torch.no_grad():
+            if key not in self._rows:
+                self._rows[key] = physics.A(torch.ones_like(x)).clamp(min=self.eps)
+            return physics.A_adjoint((physics.A(x) - y) / self._rows[key])
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_rows": {}}

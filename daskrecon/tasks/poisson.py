@@ -17,7 +17,7 @@ import torch
 from deepinv.optim.data_fidelity import DataFidelity
 from deepinv.optim.distance import Distance
 
-__all__ = ["Ones", "OnesFidelity", "Ratio", "RatioFidelity", "em_block", "em_numerator_block", "red_term_block"]
+__all__ = ["Ones", "OnesFidelity", "Ratio", "RatioFidelity", "em_block", "em_numerator_block", "red_term_block", "sirt_block"]
 
 
 class Ratio(Distance):
@@ -89,3 +89,8 @@ def em_numerator_block(x: np.ndarray, back: np.ndarray) -> np.ndarray:
 def red_term_block(u: np.ndarray, d: np.ndarray) -> np.ndarray:
     """``u − D(u)`` on a chunk: RED's gradient."""
     return u - d
+
+
+def sirt_block(x: np.ndarray, g: np.ndarray, column_sums: np.ndarray, tau: float, eps: float) -> np.ndarray:
+    """SIRT's update on a chunk, in deepinv's order: ``x + (τ · (−g)) / max(c, ε)``, ``g = Σ_i A_iᵀ W_i (A_i x − y_i)``."""
+    return x + (np.asarray(tau, dtype=x.dtype) * -g) / np.maximum(column_sums, np.asarray(eps, dtype=x.dtype))
