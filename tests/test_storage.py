@@ -199,7 +199,15 @@ def test_a_lazy_result_is_written_only_where_the_workers_see_it(island, tmp_path
             write_image(tmp_path / "out" / "result.zarr", x, overwrite=False, ctx=ctx)
         assert not (tmp_path / "out" / "result.zarr").exists()
         where = write_image(os.path.join(shared_dir, "result.zarr"), x, overwrite=False, ctx=ctx)
+        # an OME-Zarr pyramid too: refused before anything is written, then every level of it on the driver's side
+        pytest.importorskip("ome_zarr")  # the [ome] extra, installed by the [test] extra
+        with pytest.raises(StorageNotSharedError, match="workers write the OME-Zarr image there"):
+            dr.write_ome_zarr(x, str(tmp_path / "out" / "result.ome.zarr"), levels=2, ctx=ctx)
+        assert not (tmp_path / "out" / "result.ome.zarr").exists()
+        ome = dr.write_ome_zarr(x, os.path.join(shared_dir, "result.ome.zarr"), levels=2, ctx=ctx)
     assert zarr.open_array(where)[...].sum() == 32 * 32  # every chunk, on the driver's side
+    levels = [dr.open_ome_zarr(ome, level=k).data.compute(scheduler="sync") for k in (0, 1)]
+    assert [lv.shape for lv in levels] == [(1, 1, 32, 32), (1, 1, 16, 16)] and all((lv == 1).all() for lv in levels)
 
 
 def test_the_check_is_one_call_per_worker_set(ctx, tmp_path):
