@@ -57,6 +57,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=24)
     p.add_argument("--patch", type=int, default=48)
     p.add_argument("--out", default=str(Path(__file__).parents[1] / "daskrecon" / "data" / "dncnn_small.pt"))
+    p.add_argument("--depth", type=int, default=None, help="default: the bundled denoiser's")
+    p.add_argument("--features", type=int, default=None, help="default: the bundled denoiser's")
+    p.add_argument("--bf16", action="store_true", help="forward and backward under bf16 autocast (fp32 weights)")
     args = p.parse_args()
     from deepinv.models import DnCNN
 
@@ -64,7 +67,9 @@ def main() -> None:
 
     torch.manual_seed(0)
     images = [rgb(n) for n in TRAIN]
-    model = DnCNN(**BUNDLED_DENOISER, pretrained=None)
+    arch = {**BUNDLED_DENOISER, **({"depth": args.depth} if args.depth else {}),
+            **({"nf": args.features} if args.features else {})}
+    model = DnCNN(**arch, pretrained=None)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.steps)
     t0 = time.time()
@@ -80,7 +85,9 @@ def main() -> None:
             batch.append(patch[torch.randperm(3)])  # channel shuffles: colour variety
         x = torch.stack(batch)
         sigma = 0.2 * torch.rand(x.shape[0], 1, 1, 1)
-        loss = torch.nn.functional.mse_loss(model(x + sigma * torch.randn_like(x)), x)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            out = model(x + sigma * torch.randn_like(x))
+        loss = torch.nn.functional.mse_loss(out.float(), x)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -91,7 +98,7 @@ def main() -> None:
     torch.save(model.state_dict(), args.out)
     scores = evaluate(model)
     Path(args.out).with_suffix(".json").write_text(json.dumps(
-        {"architecture": BUNDLED_DENOISER, "steps": args.steps, "train_images": TRAIN, "held_out": HELD_OUT,
+        {"architecture": arch, "steps": args.steps, "bf16": args.bf16, "train_images": TRAIN, "held_out": HELD_OUT,
          "held_out_psnr": scores, "train_seconds": time.time() - t0}, indent=2) + "\n")
     print(json.dumps(scores, indent=2))
 
