@@ -203,6 +203,8 @@ def test_a_lazy_result_is_written_only_where_the_workers_see_it(island, tmp_path
         pytest.importorskip("ome_zarr")  # the [ome] extra, installed by the [test] extra
         with pytest.raises(StorageNotSharedError, match="workers write the OME-Zarr image there"):
             dr.write_ome_zarr(x, str(tmp_path / "out" / "result.ome.zarr"), levels=2, ctx=ctx)
+        with ctx.client.as_current(), pytest.raises(StorageNotSharedError, match="OME-Zarr image there"):
+            dr.write_ome_zarr(x, str(tmp_path / "out" / "result.ome.zarr"), levels=2)  # Dask's current client: the same
         assert not (tmp_path / "out" / "result.ome.zarr").exists()
         ome = dr.write_ome_zarr(x, os.path.join(shared_dir, "result.ome.zarr"), levels=2, ctx=ctx)
     assert zarr.open_array(where)[...].sum() == 32 * 32  # every chunk, on the driver's side

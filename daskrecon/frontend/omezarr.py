@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from daskrecon.errors import OMEZarrError, OutputExistsError
+from daskrecon.runtime.defaults import default
 
 __all__ = ["OMEImage", "is_ome_zarr", "open_ome_zarr", "pyramid_factors", "write_ome_zarr"]
 
@@ -340,7 +341,8 @@ def write_ome_zarr(
         deleted.
     ctx : DistributedContext, optional
         The context whose cluster computes a dask ``x`` (bounded by its stall timeout); default:
-        Dask's current client, or the local scheduler.
+        Dask's current client (bounded by ``daskrecon.context.stall-timeout``), or the local
+        scheduler. Where workers write, they are first checked to see the target's folder.
 
     Returns
     -------
@@ -395,17 +397,22 @@ def write_ome_zarr(
     parent = fs._parent(root)
     fs.makedirs(parent, exist_ok=True)
     client = getattr(ctx, "client", None)
+    stall_timeout = getattr(ctx, "stall_timeout", None)
     if client is None:
         from distributed import default_client
 
         try:
             client = default_client()
         except ValueError:
-            client = None
-    if client is not None and ctx is not None:
+            client = None  # Dask's local scheduler: this process writes
+        stall_timeout = default("context.stall-timeout")
+    if client is not None:  # workers write the chunks: they must see the folder (else holes read as zeros)
+        from types import SimpleNamespace
+
         from daskrecon.runtime.storage import check_shared
 
-        check_shared(ctx, fs, parent, path, why="the workers write the OME-Zarr image there",
+        check_shared(SimpleNamespace(client=client, stall_timeout=stall_timeout), fs, parent, path,
+                     why="the workers write the OME-Zarr image there",
                      hint="write it to a folder that the driver and every worker see (a shared file system) "
                           "or an fsspec URL (s3://…)")
     try:
@@ -415,8 +422,7 @@ def write_ome_zarr(
                 data, path, scale_factors=[{a: f for a in space} for f in factors], method=Methods(method),
                 fmt=format_from_version(version), axes=axes, scale=scale, axes_units=unit or None,
                 name=name, compute=False)
-        compute(delayed, client=client, what="writing the OME-Zarr image",
-                stall_timeout=getattr(ctx, "stall_timeout", None))
+        compute(delayed, client=client, what="writing the OME-Zarr image", stall_timeout=stall_timeout)
     except BaseException:
         # the metadata goes first: a half-written image would open in a viewer with holes read as zeros
         if fs.exists(root):
