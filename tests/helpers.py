@@ -224,3 +224,33 @@ def fragment_heap(seed: int = 0) -> int:
             keep.pop(int(rng.integers(0, len(keep) - 5)))
     keep.clear()
     return len(_PINNED)
+
+
+#: A 3-D deconvolution config (tests/test_config.py, and with OME-Zarr in and out tests/test_omezarr.py).
+VOLUME_CONFIG = """
+[input]
+measurements = ["y.zarr"]
+ground_truth = "x.zarr"
+
+[[operators]]
+type = "blur"
+sigma = [1.0, 1.0, 1.0]
+padding = "reflect"
+
+[denoiser]
+weights = "bundled-3d"
+patch_size = 16
+overlap = 4
+
+[solver]
+algorithm = "fista"
+iterations = 4
+step_size = 1.0
+
+[output]
+path = "result.zarr"
+
+[cluster]
+kind = "local"
+n_workers = 1
+"""

@@ -8,7 +8,7 @@ from daskrecon.cli import app
 from daskrecon.demo import demo_problem
 from daskrecon.tasks.precision import supported
 
-from helpers import snapshot
+from helpers import VOLUME_CONFIG, snapshot
 
 CONFIG = """
 [input]
@@ -137,33 +137,6 @@ def test_bad_configs_name_the_key(inputs, edit, message):
     assert snapshot(inputs) == before  # even with overwrite = true, a refused run changes no file
 
 
-VOLUME_CONFIG = """
-[input]
-measurements = ["y.zarr"]
-ground_truth = "x.zarr"
-
-[[operators]]
-type = "blur"
-sigma = [1.0, 1.0, 1.0]
-padding = "reflect"
-
-[denoiser]
-weights = "bundled-3d"
-patch_size = 16
-overlap = 4
-
-[solver]
-algorithm = "fista"
-iterations = 4
-step_size = 1.0
-
-[output]
-path = "result.zarr"
-
-[cluster]
-kind = "local"
-n_workers = 1
-"""
 
 
 def test_a_volume_config_streams_from_zarr(tmp_path):

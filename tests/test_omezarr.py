@@ -11,7 +11,7 @@ import zarr
 import daskrecon as dr
 from daskrecon.errors import OMEZarrError, OutputExistsError
 
-from helpers import blurs, noisy_measurements, small_dncnn
+from helpers import VOLUME_CONFIG, blurs, noisy_measurements, small_dncnn
 
 # the [ome] extra; the [test] extra installs it (and the validator), so CI runs these
 ome_zarr = pytest.importorskip("ome_zarr")
@@ -190,35 +190,8 @@ def test_an_out_of_core_reconstruction_from_ome_zarr_writes_a_pyramid_like_its_i
     assert back.units == {"y": "micrometer", "x": "micrometer"}
 
 
-OME_CONFIG = """
-[input]
-measurements = ["y.ome.zarr"]
-ground_truth = "x.ome.zarr"
-
-[[operators]]
-type = "blur"
-sigma = [1.0, 1.0, 1.0]
-padding = "reflect"
-
-[denoiser]
-weights = "bundled-3d"
-patch_size = 16
-overlap = 4
-
-[solver]
-algorithm = "fista"
-iterations = 4
-step_size = 1.0
-
-[output]
-path = "result.ome.zarr"
-ngff = "0.5"
-levels = 2
-
-[cluster]
-kind = "local"
-n_workers = 1
-"""
+OME_CONFIG = VOLUME_CONFIG.replace('["y.zarr"]', '["y.ome.zarr"]').replace('"x.zarr"', '"x.ome.zarr"').replace(
+    'path = "result.zarr"', 'path = "result.ome.zarr"\nngff = "0.5"\nlevels = 2')
 
 
 def test_the_cli_reads_ome_zarr_and_writes_an_ome_zarr_pyramid(tmp_path):

@@ -197,15 +197,22 @@ def open_ome_zarr(path: str, level: int = 0) -> OMEImage:
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Multiscales, Reader
 
-    path = str(path)
-    logging.getLogger("ome_zarr").setLevel(logging.ERROR)  # a "version mismatch" notice for every 0.4 image
     from fsspec.core import url_to_fs
 
+    path = str(path)
     fs, root = url_to_fs(path)
     if not fs.exists(root):
         raise OMEZarrError(f"no OME-Zarr image at {path!r}: nothing is there")
-    loc = parse_url(path)
-    nodes = [] if loc is None else [n for n in Reader(loc)() if any(isinstance(s, Multiscales) for s in n.specs)]
+    # ome-zarr logs a "version mismatch" warning for every 0.4 image it opens: quiet for this read only,
+    # the user's logging configuration left as it was
+    quiet = logging.getLogger("ome_zarr")
+    before = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        loc = parse_url(path)
+        nodes = [] if loc is None else [n for n in Reader(loc)() if any(isinstance(s, Multiscales) for s in n.specs)]
+    finally:
+        quiet.setLevel(before)
     if not nodes:
         raise OMEZarrError(f"{path!r} is not an OME-Zarr image (no 'multiscales' metadata): open a plain Zarr array "
                            "with dask.array.from_zarr, or a plate's image by its own path (plate/row/col/field)")
