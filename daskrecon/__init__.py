@@ -32,6 +32,7 @@ from daskrecon.planning.receptive import receptive_radius
 from daskrecon.planning.reduction import reduction_plan
 from daskrecon.engine.signal import DistributedSignal
 from daskrecon.frontend.reconstruct import reconstruct
+from daskrecon.operators.slicewise import slicewise
 from daskrecon.planning import strategies
 
 __version__ = "0.1.0"
@@ -59,6 +60,7 @@ __all__ = [
     "reconstruct",
     "reduction_plan",
     "register",
+    "slicewise",
     "strategies",
     "write_ome_zarr",
 ]

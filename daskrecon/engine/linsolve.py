@@ -29,6 +29,7 @@ from daskrecon.engine.checkpoint import Checkpoint
 from daskrecon.engine.problem import Problem
 from daskrecon.engine.signal import DistributedSignal, advance
 from daskrecon.errors import DaskreconError
+from daskrecon.operators.chunkwise import LocalOperator
 from daskrecon.planning.fingerprint import fingerprint
 from daskrecon.runtime import graphs
 from daskrecon.runtime.memory import MemoryLimitError, check_fits
@@ -127,7 +128,7 @@ def fourier_period(problem: Problem) -> tuple[int, str | None]:
     """
     forms = problem.physics.chunkwise_forms()  # whether or not the planner streams them chunk-wise
     for i, form in enumerate(forms):
-        if form is None or form.mask is not None or form.mask_bound is not None \
+        if not isinstance(form, LocalOperator) or form.mask is not None or form.mask_bound is not None \
                 or (form.filter is not None and form.padding != "circular") or (form.filter is None and form.factor == 1):
             return 1, f"operator {i} is not a circular convolution (subsampled or not)"
         if not isinstance(problem.fidelity.source(i), L2):

@@ -29,7 +29,7 @@ from distributed import Future
 from daskrecon.engine.terms import (check_whole_fits, choose_forms, output_chunks, place_mask, place_measurement,
                                     whole_adjoint)
 from daskrecon.errors import ShapeError
-from daskrecon.planning.chunking import plan_chunks, working_chunks, zarr_aligned
+from daskrecon.planning.chunking import plan_chunks, whole_axes, working_chunks, zarr_aligned
 from daskrecon.planning.fingerprint import fingerprint
 from daskrecon.runtime import graphs
 from daskrecon.runtime.arrays import as_numpy, persist_fresh
@@ -282,13 +282,13 @@ def iterate_chunks(denoiser: Any, shape: tuple[int, ...], dtype: np.dtype,
     if denoiser is None:  # no tiles to align to
         return plan_chunks(shape, np.dtype(dtype).itemsize, [min(shape[a], NO_DENOISER_PATCH) for a in spatial],
                            overlap=[0] * len(spatial), factor=math.lcm(*(f.factor for f in forms)) if forms else 1,
-                           min_size=max((f.min_chunk(2) for f in forms), default=1))
+                           min_size=max((f.min_chunk(2) for f in forms), default=1), whole=whole_axes(forms))
     dims, patch, overlap = denoiser.geometry(shape)
     patch_nd = [patch[dims.index(a)] if a in dims else shape[a] for a in spatial]
     over_nd = [overlap[dims.index(a)] if a in dims else 0 for a in spatial]
     return plan_chunks(shape, np.dtype(dtype).itemsize, patch_nd, overlap=over_nd, align=denoiser.align,
                        factor=math.lcm(*(f.factor for f in forms)) if forms else 1,
-                       min_size=max((f.min_chunk(2) for f in forms), default=1))
+                       min_size=max((f.min_chunk(2) for f in forms), default=1), whole=whole_axes(forms))
 
 
 def store_inputs(problem: Problem, store: Any) -> Problem:

@@ -369,7 +369,7 @@ def step_size_bound(problem: Problem) -> float:
     bound, pending = 0.0, []
     for i, form in enumerate(problem.forms):
         if form is not None:
-            bound += weights[i] * form.norm_bound()
+            bound += weights[i] * form.norm_bound(problem.shape)
         elif _normalized_circular_blur(physics, i):
             bound += weights[i]
         else:

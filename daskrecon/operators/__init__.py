@@ -2,6 +2,8 @@
 
 - :mod:`.chunkwise`: local operators (blurs, down-sampling, inpainting...) as chunk-by-chunk
   Dask graphs with exact halos (``local_form``, a registry users extend);
+- :mod:`.slicewise`: 2-D operators on every slice of a volume (CT, multi-slice MRI), slab by
+  slab with no halo (``slicewise``);
 - faster equivalents evaluated on the workers (:class:`FFTConvolution`, :func:`specialize`,
   :func:`original`) live in :mod:`daskrecon.tasks.substitutes`, since they run inside tasks,
   and are re-exported here.
@@ -11,6 +13,8 @@ May import: :mod:`daskrecon.errors`, :mod:`daskrecon.planning`, :mod:`daskrecon.
 """
 
 from daskrecon.operators.chunkwise import LocalOperator, local_form
+from daskrecon.operators.slicewise import Slicewise, SlicewiseOperator, slicewise
 from daskrecon.tasks.substitutes import FFTConvolution, original, specialize
 
-__all__ = ["FFTConvolution", "LocalOperator", "local_form", "original", "specialize"]
+__all__ = ["FFTConvolution", "LocalOperator", "Slicewise", "SlicewiseOperator", "local_form", "original", "slicewise",
+           "specialize"]

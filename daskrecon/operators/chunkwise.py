@@ -149,9 +149,9 @@ class LocalOperator:
         k = self.filter if self.filter is not None else np.ones((1,) * ndim)
         return np.asarray(k, dtype=dtype)
 
-    def norm_bound(self) -> float:
+    def norm_bound(self, shape: tuple[int, ...] | None = None) -> float:
         """An upper bound of ``‖A‖²``: ``‖k‖₁² · max|m|²`` (Young's inequality; exact for a
-        non-negative blur kernel that sums to 1 under circular padding)."""
+        non-negative blur kernel that sums to 1 under circular padding), whatever the image's ``shape``."""
         bound = 1.0
         if self.filter is not None:
             k = np.abs(np.asarray(self.filter, dtype=np.float64))

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MAX_CHUNK_BYTES", "MIN_CHUNKS", "plan_chunks", "working_chunks", "zarr_aligned"]
+__all__ = ["MAX_CHUNK_BYTES", "MIN_CHUNKS", "plan_chunks", "whole_axes", "working_chunks", "zarr_aligned"]
 
 #: Largest chunk of the iterate, in bytes (a chunk and its halo are held whole by a task).
 MAX_CHUNK_BYTES = 64 * 2**20
@@ -39,6 +39,7 @@ def plan_chunks(
     max_bytes: int = MAX_CHUNK_BYTES,
     min_chunks: int = MIN_CHUNKS,
     min_bytes: int = MIN_CHUNK_BYTES,
+    whole: Sequence[int] = (),
 ) -> tuple[tuple[int, ...], ...]:
     """Regular chunks of a ``(B, C, H, W)`` iterate (or a ``(B, C, D, H, W)`` volume).
 
@@ -65,6 +66,9 @@ def plan_chunks(
         every chunk keeps at least ``min_bytes``.
     min_bytes : int
         Smallest chunk worth a task of its own (a small image stays one chunk).
+    whole : sequence of int
+        Axes (of ``shape``, 2 and up) kept in one chunk: a slice-by-slice operator's
+        (:mod:`daskrecon.operators.slicewise`) ``H`` and ``W``.
 
     Returns
     -------
@@ -89,6 +93,10 @@ def plan_chunks(
         raise ValueError(f"patch and overlap need one entry per spatial axis ({nd}), got {patch!r}, {overlap!r}")
     step = math.lcm(max(1, align), max(1, factor))
     base = [_round_up(max(1, int(p)), step) for p in patch]
+    for a in whole:
+        if not 2 <= a < len(shape):
+            raise ValueError(f"whole names spatial axes (2 to {len(shape) - 1}), got {a}")
+        base[a - 2] = spatial[a - 2]
     per_pixel = b * c * itemsize
     need = [max(min_size, int(o), 1) for o in overlap]
     tiles = [max(1, -(-n // p)) for n, p in zip(spatial, base)]
@@ -120,13 +128,22 @@ def working_chunks(shape: tuple[int, ...], chunks: tuple[tuple[int, ...], ...],
     Zarr stores regular chunks only, and a write aligned with them needs no lock.
     """
     factor = math.lcm(*(f.factor for f in forms)) if forms else 1
+    whole = whole_axes(forms)
     out = [(shape[0],), (shape[1],)]
     for axis in range(2, len(shape)):
+        if axis in whole:
+            out.append((shape[axis],))
+            continue
         n = len(chunks[axis])
         need = max((f.min_chunk(n) for f in forms), default=1)
         size = min(-(-max(chunks[axis][0], need) // factor) * factor, shape[axis])
         out.append(_regular(shape[axis], size, need, factor))
     return tuple(out)
+
+
+def whole_axes(forms: list[Any]) -> tuple[int, ...]:
+    """Axes some operator needs whole in every chunk (``whole_axes`` of its chunk-wise form)."""
+    return tuple(sorted({a for f in forms for a in getattr(f, "whole_axes", ())}))
 
 
 def _round_up(n: int, step: int) -> int:
