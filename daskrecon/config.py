@@ -26,14 +26,15 @@ Example (every key shown; only ``measurements`` and ``operators`` are required):
     [solver]
     algorithm = "red"                          # pnp | red | fista | fista-red | hqs | admm | os-pnp | svrg |
                                                # mlem | osem (Poisson EM: with a [denoiser] section, its
-                                               # one-step-late RED prior term) | sirt (CT; no denoiser)
+                                               # one-step-late RED prior term) | sirt (CT; no denoiser) |
+                                               # bsrem (relaxed OSEM; with a [denoiser] section, RED's gradient)
     iterations = 30                            # every [solver] / [checkpoint] key defaults as reconstruct()'s
     step_size = 0.3
     sigma_denoiser = 0.05
     red_weight = 0.3
     tol = 1e-4                                 # optional: stop when the relative change is below
     max_time = 3600                            # optional: wall-clock budget in seconds
-    n_subsets = 4                              # os-pnp | svrg | osem: operator subsets (required for them)
+    n_subsets = 4                              # os-pnp | svrg | osem | bsrem: operator subsets (required for them)
     seed = 0                                   # os-pnp | svrg | osem: seed of the subset order
     cg_max_iter = 50                           # hqs | admm: conjugate gradient of the data prox
     cg_tol = 1e-5

@@ -15,7 +15,7 @@ from daskrecon.testing import assert_allclose
 
 from helpers import blurs, noisy_measurements, small_dncnn
 
-ALL = ["pnp", "red", "fista", "fista-red", "hqs", "admm", "os-pnp", "svrg", "mlem", "osem", "sirt"]
+ALL = ["pnp", "red", "fista", "fista-red", "hqs", "admm", "os-pnp", "svrg", "mlem", "osem", "sirt", "bsrem"]
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def problem(ctx):
 
 
 def _options(algorithm):
-    return {"n_subsets": 2} if algorithm in ("os-pnp", "svrg", "osem") else {}
+    return {"n_subsets": 2} if algorithm in ("os-pnp", "svrg", "osem", "bsrem") else {}
 
 
 def _rel(a, b):

@@ -139,3 +139,30 @@ def test_sirt_refuses_a_prior(ctx):
     with pytest.raises(ValueError, match="sirt takes no prior"):
         dr.reconstruct(dr.distribute(ops, ctx), _poisson(ops, x_true), dr.distribute(small_dncnn(3), ctx),
                        algorithm="sirt", n_iter=1, progress=False)
+
+
+@pytest.mark.parametrize("kind,prior", [("blurs", None), ("tomography", None), ("tomography", "rdp"),
+                                        ("blurs", "red")])
+def test_bsrem_is_deepinvs_bsrem(ctx, kind, prior):
+    """Subsets in deepinv's fixed order, its preconditioner, support and clamp; deepinv's relative-difference
+    prior (RDP) tile by tile, or RED's gradient for a denoiser."""
+    ops, x_true = _operators(kind)
+    y = _poisson(ops, x_true)
+    m = len(ops)
+    model = small_dncnn(x_true.shape[1])
+    deepinv_prior = {None: None, "rdp": dinv.optim.RDP(gamma=2.0), "red": dinv.optim.RED(model)}[prior]
+    ref = dinv.optim.BSREM(prior=deepinv_prior, num_subsets=m, lambda_reg=0.3, g_param=0.05, stepsize=0.7,
+                           max_iter=2)(dinv.utils.TensorList(y), dinv.physics.StackedLinearPhysics(ops))
+    den = {None: None, "rdp": lambda: dr.distribute(dinv.optim.RDP(gamma=2.0), ctx, patch_size=16, overlap=2),
+           "red": lambda: dr.distribute(model, ctx, patch_size=16, overlap=6)}[prior]
+    dphys = dr.distribute(_operators(kind)[0], ctx)  # fresh: a Tomography that ran does not pickle
+    out, hist = dr.reconstruct(dphys, y, den() if den else None, algorithm="bsrem", n_subsets=m, n_iter=2 * m,
+                               step_size=0.7, red_weight=0.3, sigma_denoiser=0.05, progress=False,
+                               return_history=True)
+    assert _rel(out, ref) <= 1e-5
+    assert [h["subset"] for h in hist] == [k % m for k in range(2 * m)]
+    assert float(out.min()) > 0 and _rel(out, torch.ones_like(out)) > 0.1
+    if prior is not None:
+        plain = dr.reconstruct(dphys, y, None, algorithm="bsrem", n_subsets=m, n_iter=2 * m, step_size=0.7,
+                               progress=False)
+        assert _rel(out, plain) > 1e-4  # the prior acts

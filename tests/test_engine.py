@@ -56,14 +56,14 @@ def test_iterations_are_constant_graphs_and_send_no_image_to_the_driver(ctx, mon
 
 
 @pytest.mark.parametrize("algorithm", ["pnp", "red", "fista", "fista-red", "hqs", "admm", "admm-cg", "os-pnp", "svrg",
-                                       "mlem", "osem", "sirt"])
+                                       "mlem", "osem", "sirt", "bsrem"])
 def test_results_are_bitwise_the_same_on_1_2_3_workers_and_in_either_storage(ctx1, ctx, ctx3, tmp_path, algorithm):
     # hqs/admm: circular blurs, so their prox is the closed form by default; "admm-cg" iterates
     ops, x_true, y, model = _problem(size=72)
     kw = dict(n_iter=3, step_size=0.3, progress=False, chunks=(32, 32), algorithm=algorithm.removesuffix("-cg"))
     if algorithm.endswith("-cg"):
         kw.update(prox_solver="cg", cg_max_iter=8)  # iterates (8 CG steps per prox): the bits are the claim
-    if algorithm in ("os-pnp", "svrg", "osem"):
+    if algorithm in ("os-pnp", "svrg", "osem", "bsrem"):
         kw["n_subsets"] = 2
     if algorithm == "sirt":  # no prior; its own step
         kw.pop("step_size")

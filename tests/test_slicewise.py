@@ -124,7 +124,7 @@ def _ct_problem(n_ops=3, depth=10, width=24):
     return ops, x_true, y
 
 
-@pytest.mark.parametrize("algorithm", ["pnp", "fista", "sirt", "osem"])
+@pytest.mark.parametrize("algorithm", ["pnp", "fista", "sirt", "osem", "bsrem"])
 def test_ct_volume_reconstructs_slab_by_slab_bitwise_on_1_2_3_workers_in_memory_and_out_of_core(
         ctx1, ctx, ctx3, tmp_path, algorithm):
     ops, x_true, y = _ct_problem()
@@ -132,7 +132,7 @@ def test_ct_volume_reconstructs_slab_by_slab_bitwise_on_1_2_3_workers_in_memory_
     kw = dict(algorithm=algorithm, n_iter=3, progress=False, chunks=(4, 24, 24))
     if algorithm in ("pnp", "fista"):
         kw.update(step_size=0.5, x0=torch.zeros_like(x_true))
-    if algorithm == "osem":
+    if algorithm in ("osem", "bsrem"):
         y = [v.clamp_min(0) + 0.05 for v in y]  # Poisson data are positive
         kw["n_subsets"] = 3
 

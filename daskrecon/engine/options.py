@@ -27,7 +27,7 @@ CONFIGURED = {"algorithm": "algorithm", "n_iter": "iterations", "sigma_denoiser"
               "progress": "progress", "cg_max_iter": "cg-max-iter", "cg_tol": "cg-tol", "prox_solver": "prox-solver"}
 
 #: Algorithms that visit one operator subset per iteration (they need ``n_subsets``).
-SUBSET_ALGORITHMS = ("os-pnp", "svrg", "osem")
+SUBSET_ALGORITHMS = ("os-pnp", "svrg", "osem", "bsrem")
 
 
 @dataclass(frozen=True)

@@ -87,11 +87,11 @@ def reconstruct(
         dims, attributes and coordinates of ``x0`` if it is one, else of the first of them
         (coordinates along an axis whose size the operators change are dropped).
     denoiser : DistributedProcessing or DistributedPrior or None
-        A distributed denoiser (its ``prox`` for a prior). ``None`` for ``"mlem"`` and
-        ``"osem"`` without a prior, and for ``"sirt"``.
+        A distributed denoiser (its ``prox`` for a prior). ``None`` for ``"mlem"``,
+        ``"osem"`` and ``"bsrem"`` without a prior, and for ``"sirt"``.
     data_fidelity : DistributedDataFidelity, optional
         Default: ``L2()`` on every operator.
-    algorithm : {"pnp", "red", "fista", "fista-red", "hqs", "admm", "os-pnp", "svrg", "mlem", "osem", "sirt"} or StepRule
+    algorithm : {"pnp", "red", "fista", "fista-red", "hqs", "admm", "os-pnp", "svrg", "mlem", "osem", "sirt", "bsrem"} or StepRule
         ``"pnp"``: proximal gradient ``x ← D_σ(x − τ ∇f(x))``. ``"red"``: gradient descent on
         ``f + λ·RED``: ``x ← x − τ (∇f(x) + λ (x − D_σ(x)))``. ``"fista"``: accelerated
         proximal gradient with the same prior, deepinv's ``FISTA`` iteration
@@ -109,7 +109,11 @@ def reconstruct(
         ``red_weight`` (:class:`~daskrecon.engine.algorithms.MLEM`,
         :class:`~daskrecon.engine.algorithms.OSEM`). ``"sirt"``: the CT workhorse, row- and
         column-normalized residual steps, ``τ`` default 1, no prior
-        (:class:`~daskrecon.engine.algorithms.SIRT`).
+        (:class:`~daskrecon.engine.algorithms.SIRT`). ``"bsrem"``: block sequential regularized EM,
+        deepinv's convergent relaxed OSEM, ``n_subsets`` subsets in a fixed order, ``τ`` the relaxation
+        (default 1), with a distributed prior's gradient (e.g. ``deepinv.optim.RDP``, the
+        relative-difference prior) or RED's for a denoiser, weight ``red_weight``
+        (:class:`~daskrecon.engine.algorithms.BSREM`).
         A :class:`~daskrecon.engine.algorithms.StepRule` instance runs as given (its own step size
         and options).
     n_iter : int

@@ -17,7 +17,8 @@ import torch
 from deepinv.optim.data_fidelity import DataFidelity
 from deepinv.optim.distance import Distance
 
-__all__ = ["Ones", "OnesFidelity", "Ratio", "RatioFidelity", "em_block", "em_numerator_block", "red_term_block", "sirt_block"]
+__all__ = ["Ones", "OnesFidelity", "Ratio", "RatioFidelity", "em_block", "em_numerator_block", "red_term_block", "sirt_block",
+           "bsrem_block", "support_block"]
 
 
 class Ratio(Distance):
@@ -94,3 +95,25 @@ def red_term_block(u: np.ndarray, d: np.ndarray) -> np.ndarray:
 def sirt_block(x: np.ndarray, g: np.ndarray, column_sums: np.ndarray, tau: float, eps: float) -> np.ndarray:
     """SIRT's update on a chunk, in deepinv's order: ``x + (τ · (−g)) / max(c, ε)``, ``g = Σ_i A_iᵀ W_i (A_i x − y_i)``."""
     return x + (np.asarray(tau, dtype=x.dtype) * -g) / np.maximum(column_sums, np.asarray(eps, dtype=x.dtype))
+
+
+def support_block(average: np.ndarray, peak: np.ndarray, threshold: float) -> np.ndarray:
+    """BSREM's reconstruction support on a chunk: ``1`` where ``s̄ > t · max s̄``, else ``0``."""
+    return (average > np.asarray(threshold, dtype=average.dtype) * peak).astype(average.dtype)
+
+
+def bsrem_block(x: np.ndarray, back: np.ndarray, sensitivity: np.ndarray, average: np.ndarray, support: np.ndarray,
+                alpha: float, eps: float, prior: np.ndarray | None = None, weight: float = 0.0) -> np.ndarray:
+    """One BSREM subset update on a chunk, in deepinv's order (``BSREMIteration``)::
+
+        g = (s_l − back) + w · ∇R          (w = λ / L; no prior term without one)
+        x ← where(support, max(x − α · (x / max(s̄, ε)) · g, ε), ε)
+    """
+    dt = x.dtype
+    e = np.asarray(eps, dtype=dt)
+    data = sensitivity - back
+    g = data if prior is None else data + np.asarray(weight, dtype=dt) * prior
+    inside = support > 0
+    pre = np.where(inside, x / np.maximum(average, e), np.zeros_like(x))
+    cand = np.maximum(x - np.asarray(alpha, dtype=dt) * pre * g, e)
+    return np.where(inside, cand, np.full_like(cand, e))

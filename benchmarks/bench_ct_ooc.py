@@ -1,0 +1,160 @@
+"""Parallel-beam CT of a volume streamed slab by slab (``dr.slicewise``): out of core against in memory, one run.
+
+A synthetic volume (:func:`daskrecon.demo.demo_volume`, made chunk by chunk) of ``--width``² slices
+is projected slice by slice by deepinv's ``Tomography`` (``--angles`` angles over 180°,
+``normalize=True``) into sinograms written to Zarr, chunked by slabs of ``--slab`` slices, then
+reconstructed by ``daskrecon.reconstruct`` with ``algorithm=--algorithm`` (SIRT by default) from
+``da.from_zarr``, on ``--workers`` worker(s) with ``--threads`` threads and a ``--memory-limit``:
+
+* in memory: a ``--small``-slice volume with ``storage="memory"``;
+* out of core: a volume ``--times`` the workers' total memory limit with ``storage="zarr"``;
+* plain deepinv: ``SIRT`` iterations on the in-memory volume in this process (one worker's threads),
+  through the same ``Slicewise`` physics (deepinv's projector on every slice, no Dask).
+
+Reports seconds per iteration, Mvox/s, each run's peak worker RSS against the limit, and the
+ratios. Writes benchmarks/results/ct_ooc.json.
+
+    python benchmarks/bench_ct_ooc.py [--times 4] [--width 128] [--angles 32] [--iterations 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import machine, write  # noqa: E402
+from bench_ooc_pnp import peak_rss_mib, reset_peak_rss, rss_mib  # noqa: E402
+
+
+def _sinograms(work: str, depth: int, args, op) -> tuple[float, str]:
+    import dask.array as da
+
+    from daskrecon.demo import demo_volume
+    from daskrecon.operators.chunkwise import local_form
+
+    t0 = time.perf_counter()
+    where = os.path.join(work, f"sino-{depth}.zarr")
+    if not os.path.exists(where + ".done"):
+        x_true = demo_volume((depth, args.width, args.width), chunks=(args.slab, args.width, args.width), seed=5)
+        local_form(op).apply(x_true).to_zarr(where, overwrite=True)
+        open(where + ".done", "w").close()
+    return time.perf_counter() - t0, where
+
+
+def _reconstruct(ctx, dphys, y, storage: str, args, work: str) -> dict:
+    import daskrecon as dr
+
+    ctx.client.run(lambda: __import__("gc").collect())
+    idle = ctx.client.run(rss_mib)
+    ctx.client.run(reset_peak_rss)
+    stamps = [time.perf_counter()]
+    out, history = dr.reconstruct(
+        dphys, [y], None, algorithm=args.algorithm, n_iter=args.iterations, storage=storage,
+        chunks=(args.slab, args.width, args.width), progress=False, return_history=True, overwrite=True,
+        checkpoint=os.path.join(work, f"ckpt-{storage}") if storage == "zarr" else None,
+        callback=lambda k, x: stamps.append(time.perf_counter()))
+    peak = ctx.client.run(peak_rss_mib)
+    per_iter = [b - a for a, b in zip(stamps[:-1], stamps[1:])]
+    steady = per_iter[1:] or per_iter
+    voxels = y.shape[2] * args.width ** 2  # y: (1, 1, D, detectors, angles)
+    s = sum(steady) / len(steady)
+    return {"storage": storage, "volume": f"{int(voxels // args.width ** 2)}x{args.width}x{args.width} float32 "
+                                          f"({voxels * 4 / 2**30:.2f} GiB)",
+            "seconds_per_iteration": per_iter, "steady_seconds_per_iteration": s, "mvox_per_second": voxels / 1e6 / s,
+            "worker_idle_rss_mib": sorted(idle.values()), "worker_peak_rss_mib": sorted(peak.values()),
+            "history": [{k: v for k, v in h.items() if k in ("iteration", "data_fidelity", "rel_change")}
+                        for h in history]}
+
+
+def _plain_deepinv(op, depth: int, args, threads: int) -> dict:
+    import deepinv as dinv
+    import torch
+
+    from daskrecon.demo import demo_volume
+
+    torch.set_num_threads(threads)
+    x_true = torch.from_numpy(demo_volume((depth, args.width, args.width),
+                                          chunks=(args.slab, args.width, args.width), seed=5).compute())
+    y = op.A(x_true)
+    t = []
+    for _ in range(3):  # one SIRT iteration each (its normalizers included, as deepinv runs them)
+        t0 = time.perf_counter()
+        dinv.optim.SIRT(max_iter=1)(y, op)
+        t.append(time.perf_counter() - t0)
+    s = sorted(t)[1]
+    return {"seconds_per_iteration": s, "mvox_per_second": depth * args.width ** 2 / 1e6 / s, "runs": t}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--times", type=float, default=4.0, help="out-of-core volume / total worker memory limit")
+    p.add_argument("--small", type=int, default=512, help="slices of the in-memory volume")
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--angles", type=int, default=32)
+    p.add_argument("--slab", type=int, default=64, help="slices per chunk")
+    p.add_argument("--algorithm", default="sirt")
+    p.add_argument("--iterations", type=int, default=2)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--memory-limit", default="2GiB")
+    p.add_argument("--dir", default=None, help="working directory (default: a temporary one, removed after)")
+    args = p.parse_args()
+    warnings.filterwarnings("ignore", message=".*normalize.*")
+
+    import dask
+    import dask.array as da
+    import deepinv as dinv
+    from dask.utils import parse_bytes
+
+    import daskrecon as dr
+
+    limit_total = args.workers * parse_bytes(args.memory_limit)
+    depth = -(-int(args.times * limit_total / (4 * args.width ** 2)) // args.slab) * args.slab
+    op = dr.slicewise(dinv.physics.Tomography(angles=args.angles, img_width=args.width, circle=False, normalize=True))
+    work = args.dir or tempfile.mkdtemp(prefix="daskrecon-ct-ooc-")
+    thresholds = {"distributed.worker.memory.target": 0.25, "distributed.worker.memory.spill": 0.8,
+                  "distributed.worker.memory.pause": 0.92, "distributed.worker.memory.terminate": 0.98}
+    res: dict = {"workers": args.workers, "threads_per_worker": args.threads, "memory_limit_per_worker": args.memory_limit,
+                 "operator": f"dr.slicewise(Tomography(angles={args.angles}, img_width={args.width}, normalize=True))",
+                 "algorithm": args.algorithm, "slab": args.slab, "machine": machine()}
+    try:
+        res["plain_deepinv_in_memory"] = r = _plain_deepinv(op, args.small, args, args.workers * args.threads)
+        print(f"plain deepinv SIRT, {args.small} slices in one process: {r['seconds_per_iteration']:.2f} s/iteration, "
+              f"{r['mvox_per_second']:.2f} Mvox/s", flush=True)
+        with dask.config.set(thresholds), dr.DistributedContext(
+            n_workers=args.workers, threads_per_worker=args.threads, memory_limit=args.memory_limit,
+            dashboard_address="127.0.0.1:0",
+        ) as ctx, ctx.client.as_current():
+            dphys = dr.distribute([op], ctx)
+            for name, d, storage in (("in_memory", args.small, "memory"), ("out_of_core", depth, "zarr")):
+                t_in, path = _sinograms(work, d, args, op)
+                y = da.from_zarr(path)
+                vol = d * args.width ** 2 * 4
+                print(f"{name}: {d} slices of {args.width}² = {vol / 2**30:.2f} GiB = {vol / limit_total:.2f}x the "
+                      f"workers' memory limit; sinograms written in {t_in:.0f} s", flush=True)
+                r = _reconstruct(ctx, dphys, y, storage, args, work)
+                r["seconds_write_sinograms"] = t_in
+                r["times_total_worker_memory_limit"] = vol / limit_total
+                res[name] = r
+                print(f"  {r['steady_seconds_per_iteration']:.1f} s/iteration, {r['mvox_per_second']:.2f} Mvox/s, "
+                      f"peak worker RSS {r['worker_peak_rss_mib']} MiB (idle {r['worker_idle_rss_mib']}) of "
+                      f"{args.memory_limit}", flush=True)
+        res["ratio_out_of_core_vs_in_memory"] = res["out_of_core"]["mvox_per_second"] / res["in_memory"]["mvox_per_second"]
+        res["ratio_in_memory_vs_plain_deepinv"] = (res["in_memory"]["mvox_per_second"]
+                                                   / res["plain_deepinv_in_memory"]["mvox_per_second"])
+        print(f"out of core / in memory per-voxel throughput = {res['ratio_out_of_core_vs_in_memory']:.2f}; "
+              f"in memory / plain deepinv = {res['ratio_in_memory_vs_plain_deepinv']:.2f}")
+        print("wrote", write("ct_ooc", res))
+    finally:
+        if not args.dir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
