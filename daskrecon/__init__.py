@@ -19,7 +19,7 @@ from daskrecon.frontend.context import DistributedContext
 from daskrecon.frontend.distribute import distribute, register
 from daskrecon.errors import DaskreconError
 from daskrecon.frontend.fidelity import DistributedDataFidelity
-from daskrecon.frontend.measurements import DistributedMeasurements
+from daskrecon.frontend.measurements import DistributedMeasurements, MeasurementList
 from daskrecon.frontend.omezarr import OMEImage, open_ome_zarr, write_ome_zarr
 from daskrecon.frontend.physics import (
     DistributedLinearPhysics,
@@ -49,6 +49,7 @@ __all__ = [
     "DistributedProcessing",
     "DistributedSignal",
     "FactoryConfig",
+    "MeasurementList",
     "OMEImage",
     "TilingConfig",
     "DistributedStackedLinearPhysics",

@@ -5,6 +5,7 @@ import torch
 import deepinv as dinv
 
 import daskrecon as dr
+from daskrecon.frontend.measurements import MeasurementList
 from daskrecon.planning.subsets import epoch_order
 
 from helpers import blurs, small_dncnn
@@ -166,3 +167,21 @@ def test_bsrem_is_deepinvs_bsrem(ctx, kind, prior):
         plain = dr.reconstruct(dphys, y, None, algorithm="bsrem", n_subsets=m, n_iter=2 * m, step_size=0.7,
                                progress=False)
         assert _rel(out, plain) > 1e-4  # the prior acts
+
+
+def test_deepinvs_own_mlem_object_runs_on_the_distributed_physics(ctx):
+    """deepinv's ``MLEM`` as it ships: ``torch.ones_like`` of the distributed physics' measurements works
+    (a MeasurementList), each operator runs on its worker, and the result is deepinv's on its own stack."""
+    ops, x_true = _operators("tomography")
+    y = _poisson(ops, x_true)
+    dphys = dr.distribute(_operators("tomography")[0], ctx)
+    ym = MeasurementList(list(y))
+    assert isinstance(dphys(x_true), MeasurementList)
+    ones = torch.ones_like(ym)
+    assert isinstance(ones, MeasurementList) and all(torch.equal(o, torch.ones_like(t)) for o, t in zip(ones, y))
+    algo = dinv.optim.MLEM(data_fidelity=dr.distribute(dinv.optim.PoissonLikelihood(), ctx), max_iter=5)
+    out = algo(ym, dphys)
+    ref = _deepinv_mlem(dinv.optim.MLEM(data_fidelity=_stacked_poisson(ops), max_iter=5), y, ops)
+    assert _rel(out, ref) <= 1e-5 and _rel(out, torch.ones_like(out)) > 0.1
+    with pytest.raises(TypeError):  # deepinv's own stacked measurements do not pass its MLEM (what this fixes)
+        torch.ones_like(dinv.utils.TensorList(list(y)))

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from deepinv.utils import TensorList
 
+from daskrecon.frontend.measurements import MeasurementList
 from daskrecon.runtime.arrays import as_numpy, place
 
 __all__ = ["DistributedReplicatedParameters", "denoiser_call", "fidelity_fn", "fidelity_grad", "needs_grad",
@@ -68,7 +69,7 @@ def _entries(y: Any) -> list:
 def _pack(outs: Sequence[torch.Tensor], listed: bool, gather: bool) -> Any:
     if not listed:
         return outs[0]
-    return TensorList(list(outs)) if gather else list(outs)
+    return MeasurementList(list(outs)) if gather else list(outs)
 
 
 # ---------------------------------------------------------------------------------------- physics

@@ -1,4 +1,5 @@
-"""`DistributedMeasurements`: each ``y_i`` kept on the worker that owns operator ``i``."""
+"""Measurements of a stack: `DistributedMeasurements` (each ``y_i`` kept on the worker that owns operator
+``i``) and `MeasurementList` (the ``TensorList`` a distributed physics returns)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,34 @@ from daskrecon.frontend.context import DistributedContext
 from daskrecon.runtime.arrays import as_numpy, gather_tensors, place_on_owners
 from daskrecon.tasks import operators as operator_tasks
 
-__all__ = ["DistributedMeasurements"]
+__all__ = ["DistributedMeasurements", "MeasurementList"]
+
+#: ``torch.*_like`` functions a MeasurementList answers entry by entry.
+_LIKE = frozenset({torch.ones_like, torch.zeros_like, torch.full_like, torch.empty_like, torch.rand_like,
+                   torch.randn_like})
+
+
+class MeasurementList(TensorList):
+    """The measurements of a distributed physics: deepinv's ``TensorList``, that also answers
+    ``torch.ones_like`` (and the other ``*_like`` functions) and ``data_ptr()``.
+
+    deepinv 0.5's ``MLEM`` and ``SIRT`` take ``torch.ones_like(y)`` (and SIRT ``y.data_ptr()`` to cache its
+    normalizers), which a ``TensorList`` — the measurements of any stacked physics — does not pass.
+    What a distributed physics returns does, so ``dinv.optim.MLEM()(dphys(x), dphys)`` runs, each
+    operator on its worker. Wrap your own list with ``MeasurementList(list_of_tensors)``.
+    """
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if func in _LIKE and args and isinstance(args[0], TensorList):
+            first, *rest = args
+            return cls([func(t, *rest, **(kwargs or {})) for t in first.x])
+        return NotImplemented
+
+    def data_ptr(self) -> int:
+        """One number for the entries' storage (deepinv's SIRT recomputes its normalizers when it changes)."""
+        return hash(tuple(t.data_ptr() for t in self.x))
+
 
 
 class DistributedMeasurements:
@@ -98,7 +126,7 @@ class DistributedMeasurements:
 
     def gather(self) -> TensorList:
         """All measurements, fetched to the driver, in operator order."""
-        return TensorList(gather_tensors(self.ctx.client, self.futures, self.ctx.device, "measurement",
+        return MeasurementList(gather_tensors(self.ctx.client, self.futures, self.ctx.device, "measurement",
                                          stall_timeout=self.ctx.stall_timeout))
 
     get_local = gather

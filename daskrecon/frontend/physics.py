@@ -24,6 +24,7 @@ from distributed import Future
 from daskrecon.errors import LinearityError, MeasurementError
 from daskrecon.frontend.autograd import needs_grad, physics_call
 from daskrecon.frontend.context import DistributedContext
+from daskrecon.frontend.measurements import MeasurementList
 from daskrecon.frontend.operator_inputs import OperatorInputs
 from daskrecon.frontend.physics_arrays import apply_lazily
 from daskrecon.operators.chunkwise import local_form, local_form_of
@@ -255,7 +256,7 @@ class DistributedPhysics(Physics):
         if reduce_op is None:
             tensors = gather_tensors(self.ctx.client, futures, self.ctx.device, what, labels=labels,
                                      stall_timeout=self.ctx.stall_timeout)
-            return TensorList(tensors) if gather else tensors
+            return MeasurementList(tensors) if gather else tensors
         if reduce_op not in REDUCTIONS:
             raise ValueError(f"reduce_op must be None, 'sum' or 'mean', got {reduce_op!r}")
         total = gather_tensors(self.ctx.client, [self._reduce(futures)], self.ctx.device, what, labels=labels,
