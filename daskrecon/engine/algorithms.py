@@ -21,6 +21,7 @@ from daskrecon.engine import linsolve
 from daskrecon.engine.problem import Problem
 from daskrecon.planning.subsets import epoch_order, partition, subset_at
 from daskrecon.runtime import graphs
+from daskrecon.runtime.arrays import persist_fresh
 from daskrecon.tasks import fidelity as fidelity_tasks
 from daskrecon.tasks import iteration as iteration_tasks
 from daskrecon.tasks import poisson as poisson_tasks
@@ -625,6 +626,20 @@ class SIRT(_Variants):
         if not eps > 0:
             raise ValueError(f"eps must be > 0, got {eps!r}")
         self.eps = float(eps)
+        self._rows: tuple[Problem, dict] | None = None
+
+    def _row_sums(self, problem: Problem, x: da.Array) -> dict | None:
+        """In cluster memory, each chunk-wise operator's row sums ``A_i 1``, computed once per run and
+        kept (the same values the gradient pass would make each iteration); out of core ``None``
+        (made again each iteration, nothing sinogram-sized held in memory)."""
+        if problem.storage != "memory":
+            return None
+        if self._rows is None or self._rows[0] is not problem:
+            ones = da.ones(x.shape, chunks=x.chunks, dtype=x.dtype)
+            rows = {i: persist_fresh(problem.ctx.client, form.apply(ones), f"row-sums-{i}")
+                    for i, form in enumerate(problem.forms) if form is not None}
+            self._rows = (problem, rows)
+        return self._rows[1]
 
     def settings(self) -> dict:
         return {**super().settings(), "eps": repr(self.eps)}
@@ -648,7 +663,8 @@ class SIRT(_Variants):
         from deepinv.optim.distance import L2Distance
 
         weighted = self._variant(problem, "sirt", fidelity_tasks.SIRTFidelity(self.eps), L2Distance())
-        g, value = graph.gradient(weighted, x, kind=f"weighted-residual-{tag}", row_weights=self.eps)
+        g, value = graph.gradient(weighted, x, kind=f"weighted-residual-{tag}", row_weights=self.eps,
+                                  row_sums=self._row_sums(problem, x))
         new = da.map_blocks(poisson_tasks.sirt_block, x, g, c, self.step_size, self.eps, dtype=x.dtype,
                             name=f"sirt-{tag}")
         return {"x": new, "column_sums": c}, value, graph.metrics(problem, new, x, f"metrics-{tag}")

@@ -34,7 +34,7 @@ __all__ = ["adjoint_sum", "batch_values", "denoise", "gradient", "metrics"]
 
 def gradient(problem: Problem, x: da.Array, indices: Sequence[int] | None = None, *,
              measured: bool = True, kind: str = "gradient",
-             row_weights: float | None = None) -> tuple[da.Array, Delayed]:
+             row_weights: float | None = None, row_sums: dict[int, da.Array] | None = None) -> tuple[da.Array, Delayed]:
     """``(∇f(x), f(x))`` of ``f = Σ_i d_i(A_i x, y_i)`` (times ``problem.scale``), lazily.
 
     Chunk-wise operators: ``A_i`` and ``A_iᵀ`` by ``map_overlap``, the residual and the
@@ -47,8 +47,9 @@ def gradient(problem: Problem, x: da.Array, indices: Sequence[int] | None = None
     (:mod:`daskrecon.engine.linsolve`).
 
     ``row_weights=ε`` divides each chunk-wise operator's pixel-wise term by ``max(A_i 1, ε)``
-    (its row sums, SIRT's ``W``; made chunk by chunk from ones); whole-image operators take
-    theirs from their fidelity (:class:`daskrecon.tasks.poisson.SIRTFidelity`).
+    (its row sums, SIRT's ``W``; made chunk by chunk from ones, or taken from ``row_sums[i]`` when
+    given — the same values computed once); whole-image operators take theirs from their fidelity
+    (:class:`daskrecon.tasks.poisson.SIRTFidelity`).
     """
     ctx, physics = problem.ctx, problem.physics
     fan_in = ctx.fan_in
@@ -68,7 +69,8 @@ def gradient(problem: Problem, x: da.Array, indices: Sequence[int] | None = None
             u = form.apply(x)
             # no-op for a planned problem (its chunks suit every operator); unmeasured, y = 0 is made in the tasks
             y = y.rechunk(u.chunks) if measured else None
-            w = None if row_weights is None else form.apply(da.ones(x.shape, chunks=x.chunks, dtype=x.dtype))
+            w = None if row_weights is None else (row_sums[i] if row_sums and i in row_sums else
+                                                  form.apply(da.ones(x.shape, chunks=x.chunks, dtype=x.dtype)))
             r = da.map_blocks(fidelity_tasks.pointwise_grad_block, u, y, w, distance=problem.distances[i],
                               eps=0.0 if row_weights is None else row_weights, dtype=u.dtype,
                               meta=np.empty((0,) * u.ndim, u.dtype), name=f"residual-{i}-{tag}")
