@@ -1,4 +1,5 @@
-"""The denoiser bundled with daskrecon, and loading users' own weight files safely."""
+"""The denoisers bundled with daskrecon, a 2-D denoiser on volumes slice by slice, and loading users' own
+weight files safely."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from deepinv.models import Denoiser
 
-__all__ = ["BUNDLED_DENOISER", "BUNDLED_DENOISER_3D", "bundled_denoiser", "bundled_denoiser_3d", "load_state_dict"]
+__all__ = ["BUNDLED_DENOISER", "BUNDLED_DENOISER_3D", "SliceBySlice", "bundled_denoiser", "bundled_denoiser_3d",
+           "load_state_dict"]
 
 #: Architecture of the bundled weights (a small DnCNN: stride 1, receptive radius 8).
 BUNDLED_DENOISER = dict(in_channels=3, out_channels=3, depth=8, nf=32)
@@ -76,3 +79,37 @@ def bundled_denoiser_3d(device: str | torch.device = "cpu") -> torch.nn.Module:
     with resources.as_file(weights) as path:
         model.load_state_dict(load_state_dict(path))
     return model.to(device).eval()
+
+
+class SliceBySlice(Denoiser):
+    """A 2-D denoiser applied to every depth slice of ``(B, C, D, H, W)`` volumes.
+
+    ``SliceBySlice(model)(x, *args)[:, :, k] = model(x[:, :, k], *args)``: the slices go through
+    ``model`` as one batch. For a CT or MRI volume reconstructed slice by slice with a 2-D prior;
+    tile it with no overlap along the depth, ``overlap=(0, o, o)`` (its receptive field there is 0).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A 2-D denoiser on ``(B, C, H, W)`` images, called as ``model(x, *args, **kwargs)``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from deepinv.models import DnCNN
+    >>> den = SliceBySlice(DnCNN(in_channels=1, out_channels=1, depth=3, nf=8, pretrained=None))
+    >>> den(torch.rand(1, 1, 5, 16, 16), 0.05).shape
+    torch.Size([1, 1, 5, 16, 16])
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if x.dim() != 5:
+            raise ValueError(f"SliceBySlice takes (B, C, D, H, W) volumes, got shape {tuple(x.shape)}")
+        b, c, d, h, w = x.shape
+        flat = x.transpose(1, 2).reshape(b * d, c, h, w)  # (B·D, C, H, W): every slice a batch element
+        out = self.model(flat, *args, **kwargs)
+        return out.reshape(b, d, out.shape[1], *out.shape[2:]).transpose(1, 2).contiguous()

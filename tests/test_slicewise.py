@@ -190,3 +190,21 @@ def test_ct_sirt_equals_deepinvs_sirt_and_resumes_bitwise_out_of_core(ctx, tmp_p
             dr.reconstruct(dr.distribute(ops, ctx), ys, None, callback=crash, **kw)
         resumed = dr.reconstruct(dr.distribute(ops, ctx), ys, None, resume=True, **kw).compute()
     assert torch.equal(torch.from_numpy(resumed), out)
+
+
+def test_ct_pnp_with_a_2d_denoiser_slice_by_slice_equals_deepinv(ctx):
+    from daskrecon.models import SliceBySlice
+
+    ops, x_true, y = _ct_problem()
+    den2d = SliceBySlice(small_dncnn(1, depth=3, dim=2))
+    x = torch.rand(1, 1, 4, 24, 24)
+    per_slice = torch.stack([den2d.model(x[:, :, k]) for k in range(4)], 2)
+    assert float((den2d(x) - per_slice).abs().max()) <= 1e-6
+    x0 = torch.zeros_like(x_true)
+    out = dr.reconstruct(dr.distribute(ops, ctx), y, dr.distribute(den2d, ctx, patch_size=8, overlap=(0, 3, 3)),
+                         n_iter=3, step_size=0.5, x0=x0, progress=False, chunks=(4, 24, 24))
+    stacked, ref = dinv.physics.StackedLinearPhysics(ops), x0.clone()
+    with torch.no_grad():
+        for _ in range(3):
+            ref = den2d(ref - 0.5 * L2().grad(ref, dinv.utils.TensorList(y), stacked))
+    assert float((out - ref).abs().max()) <= 1e-4 and float(ref.abs().max()) > 0.1
