@@ -28,12 +28,11 @@ import time
 import warnings
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import machine, write  # noqa: E402
-from bench_ooc_pnp import peak_rss_mib, reset_peak_rss, rss_mib  # noqa: E402
+from _common import machine, write
+from bench_ooc_pnp import peak_rss_mib, reset_peak_rss, rss_mib
 
 
 def _sinograms(work: str, depth: int, args, op) -> tuple[float, str]:
-    import dask.array as da
 
     from daskrecon.demo import demo_volume
     from daskrecon.operators.chunkwise import local_form

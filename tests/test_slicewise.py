@@ -3,7 +3,6 @@
 import pickle
 
 import cloudpickle
-
 import dask.array as da
 import deepinv as dinv
 import numpy as np
@@ -11,14 +10,13 @@ import pytest
 import torch
 from deepinv.optim import L2
 from deepinv.physics.functional.blur import gaussian_blur
+from helpers import small_dncnn
 
 import daskrecon as dr
 from daskrecon.errors import ShapeError
 from daskrecon.operators.chunkwise import local_form
 from daskrecon.operators.slicewise import SlicewiseOperator
 from daskrecon.planning.chunking import plan_chunks, working_chunks
-
-from helpers import small_dncnn
 
 ANGLES = torch.linspace(0, 180, 25)[:-1]
 

@@ -23,7 +23,6 @@ process) instead of carrying them (135 MB pickled at 256² × 64 angles; 1.5 GB 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,8 +32,7 @@ import dask
 import dask.array as da
 import numpy as np
 import torch
-from deepinv.physics import (Blur, BlurFFT, Denoising, Downsampling, Inpainting, LinearPhysics, MRI,
-                             Tomography)
+from deepinv.physics import MRI, Blur, BlurFFT, Denoising, Downsampling, Inpainting, LinearPhysics, Tomography
 
 from daskrecon.errors import ShapeError
 from daskrecon.operators.chunkwise import local_form
@@ -71,10 +69,10 @@ def _(op: Tomography) -> tuple[Any, dict | None]:
     if op.fan_beam:
         kwargs["fan_parameters"] = dict(radon.fan_parameters)
     state = {k: v.detach().cpu().numpy().copy() for k, v in op.state_dict().items()}
-    return functools.partial(_quiet_tomography, **kwargs), state
+    return functools.partial(_build_tomography, **kwargs), state
 
 
-def _quiet_tomography(**kwargs: Any) -> Tomography:
+def _build_tomography(**kwargs: Any) -> Tomography:
     return Tomography(**kwargs)
 
 
@@ -134,10 +132,10 @@ class Slicewise(LinearPhysics):
         self.batch = int(batch)
         self._payload: bytes | None = None
 
-    def A(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:  # noqa: N802 (deepinv's name)
+    def A(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         return slab_tasks.apply_slices(self.op, _volume(x, "A"), "A", self.batch)
 
-    def A_adjoint(self, y: torch.Tensor, **kwargs: Any) -> torch.Tensor:  # noqa: N802
+    def A_adjoint(self, y: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         return slab_tasks.apply_slices(self.op, _volume(y, "A_adjoint"), "A_adjoint", self.batch)
 
     @property

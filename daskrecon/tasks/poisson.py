@@ -17,8 +17,18 @@ import torch
 from deepinv.optim.data_fidelity import DataFidelity
 from deepinv.optim.distance import Distance
 
-__all__ = ["Ones", "OnesFidelity", "Ratio", "RatioFidelity", "em_block", "em_numerator_block", "red_term_block", "sirt_block",
-           "bsrem_block", "support_block"]
+__all__ = [
+    "Ones",
+    "OnesFidelity",
+    "Ratio",
+    "RatioFidelity",
+    "bsrem_block",
+    "em_block",
+    "em_numerator_block",
+    "red_term_block",
+    "sirt_block",
+    "support_block",
+]
 
 
 class Ratio(Distance):
