@@ -143,6 +143,7 @@ class Slicewise(LinearPhysics):
         """The 2-D operator as the tasks receive it (:func:`slice_recipe`, pickled)."""
         if self._payload is None:
             self._payload = cloudpickle.dumps(slice_recipe(self.op))
+            slab_tasks.remember(self._payload, self.op)  # the driver's probes use this one, not a rebuilt copy
         return self._payload
 
     def __reduce__(self) -> tuple:

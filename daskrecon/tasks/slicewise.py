@@ -19,7 +19,7 @@ import cloudpickle
 import numpy as np
 import torch
 
-__all__ = ["apply_slices", "build_operator", "slab_block"]
+__all__ = ["apply_slices", "build_operator", "remember", "slab_block"]
 
 #: Operators kept built per worker process (one per distinct payload).
 _CACHE_SIZE = 16
@@ -48,6 +48,15 @@ def build_operator(payload: bytes) -> Any:
         while len(_OPS) > _CACHE_SIZE:
             _OPS.popitem(last=False)
     return op
+
+
+def remember(payload: bytes, op: Any) -> None:
+    """Put an operator already built in this process (the driver's own) in the cache under its payload,
+    so that shape probes and norms on the driver do not build a second copy."""
+    with _LOCK:
+        _OPS[_digest(payload)] = op
+        while len(_OPS) > _CACHE_SIZE:
+            _OPS.popitem(last=False)
 
 
 def _digest(payload: bytes) -> str:
