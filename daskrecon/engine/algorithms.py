@@ -19,9 +19,12 @@ from dask.delayed import Delayed, delayed
 from daskrecon.engine import iteration as graph
 from daskrecon.engine import linsolve
 from daskrecon.engine.problem import Problem
+from daskrecon.planning.chunking import zarr_aligned
 from daskrecon.planning.subsets import epoch_order, partition, subset_at
 from daskrecon.runtime import graphs
 from daskrecon.runtime.arrays import persist_fresh
+from daskrecon.runtime.halos import read_array
+from daskrecon.runtime.waiting import compute
 from daskrecon.tasks import fidelity as fidelity_tasks
 from daskrecon.tasks import iteration as iteration_tasks
 from daskrecon.tasks import poisson as poisson_tasks
@@ -629,17 +632,23 @@ class SIRT(_Variants):
         self._rows: tuple[Problem, dict] | None = None
 
     def _row_sums(self, problem: Problem, x: da.Array) -> dict | None:
-        """In cluster memory, each chunk-wise operator's row sums ``A_i 1``, computed once per run and
-        kept (the same values the gradient pass would make each iteration); out of core ``None``
-        (made again each iteration, nothing sinogram-sized held in memory)."""
-        if problem.storage != "memory":
+        """Each chunk-wise operator's row sums ``A_i 1``, computed once per run (the values the gradient
+        pass would make at every iteration, the same bits): persisted in cluster memory, or out of core
+        written once to ``scratch_sirt/rows_<i>`` in the run's store and read from there."""
+        if self._rows is not None and self._rows[0] is problem:
+            return self._rows[1]
+        forms = {i: form for i, form in enumerate(problem.forms) if form is not None}
+        store = getattr(getattr(self, "workspace", None), "store", None)
+        if not forms or (problem.storage != "memory" and store is None):
             return None
-        if self._rows is None or self._rows[0] is not problem:
-            ones = da.ones(x.shape, chunks=x.chunks, dtype=x.dtype)
-            rows = {i: persist_fresh(problem.ctx.client, form.apply(ones), f"row-sums-{i}")
-                    for i, form in enumerate(problem.forms) if form is not None}
-            self._rows = (problem, rows)
-        return self._rows[1]
+        ones = da.ones(x.shape, chunks=x.chunks, dtype=x.dtype)
+        if problem.storage == "memory":
+            rows = {i: persist_fresh(problem.ctx.client, form.apply(ones), f"row-sums-{i}") for i, form in forms.items()}
+        else:
+            rows = {i: _stored_once(problem, store.child("scratch_sirt"), f"rows_{i}", form.apply(ones))
+                    for i, form in forms.items()}
+        self._rows = (problem, rows)
+        return rows
 
     def settings(self) -> dict:
         return {**super().settings(), "eps": repr(self.eps)}
@@ -765,6 +774,18 @@ class BSREM(MLEM):
         value = delayed(operator.mul, pure=True)(value, problem.num_operators / len(members),
                                                  dask_key_name=f"value-estimate-{tag}")
         return {**state, "x": new}, value, graph.metrics(problem, new, x, f"metrics-{tag}")
+
+
+def _stored_once(problem: Problem, store: Any, name: str, a: da.Array) -> da.Array:
+    """``a`` computed once into the uncompressed array ``name`` of ``store``, then read from it (strict)."""
+    import uuid
+
+    a, zchunks = zarr_aligned(a)
+    z = store.scratch(name, a.shape, a.dtype, zchunks)
+    ctx = problem.ctx
+    compute([da.store(a, z, lock=False, compute=False)], client=ctx.client, what=f"{name} (once per run)",
+            stall_timeout=ctx.stall_timeout)
+    return read_array(z, (), a.chunks, name=f"{name}-{uuid.uuid4().hex}", sources=store.sources)
 
 
 ALGORITHMS: dict[str, type[StepRule]] = {"pnp": PnP, "red": RED, "fista": FISTA, "fista-red": FISTARED, "hqs": HQS,
