@@ -163,7 +163,7 @@ def test_bad_combinations_are_refused_with_the_fix(problem):
                        data_fidelity=dr.distribute(L1(), dphys.ctx))
     with pytest.raises(ValueError, match="'os-pnp' needs n_subsets"):
         dr.reconstruct(dphys, y, dden, algorithm="os-pnp", n_iter=1, step_size=0.3, progress=False)
-    with pytest.raises(ValueError, match="n_subsets applies to 'os-pnp', 'svrg', 'osem', not to 'pnp'"):
+    with pytest.raises(ValueError, match="n_subsets applies to 'os-pnp', 'svrg', 'osem', 'bsrem', not to 'pnp'"):
         dr.reconstruct(dphys, y, dden, n_iter=1, step_size=0.3, progress=False, n_subsets=2)
     with pytest.raises(ValueError, match="between 1 and the number of operators \\(4\\)"):
         dr.reconstruct(dphys, y, dden, algorithm="svrg", n_iter=1, step_size=0.3, progress=False, n_subsets=5)

@@ -124,6 +124,7 @@ def test_reconstruction_survives_a_killed_worker(nanny_ctx, tmp_path, storage):
                              checkpoint=str(tmp_path / tag) if storage == "zarr" else None)
         return torch.from_numpy(nanny_ctx.client.compute(out).result())
 
+    run("warm-up")  # operators built, model shipped: the timed runs below do the same work
     t0 = time.perf_counter()
     expected = run("undisturbed")
     took = time.perf_counter() - t0
