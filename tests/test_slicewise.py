@@ -70,6 +70,17 @@ def test_slicewise_is_the_operator_applied_slice_by_slice_also_chunk_by_chunk(ki
         assert abs(lhs - rhs) <= 1e-4 * abs(lhs)
 
 
+def test_gradients_flow_through_the_slicewise_physics_on_tensors():
+    """Plain deepinv use (unrolled training, a loss through ``A``) keeps autograd, slice by slice."""
+    op = _tomography()
+    x = torch.rand(1, 1, 3, 24, 24, requires_grad=True)
+    dr.slicewise(op).A(x).square().sum().backward()
+    xs = x.detach().clone().requires_grad_(True)
+    _per_slice(op, "A", xs).square().sum().backward()
+    assert x.grad is not None and float(x.grad.abs().max()) > 0
+    assert float((x.grad - xs.grad).abs().max()) <= 1e-5 * float(xs.grad.abs().max())
+
+
 def test_a_batch_of_volumes_is_sliced_per_element():
     op = _tomography()
     x = torch.rand(2, 1, 3, 24, 24)
@@ -126,6 +137,15 @@ def _ct_problem(n_ops=3, depth=10, width=24):
     return ops, x_true, y
 
 
+def _deepinv_pnp(den, ops, y, x0, n=3, tau=0.5):
+    """deepinv's proximal gradient on the stacked physics: ``x ← D(x − τ ∇L2)``, ``n`` times."""
+    stacked, x = dinv.physics.StackedLinearPhysics(ops), x0.clone()
+    with torch.no_grad():
+        for _ in range(n):
+            x = den(x - tau * L2().grad(x, dinv.utils.TensorList(y), stacked))
+    return x
+
+
 @pytest.mark.parametrize("algorithm", ["pnp", "fista", "sirt", "osem", "bsrem"])
 def test_ct_volume_reconstructs_slab_by_slab_bitwise_on_1_2_3_workers_in_memory_and_out_of_core(
         ctx1, ctx, ctx3, tmp_path, algorithm):
@@ -162,10 +182,7 @@ def test_ct_pnp_equals_deepinv_on_the_stacked_slicewise_physics(ctx):
     x0 = torch.zeros_like(x_true)
     out = dr.reconstruct(dr.distribute(ops, ctx), y, dr.distribute(model, ctx, patch_size=8, overlap=3),
                          n_iter=3, step_size=0.5, x0=x0, progress=False, chunks=(4, 24, 24))
-    stacked, x = dinv.physics.StackedLinearPhysics(ops), x0.clone()
-    with torch.no_grad():
-        for _ in range(3):
-            x = model(x - 0.5 * L2().grad(x, dinv.utils.TensorList(y), stacked))
+    x = _deepinv_pnp(model, ops, y, x0)
     assert float((out - x).abs().max()) <= 1e-4 and float(x.abs().max()) > 0.1
 
 
@@ -205,8 +222,5 @@ def test_ct_pnp_with_a_2d_denoiser_slice_by_slice_equals_deepinv(ctx):
     x0 = torch.zeros_like(x_true)
     out = dr.reconstruct(dr.distribute(ops, ctx), y, dr.distribute(den2d, ctx, patch_size=8, overlap=(0, 3, 3)),
                          n_iter=3, step_size=0.5, x0=x0, progress=False, chunks=(4, 24, 24))
-    stacked, ref = dinv.physics.StackedLinearPhysics(ops), x0.clone()
-    with torch.no_grad():
-        for _ in range(3):
-            ref = den2d(ref - 0.5 * L2().grad(ref, dinv.utils.TensorList(y), stacked))
+    ref = _deepinv_pnp(den2d, ops, y, x0)
     assert float((out - ref).abs().max()) <= 1e-4 and float(ref.abs().max()) > 0.1

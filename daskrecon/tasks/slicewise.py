@@ -73,19 +73,19 @@ def apply_slices(op: Any, x: torch.Tensor, method: str, batch: int) -> torch.Ten
     fn = getattr(op, method)
     b, d = x.shape[0], x.shape[2]
     outs = []
-    with torch.no_grad():
-        if b == 1:
-            slices = x[0].transpose(0, 1)  # (D, C, H, W): the slices as a batch
-            for k in range(0, d, batch):
-                outs.append(fn(slices[k:k + batch].contiguous()))
-            return torch.cat(outs, 0).transpose(0, 1).unsqueeze(0).contiguous()
-        for k in range(d):
-            outs.append(fn(x[:, :, k].contiguous()))
+    if b == 1:
+        slices = x[0].transpose(0, 1)  # (D, C, H, W): the slices as a batch
+        for k in range(0, d, batch):
+            outs.append(fn(slices[k:k + batch].contiguous()))
+        return torch.cat(outs, 0).transpose(0, 1).unsqueeze(0).contiguous()
+    for k in range(d):
+        outs.append(fn(x[:, :, k].contiguous()))
     return torch.stack(outs, 2).contiguous()
 
 
 def slab_block(block: np.ndarray, payload: bytes, method: str, batch: int) -> np.ndarray:
     """One slab of ``A x`` (``method="A"``) or ``Aᵀ y`` (``"A_adjoint"``): a task of the chunk-wise form."""
     op = build_operator(payload)
-    out = apply_slices(op, torch.from_numpy(np.ascontiguousarray(block)), method, batch)
+    with torch.no_grad():  # a task's values only; the physics on tensors (Slicewise) keeps autograd
+        out = apply_slices(op, torch.from_numpy(np.ascontiguousarray(block)), method, batch)
     return out.numpy().astype(block.dtype, copy=False)
