@@ -37,6 +37,12 @@ def test_factory_detection(ctx):
 def test_rejections(ctx):
     with pytest.raises(ValueError, match="cannot distribute an object of type int"):
         dr.distribute(3, ctx)
+    dphys = dr.distribute(blurs(2), ctx)
+    for again in (dict(), dict(type_object="linear_physics")):
+        with pytest.raises(TypeError, match="DistributedLinearPhysics is distributed already"):
+            dr.distribute(dphys, ctx, **again)
+    with pytest.raises(TypeError, match="is distributed already"):
+        dr.distribute([dphys[0].stack, blurs(1)[0]], ctx, type_object="linear_physics")
     with pytest.raises(ValueError, match="empty list"):
         dr.distribute([], ctx)
     with pytest.raises(ValueError, match="only Physics or only DataFidelity"):

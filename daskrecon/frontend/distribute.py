@@ -142,6 +142,19 @@ def _(obj: Physics, options: dict) -> str:
 
 
 @_kind_of.register
+def _(obj: DistributedPhysics, options: dict) -> str:
+    _refuse_distributed(obj)
+    return "physics"
+
+
+def _refuse_distributed(obj: Any) -> None:
+    for o in obj if isinstance(obj, (list, tuple)) else [obj]:
+        if isinstance(o, DistributedPhysics):
+            raise TypeError(f"this {type(o).__name__} is distributed already (its operators live on the workers); "
+                            "use it as it is, or distribute the deepinv operators themselves")
+
+
+@_kind_of.register
 def _(obj: DataFidelity, options: dict) -> str:
     return "data_fidelity"
 
@@ -216,6 +229,7 @@ def _physics_handler(linear: bool) -> Callable[..., DistributedPhysics]:
                 factory_kwargs: dict | None = None, gather_strategy: str = "concatenated",
                 dtype: torch.dtype | None = None, fast_operators: bool = True,
                 reduction: str = "sum") -> DistributedPhysics:
+        _refuse_distributed(obj)
         if isinstance(obj, StackedPhysics):
             factory: Any = list(obj.physics_list)
         elif isinstance(obj, Physics):

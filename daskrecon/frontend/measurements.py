@@ -44,6 +44,26 @@ class MeasurementList(TensorList):
         return hash(tuple(t.data_ptr() for t in self.x))
 
 
+def _keeping_type(name: str) -> Any:
+    base = getattr(TensorList, name)
+
+    def method(self: MeasurementList, *args: Any, **kwargs: Any) -> Any:
+        out = base(self, *args, **kwargs)
+        return MeasurementList(out.x) if type(out) is TensorList else out
+
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = base.__doc__
+    return method
+
+
+# TensorList's entry-wise methods build plain TensorLists; a MeasurementList's stay MeasurementLists
+# (deepinv's SIRT keeps ``A(1).clamp(min=eps)`` as a torch buffer, which needs ``__torch_function__``).
+for _name in ("to", "clone", "detach", "cpu", "cuda", "type", "abs", "clamp", "clip", "conj", "__add__", "__mul__",
+              "__rmul__", "__truediv__", "__neg__", "__sub__", "sum", "reshape", "squeeze", "unsqueeze", "isnan"):
+    setattr(MeasurementList, _name, _keeping_type(_name))
+del _name
+
+
 
 class DistributedMeasurements:
     """Measurements ``y_1 … y_N`` placed once on the workers that own their operators.

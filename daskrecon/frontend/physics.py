@@ -18,6 +18,7 @@ import dask.array as da
 import numpy as np
 import torch
 from deepinv.physics import LinearPhysics, Physics
+from deepinv.physics.forward import StackedLinearPhysics
 from deepinv.utils import TensorList
 from distributed import Future
 
@@ -26,6 +27,7 @@ from daskrecon.frontend.autograd import needs_grad, physics_call
 from daskrecon.frontend.context import DistributedContext
 from daskrecon.frontend.measurements import MeasurementList
 from daskrecon.frontend.operator_inputs import OperatorInputs
+from daskrecon.frontend.operator_views import OperatorView
 from daskrecon.frontend.physics_arrays import apply_lazily
 from daskrecon.operators.chunkwise import local_form, local_form_of
 from daskrecon.planning.fingerprint import fingerprint
@@ -157,7 +159,9 @@ class DistributedPhysics(Physics):
     ) -> None:
         if kwargs:
             raise TypeError(f"unexpected keyword arguments {sorted(kwargs)} for {type(self).__name__}")
-        super().__init__()
+        # Not super(): deepinv's StackedLinearPhysics.__init__ (next for the linear stack) builds a
+        # driver-side operator list, which this class replaces by operators on the workers.
+        (LinearPhysics if isinstance(self, LinearPhysics) else Physics).__init__(self)
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}; for per-operator "
                              "results in the signal space pass reduce_op=None to the call")
@@ -396,13 +400,52 @@ class DistributedPhysics(Physics):
         return f"num_operators={self.num_operators}, workers={len(set(self.owners))}, sharding={self.ctx.sharding!r}"
 
 
-class DistributedLinearPhysics(DistributedPhysics, LinearPhysics):
-    """Linear stack ``A = [A_1; …; A_N]``; usable wherever deepinv expects a ``LinearPhysics``.
+class DistributedLinearPhysics(DistributedPhysics, StackedLinearPhysics):
+    """Linear stack ``A = [A_1; …; A_N]``; usable wherever deepinv expects a ``LinearPhysics``
+    or a ``StackedLinearPhysics``.
 
     Adds :meth:`A_adjoint`, :meth:`A_adjoint_A`, :meth:`A_A_adjoint`,
     :meth:`A_dagger` and :meth:`compute_sqnorm`; see :class:`DistributedPhysics` for the
     parameters. Every operator must be a ``deepinv.physics.LinearPhysics``.
+
+    ``physics[i]`` (and ``physics.physics_list``) is operator ``i`` as a deepinv
+    ``LinearPhysics`` that runs on the worker holding it (:class:`~daskrecon.frontend.operator_views.OperatorView`),
+    so deepinv code that walks a stack operator by operator — deepinv 0.5's ``OSEM`` and
+    ``BSREM`` on pre-split subsets — runs each operator where it lives.
     """
+
+    # A StackedLinearPhysics by type (deepinv's OSEM and BSREM accept pre-split subsets only as
+    # one), not by its driver-side implementation: what deepinv's stack does through
+    # ``physics_list`` on the driver stays this class's own.
+    __repr__ = torch.nn.Module.__repr__
+    __str__ = object.__str__
+    noise = Physics.noise
+    sensor = Physics.sensor
+    set_noise_model = Physics.set_noise_model
+    update_parameters = Physics.update_parameters
+
+    def __getitem__(self, item: int | slice) -> Any:
+        """Operator ``item`` as a :class:`~daskrecon.frontend.operator_views.OperatorView` (a list of them for a slice)."""
+        n = self.num_operators
+        if isinstance(item, slice):
+            return [self[i] for i in range(*item.indices(n))]
+        if not isinstance(item, int) or isinstance(item, bool):
+            raise TypeError(f"operators are indexed by int or slice, got {type(item).__name__}")
+        if not -n <= item < n:
+            raise IndexError(f"operator index {item} out of range for {n} operators")
+        item %= n
+        views = self.__dict__.setdefault("_views", {})
+        if item not in views:
+            views[item] = OperatorView(self, item)
+        return views[item]
+
+    def __iter__(self) -> Any:
+        return (self[i] for i in range(self.num_operators))
+
+    @property
+    def physics_list(self) -> list[OperatorView]:
+        """The operators as views that run on their workers (deepinv's ``StackedPhysics.physics_list``)."""
+        return [self[i] for i in range(self.num_operators)]
 
     def _check_linearity(self) -> None:
         bad = [i for i, lin in enumerate(self.linear) if not lin]
