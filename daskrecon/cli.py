@@ -18,7 +18,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 @app.command()
 def demo(
     size: int = typer.Option(256, help="Image side in pixels."),
-    iterations: int = typer.Option(30, help="PnP iterations."),
+    iterations: int = typer.Option(30, help="RED iterations."),
     workers: Optional[int] = typer.Option(None, help="Local workers (default: sized to the machine)."),
     output: str = typer.Option("daskrecon-demo", help="Output directory."),
     progress: bool = typer.Option(True, help="Show the progress bar."),
