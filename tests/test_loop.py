@@ -220,3 +220,26 @@ def test_out_of_core_graphs_read_the_driver_inputs_from_the_store(ctx, tmp_path,
     assert float((ref - y[0]).abs().max()) > 0.05
     np.testing.assert_allclose([h["psnr"] for h in hist], [h["psnr"] for h in ref_hist], rtol=1e-4)
     assert not list((tmp_path / "ck").glob("input_*"))  # removed at the end
+
+
+@pytest.mark.parametrize("algorithm, constant", [("sirt", "column_sums"), ("mlem", "sensitivity")])
+def test_constant_state_is_written_into_both_slots_then_never_again(ctx, problem, tmp_path, monkeypatch,
+                                                                      algorithm, constant):
+    """Column sums and sensitivities do not change: out of core they are written by a run's first two
+    commits (both slots), not by every iteration; a resumed run writes them twice again."""
+    ops, x_true, y, dphys, dden = problem
+    y = [t.clamp(min=0) for t in y]
+    written = []
+    real = Checkpoint.store_tasks
+    monkeypatch.setattr(Checkpoint, "store_tasks", lambda self, arrays: (written.append(sorted(arrays)),
+                                                                        real(self, arrays))[1])
+    opts = dict(algorithm=algorithm, storage="zarr", chunks=(40, 36), progress=False)
+    ck = str(tmp_path / "ck")
+    dr.reconstruct(dphys, _dask(y), None, n_iter=4, checkpoint=ck, **opts)
+    assert [constant in names for names in written] == [True, True, False, False, False]  # the start + 4
+    assert all("x" in names for names in written)
+    written.clear()
+    resumed = dr.reconstruct(dphys, _dask(y), None, n_iter=7, checkpoint=ck, resume=True, **opts)
+    assert [constant in names for names in written] == [True, True, False]
+    whole = dr.reconstruct(dphys, _dask(y), None, n_iter=7, checkpoint=str(tmp_path / "whole"), **opts)
+    assert np.array_equal(np.asarray(resumed), np.asarray(whole)) and float(np.abs(np.asarray(whole)).max()) > 0

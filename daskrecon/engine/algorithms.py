@@ -45,6 +45,9 @@ class StepRule:
     name: ClassVar[str] = ""
     #: Arrays of the state, ``"x"`` (the iterate) first.
     state: ClassVar[tuple[str, ...]] = ("x",)
+    #: State arrays that :meth:`step` passes on unchanged (sensitivities, column sums): the loop
+    #: writes them into both checkpoint slots (a run's first two commits), then never again.
+    constant: ClassVar[tuple[str, ...]] = ()
     #: Whether :meth:`step` only builds a graph (computes nothing, keeps no driver state that a
     #: later step reads): the loop may then submit iteration k + 1 before iteration k's metrics
     #: are back (:mod:`daskrecon.engine.loop`).
@@ -480,7 +483,8 @@ class MLEM(_Variants):
     place of the fidelity's (:mod:`daskrecon.tasks.poisson`): chunk by chunk for chunk-wise
     operators, whole on their workers otherwise, along the fixed-index tree — bitwise the same
     on any number of workers, in memory or out of core. ``s`` is computed once, at the start,
-    and kept in the state (checkpointed: a resume does not recompute it). The start is ones
+    and kept in the state (checkpointed: a resume does not recompute it; :attr:`constant`: written into
+    the two checkpoint slots once). The start is ones
     (deepinv's); the value reported is the Poisson NLL ``Σ_i Σ (A_i x − y_i log A_i x)`` at the
     start of the iteration.
 
@@ -498,6 +502,7 @@ class MLEM(_Variants):
 
     name = "mlem"
     state = ("x", "sensitivity")
+    constant = ("sensitivity",)
     pipelined = True
     uses_step_size = False
     prior_optional = True
@@ -569,6 +574,7 @@ class OSEM(MLEM):
             raise ValueError(f"n_subsets must be a positive int, got {n_subsets!r}")
         self.n_subsets, self.seed = n_subsets, int(seed)
         self.state = ("x", *(f"sensitivity_{j}" for j in range(n_subsets)))
+        self.constant = self.state[1:]
         self._subset: int | None = None
 
     def settings(self) -> dict:
@@ -620,6 +626,7 @@ class SIRT(_Variants):
 
     name = "sirt"
     state = ("x", "column_sums")
+    constant = ("column_sums",)
     pipelined = True
     uses_step_size = False
     prior_optional = True
@@ -718,6 +725,7 @@ class BSREM(MLEM):
         self.n_subsets, self.step_size = n_subsets, float(step_size)
         self.threshold = float(sensitivity_threshold)
         self.state = ("x", "average", "support", *(f"sensitivity_{j}" for j in range(n_subsets)))
+        self.constant = self.state[1:]
         self._subset: int | None = None
 
     def settings(self) -> dict:

@@ -148,6 +148,7 @@ class _Loop:
         self.signals: dict[str, DistributedSignal] = {}
         self.bar: Any = None
         self.committed = 0
+        self.constant_writes = 0  # commits of this run that wrote the rule's constant state
 
     def begin(self, x0: Any, start: int) -> None:
         """The state at iteration ``start``: restored from the checkpoint, or the rule's start (iteration 0)."""
@@ -163,8 +164,21 @@ class _Loop:
             initial = rule.start(problem, x0(problem) if callable(x0) else x0)
             # The start is committed as iteration 0 when the state streams (it must live in the store).
             advance(self.signals, initial, iteration=0, commit=self.streamed, record=self.record,
-                    extra={"history": []})
+                    extra={"history": []}, unchanged=self.unchanged(self.streamed))
         self.committed = start
+
+    def unchanged(self, commit: bool) -> tuple[str, ...]:
+        """The constant state a commit need not write: none until both checkpoint slots hold it.
+
+        Counted per run, so a resumed run writes it twice again (a checkpoint from a run that
+        stopped after one commit has it in one slot only).
+        """
+        if not commit or self.store is None:
+            return ()
+        if self.constant_writes < 2:
+            self.constant_writes += 1
+            return ()
+        return tuple(self.rule.constant)
 
     def iterate(self, start: int) -> list[dict]:
         """Iterations ``start + 1 ..`` up to ``n_iter`` or a stopping rule; the history."""
@@ -213,7 +227,7 @@ class _Loop:
                 return {"history": self.history}
 
             return submit(self.signals, new, iteration=k + 1, also={"value": value, "metrics": metrics},
-                          commit=commit, record=self.record, extra=extra), extra
+                          commit=commit, record=self.record, extra=extra, unchanged=self.unchanged(commit)), extra
 
     def report(self) -> bool:
         """Report the pending iteration, if any: history row, bar, callback; whether ``tol`` stops the run."""
@@ -240,7 +254,7 @@ class _Loop:
         if store is not None and self.committed != done:
             # The run ends here: commit the last state (in memory, so no recomputation) with its history.
             advance(self.signals, {name: s.array for name, s in self.signals.items()}, iteration=done, commit=True,
-                    record=self.record, extra={"history": history})
+                    record=self.record, extra={"history": history}, unchanged=self.unchanged(True))
         elif store is not None:
             store.commit(done, store.meta()["slot"], self.record, {"history": history})
 

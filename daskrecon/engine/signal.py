@@ -11,7 +11,7 @@ algorithm's whole state) are updated and committed together by :func:`advance`.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 import dask
@@ -209,6 +209,7 @@ def advance(
     commit: bool = True,
     record: dict | None = None,
     extra: dict | Callable[[dict], dict] | None = None,
+    unchanged: Collection[str] = (),
 ) -> dict[str, Any]:
     """Give chunked signals new values in one pass, compute ``also`` with them, and commit.
 
@@ -217,7 +218,8 @@ def advance(
     the same graph: metrics) is computed in the same submission. With ``commit`` and a
     store, every signal is written to the free slot and the slot committed atomically, with
     ``record`` (the problem) and ``extra`` (or ``extra(values)``) in the commit record.
-    :func:`submit` then :meth:`Pending.finish`.
+    Signals named in ``unchanged`` are not written: the caller vouches that both slots of the
+    store hold their value already. :func:`submit` then :meth:`Pending.finish`.
 
     Returns
     -------
@@ -225,7 +227,7 @@ def advance(
         The computed ``also``.
     """
     return submit(signals, values, iteration=iteration, also=also, commit=commit, record=record,
-                  extra=extra).finish()
+                  extra=extra, unchanged=unchanged).finish()
 
 
 class Pending:
@@ -277,6 +279,7 @@ def submit(
     commit: bool = True,
     record: dict | None = None,
     extra: dict | Callable[[dict], dict] | None = None,
+    unchanged: Collection[str] = (),
 ) -> Pending:
     """The first half of :func:`advance`: one submission of the new values, writes and ``also``."""
     if not signals:
@@ -298,7 +301,8 @@ def submit(
     keep = [n for n, s in signals.items() if s.in_memory]
     if committing:  # the workers write the store: it must be theirs too (checked again when they change)
         store.ensure_shared(ctx, why=f"signal {', '.join(signals)} is written there by the workers")
-    slot, stores = store.store_tasks(arrays) if committing else (None, [])
+    written = {n: a for n, a in arrays.items() if n not in unchanged}
+    slot, stores = store.store_tasks(written) if committing else (None, [])
     # One submission for everything: new values, writes, metrics. Unoptimized, so that every key
     # (and the placement annotations) is the graph's own, and keys shared between the
     # collections are computed once.
