@@ -10,7 +10,11 @@ reconstructed by ``daskrecon.reconstruct`` with ``algorithm=--algorithm`` (SIRT 
 * out of core: a volume ``--times`` the workers' total memory limit with ``storage="zarr"``: the start and
   the first iteration, then one more iteration in a resumed run (timed: the steady iteration);
 * plain deepinv: ``SIRT`` iterations on the in-memory volume in this process (one worker's threads),
-  through the same ``Slicewise`` physics (deepinv's projector on every slice, no Dask).
+  through the same ``Slicewise`` physics (deepinv's projector on every slice, no Dask) — for
+  ``--algorithm sirt`` only.
+
+``--denoiser 3d`` gives the reconstruction the bundled 3-D DnCNN (tiles of one slab, overlap 4), for
+``--algorithm pnp`` / ``fista`` / ``os-pnp``.
 
 Reports seconds per iteration, Mvox/s, each run's peak worker RSS against the limit, and the
 ratios. Writes benchmarks/results/ct_ooc.json.
@@ -47,7 +51,7 @@ def _sinograms(work: str, depth: int, args, op) -> tuple[float, str]:
     return time.perf_counter() - t0, where
 
 
-def _reconstruct(ctx, dphys, y, storage: str, args, work: str) -> dict:
+def _reconstruct(ctx, dphys, dden, y, storage: str, args, work: str) -> dict:
     """In memory: ``--iterations`` iterations, timed after the first. Out of core: the start and the first
     iteration in one run, then the next in a resumed run — its time is one iteration (plus the resume:
     planning, the inputs' NaN check), so the start (two back-projections) is not averaged in."""
@@ -58,18 +62,20 @@ def _reconstruct(ctx, dphys, y, storage: str, args, work: str) -> dict:
     ctx.client.run(reset_peak_rss)
     kw = dict(algorithm=args.algorithm, storage=storage, chunks=(args.slab, args.width, args.width), progress=False,
               return_history=True)
+    if args.n_subsets:
+        kw["n_subsets"] = args.n_subsets
     stamps = [time.perf_counter()]
     if storage == "memory":
-        _, history = dr.reconstruct(dphys, [y], None, n_iter=args.iterations, **kw,
+        _, history = dr.reconstruct(dphys, [y], dden, n_iter=args.iterations, **kw,
                                     callback=lambda k, x: stamps.append(time.perf_counter()))
         per_iter = [b - a for a, b in zip(stamps[:-1], stamps[1:])]
         steady = per_iter[1:] or per_iter
         extra = {}
     else:
         ck = os.path.join(work, "ckpt-zarr")
-        dr.reconstruct(dphys, [y], None, n_iter=1, checkpoint=ck, overwrite=True, **kw)
+        dr.reconstruct(dphys, [y], dden, n_iter=1, checkpoint=ck, overwrite=True, **kw)
         t1 = time.perf_counter()
-        _, history = dr.reconstruct(dphys, [y], None, n_iter=2, checkpoint=ck, resume=True, **kw)
+        _, history = dr.reconstruct(dphys, [y], dden, n_iter=2, checkpoint=ck, resume=True, **kw)
         t2 = time.perf_counter()
         per_iter, steady = [t1 - stamps[0], t2 - t1], [t2 - t1]
         extra = {"seconds_start_and_first_iteration": t1 - stamps[0],
@@ -114,6 +120,8 @@ def main() -> None:
     p.add_argument("--angles", type=int, default=16)
     p.add_argument("--slab", type=int, default=64, help="slices per chunk")
     p.add_argument("--algorithm", default="sirt")
+    p.add_argument("--denoiser", choices=("none", "3d"), default="none")
+    p.add_argument("--n-subsets", type=int, default=None)
     p.add_argument("--iterations", type=int, default=3, help="in memory (timed after the first)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
@@ -137,23 +145,29 @@ def main() -> None:
                   "distributed.worker.memory.pause": 0.92, "distributed.worker.memory.terminate": 0.98}
     res: dict = {"workers": args.workers, "threads_per_worker": args.threads, "memory_limit_per_worker": args.memory_limit,
                  "operator": f"dr.slicewise(Tomography(angles={args.angles}, img_width={args.width}, normalize=True))",
-                 "algorithm": args.algorithm, "slab": args.slab, "machine": machine()}
+                 "algorithm": args.algorithm, "denoiser": args.denoiser, "slab": args.slab, "machine": machine()}
     try:
-        res["plain_deepinv_in_memory"] = r = _plain_deepinv(op, args.small, args, args.workers * args.threads)
-        print(f"plain deepinv SIRT, {args.small} slices in one process: {r['seconds_per_iteration']:.2f} s/iteration, "
-              f"{r['mvox_per_second']:.2f} Mvox/s", flush=True)
+        if args.algorithm == "sirt":
+            res["plain_deepinv_in_memory"] = r = _plain_deepinv(op, args.small, args, args.workers * args.threads)
+            print(f"plain deepinv SIRT, {args.small} slices in one process: {r['seconds_per_iteration']:.2f} "
+                  f"s/iteration, {r['mvox_per_second']:.2f} Mvox/s", flush=True)
         with dask.config.set(thresholds), dr.DistributedContext(
             n_workers=args.workers, threads_per_worker=args.threads, memory_limit=args.memory_limit,
             dashboard_address="127.0.0.1:0",
         ) as ctx, ctx.client.as_current():
             dphys = dr.distribute([op], ctx)
+            dden = None
+            if args.denoiser == "3d":
+                from daskrecon.models import bundled_denoiser_3d
+                dden = dr.distribute(bundled_denoiser_3d(), ctx, patch_size=(args.slab, args.width, args.width),
+                                     overlap=4, max_batch_size=1)
             for name, d, storage in (("in_memory", args.small, "memory"), ("out_of_core", depth, "zarr")):
                 t_in, path = _sinograms(work, d, args, op)
                 y = da.from_zarr(path)
                 vol = d * args.width ** 2 * 4
                 print(f"{name}: {d} slices of {args.width}² = {vol / 2**30:.2f} GiB = {vol / limit_total:.2f}x the "
                       f"workers' memory limit; sinograms written in {t_in:.0f} s", flush=True)
-                r = _reconstruct(ctx, dphys, y, storage, args, work)
+                r = _reconstruct(ctx, dphys, dden, y, storage, args, work)
                 r["seconds_write_sinograms"] = t_in
                 r["times_total_worker_memory_limit"] = vol / limit_total
                 res[name] = r
@@ -161,11 +175,13 @@ def main() -> None:
                       f"peak worker RSS {r['worker_peak_rss_mib']} MiB (idle {r['worker_idle_rss_mib']}) of "
                       f"{args.memory_limit}", flush=True)
         res["ratio_out_of_core_vs_in_memory"] = res["out_of_core"]["mvox_per_second"] / res["in_memory"]["mvox_per_second"]
-        res["ratio_in_memory_vs_plain_deepinv"] = (res["in_memory"]["mvox_per_second"]
-                                                   / res["plain_deepinv_in_memory"]["mvox_per_second"])
-        print(f"out of core / in memory per-voxel throughput = {res['ratio_out_of_core_vs_in_memory']:.2f}; "
-              f"in memory / plain deepinv = {res['ratio_in_memory_vs_plain_deepinv']:.2f}")
-        print("wrote", write("ct_ooc", res))
+        print(f"out of core / in memory per-voxel throughput = {res['ratio_out_of_core_vs_in_memory']:.2f}")
+        if "plain_deepinv_in_memory" in res:
+            res["ratio_in_memory_vs_plain_deepinv"] = (res["in_memory"]["mvox_per_second"]
+                                                       / res["plain_deepinv_in_memory"]["mvox_per_second"])
+            print(f"in memory / plain deepinv = {res['ratio_in_memory_vs_plain_deepinv']:.2f}")
+        name = "ct_ooc" if args.algorithm == "sirt" and args.denoiser == "none" else f"ct_ooc_{args.algorithm}"
+        print("wrote", write(name, res))
     finally:
         if not args.dir:
             shutil.rmtree(work, ignore_errors=True)

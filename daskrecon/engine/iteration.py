@@ -23,11 +23,10 @@ import numpy as np
 from dask.delayed import Delayed, delayed
 
 from daskrecon.engine.problem import Problem
-from daskrecon.engine.terms import chunkwise_values, whole_adjoint
+from daskrecon.engine.terms import GraphInputs
 from daskrecon.planning.sharding import balance_loads
-from daskrecon.runtime.graphs import as_array, placed, token, tree_sum, tree_sum_values, whole
+from daskrecon.runtime.graphs import as_array, token, tree_sum, tree_sum_values
 from daskrecon.tasks import arrays as array_tasks
-from daskrecon.tasks import fidelity as fidelity_tasks
 from daskrecon.tasks import iteration as iteration_tasks
 
 __all__ = ["adjoint_sum", "batch_values", "denoise", "gradient", "metrics"]
@@ -51,40 +50,19 @@ def gradient(problem: Problem, x: da.Array, indices: Sequence[int] | None = None
     given — the same values computed once); whole-image operators take theirs from their fidelity
     (:class:`daskrecon.tasks.poisson.SIRTFidelity`).
     """
-    ctx, physics = problem.ctx, problem.physics
-    fan_in = ctx.fan_in
+    fan_in = problem.ctx.fan_in
     indices = list(range(problem.num_operators)) if indices is None else list(indices)
     if not indices:
         raise ValueError("gradient over an empty set of operators")
     tag = token(kind)
-    whole_ops = [i for i in indices if problem.forms[i] is None]
-    owners = physics.placement.owners if whole_ops else None
-    xw = whole(x, f"assemble-{tag}") if whole_ops else None
-    fids = problem.fidelity.objects_for(physics) if whole_ops else None
+    inputs, terms = GraphInputs(problem, x, tag), problem.terms
     grads: list[Any] = []
     values: list[Delayed] = []
     for i in indices:
-        form, y = problem.forms[i], problem.y[i]
-        if form is not None:
-            u = form.apply(x)
-            # no-op for a planned problem (its chunks suit every operator); unmeasured, y = 0 is made in the tasks
-            y = y.rechunk(u.chunks) if measured else None
-            w = None if row_weights is None else (row_sums[i] if row_sums and i in row_sums else
-                                                  form.apply(da.ones(x.shape, chunks=x.chunks, dtype=x.dtype)))
-            r = da.map_blocks(fidelity_tasks.pointwise_grad_block, u, y, w, distance=problem.distances[i],
-                              eps=0.0 if row_weights is None else row_weights, dtype=u.dtype,
-                              meta=np.empty((0,) * u.ndim, u.dtype), name=f"residual-{i}-{tag}")
-            v = chunkwise_values(u, y, problem.distances[i], f"value-{i}-{tag}")
-            grads.append(form.adjoint(r, x.chunks).rechunk(x.chunks))  # no-op when x's chunks suit the operator
-            parts = v.to_delayed(optimize_graph=False).ravel().tolist()
-            values.append(delayed(iteration_tasks.sum_values, pure=True)(*parts, dask_key_name=f"value-sum-{i}-{tag}"))
-        else:
-            owner = owners[i]
-            refs = [physics.objects.ref(i, owner), fids.ref(i, owner)]
-            gv = placed(fidelity_tasks.fidelity_grad_value_op, owner, refs, xw, y if measured else None, i, {},
-                        name=f"operator-gradient-{i}-{tag}")
-            grads.append(gv)
-            values.append(delayed(iteration_tasks.value_of, pure=True)(gv, dask_key_name=f"value-of-{i}-{tag}"))
+        g, v = terms[i].gradient(inputs, measured=measured, eps=row_weights,
+                                 row_sums=row_sums.get(i) if row_weights is not None and row_sums else None)
+        grads.append(g)
+        values.append(v)
     if all(isinstance(g, Delayed) for g in grads):  # all whole: one tree over whole images, then split
         total = tree_sum(grads, fan_in, f"tree-sum-{tag}")
         grad = as_array(total, iteration_tasks.gradient_of, (problem.shape,), problem.shape, problem.dtype, x.chunks,
@@ -98,39 +76,16 @@ def gradient(problem: Problem, x: da.Array, indices: Sequence[int] | None = None
 
 def batch_values(problem: Problem, x: da.Array) -> da.Array:
     """``Σ_i d_i(A_i x, y_i)`` per batch element, shape ``(B,)`` (float64), lazily, along the same tree."""
-    physics, tag = problem.physics, token("fidelity-value")
-    owners = physics.placement.owners if problem.global_ops else None
-    xw = whole(x, f"assemble-{tag}") if problem.global_ops else None
-    fids = problem.fidelity.objects_for(physics) if problem.global_ops else None
-    b = problem.shape[0]
-    leaves = []
-    for i in range(problem.num_operators):
-        form, y = problem.forms[i], problem.y[i]
-        if form is not None:
-            u = form.apply(x)
-            y = y.rechunk(u.chunks)
-            v = chunkwise_values(u, y, problem.distances[i], f"value-{i}-{tag}")
-            leaves.append(v.sum(axis=tuple(range(1, v.ndim))).rechunk(b))
-        else:
-            owner = owners[i]
-            refs = [physics.objects.ref(i, owner), fids.ref(i, owner)]
-            v = placed(fidelity_tasks.fidelity_fn_op, owner, refs, xw, y, i, {}, name=f"operator-value-{i}-{tag}")
-            leaves.append(da.from_delayed(v, (b,), dtype=np.float32).astype(np.float64))
-    return tree_sum(leaves, problem.ctx.fan_in, f"tree-sum-{tag}")
+    inputs = GraphInputs(problem, x, token("fidelity-value"))
+    leaves = [term.values(inputs) for term in problem.terms]
+    return tree_sum(leaves, problem.ctx.fan_in, f"tree-sum-{inputs.tag}")
 
 
 def adjoint_sum(problem: Problem, *, scale: float = 1.0) -> da.Array:
     """``scale · Σ_i A_iᵀ y_i``, chunked like the iterate (the default start ``Aᵀy / N``)."""
-    ctx, physics = problem.ctx, problem.physics
-    tag = token("adjoint")
-    leaves: list[Any] = []
-    for i in range(problem.num_operators):
-        form, y = problem.forms[i], problem.y[i]
-        if form is not None:
-            leaves.append(form.adjoint(y, problem.chunks))
-        else:
-            a = whole_adjoint(physics, i, y, tag)
-            leaves.append(da.from_delayed(a, problem.shape, dtype=problem.dtype).rechunk(problem.chunks))
+    ctx, tag = problem.ctx, token("adjoint")
+    inputs = GraphInputs(problem, None, tag)  # the adjoint's input is y: x is neither read nor assembled
+    leaves = [term.adjoint(inputs) for term in problem.terms]
     total = tree_sum([leaf.astype(problem.dtype) for leaf in leaves], ctx.fan_in, f"tree-sum-{tag}")
     return da.map_blocks(array_tasks.scale_array, total, scale, dtype=problem.dtype, name=f"scale-{tag}")
 

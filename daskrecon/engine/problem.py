@@ -26,8 +26,16 @@ import torch
 from dask.base import tokenize
 from distributed import Future
 
-from daskrecon.engine.terms import (check_whole_fits, choose_forms, output_chunks, place_mask, place_measurement,
-                                    whole_adjoint)
+from daskrecon.engine.terms import (
+    Term,
+    check_whole_fits,
+    choose_forms,
+    output_chunks,
+    place_mask,
+    place_measurement,
+    terms_of,
+    whole_adjoint,
+)
 from daskrecon.errors import ShapeError
 from daskrecon.planning.chunking import plan_chunks, whole_axes, working_chunks, zarr_aligned
 from daskrecon.planning.fingerprint import fingerprint
@@ -109,6 +117,11 @@ class Problem:
     @property
     def global_ops(self) -> list[int]:
         return [i for i, f in enumerate(self.forms) if f is None]
+
+    @property
+    def terms(self) -> list[Term]:
+        """Each operator's term (:mod:`daskrecon.engine.terms`), from the forms, distances and measurements."""
+        return terms_of(self.forms, self.distances, self.y)
 
 
 

@@ -5,16 +5,23 @@ chunk by chunk, its measurement chunked like its output; any other runs whole on
 that holds it, its measurement placed there. The plan goes into a
 :class:`~daskrecon.engine.problem.Problem`, which carries it (and, for a reconstruction, the
 denoiser and the iterate's chunks) to the graph builders (:mod:`daskrecon.engine.iteration`).
+
+That decision is made once, here: each operator becomes a term — :class:`ChunkwiseTerm` or
+:class:`WholeTerm` — whose ``gradient``, ``values`` and ``adjoint`` build its part of a graph; the
+builders sum what the terms give along the fixed-index tree and never ask which kind a term is.
 """
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import dask
 import dask.array as da
 import numpy as np
 import torch
+from dask.delayed import Delayed, delayed
 from deepinv.optim import distance as _distance
 from deepinv.optim.data_fidelity import DataFidelity
 from distributed import Future
@@ -22,18 +29,20 @@ from distributed import Future
 from daskrecon.errors import DaskreconError
 from daskrecon.operators.chunkwise import LocalOperator, unaligned_size
 from daskrecon.runtime.arrays import as_numpy, persist_fresh, place
-from daskrecon.runtime.graphs import placed
+from daskrecon.runtime.graphs import placed, whole
 from daskrecon.runtime.memory import MemoryLimitError, check_fits
 from daskrecon.tasks import fidelity as fidelity_tasks
+from daskrecon.tasks import iteration as iteration_tasks
 from daskrecon.tasks import operators as operator_tasks
 from daskrecon.tasks.substitutes import FFTConvolution, specialize
 
 if TYPE_CHECKING:  # annotations only: the front is a layer above
+    from daskrecon.engine.problem import Problem
     from daskrecon.frontend.context import DistributedContext
     from daskrecon.frontend.physics import DistributedPhysics
 
-__all__ = ["GLOBAL_FORM_MAX_BYTES", "check_whole_fits", "choose_forms", "chunkwise_values", "output_chunks",
-           "place_mask", "place_measurement", "whole_adjoint"]
+__all__ = ["GLOBAL_FORM_MAX_BYTES", "ChunkwiseTerm", "GraphInputs", "WholeTerm", "check_whole_fits", "choose_forms",
+           "chunkwise_values", "output_chunks", "place_mask", "place_measurement", "terms_of", "whole_adjoint"]
 
 #: A circular blur is evaluated whole, by FFT, on its worker (faster than its chunk-wise
 #: spatial form) when the image is at most this large; above, it streams chunk by chunk.
@@ -146,3 +155,108 @@ def chunkwise_values(u: da.Array, y: da.Array, distance: Any, name: str) -> da.A
     return da.map_blocks(fidelity_tasks.pointwise_value_block, u, y, distance=distance, dtype=np.float64,
                          meta=np.empty((0,) * u.ndim, np.float64),
                          chunks=(u.chunks[0], *((1,) * len(c) for c in u.chunks[1:])), name=name)
+
+
+# ---------------------------------------------------------------- the terms
+class GraphInputs:
+    """What the terms of one graph share: ``x``, the graph's tag and — made once, only when a whole
+    term asks — ``x`` assembled (``assemble-<tag>``) and the fidelities' worker-side references."""
+
+    def __init__(self, problem: Problem, x: da.Array, tag: str) -> None:
+        self.problem, self.x, self.tag = problem, x, tag
+
+    @functools.cached_property
+    def assembled(self) -> Delayed:
+        return whole(self.x, f"assemble-{self.tag}")
+
+    @functools.cached_property
+    def fidelities(self) -> Any:
+        return self.problem.fidelity.objects_for(self.problem.physics)
+
+    @functools.cached_property
+    def owners(self) -> list[str]:
+        """The operators' workers, read once for the whole graph."""
+        return self.problem.physics.placement.owners
+
+
+@dataclass(frozen=True)
+class ChunkwiseTerm:
+    """Operator ``i`` chunk by chunk: ``A_i``/``A_iᵀ`` by ``map_overlap``, its pixel-wise distance per chunk."""
+
+    index: int
+    form: LocalOperator
+    distance: Any
+    y: da.Array
+
+    def gradient(self, inputs: GraphInputs, *, measured: bool = True, eps: float | None = None,
+                 row_sums: da.Array | None = None) -> tuple[da.Array, Delayed]:
+        """``(A_iᵀ ∇d(A_i x, y_i), d(A_i x, y_i))``: a dask array chunked like ``x``, the value's task.
+
+        ``measured=False`` takes ``y_i = 0`` (made in the tasks). ``eps`` divides the pixel-wise
+        term by ``max(A_i 1, eps)`` (SIRT's row sums: ``row_sums`` when given, else made from ones).
+        """
+        i, tag, x = self.index, inputs.tag, inputs.x
+        u = self.form.apply(x)
+        # no-op for a planned problem (its chunks suit every operator)
+        y = self.y.rechunk(u.chunks) if measured else None
+        w = None if eps is None else (row_sums if row_sums is not None else
+                                      self.form.apply(da.ones(x.shape, chunks=x.chunks, dtype=x.dtype)))
+        r = da.map_blocks(fidelity_tasks.pointwise_grad_block, u, y, w, distance=self.distance,
+                          eps=0.0 if eps is None else eps, dtype=u.dtype,
+                          meta=np.empty((0,) * u.ndim, u.dtype), name=f"residual-{i}-{tag}")
+        v = chunkwise_values(u, y, self.distance, f"value-{i}-{tag}")
+        grad = self.form.adjoint(r, x.chunks).rechunk(x.chunks)  # no-op when x's chunks suit the operator
+        parts = v.to_delayed(optimize_graph=False).ravel().tolist()
+        return grad, delayed(iteration_tasks.sum_values, pure=True)(*parts, dask_key_name=f"value-sum-{i}-{tag}")
+
+    def values(self, inputs: GraphInputs) -> da.Array:
+        """``d(A_i x, y_i)`` per batch element, shape ``(B,)``, float64."""
+        u = self.form.apply(inputs.x)
+        v = chunkwise_values(u, self.y.rechunk(u.chunks), self.distance, f"value-{self.index}-{inputs.tag}")
+        return v.sum(axis=tuple(range(1, v.ndim))).rechunk(inputs.problem.shape[0])
+
+    def adjoint(self, inputs: GraphInputs) -> da.Array:
+        """``A_iᵀ y_i``, chunked like the iterate."""
+        return self.form.adjoint(self.y, inputs.problem.chunks)
+
+
+@dataclass(frozen=True)
+class WholeTerm:
+    """Operator ``i`` whole, on the worker that holds it: one task per use, ``x`` assembled once per graph."""
+
+    index: int
+    y: Any  # the future (or delayed) of the whole y_i on the operator's worker
+
+    def _refs(self, inputs: GraphInputs) -> tuple[str, list]:
+        owner = inputs.owners[self.index]
+        return owner, [inputs.problem.physics.objects.ref(self.index, owner), inputs.fidelities.ref(self.index, owner)]
+
+    def gradient(self, inputs: GraphInputs, *, measured: bool = True, eps: float | None = None,
+                 row_sums: Any = None) -> tuple[Delayed, Delayed]:
+        """``(task of (gradient, value), the value's task)`` on the operator's worker; its fidelity carries
+        any row weights (:class:`daskrecon.tasks.poisson.SIRTFidelity`)."""
+        i, tag = self.index, inputs.tag
+        owner, refs = self._refs(inputs)
+        gv = placed(fidelity_tasks.fidelity_grad_value_op, owner, refs, inputs.assembled, self.y if measured else None,
+                    i, {}, name=f"operator-gradient-{i}-{tag}")
+        return gv, delayed(iteration_tasks.value_of, pure=True)(gv, dask_key_name=f"value-of-{i}-{tag}")
+
+    def values(self, inputs: GraphInputs) -> da.Array:
+        owner, refs = self._refs(inputs)
+        v = placed(fidelity_tasks.fidelity_fn_op, owner, refs, inputs.assembled, self.y, self.index, {},
+                   name=f"operator-value-{self.index}-{inputs.tag}")
+        return da.from_delayed(v, (inputs.problem.shape[0],), dtype=np.float32).astype(np.float64)
+
+    def adjoint(self, inputs: GraphInputs) -> da.Array:
+        problem = inputs.problem
+        a = whole_adjoint(problem.physics, self.index, self.y, inputs.tag)
+        return da.from_delayed(a, problem.shape, dtype=problem.dtype).rechunk(problem.chunks)
+
+
+Term = ChunkwiseTerm | WholeTerm
+
+
+def terms_of(forms: list, distances: list, ys: list) -> list[Term]:
+    """Each operator's term: chunk-wise where it has a (planned) form, whole otherwise."""
+    return [ChunkwiseTerm(i, f, d, y) if f is not None else WholeTerm(i, y)
+            for i, (f, d, y) in enumerate(zip(forms, distances, ys))]
