@@ -16,7 +16,7 @@ def fingerprint(obj: Any) -> str:
     """A hash of what an object computes with, stable across processes and machines.
 
     Modules: class, state-dict tensors (names, shapes, dtypes, values) and plain
-    attributes (numbers, strings, tuples), recursively through submodules. Functions
+    attributes (numbers, strings, tuples; not the train/eval mode), recursively through submodules. Functions
     (factories): module, qualified name and bytecode. Sequences: their items.
     Pickles are not used: they differ between processes.
     """
@@ -31,7 +31,9 @@ def fingerprint(obj: Any) -> str:
                 h.update(name.encode())
                 feed(t, depth + 1)
             for k, v in sorted(vars(o).items()):
-                if isinstance(v, (int, float, str, bool, tuple)) and not k.startswith("_"):
+                # ``training`` is left out: the engine runs every module in eval mode, and a mode flipped
+                # by a shared default (deepinv's physics share one ``ZeroNoise()``) must not refuse a resume
+                if isinstance(v, (int, float, str, bool, tuple)) and not k.startswith("_") and k != "training":
                     h.update(f"{k}={v!r}".encode())
             for name, child in sorted(o.named_children()):
                 h.update(name.encode())
