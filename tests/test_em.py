@@ -192,19 +192,20 @@ def _owner_of_each_task(ts, prefix):
     return {int(t["key"].split("-")[-2]): t["worker"] for t in ts.data if t["key"].startswith(prefix + "-")}
 
 
-@pytest.mark.parametrize("kind", ["blurs", "tomography"])
-def test_deepinvs_own_osem_object_runs_on_the_distributed_physics(ctx, kind):
-    """deepinv's ``OSEM`` as it ships takes the distributed stack as its pre-split subsets (a
-    ``StackedLinearPhysics``): ``physics[l]`` is operator ``l`` run on the worker holding it."""
+@pytest.mark.parametrize("kind, algo", [("blurs", "OSEM"), ("tomography", "OSEM"), ("tomography", "BSREM")])
+def test_deepinvs_own_subset_objects_run_on_the_distributed_physics(ctx, kind, algo):
+    """deepinv's ``OSEM`` and ``BSREM`` as they ship take the distributed stack as their pre-split
+    subsets (a ``StackedLinearPhysics``): ``physics[l]`` is operator ``l`` run on the worker holding it."""
     from distributed import get_task_stream
 
     ops, x_true = _operators(kind)
     y = _poisson(ops, x_true)
     dphys = dr.distribute(_operators(kind)[0], ctx)
     assert isinstance(dphys, dinv.physics.StackedLinearPhysics) and len(dphys.physics_list) == len(ops)
-    ref = dinv.optim.OSEM(max_iter=3)(y, dinv.physics.StackedLinearPhysics(ops))
+    make = lambda: getattr(dinv.optim, algo)(num_subsets=len(ops), max_iter=3)  # noqa: E731
+    ref = make()(y, dinv.physics.StackedLinearPhysics(ops))
     with get_task_stream(ctx.client) as ts:
-        out = dinv.optim.OSEM(max_iter=3)(MeasurementList(list(y)), dphys)
+        out = make()(MeasurementList(list(y)), dphys)
     assert _rel(out, ref) <= 1e-5 and _rel(out, torch.ones_like(out)) > 0.1
     ran = _owner_of_each_task(ts, "forward_op")
     assert ran == dict(enumerate(dphys.owners))  # every subset's projection on its operator's worker
