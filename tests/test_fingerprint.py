@@ -24,7 +24,8 @@ def _ops():
 def test_the_same_objects_hash_the_same_in_another_process():
     code = "import sys\nsys.path.insert(0, %r)\n" % os.path.dirname(os.path.dirname(__file__)) + _BUILD + (
         "from daskrecon.planning.fingerprint import fingerprint\nprint(fingerprint(ops))")
-    there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           timeout=120).stdout.strip()
     assert fingerprint(_ops()) == there
 
 

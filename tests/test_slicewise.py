@@ -102,6 +102,19 @@ def test_a_tomography_travels_as_its_recipe_not_its_grids():
     assert torch.equal(back.op.operator_norm, op.operator_norm)
 
 
+def test_rebuilding_an_operator_leaves_deepinvs_shared_default_noise_model_alone():
+    """A rebuilt operator is put in eval mode; deepinv's default ``ZeroNoise()`` is one object shared
+    by every physics of the process, the caller's included, and must keep its mode."""
+    mine = dinv.physics.Blur(filter=gaussian_blur(sigma=(1.0, 1.0)))
+    assert mine.training and mine.noise_model.training
+    blob = pickle.dumps(dr.slicewise(_tomography(angles=8, width=16)))
+    slab_tasks._OPS.clear()
+    back = pickle.loads(blob)
+    back.A(torch.rand(1, 1, 2, 16, 16))
+    assert not back.op.training and not back.op.noise_model.training  # the rebuilt one is in eval mode
+    assert mine.noise_model.training and dinv.physics.Blur(filter=mine.filter).noise_model.training
+
+
 def test_what_is_not_separable_is_refused_with_the_way_out():
     with pytest.raises(ValueError, match="not known to act on each slice alone.*separable=True"):
         dr.slicewise(dinv.physics.LinearPhysics(A=lambda x: x, A_adjoint=lambda y: y))

@@ -164,13 +164,14 @@ class _Loop:
             initial = rule.start(problem, x0(problem) if callable(x0) else x0)
             # The start is committed as iteration 0 when the state streams (it must live in the store).
             advance(self.signals, initial, iteration=0, commit=self.streamed, record=self.record,
-                    extra={"history": []}, unchanged=self.unchanged(self.streamed))
+                    extra={"history": []}, unchanged=self.constant_to_skip(self.streamed))
         self.committed = start
 
-    def unchanged(self, commit: bool) -> tuple[str, ...]:
-        """The constant state a commit need not write: none until both checkpoint slots hold it.
+    def constant_to_skip(self, commit: bool) -> tuple[str, ...]:
+        """The constant state this commit need not write: none until both checkpoint slots hold it.
 
-        Counted per run, so a resumed run writes it twice again (a checkpoint from a run that
+        Call once per submission: a committing call is counted (it writes the constant state while
+        fewer than two have). Counted per run, so a resumed run writes it twice again (a checkpoint from a run that
         stopped after one commit has it in one slot only).
         """
         if not commit or self.store is None:
@@ -227,7 +228,7 @@ class _Loop:
                 return {"history": self.history}
 
             return submit(self.signals, new, iteration=k + 1, also={"value": value, "metrics": metrics},
-                          commit=commit, record=self.record, extra=extra, unchanged=self.unchanged(commit)), extra
+                          commit=commit, record=self.record, extra=extra, unchanged=self.constant_to_skip(commit)), extra
 
     def report(self) -> bool:
         """Report the pending iteration, if any: history row, bar, callback; whether ``tol`` stops the run."""
@@ -254,7 +255,7 @@ class _Loop:
         if store is not None and self.committed != done:
             # The run ends here: commit the last state (in memory, so no recomputation) with its history.
             advance(self.signals, {name: s.array for name, s in self.signals.items()}, iteration=done, commit=True,
-                    record=self.record, extra={"history": history}, unchanged=self.unchanged(True))
+                    record=self.record, extra={"history": history}, unchanged=self.constant_to_skip(True))
         elif store is not None:
             store.commit(done, store.meta()["slot"], self.record, {"history": history})
 

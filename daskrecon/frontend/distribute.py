@@ -143,15 +143,18 @@ def _(obj: Physics, options: dict) -> str:
 
 @_kind_of.register
 def _(obj: DistributedPhysics, options: dict) -> str:
-    _refuse_distributed(obj)
-    return "physics"
+    raise _already_distributed(obj)
+
+
+def _already_distributed(obj: DistributedPhysics) -> TypeError:
+    return TypeError(f"this {type(obj).__name__} is distributed already (its operators live on the workers); "
+                     "use it as it is, or distribute the deepinv operators themselves")
 
 
 def _refuse_distributed(obj: Any) -> None:
     for o in obj if isinstance(obj, (list, tuple)) else [obj]:
         if isinstance(o, DistributedPhysics):
-            raise TypeError(f"this {type(o).__name__} is distributed already (its operators live on the workers); "
-                            "use it as it is, or distribute the deepinv operators themselves")
+            raise _already_distributed(o)
 
 
 @_kind_of.register

@@ -10,6 +10,7 @@ process, then cached: a parallel-beam ``Tomography`` holds its sampling grids as
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import threading
 from collections import OrderedDict
@@ -42,6 +43,10 @@ def build_operator(payload: bytes) -> Any:
         # same bits whatever its thread count made of them while building.
         op.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=False)
     if isinstance(op, torch.nn.Module):
+        if isinstance(getattr(op, "noise_model", None), torch.nn.Module):
+            # deepinv's default ZeroNoise() is one object shared by every physics of the process (the
+            # driver's too): this operator's eval() must not flip the caller's operators' mode
+            op.noise_model = copy.deepcopy(op.noise_model)
         op.eval()
     with _LOCK:
         _OPS[key] = op
