@@ -217,7 +217,7 @@ def test_the_check_is_one_call_per_worker_set(ctx, tmp_path):
     store.ensure_shared(ctx)
     store.ensure_shared(ctx)
     store.child("scratch_cg").ensure_shared(ctx)  # a folder inside a shared one is shared
-    assert len(store._shared.seconds) == 1 and store._shared.seconds[0] < 5
+    assert len(store.folder.shared.seconds) == 1 and store.folder.shared.seconds[0] < 5
     assert not any(p.name.startswith(".daskrecon-probe") for p in (tmp_path / "ck").iterdir())
 
 
@@ -231,7 +231,7 @@ def test_workers_that_join_are_checked_at_the_next_write(tmp_path):
         while c.num_workers < 2 and time.time() < deadline:  # the context hears of the join
             time.sleep(0.1)
         store.ensure_shared(c)
-        assert len(store._shared.seconds) == 2 and len(store._shared.workers) == 2
+        assert len(store.folder.shared.seconds) == 2 and len(store.folder.shared.workers) == 2
 
 
 def test_a_per_process_store_is_not_shared(ctx):

@@ -22,11 +22,8 @@ from __future__ import annotations
 
 import json
 import os
-import posixpath
-import re
-import tempfile
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +34,7 @@ import zarr
 from daskrecon.errors import DaskreconError, NotOwnedError
 from daskrecon.planning.chunking import zarr_aligned
 from daskrecon.runtime import storage
+from daskrecon.runtime.folders import OwnedFolder
 from daskrecon.runtime.halos import Sources, read_array
 from daskrecon.runtime.waiting import compute
 from daskrecon.tasks.regions import read_region
@@ -53,14 +51,6 @@ _RESERVED = ("COMMIT.json", "COMMIT.json.tmp")
 #: Zarr's settings for the arrays daskrecon writes: every chunk stored, also one equal to the fill
 #: value, so that a missing chunk is always an error (storage.py).
 _WRITE_CONFIG = {"write_empty_chunks": True}
-
-
-@dataclass
-class _Shared:
-    """The worker set a location (and every folder under it) was last found shared with."""
-
-    workers: frozenset | None = None
-    seconds: list = field(default_factory=list)
 
 
 @dataclass
@@ -91,20 +81,13 @@ class Checkpoint:
     """
 
     def __init__(self, path: str | os.PathLike, storage_options: dict | None = None, *,
-                 _shared: _Shared | None = None, _sources: Sources | None = None) -> None:
-        from fsspec.core import url_to_fs
-        from fsspec.implementations.local import LocalFileSystem
-
-        self.url = str(path)
-        self.fs, root = url_to_fs(self.url, **(storage_options or {}))
-        self.local = isinstance(self.fs, LocalFileSystem)
-        self.path = Path(root) if self.local else root
+                 _folder: OwnedFolder | None = None, _sources: Sources | None = None) -> None:
+        #: Where it lives, whose it is, whether the workers see it (:mod:`daskrecon.runtime.folders`).
+        self.folder = _folder if _folder is not None else OwnedFolder(path, storage_options, reserved=_RESERVED)
+        self.url, self.fs, self.local = self.folder.url, self.folder.fs, self.folder.local
+        self.path = Path(self.folder.root) if self.local else self.folder.root
         self.storage_options = None if self.local else (storage_options or {})
-        self._commit = f"{root}/COMMIT.json"
-        self._root = root
-        self._storage_options = storage_options
-        self._claimed = False
-        self._shared = _shared if _shared is not None else _Shared()
+        self._commit = self.folder.path_of("COMMIT.json")
         #: The dask arrays this checkpoint (and its children) handed out, read in place by halo stencils.
         self.sources = _sources if _sources is not None else Sources()
 
@@ -120,114 +103,31 @@ class Checkpoint:
             The workers cannot see it (the folder is removed again); the message says ``why``
             it was needed and what to pass.
         """
-        from fsspec.core import url_to_fs
-        from fsspec.implementations.local import LocalFileSystem
-
-        base = str(scratch) if scratch is not None else storage.default_scratch()
-        fs, root = url_to_fs(base, **(storage_options or {}))
-        where = f"{base.rstrip('/')}/{prefix}{uuid.uuid4().hex[:12]}"
-        if isinstance(fs, LocalFileSystem):
-            os.makedirs(root, exist_ok=True)
-            where = tempfile.mkdtemp(prefix=prefix, dir=root)
-        store = cls(where, storage_options)
-        store.claim()
-        try:
-            store.ensure_shared(ctx, why=why, default=scratch is None)
-        except Exception:
-            store.remove()
-            raise
-        return store
+        folder = OwnedFolder.temporary(ctx, scratch, prefix=prefix, why=why, storage_options=storage_options,
+                                       reserved=_RESERVED)
+        return cls(folder.url, storage_options, _folder=folder)
 
     def child(self, name: str) -> Checkpoint:
         """The checkpoint folder ``name`` inside this one (same storage; shared when this one is)."""
-        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
-            raise ValueError(f"a child folder's name is one path component of letters, digits, '_', '.', '-', "
-                             f"got {name!r}")
-        return Checkpoint(f"{self.url.rstrip('/')}/{name}", self._storage_options, _shared=self._shared,
-                          _sources=self.sources)
+        folder = self.folder.child(name)
+        return Checkpoint(folder.url, folder.storage_options, _folder=folder, _sources=self.sources)
 
-    # ------------------------------------------------------------------ ownership and sharing
+    # ------------------------------------------------------------------ ownership and sharing: the folder's
     def owned(self) -> bool:
-        """Whether the folder is daskrecon's (it holds :data:`daskrecon.runtime.storage.OWNER_FILE`)."""
-        return self.fs.isfile(posixpath.join(str(self._root), storage.OWNER_FILE))
+        """Whether the folder is daskrecon's (:meth:`daskrecon.runtime.folders.OwnedFolder.owned`)."""
+        return self.folder.owned()
 
     def claim(self, overwrite: bool = False) -> None:
-        """Make the folder daskrecon's before writing: create it, or accept it when empty or already its own.
-
-        A folder that exists, is not empty and is not daskrecon's is refused, naming what is
-        there; with ``overwrite=True`` daskrecon writes its own arrays next to those files and
-        changes none of them (a name it needs that is taken is still refused).
-
-        Raises
-        ------
-        NotOwnedError
-        """
-        if self._claimed:
-            return
-        root = str(self._root)
-        if self.fs.exists(root):
-            if not self.fs.isdir(root):
-                raise NotOwnedError(f"checkpoint {self.url!r} is a file, not a folder: choose another path")
-            if not self.owned():
-                names = sorted(posixpath.basename(str(p).rstrip("/")) for p in self.fs.ls(root, detail=False))
-                if names and not overwrite:
-                    shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
-                    raise NotOwnedError(
-                        f"checkpoint folder {self.url!r} exists and holds files that are not a daskrecon checkpoint "
-                        f"({shown}); daskrecon does not write into someone else's folder: choose a new or empty "
-                        "folder, or pass overwrite=True to write daskrecon's arrays next to those files (none of "
-                        "them is changed)")
-                taken = [n for n in names if n in _RESERVED or n.startswith(".daskrecon")]
-                if taken:
-                    raise NotOwnedError(f"checkpoint folder {self.url!r} holds {', '.join(taken)}, which daskrecon "
-                                        "would write but did not create: choose another folder")
-        self.fs.makedirs(root, exist_ok=True)
-        if not self.owned():
-            self.fs.pipe_file(posixpath.join(root, storage.OWNER_FILE),
-                              json.dumps({"created_by": "daskrecon", "kind": "checkpoint"}).encode())
-        self._claimed = True
+        """Make the folder daskrecon's before writing (:meth:`daskrecon.runtime.folders.OwnedFolder.claim`)."""
+        self.folder.claim(overwrite)
 
     def ensure_shared(self, ctx: Any, *, why: str = "", default: bool = False) -> None:
-        """Check, once per set of workers, that every worker of ``ctx`` sees this folder (see
-        :func:`daskrecon.runtime.storage.check_shared`); claims it first.
-
-        ``default``: the folder is the default scratch location, which the message says.
-
-        Raises
-        ------
-        StorageNotSharedError
-        """
-        workers = frozenset(ctx.workers())
-        if self._shared.workers is not None and workers <= self._shared.workers:
-            return
-        self.claim()
-        hint = storage.HINT
-        if default:
-            hint = (f"this is the default scratch location (a folder in the driver's temporary directory "
-                    f"{storage.default_scratch()!r}); {storage.HINT}")
-        self._shared.seconds.append(storage.check_shared(ctx, self.fs, str(self._root), self.url, why=why, hint=hint))
-        self._shared.workers = workers
+        """Check once per set of workers that they all see the folder (:meth:`~daskrecon.runtime.folders.OwnedFolder.ensure_shared`)."""
+        self.folder.ensure_shared(ctx, why=why, default=default)
 
     def remove(self) -> None:
-        """Delete the whole folder, if it is daskrecon's and holds only what daskrecon made (else nothing)."""
-        if not self.owned():
-            return
-        root = str(self._root)
-        for p in self.fs.ls(root, detail=False):
-            name = posixpath.basename(str(p).rstrip("/"))
-            if name in _RESERVED or name.startswith(".daskrecon"):
-                continue
-            if not (self._owned_path(str(p)) or self.fs.isfile(posixpath.join(str(p), storage.OWNER_FILE))):
-                return  # something that is not ours: keep the folder
-        self.fs.rm(root, recursive=True)
-
-    def _owned_path(self, path: str) -> bool:
-        """Whether the Zarr array at ``path`` (a path of :attr:`fs`) is daskrecon's."""
-        try:
-            meta = json.loads(self.fs.cat_file(posixpath.join(path, "zarr.json")))
-        except (FileNotFoundError, ValueError, OSError):
-            return False
-        return storage.OWNER_ATTR in (meta.get("attributes") or {})
+        """Delete the folder if it holds only what daskrecon made (:meth:`~daskrecon.runtime.folders.OwnedFolder.remove`)."""
+        self.folder.remove()
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.url!r})"
@@ -245,10 +145,7 @@ class Checkpoint:
     def _array_path(self, name: str) -> str:
         if not name.isidentifier():
             raise ValueError(f"array names are identifiers, got {name!r}")
-        return str(Path(self._root) / f"{name}.zarr") if self.local else f"{self.url.rstrip('/')}/{name}.zarr"
-
-    def _fs_path(self, name: str) -> str:
-        return posixpath.join(str(self._root), f"{name}.zarr")
+        return str(Path(self.folder.root) / f"{name}.zarr") if self.local else f"{self.url.rstrip('/')}/{name}.zarr"
 
     def load(self, name: str = "x") -> Committed:
         """The last committed value of array ``name`` (read whole; a missing chunk raises)."""
@@ -349,16 +246,16 @@ class Checkpoint:
 
     def remove_array(self, name: str) -> bool:
         """Delete array ``name`` if daskrecon created it; whether it did (nothing happens otherwise)."""
-        path = self._fs_path(name)
-        if not self._owned_path(path):
+        path = self.folder.path_of(f"{name}.zarr")
+        if not self.folder.owns_array(path):
             return False
         self.fs.rm(path, recursive=True)
         return True
 
     def _create(self, name: str, shape: tuple, dtype: Any, chunks: tuple, role: str) -> Any:
         """A new array of daskrecon's, replacing only an array that daskrecon made (else :class:`NotOwnedError`)."""
-        path = self._fs_path(name)
-        if self.fs.exists(path) and not self._owned_path(path):
+        path = self.folder.path_of(f"{name}.zarr")
+        if self.fs.exists(path) and not self.folder.owns_array(path):
             raise NotOwnedError(f"{self.url.rstrip('/')}/{name}.zarr exists and was not made by daskrecon: it is not "
                                 "replaced; move it, or choose another checkpoint folder")
         # Uncompressed: zstd saved 8 % on float images and made reads 5x slower (benchmarks/

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import warnings
 from typing import Any
 
@@ -10,17 +9,17 @@ import torch
 from distributed import Client
 from distributed.deploy import Cluster
 
-from daskrecon.errors import ClusterConnectionError, DeviceError
+from daskrecon.errors import DeviceError
 from daskrecon.frontend.collectives import SingleRank
 from daskrecon.planning.sharding import SHARDINGS, assign_owners
-from daskrecon.runtime.cluster import MALLOC_MODES, configure_workers, scheduler_workers, start_local_cluster
-from daskrecon.runtime.scheduler_plugin import MEMBERSHIP_TOPIC
+from daskrecon.runtime.cluster import MALLOC_MODES, configure_workers
+from daskrecon.runtime.connection import Connection, connect
 from daskrecon.runtime.defaults import pick
+from daskrecon.runtime.roster import WorkerRoster
 
 __all__ = ["DistributedContext"]
 
 _DEVICE_MODES = (None, "cpu", "gpu")
-_WORKERS_TTL = 30.0
 
 
 class DistributedContext(SingleRank):
@@ -51,19 +50,16 @@ class DistributedContext(SingleRank):
     memory_limit : str or int, optional
         Memory limit per local worker (``"2GiB"``...), default ``"auto"``.
     malloc : {"fast", "safe"}
-        glibc settings of local workers. ``"fast"`` (default): network activations and FFT
-        buffers reuse heap memory instead of being mapped and page-faulted afresh per call
-        (2.2x faster FFT gradients, 13 % faster PnP here), and a worker plugin returns freed
-        heap pages to the OS whenever a worker passes half its memory limit
-        (:class:`~daskrecon.runtime.memory_trim.TrimUnderPressure`). ``"safe"``: distributed's
-        setting, freed memory above 64 KiB goes back at once, at the price of those page
-        faults.
+        glibc settings of local workers. ``"fast"`` (default): activations and FFT buffers reuse
+        heap memory instead of being page-faulted afresh per call (2.2x faster FFT gradients, 13 %
+        faster PnP here), returned to the OS when a worker passes half its memory limit
+        (:class:`~daskrecon.runtime.memory_trim.TrimUnderPressure`). ``"safe"``: distributed's.
     device_mode : {None, "cpu", "gpu"}
         ``None``: GPUs when the workers have them, else CPU. ``"gpu"`` without a GPU
         raises :class:`~daskrecon.errors.DeviceError`.
     sharding : {"round_robin", "block"}
-        Which worker owns which operator (default ``"round_robin"``) (see :func:`daskrecon.planning.sharding.assign_owners`).
-        Results never depend on it.
+        Which worker owns which operator (:func:`daskrecon.planning.sharding.assign_owners`; default
+        ``"round_robin"``). Results never depend on it.
     seed : int, optional
         Seeds the driver's torch RNG. Noise drawn on workers is seeded per operator
         from the driver's RNG, so it does not depend on the number of workers.
@@ -80,11 +76,10 @@ class DistributedContext(SingleRank):
     fan_in : int
         Largest number of partial results one reduction task sums (default 4).
     stall_timeout : float
-        Seconds a call may go without any progress — no awaited task finishing, changing
-        state or executing on a worker that answers — before it raises
-        :class:`~daskrecon.errors.StalledError` naming what is stuck (default 120). A long
-        task that is executing is progress; a task whose input cannot be transferred
-        between workers raises :class:`~daskrecon.errors.TransferError` at once.
+        Seconds a call may go without progress (a task finishing, changing state or executing on
+        a worker that answers) before :class:`~daskrecon.errors.StalledError` names what is stuck
+        (default 120); an input that cannot be transferred raises
+        :class:`~daskrecon.errors.TransferError` at once.
     backend, cleanup, seed_offset, deterministic
         Accepted for compatibility with ``deepinv.distributed.DistributedContext``.
         ``backend`` has no meaning on Dask (a warning is given if set); ``cleanup=False``
@@ -99,14 +94,14 @@ class DistributedContext(SingleRank):
     rank : int
         Always 0: this process, the driver, is the only rank.
     world_size : int
-        Always 1, the number of ranks: every distributed call returns its whole result to
-        the driver, so deepinv's collectives (``all_reduce``, ``broadcast``, ``all_gather``,
-        ``barrier``...) are those of a one-rank group (:mod:`daskrecon.frontend.collectives`).
+        Always 1: every call returns its whole result to the driver, so deepinv's collectives
+        are those of a one-rank group (:mod:`daskrecon.frontend.collectives`).
     num_workers : int
         Number of Dask workers.
+    local_cluster_options : dict
+        What a local cluster is started with (``cluster=None``).
     use_dist : bool
-        ``False``: no ``torch.distributed`` process group exists (code guarded by it runs
-        as in a single process).
+        ``False``: no ``torch.distributed`` process group (code guarded by it runs as in one process).
     device : torch.device
         Where results returned to the driver are placed.
     client : distributed.Client
@@ -148,55 +143,22 @@ class DistributedContext(SingleRank):
                                                                              "context.dashboard-address")
         timeout, fan_in = pick(timeout, "context.timeout"), pick(fan_in, "context.fan-in")
         stall_timeout, malloc = pick(stall_timeout, "context.stall-timeout"), pick(malloc, "context.malloc")
-        if malloc not in MALLOC_MODES:
-            raise ValueError(f"malloc must be one of {MALLOC_MODES}, got {malloc!r}")
-        if device_mode not in _DEVICE_MODES:
-            raise ValueError(f"device_mode must be one of {_DEVICE_MODES}, got {device_mode!r}")
-        if sharding not in SHARDINGS:
-            raise ValueError(f"sharding must be one of {SHARDINGS}, got {sharding!r}")
-        for name, value in (("n_workers", n_workers), ("threads_per_worker", threads_per_worker),
-                            ("torch_threads", torch_threads)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not isinstance(fan_in, int) or fan_in < 2:
-            raise ValueError(f"fan_in must be an int >= 2, got {fan_in!r}")
-        if not isinstance(stall_timeout, (int, float)) or not stall_timeout > 0:
-            raise ValueError(f"stall_timeout must be a positive number of seconds, got {stall_timeout!r}")
-        if not (cluster is None or isinstance(cluster, (str, Client, Cluster))):
-            raise TypeError(
-                "cluster must be None (start a local cluster), a scheduler address string, "
-                f"a distributed.Client or a Cluster object, got {type(cluster).__name__}"
-            )
+        _check_options(cluster, malloc, device_mode, sharding, fan_in, stall_timeout,
+                       n_workers=n_workers, threads_per_worker=threads_per_worker, torch_threads=torch_threads)
         if backend is not None:
             warnings.warn(f"backend={backend!r} is ignored: daskrecon communicates through Dask", stacklevel=2)
         self._cluster_arg = cluster
-        self.n_workers = n_workers
-        self.threads_per_worker = threads_per_worker
-        self.memory_limit = memory_limit
-        self.device_mode = device_mode
-        self.sharding = sharding
-        self.seed = seed
-        self.seed_offset = seed_offset
-        self.deterministic = deterministic
-        self.processes = processes
-        self.dashboard_address = dashboard_address
-        self.timeout = timeout
-        self.torch_threads = torch_threads
-        self.fan_in = fan_in
-        self.stall_timeout = float(stall_timeout)
-        self.cleanup = cleanup
-        self.cluster_kwargs = cluster_kwargs
-        self.malloc = malloc
+        self.local_cluster_options = {
+            "n_workers": n_workers, "threads_per_worker": threads_per_worker, "torch_threads": torch_threads,
+            "memory_limit": memory_limit, "device_mode": device_mode, "processes": processes,
+            "dashboard_address": dashboard_address, "malloc": malloc, "cluster_kwargs": cluster_kwargs}
+        self.device_mode, self.sharding, self.torch_threads, self.malloc = device_mode, sharding, torch_threads, malloc
+        self.seed, self.seed_offset, self.deterministic, self.cleanup = seed, seed_offset, deterministic, cleanup
+        self.timeout, self.fan_in, self.stall_timeout = timeout, fan_in, float(stall_timeout)
         self.rank = 0
-        self._client: Client | None = None
-        self._cluster: Cluster | None = None
-        self._owns_client = False
-        self._owns_cluster = False
-        # Worker list, refreshed when the scheduler plugin announces a join or a departure.
-        self._membership: int | None = None
-        self._workers_seen: tuple[int, dict[str, int], float] | None = None
+        self._conn: Connection | None = None
+        self._roster: WorkerRoster | None = None
 
-    # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> DistributedContext:
         self.start()
         return self
@@ -206,44 +168,22 @@ class DistributedContext(SingleRank):
 
     def start(self) -> DistributedContext:
         """Start or connect to the cluster (``__enter__`` calls this)."""
-        if self._client is not None:
+        if self._conn is not None:
             return self
         if self.device_mode == "gpu" and self._cluster_arg is None and not torch.cuda.is_available():
             raise DeviceError(
                 "device_mode='gpu' but torch sees no CUDA device on this machine; "
                 "use device_mode=None (auto) or 'cpu', or pass a cluster whose workers have GPUs"
             )
-        arg = self._cluster_arg
-        if arg is None:
-            local = start_local_cluster(
-                n_workers=self.n_workers, threads_per_worker=self.threads_per_worker, torch_threads=self.torch_threads,
-                memory_limit=self.memory_limit, device_mode=self.device_mode, processes=self.processes,
-                dashboard_address=self.dashboard_address, malloc=self.malloc, cluster_kwargs=self.cluster_kwargs)
-            self._cluster, self._local_n_workers, self._local_torch_threads = local
-            self._owns_cluster = True
-            self._client = Client(self._cluster)
-            self._owns_client = True
-        elif isinstance(arg, Client):
-            self._client = arg
-        else:
-            self._client = self._connect(arg)
-            self._owns_client = True
-        # A cluster started here waits for all its workers (they start in their own processes,
-        # and sharding over the first one alone would pin every operator to it).
-        expect = getattr(self, "_local_n_workers", 1) if self._owns_cluster else 1
-        wait_s = max(self.timeout, 120.0) if self._owns_cluster else self.timeout
+        self._conn = connect(self._cluster_arg, timeout=self.timeout, local=self.local_cluster_options)
+        self._roster = WorkerRoster(self._conn.client, self.stall_timeout)
         try:
-            self._client.wait_for_workers(expect, timeout=wait_s)
-        except Exception as exc:
+            self._roster.track(configure_workers(
+                self._conn.client, malloc=self.malloc, torch_threads=self.torch_threads or self._conn.torch_threads,
+                device_mode=self.device_mode, timeout=self.setup_timeout, on_membership=self._roster.on_change))
+        except Exception:
             self.close()
-            raise ClusterConnectionError(
-                f"{'the local workers did not all' if self._owns_cluster else 'no worker'} join the cluster within "
-                f"{wait_s:g} s; " + ("their processes' errors are printed above" if self._owns_cluster else
-                                    "scale the cluster (e.g. cluster.scale(jobs=...)) or raise timeout")
-            ) from exc
-        self._membership = configure_workers(
-            self._client, malloc=self.malloc, torch_threads=self.torch_threads or getattr(self, "_local_torch_threads", None),
-            device_mode=self.device_mode, timeout=self.setup_timeout, on_membership=self._on_membership)
+            raise
         if self.seed is not None:
             torch.manual_seed(self.seed)
         if self.deterministic:
@@ -253,76 +193,41 @@ class DistributedContext(SingleRank):
 
     def close(self) -> None:
         """Close what this context started; leave what it was given running."""
-        if self._client is not None and self._membership is not None:
-            try:
-                self._client.unsubscribe_topic(MEMBERSHIP_TOPIC)
-            except Exception:  # the client may be closed already
-                pass
-        self._membership = None
-        self._workers_seen = None
-        if self._client is not None and self._owns_client:
-            self._client.close()
-        if self._cluster is not None and self._owns_cluster and self.cleanup:
-            self._cluster.close()
-        self._client = None
-        self._cluster = None
+        if self._roster is not None:
+            self._roster.close()
+        if self._conn is not None:
+            self._conn.close(self.cleanup)
+        self._conn = self._roster = None
 
-    def _connect(self, arg: str | Cluster) -> Client:
-        try:
-            return Client(arg, timeout=self.timeout)
-        except (OSError, TimeoutError) as exc:
-            where = arg if isinstance(arg, str) else getattr(arg, "scheduler_address", repr(arg))
-            raise ClusterConnectionError(
-                f"could not reach the Dask scheduler at {where!r} within timeout={self.timeout}s: {exc}. "
-                "Check the address and that the scheduler is running, or pass cluster=None for a local cluster"
-            ) from exc
-
-    # ------------------------------------------------------------------ properties
     @property
     def client(self) -> Client:
         """The :class:`distributed.Client` (raises outside the ``with`` block)."""
-        if self._client is None:
+        if self._conn is None:
             raise RuntimeError("DistributedContext is not started: use it in a `with` block or call start()")
-        return self._client
+        return self._conn.client
 
     @property
     def cluster(self) -> Cluster | None:
         """The cluster object, when one is known."""
-        return self._cluster or getattr(self._client, "cluster", None)
-
-    def _on_membership(self, event: Any) -> None:
-        # Runs on the client's event loop: only mark the cached worker list stale.
-        if self._membership is not None:
-            self._membership += 1
+        if self._conn is None:
+            return None
+        return self._conn.cluster or getattr(self._conn.client, "cluster", None)
 
     @property
     def membership(self) -> int | None:
-        """A counter that changes whenever a worker joins or leaves (``None``: not tracked).
-
-        Placements compare it to decide whether to re-plan, without asking the scheduler
-        on every call.
-        """
-        return self._membership
+        """A counter that changes whenever a worker joins or leaves (``None``: not tracked); placements
+        compare it to decide whether to re-plan without asking the scheduler on every call."""
+        return None if self._roster is None else self._roster.generation
 
     def workers(self) -> list[str]:
         """Addresses of the current workers, sorted (a stable order for sharding)."""
         return list(self.worker_threads())
 
     def worker_threads(self) -> dict[str, int]:
-        """Threads of each current worker, by address, sorted.
-
-        Asked of the scheduler again only after a join or departure is announced (or every
-        30 s: an event sent while subscribing would be missed).
-        """
-        generation, now = self._membership, time.monotonic()
-        seen = self._workers_seen
-        if generation is not None and seen is not None and seen[0] == generation and now - seen[2] < _WORKERS_TTL:
-            return dict(seen[1])
-        info = scheduler_workers(self.client, self.stall_timeout)
-        threads = {w: int(info[w].get("nthreads", 1)) for w in sorted(info)}
-        if generation is not None:
-            self._workers_seen = (generation, threads, now)
-        return dict(threads)
+        """Threads of each current worker, by address, sorted (asked of the scheduler again only after a
+        join or departure is announced, or every 30 s: :class:`~daskrecon.runtime.roster.WorkerRoster`)."""
+        _ = self.client  # raises when not started
+        return self._roster.threads()
 
     @property
     def setup_timeout(self) -> float:
@@ -337,7 +242,7 @@ class DistributedContext(SingleRank):
     @property
     def started(self) -> bool:
         """True between :meth:`start` and :meth:`close`."""
-        return self._client is not None
+        return self._conn is not None
 
     @property
     def device(self) -> torch.device:
@@ -360,9 +265,32 @@ class DistributedContext(SingleRank):
         return [workers[k] for k in assign_owners(n_items, len(workers), self.sharding)]
 
     def __repr__(self) -> str:
-        if self._client is None:
+        if self._conn is None:
             return "DistributedContext(not started)"
         return (
             f"DistributedContext(workers={self.num_workers}, sharding={self.sharding!r}, "
             f"device_mode={self.device_mode!r}, dashboard={self.dashboard_link})"
+        )
+
+
+def _check_options(cluster: Any, malloc: str, device_mode: str | None, sharding: str, fan_in: Any, stall_timeout: Any,
+                   **counts: Any) -> None:
+    """Raise on options a context cannot start with (before anything starts)."""
+    if malloc not in MALLOC_MODES:
+        raise ValueError(f"malloc must be one of {MALLOC_MODES}, got {malloc!r}")
+    if device_mode not in _DEVICE_MODES:
+        raise ValueError(f"device_mode must be one of {_DEVICE_MODES}, got {device_mode!r}")
+    if sharding not in SHARDINGS:
+        raise ValueError(f"sharding must be one of {SHARDINGS}, got {sharding!r}")
+    for name, value in counts.items():
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not isinstance(fan_in, int) or fan_in < 2:
+        raise ValueError(f"fan_in must be an int >= 2, got {fan_in!r}")
+    if not isinstance(stall_timeout, (int, float)) or not stall_timeout > 0:
+        raise ValueError(f"stall_timeout must be a positive number of seconds, got {stall_timeout!r}")
+    if not (cluster is None or isinstance(cluster, (str, Client, Cluster))):
+        raise TypeError(
+            "cluster must be None (start a local cluster), a scheduler address string, "
+            f"a distributed.Client or a Cluster object, got {type(cluster).__name__}"
         )

@@ -25,15 +25,11 @@ from distributed import Future
 from daskrecon.errors import LinearityError, MeasurementError
 from daskrecon.frontend.autograd import needs_grad, physics_call
 from daskrecon.frontend.context import DistributedContext
-from daskrecon.frontend.measurements import MeasurementList
 from daskrecon.frontend.operator_inputs import OperatorInputs
+from daskrecon.frontend.operator_stack import OperatorStack
 from daskrecon.frontend.operator_views import OperatorView
 from daskrecon.frontend.physics_arrays import apply_lazily
-from daskrecon.operators.chunkwise import local_form, local_form_of
-from daskrecon.planning.fingerprint import fingerprint
 from daskrecon.planning.reduction import REDUCTIONS
-from daskrecon.runtime.arrays import gather_arrays, gather_tensors
-from daskrecon.runtime.placement import ObjectSet, Placement
 from daskrecon.tasks import arrays as array_tasks
 from daskrecon.tasks import operators as operator_tasks
 
@@ -184,21 +180,11 @@ class DistributedPhysics(Physics):
         self.factory_kwargs = factory_kwargs
         self.fast_operators = fast_operators
         sources = [factory] * num_operators if callable(factory) and not isinstance(factory, Physics) else list(factory)
-        self.sources = sources
-        self.placement = Placement(ctx, num_operators)
-        # Operators given as objects reach their worker with the first task that needs them, not
-        # here: an out-of-core run, which uses only their chunk-wise forms, never puts a whole
-        # operator (an image-sized Inpainting mask, say) on a worker. Factories run now: their
-        # results say whether they are linear.
-        self.objects = ObjectSet(ctx, sources, num_operators, factory_kwargs=factory_kwargs, fast=fast_operators)
-        self.placement.register(self.objects)
-        self._local_physics: list | None = None
-        if all(isinstance(s, Physics) for s in sources):
-            self.linear = [isinstance(s, LinearPhysics) for s in sources]
-        else:
-            self.linear = [d["linear"] for d in self.map_operators(operator_tasks.describe, what="physics factory")]
+        self.stack = OperatorStack(ctx, sources, factory_kwargs=factory_kwargs, fast=fast_operators)
+        # What the stack holds, under the names the engine, the views and deepinv's code read.
+        self.sources, self.linear = sources, self.stack.linear
+        self.placement, self.objects = self.stack.placement, self.stack.objects
         self.inputs = OperatorInputs(self)
-        self._local: list | None = None
         self._check_linearity()
 
     def _check_linearity(self) -> None:
@@ -212,12 +198,7 @@ class DistributedPhysics(Physics):
     @property
     def local_physics(self) -> list[Physics]:
         """The operators on the driver: as given, or built by the factory here (see the class notes)."""
-        if self._local_physics is None:
-            self._local_physics = [
-                s if isinstance(s, Physics) else s(i, self.ctx.device, self.factory_kwargs)
-                for i, s in enumerate(self.sources)
-            ]
-        return self._local_physics
+        return self.stack.driver_copies()
 
     def _reduce_op(self, reduce_op: Any) -> str | None:
         return self.reduction if reduce_op is BY_REDUCTION else reduce_op
@@ -225,7 +206,7 @@ class DistributedPhysics(Physics):
     @property
     def owners(self) -> list[str]:
         """The worker holding each operator (re-planned when workers join or leave)."""
-        return self.placement.owners
+        return self.stack.owners
 
     def map_operators(self, fn: Callable, *args: Any, what: str = "operator") -> list:
         """``[fn(A_i, *args) for each i]``, each call on the worker holding ``A_i``; results in operator order.
@@ -233,9 +214,7 @@ class DistributedPhysics(Physics):
         ``fn`` must be importable (or picklable) on the workers; its results travel back to
         the driver. Use it to inspect the operators where they live (their device, type...).
         """
-        futs = self._submit_each(fn, *args)
-        return gather_arrays(self.ctx.client, futs, what, labels=self.placement.labels(futs),
-                             stall_timeout=self.ctx.stall_timeout)
+        return self.stack.map(fn, *args, what=what)
 
     # ------------------------------------------------------------------ inputs, placed on the workers
     def place_x(self, x: torch.Tensor | Future, name: str = "x") -> Future:
@@ -250,38 +229,9 @@ class DistributedPhysics(Physics):
         """One tensor per operator, each placed on its operator's worker (not cached, unlike ``y``)."""
         return self.inputs.place_each(tensors)
 
-    def _submit_each(self, fn: Callable, *args: Any, per_op: Sequence[Sequence[Any]] = ()) -> list[Future]:
-        """One task ``fn(A_i, *per_op[.][i], *args)`` per operator, on the worker holding ``A_i``."""
-        return self.placement.map(fn, objects=[self.objects], per_op=per_op, shared=args)
-
-    def _finish(self, futures: list[Future], gather: bool, reduce_op: str | None, what: str):
-        """Per-operator futures → TensorList / list, or their tree sum (or mean)."""
-        labels = self.placement.labels(futures)
-        if reduce_op is None:
-            tensors = gather_tensors(self.ctx.client, futures, self.ctx.device, what, labels=labels,
-                                     stall_timeout=self.ctx.stall_timeout)
-            return MeasurementList(tensors) if gather else tensors
-        if reduce_op not in REDUCTIONS:
-            raise ValueError(f"reduce_op must be None, 'sum' or 'mean', got {reduce_op!r}")
-        total = gather_tensors(self.ctx.client, [self._reduce(futures)], self.ctx.device, what, labels=labels,
-                               stall_timeout=self.ctx.stall_timeout)[0]
-        return total / self.num_operators if reduce_op == "mean" else total
-
-    def _reduce(self, futures: list[Future]) -> Future:
-        return self.placement.reduce(futures)
-
     def require_linear(self, method: str) -> None:
-        bad = [i for i, lin in enumerate(self.linear) if not lin]
-        if bad:
-            raise LinearityError(
-                f"{method} needs linear operators, but operators {bad} are not LinearPhysics; "
-                "use A_vjp (autograd) or a data fidelity gradient instead"
-            )
-
-    def _next_seeds(self) -> list[int]:
-        # Drawn on the driver so noise depends on the driver's seed, not on the workers.
-        base = int(torch.randint(0, 2**62, (1,)).item())
-        return [base + i for i in range(self.num_operators)]
+        """Raise :class:`~daskrecon.errors.LinearityError`, naming ``method``, unless every operator is linear."""
+        self.stack.require_linear(method)
 
     # ------------------------------------------------------------------ forward model
     def A(self, x: torch.Tensor, gather: bool = True, reduce_op: str | None = None,
@@ -295,12 +245,12 @@ class DistributedPhysics(Physics):
         as deepinv does.
         """
         if isinstance(x, da.Array):
-            return self._chunked("A", x, reduce_op)
+            return apply_lazily(self, "A", x, reduce_op)
         if needs_grad(x):
             out = physics_call(self, "A", x=x, gather=gather, reduce_op=reduce_op, **kwargs)
             return (out, x) if return_graph_anchor else out
-        futs = self._submit_each(operator_tasks.forward_op, self.place_x(x), kwargs, None, False)
-        out = self._finish(futs, gather, reduce_op, f"A(x), x of shape {tuple(x.shape)}: operator")
+        futs = self.stack.submit(operator_tasks.forward_op, self.place_x(x), kwargs, None, False)
+        out = self.stack.finish(futs, gather, reduce_op, f"A(x), x of shape {tuple(x.shape)}: operator")
         return (out, x) if return_graph_anchor else out
 
     def forward(self, x: torch.Tensor, gather: bool = True, reduce_op: str | None = None,
@@ -310,36 +260,28 @@ class DistributedPhysics(Physics):
             out = physics_call(self, "forward", x=x, gather=gather, reduce_op=reduce_op, **kwargs)
             return (out, x) if return_graph_anchor else out
         n = self.num_operators
-        futs = self._submit_each(operator_tasks.forward_op, per_op=[[self.place_x(x)] * n, [kwargs] * n,
-                                                            self._next_seeds(), [True] * n])
-        out = self._finish(futs, gather, reduce_op, "forward(x): operator")
+        futs = self.stack.submit(operator_tasks.forward_op, per_op=[[self.place_x(x)] * n, [kwargs] * n,
+                                                            self.stack.seeds(), [True] * n])
+        out = self.stack.finish(futs, gather, reduce_op, "forward(x): operator")
         return (out, x) if return_graph_anchor else out
 
     def A_vjp(self, x: torch.Tensor, v: Any, gather: bool = True, reduce_op: str | None = BY_REDUCTION):
         """``Σ_i (∂A_i/∂x)ᵀ v_i`` (autograd for non-linear operators); averaged with ``reduction="mean"``."""
         if needs_grad(x, *_entries_of(v)):
             return physics_call(self, "A_vjp", x=x, ys=v, gather=gather, reduce_op=self._reduce_op(reduce_op))
-        futs = self._submit_each(operator_tasks.vjp_op, per_op=[[self.place_x(x)] * self.num_operators,
+        futs = self.stack.submit(operator_tasks.vjp_op, per_op=[[self.place_x(x)] * self.num_operators,
                                                         self.place_y(v, "v")])
-        return self._finish(futs, gather, self._reduce_op(reduce_op), "A_vjp: operator")
+        return self.stack.finish(futs, gather, self._reduce_op(reduce_op), "A_vjp: operator")
 
     def vjp_backward(self, x: torch.Tensor, v: Sequence[torch.Tensor], g: torch.Tensor,
                       wrt_x: bool) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         """The backward of ``A_vjp(x, v)`` (summed) at cotangent ``g``: ``Σ_i ∂⟨g, J_iᵀ v_i⟩/∂x`` along
         the tree (``None`` unless ``wrt_x``) and ``[J_i g]`` per operator, ``J_i`` the Jacobian at ``x``."""
-        n, client = self.num_operators, self.ctx.client
-        futs = self._submit_each(operator_tasks.vjp_backward_op, self.place_x(g, "g"), bool(wrt_x),
-                                 per_op=[[self.place_x(x)] * n, self.place_each(list(v))])
-        labels = self.placement.labels(futs)
-        parts_v = [client.submit(operator.itemgetter(1), f, pure=False) for f in futs]
-        gv = gather_tensors(client, parts_v, self.ctx.device, "backward of A_vjp: operator", labels=labels,
-                            stall_timeout=self.ctx.stall_timeout)
-        gx = None
-        if wrt_x:
-            total = self._reduce([client.submit(operator.itemgetter(0), f, pure=False) for f in futs])
-            gx = gather_tensors(client, [total], self.ctx.device, "backward of A_vjp: operator", labels=labels,
-                                stall_timeout=self.ctx.stall_timeout)[0]
-        return gx, gv
+        futs = self.stack.submit(operator_tasks.vjp_backward_op, self.place_x(g, "g"), bool(wrt_x),
+                                 per_op=[[self.place_x(x)] * self.num_operators, self.place_each(list(v))])
+        part = lambda k: [self.ctx.client.submit(operator.itemgetter(k), f, pure=False) for f in futs]
+        gv = self.stack.finish(part(1), False, None, "backward of A_vjp: operator")
+        return (self.stack.finish(part(0), False, "sum", "backward of A_vjp: operator") if wrt_x else None), gv
 
     # ------------------------------------------------------------------ per-operator inputs
     def A_each(self, xs: Sequence[torch.Tensor], gather: bool = True):
@@ -349,8 +291,8 @@ class DistributedPhysics(Physics):
         if needs_grad(*xs):
             self.require_linear("A_each with inputs that require grad")
             return physics_call(self, "A_each", ys=list(xs), gather=gather)
-        futs = self._submit_each(operator_tasks.forward_op, {}, None, False, per_op=[self.place_each(xs)])
-        return self._finish(futs, gather, None, "A_each: operator")
+        futs = self.stack.submit(operator_tasks.forward_op, {}, None, False, per_op=[self.place_each(xs)])
+        return self.stack.finish(futs, gather, None, "A_each: operator")
 
     # Linear-only methods live on DistributedLinearPhysics; on this class they raise LinearityError.
     A_adjoint = _LinearOnly()
@@ -368,12 +310,7 @@ class DistributedPhysics(Physics):
         larger than the cluster's memory streams from and to Zarr. Otherwise a dask array
         is assembled and goes through the per-operator tasks.
         """
-        if self._local is None:
-            if all(isinstance(s, Physics) for s in self.sources):
-                self._local = [local_form(s) for s in self.sources]
-            else:
-                self._local = self.map_operators(local_form_of, what="local form of operator")
-        return self._local
+        return self.stack.chunkwise_forms()
 
     local_forms = chunkwise_forms  # the name it had: "local" as in deepinv's local operators
 
@@ -382,16 +319,10 @@ class DistributedPhysics(Physics):
         """Whether every operator has a chunk-wise form."""
         return all(f is not None for f in self.chunkwise_forms())
 
-    def _chunked(self, method: str, arg: Any, reduce_op: str | None):
-        """``A`` / ``A_adjoint`` / ``A_adjoint_A`` of dask arrays, lazily (:func:`.physics_arrays.apply_lazily`)."""
-        if reduce_op not in (None, *REDUCTIONS):
-            raise ValueError(f"reduce_op must be None, 'sum' or 'mean', got {reduce_op!r}")
-        return apply_lazily(self, method, arg, reduce_op)
-
     # ------------------------------------------------------------------ misc
     def fingerprint(self) -> str:
         """A hash of what defines the operators (their state and factory arguments), stable across processes."""
-        return fingerprint((self.sources, self.factory_kwargs, self.fast_operators))
+        return self.stack.fingerprint()
 
     def __len__(self) -> int:
         return self.num_operators
@@ -459,31 +390,31 @@ class DistributedLinearPhysics(DistributedPhysics, StackedLinearPhysics):
         """``Σ_i A_iᵀ y_i`` (``(1/N) Σ`` with ``reduction="mean"``; ``reduce_op=None``: the per-operator ``A_iᵀ y_i``)."""
         reduce_op = self._reduce_op(reduce_op)
         if _is_chunked(y):
-            return self._chunked("A_adjoint", list(y), reduce_op)
+            return apply_lazily(self, "A_adjoint", list(y), reduce_op)
         if needs_grad(*_entries_of(y)):
             return physics_call(self, "A_adjoint", ys=y, gather=gather, reduce_op=reduce_op, **kwargs)
-        futs = self._submit_each(operator_tasks.adjoint_op, kwargs, per_op=[self.place_y(y)])
-        return self._finish(futs, gather, reduce_op, "A_adjoint(y): operator")
+        futs = self.stack.submit(operator_tasks.adjoint_op, kwargs, per_op=[self.place_y(y)])
+        return self.stack.finish(futs, gather, reduce_op, "A_adjoint(y): operator")
 
     def A_adjoint_A(self, x: torch.Tensor, gather: bool = True, reduce_op: str | None = BY_REDUCTION, **kwargs: Any):
         """``Σ_i A_iᵀ A_i x`` (averaged with ``reduction="mean"``)."""
         reduce_op = self._reduce_op(reduce_op)
         if isinstance(x, da.Array):
-            return self._chunked("A_adjoint_A", x, reduce_op)
+            return apply_lazily(self, "A_adjoint_A", x, reduce_op)
         if needs_grad(x):
             return physics_call(self, "A_adjoint_A", x=x, gather=gather, reduce_op=reduce_op, **kwargs)
-        futs = self._submit_each(operator_tasks.adjoint_A_op, kwargs, per_op=[[self.place_x(x)] * self.num_operators])
-        return self._finish(futs, gather, reduce_op, "A_adjoint_A(x): operator")
+        futs = self.stack.submit(operator_tasks.adjoint_A_op, kwargs, per_op=[[self.place_x(x)] * self.num_operators])
+        return self.stack.finish(futs, gather, reduce_op, "A_adjoint_A(x): operator")
 
     def A_A_adjoint(self, y: Any, gather: bool = True, **kwargs: Any):
         """``[A_1 (Aᵀ y), …, A_N (Aᵀ y)]`` with the full adjoint ``Aᵀ y = Σ_i A_iᵀ y_i`` (averaged with ``reduction="mean"``)."""
         if needs_grad(*_entries_of(y)):
             return physics_call(self, "A_A_adjoint", ys=y, gather=gather, **kwargs)
-        adj = self._reduce(self._submit_each(operator_tasks.adjoint_op, kwargs, per_op=[self.place_y(y)]))
+        adj = self.stack.reduce(self.stack.submit(operator_tasks.adjoint_op, kwargs, per_op=[self.place_y(y)]))
         if self.reduction == "mean":
             adj = self.ctx.client.submit(array_tasks.scale_array, adj, 1.0 / self.num_operators, pure=False)
-        futs = self._submit_each(operator_tasks.forward_op, adj, kwargs, None, False)
-        return self._finish(futs, gather, None, "A_A_adjoint(y): operator")
+        futs = self.stack.submit(operator_tasks.forward_op, adj, kwargs, None, False)
+        return self.stack.finish(futs, gather, None, "A_A_adjoint(y): operator")
 
     def A_adjoint_A_each(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
         """``Σ_i A_iᵀ A_i x_i``: each normal operator on its own input, summed along the fixed tree."""
@@ -492,8 +423,8 @@ class DistributedLinearPhysics(DistributedPhysics, StackedLinearPhysics):
                                    f"got {len(xs)}")
         if needs_grad(*xs):
             return physics_call(self, "A_adjoint_A_each", ys=list(xs))
-        futs = self._submit_each(operator_tasks.adjoint_A_op, {}, per_op=[self.place_each(xs)])
-        return self._finish(futs, True, "sum", "A_adjoint_A_each: operator")
+        futs = self.stack.submit(operator_tasks.adjoint_A_op, {}, per_op=[self.place_each(xs)])
+        return self.stack.finish(futs, True, "sum", "A_adjoint_A_each: operator")
 
     def A_dagger(
         self,
@@ -517,9 +448,9 @@ class DistributedLinearPhysics(DistributedPhysics, StackedLinearPhysics):
         """
         if not local_only:
             return LinearPhysics.A_dagger(self, y, solver=solver, max_iter=max_iter, tol=tol, verbose=verbose, **kwargs)
-        opts = {k: v for k, v in dict(solver=solver, max_iter=max_iter, tol=tol).items() if v is not None}
-        futs = self._submit_each(operator_tasks.dagger_op, {**opts, **kwargs}, per_op=[self.place_y(y)])
-        return self._finish(futs, gather, "mean", "A_dagger(y): operator")
+        opts = {k: v for k, v in {"solver": solver, "max_iter": max_iter, "tol": tol}.items() if v is not None}
+        futs = self.stack.submit(operator_tasks.dagger_op, {**opts, **kwargs}, per_op=[self.place_y(y)])
+        return self.stack.finish(futs, gather, "mean", "A_dagger(y): operator")
 
     def compute_sqnorm(
         self,
@@ -541,9 +472,8 @@ class DistributedLinearPhysics(DistributedPhysics, StackedLinearPhysics):
         """
         if not local_only:
             return LinearPhysics.compute_sqnorm(self, x0, max_iter=max_iter, tol=tol, verbose=verbose, **kwargs)
-        futs = self._submit_each(operator_tasks.sqnorm_op, max_iter, tol, per_op=[[self.place_x(x0, "x0")] * self.num_operators])
-        values = gather_arrays(self.ctx.client, futs, "compute_sqnorm: operator", labels=self.placement.labels(futs),
-                               stall_timeout=self.ctx.stall_timeout)
+        futs = self.stack.submit(operator_tasks.sqnorm_op, max_iter, tol, per_op=[[self.place_x(x0, "x0")] * self.num_operators])
+        values = self.stack.gather_values(futs, "compute_sqnorm: operator")
         total = float(np.sum(np.asarray(values, dtype=np.float64)))
         if self.reduction == "mean":  # ‖(1/N) Σ A_iᵀA_i‖ ≤ (1/N) Σ ‖A_i‖²
             total /= self.num_operators

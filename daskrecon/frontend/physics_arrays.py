@@ -14,6 +14,7 @@ import dask
 import dask.array as da
 
 from daskrecon.errors import MeasurementError
+from daskrecon.planning.reduction import REDUCTIONS
 from daskrecon.runtime import graphs
 from daskrecon.runtime.arrays import as_dask
 from daskrecon.runtime.memory import check_fits
@@ -30,6 +31,8 @@ def apply_lazily(physics: Any, method: str, arg: Any, reduce_op: str | None) -> 
     ``arg``: ``x`` (a dask array), or for ``A_adjoint`` one measurement per operator;
     ``reduce_op``: ``None`` (per-operator arrays), ``"sum"`` or ``"mean"`` (along the fixed tree).
     """
+    if reduce_op not in (None, *REDUCTIONS):
+        raise ValueError(f"reduce_op must be None, 'sum' or 'mean', got {reduce_op!r}")
     n = physics.num_operators
     if method == "A_adjoint" and len(arg) != n:
         raise MeasurementError(f"y has {len(arg)} entries but the physics has {n} operators")

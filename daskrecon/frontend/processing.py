@@ -172,25 +172,9 @@ class DistributedProcessing(torch.nn.Module):
         precision, precision_tol = pick(precision, "denoiser.precision"), pick(precision_tol, "denoiser.precision-tol")
         if kwargs:
             raise TypeError(f"unexpected keyword arguments {sorted(kwargs)} for DistributedProcessing")
-        if checkpoint_batches not in CHECKPOINT_MODES:
-            raise ValueError(f"checkpoint_batches must be one of {CHECKPOINT_MODES}, got {checkpoint_batches!r}")
-        if not callable(processor) and not hasattr(processor, method):
-            raise TypeError(f"processor must be callable, got {type(processor).__name__}")
-        if strategy is None:
-            strategy = "overlap_tiling"
-        if isinstance(strategy, str):
-            create_strategy(strategy, (1, 1, 8, 8))  # unknown names fail here, not at the first call
-        elif not isinstance(strategy, DistributedSignalStrategy):
-            raise TypeError("strategy must be a name or a DistributedSignalStrategy instance, "
-                            f"got {type(strategy).__name__}")
-        if max_batch_size is not None and (not isinstance(max_batch_size, int) or max_batch_size < 1):
-            raise ValueError(f"max_batch_size must be a positive int or None, got {max_batch_size!r}")
-        check_sizes(patch_size, "patch_size", 1)
-        check_sizes(overlap, "overlap", 0)
-        if tiling_dims is not None and not (
-                isinstance(tiling_dims, int) or (isinstance(tiling_dims, (list, tuple)) and
-                                                 all(isinstance(d, int) for d in tiling_dims))):
-            raise ValueError(f"tiling_dims must be an int or a sequence of ints, got {tiling_dims!r}")
+        strategy = "overlap_tiling" if strategy is None else strategy
+        _check_options(processor, method, strategy, checkpoint_batches, max_batch_size, patch_size, overlap,
+                       tiling_dims)
         self.precision_choice = PrecisionChoice(precision, precision_tol)  # checks both before anything ships
         self.ctx = ctx
         self.processor = processor
@@ -334,6 +318,29 @@ class DistributedProcessing(torch.nn.Module):
         resolved) overrides the active one."""
         return tile_executors.map_dask(self, x, method, args, kwargs, name=name, workers=workers, portable=portable,
                                        stager=stager, precision=precision or self.precision_choice.active)
+
+
+
+def _check_options(processor: Any, method: str, strategy: Any, checkpoint_batches: Any, max_batch_size: Any,
+                   patch_size: Any, overlap: Any, tiling_dims: Any) -> None:
+    """Raise on options a distributed denoiser cannot take (before the model ships)."""
+    if checkpoint_batches not in CHECKPOINT_MODES:
+        raise ValueError(f"checkpoint_batches must be one of {CHECKPOINT_MODES}, got {checkpoint_batches!r}")
+    if not callable(processor) and not hasattr(processor, method):
+        raise TypeError(f"processor must be callable, got {type(processor).__name__}")
+    if isinstance(strategy, str):
+        create_strategy(strategy, (1, 1, 8, 8))  # unknown names fail here, not at the first call
+    elif not isinstance(strategy, DistributedSignalStrategy):
+        raise TypeError("strategy must be a name or a DistributedSignalStrategy instance, "
+                        f"got {type(strategy).__name__}")
+    if max_batch_size is not None and (not isinstance(max_batch_size, int) or max_batch_size < 1):
+        raise ValueError(f"max_batch_size must be a positive int or None, got {max_batch_size!r}")
+    check_sizes(patch_size, "patch_size", 1)
+    check_sizes(overlap, "overlap", 0)
+    if tiling_dims is not None and not (
+            isinstance(tiling_dims, int) or (isinstance(tiling_dims, (list, tuple)) and
+                                             all(isinstance(d, int) for d in tiling_dims))):
+        raise ValueError(f"tiling_dims must be an int or a sequence of ints, got {tiling_dims!r}")
 
 
 class DistributedPrior(torch.nn.Module):

@@ -221,24 +221,6 @@ class LocalOperator:
                                         for a in range(2, len(chunks))))
 
     # ------------------------------------------------------------------ graphs
-    def _mask_like(self, a: da.Array) -> da.Array | np.ndarray:
-        if isinstance(self.mask, da.Array):  # placed on the cluster once (see with_placed_mask)
-            m = self.mask
-            if m.ndim != a.ndim or m.shape[2:] != a.shape[2:]:
-                raise ShapeError(f"{self.name}: mask of shape {m.shape} does not fit an image of shape {a.shape}")
-            return m.rechunk((-1, -1, *a.chunks[2:]))
-        m = np.asarray(self.mask)
-        if m.dtype != bool:
-            m = m.astype(a.dtype, copy=False)
-        if m.ndim > a.ndim:
-            raise ShapeError(f"{self.name}: mask of shape {m.shape} does not fit an image of shape {a.shape}")
-        m = m.reshape((1,) * (a.ndim - m.ndim) + m.shape)
-        if all(n == 1 for n in m.shape[2:]):
-            return m  # a per-channel (or scalar) weight broadcasts as it is
-        if m.shape[2:] != a.shape[2:]:
-            raise ShapeError(f"{self.name}: mask of shape {m.shape} does not fit an image of shape {a.shape}")
-        return da.from_array(m, chunks=(-1, -1, *a.chunks[2:]))
-
     def apply(self, x: da.Array) -> da.Array:
         """``A(x)``, lazily, chunk by chunk."""
         x = self._check_images(x)
@@ -256,14 +238,14 @@ class LocalOperator:
             if crop is not None:
                 x = x[(slice(None), slice(None), *(slice(lo, n - hi) for n, (lo, hi) in zip(x.shape[2:], crop)))]
         if self.mask is not None:
-            x = x * self._mask_like(x)
+            x = x * _mask_like(self.mask, x, self.name)
         return x
 
     def adjoint(self, y: da.Array, x_chunks: tuple[tuple[int, ...], ...] | None = None) -> da.Array:
         """``Aᵀ(y)``, lazily, chunk by chunk (the exact adjoint of :meth:`apply`)."""
         y = self._check_images(y)
         if self.mask is not None:
-            y = y * self._mask_like(y)
+            y = y * _mask_like(self.mask, y, self.name)
         if not self._conv:
             return y
         f = self.factor
@@ -299,6 +281,26 @@ class LocalOperator:
             filt=self._kernel(a.dtype, a.ndim), padding=self._pad_mode, radius=self.depth_for(a.ndim),
             factor=self.factor, nblocks=tuple(nblocks), phase=self.phase,
         )
+
+
+def _mask_like(mask: Any, a: da.Array, name: str) -> da.Array | np.ndarray:
+    """``mask`` shaped to multiply the images ``a`` chunk by chunk (a per-channel weight broadcasts as it is)."""
+    if isinstance(mask, da.Array):  # placed on the cluster once (see with_placed_mask)
+        m = mask
+        if m.ndim != a.ndim or m.shape[2:] != a.shape[2:]:
+            raise ShapeError(f"{name}: mask of shape {m.shape} does not fit an image of shape {a.shape}")
+        return m.rechunk((-1, -1, *a.chunks[2:]))
+    m = np.asarray(mask)
+    if m.dtype != bool:
+        m = m.astype(a.dtype, copy=False)
+    if m.ndim > a.ndim:
+        raise ShapeError(f"{name}: mask of shape {m.shape} does not fit an image of shape {a.shape}")
+    m = m.reshape((1,) * (a.ndim - m.ndim) + m.shape)
+    if all(n == 1 for n in m.shape[2:]):
+        return m  # a per-channel (or scalar) weight broadcasts as it is
+    if m.shape[2:] != a.shape[2:]:
+        raise ShapeError(f"{name}: mask of shape {m.shape} does not fit an image of shape {a.shape}")
+    return da.from_array(m, chunks=(-1, -1, *a.chunks[2:]))
 
 
 def fit_axis(sizes: tuple[int, ...], minimum: int, factor: int = 1) -> tuple[int, ...]:
