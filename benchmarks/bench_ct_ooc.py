@@ -14,7 +14,9 @@ reconstructed by ``daskrecon.reconstruct`` with ``algorithm=--algorithm`` (SIRT 
   ``--algorithm sirt`` only.
 
 ``--denoiser 3d`` gives the reconstruction the bundled 3-D DnCNN (tiles of one slab, overlap 4), for
-``--algorithm pnp`` / ``fista`` / ``os-pnp``.
+``--algorithm pnp`` / ``fista`` / ``os-pnp``. ``--angle-subsets K`` splits the angles into ``K``
+interleaved subsets (subset ``k``: angles ``k, k + K, …``), one slice-wise operator and one sinogram
+array each — the ordered subsets of ``--algorithm osem`` / ``os-pnp`` (``n_subsets=K``).
 
 Reports seconds per iteration, Mvox/s, each run's peak worker RSS against the limit, and the
 ratios. Writes benchmarks/results/ct_ooc.json.
@@ -37,13 +39,26 @@ from _common import machine, write
 from bench_ooc_pnp import peak_rss_mib, reset_peak_rss, rss_mib
 
 
-def _sinograms(work: str, depth: int, args, op) -> tuple[float, str]:
+def _operators(args) -> list:
+    """One slice-wise parallel-beam projector per angle subset (all the angles when there is one subset)."""
+    import deepinv as dinv
+    import torch
+
+    import daskrecon as dr
+
+    angles = torch.linspace(0, 180, steps=args.angles + 1)[:-1]
+    k = args.angle_subsets
+    return [dr.slicewise(dinv.physics.Tomography(angles=angles[s::k].clone(), img_width=args.width, circle=False,
+                                                 normalize=True)) for s in range(k)]
+
+
+def _sinograms(work: str, depth: int, args, op, subset: int = 0) -> tuple[float, str]:
 
     from daskrecon.demo import demo_volume
     from daskrecon.operators.chunkwise import local_form
 
     t0 = time.perf_counter()
-    where = os.path.join(work, f"sino-{depth}x{args.width}-{args.angles}.zarr")
+    where = os.path.join(work, f"sino-{depth}x{args.width}-{args.angles}-{subset}of{args.angle_subsets}.zarr")
     if not os.path.exists(where + ".done"):
         x_true = demo_volume((depth, args.width, args.width), chunks=(args.slab, args.width, args.width), seed=5)
         local_form(op).apply(x_true).to_zarr(where, overwrite=True)
@@ -66,24 +81,25 @@ def _reconstruct(ctx, dphys, dden, y, storage: str, args, work: str) -> dict:
         kw["n_subsets"] = args.n_subsets
     stamps = [time.perf_counter()]
     if storage == "memory":
-        _, history = dr.reconstruct(dphys, [y], dden, n_iter=args.iterations, **kw,
+        _, history = dr.reconstruct(dphys, y, dden, n_iter=args.iterations, **kw,
                                     callback=lambda k, x: stamps.append(time.perf_counter()))
         per_iter = [b - a for a, b in zip(stamps[:-1], stamps[1:])]
         steady = per_iter[1:] or per_iter
         extra = {}
     else:
         ck = os.path.join(work, "ckpt-zarr")
-        dr.reconstruct(dphys, [y], dden, n_iter=1, checkpoint=ck, overwrite=True, **kw)
+        dr.reconstruct(dphys, y, dden, n_iter=1, checkpoint=ck, overwrite=True, **kw)
         t1 = time.perf_counter()
-        _, history = dr.reconstruct(dphys, [y], dden, n_iter=2, checkpoint=ck, resume=True, **kw)
+        _, history = dr.reconstruct(dphys, y, dden, n_iter=2, checkpoint=ck, resume=True, **kw)
         t2 = time.perf_counter()
         per_iter, steady = [t1 - stamps[0], t2 - t1], [t2 - t1]
         extra = {"seconds_start_and_first_iteration": t1 - stamps[0],
                  "seconds_resumed_second_iteration": t2 - t1}
     peak = ctx.client.run(peak_rss_mib)
-    voxels = y.shape[2] * args.width ** 2  # y: (1, 1, D, detectors, angles)
+    depth = y[0].shape[2]  # y: one (1, 1, D, detectors, angles) sinogram per operator
+    voxels = depth * args.width ** 2
     s = sum(steady) / len(steady)
-    return {"storage": storage, "volume": f"{y.shape[2]}x{args.width}x{args.width} float32 "
+    return {"storage": storage, "volume": f"{depth}x{args.width}x{args.width} float32 "
                                           f"({voxels * 4 / 2**30:.2f} GiB)",
             "seconds_per_iteration": per_iter, "steady_seconds_per_iteration": s, "mvox_per_second": voxels / 1e6 / s,
             "worker_idle_rss_mib": sorted(idle.values()), "worker_peak_rss_mib": sorted(peak.values()), **extra,
@@ -122,6 +138,7 @@ def main() -> None:
     p.add_argument("--algorithm", default="sirt")
     p.add_argument("--denoiser", choices=("none", "3d"), default="none")
     p.add_argument("--n-subsets", type=int, default=None)
+    p.add_argument("--angle-subsets", type=int, default=1, help="operators, each an interleaved subset of the angles")
     p.add_argument("--iterations", type=int, default=3, help="in memory (timed after the first)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
@@ -132,38 +149,44 @@ def main() -> None:
 
     import dask
     import dask.array as da
-    import deepinv as dinv
     from dask.utils import parse_bytes
 
     import daskrecon as dr
 
     limit_total = args.workers * parse_bytes(args.memory_limit)
     depth = -(-int(args.times * limit_total / (4 * args.width ** 2)) // args.slab) * args.slab
-    op = dr.slicewise(dinv.physics.Tomography(angles=args.angles, img_width=args.width, circle=False, normalize=True))
+    if args.angle_subsets < 1 or args.angles % args.angle_subsets:
+        p.error("--angle-subsets must divide --angles")
+    ops = _operators(args)
     work = args.dir or tempfile.mkdtemp(prefix="daskrecon-ct-ooc-")
     thresholds = {"distributed.worker.memory.target": 0.25, "distributed.worker.memory.spill": 0.8,
                   "distributed.worker.memory.pause": 0.92, "distributed.worker.memory.terminate": 0.98}
     res: dict = {"workers": args.workers, "threads_per_worker": args.threads, "memory_limit_per_worker": args.memory_limit,
-                 "operator": f"dr.slicewise(Tomography(angles={args.angles}, img_width={args.width}, normalize=True))",
+                 "operator": f"dr.slicewise(Tomography(angles={args.angles}, img_width={args.width}, normalize=True))"
+                             + (f", angles in {args.angle_subsets} interleaved subsets (one operator each)"
+                                if args.angle_subsets > 1 else ""),
                  "algorithm": args.algorithm, "denoiser": args.denoiser, "slab": args.slab, "machine": machine()}
     try:
-        if args.algorithm == "sirt":
-            res["plain_deepinv_in_memory"] = r = _plain_deepinv(op, args.small, args, args.workers * args.threads)
+        if args.algorithm == "sirt" and len(ops) == 1:
+            res["plain_deepinv_in_memory"] = r = _plain_deepinv(ops[0], args.small, args, args.workers * args.threads)
             print(f"plain deepinv SIRT, {args.small} slices in one process: {r['seconds_per_iteration']:.2f} "
                   f"s/iteration, {r['mvox_per_second']:.2f} Mvox/s", flush=True)
         with dask.config.set(thresholds), dr.DistributedContext(
             n_workers=args.workers, threads_per_worker=args.threads, memory_limit=args.memory_limit,
             dashboard_address="127.0.0.1:0",
         ) as ctx, ctx.client.as_current():
-            dphys = dr.distribute([op], ctx)
+            dphys = dr.distribute(ops, ctx)
             dden = None
             if args.denoiser == "3d":
                 from daskrecon.models import bundled_denoiser_3d
                 dden = dr.distribute(bundled_denoiser_3d(), ctx, patch_size=(args.slab, args.width, args.width),
                                      overlap=4, max_batch_size=1)
             for name, d, storage in (("in_memory", args.small, "memory"), ("out_of_core", depth, "zarr")):
-                t_in, path = _sinograms(work, d, args, op)
-                y = da.from_zarr(path)
+                t_in, paths = 0.0, []
+                for k, op in enumerate(ops):
+                    t, path = _sinograms(work, d, args, op, k)
+                    t_in, paths = t_in + t, [*paths, path]
+                y = [da.from_zarr(path) for path in paths]
                 vol = d * args.width ** 2 * 4
                 print(f"{name}: {d} slices of {args.width}² = {vol / 2**30:.2f} GiB = {vol / limit_total:.2f}x the "
                       f"workers' memory limit; sinograms written in {t_in:.0f} s", flush=True)
@@ -181,6 +204,7 @@ def main() -> None:
                                                        / res["plain_deepinv_in_memory"]["mvox_per_second"])
             print(f"in memory / plain deepinv = {res['ratio_in_memory_vs_plain_deepinv']:.2f}")
         name = "ct_ooc" if args.algorithm == "sirt" and args.denoiser == "none" else f"ct_ooc_{args.algorithm}"
+        name += f"_{args.angle_subsets}subsets" if args.angle_subsets > 1 else ""
         print("wrote", write(name, res))
     finally:
         if not args.dir:
