@@ -35,19 +35,20 @@ CHILD = textwrap.dedent(
     if mode == "before-commit":   # data of iteration 2 written, killed before the commit
         os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
     if mode == "during-write":    # killed halfway through writing iteration 2's chunk, whatever the load
-        import zarr.storage._local as local
-        real = local._put
-        def dying_put(path, value, exclusive=False):
-            if "c" in path.parts:  # a chunk (not metadata): half its bytes reach the disk, then the kill
-                view = memoryview(value.as_buffer_like()).cast("B")
+        from zarr.storage import LocalStore
+        real = LocalStore.set
+        async def dying_set(self, key, value, *args, **kwargs):
+            if key.split("/")[0] == "c":  # a chunk (not metadata): half its bytes reach the disk, then the kill
+                data = value.to_bytes()
+                path = self.root / (key + ".tmp-write")
                 path.parent.mkdir(parents=True, exist_ok=True)
-                with open(str(path) + ".tmp-write", "wb") as f:
-                    f.write(view[: len(view) // 2])
+                with open(path, "wb") as f:
+                    f.write(data[: len(data) // 2])
                     f.flush()
                     os.fsync(f.fileno())
                 os.kill(os.getpid(), signal.SIGKILL)
-            return real(path, value, exclusive)
-        local._put = dying_put
+            return await real(self, key, value, *args, **kwargs)
+        LocalStore.set = dying_set
     print("writing", flush=True)
     ck.save(2, data, {"p": 1})
     print("done", flush=True)
