@@ -216,3 +216,40 @@ def test_the_bundled_denoisers_keep_their_psnr_in_bf16(which):
     assert psnr(a) > psnr(noisy) + 3  # the denoiser denoises...
     assert abs(psnr(b) - psnr(a)) < 0.1, (psnr(a), psnr(b))  # ...as well in bf16
     assert 0 < float((a - b).norm() / a.norm()) <= DEFAULT_TOL
+
+
+def _fp16_call(cotangent_scale):
+    """A conv under fp16 autocast, its loss weighted so that the scaled backward can overflow fp16."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+    x = torch.randn(1, 3, 12, 12, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = conv(x)
+    loss = (out.float() * cotangent_scale).sum()
+    return loss, [x, conv.weight, torch.zeros(1, requires_grad=True)]  # the last one unused
+
+
+def test_the_fp16_loss_scale_backs_off_instead_of_failing():
+    from daskrecon.tasks.denoising import FP16_LOSS_SCALE, scaled_grads
+
+    loss, wrt = _fp16_call(1e3)
+    fixed = torch.autograd.grad(loss * FP16_LOSS_SCALE, wrt[:2], retain_graph=True)
+    assert not all(bool(torch.isfinite(g).all()) for g in fixed)  # the fixed scale overflows here
+    got = scaled_grads(loss, wrt, FP16_LOSS_SCALE)
+    ref = torch.autograd.grad(loss, wrt[:2])  # unscaled: fp16 holds these gradients
+    assert got[2] is None
+    for g, r in zip(got[:2], ref):
+        assert torch.isfinite(g).all() and torch.allclose(g, r, rtol=1e-3, atol=1e-3)
+    small, wrt = _fp16_call(1e-3)  # no overflow: the full scale, exact after unscaling by a power of two
+    g_small = scaled_grads(small, wrt, FP16_LOSS_SCALE)
+    assert all(torch.isfinite(g).all() for g in g_small[:2]) and g_small[1].abs().max() > 0
+
+
+def test_an_fp16_backward_that_overflows_unscaled_raises():
+    from daskrecon.tasks.denoising import scaled_grads
+
+    loss, wrt = _fp16_call(1e30)
+    with pytest.raises(FloatingPointError, match="overflows even with no loss scale"):
+        scaled_grads(loss, wrt, 4.0)
+    loss, wrt = _fp16_call(1.0)
+    assert scaled_grads(loss, wrt, 1.0)[2] is None  # fp32 path: one plain backward

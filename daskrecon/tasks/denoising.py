@@ -17,7 +17,7 @@ from daskrecon.tasks.arrays import module_device, to_numpy, to_tensor, worker_de
 from daskrecon.tasks.precision import autocast, supported, synchronize
 
 __all__ = ["apply_state", "backward_patches", "forget_model", "get_model", "leaf_gradients", "precision_probe",
-           "process_block", "process_patches", "release_kept", "store_model_payload", "to_device", "window_gradients"]
+           "process_block", "process_patches", "release_kept", "scaled_grads", "store_model_payload", "to_device", "window_gradients"]
 
 
 _MODEL_PAYLOADS: dict[str, bytes] = {}
@@ -157,8 +157,33 @@ def process_patches(model_key: str, device_mode: str | None, method: str, strate
 
 
 #: fp16 backward: the loss is multiplied by this before backpropagating, gradients divided after
-#: (torch.amp.GradScaler's initial scale, kept fixed: an overflow raises instead of skipping a step).
+#: (torch.amp.GradScaler's initial scale); halved while a network call's gradients overflow.
 FP16_LOSS_SCALE = 2.0 ** 16
+
+
+def scaled_grads(loss: torch.Tensor, wrt: list, scale: float) -> list:
+    """``∂loss/∂wrt`` (``None`` where unused), through ``loss · scale`` when ``scale > 1`` (fp16).
+
+    fp16's range would flush small gradients to zero: the loss is scaled up, the gradients
+    divided after (a power of two: exact). Where the scaled gradients overflow, the scale is
+    halved and the same graph backpropagated again (torch.amp.GradScaler's back-off, per network
+    call instead of per step, so no step is skipped and the result does not depend on which
+    worker ran which tiles). Overflowing even unscaled means fp16's range is too small for the
+    network: :class:`FloatingPointError`.
+    """
+    if not wrt:
+        return []
+    if scale == 1.0:
+        return list(torch.autograd.grad(loss, wrt, allow_unused=True))
+    while True:
+        grads = torch.autograd.grad(loss * scale, wrt, allow_unused=True, retain_graph=scale > 1.0)
+        grads = [None if g is None else g / scale for g in grads]
+        if all(g is None or bool(torch.isfinite(g).all()) for g in grads):
+            return grads
+        if scale <= 1.0:
+            raise FloatingPointError("the fp16 backward overflows even with no loss scale: train in "
+                                     "precision='bf16' (fp32's range) or 'fp32'")
+        scale = max(scale / 2.0, 1.0)
 
 # Graphs of forwards whose backward is pending: call id -> {tile indices of a task: entry}.
 _KEPT: dict[str, dict[tuple, dict]] = {}
@@ -258,9 +283,9 @@ def backward_patches(model_key: str, device_mode: str | None, method: str, strat
     contributes; gradients of the calls add up in call order.
 
     In ``precision="fp16"`` the loss is scaled by :data:`FP16_LOSS_SCALE` before the backward
-    and the gradients unscaled after (fp16's range would flush small gradients to zero); a
-    gradient that overflows raises rather than reaching the optimizer. bf16 has fp32's range
-    and needs no scale.
+    and the gradients unscaled after (fp16's range would flush small gradients to zero), the
+    scale halved while a call's gradients overflow (:func:`scaled_grads`). bf16 has fp32's
+    range and needs no scale.
     """
     model = get_model(model_key, device_mode)
     apply_state(model, state)
@@ -292,13 +317,7 @@ def backward_patches(model_key: str, device_mode: str | None, method: str, strat
                 trimmed = [(i, strategy.trim_patch(i, o)) for (i, _), o in zip(group, out.split(group[0][1].shape[0], dim=0))]
             loss = sum((t * cotangents[i]).sum() for i, t in trimmed)
             wrt = ([b] if need_x else []) + leaves
-            scale = FP16_LOSS_SCALE if precision == "fp16" else 1.0
-            grads = torch.autograd.grad(loss * scale if scale != 1.0 else loss, wrt, allow_unused=True) if wrt else []
-            if scale != 1.0:
-                grads = [None if gr is None else gr / scale for gr in grads]
-                if not all(gr is None or bool(torch.isfinite(gr).all()) for gr in grads):
-                    raise FloatingPointError(f"fp16 backward overflowed at loss scale {scale:g}: train in "
-                                             "precision='bf16' (fp32's range) or 'fp32'")
+            grads = scaled_grads(loss, wrt, FP16_LOSS_SCALE if precision == "fp16" else 1.0)
         if need_x:
             gb, grads = grads[0], grads[1:]
             windows += [(i, to_numpy(w.contiguous())) for (i, _), w in zip(group, gb.split(group[0][1].shape[0], dim=0))]
