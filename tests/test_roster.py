@@ -13,6 +13,7 @@ from daskrecon.runtime.roster import WorkerRoster
 class _Client:
     def __init__(self):
         self.unsubscribed, self.logged = [], []
+        self.scheduler = self
 
     def log_event(self, topic, msg):
         self.logged.append((topic, msg))
@@ -31,6 +32,7 @@ def asked(monkeypatch):
         return dict(workers)
 
     monkeypatch.setattr(roster_module, "scheduler_workers", scheduler_workers)
+    monkeypatch.setattr(roster_module, "bounded", lambda client, fn, what, timeout, **kw: fn(**kw))
     return calls, workers
 
 

@@ -19,6 +19,7 @@ from distributed import Client
 
 from daskrecon.runtime.cluster import scheduler_workers
 from daskrecon.runtime.scheduler_plugin import MEMBERSHIP_TOPIC
+from daskrecon.runtime.waiting import bounded
 
 __all__ = ["WorkerRoster"]
 
@@ -61,7 +62,8 @@ class WorkerRoster:
         if generation is not None and seen is not None and seen[0] == generation and now - seen[2] < WORKERS_TTL:
             return dict(seen[1])
         if generation is not None and not self.listening:
-            self.client.log_event(MEMBERSHIP_TOPIC, {"action": "listening"})  # comes back once subscribed
+            bounded(self.client, self.client.scheduler.log_event, topic=MEMBERSHIP_TOPIC,  # back once subscribed
+                    msg={"action": "listening"}, what="announcing a subscription", timeout=self.stall_timeout)
         info = scheduler_workers(self.client, self.stall_timeout)
         threads = {w: int(info[w].get("nthreads", 1)) for w in sorted(info)}
         if generation is not None and self.listening and self.generation == generation:
