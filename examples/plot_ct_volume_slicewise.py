@@ -23,7 +23,9 @@ with Gaussian noise, and as a PnP prior it over-smooths these low-noise CT data 
 and falls) — a prior trained for one's own data goes in the same call.
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import dask.array as da
@@ -49,6 +51,7 @@ def _counts(block, scale, block_info=None):
 
 if __name__ == "__main__":
     work = tempfile.mkdtemp(prefix="daskrecon-ct-")
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # the Zarr arrays are scratch: removed at exit
     angles = torch.linspace(0, 180, ANGLES + 1)[:-1]
     ops = [dr.slicewise(dinv.physics.Tomography(angles=angles[j::SUBSETS], img_width=SIZE, normalize=True))
            for j in range(SUBSETS)]

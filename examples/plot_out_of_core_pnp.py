@@ -9,7 +9,9 @@ be larger than the memory of the whole cluster. A crash leaves the last committe
 ``resume=True`` continues from it.
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import dask.array as da
@@ -26,6 +28,7 @@ SIZE = int(os.environ.get("DASKRECON_EXAMPLE_SIZE", 512))
 
 if __name__ == "__main__":
     tmp = tempfile.mkdtemp()
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # the Zarr arrays are scratch: removed at exit
     img = torch.from_numpy(data.astronaut()[:SIZE, :SIZE].astype(np.float32) / 255).permute(2, 0, 1)[None]
     ops = [Blur(filter=gaussian_blur(sigma=(1.5, 1.5)), padding="reflect"),
            Downsampling(img_size=img.shape[1:], filter="gaussian", factor=2, padding="reflect")]

@@ -17,7 +17,9 @@ blur, and each iteration carries that further in). ``tests/test_em.py`` checks t
 (≤ 1e-5 on the whole image). Slices and the PSNR per iteration go to ``richardson_lucy.png``.
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import dask.array as da
@@ -45,6 +47,7 @@ def _counts(block, block_info=None):
 
 if __name__ == "__main__":
     work = tempfile.mkdtemp(prefix="daskrecon-rl-")
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # the Zarr arrays are scratch: removed at exit
     psf = gaussian_blur(psf_size=(9, 7, 7), sigma=(2.0, 1.2, 1.2))
     blur = dinv.physics.Blur(filter=psf, padding="reflect")
     with dr.DistributedContext() as ctx, ctx.client.as_current():

@@ -6,7 +6,9 @@ A dask array in gives a lazy dask array out: the denoiser runs through ``map_ove
 the tiling done inside each chunk, so the image never has to fit in one machine's memory.
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import dask.array as da
@@ -20,6 +22,7 @@ SIZE = int(os.environ.get("DASKRECON_EXAMPLE_SIZE", 4096))
 
 if __name__ == "__main__":
     tmp = tempfile.mkdtemp()
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # the Zarr arrays are scratch: removed at exit
     src, dst = f"{tmp}/noisy.zarr", f"{tmp}/denoised.zarr"
     rng = da.random.default_rng(0)
     clean = da.ones((1, 3, SIZE, SIZE), chunks=(1, 3, SIZE // 4, SIZE // 4), dtype=np.float32) * 0.5

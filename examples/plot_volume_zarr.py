@@ -14,7 +14,9 @@ the same script runs on volumes many times larger than the cluster's memory (see
 ``benchmarks/bench_ooc_volume.py``). Mid-volume slices are plotted to ``volume_zarr.png``.
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import dask.array as da
@@ -33,6 +35,7 @@ CHUNK = SIZE // 2
 
 if __name__ == "__main__":
     work = tempfile.mkdtemp(prefix="daskrecon-volume-")
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # the Zarr arrays are scratch: removed at exit
     blur = dinv.physics.Blur(filter=gaussian_blur(psf_size=(7, 9, 9), sigma=(1.0, 1.5, 1.5)), padding="reflect")
     with dr.DistributedContext() as ctx, ctx.client.as_current():
         physics = dr.distribute([blur], ctx)
@@ -54,7 +57,7 @@ if __name__ == "__main__":
         slices = [a[0, 0, mid].compute() for a in (truth, y, da.from_zarr(os.path.join(work, "x.zarr")))]
     print(f"{SIZE}³ volume in {CHUNK}³ chunks: measurement PSNR {psnr_of_mse(mse_y):.2f} dB, "
           f"FISTA after {len(history)} iterations {history[-1]['psnr']:.2f} dB (best {max(h['psnr'] for h in history):.2f})")
-    print(f"volumes in {work}")
+    print(f"volumes in {work} (scratch: removed when the script ends)")
 
     fig, axes = plt.subplots(1, 3, figsize=(9, 3.2))
     for ax, img, title in zip(axes, slices, ("truth", "blurred + noise", "FISTA + 3-D DnCNN")):

@@ -15,7 +15,8 @@ def _no_slurm(env: dict) -> dict:
 
 @pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.name)
 def test_example_runs(script, tmp_path):
-    env = dict(_no_slurm(os.environ), DASKRECON_EXAMPLE_SIZE="64", MPLBACKEND="Agg")
+    # TMPDIR: what an example leaves for its user (the OME-Zarr one its output) stays in pytest's tmp_path
+    env = dict(_no_slurm(os.environ), DASKRECON_EXAMPLE_SIZE="64", MPLBACKEND="Agg", TMPDIR=str(tmp_path))
     out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=240)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
