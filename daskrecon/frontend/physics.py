@@ -182,7 +182,7 @@ class DistributedPhysics(Physics):
         sources = [factory] * num_operators if callable(factory) and not isinstance(factory, Physics) else list(factory)
         self.stack = OperatorStack(ctx, sources, factory_kwargs=factory_kwargs, fast=fast_operators)
         # What the stack holds, under the names the engine, the views and deepinv's code read.
-        self.sources, self.linear = sources, self.stack.linear
+        self.sources, self.linear = self.stack.sources, self.stack.linear
         self.placement, self.objects = self.stack.placement, self.stack.objects
         self.inputs = OperatorInputs(self)
         self._check_linearity()
