@@ -20,8 +20,11 @@ def _poisson(ops, x, gain=60.0, seed=1):
 def _operators(kind):
     if kind == "blurs":  # chunk-wise forms: the engine runs them chunk by chunk
         return blurs(4), torch.rand(1, 3, 40, 36) + 0.1
-    # parallel-beam CT, four interleaved angle sets: whole-image operators on their workers
     angles = torch.linspace(0, 180, 24)
+    if kind == "ct-volume":  # the same, slice by slice through a volume: chunk-wise along the depth
+        ops = [dr.slicewise(dinv.physics.Tomography(angles=angles[j::4], img_width=24, circle=False)) for j in range(4)]
+        return ops, torch.rand(1, 1, 6, 24, 24, generator=torch.Generator().manual_seed(3)) + 0.1
+    # parallel-beam CT, four interleaved angle sets: whole-image operators on their workers
     ops = [dinv.physics.Tomography(angles=angles[j::4], img_width=32, circle=False) for j in range(4)]
     return ops, torch.rand(1, 1, 32, 32) + 0.1
 
@@ -45,7 +48,7 @@ def _deepinv_mlem(algo, y, ops):
     return super(dinv.optim.MLEM, algo).forward(y, physics, sensitivity=sensitivity)
 
 
-@pytest.mark.parametrize("kind", ["blurs", "tomography"])
+@pytest.mark.parametrize("kind", ["blurs", "tomography", "ct-volume"])
 def test_mlem_is_deepinvs_mlem(ctx, kind):
     ops, x_true = _operators(kind)
     y = _poisson(ops, x_true)
@@ -73,7 +76,7 @@ def test_mlem_with_a_red_prior_is_deepinvs_one_step_late_map_em(ctx):
     assert _rel(out, plain) > 1e-3  # the prior term acts
 
 
-@pytest.mark.parametrize("kind", ["blurs", "tomography"])
+@pytest.mark.parametrize("kind", ["blurs", "tomography", "ct-volume"])
 def test_osem_is_deepinvs_osem_epoch_by_epoch_in_the_seeded_order(ctx, kind):
     ops, x_true = _operators(kind)
     y = _poisson(ops, x_true)
@@ -118,7 +121,7 @@ def _deepinv_sirt_by_formula(ops, y, x, n_iter, tau=1.0, eps=1e-8):
     return x
 
 
-@pytest.mark.parametrize("kind", ["blurs", "tomography"])
+@pytest.mark.parametrize("kind", ["blurs", "tomography", "ct-volume"])
 def test_sirt_is_deepinvs_sirt(ctx, kind):
     ops, x_true = _operators(kind)
     y = _poisson(ops, x_true)
@@ -143,7 +146,7 @@ def test_sirt_refuses_a_prior(ctx):
 
 
 @pytest.mark.parametrize("kind,prior", [("blurs", None), ("tomography", None), ("tomography", "rdp"),
-                                        ("blurs", "red")])
+                                        ("blurs", "red"), ("ct-volume", None)])
 def test_bsrem_is_deepinvs_bsrem(ctx, kind, prior):
     """Subsets in deepinv's fixed order, its preconditioner, support and clamp; deepinv's relative-difference
     prior (RDP) tile by tile, or RED's gradient for a denoiser."""

@@ -77,6 +77,14 @@ class StepRule:
         """Extra entries for the history row of the iteration just built (e.g. inner solver iterations)."""
         return {}
 
+    def reduced_axes(self, problem: Problem) -> dict[str, tuple[int, ...]]:
+        """State arrays kept with length 1 along some axes (constant along them, broadcast by :meth:`step`).
+
+        ``{name: axes}``; the others have ``x``'s shape. A sensitivity ``Σ A_iᵀ1`` of slicewise operators
+        is one slice repeated along the depth: kept (and checkpointed) as that slice.
+        """
+        return {}
+
     def initial(self, problem: Problem) -> da.Array | None:
         """The default ``x0`` when none is given; ``None``: the engine's ``Aᵀy / N``."""
         return None
@@ -468,8 +476,19 @@ class _Variants(StepRule):
         return cached[1]
 
     def _sensitivity(self, problem: Problem, x0: da.Array, members: list[int] | None, name: str) -> da.Array:
-        """``Σ_{i ∈ members} A_iᵀ1`` (all operators for ``None``), chunked like ``x0``."""
+        """``Σ_{i ∈ members} A_iᵀ1`` (all operators for ``None``), chunked like ``x0``.
+
+        Along the axes where every member is the same (:meth:`Problem.invariant_axes`) it is
+        computed and kept with length 1: one slice of a CT volume's sensitivity, not the volume
+        (out of core, one array fewer read per iteration).
+        """
         ones = self._variant(problem, "ones", poisson_tasks.OnesFidelity(), poisson_tasks.Ones())
+        axes = problem.invariant_axes(members)
+        if axes:  # the data never enter A_iᵀ1: y is not read
+            shape, chunks = problem.reduced(axes)
+            s, _ = graph.gradient(ones, da.ones(shape, chunks=chunks, dtype=x0.dtype), members, measured=False,
+                                  kind=name)
+            return s
         s, _ = graph.gradient(ones, x0, members, kind=name)
         return s
 
@@ -518,6 +537,10 @@ class MLEM(_Variants):
 
     def initial(self, problem: Problem) -> da.Array:
         return da.ones(problem.shape, chunks=problem.chunks, dtype=problem.dtype)
+
+    def reduced_axes(self, problem: Problem) -> dict[str, tuple[int, ...]]:
+        axes = problem.invariant_axes()
+        return {"sensitivity": axes} if axes else {}
 
     def start(self, problem: Problem, x0: da.Array) -> dict[str, da.Array]:
         return {"x": x0, "sensitivity": self._sensitivity(problem, x0, None, "sensitivity")}
@@ -587,6 +610,9 @@ class OSEM(MLEM):
     def report(self) -> dict:
         return {} if self._subset is None else {"subset": self._subset}
 
+    def reduced_axes(self, problem: Problem) -> dict[str, tuple[int, ...]]:
+        return _subset_sensitivity_axes(problem, self.n_subsets)
+
     def start(self, problem: Problem, x0: da.Array) -> dict[str, da.Array]:
         subsets = partition(problem.num_operators, self.n_subsets)
         return {"x": x0, **{f"sensitivity_{j}": self._sensitivity(problem, x0, members, f"sensitivity_{j}")
@@ -639,20 +665,24 @@ class SIRT(_Variants):
         self._rows: tuple[Problem, dict] | None = None
 
     def _row_sums(self, problem: Problem, x: da.Array) -> dict | None:
-        """Each chunk-wise operator's row sums ``A_i 1``, computed once per run (the values the gradient
-        pass would make at every iteration, the same bits): persisted in cluster memory, or out of core
-        written once to ``scratch_sirt/rows_<i>`` in the run's store and read from there."""
+        """Each chunk-wise operator's row sums ``A_i 1``, computed once per run: persisted in cluster memory,
+        or out of core written once to ``scratch_sirt/rows_<i>`` in the run's store and read from there.
+        One slice of them where the operator is the same on every slice (broadcast by the tasks)."""
         if self._rows is not None and self._rows[0] is problem:
             return self._rows[1]
         forms = {i: form for i, form in enumerate(problem.forms) if form is not None}
         store = getattr(getattr(self, "workspace", None), "store", None)
         if not forms or (problem.storage != "memory" and store is None):
             return None
-        ones = da.ones(x.shape, chunks=x.chunks, dtype=x.dtype)
+        def ones(i: int) -> da.Array:  # one slice where the operator is the same on every slice (broadcast)
+            shape, chunks = problem.reduced(problem.invariant_axes([i]))
+            return da.ones(shape, chunks=chunks, dtype=x.dtype)
+
         if problem.storage == "memory":
-            rows = {i: persist_fresh(problem.ctx.client, form.apply(ones), f"row-sums-{i}") for i, form in forms.items()}
+            rows = {i: persist_fresh(problem.ctx.client, form.apply(ones(i)), f"row-sums-{i}")
+                    for i, form in forms.items()}
         else:
-            rows = {i: _stored_once(problem, store.child("scratch_sirt"), f"rows_{i}", form.apply(ones))
+            rows = {i: _stored_once(problem, store.child("scratch_sirt"), f"rows_{i}", form.apply(ones(i)))
                     for i, form in forms.items()}
         self._rows = (problem, rows)
         return rows
@@ -668,6 +698,10 @@ class SIRT(_Variants):
 
     def initial(self, problem: Problem) -> da.Array:
         return graph.adjoint_sum(problem, scale=1.0)
+
+    def reduced_axes(self, problem: Problem) -> dict[str, tuple[int, ...]]:
+        axes = problem.invariant_axes()
+        return {"column_sums": axes} if axes else {}
 
     def start(self, problem: Problem, x0: da.Array) -> dict[str, da.Array]:
         return {"x": x0, "column_sums": self._sensitivity(problem, x0, None, "column-sums")}
@@ -739,6 +773,11 @@ class BSREM(MLEM):
     def report(self) -> dict:
         return {} if self._subset is None else {"subset": self._subset}
 
+    def reduced_axes(self, problem: Problem) -> dict[str, tuple[int, ...]]:
+        reduced = _subset_sensitivity_axes(problem, self.n_subsets)
+        axes = problem.invariant_axes()  # the average and its support: along the axes of every subset
+        return {**reduced, "average": axes, "support": axes} if axes else reduced
+
     def start(self, problem: Problem, x0: da.Array) -> dict[str, da.Array]:
         subsets = partition(problem.num_operators, self.n_subsets)
         sens = [self._sensitivity(problem, x0, members, f"sensitivity_{j}") for j, members in enumerate(subsets)]
@@ -782,6 +821,13 @@ class BSREM(MLEM):
         value = delayed(operator.mul, pure=True)(value, problem.num_operators / len(members),
                                                  dask_key_name=f"value-estimate-{tag}")
         return {**state, "x": new}, value, graph.metrics(problem, new, x, f"metrics-{tag}")
+
+
+def _subset_sensitivity_axes(problem: Problem, n_subsets: int) -> dict[str, tuple[int, ...]]:
+    """``sensitivity_j`` of each subset that is constant along some axes: those axes."""
+    subsets = partition(problem.num_operators, n_subsets)
+    reduced = {f"sensitivity_{j}": problem.invariant_axes(members) for j, members in enumerate(subsets)}
+    return {name: axes for name, axes in reduced.items() if axes}
 
 
 def _stored_once(problem: Problem, store: Any, name: str, a: da.Array) -> da.Array:

@@ -80,6 +80,9 @@ def run(problem: Problem, rule: StepRule, x0: Any, options: ReconstructOptions, 
     """
     t0 = time.monotonic()
     record = {**problem.record, **rule.settings()}
+    reduced = rule.reduced_axes(problem)
+    if reduced:  # a checkpoint whose state arrays have other shapes is another run's
+        record["reduced_state"] = {name: list(axes) for name, axes in sorted(reduced.items())}
     store = store if store is not None else open_checkpoint(problem.ctx, options)
     start, history = _resumed(store, record, options)
     streamed = problem.storage == "zarr"
@@ -154,9 +157,12 @@ class _Loop:
         """The state at iteration ``start``: restored from the checkpoint, or the rule's start (iteration 0)."""
         problem, rule = self.problem, self.rule
         rule.prepare(problem, Workspace(problem, self.store, self.streamed))
-        self.signals = {name: DistributedSignal(problem.ctx, problem.shape, problem.dtype, store=self.store,
-                                                chunks=problem.chunks, name=name, in_memory=not self.streamed)
-                        for name in rule.state}
+        reduced = rule.reduced_axes(problem)
+        self.signals = {}
+        for name in rule.state:
+            shape, chunks = problem.reduced(reduced.get(name, ()))
+            self.signals[name] = DistributedSignal(problem.ctx, shape, problem.dtype, store=self.store, chunks=chunks,
+                                                   name=name, in_memory=not self.streamed)
         if start:
             for s in self.signals.values():
                 s.restore()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -122,6 +123,27 @@ class Problem:
     def terms(self) -> list[Term]:
         """Each operator's term (:mod:`daskrecon.engine.terms`), from the forms, distances and measurements."""
         return terms_of(self.forms, self.distances, self.y)
+
+    def invariant_axes(self, indices: Sequence[int] | None = None) -> tuple[int, ...]:
+        """Axes of ``x`` along which every operator in ``indices`` (all for ``None``) is the same.
+
+        Along such an axis ``A_i 1`` and ``A_iᵀ1`` do not vary: a :class:`~daskrecon.operators.slicewise.
+        SlicewiseOperator` applies one 2-D operator to every slice of the depth. Only chunk-wise
+        forms declare them (``invariant_axes``); an operator that runs whole declares none.
+        """
+        indices = range(self.num_operators) if indices is None else indices
+        axes: set[int] | None = None
+        for i in indices:
+            form = self.forms[i]
+            here = set(getattr(form, "invariant_axes", ())) if form is not None else set()
+            axes = here if axes is None else axes & here
+        return tuple(sorted(axes or ()))
+
+    def reduced(self, axes: Sequence[int]) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]:
+        """``(shape, chunks)`` of an array like ``x`` but of length 1 along ``axes`` (broadcast along them)."""
+        shape = tuple(1 if a in axes else n for a, n in enumerate(self.shape))
+        chunks = tuple((1,) if a in axes else c for a, c in enumerate(self.chunks))
+        return shape, chunks
 
 
 

@@ -247,6 +247,12 @@ class SlicewiseOperator:
         """Axes of a ``(B, C, D, H, W)`` volume every chunk holds whole (a slice's ``H`` and ``W``)."""
         return (3, 4)
 
+    @property
+    def invariant_axes(self) -> tuple[int, ...]:
+        """Axes along which the operator is the same at every index: the depth (one 2-D operator on every
+        slice), so ``A1`` and ``Aᵀ1`` are one slice repeated (the EM algorithms keep that slice only)."""
+        return (2,)
+
     def _op(self) -> Any:
         return slab_tasks.build_operator(self.payload)
 
