@@ -13,7 +13,7 @@ reconstructed by ``daskrecon.reconstruct`` with ``algorithm=--algorithm`` (SIRT 
   through the same ``Slicewise`` physics (deepinv's projector on every slice, no Dask) — for
   ``--algorithm sirt`` only.
 
-``--denoiser 3d`` gives the reconstruction the bundled 3-D DnCNN (tiles of one slab, overlap 4), for
+``--denoiser 3d`` gives the reconstruction the bundled 3-D DnCNN (tiles of one slab, or of ``--patch-depth`` slices, overlap 4), for
 ``--algorithm pnp`` / ``fista`` / ``os-pnp``. ``--angle-subsets K`` splits the angles into ``K``
 interleaved subsets (subset ``k``: angles ``k, k + K, …``), one slice-wise operator and one sinogram
 array each — the ordered subsets of ``--algorithm osem`` / ``os-pnp`` (``n_subsets=K``).
@@ -135,6 +135,8 @@ def main() -> None:
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--angles", type=int, default=16)
     p.add_argument("--slab", type=int, default=64, help="slices per chunk")
+    p.add_argument("--patch-depth", type=int, default=None,
+                   help="slices per tile of the 3-D denoiser (default: the slab); a thinner tile holds fewer activations")
     p.add_argument("--algorithm", default="sirt")
     p.add_argument("--denoiser", choices=("none", "3d"), default="none")
     p.add_argument("--n-subsets", type=int, default=None)
@@ -154,6 +156,7 @@ def main() -> None:
     import daskrecon as dr
 
     limit_total = args.workers * parse_bytes(args.memory_limit)
+    patch_depth = args.patch_depth or args.slab
     depth = -(-int(args.times * limit_total / (4 * args.width ** 2)) // args.slab) * args.slab
     if args.angle_subsets < 1 or args.angles % args.angle_subsets:
         p.error("--angle-subsets must divide --angles")
@@ -165,7 +168,8 @@ def main() -> None:
                  "operator": f"dr.slicewise(Tomography(angles={args.angles}, img_width={args.width}, normalize=True))"
                              + (f", angles in {args.angle_subsets} interleaved subsets (one operator each)"
                                 if args.angle_subsets > 1 else ""),
-                 "algorithm": args.algorithm, "denoiser": args.denoiser, "slab": args.slab, "machine": machine()}
+                 "algorithm": args.algorithm, "denoiser": args.denoiser, "slab": args.slab,
+                 **({"denoiser_tile_depth": patch_depth} if args.denoiser != "none" else {}), "machine": machine()}
     try:
         if args.algorithm == "sirt" and len(ops) == 1:
             res["plain_deepinv_in_memory"] = r = _plain_deepinv(ops[0], args.small, args, args.workers * args.threads)
@@ -179,7 +183,7 @@ def main() -> None:
             dden = None
             if args.denoiser == "3d":
                 from daskrecon.models import bundled_denoiser_3d
-                dden = dr.distribute(bundled_denoiser_3d(), ctx, patch_size=(args.slab, args.width, args.width),
+                dden = dr.distribute(bundled_denoiser_3d(), ctx, patch_size=(patch_depth, args.width, args.width),
                                      overlap=4, max_batch_size=1)
             for name, d, storage in (("in_memory", args.small, "memory"), ("out_of_core", depth, "zarr")):
                 t_in, paths = 0.0, []
