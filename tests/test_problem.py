@@ -97,3 +97,29 @@ def test_the_stager_is_carried_by_the_plan_not_by_the_process(ctx, tmp_path):
     assert any(k.startswith("halo-read") for k in layers(staged))
     assert not any(k.startswith("halo-read") for k in layers(problem))
     assert problem_module.with_stager(staged, None).forms[0].stager is None
+
+
+def _scale_by_two(x):
+    return 2 * x
+
+
+def test_the_axes_along_which_every_operator_is_the_same(ctx):
+    """A slicewise operator is one 2-D operator on every slice (the depth, axis 2); a blur is not the same
+    everywhere (its borders), and an operator that runs whole declares nothing."""
+    import deepinv as dinv
+
+    tomo = dinv.physics.Tomography(angles=torch.linspace(0, 180, 9)[:-1], img_width=16, circle=False)
+    blur = dinv.physics.Blur(filter=torch.ones(1, 1, 3, 3) / 9, padding="reflect")
+    whole = dinv.physics.LinearPhysics(A=_scale_by_two, A_adjoint=_scale_by_two)
+    x = torch.rand(1, 1, 6, 16, 16)
+    ops = [dr.slicewise(tomo), dr.slicewise(blur), whole]
+    y = [op.A(x) for op in ops]
+    problem, _ = plan_problem(dr.distribute(ops, ctx), y, None, data_fidelity=None, x0=None, x_true=None,
+                              sigma_denoiser=0.05, chunks=(2, 16, 16))
+    assert problem.forms[2] is None and problem.forms[0] is not None
+    assert problem.invariant_axes([0, 1]) == (2,) and problem.invariant_axes([1]) == (2,)
+    assert problem.invariant_axes() == () and problem.invariant_axes([2]) == ()
+    assert problem.reduced((2,)) == ((1, 1, 1, 16, 16), ((1,), (1,), (1,), (16,), (16,)))
+    assert problem.reduced(()) == (problem.shape, problem.chunks) and problem.chunks[2] == (2, 2, 2)
+    flat, _ = _plan(ctx)  # 2-D blurs: the same nowhere (their borders)
+    assert flat.invariant_axes() == ()
