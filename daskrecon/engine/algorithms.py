@@ -674,6 +674,7 @@ class SIRT(_Variants):
         store = getattr(getattr(self, "workspace", None), "store", None)
         if not forms or (problem.storage != "memory" and store is None):
             return None
+
         def ones(i: int) -> da.Array:  # one slice where the operator is the same on every slice (broadcast)
             shape, chunks = problem.reduced(problem.invariant_axes([i]))
             return da.ones(shape, chunks=chunks, dtype=x.dtype)

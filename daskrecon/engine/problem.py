@@ -127,9 +127,10 @@ class Problem:
     def invariant_axes(self, indices: Sequence[int] | None = None) -> tuple[int, ...]:
         """Axes of ``x`` along which every operator in ``indices`` (all for ``None``) is the same.
 
-        Along such an axis ``A_i 1`` and ``A_iᵀ1`` do not vary: a :class:`~daskrecon.operators.slicewise.
-        SlicewiseOperator` applies one 2-D operator to every slice of the depth. Only chunk-wise
-        forms declare them (``invariant_axes``); an operator that runs whole declares none.
+        Along such an axis ``A_i 1`` and ``A_iᵀ1`` do not vary: a
+        :class:`~daskrecon.operators.slicewise.SlicewiseOperator` applies one 2-D operator to every
+        slice of the depth. Only chunk-wise forms declare them (``invariant_axes``); an operator
+        that runs whole declares none.
         """
         indices = range(self.num_operators) if indices is None else indices
         axes: set[int] | None = None
@@ -144,7 +145,6 @@ class Problem:
         shape = tuple(1 if a in axes else n for a, n in enumerate(self.shape))
         chunks = tuple((1,) if a in axes else c for a, c in enumerate(self.chunks))
         return shape, chunks
-
 
 
 @dataclass(frozen=True)
