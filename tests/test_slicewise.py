@@ -245,9 +245,9 @@ def test_ct_em_keeps_one_slice_of_each_sensitivity_and_resumes_bitwise_out_of_co
     from daskrecon.engine.checkpoint import Checkpoint
     from daskrecon.planning.subsets import partition
 
-    ops, x_true, y = _ct_problem()
+    ops, _, y = _ct_problem()
     y = [v.clamp_min(0) + 0.05 for v in y]
-    kw = dict(algorithm="osem", n_subsets=3, n_iter=4, progress=False, chunks=(4, 24, 24))
+    kw = {"algorithm": "osem", "n_subsets": 3, "n_iter": 4, "progress": False, "chunks": (4, 24, 24)}
     ref = dr.reconstruct(dr.distribute(ops, ctx), y, None, **kw)
     ys = [da.from_array(v.numpy(), chunks=(1, 1, 4, -1, -1)) for v in y]
 
