@@ -270,3 +270,22 @@ def test_ct_em_keeps_one_slice_of_each_sensitivity_and_resumes_bitwise_out_of_co
         whole = sum(ops[i].A_adjoint(torch.ones_like(y[i])) for i in members)  # deepinv's, on the volume
         assert float((whole - kept).abs().max()) <= 1e-5 * float(whole.abs().max())
         assert float(whole.std()) > 0  # not a flat slice
+
+
+def test_a_checkpoint_whose_sensitivities_are_volumes_is_not_resumed_as_one_with_slices(ctx, tmp_path, monkeypatch):
+    """A checkpoint written with whole-volume sensitivities (as before they were kept as one slice) is another
+    run's: resuming it is refused, naming the state's layout, instead of reading arrays of another shape."""
+    from daskrecon.engine.checkpoint import Checkpoint, CheckpointMismatchError
+    from daskrecon.engine.problem import Problem
+
+    ops, _, y = _ct_problem()
+    ys = [da.from_array(v.clamp_min(0).numpy() + 0.05, chunks=(1, 1, 4, -1, -1)) for v in y]
+    kw = {"algorithm": "osem", "n_subsets": 3, "progress": False, "chunks": (4, 24, 24), "storage": "zarr",
+          "checkpoint": str(tmp_path / "ck")}
+    with ctx.client.as_current():
+        with monkeypatch.context() as m:
+            m.setattr(Problem, "invariant_axes", lambda self, indices=None: ())  # the layout before: volumes
+            dr.reconstruct(dr.distribute(ops, ctx), ys, None, n_iter=2, **kw)
+        assert Checkpoint(kw["checkpoint"]).open_array("r", "sensitivity_0").shape == (2, 1, 1, 10, 24, 24)
+        with pytest.raises(CheckpointMismatchError, match="reduced_state"):
+            dr.reconstruct(dr.distribute(ops, ctx), ys, None, n_iter=3, resume=True, **kw)
