@@ -56,6 +56,25 @@ def test_gpu_requested_without_gpu():
         dr.DistributedContext(device_mode="gpu").start()
 
 
+def test_workers_compute_fp32_in_ieee_fp32_unless_tf32_is_asked_for():
+    """torch's default lets cuDNN round fp32 convolutions to TF32 (about 1e-3 relative): the workers
+    turn it off, so that GPU tiles equal the untiled network; ``tf32=True`` turns it on, and a
+    restarted worker gets the same setting again."""
+    def flags():
+        import torch as t  # imported here: cloudpickle cannot ship a reference to torch.backends.cudnn
+
+        return t.backends.cudnn.allow_tf32, t.backends.cuda.matmul.allow_tf32
+
+    with dr.DistributedContext(n_workers=1, dashboard_address="127.0.0.1:0") as c:
+        assert set(c.client.run(flags).values()) == {(False, False)}
+    with dr.DistributedContext(n_workers=1, dashboard_address="127.0.0.1:0", tf32=True) as c:
+        assert set(c.client.run(flags).values()) == {(True, True)}
+        c.client.restart()
+        assert set(c.client.run(flags).values()) == {(True, True)}
+    with pytest.raises(TypeError, match="tf32 must be True or False"):
+        dr.DistributedContext(tf32="yes")
+
+
 def test_unreachable_scheduler_times_out_with_message():
     with pytest.raises(ClusterConnectionError, match="could not reach the Dask scheduler at 'tcp://127.0.0.1:9'"):
         dr.DistributedContext("tcp://127.0.0.1:9", timeout=2).start()

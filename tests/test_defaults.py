@@ -22,7 +22,7 @@ DOC = Path(__file__).parents[1] / "docs" / "configuration.md"
 
 def test_the_shipped_defaults_are_registered_and_documented_in_one_table():
     shipped = yaml.safe_load(open(defaults.PATH))["daskrecon"]
-    rows = dict(re.findall(r"^\| `daskrecon\.([a-z.-]+)` \| `([^`]*)` \|", DOC.read_text(), flags=re.M))
+    rows = dict(re.findall(r"^\| `daskrecon\.([a-z0-9.-]+)` \| `([^`]*)` \|", DOC.read_text(), flags=re.M))
     assert sorted(rows) == sorted(defaults.keys())  # every key in the table, nothing else
     for key in defaults.keys():
         section, name = key.split(".")

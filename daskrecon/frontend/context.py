@@ -80,6 +80,13 @@ class DistributedContext(SingleRank):
         a worker that answers) before :class:`~daskrecon.errors.StalledError` names what is stuck
         (default 120); an input that cannot be transferred raises
         :class:`~daskrecon.errors.TransferError` at once.
+    tf32 : bool
+        Let the workers' GPUs round fp32 convolutions and matrix products to TF32 (cuDNN's and
+        cuBLAS's ``allow_tf32``). Default ``False``: fp32 on a GPU worker is IEEE fp32, so the
+        tiles equal the untiled network and the operators deepinv's, as on CPUs; TF32 is faster
+        on tensor cores but rounds to a 10-bit mantissa (about 1e-3 relative) without measuring
+        it — ``precision="bf16"``/``"fp16"`` run faster still, with a measured error budget
+        (docs/precision.md). CPU workers are unaffected.
     backend, cleanup, seed_offset, deterministic
         Accepted for compatibility with ``deepinv.distributed.DistributedContext``.
         ``backend`` has no meaning on Dask (a warning is given if set); ``cleanup=False``
@@ -136,6 +143,7 @@ class DistributedContext(SingleRank):
         seed_offset: bool = True,
         deterministic: bool = False,
         malloc: str | None = None,
+        tf32: bool | None = None,
         **cluster_kwargs: Any,
     ) -> None:
         # None: the configured default (daskrecon.context.* in dask.config: docs/configuration.md)
@@ -143,6 +151,9 @@ class DistributedContext(SingleRank):
                                                                              "context.dashboard-address")
         timeout, fan_in = pick(timeout, "context.timeout"), pick(fan_in, "context.fan-in")
         stall_timeout, malloc = pick(stall_timeout, "context.stall-timeout"), pick(malloc, "context.malloc")
+        tf32 = pick(tf32, "context.tf32")
+        if not isinstance(tf32, bool):
+            raise TypeError(f"tf32 must be True or False, got {tf32!r}")
         _check_options(cluster, malloc, device_mode, sharding, fan_in, stall_timeout,
                        n_workers=n_workers, threads_per_worker=threads_per_worker, torch_threads=torch_threads)
         if backend is not None:
@@ -153,6 +164,7 @@ class DistributedContext(SingleRank):
             "memory_limit": memory_limit, "device_mode": device_mode, "processes": processes,
             "dashboard_address": dashboard_address, "malloc": malloc, "cluster_kwargs": cluster_kwargs}
         self.device_mode, self.sharding, self.torch_threads, self.malloc = device_mode, sharding, torch_threads, malloc
+        self.tf32 = tf32
         self.seed, self.seed_offset, self.deterministic, self.cleanup = seed, seed_offset, deterministic, cleanup
         self.timeout, self.fan_in, self.stall_timeout = timeout, fan_in, float(stall_timeout)
         self.rank = 0
@@ -180,7 +192,8 @@ class DistributedContext(SingleRank):
         try:
             self._roster.track(configure_workers(
                 self._conn.client, malloc=self.malloc, torch_threads=self.torch_threads or self._conn.torch_threads,
-                device_mode=self.device_mode, timeout=self.setup_timeout, on_membership=self._roster.on_change))
+                device_mode=self.device_mode, timeout=self.setup_timeout, on_membership=self._roster.on_change,
+                tf32=self.tf32))
         except Exception:
             self.close()
             raise

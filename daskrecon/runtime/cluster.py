@@ -303,12 +303,13 @@ def _start_spawned_cluster(n_workers: int, threads: int, memory_limit: Any, env:
 
 
 def configure_workers(client: Client, *, malloc: str, torch_threads: int | None, device_mode: str | None,
-                      timeout: float, on_membership: Any) -> int | None:
+                      timeout: float, on_membership: Any, tf32: bool = False) -> int | None:
     """Install daskrecon's plugins on a cluster; the membership counter's start (``None``: not tracked).
 
     The scheduler plugin that releases tasks restricted to departed workers (and announces
     joins and departures to ``on_membership``), the memory trim with ``malloc="fast"``, the
-    torch thread count, and a check that ``device_mode="gpu"`` finds GPUs.
+    torch thread count, fp32 or TF32 arithmetic on GPUs (``tf32``; not for ``device_mode="cpu"``),
+    and a check that ``device_mode="gpu"`` finds GPUs.
     """
     import torch
 
@@ -334,6 +335,9 @@ def configure_workers(client: Client, *, malloc: str, torch_threads: int | None,
         bounded(client, client._register_worker_plugin, plugin=TorchThreads(torch_threads),
                 name="daskrecon-torch-threads", idempotent=True, what="setting torch threads on the workers",
                 timeout=timeout)
+    if device_mode != "cpu":
+        bounded(client, client._register_worker_plugin, plugin=GpuFloat32(tf32), name="daskrecon-gpu-float32",
+                idempotent=True, what="setting the GPUs' fp32 arithmetic on the workers", timeout=timeout)
     if device_mode == "gpu":
         has_gpu = bounded(client, client._run, torch.cuda.is_available, what="asking the workers for GPUs",
                           timeout=timeout)
@@ -343,6 +347,19 @@ def configure_workers(client: Client, *, malloc: str, torch_threads: int | None,
                 f"(workers: {sorted(has_gpu)}); start GPU workers or use device_mode=None"
             )
     return membership
+
+
+class GpuFloat32(WorkerPlugin):
+    """Worker plugin: fp32 convolutions and matrix products on the GPU in IEEE fp32, or TF32 (``tf32``),
+    on every (also restarted) worker; torch's own default rounds cuDNN's to TF32."""
+
+    idempotent = True
+
+    def __init__(self, tf32: bool) -> None:
+        self.tf32 = tf32
+
+    def setup(self, worker: Any) -> None:
+        array_tasks.set_tf32(self.tf32)
 
 
 class TorchThreads(WorkerPlugin):

@@ -44,6 +44,12 @@ def set_torch_threads(n: int) -> None:
     os.environ["DASKRECON_TORCH_THREADS"] = str(n)
 
 
+def set_tf32(allow: bool) -> None:
+    """Whether this worker's GPU may round fp32 convolutions and matrix products to TF32 (called by the plugin)."""
+    torch.backends.cudnn.allow_tf32 = bool(allow)
+    torch.backends.cuda.matmul.allow_tf32 = bool(allow)
+
+
 def place_array(a: np.ndarray) -> np.ndarray:
     """Identity task: keeps an array in worker memory with a recomputable lineage."""
     return a
