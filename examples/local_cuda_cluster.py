@@ -2,10 +2,12 @@
 On a GPU machine with dask-cuda
 ===============================
 
-``DistributedContext()`` starts one worker per GPU (``LocalCUDACluster`` when dask-cuda is
-installed: ``pip install 'daskrecon[gpu]'``; otherwise one nanny per GPU with its own
-``CUDA_VISIBLE_DEVICES``). Operators and the denoiser are placed on each worker's GPU; the
-driver gets its results on ``ctx.device``. To tune the cluster, build it yourself and pass it.
+``DistributedContext(device_mode="gpu")`` alone starts one worker process per GPU, each seeing
+its own GPU as ``cuda:0`` (``CUDA_VISIBLE_DEVICES``). For dask-cuda's extras (RMM pools, device
+spilling, UCX), build a ``LocalCUDACluster`` (``pip install 'daskrecon[gpu]'``) and pass it, as
+here. Operators and the denoiser are placed on each worker's GPU; the driver gets its results on
+``ctx.device``. RMM is not a dependency of dask-cuda: torch is pointed at an RMM pool only
+where RMM is installed, so that the two do not hold the GPU's memory twice.
 """
 
 import torch
@@ -18,11 +20,14 @@ if __name__ == "__main__":
     if not torch.cuda.is_available():
         print("no CUDA device here: nothing to show")
     else:
+        import importlib.util
+
         from dask_cuda import LocalCUDACluster
 
+        rmm = {"rmm_pool_size": "8GiB", "rmm_allocator_external_lib_list": ["torch"]} \
+            if importlib.util.find_spec("rmm") else {}
         # dask-cuda's dashboard listens on every interface by default (":8787"): keep it on this machine
-        cluster = LocalCUDACluster(threads_per_worker=1, rmm_allocator_external_lib_list=["torch"],
-                                   dashboard_address="127.0.0.1:8787")
+        cluster = LocalCUDACluster(threads_per_worker=1, dashboard_address="127.0.0.1:8787", **rmm)
         with dr.DistributedContext(cluster, device_mode="gpu") as ctx:
             print(ctx, ctx.device)
             x_true, ops, y = demo_problem(1024)

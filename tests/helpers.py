@@ -26,7 +26,7 @@ def heterogeneous():
 def noisy_measurements(ops, x, sigma=0.05, seed=3):
     """y_i = A_i x + noise, so that y != A x (non-zero residuals)."""
     g = torch.Generator().manual_seed(seed)
-    return dinv.utils.TensorList([op.A(x) + sigma * torch.randn(op.A(x).shape, generator=g) for op in ops])
+    return dinv.utils.TensorList([op.A(x) + sigma * torch.randn(op.A(x).shape, generator=g).to(x.device) for op in ops])
 
 
 class Exploding(dinv.physics.LinearPhysics):
