@@ -19,9 +19,11 @@ p = argparse.ArgumentParser()
 p.add_argument("--size", type=int, default=512)
 p.add_argument("--iterations", type=int, default=5)
 p.add_argument("--repeats", type=int, default=1)
+p.add_argument("--device-mode", default="cpu", choices=["cpu", "gpu"])
 args = p.parse_args()
 ops, y, model, x_true = problem(args.size)
-with DistributedContext(device_mode="cpu") as ctx:
+with DistributedContext(device_mode=args.device_mode) as ctx:
+    y, x_true = y.to(ctx.device), x_true.to(ctx.device)
     dphys = distribute(stack(*ops), ctx)
     dfid = distribute(L2(), ctx)
     prior = PnP(denoiser=distribute(model, ctx, patch_size=256, overlap=20))
@@ -33,6 +35,8 @@ with DistributedContext(device_mode="cpu") as ctx:
         with torch.no_grad():
             for _ in range(args.iterations):
                 x = prior.prox(x - 0.3 * dfid.grad(x, y, dphys), sigma_denoiser=0.05)
+        if x.is_cuda:
+            torch.cuda.synchronize()
         return x
 
     r = timeit(run, args.repeats, warmup=0)

@@ -19,18 +19,23 @@ p.add_argument("--size", type=int, required=True)
 p.add_argument("--patch", type=int, required=True)
 p.add_argument("--overlap", type=int, required=True)
 p.add_argument("--repeats", type=int, default=1)
+p.add_argument("--device-mode", default="cpu", choices=["cpu", "gpu"])
 args = p.parse_args()
 
 model, sigma = make_model(args.model)
 x = torch.rand(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
-with DistributedContext(device_mode="cpu") as ctx:
+with DistributedContext(device_mode=args.device_mode) as ctx:
+    x = x.to(ctx.device)
     dden = distribute(model, ctx, patch_size=args.patch, overlap=args.overlap)
 
     def step(inp=x):
         if dist.is_initialized():
             dist.barrier()
         with torch.no_grad():
-            return dden(inp, sigma)
+            out = dden(inp, sigma)
+        if out.is_cuda:
+            torch.cuda.synchronize()
+        return out
 
     step(x[..., : 2 * args.patch, : 2 * args.patch].contiguous())  # warm-up on a small image
     r = timeit(step, args.repeats, warmup=0)

@@ -16,9 +16,11 @@ from deepinv.physics import stack  # noqa: E402
 
 p = argparse.ArgumentParser()
 add_arguments(p)
+p.add_argument("--device-mode", default="cpu", choices=["cpu", "gpu"])
 args = p.parse_args()
 ops, y, x_true, build = problem(args.size, args.depth, args.nf, args.unroll)
-with DistributedContext(device_mode="cpu") as ctx:
+with DistributedContext(device_mode=args.device_mode) as ctx:
+    y, x_true = y.to(ctx.device), x_true.to(ctx.device)
     dphys = distribute(stack(*ops), ctx)
     model = distribute(build(), ctx, patch_size=args.patch, overlap=args.overlap, max_batch_size=1)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -26,7 +28,7 @@ with DistributedContext(device_mode="cpu") as ctx:
     def run():
         if dist.is_initialized():
             dist.barrier()
-        return train_step(model, opt, y, dphys, x_true)
+        return train_step(model, opt, y, dphys, x_true)  # its loss.item() waits for the GPU
 
     r = timeit(run, args.repeats, warmup=1)
     peaks = [peak_rss_mib()]

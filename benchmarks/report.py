@@ -93,7 +93,31 @@ def denoiser() -> str:
     return "\n".join(out)
 
 
+def gpu() -> str:
+    """bench_gpu.py's tables: one GPU, deepinv.distributed (one process) against daskrecon in each precision."""
+    path = RESULTS / "gpu.json"
+    if not path.exists():
+        return "(no GPU run: benchmarks/results/gpu.json is absent)"
+    d = json.loads(path.read_text())
+    out = [f"{d['env'].get('gpu', '?')}, torch {d['env']['torch']}",
+           "", "| workload | plain deepinv (untiled) | deepinv.distributed | daskrecon fp32 | bf16 | fp16 | "
+           "÷ deepinv.distributed (fp32 / bf16 / fp16) |", "|---|---|---|---|---|---|---|"]
+    rows = [(f"PnP 5 it., 3 blurs + DnCNN, 1×3×{s}²", d.get("pnp", {}).get(s), "plain_deepinv_untiled")
+            for s in ("512", "2048")]
+    rows += [(f"tiled DRUNet, 1×3×{s}²", d.get("tiling", {}).get(s), "untiled") for s in ("512", "2048")]
+    rows += [("training step, unrolled PGD + DnCNN, 1×3×256²", d.get("training"), None)]
+    for name, c, plain in rows:
+        if not c or "error" in c:
+            continue
+        ratios = " / ".join(f"{c[f'ratio_daskrecon_{p}_vs_deepinv_distributed']:.2f}" for p in ("fp32", "bf16", "fp16"))
+        out.append(f"| {name} | {c[plain]['median_s'] * 1e3:.0f} ms | " if plain else f"| {name} | — | ")
+        out[-1] += (f"{c['deepinv_distributed_1proc']['median_s'] * 1e3:.0f} ms | "
+                    + " | ".join(f"{c[f'daskrecon_{p}']['median_s'] * 1e3:.0f} ms" for p in ("fp32", "bf16", "fp16"))
+                    + f" | {ratios} |")
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
     for title, fn in (("gradient", gradient), ("tiling", tiling), ("pnp", pnp), ("overhead", overhead),
-                      ("out-of-core pnp", ooc), ("bundled denoiser", denoiser)):
+                      ("out-of-core pnp", ooc), ("bundled denoiser", denoiser), ("one GPU", gpu)):
         print(f"## {title}\n\n{fn()}\n")
