@@ -13,7 +13,8 @@ reconstructed by ``daskrecon.reconstruct`` with ``algorithm=--algorithm`` (SIRT 
   through the same ``Slicewise`` physics (deepinv's projector on every slice, no Dask) — for
   ``--algorithm sirt`` only.
 
-``--denoiser 3d`` gives the reconstruction the bundled 3-D DnCNN (tiles of one slab, or of ``--patch-depth`` slices, overlap 4), for
+``--denoiser 3d`` gives the reconstruction the bundled 3-D DnCNN (tiles of one slab, or of ``--patch-depth`` slices, overlap 4;
+``--one-task-per-worker``: one tile task at a time per worker, with both threads' torch threads), for
 ``--algorithm pnp`` / ``fista`` / ``os-pnp``. ``--angle-subsets K`` splits the angles into ``K``
 interleaved subsets (subset ``k``: angles ``k, k + K, …``), one slice-wise operator and one sinogram
 array each — the ordered subsets of ``--algorithm osem`` / ``os-pnp`` (``n_subsets=K``).
@@ -137,6 +138,8 @@ def main() -> None:
     p.add_argument("--slab", type=int, default=64, help="slices per chunk")
     p.add_argument("--patch-depth", type=int, default=None,
                    help="slices per tile of the 3-D denoiser (default: the slab); a thinner tile holds fewer activations")
+    p.add_argument("--one-task-per-worker", action="store_true",
+                   help="the 3-D denoiser's tile tasks one at a time per worker, with both threads' torch threads")
     p.add_argument("--algorithm", default="sirt")
     p.add_argument("--denoiser", choices=("none", "3d"), default="none")
     p.add_argument("--n-subsets", type=int, default=None)
@@ -169,7 +172,8 @@ def main() -> None:
                              + (f", angles in {args.angle_subsets} interleaved subsets (one operator each)"
                                 if args.angle_subsets > 1 else ""),
                  "algorithm": args.algorithm, "denoiser": args.denoiser, "slab": args.slab,
-                 **({"denoiser_tile_depth": patch_depth} if args.denoiser != "none" else {}), "machine": machine()}
+                 **({"denoiser_tile_depth": patch_depth, "denoiser_one_task_per_worker": args.one_task_per_worker}
+                    if args.denoiser != "none" else {}), "machine": machine()}
     try:
         if args.algorithm == "sirt" and len(ops) == 1:
             res["plain_deepinv_in_memory"] = r = _plain_deepinv(ops[0], args.small, args, args.workers * args.threads)
@@ -184,7 +188,7 @@ def main() -> None:
             if args.denoiser == "3d":
                 from daskrecon.models import bundled_denoiser_3d
                 dden = dr.distribute(bundled_denoiser_3d(), ctx, patch_size=(patch_depth, args.width, args.width),
-                                     overlap=4, max_batch_size=1)
+                                     overlap=4, max_batch_size=1, one_task_per_worker=args.one_task_per_worker)
             for name, d, storage in (("in_memory", args.small, "memory"), ("out_of_core", depth, "zarr")):
                 t_in, paths = 0.0, []
                 for k, op in enumerate(ops):
@@ -209,6 +213,7 @@ def main() -> None:
             print(f"in memory / plain deepinv = {res['ratio_in_memory_vs_plain_deepinv']:.2f}")
         name = "ct_ooc" if args.algorithm == "sirt" and args.denoiser == "none" else f"ct_ooc_{args.algorithm}"
         name += f"_{args.angle_subsets}subsets" if args.angle_subsets > 1 else ""
+        name += "_one_task" if args.one_task_per_worker else ""
         print("wrote", write(name, res))
     finally:
         if not args.dir:

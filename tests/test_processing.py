@@ -5,7 +5,7 @@ import pytest
 import torch
 import dask.array as da
 import zarr
-from deepinv.models import DRUNet
+from deepinv.models import Denoiser, DRUNet
 from deepinv.optim import PnP, RED
 
 import daskrecon as dr
@@ -257,3 +257,58 @@ def test_dtype_policy(ctx):
     double = dr.distribute(small_dncnn(1).double(), ctx, patch_size=16, overlap=6)
     x = torch.rand(1, 1, 20, 20, dtype=torch.float64)
     assert double(x).dtype == torch.float64  # a float64 model takes float64 images
+
+
+class _Recording(Denoiser):
+    """A 1×1 convolution that appends "start end torch-threads pid" to a file at each call, and lasts 0.3 s."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 1, 1)
+        self.path = str(path)
+
+    def forward(self, x, *args, **kwargs):
+        import os
+        import time
+
+        t0 = time.time()
+        time.sleep(0.3)
+        with open(self.path, "a") as f:
+            f.write(f"{t0} {time.time()} {torch.get_num_threads()} {os.getpid()}\n")
+        return self.conv(x)
+
+
+def _worker_calls(log):
+    """The calls the workers made (the driver calls the network once too, checking the tile's memory)."""
+    import os
+
+    rows = [line.split() for line in log.read_text().splitlines()]
+    return sorted((float(a), float(b), int(t)) for a, b, t, pid in rows if int(pid) != os.getpid())
+
+
+@pytest.mark.parametrize("one_task", [False, True])
+def test_one_task_per_worker_runs_its_tiles_one_at_a_time_with_all_the_threads(tmp_path, one_task):
+    log = tmp_path / "calls.txt"
+    with dr.DistributedContext(n_workers=1, threads_per_worker=2, torch_threads=1,
+                               dashboard_address="127.0.0.1:0") as c:
+        model = _Recording(log)
+        dden = dr.distribute(model, c, patch_size=32, overlap=0, max_batch_size=1, one_task_per_worker=one_task)
+        x = torch.rand(1, 1, 64, 64)
+        with torch.no_grad(), c.client.as_current():
+            lazy = dden(da.from_array(x.numpy(), chunks=(1, 1, 32, 32))).compute()
+        with torch.no_grad():
+            np.testing.assert_allclose(lazy, model.conv(x).numpy(), atol=1e-6)  # the same result either way
+        calls = _worker_calls(log)
+        assert len(calls) == 4  # four chunks, one tile each
+        overlapping = any(b[0] < a[1] for a, b in zip(calls, calls[1:]))
+        assert overlapping != one_task, calls  # two at a time on two threads, unless one task per worker
+        assert {int(t) for _, _, t in calls} == ({2} if one_task else {1})  # both threads' torch threads inside
+        log.unlink()
+        with torch.no_grad():
+            dden(x)  # the tensor path too
+        calls = _worker_calls(log)
+        assert len(calls) == 4 and {int(t) for _, _, t in calls} == ({2} if one_task else {1})
+        other = dr.distribute(model, c, patch_size=32, overlap=0, one_task_per_worker=not one_task)
+        assert other.shipment.fingerprint != dden.shipment.fingerprint  # a checkpoint tells the two apart
+    with pytest.raises(TypeError, match="one_task_per_worker must be True or False"):
+        dr.distribute(model, c, one_task_per_worker="yes")

@@ -32,7 +32,7 @@ _PHYSICS_OPTIONS = frozenset({"num_operators", "factory_kwargs", "gather_strateg
 _TILING_OPTIONS = frozenset({"tiling_strategy", "patch_size", "overlap", "tiling_dims", "max_batch_size",
                              "strategy_kwargs", "blend", "align", "channels_last", "dtype", "checkpoint_batches",
                              "checkpoint_use_reentrant", "checkpoint_preserve_rng_state", "precision",
-                             "precision_tol"})
+                             "precision_tol", "one_task_per_worker"})
 _KIND_OPTIONS: dict[str, frozenset[str]] = {
     "physics": _PHYSICS_OPTIONS,
     "linear_physics": _PHYSICS_OPTIONS,
@@ -75,8 +75,8 @@ def distribute(obj: Any, ctx: DistributedContext, *, type_object: str = "auto", 
         ``overlap`` (64), ``tiling_strategy``, ``tiling_dims``, ``max_batch_size``,
         ``strategy_kwargs``, ``blend``, ``align``, ``channels_last`` and deepinv 0.5's
         ``checkpoint_batches``, ``checkpoint_use_reentrant``, ``checkpoint_preserve_rng_state``;
-        ``precision`` (``"fp32"``, ``"bf16"``, ``"fp16"``, ``"auto"``) and ``precision_tol``
-        (:class:`~daskrecon.frontend.processing.DistributedProcessing`). An option that does not apply to the detected kind raises ``TypeError``, except
+        ``precision`` (``"fp32"``, ``"bf16"``, ``"fp16"``, ``"auto"``), ``precision_tol`` and
+        ``one_task_per_worker`` (:class:`~daskrecon.frontend.processing.DistributedProcessing`). An option that does not apply to the detected kind raises ``TypeError``, except
         deepinv 0.5's shared options at their default value (``dtype=torch.float32``...).
 
     Returns

@@ -73,6 +73,8 @@ class ModelShipment:
         The model (any picklable callable; a ``torch.nn.Module`` trains).
     channels_last : bool
         Run 2-D convolutional networks in NHWC on the workers.
+    one_task_per_worker : bool
+        Run one of the model's tile tasks at a time on each worker, with all its threads' torch threads.
 
     Attributes
     ----------
@@ -84,16 +86,19 @@ class ModelShipment:
         A hash of the pickled model, weights included.
     """
 
-    def __init__(self, ctx: Any, processor: Any, channels_last: bool) -> None:
+    def __init__(self, ctx: Any, processor: Any, channels_last: bool, one_task_per_worker: bool = False) -> None:
         self.ctx = ctx
         self.processor = processor
         self.key = f"{type(processor).__name__}-{uuid.uuid4().hex[:10]}"
         self.plugin_name = f"daskrecon-model-{self.key}"
         # Not released when this object is garbage collected: a lazy dask array made with it may
         # be computed later. close() (or the end of the context) releases it.
-        payload = cloudpickle.dumps((processor, {"channels_last": channels_last}))
+        options = {"channels_last": channels_last, "one_task_per_worker": one_task_per_worker}
+        payload = cloudpickle.dumps((processor, options))
         self.payload = dask.delayed(payload, pure=True, name=f"daskrecon-model-payload-{self.key}")
-        self.fingerprint = fingerprint((processor, channels_last))
+        # one task per worker changes the torch threads a tile runs with (and so, on CPUs, its last
+        # bits): part of the identity a checkpoint checks; absent when off, as before the option
+        self.fingerprint = fingerprint((processor, channels_last, *(["one task per worker"] * one_task_per_worker)))
         bounded(ctx.client, ctx.client._register_worker_plugin, plugin=_ModelPlugin(self.key, payload),
                 name=self.plugin_name, idempotent=False, what="sending the model to the workers",
                 timeout=ctx.setup_timeout)

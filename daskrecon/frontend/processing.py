@@ -124,6 +124,12 @@ class DistributedProcessing(torch.nn.Module):
         :attr:`precision_report`.
     precision_tol : float, optional
         Largest relative L2 error of the probe's output against fp32 (default 2e-2).
+    one_task_per_worker : bool
+        Run one tile task of this denoiser at a time on each worker, with the torch threads of all
+        the worker's threads inside it (default ``False``): on a worker of two threads, one tile's
+        activations live at a time instead of two, for about the same arithmetic — for volumes
+        near the workers' memory limit (docs/outofcore.md). Results are those of the worker with
+        that many torch threads; a checkpoint records the setting.
 
     Examples
     --------
@@ -161,6 +167,7 @@ class DistributedProcessing(torch.nn.Module):
         checkpoint_preserve_rng_state: bool = True,
         precision: str | None = None,
         precision_tol: float | None = None,
+        one_task_per_worker: bool | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -170,6 +177,9 @@ class DistributedProcessing(torch.nn.Module):
         channels_last = pick(channels_last, "denoiser.channels-last")
         checkpoint_batches = pick(checkpoint_batches, "denoiser.checkpoint-batches")
         precision, precision_tol = pick(precision, "denoiser.precision"), pick(precision_tol, "denoiser.precision-tol")
+        one_task_per_worker = pick(one_task_per_worker, "denoiser.one-task-per-worker")
+        if not isinstance(one_task_per_worker, bool):
+            raise TypeError(f"one_task_per_worker must be True or False, got {one_task_per_worker!r}")
         if kwargs:
             raise TypeError(f"unexpected keyword arguments {sorted(kwargs)} for DistributedProcessing")
         strategy = "overlap_tiling" if strategy is None else strategy
@@ -179,7 +189,8 @@ class DistributedProcessing(torch.nn.Module):
         self.ctx = ctx
         self.processor = processor
         self.method = method
-        self.shipment = ModelShipment(ctx, processor, channels_last)
+        self.shipment = ModelShipment(ctx, processor, channels_last, one_task_per_worker)
+        self.one_task_per_worker = one_task_per_worker
         self.plan = TilePlan(ctx, processor, strategy=strategy, strategy_kwargs=dict(strategy_kwargs or {}),
                              patch_size=patch_size, overlap=overlap, tiling_dims=tiling_dims,
                              max_batch_size=max_batch_size,

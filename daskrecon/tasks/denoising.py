@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
 import threading
 import time
@@ -16,7 +18,8 @@ from daskrecon.planning.tiling import default_batch
 from daskrecon.tasks.arrays import module_device, to_numpy, to_tensor, worker_device
 from daskrecon.tasks.precision import autocast, supported, synchronize
 
-__all__ = ["apply_state", "backward_patches", "forget_model", "get_model", "leaf_gradients", "precision_probe",
+__all__ = ["apply_state", "backward_patches", "forget_model", "get_model", "leaf_gradients", "one_task_at_a_time",
+           "precision_probe",
            "process_block", "process_patches", "release_kept", "scaled_grads", "store_model_payload", "to_device", "window_gradients"]
 
 
@@ -25,8 +28,12 @@ _MODEL_PAYLOADS: dict[str, bytes] = {}
 # share this module, and one of them leaving must not take the model from the others.
 _MODEL_HOLDERS: dict[str, set] = {}
 _MODELS: dict[tuple[str, str | None], Any] = {}
+_OPTIONS: dict[str, dict] = {}
 MODEL_LOADS: dict[str, int] = {}
 _MODEL_LOCK = threading.Lock()
+# One lock per worker (a threads-only cluster runs several in this process) for the models that
+# run one tile task at a time per worker.
+_ONE_TASK: dict[str, threading.Lock] = {}
 
 
 def store_model_payload(key: str, payload: bytes, worker: str | None = None) -> None:
@@ -45,6 +52,7 @@ def forget_model(key: str, worker: str | None = None) -> None:
             return
         _MODEL_HOLDERS.pop(key, None)
         _MODEL_PAYLOADS.pop(key, None)
+        _OPTIONS.pop(key, None)
         for k in [k for k in _MODELS if k[0] == key]:
             _MODELS.pop(k, None)
 
@@ -68,6 +76,7 @@ def get_model(key: str, device_mode: str | None, payload: bytes | None = None) -
                         "(DistributedProcessing.close()) or the worker joined without plugins"
                     )
                 model, options = cloudpickle.loads(payload)
+                _OPTIONS[key] = options
                 if isinstance(model, torch.nn.Module):
                     model = model.to(worker_device(device_mode)).eval()
                     if options.get("channels_last") and any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
@@ -77,6 +86,33 @@ def get_model(key: str, device_mode: str | None, payload: bytes | None = None) -
                 _MODELS[(key, device_mode)] = model
                 MODEL_LOADS[key] = MODEL_LOADS.get(key, 0) + 1
     return model
+
+
+@contextlib.contextmanager
+def one_task_at_a_time(model_key: str):
+    """For a model shipped with ``one_task_per_worker``: wait until no other of its tile tasks runs on
+    this worker, then run with the torch threads of all the worker's threads (``torch_threads`` ×
+    threads, at most the cores), so one tile's activations live at a time for the same arithmetic.
+    Otherwise nothing."""
+    if not _OPTIONS.get(model_key, {}).get("one_task_per_worker"):
+        yield
+        return
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+        name, threads = worker.address, worker.state.nthreads
+    except ValueError:  # not in a worker (a local compute)
+        name, threads = "", 1
+    with _MODEL_LOCK:
+        lock = _ONE_TASK.setdefault(name, threading.Lock())
+    with lock:
+        before = torch.get_num_threads()
+        torch.set_num_threads(max(1, min(os.cpu_count() or 1, before * threads)))
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
 
 
 def apply_state(model: Any, state: dict | None) -> None:
@@ -149,11 +185,12 @@ def process_patches(model_key: str, device_mode: str | None, method: str, strate
     """
     model = get_model(model_key, device_mode)
     apply_state(model, state)
-    xt = to_tensor(x, model_device(model, device_mode))
-    if keep is not None:
-        return _run_keeping(model, method, strategy, xt, indices, max_batch_size, args, kwargs, keep, precision)
-    return [(i, to_numpy(r)) for i, r in _run_patches(model, method, strategy, xt, indices, max_batch_size, args, kwargs,
-                                                      precision)]
+    with one_task_at_a_time(model_key):
+        xt = to_tensor(x, model_device(model, device_mode))
+        if keep is not None:
+            return _run_keeping(model, method, strategy, xt, indices, max_batch_size, args, kwargs, keep, precision)
+        return [(i, to_numpy(r)) for i, r in _run_patches(model, method, strategy, xt, indices, max_batch_size, args,
+                                                          kwargs, precision)]
 
 
 #: fp16 backward: the loss is multiplied by this before backpropagating, gradients divided after
@@ -248,12 +285,13 @@ def process_block(block: np.ndarray, model_key: str, device_mode: str | None, me
     strategy = OverlapTilingStrategy(block.shape, **tiling)
     per_batch = max_batch_size or default_batch(strategy.get_num_patches(), int(np.prod(strategy.window_shape())),
                                                 target_tasks=1)
-    xt = to_tensor(block, model_device(model, device_mode))
-    out = torch.zeros_like(xt)
-    for indices in strategy.batches(per_batch):
-        strategy.reduce_patches(out, _run_patches(model, method, strategy, xt, indices, max_batch_size, args, kwargs,
-                                                  precision))
-    return to_numpy(out).astype(block.dtype, copy=False)
+    with one_task_at_a_time(model_key):
+        xt = to_tensor(block, model_device(model, device_mode))
+        out = torch.zeros_like(xt)
+        for indices in strategy.batches(per_batch):
+            strategy.reduce_patches(out, _run_patches(model, method, strategy, xt, indices, max_batch_size, args,
+                                                      kwargs, precision))
+        return to_numpy(out).astype(block.dtype, copy=False)
 
 
 def _with_leaves(args: tuple, kwargs: dict, paths: list, device: torch.device) -> tuple[tuple, dict, list]:
