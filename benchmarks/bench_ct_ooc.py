@@ -214,6 +214,7 @@ def main() -> None:
         name = "ct_ooc" if args.algorithm == "sirt" and args.denoiser == "none" else f"ct_ooc_{args.algorithm}"
         name += f"_{args.angle_subsets}subsets" if args.angle_subsets > 1 else ""
         name += "_one_task" if args.one_task_per_worker else ""
+        name += f"_times{args.times:g}" if args.times != 4 else ""  # the size (4×) keeps the plain name
         print("wrote", write(name, res))
     finally:
         if not args.dir:
