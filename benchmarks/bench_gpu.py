@@ -65,6 +65,17 @@ def _rel(a, b) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
+def _ratios(label: str, r: dict, untiled: str | None = None) -> None:
+    """Each precision's time over deepinv.distributed's, into ``r`` and printed on one line."""
+    best = r["deepinv_distributed_1proc"]["median_s"]
+    for p in PRECISIONS:
+        r[f"ratio_daskrecon_{p}_vs_deepinv_distributed"] = r[f"daskrecon_{p}"]["median_s"] / best
+    plain = f", untiled {r[untiled]['median_s']:.3f} s" if untiled else ""
+    print(f"{label}: deepinv.distributed {best:.3f} s{plain}, "
+          + ", ".join(f"daskrecon {p} {r[f'daskrecon_{p}']['median_s']:.3f} s "
+                      f"({r[f'ratio_daskrecon_{p}_vs_deepinv_distributed']:.2f}×)" for p in PRECISIONS), flush=True)
+
+
 def env(args) -> dict:
     import torch
 
@@ -132,14 +143,9 @@ def pnp(args) -> dict:
                                                                         args.repeats)["median_s"]
                 if p != "fp32":
                     r[f"daskrecon_{p}"]["probe"] = dp.precision_report
-        best = r["deepinv_distributed_1proc"]["median_s"]
         r["checksum_diff_fp32_vs_deepinv_distributed"] = abs(float(outs["fp32"].double().sum())
                                                              - r["deepinv_distributed_1proc"]["checksum"])
-        for p in PRECISIONS:
-            r[f"ratio_daskrecon_{p}_vs_deepinv_distributed"] = r[f"daskrecon_{p}"]["median_s"] / best
-        print(f"pnp {size}²: deepinv.distributed {best:.3f} s, untiled {r['plain_deepinv_untiled']['median_s']:.3f} s, "
-              + ", ".join(f"daskrecon {p} {r[f'daskrecon_{p}']['median_s']:.3f} s "
-                          f"({r[f'ratio_daskrecon_{p}_vs_deepinv_distributed']:.2f}×)" for p in PRECISIONS), flush=True)
+        _ratios(f"pnp {size}²", r, "plain_deepinv_untiled")
         res[str(size)] = r
     return res
 
@@ -202,12 +208,7 @@ def tiling(args) -> dict:
                     d["rel_l2_diff_vs_fp32"] = _rel(outs[p], outs["fp32"])
                     d["probe"] = dp.precision_report
                 r[f"daskrecon_{p}"] = d
-        best = r["deepinv_distributed_1proc"]["median_s"]
-        for p in PRECISIONS:
-            r[f"ratio_daskrecon_{p}_vs_deepinv_distributed"] = r[f"daskrecon_{p}"]["median_s"] / best
-        print(f"tiling DRUNet {size}²: deepinv.distributed {best:.3f} s, untiled {r['untiled']['median_s']:.3f} s, "
-              + ", ".join(f"daskrecon {p} {r[f'daskrecon_{p}']['median_s']:.3f} s "
-                          f"({r[f'ratio_daskrecon_{p}_vs_deepinv_distributed']:.2f}×)" for p in PRECISIONS), flush=True)
+        _ratios(f"tiling DRUNet {size}²", r, "untiled")
         res[str(size)] = r
     return res
 
@@ -237,14 +238,9 @@ def training(args) -> dict:
             d.pop("_out")
             d["loss_curve"] = curve
             r[f"daskrecon_{p}"] = d
-    best = r["deepinv_distributed_1proc"]["median_s"]
-    for p in PRECISIONS:
-        r[f"ratio_daskrecon_{p}_vs_deepinv_distributed"] = r[f"daskrecon_{p}"]["median_s"] / best
-    print(f"training step {size}²: deepinv.distributed {best:.3f} s, "
-          + ", ".join(f"daskrecon {p} {r[f'daskrecon_{p}']['median_s']:.3f} s "
-                      f"({r[f'ratio_daskrecon_{p}_vs_deepinv_distributed']:.2f}×, losses "
-                      f"{', '.join(f'{v:.4f}' for v in r[f'daskrecon_{p}']['loss_curve'])})" for p in PRECISIONS),
-          flush=True)
+    _ratios(f"training step {size}²", r)
+    print("  losses: " + "; ".join(f"{p} {', '.join(f'{v:.4f}' for v in r[f'daskrecon_{p}']['loss_curve'])}"
+                                   for p in PRECISIONS), flush=True)
     return r
 
 
