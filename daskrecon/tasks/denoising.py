@@ -327,6 +327,15 @@ def backward_patches(model_key: str, device_mode: str | None, method: str, strat
     """
     model = get_model(model_key, device_mode)
     apply_state(model, state)
+    with one_task_at_a_time(model_key):  # a backward holds a tile's activations too
+        return _backward_patches(model, device_mode, method, strategy, x, grad_out, indices, max_batch_size, args,
+                                 kwargs, params, paths, need_x, kept, precision)
+
+
+def _backward_patches(model: Any, device_mode: str | None, method: str, strategy: Any, x: np.ndarray,
+                      grad_out: np.ndarray, indices: list[int], max_batch_size: int | None, args: tuple, kwargs: dict,
+                      params: list[str], paths: list, need_x: bool, kept: str | None,
+                      precision: str) -> tuple[list[tuple[int, np.ndarray]], np.ndarray]:
     dev = model_device(model, device_mode)
     xt, gt = to_tensor(x, dev), to_tensor(grad_out, dev)
     named = dict(model.named_parameters()) if isinstance(model, torch.nn.Module) else {}
