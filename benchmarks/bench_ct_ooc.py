@@ -19,6 +19,10 @@ reconstructed by ``daskrecon.reconstruct`` with ``algorithm=--algorithm`` (SIRT 
 interleaved subsets (subset ``k``: angles ``k, k + K, …``), one slice-wise operator and one sinogram
 array each — the ordered subsets of ``--algorithm osem`` / ``os-pnp`` (``n_subsets=K``).
 
+The workers release the pages of the CUDA libraries that torch's CUDA build maps and a CPU worker
+never uses (``daskrecon.context.release-gpu-libraries``, ~230 MiB each); ``--keep-gpu-libraries``
+keeps them resident, as before that release existed.
+
 Reports seconds per iteration, Mvox/s, each run's peak worker RSS against the limit, and the
 ratios. Writes benchmarks/results/ct_ooc.json.
 
@@ -38,6 +42,12 @@ import warnings
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import machine, write
 from bench_ooc_pnp import peak_rss_mib, reset_peak_rss, rss_mib
+
+
+def _released_gpu_pages(dask_worker=None) -> int | None:
+    from daskrecon.runtime.memory_trim import ReleaseGpuLibraries
+
+    return getattr(dask_worker.plugins.get(ReleaseGpuLibraries.name), "released", None)
 
 
 def _operators(args) -> list:
@@ -140,6 +150,8 @@ def main() -> None:
                    help="slices per tile of the 3-D denoiser (default: the slab); a thinner tile holds fewer activations")
     p.add_argument("--one-task-per-worker", action="store_true",
                    help="the 3-D denoiser's tile tasks one at a time per worker, with both threads' torch threads")
+    p.add_argument("--keep-gpu-libraries", action="store_true",
+                   help="workers keep the CUDA libraries' pages resident (daskrecon.context.release-gpu-libraries)")
     p.add_argument("--algorithm", default="sirt")
     p.add_argument("--denoiser", choices=("none", "3d"), default="none")
     p.add_argument("--n-subsets", type=int, default=None)
@@ -179,10 +191,13 @@ def main() -> None:
             res["plain_deepinv_in_memory"] = r = _plain_deepinv(ops[0], args.small, args, args.workers * args.threads)
             print(f"plain deepinv SIRT, {args.small} slices in one process: {r['seconds_per_iteration']:.2f} "
                   f"s/iteration, {r['mvox_per_second']:.2f} Mvox/s", flush=True)
-        with dask.config.set(thresholds), dr.DistributedContext(
+        release = {"daskrecon.context.release-gpu-libraries": not args.keep_gpu_libraries}
+        with dask.config.set({**thresholds, **release}), dr.DistributedContext(
             n_workers=args.workers, threads_per_worker=args.threads, memory_limit=args.memory_limit,
             dashboard_address="127.0.0.1:0",
         ) as ctx, ctx.client.as_current():
+            res["gpu_library_pages_released_mib"] = sorted(
+                round((v or 0) / 2**20) for v in ctx.client.run(_released_gpu_pages).values())
             dphys = dr.distribute(ops, ctx)
             dden = None
             if args.denoiser == "3d":
@@ -214,6 +229,7 @@ def main() -> None:
         name = "ct_ooc" if args.algorithm == "sirt" and args.denoiser == "none" else f"ct_ooc_{args.algorithm}"
         name += f"_{args.angle_subsets}subsets" if args.angle_subsets > 1 else ""
         name += "_one_task" if args.one_task_per_worker else ""
+        name += "_keep_gpu_libraries" if args.keep_gpu_libraries else ""
         name += f"_times{args.times:g}" if args.times != 4 else ""  # the issue's size (4×) keeps the plain name
         print("wrote", write(name, res))
     finally:

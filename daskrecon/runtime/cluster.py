@@ -32,6 +32,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.worker_memory import parse_memory_limit
 
 from daskrecon.errors import ClusterConnectionError, DaskreconError
+from daskrecon.runtime.defaults import default
 from daskrecon.runtime.waiting import bounded
 from daskrecon.tasks import arrays as array_tasks
 
@@ -308,13 +309,14 @@ def configure_workers(client: Client, *, malloc: str, torch_threads: int | None,
 
     The scheduler plugin that releases tasks restricted to departed workers (and announces
     joins and departures to ``on_membership``), the memory trim with ``malloc="fast"``, the
-    torch thread count, fp32 or TF32 arithmetic on GPUs (``tf32``; not for ``device_mode="cpu"``),
-    and a check that ``device_mode="gpu"`` finds GPUs.
+    torch thread count, the release of the GPU libraries' pages on workers that use no GPU
+    (:class:`~daskrecon.runtime.memory_trim.ReleaseGpuLibraries`), fp32 or TF32 arithmetic on GPUs
+    (``tf32``; not for ``device_mode="cpu"``), and a check that ``device_mode="gpu"`` finds GPUs.
     """
     import torch
 
     from daskrecon.errors import DeviceError
-    from daskrecon.runtime.memory_trim import TrimUnderPressure
+    from daskrecon.runtime.memory_trim import ReleaseGpuLibraries, TrimUnderPressure
     from daskrecon.runtime.scheduler_plugin import MEMBERSHIP_TOPIC, ReleaseOrphanedRestrictions
 
     membership = None
@@ -335,6 +337,10 @@ def configure_workers(client: Client, *, malloc: str, torch_threads: int | None,
         bounded(client, client._register_worker_plugin, plugin=TorchThreads(torch_threads),
                 name="daskrecon-torch-threads", idempotent=True, what="setting torch threads on the workers",
                 timeout=timeout)
+    if device_mode != "gpu" and default("context.release-gpu-libraries"):
+        plugin = ReleaseGpuLibraries(always=device_mode == "cpu")
+        bounded(client, client._register_worker_plugin, plugin=plugin, name=plugin.name, idempotent=True,
+                what="releasing the GPU libraries' pages on CPU workers", timeout=timeout)
     if device_mode != "cpu":
         bounded(client, client._register_worker_plugin, plugin=GpuFloat32(tf32), name="daskrecon-gpu-float32",
                 idempotent=True, what="setting the GPUs' fp32 arithmetic on the workers", timeout=timeout)
