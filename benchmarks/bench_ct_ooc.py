@@ -20,7 +20,7 @@ interleaved subsets (subset ``k``: angles ``k, k + K, …``), one slice-wise ope
 array each — the ordered subsets of ``--algorithm osem`` / ``os-pnp`` (``n_subsets=K``).
 
 The workers release the pages of the CUDA libraries that torch's CUDA build maps and a CPU worker
-never uses (``daskrecon.context.release-gpu-libraries``, ~230 MiB each); ``--keep-gpu-libraries``
+never uses (``daskrecon.context.release-gpu-libraries``, 233 MiB each here); ``--keep-gpu-libraries``
 keeps them resident, as before that release existed.
 
 Reports seconds per iteration, Mvox/s, each run's peak worker RSS against the limit, and the

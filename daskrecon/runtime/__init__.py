@@ -5,7 +5,8 @@
 - :mod:`.roster`: the current workers, asked of the scheduler again only after a join or departure;
 - :mod:`.placement`: which worker holds operator ``i`` and its objects; tasks run there;
 - :mod:`.waiting`: every wait bounded (stalls, lost transfers, frozen workers become errors);
-- :mod:`.memory`, :mod:`.memory_trim`: refusing work that cannot fit a worker; returning freed heap;
+- :mod:`.memory`, :mod:`.memory_trim`: refusing work that cannot fit a worker; returning freed heap,
+  and the pages of GPU libraries a CPU worker never uses;
 - :mod:`.scheduler_plugin`: releasing tasks restricted to departed workers;
 - :mod:`.arrays`: tensors and arrays to and from the cluster;
 - :mod:`.graphs`: building blocks of task graphs (task names, placed tasks, the fixed-index trees);

@@ -12,12 +12,13 @@ worker's memory grows past a fraction of its limit, at most once per ``min_inter
 
 A second plugin, :class:`ReleaseGpuLibraries`, gives back memory a CPU worker holds for nothing:
 the CUDA build of torch (PyPI's default) maps cuBLAS, nvJitLink, NVRTC, Triton and the rest at
-import and touches ~240 MiB of their pages while loading them (measured here: ``import daskrecon``
-818 MiB resident, 579 MiB after the release, and a 3-D convolution afterwards brings none of them
-back). Those are clean pages of library files, read-only and never written, so the worker can
-unmap them (``madvise(MADV_DONTNEED)``): they stay in the page cache, shared with any other process
-that maps them, and come back from it if a GPU path ever touches them. Nothing changes but the
-worker's resident size, which is what distributed's memory limit counts.
+import and touches 233 MiB of their pages while loading them (measured here: ``import daskrecon``
+818 MiB resident, 585 MiB after the release; a tiled denoiser afterwards brings none of them
+back: ``benchmarks/bench_worker_floor.py``). Those are clean pages of library files, read-only and
+never written, so the worker can unmap them (``madvise(MADV_DONTNEED)``): they stay in the page
+cache, shared with any other process that maps them, and come back from it if a GPU path ever
+touches them. Nothing changes but the worker's resident size, which is what distributed's memory
+limit counts.
 """
 
 from __future__ import annotations
