@@ -102,6 +102,8 @@ def release_library_pages(pattern: re.Pattern[str] = GPU_LIBRARIES) -> int:
         before = _resident_bytes()
     except (OSError, AttributeError):
         return 0
+    # Between reading the map and advising, a range could only change owner if its library were
+    # unloaded; torch never unloads the CUDA libraries, so the ranges read are still theirs.
     for start, end in ranges:
         libc.madvise(start, end - start, _MADV_DONTNEED)
     return max(0, before - _resident_bytes())
