@@ -43,6 +43,7 @@ GPU_LIBRARIES = re.compile(
     r"/nvidia/|/triton/|/lib(torch_cuda|c10_cuda|nccl|cudnn|cublas|cusparse|cufft|curand|cusolver|cudart"
     r"|nvrtc|nvJitLink|nvshmem|cupti|cufile|nvToolsExt)[^/]*$")
 _MADV_DONTNEED = 4
+_MAPPING = re.compile(r"^[0-9a-f]+-[0-9a-f]+$")
 
 
 def malloc_trim() -> bool:
@@ -64,11 +65,11 @@ def _library_mappings(pattern: re.Pattern[str]) -> list[tuple[int, int]]:
     with open("/proc/self/smaps") as f:
         for line in f:
             fields = line.split()
-            if "-" in fields[0] and len(fields) >= 5 and ":" not in fields[0]:
-                current = None
-                if len(fields) >= 6 and fields[5].startswith("/") and "w" not in fields[1] \
-                        and pattern.search(fields[5]):
-                    current = tuple(int(v, 16) for v in fields[0].split("-"))
+            if _MAPPING.match(fields[0]):  # a mapping's header: range, perms, offset, device, inode[, path]
+                path = fields[5] if len(fields) > 5 else ""
+                readonly = "w" not in fields[1]
+                current = (tuple(int(v, 16) for v in fields[0].split("-"))
+                           if readonly and path.startswith("/") and pattern.search(path) else None)
             elif current is not None and fields[0] == "Anonymous:":
                 if int(fields[1]) == 0:  # no page of it was ever written (relocated): all are the file's
                     found.append(current)
