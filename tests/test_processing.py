@@ -259,8 +259,33 @@ def test_dtype_policy(ctx):
     assert double(x).dtype == torch.float64  # a float64 model takes float64 images
 
 
+def _record(path, seconds=0.3):
+    import os
+    import time
+
+    t0 = time.time()
+    time.sleep(seconds)
+    with open(path, "a") as f:
+        f.write(f"{t0} {time.time()} {torch.get_num_threads()} {os.getpid()}\n")
+
+
+class _RecordedBackward(torch.autograd.Function):
+    """Identity forward; its backward is recorded like a call (a backward holds activations too)."""
+
+    @staticmethod
+    def forward(ctx, x, path):
+        ctx.path = path
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        _record(ctx.path)
+        return grad, None
+
+
 class _Recording(Denoiser):
-    """A 1×1 convolution that appends "start end torch-threads pid" to a file at each call, and lasts 0.3 s."""
+    """A 1×1 convolution that appends "start end torch-threads pid" to a file at each call (and at each
+    backward through it), and lasts 0.3 s."""
 
     def __init__(self, path):
         super().__init__()
@@ -268,14 +293,8 @@ class _Recording(Denoiser):
         self.path = str(path)
 
     def forward(self, x, *args, **kwargs):
-        import os
-        import time
-
-        t0 = time.time()
-        time.sleep(0.3)
-        with open(self.path, "a") as f:
-            f.write(f"{t0} {time.time()} {torch.get_num_threads()} {os.getpid()}\n")
-        return self.conv(x)
+        _record(self.path)
+        return _RecordedBackward.apply(self.conv(x), self.path)
 
 
 def _worker_calls(log):
@@ -308,6 +327,14 @@ def test_one_task_per_worker_runs_its_tiles_one_at_a_time_with_all_the_threads(t
             dden(x)  # the tensor path too
         calls = _worker_calls(log)
         assert len(calls) == 4 and {int(t) for _, _, t in calls} == ({2} if one_task else {1})
+        log.unlink()
+        xg = x.clone().requires_grad_(True)
+        dden(xg).sum().backward()  # the backward's tiles hold activations too: they wait their turn as well
+        assert xg.grad is not None and xg.grad.abs().sum() > 0
+        calls = _worker_calls(log)
+        assert len(calls) >= 8 and {int(t) for _, _, t in calls} == ({2} if one_task else {1})  # forwards, backwards
+        if one_task:
+            assert not any(b[0] < a[1] for a, b in zip(calls, calls[1:])), calls
         other = dr.distribute(model, c, patch_size=32, overlap=0, one_task_per_worker=not one_task)
         assert other.shipment.fingerprint != dden.shipment.fingerprint  # a checkpoint tells the two apart
     with pytest.raises(TypeError, match="one_task_per_worker must be True or False"):
