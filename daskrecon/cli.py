@@ -21,10 +21,14 @@ def demo(
     iterations: int = typer.Option(30, help="RED iterations."),
     workers: Optional[int] = typer.Option(None, help="Local workers (default: sized to the machine)."),
     output: str = typer.Option("daskrecon-demo", help="Output directory."),
+    denoiser: str = typer.Option("drunet", help="Bundled denoiser: drunet (the demo's) or dncnn (smaller, exact tiling)."),
     progress: bool = typer.Option(True, help="Show the progress bar."),
 ) -> None:
     """Deblur a bundled image from 3 blurred, noisy views with the bundled denoiser (no input needed)."""
-    run_demo(size=size, iterations=iterations, n_workers=workers, output=output, progress=progress, echo=typer.echo)
+    if denoiser not in ("drunet", "dncnn"):
+        raise typer.BadParameter(f"{denoiser!r} is not a bundled denoiser: choose drunet or dncnn", param_hint="--denoiser")
+    run_demo(size=size, iterations=iterations, n_workers=workers, output=output, denoiser=denoiser, progress=progress,
+             echo=typer.echo)
 
 
 @app.command()

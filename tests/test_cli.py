@@ -1,17 +1,20 @@
 import json
 
 import numpy as np
+import pytest
 import zarr
 from typer.testing import CliRunner
 
 from daskrecon.cli import app
 
 
-def test_demo_runs_small_and_writes_its_outputs(tmp_path):
+@pytest.mark.parametrize("denoiser", ["drunet", "dncnn"])
+def test_demo_runs_small_and_writes_its_outputs(tmp_path, denoiser):
     out = tmp_path / "demo"
     result = CliRunner().invoke(app, ["demo", "--size", "64", "--iterations", "10", "--workers", "1",
-                                      "--output", str(out), "--no-progress"])
+                                      "--output", str(out), "--no-progress", "--denoiser", denoiser])
     assert result.exit_code == 0, result.output
+    assert {"drunet": "bundled DRUNet", "dncnn": "bundled DnCNN"}[denoiser] in (out / "summary.json").read_text()
     assert "dashboard: http://127.0.0.1" in result.output and "PSNR: best measurement" in result.output
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["psnr_measurements_db"]) == 3 and np.isfinite(summary["psnr_reconstruction_db"])
@@ -19,6 +22,12 @@ def test_demo_runs_small_and_writes_its_outputs(tmp_path):
     assert zarr.open_array(str(out / "reconstruction.zarr")).shape == (1, 3, 64, 64)
     for name in ("demo.png", "convergence.png"):
         assert (out / name).stat().st_size > 1000
+
+
+def test_demo_refuses_an_unknown_denoiser(tmp_path):
+    result = CliRunner().invoke(app, ["demo", "--denoiser", "drunett", "--output", str(tmp_path / "d")])
+    assert result.exit_code == 2 and "not a bundled denoiser" in result.output
+    assert not (tmp_path / "d").exists()
 
 
 def test_info():
