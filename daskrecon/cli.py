@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from daskrecon.config import ConfigError, run_config
-from daskrecon.demo import run_demo
+from daskrecon.demo import DEMO_DENOISERS, run_demo
 from daskrecon.errors import ClusterConnectionError
 from daskrecon.frontend.context import DistributedContext
 
@@ -25,8 +25,9 @@ def demo(
     progress: bool = typer.Option(True, help="Show the progress bar."),
 ) -> None:
     """Deblur a bundled image from 3 blurred, noisy views with the bundled denoiser (no input needed)."""
-    if denoiser not in ("drunet", "dncnn"):
-        raise typer.BadParameter(f"{denoiser!r} is not a bundled denoiser: choose drunet or dncnn", param_hint="--denoiser")
+    if denoiser not in DEMO_DENOISERS:
+        raise typer.BadParameter(f"{denoiser!r} is not a bundled denoiser: choose {' or '.join(DEMO_DENOISERS)}",
+                                 param_hint="--denoiser")
     run_demo(size=size, iterations=iterations, n_workers=workers, output=output, denoiser=denoiser, progress=progress,
              echo=typer.echo)
 

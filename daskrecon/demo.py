@@ -12,9 +12,10 @@ import torch
 
 from daskrecon.engine.loop import psnr as _psnr
 
-__all__ = ["demo_image", "demo_problem", "demo_volume", "run_demo"]
+__all__ = ["DEMO_DENOISERS", "demo_image", "demo_problem", "demo_volume", "run_demo"]
 
-_DENOISERS = ("drunet", "dncnn")
+#: The bundled denoisers the demo can run (``run_demo(denoiser=...)``, ``daskrecon demo --denoiser``).
+DEMO_DENOISERS = ("drunet", "dncnn")
 
 
 def demo_image(size: int = 256) -> torch.Tensor:
@@ -121,8 +122,8 @@ def run_demo(
     import daskrecon as dr
     from daskrecon.models import bundled_denoiser, bundled_drunet
 
-    if denoiser not in _DENOISERS:
-        raise ValueError(f"denoiser must be one of {sorted(_DENOISERS)}, got {denoiser!r}")
+    if denoiser not in DEMO_DENOISERS:
+        raise ValueError(f"denoiser must be one of {DEMO_DENOISERS}, got {denoiser!r}")
     model, overlap, label = {"drunet": (bundled_drunet, 32, "the bundled DRUNet"),
                              "dncnn": (bundled_denoiser, 8, "the bundled DnCNN")}[denoiser]
 
