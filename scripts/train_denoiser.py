@@ -11,7 +11,7 @@ Two recipes, one script:
   trained on a GPU (``--device cuda --minutes 6``; a time budget, the learning rate on a cosine of
   the elapsed fraction; ``--init`` continues from earlier weights). The shipped weights: 5.5 min on
   an H200 shared with three other candidates, then 3 min alone from those weights at half the rate
-  (``daskrecon/data/drunet_small.json`` records both stages and the commands).
+  (``daskrecon/data/drunet_small.json`` records both stages; ``scripts/train_drunet_gpu.sh`` runs them).
 
 Data (nothing downloaded): scikit-image's bundled images, matplotlib's ``grace_hopper`` and
 scikit-learn's two sample images (``china``, ``flower``; ``pip install scikit-learn``), each also at
