@@ -46,7 +46,8 @@ def reconstruct(
 
 
 @app.command()
-def info(scheduler: Optional[str] = typer.Option(None, help="Also check that this scheduler answers.")) -> None:
+def info(scheduler: Optional[str] = typer.Option(None, help="Also check that this scheduler answers."),
+         timeout: float = typer.Option(10.0, min=0.1, help="Seconds to wait for the scheduler's answer.")) -> None:
     """Versions, GPUs and (optionally) whether a scheduler is reachable."""
     import platform
 
@@ -71,7 +72,7 @@ def info(scheduler: Optional[str] = typer.Option(None, help="Also check that thi
             typer.echo(f"{extra}: not installed")
     if scheduler:
         try:
-            with DistributedContext(scheduler, timeout=10) as ctx:
+            with DistributedContext(scheduler, timeout=timeout) as ctx:
                 typer.echo(f"scheduler {scheduler}: reachable, {ctx.num_workers} workers")
         except ClusterConnectionError as exc:
             typer.echo(f"scheduler {scheduler}: NOT reachable ({exc})")

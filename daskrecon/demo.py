@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from daskrecon.engine.loop import psnr as _psnr
+
+if TYPE_CHECKING:
+    import dask.array as da
 
 __all__ = ["DEMO_DENOISERS", "demo_image", "demo_problem", "demo_volume", "run_demo"]
 

@@ -33,5 +33,5 @@ def test_demo_refuses_an_unknown_denoiser(tmp_path):
 def test_info():
     result = CliRunner().invoke(app, ["info"])
     assert result.exit_code == 0 and "deepinv" in result.output and "GPUs:" in result.output
-    bad = CliRunner().invoke(app, ["info", "--scheduler", "tcp://127.0.0.1:9"])
+    bad = CliRunner().invoke(app, ["info", "--scheduler", "tcp://127.0.0.1:9", "--timeout", "1"])
     assert bad.exit_code == 1 and "NOT reachable" in bad.output

@@ -6,6 +6,12 @@ from pathlib import Path
 import pytest
 
 EXAMPLES = sorted((Path(__file__).parents[1] / "examples").glob("*.py"))
+# The side each example runs at here: small enough for CI, large enough that every example still
+# splits its image or volume into several chunks and tiles (the volumes and the longest runs at 32,
+# whose chunks are then 8 to 16 voxels; the rest at 64).
+SIZES = dict.fromkeys(["plot_ct_volume_slicewise.py", "plot_ome_zarr_volume.py", "plot_out_of_core_pnp.py",
+                       "plot_splitting_hqs_admm.py", "plot_tomography_subsets.py", "plot_unrolled_training.py",
+                       "plot_volume_zarr.py"], 32)
 
 
 def _no_slurm(env: dict) -> dict:
@@ -16,7 +22,8 @@ def _no_slurm(env: dict) -> dict:
 @pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.name)
 def test_example_runs(script, tmp_path):
     # TMPDIR: what an example leaves for its user (the OME-Zarr one its output) stays in pytest's tmp_path
-    env = dict(_no_slurm(os.environ), DASKRECON_EXAMPLE_SIZE="64", MPLBACKEND="Agg", TMPDIR=str(tmp_path))
+    env = dict(_no_slurm(os.environ), DASKRECON_EXAMPLE_SIZE=str(SIZES.get(script.name, 64)), MPLBACKEND="Agg",
+               TMPDIR=str(tmp_path))
     out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=240)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]

@@ -49,7 +49,7 @@ def busy_ctx():
         yield c
 
 
-@pytest.mark.parametrize("calls", [pytest.param(40, id="40-calls"),
+@pytest.mark.parametrize("calls", [pytest.param(20, id="20-calls"),
                                    pytest.param(300, id="300-calls", marks=pytest.mark.slow)])
 def test_soak_with_a_busy_worker_and_work_stealing(busy_ctx, calls):
     """Calls while one worker is kept busy: with work stealing on, the idle worker used to steal
