@@ -19,6 +19,11 @@ def _no_slurm(env: dict) -> dict:
     return {k: v for k, v in env.items() if not (k.startswith("SLURM_") or k == "DASKRECON_RUN_SLURM")}
 
 
+def test_every_example_given_a_size_exists():
+    """A renamed example would otherwise lose its size here without a word (and run at 64)."""
+    assert set(SIZES) <= {p.name for p in EXAMPLES}, sorted(set(SIZES) - {p.name for p in EXAMPLES})
+
+
 @pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.name)
 def test_example_runs(script, tmp_path):
     # TMPDIR: what an example leaves for its user (the OME-Zarr one its output) stays in pytest's tmp_path
