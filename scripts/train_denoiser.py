@@ -15,7 +15,10 @@ Two recipes, one script:
 
 Data (nothing downloaded): scikit-image's bundled images, matplotlib's ``grace_hopper`` and
 scikit-learn's two sample images (``china``, ``flower``; ``pip install scikit-learn``), each also at
-0.75 and 0.5 scale (anti-aliased: the demo's astronaut is a 0.5-scale image). Held out for
+0.75 and 0.5 scale (anti-aliased: the demo's astronaut is a 0.5-scale image); with ``--more-images``
+also the five test images in ``sporco``'s wheel (kodim23, monarch, sail, tulips, barbara;
+``pip install --no-deps sporco``: its data files are read, the package is not imported), which the
+shipped weights did not see. Held out for
 evaluation: astronaut (the demo image), chelsea and coffee. Patches: random crops, flips, 90°
 rotations, channel permutations; Gaussian noise with σ uniform in [0, 0.2].
 
@@ -45,6 +48,7 @@ from skimage import data, transform, util
 SKIMAGE = ["hubble_deep_field", "immunohistochemistry", "stereo_motorcycle", "retina", "rocket",
            "camera", "moon", "brick", "grass", "gravel", "coins", "page", "text"]
 EXTRA = ["matplotlib:grace_hopper", "sklearn:china", "sklearn:flower"]
+MORE = ["sporco:kodim23", "sporco:monarch", "sporco:sail", "sporco:tulips", "sporco:barbara"]
 HELD_OUT = ["astronaut", "chelsea", "coffee"]
 
 
@@ -67,6 +71,15 @@ def _load(name: str) -> np.ndarray:
         except ImportError as exc:
             raise SystemExit(f"{name} is part of the training set: pip install scikit-learn") from exc
         return load_sample_image(f"{name.split(':')[1]}.jpg")
+    if name.startswith("sporco:"):
+        import importlib.util
+
+        from skimage import io
+
+        spec = importlib.util.find_spec("sporco")  # its data files only: sporco itself is not imported
+        if spec is None or not spec.submodule_search_locations:
+            raise SystemExit(f"{name} is part of the training set (--more-images): pip install --no-deps sporco")
+        return io.imread(Path(spec.submodule_search_locations[0]) / "data" / f"{name.split(':')[1]}.png")
     img = getattr(data, name)()
     return img[0] if isinstance(img, tuple) else img  # stereo_motorcycle: (left, right, disparity)
 
@@ -207,6 +220,9 @@ def main() -> None:
     p.add_argument("--scales", type=float, nargs="+", default=[1.0, 0.75, 0.5])
     p.add_argument("--extra-images", action=argparse.BooleanOptionalAction, default=True,
                    help="also train on matplotlib's and scikit-learn's sample images")
+    p.add_argument("--more-images", action=argparse.BooleanOptionalAction, default=False,
+                   help="also train on sporco's five test images (pip install --no-deps sporco; not in the shipped "
+                        "weights' recipe)")
     p.add_argument("--save-dtype", choices=["float32", "float16"], default="float32")
     p.add_argument("--bf16", action="store_true", help="forward and backward under bf16 autocast (fp32 weights)")
     p.add_argument("--init", default=None, help="start from these weights (a state dict file)")
@@ -221,7 +237,7 @@ def main() -> None:
     torch.backends.cudnn.benchmark = device.type == "cuda"
     gen = torch.Generator().manual_seed(0)  # crops, on the CPU
     noise_gen = torch.Generator(device).manual_seed(0)  # noise, where the batch is
-    names = SKIMAGE + (EXTRA if args.extra_images else [])
+    names = SKIMAGE + (EXTRA if args.extra_images else []) + (MORE if args.more_images else [])
     if args.image_cache and Path(args.image_cache).is_file():
         with np.load(args.image_cache) as cached:
             _CACHE.update({k: cached[k] for k in cached.files})

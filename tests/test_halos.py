@@ -1,5 +1,6 @@
 """Halo exchange through Zarr (daskrecon.runtime.halos): the blocks of map_overlap, memory bounded by the chunk."""
 
+import dask
 import dask.array as da
 import numpy as np
 import pytest
@@ -44,6 +45,60 @@ def test_staged_blocks_are_map_overlaps_bitwise(ctx, tmp_path, boundary, trim):
     assert (tmp_path / "ck" / "stage_0.zarr").exists()
     stager.cleanup()
     assert not (tmp_path / "ck" / "stage_0.zarr").exists()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 23), st.integers(1, 4), st.integers(0, 4)), min_size=1, max_size=4),
+       st.integers(0, 2**32 - 1))
+def test_halos_exchanged_axis_by_axis_are_dasks_blocks(axes, seed):
+    """Every extended block of the in-memory exchange, corners included, is dask's overlap block,
+    on uneven chunks, one chunk or many along an axis, halos up to a whole neighbouring chunk."""
+    shape = tuple(n for n, _, _ in axes)
+    chunks = tuple(-(-n // blocks) for n, blocks, _ in axes)  # up to 4 blocks an axis, the last one smaller
+    a = da.from_array(np.random.default_rng(seed).standard_normal(shape), chunks=chunks)
+    depth = {ax: min(d, n) for ax, (n, _, d) in enumerate(axes)}  # dask refuses a halo wider than the array
+    if any(d > min(a.chunks[ax]) and len(a.chunks[ax]) > 1 for ax, d in depth.items()):
+        with pytest.raises(ValueError, match="smaller than the halo"):
+            staging.exchanged(a, depth)
+        return
+    ref = da.overlap.overlap(a, depth, {ax: "none" for ax in depth})
+    got = staging.exchanged(a, depth)
+    assert got.chunks == ref.chunks
+    np.testing.assert_array_equal(got.compute(scheduler="sync"), ref.compute(scheduler="sync"))
+
+
+def _halo_tasks(arr):
+    """The halo tasks of ``arr``'s graph (dask's slivers and joins, or ours) and their kinds."""
+    names = [k[0] if isinstance(k, tuple) else k for k in dict(arr.__dask_graph__())]
+    kinds = [n.split("-")[0] + ("-" + n.split("-")[1] if n.startswith("halo") else "") for n in names]
+    halo = [k for k in kinds if k in ("getitem", "overlap", "halo-face", "halo-block")]
+    return len(halo), set(halo)
+
+
+@pytest.mark.parametrize("boundary, trim", [("none", True), ("none", False), ("periodic", False)])
+def test_in_memory_halos_take_under_half_of_dasks_tasks_for_the_same_result(ctx, boundary, trim):
+    a = da.from_array(np.random.default_rng(2).standard_normal((1, 1, 24, 24, 24)).astype(np.float32),
+                      chunks=(1, 1, 6, 6, 6))
+    depth = {0: 0, 1: 0, 2: 2, 3: 1, 4: 2}
+    fn = lambda b: _stencil(b, (0, 0, 2, 1, 2))  # noqa: E731
+    kw = dict(depth=depth, boundary=boundary, trim=trim, dtype=np.float64)
+    with dask.config.set({"daskrecon.arrays.halo-exchange": "dask"}):
+        ref = staging.map_overlap(fn, a, **kw)
+    got = staging.map_overlap(fn, a, **kw)  # the default: axis by axis
+    n_ref, kinds_ref = _halo_tasks(ref)
+    n_got, kinds_got = _halo_tasks(got)
+    assert "overlap" in kinds_ref and "overlap" not in kinds_got and {"halo-face", "halo-block"} <= kinds_got
+    assert n_got < 0.5 * n_ref, (n_got, n_ref)  # 4 chunks per axis; a quarter as the grid grows (7 against 28)
+    assert got.chunks == ref.chunks
+    with ctx.client.as_current():
+        np.testing.assert_array_equal(got.compute(), ref.compute())
+
+
+def test_an_unknown_halo_exchange_is_refused():
+    a = da.zeros((1, 1, 16, 16), chunks=(1, 1, 8, 8))
+    with dask.config.set({"daskrecon.arrays.halo-exchange": "mpi"}), \
+            pytest.raises(ValueError, match="'axes' or 'dask', got 'mpi'"):
+        staging.map_overlap(lambda b: b, a, depth={2: 1, 3: 1}, boundary="none")
 
 
 def _box_sum(block, depth):

@@ -13,6 +13,7 @@ accounting understands (torch tensors it does not: engineering notes §2.6).
 - :mod:`~daskrecon.tasks.denoising`: tiles and chunks through the model;
 - :mod:`~daskrecon.tasks.local_kernels`: chunk kernels of the local operators;
 - :mod:`~daskrecon.tasks.regions`: a chunk and its halo read from Zarr (strictly, for daskrecon's arrays);
+- :mod:`~daskrecon.tasks.halos`: a chunk and its halo from its neighbours in memory, one axis at a time;
 - :mod:`~daskrecon.tasks.substitutes`: faster equivalents of deepinv operators, built on the workers;
 - :mod:`~daskrecon.tasks.storage`: the shared-storage probe;
 - :mod:`~daskrecon.tasks.iteration`, :mod:`~daskrecon.tasks.linsolve`, :mod:`~daskrecon.tasks.phantoms`:
