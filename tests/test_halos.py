@@ -101,6 +101,15 @@ def test_an_unknown_halo_exchange_is_refused():
         staging.map_overlap(lambda b: b, a, depth={2: 1, 3: 1}, boundary="none")
 
 
+def test_asymmetric_halos_keep_dasks_exchange():
+    a = da.from_array(np.arange(400.0).reshape(20, 20), chunks=5)
+    kw = dict(depth={0: (1, 2), 1: 1}, boundary="none")
+    got = staging.map_overlap(lambda b: b * 2, a, **kw)
+    assert "overlap" in {k.split("-")[0] for k in got.__dask_graph__().layers}
+    ref = da.map_overlap(lambda b: b * 2, a, allow_rechunk=False, **kw)
+    np.testing.assert_array_equal(got.compute(scheduler="sync"), ref.compute(scheduler="sync"))
+
+
 def _box_sum(block, depth):
     """Sum over the window ``±depth`` of each core pixel (the block comes with its halo)."""
     dy, dx = depth

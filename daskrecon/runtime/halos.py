@@ -304,7 +304,8 @@ def map_overlap(fn: Any, a: da.Array, *, depth: dict[int, int], boundary: str, t
         how = defaults.default("arrays.halo-exchange")
         if how not in ("axes", "dask"):
             raise ValueError(f"daskrecon.arrays.halo-exchange is 'axes' or 'dask', got {how!r}")
-        if how == "dask" or any(d and boundary_n[ax] != "none" for ax, d in depth_n.items()):
+        if how == "dask" or any(d and (boundary_n[ax] != "none" or not isinstance(d, int))
+                                for ax, d in depth_n.items()):  # asymmetric halos (tuples): dask's
             with dask.annotate(**(annotations or {})):
                 return da.map_overlap(fn, a, depth=depth, boundary=boundary, trim=trim, allow_rechunk=False,
                                       **kwargs)
