@@ -15,6 +15,7 @@ import numpy as np
 
 __all__ = ["extend", "face"]
 
+
 def _cut(a: Any, axis: int, depth: int, high: bool) -> Any:
     where = slice(a.shape[axis] - depth, None) if high else slice(0, depth)
     return a[(slice(None),) * axis + (where,)]
