@@ -212,7 +212,8 @@ def main() -> None:
     p.add_argument("--patch", type=int, default=48)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default=str(Path(__file__).parents[1] / "daskrecon" / "data" / "dncnn_small.pt"))
+    p.add_argument("--out", default=None,
+                   help="weights file (default: the bundled one of --arch, daskrecon/data/<arch>_small.pt)")
     p.add_argument("--depth", type=int, default=None, help="DnCNN; default: the bundled denoiser's")
     p.add_argument("--features", type=int, default=None, help="DnCNN; default: the bundled denoiser's")
     p.add_argument("--nc", type=int, nargs=4, default=[32, 64, 128, 256], help="DRUNet: channels per scale")
@@ -231,6 +232,8 @@ def main() -> None:
     p.add_argument("--demo-sweep", action="store_true", help="then tune RED/PnP/HQS on the demo's problem")
     p.add_argument("--sweep-iterations", type=int, default=60)
     args = p.parse_args()
+    if args.out is None:
+        args.out = str(Path(__file__).parents[1] / "daskrecon" / "data" / f"{args.arch}_small.pt")
     device = torch.device(args.device)
 
     torch.manual_seed(0)
