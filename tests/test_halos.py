@@ -1,4 +1,5 @@
-"""Halo exchange through Zarr (daskrecon.runtime.halos): the blocks of map_overlap, memory bounded by the chunk."""
+"""Halo exchange (daskrecon.runtime.halos): the blocks of map_overlap — axis by axis in memory (fewer tasks),
+through Zarr out of core (memory bounded by the chunk)."""
 
 import dask
 import dask.array as da

@@ -236,6 +236,13 @@ def _wrapped(a: da.Array, depth: dict[int, int], boundary: dict[int, Any]) -> tu
     return a, boundary
 
 
+def _check_halos(a: da.Array, depth: dict[int, int]) -> None:
+    """Refuse a halo wider than a chunk it would come from (``allow_rechunk=False``'s rule)."""
+    for ax, d in depth.items():
+        if d and len(a.chunks[ax]) > 1 and min(a.chunks[ax]) < d:
+            raise ValueError(f"chunks along axis {ax} ({min(a.chunks[ax])}) are smaller than the halo ({d})")
+
+
 def exchanged(a: da.Array, depth: dict[int, int]) -> da.Array:
     """``a``'s blocks with halos ``depth`` from their neighbours (``boundary="none"``), one axis at a time.
 
@@ -246,12 +253,10 @@ def exchanged(a: da.Array, depth: dict[int, int]) -> da.Array:
     extended block. A halo wider than a neighbouring chunk is refused, as ``allow_rechunk=False``
     does.
     """
+    _check_halos(a, depth)
     axes = [ax for ax in range(a.ndim) if depth.get(ax, 0) and len(a.chunks[ax]) > 1]
     if not axes:
         return a
-    for ax in axes:
-        if min(a.chunks[ax]) < depth[ax]:
-            raise ValueError(f"chunks along axis {ax} ({min(a.chunks[ax])}) are smaller than the halo ({depth[ax]})")
     token = dask.base.tokenize(a.name, sorted(depth.items()))
     faces = {ax: f"halo-face-{ax}-{token}" for ax in axes}
     blocks = list(itertools.product(*(range(len(c)) for c in a.chunks)))
@@ -311,9 +316,7 @@ def map_overlap(fn: Any, a: da.Array, *, depth: dict[int, int], boundary: str, t
                                       **kwargs)
         ext = exchanged(a, depth_n)
     else:
-        for ax, d in depth_n.items():
-            if d and min(a.chunks[ax]) < d and len(a.chunks[ax]) > 1:
-                raise ValueError(f"chunks along axis {ax} ({min(a.chunks[ax])}) are smaller than the halo ({d})")
+        _check_halos(a, depth_n)
         ext = stager.extended(a, depth_n, boundary_n)
     if not trim:
         kwargs.setdefault("chunks", a.chunks)
