@@ -29,8 +29,8 @@ Example (every key shown; only ``measurements`` and ``operators`` are required):
                                                # one-step-late RED prior term) | sirt (CT; no denoiser) |
                                                # bsrem (relaxed OSEM; with a [denoiser] section, RED's gradient)
     iterations = 30                            # every [solver] / [checkpoint] key defaults as reconstruct()'s
-    step_size = 0.3
-    sigma_denoiser = 0.05
+    step_size = 0.3                            # or one per iteration: [0.5, 0.4, ...] (deepinv's lists)
+    sigma_denoiser = 0.05                      # or one per iteration, e.g. DPIR's decreasing schedule
     red_weight = 0.3
     tol = 1e-4                                 # optional: stop when the relative change is below
     max_time = 3600                            # optional: wall-clock budget in seconds
@@ -125,7 +125,7 @@ def _get(d: dict, key: str, where: str, kind: type | tuple, default: Any = ...) 
             raise ConfigError(f"missing key {where}.{key}")
         return default
     v = d[key]
-    if kind is float and isinstance(v, int) and not isinstance(v, bool):
+    if float in (kind if isinstance(kind, tuple) else (kind,)) and isinstance(v, int) and not isinstance(v, bool):
         v = float(v)
     if not isinstance(v, kind):
         names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
@@ -658,8 +658,8 @@ def options_from(cfg: dict) -> ReconstructOptions:
         return ReconstructOptions(
             algorithm=_get(sol, "algorithm", "solver", str, d("algorithm")),
             n_iter=_get(sol, "iterations", "solver", int, d("n_iter")),
-            step_size=_get(sol, "step_size", "solver", float, d("step_size")),
-            sigma_denoiser=_get(sol, "sigma_denoiser", "solver", float, d("sigma_denoiser")),
+            step_size=_get(sol, "step_size", "solver", (float, list), d("step_size")),
+            sigma_denoiser=_get(sol, "sigma_denoiser", "solver", (float, list), d("sigma_denoiser")),
             red_weight=_get(sol, "red_weight", "solver", float, d("red_weight")),
             n_subsets=_get(sol, "n_subsets", "solver", int, d("n_subsets")),
             seed=_get(sol, "seed", "solver", int, d("seed")),
@@ -673,7 +673,7 @@ def options_from(cfg: dict) -> ReconstructOptions:
             checkpoint_every=_get(ck, "every", "checkpoint", int, d("checkpoint_every")),
             resume=_get(ck, "resume", "checkpoint", bool, d("resume")),
         )
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise ConfigError(str(exc)) from None
 
 

@@ -2,6 +2,7 @@
 
 import torch
 import deepinv as dinv
+from deepinv.models import Denoiser
 from deepinv.physics.functional.blur import gaussian_blur
 
 H, W = 37, 31
@@ -69,6 +70,17 @@ def small_dncnn(channels=3, depth=6, dim=2, seed=0):
 
     torch.manual_seed(seed)
     return DnCNN(channels, channels, depth=depth, nf=16, pretrained=None, dim=dim).eval()
+
+
+class NonBlind(Denoiser):
+    """A non-blind denoiser for parity tests: ``x + (σ / 0.05)(D(x) − x)`` with ``D`` a random DnCNN (radius = depth)."""
+
+    def __init__(self, channels=3, depth=6, seed=0):
+        super().__init__()
+        self.net = small_dncnn(channels, depth, seed=seed)
+
+    def forward(self, x, sigma):
+        return x + (sigma / 0.05) * (self.net(x) - x)
 
 
 class TwoStripes:

@@ -13,7 +13,7 @@ from daskrecon.errors import DaskreconError
 from daskrecon.planning.subsets import epoch_order, partition, subset_at
 from daskrecon.testing import assert_allclose
 
-from helpers import blurs, noisy_measurements, small_dncnn
+from helpers import NonBlind, blurs, noisy_measurements, small_dncnn
 
 ALL = ["pnp", "red", "fista", "fista-red", "hqs", "admm", "os-pnp", "svrg", "mlem", "osem", "sirt", "bsrem"]
 
@@ -60,6 +60,66 @@ def test_splitting_methods_match_deepinvs(problem, algorithm, prox_solver):
         assert all(1 <= h["cg_iterations"] <= 100 and h["cg_residual"] <= 1e-6 for h in hist)
     else:
         assert all(h["cg_iterations"] == 0 for h in hist)  # one FFT, no iterations
+
+
+SIGMAS, STEPS = [0.1, 0.07, 0.05, 0.03], [0.5, 0.4, 0.3, 0.2]
+
+
+@pytest.fixture(scope="module")
+def non_blind(problem):
+    ctx = problem[4].ctx
+    return NonBlind(3), dr.distribute(NonBlind(3), ctx, patch_size=16, overlap=6)
+
+
+@pytest.mark.parametrize("algorithm", ["hqs", "admm"])
+def test_schedules_match_deepinvs_per_iteration_lists(problem, non_blind, algorithm):
+    """σ and the step size per iteration, as deepinv's ``params_algo`` lists (DPIR's way), with a non-blind denoiser."""
+    ops, x_true, y, _, dphys, _ = problem
+    net, dnet = non_blind
+    x0 = torch.zeros_like(x_true)
+    out = dr.reconstruct(dphys, y, dnet, algorithm=algorithm, n_iter=4, step_size=STEPS, sigma_denoiser=SIGMAS, x0=x0,
+                         progress=False, prox_solver="fourier")
+    stacked = dinv.physics.stack(*ops)
+    stacked.set_ls_solver("CG", max_iter=100, tol=1e-6)
+    init = (lambda y, p: (x0.clone(), torch.zeros_like(x0))) if algorithm == "admm" else (lambda y, p: x0.clone())
+    solver = dinv.optim.optim_builder(algorithm.upper(), data_fidelity=L2(), prior=dinv.optim.PnP(denoiser=net),
+                                      params_algo={"stepsize": STEPS, "g_param": SIGMAS, "lambda": 1.0}, max_iter=4,
+                                      early_stop=False, custom_init=init)
+    with torch.no_grad():
+        ref = solver(y, stacked)
+    assert _rel(out, ref) <= 1e-4, _rel(out, ref)
+    for constant in ({"step_size": STEPS, "sigma_denoiser": SIGMAS[0]}, {"step_size": STEPS[0], "sigma_denoiser": SIGMAS}):
+        other = dr.reconstruct(dphys, y, dnet, algorithm=algorithm, n_iter=4, x0=x0, progress=False,
+                               prox_solver="fourier", **constant)
+        assert _rel(other, ref) > 1e-3, constant  # each schedule is followed, not its first value
+
+
+def test_a_resumed_schedule_continues_where_it_stopped(problem, non_blind, tmp_path):
+    y, dphys = problem[2], problem[4]
+    kw = {"algorithm": "admm", "n_iter": 4, "step_size": STEPS, "sigma_denoiser": SIGMAS, "progress": False}
+    ref = dr.reconstruct(dphys, y, non_blind[1], **kw)
+    ck = str(tmp_path / "ck")
+
+    def crash(k, x):
+        if k == 2:
+            raise KeyboardInterrupt("simulated crash")
+
+    with pytest.raises(KeyboardInterrupt):
+        dr.reconstruct(dphys, y, non_blind[1], checkpoint=ck, checkpoint_every=1, callback=crash, **kw)
+    out = dr.reconstruct(dphys, y, non_blind[1], checkpoint=ck, checkpoint_every=1, resume=True, **kw)
+    assert torch.equal(out, ref)
+    with pytest.raises(CheckpointMismatchError, match="sigma_denoiser"):
+        dr.reconstruct(dphys, y, non_blind[1], checkpoint=ck, resume=True, **{**kw, "sigma_denoiser": SIGMAS[::-1]})
+
+
+def test_schedules_too_short_or_not_positive_are_refused(problem):
+    y, dphys, dden = problem[2], problem[4], problem[5]
+    with pytest.raises(ValueError, match=r"sigma_denoiser has 4 values \(one per iteration\) for n_iter=5"):
+        dr.reconstruct(dphys, y, dden, algorithm="hqs", n_iter=5, step_size=0.5, sigma_denoiser=SIGMAS, progress=False)
+    with pytest.raises(ValueError, match=r"step_size\[1\] must be > 0"):
+        dr.reconstruct(dphys, y, dden, n_iter=2, step_size=[0.5, -0.1], progress=False)
+    with pytest.raises(ValueError, match="step_size has 2 values"):
+        dr.reconstruct(dphys, y, dden, algorithm=HQS([0.5, 0.4]), n_iter=3, progress=False)
 
 
 def test_fista_with_a_red_prior_matches_a_plain_loop(problem):

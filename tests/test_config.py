@@ -79,7 +79,8 @@ def test_reconstruct_from_a_config(inputs):
 
 @pytest.mark.parametrize("solver", ['algorithm = "admm"\ncg_max_iter = 20\ncg_tol = 1e-4',
                                     'algorithm = "os-pnp"\nn_subsets = 3\nseed = 5',
-                                    'algorithm = "sirt"', 'algorithm = "osem"\nn_subsets = 3'])
+                                    'algorithm = "sirt"', 'algorithm = "osem"\nn_subsets = 3',
+                                    'algorithm = "hqs"\nsigma_denoiser = [0.1, 0.08, 0.06, 0.05]'])
 def test_configs_take_the_other_algorithms(inputs, solver):
     cfg = inputs / "alg.toml"
     text = CONFIG.format(out="result.npy").replace('algorithm = "red"', solver)
@@ -120,6 +121,9 @@ def test_check_projects_the_run(inputs):
          "solver.n_subsets must be between 1 and the number of operators (3)"),
         (lambda c: c.replace('algorithm = "red"', 'algorithm = "pnp"\nn_subsets = 2'),
          "solver.n_subsets applies to algorithm 'os-pnp' or 'svrg' or 'osem'"),
+        (lambda c: c.replace("step_size = 0.3", "step_size = [0.3, 0.2]"),
+         "step_size has 2 values (one per iteration) for n_iter=4"),
+        (lambda c: c.replace("step_size = 0.3", 'step_size = [0.3, "a", 0.2, 0.1]'), "step_size[1] must be a number"),
     ],
 )
 def test_bad_configs_name_the_key(inputs, edit, message):

@@ -10,6 +10,7 @@ callbacks, checkpoints and resume. A new algorithm is one subclass.
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import dask.array as da
@@ -20,6 +21,7 @@ from daskrecon.engine import iteration as graph
 from daskrecon.engine import linsolve
 from daskrecon.engine.problem import Problem
 from daskrecon.planning.chunking import zarr_aligned
+from daskrecon.planning.schedules import as_schedule, describe, value_at
 from daskrecon.planning.subsets import epoch_order, partition, subset_at
 from daskrecon.runtime import graphs
 from daskrecon.runtime.arrays import persist_fresh
@@ -38,8 +40,9 @@ class StepRule:
 
     Parameters
     ----------
-    step_size : float
-        ``τ``.
+    step_size : float or sequence of float
+        ``τ``: one for every iteration, or one per iteration (deepinv's ``params_algo`` lists:
+        ``step_size[k]`` at iteration ``k``; :mod:`daskrecon.planning.schedules`).
     """
 
     name: ClassVar[str] = ""
@@ -57,14 +60,18 @@ class StepRule:
     #: Whether the rule runs without a denoiser (its prior is optional).
     prior_optional: ClassVar[bool] = False
 
-    def __init__(self, step_size: float) -> None:
-        if not step_size > 0:
-            raise ValueError(f"step_size must be > 0, got {step_size!r}")
-        self.step_size = float(step_size)
+    def __init__(self, step_size: float | Sequence[float]) -> None:
+        self.step_sizes = as_schedule(step_size, "step_size")
+        self.step_size = self.step_sizes[0]
+
+    def at(self, k: int) -> StepRule:
+        """Set :attr:`step_size` to iteration ``k``'s (from 0; a schedule's ``k``-th value); returns ``self``."""
+        self.step_size = value_at(self.step_sizes, k)
+        return self
 
     def settings(self) -> dict:
         """What defines the algorithm, for the checkpoint's problem record."""
-        return {"algorithm": self.name, "step_size": repr(self.step_size)}
+        return {"algorithm": self.name, "step_size": describe(self.step_sizes)}
 
     def check(self, problem: Problem) -> None:
         """Raise if the algorithm cannot run on ``problem`` (before anything is computed)."""
@@ -755,9 +762,8 @@ class BSREM(MLEM):
         super().__init__(eps, red_weight)
         if not isinstance(n_subsets, int) or n_subsets < 1:
             raise ValueError(f"n_subsets must be a positive int, got {n_subsets!r}")
-        if not step_size > 0:
-            raise ValueError(f"step_size (the relaxation) must be > 0, got {step_size!r}")
-        self.n_subsets, self.step_size = n_subsets, float(step_size)
+        self.step_sizes = as_schedule(step_size, "step_size (the relaxation)")
+        self.n_subsets, self.step_size = n_subsets, self.step_sizes[0]
         self.threshold = float(sensitivity_threshold)
         self.state = ("x", "average", "support", *(f"sensitivity_{j}" for j in range(n_subsets)))
         self.constant = self.state[1:]

@@ -27,6 +27,7 @@ from daskrecon.engine.options import ReconstructOptions
 from daskrecon.engine.problem import Problem, remove_stored_inputs, store_inputs, with_stager
 from daskrecon.engine.signal import DistributedSignal, Pending, advance, submit
 from daskrecon.errors import DaskreconError
+from daskrecon.planning.schedules import check_covers
 from daskrecon.runtime.halos import Stager
 
 __all__ = ["open_checkpoint", "psnr", "psnr_of_mse", "run"]
@@ -79,6 +80,8 @@ def run(problem: Problem, rule: StepRule, x0: Any, options: ReconstructOptions, 
         (``"tol"`` or ``"max_time"``).
     """
     t0 = time.monotonic()
+    check_covers(rule.step_sizes, options.n_iter, "step_size")
+    check_covers(problem.sigma_schedule, options.n_iter, "sigma_denoiser")
     record = {**problem.record, **rule.settings()}
     reduced = rule.reduced_axes(problem)
     if reduced:  # a checkpoint whose state arrays have other shapes is another run's
@@ -226,7 +229,8 @@ class _Loop:
         if self.problem.stager is not None:  # the graphs built before are computed: reuse their scratch arrays
             self.problem.stager.rewind(0)
         with span(f"daskrecon-iteration-{k + 1}"):
-            new, value, metrics = self.rule.step(self.problem, state, k)
+            # Per-iteration values (schedules): the rule's step size and the denoiser's σ at k.
+            new, value, metrics = self.rule.at(k).step(self.problem.at(k), state, k)
             info = self.rule.report()
 
             def extra(values: dict, k: int = k, info: dict = info) -> dict:

@@ -17,6 +17,7 @@ from daskrecon.engine.algorithms import ALGORITHMS, StepRule
 from daskrecon.engine.linsolve import PROX_SOLVERS
 from daskrecon.engine.problem import STORAGES
 from daskrecon.planning.precision import check_precision
+from daskrecon.planning.schedules import as_schedule, check_covers
 from daskrecon.runtime.defaults import default
 
 __all__ = ["CONFIGURED", "SUBSET_ALGORITHMS", "ReconstructOptions"]
@@ -41,8 +42,8 @@ class ReconstructOptions:
 
     algorithm: str | StepRule | None = None
     n_iter: int | None = None
-    step_size: float | None = None
-    sigma_denoiser: float | None = None
+    step_size: float | tuple[float, ...] | None = None
+    sigma_denoiser: float | tuple[float, ...] | None = None
     red_weight: float | None = None
     n_subsets: int | None = None
     seed: int | None = None
@@ -78,6 +79,12 @@ class ReconstructOptions:
             raise ValueError(f"n_subsets applies to {', '.join(map(repr, SUBSET_ALGORITHMS))}, not to {algorithm!r}")
         if not isinstance(self.n_iter, int) or self.n_iter < 0:
             raise ValueError(f"n_iter must be a non-negative int, got {self.n_iter!r}")
+        for name in ("step_size", "sigma_denoiser"):  # a number, or one value per iteration
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (int, float)):
+                schedule = as_schedule(value, name, positive=name == "step_size")
+                check_covers(schedule, self.n_iter, name)
+                object.__setattr__(self, name, schedule if len(schedule) > 1 else schedule[0])
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be a positive int, got {self.checkpoint_every!r}")
         if self.tol is not None and not self.tol >= 0:

@@ -40,6 +40,7 @@ from daskrecon.engine.terms import (
 from daskrecon.errors import ShapeError
 from daskrecon.planning.chunking import plan_chunks, whole_axes, working_chunks, zarr_aligned
 from daskrecon.planning.fingerprint import fingerprint
+from daskrecon.planning.schedules import Schedule, describe, value_at
 from daskrecon.runtime import graphs
 from daskrecon.runtime.arrays import as_numpy, persist_fresh
 from daskrecon.runtime.cluster import scheduler_workers
@@ -106,6 +107,8 @@ class Problem:
     truth: da.Array | None = None
     record: dict = field(default_factory=dict)
     stager: Stager | None = None
+    sigma_schedule: Schedule = ()
+    sigma_keyword: str | None = None
 
     @property
     def num_operators(self) -> int:
@@ -140,6 +143,16 @@ class Problem:
             axes = here if axes is None else axes & here
         return tuple(sorted(axes or ()))
 
+    def at(self, k: int) -> Problem:
+        """The problem as iteration ``k`` (from 0) sees it: the denoiser's σ of a schedule's ``k``-th
+        value (:mod:`daskrecon.planning.schedules`); ``self`` when σ is the same at every iteration."""
+        if len(self.sigma_schedule) <= 1 or self.denoiser is None:
+            return self
+        sigma = value_at(self.sigma_schedule, k)
+        if self.sigma_keyword is not None:
+            return dataclasses.replace(self, denoise_kwargs={**self.denoise_kwargs, self.sigma_keyword: sigma})
+        return dataclasses.replace(self, denoise_args=(sigma, *self.denoise_args[1:]))
+
     def reduced(self, axes: Sequence[int]) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]:
         """``(shape, chunks)`` of an array like ``x`` but of length 1 along ``axes`` (broadcast along them)."""
         shape = tuple(1 if a in axes else n for a, n in enumerate(self.shape))
@@ -153,14 +166,16 @@ class Denoising:
 
     Built by :func:`daskrecon.frontend.reconstruct.plan_problem` from a distributed denoiser
     (its own method, ``sigma`` as its argument) or a distributed prior (``prox`` with
-    ``sigma_denoiser=sigma``).
+    ``sigma_denoiser=sigma``). ``sigma`` is a schedule (:mod:`daskrecon.planning.schedules`):
+    ``args``/``kwargs`` hold its first value, as the first argument or as ``keyword``.
     """
 
     processing: Any
     method: str
     args: tuple
     kwargs: dict
-    sigma: float
+    sigma: Schedule
+    keyword: str | None = None
 
 
 def plan(physics: Any, ys: list, denoising: Denoising, fidelity: Any, *, x0: Any, x_true: Any,
@@ -206,7 +221,7 @@ def plan(physics: Any, ys: list, denoising: Denoising, fidelity: Any, *, x0: Any
         ctx=ctx, physics=physics, fidelity=fidelity, shape=shape, dtype=dtype, chunks=chunks,
         forms=placed_forms, distances=distances, y=placed_y, scale=1.0 / n if fidelity.reduction == "mean" else 1.0,
         storage=storage, denoiser=proc, denoise_method=denoising.method, denoise_args=denoising.args,
-        denoise_kwargs=denoising.kwargs, truth=truth,
+        denoise_kwargs=denoising.kwargs, truth=truth, sigma_schedule=denoising.sigma, sigma_keyword=denoising.keyword,
     )
     problem.record = {
         "operators": physics.fingerprint(),
@@ -217,7 +232,7 @@ def plan(physics: Any, ys: list, denoising: Denoising, fidelity: Any, *, x0: Any
         "forms": ["chunk-wise" if f is not None else "whole" for f in forms],
         "denoiser": proc.fingerprint() if proc is not None else "none",
         "tiling": repr((proc.patch_size, proc.overlap, proc.max_batch_size, proc.blend)) if proc is not None else "none",
-        "sigma_denoiser": repr(float(denoising.sigma)),
+        "sigma_denoiser": describe(denoising.sigma),
     }
     return problem, (_as_chunked(x0, chunks, dtype, "x0") if x0 is not None else None)
 

@@ -7,7 +7,7 @@ The problem is planned once (:mod:`daskrecon.engine.problem`), the algorithm is 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import dask.array as da
@@ -30,6 +30,7 @@ from daskrecon.frontend.measurements import DistributedMeasurements
 from daskrecon.frontend.physics import DistributedPhysics
 from daskrecon.frontend.processing import DistributedPrior, DistributedProcessing
 from daskrecon.frontend.xarrays import is_dataarray, unwrap, wrap
+from daskrecon.planning.schedules import as_schedule
 from daskrecon.runtime.waiting import compute, gather
 from daskrecon.tasks import operators as operator_tasks
 from daskrecon.tasks.substitutes import FFTConvolution, specialize
@@ -45,8 +46,8 @@ def reconstruct(
     data_fidelity: DistributedDataFidelity | None = None,
     algorithm: str | StepRule | None = None,
     n_iter: int | None = None,
-    step_size: float | None = None,
-    sigma_denoiser: float | None = None,
+    step_size: float | Sequence[float] | None = None,
+    sigma_denoiser: float | Sequence[float] | None = None,
     red_weight: float | None = None,
     x0: torch.Tensor | da.Array | None = None,
     checkpoint: str | None = None,
@@ -118,13 +119,16 @@ def reconstruct(
         and options).
     n_iter : int
         Iterations in total (a resumed run continues up to ``n_iter``).
-    step_size : float, optional
+    step_size : float or sequence of float, optional
         ``τ``; default ``1 / L`` with ``L`` the Lipschitz constant of ``∇f``
         (:func:`default_step_size`: exact by a distributed power method, computed once and
         cached with the physics; a closed-form bound for out-of-core problems whose operators
-        all have one).
-    sigma_denoiser : float
-        Noise level given to the denoiser.
+        all have one). A sequence gives one value per iteration (at least ``n_iter``), as
+        deepinv's ``params_algo`` lists: ``step_size[k]`` at iteration ``k`` (from 0).
+    sigma_denoiser : float or sequence of float
+        Noise level given to the denoiser; a sequence, one per iteration like ``step_size``
+        (DPIR's decreasing schedule: ``deepinv.optim.dpir.get_DPIR_params``). A checkpoint records
+        the schedules: a resumed run continues them.
     red_weight : float
         ``λ`` of RED and FISTA-RED.
     x0 : torch.Tensor or dask array, optional
@@ -277,7 +281,7 @@ def reconstruct(
 
 
 def plan_problem(physics: DistributedPhysics, y: Any, denoiser: DistributedProcessing | DistributedPrior, *,
-                 data_fidelity: DistributedDataFidelity | None, x0: Any, x_true: Any, sigma_denoiser: float,
+                 data_fidelity: DistributedDataFidelity | None, x0: Any, x_true: Any, sigma_denoiser: float | Sequence[float] | None,
                  storage: str = "auto", chunks: Any = None) -> tuple[Problem, da.Array | None]:
     """Check the objects :func:`reconstruct` was given, then plan the problem (:func:`daskrecon.engine.problem.plan`).
 
@@ -287,12 +291,13 @@ def plan_problem(physics: DistributedPhysics, y: Any, denoiser: DistributedProce
     """
     if not isinstance(physics, DistributedPhysics):
         raise TypeError("physics must be a DistributedPhysics: dr.distribute(physics, ctx)")
+    sigmas = as_schedule(0.0 if sigma_denoiser is None else sigma_denoiser, "sigma_denoiser", positive=False)
     if denoiser is None:
-        denoising = Denoising(None, "", (), {}, 0.0 if sigma_denoiser is None else sigma_denoiser)
+        denoising = Denoising(None, "", (), {}, sigmas)
     elif isinstance(denoiser, DistributedPrior):
-        denoising = Denoising(denoiser.processing, "prox", (), {"sigma_denoiser": sigma_denoiser}, sigma_denoiser)
+        denoising = Denoising(denoiser.processing, "prox", (), {"sigma_denoiser": sigmas[0]}, sigmas, "sigma_denoiser")
     elif isinstance(denoiser, DistributedProcessing):
-        denoising = Denoising(denoiser, denoiser.method, (sigma_denoiser,), {}, sigma_denoiser)
+        denoising = Denoising(denoiser, denoiser.method, (sigmas[0],), {}, sigmas)
     else:
         raise TypeError("denoiser must be a DistributedProcessing or DistributedPrior: dr.distribute(denoiser, ctx)")
     fidelity = data_fidelity or DistributedDataFidelity(physics.ctx, L2())
