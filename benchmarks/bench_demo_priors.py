@@ -11,6 +11,9 @@ the small DRUNet, the demo's, tiles overlapping by 32; the DnCNN, exact with an 
   denoiser: PnP (proximal gradient, the same step and iterations), RED (gradient descent on ``L2`` +
   deepinv's ``RED`` prior, the demo's settings) and, for the DRUNet, deepinv's own ``DPIR`` (its
   8-iteration σ schedule);
+* for the DRUNet, schedules (a value per iteration): DPIR's own on daskrecon's HQS, and ADMM with
+  σ decreasing (``daskrecon.demo.demo_schedule``; the demo's is the first of ``ADMM_SCHEDULES``),
+  plain and averaged over the 8 flips and 90° rotations (deepinv's ``EquivariantDenoiser``, the demo's);
 * RED at the demo's settings for ``--long`` iterations (where it levels off), and at noise σ
   ``--low-noise``;
 * once: a TV prior (``TVPrior``'s prox in proximal gradient, ``λ`` swept) and the oracle Wiener
@@ -33,6 +36,11 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import machine, write  # noqa: E402
 
+#: ADMM with a decreasing σ: (iterations, first σ, last σ, λ) of ``daskrecon.demo.demo_schedule`` (the demo's
+#: first), picked by a plain-torch sweep of 54 (length 4-6, first σ 0.15-0.3, last 0.05-0.08, λ 0.7-1), 2026-12-05.
+ADMM_SCHEDULES = [(5, 0.2, 0.08, 1.0), (4, 0.15, 0.08, 0.7)]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", type=int, default=256)
@@ -46,7 +54,7 @@ def main() -> None:
     import torch
 
     import daskrecon as dr
-    from daskrecon.demo import demo_problem
+    from daskrecon.demo import demo_problem, demo_schedule
     from daskrecon.engine.loop import psnr
     from daskrecon.models import bundled_denoiser, bundled_drunet
 
@@ -133,6 +141,25 @@ def main() -> None:
                     x = dinv.optim.DPIR(sigma=0.05, denoiser=den)(y, physics)
                 row("deepinv DPIR (its own schedule, 8 iterations)", [psnr(x, x_true)], time.perf_counter() - t0,
                     denoiser=label)
+                # Schedules (one value per iteration): DPIR's own on daskrecon's HQS, and ADMM with σ decreasing
+                # to above the noise level and its step γ_k = (σ_k / σ_noise)² / λ following it, plain and with
+                # the denoiser averaged over the 8 flips and 90° rotations (deepinv's EquivariantDenoiser).
+                sig, steps, n_dpir = dinv.optim.dpir.get_DPIR_params(0.05)
+                t0 = time.perf_counter()
+                _, hist = dr.reconstruct(dphys, y, dden, algorithm="hqs", n_iter=n_dpir, sigma_denoiser=sig,
+                                         step_size=steps, x_true=x_true, progress=False, return_history=True)
+                row("daskrecon hqs, DPIR's schedule", [h["psnr"] for h in hist], time.perf_counter() - t0,
+                    denoiser=label, schedule="deepinv.optim.dpir.get_DPIR_params(0.05)")
+                eq = dr.distribute(dinv.models.EquivariantDenoiser(make(), random=False), ctx,
+                                   patch_size=max(32, args.size // 2), overlap=overlap)
+                for n_admm, s0, s1, lam in ADMM_SCHEDULES:
+                    kw = demo_schedule(n_admm, 0.05, s0, s1, lam)
+                    for tag, d in (("", dden), (", 8 flips/rotations averaged", eq)):
+                        t0 = time.perf_counter()
+                        _, hist = dr.reconstruct(dphys, y, d, algorithm="admm", n_iter=n_admm, x_true=x_true,
+                                                 progress=False, return_history=True, **kw)
+                        row(f"daskrecon admm, σ schedule{tag}", [h["psnr"] for h in hist], time.perf_counter() - t0,
+                            denoiser=label, n_iter=n_admm, sigma_from=s0, sigma_to=s1, lam=lam)
 
     def wiener(ops, y, x_true):
         shape = x_true.shape[-2:]

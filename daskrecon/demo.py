@@ -15,7 +15,7 @@ from daskrecon.engine.loop import psnr as _psnr
 if TYPE_CHECKING:
     import dask.array as da
 
-__all__ = ["DEMO_DENOISERS", "demo_image", "demo_problem", "demo_volume", "run_demo"]
+__all__ = ["DEMO_DENOISERS", "demo_image", "demo_problem", "demo_schedule", "demo_volume", "run_demo"]
 
 #: The bundled denoisers the demo can run (``run_demo(denoiser=...)``, ``daskrecon demo --denoiser``).
 DEMO_DENOISERS = ("drunet", "dncnn")
@@ -98,17 +98,34 @@ def _figures(out: Path, x_true: torch.Tensor, y0: torch.Tensor, x: torch.Tensor,
     plt.close(fig)
 
 
+def demo_schedule(iterations: int = 5, noise: float = 0.05, sigma_from: float = 0.2, sigma_to: float = 0.08,
+                  weight: float = 1.0) -> dict[str, list[float]]:
+    """The demo's ADMM schedule: the denoiser's σ and ADMM's step ``γ`` at each iteration.
+
+    σ decreases geometrically from ``sigma_from`` to ``sigma_to`` over ``iterations``, and
+    ``γ_k = (σ_k / noise)² / weight`` follows it (DPIR's coupling of the data term's weight to the
+    denoiser's strength). Chosen from a sweep of the schedule's length, ends and weight on the demo's
+    problem, confirmed on the cluster by ``benchmarks/bench_demo_priors.py``.
+
+    Returns
+    -------
+    dict
+        ``{"sigma_denoiser": [...], "step_size": [...]}``, keywords of :func:`daskrecon.reconstruct`.
+    """
+    if not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"iterations must be a positive int, got {iterations!r}")
+    sigmas = np.geomspace(sigma_from, sigma_to, iterations) if iterations > 1 else np.array([sigma_to])
+    return {"sigma_denoiser": sigmas.tolist(), "step_size": ((sigmas / noise) ** 2 / weight).tolist()}
+
+
 def run_demo(
     size: int = 256,
-    iterations: int = 30,
+    iterations: int | None = None,
     n_workers: int | None = None,
     output: str | Path = "daskrecon-demo",
     noise: float = 0.05,
-    sigma_denoiser: float = 0.08,
-    algorithm: str = "red",
-    step_size: float = 0.5,
-    red_weight: float = 0.5,
     denoiser: str = "drunet",
+    equivariant: bool = True,
     progress: bool = True,
     dashboard_address: str = "127.0.0.1:8787",
     echo: Any = print,
@@ -116,9 +133,11 @@ def run_demo(
     """Run the demo and write ``reconstruction.zarr``, ``demo.png``, ``convergence.png`` and ``summary.json``.
 
     ``denoiser`` is ``"drunet"`` (the bundled small DRUNet, tiles overlapping by 32 pixels) or
-    ``"dncnn"`` (the bundled DnCNN, exact with an overlap of 8); the default settings (RED, step
-    0.5, weight 0.5, denoiser σ 0.08, which the blind DnCNN ignores) are the best measured for both
-    (``benchmarks/bench_demo_priors.py``).
+    ``"dncnn"`` (the bundled DnCNN, exact with an overlap of 8). Each runs the algorithm measured
+    best for it (``benchmarks/bench_demo_priors.py``): the non-blind DRUNet ADMM with a decreasing σ
+    (:func:`demo_schedule`; 5 iterations by default), averaged over the 8 flips and 90° rotations
+    when ``equivariant`` (deepinv's ``EquivariantDenoiser``: 8 calls per tile, +0.2 dB here); the
+    blind DnCNN RED (step 0.5, weight 0.5; 30 iterations by default).
     """
     import zarr
 
@@ -129,6 +148,22 @@ def run_demo(
         raise ValueError(f"denoiser must be one of {DEMO_DENOISERS}, got {denoiser!r}")
     model, overlap, label = {"drunet": (bundled_drunet, 32, "the bundled DRUNet"),
                              "dncnn": (bundled_denoiser, 8, "the bundled DnCNN")}[denoiser]
+    if denoiser == "drunet":
+        iterations = 5 if iterations is None else iterations
+        settings = {"algorithm": "admm", **demo_schedule(iterations, noise)}
+        sched = settings["sigma_denoiser"]
+        described = (f"ADMM, denoiser sigma {sched[0]:.3g} -> {sched[-1]:.3g} over {iterations} iterations, "
+                     f"step (sigma_k / {noise})^2")
+        if equivariant:
+            import deepinv as dinv
+
+            base = model
+            model = lambda: dinv.models.EquivariantDenoiser(base(), random=False)  # noqa: E731
+            label += ", averaged over 8 flips/rotations"
+    else:
+        iterations = 30 if iterations is None else iterations
+        settings = {"algorithm": "red", "step_size": 0.5, "red_weight": 0.5, "sigma_denoiser": 0.05}
+        described = "RED, step 0.5, weight 0.5"
 
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -138,9 +173,8 @@ def run_demo(
         echo(f"Dask cluster: {ctx.num_workers} workers; dashboard: {ctx.dashboard_link}")
         dphys = dr.distribute(ops, ctx)
         dden = dr.distribute(model(), ctx, patch_size=max(32, size // 2), overlap=overlap)
-        x, history = dr.reconstruct(dphys, y, dden, algorithm=algorithm, n_iter=iterations, step_size=step_size,
-                                    red_weight=red_weight, sigma_denoiser=sigma_denoiser, x_true=x_true,
-                                    progress=progress, return_history=True)
+        x, history = dr.reconstruct(dphys, y, dden, n_iter=iterations, x_true=x_true, progress=progress,
+                                    return_history=True, **settings)
     seconds = time.perf_counter() - t0
     zarr.save_array(str(out / "reconstruction.zarr"), x.cpu().numpy())
     _figures(out, x_true, y[0], x, history)
@@ -148,7 +182,8 @@ def run_demo(
         "image": f"skimage astronaut, 1x3x{size}x{size}",
         "operators": "3 circular Gaussian blurs (sigma 1, 2, (1.5, 3) at 30 degrees) + Gaussian noise "
                      f"sigma={noise}",
-        "algorithm": f"{algorithm} (step {step_size}, RED weight {red_weight}, sigma {sigma_denoiser}) with {label}",
+        "algorithm": f"{described}, with {label}",
+        "settings": settings,
         "iterations": iterations,
         "psnr_measurements_db": [_psnr(y[i], x_true) for i in range(len(y))],
         "psnr_reconstruction_db": _psnr(x, x_true),

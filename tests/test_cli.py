@@ -6,6 +6,7 @@ import zarr
 from typer.testing import CliRunner
 
 from daskrecon.cli import app
+from daskrecon.demo import demo_schedule
 
 
 @pytest.mark.parametrize("denoiser", ["drunet", "dncnn"])
@@ -19,9 +20,25 @@ def test_demo_runs_small_and_writes_its_outputs(tmp_path, denoiser):
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["psnr_measurements_db"]) == 3 and np.isfinite(summary["psnr_reconstruction_db"])
     assert summary["psnr_reconstruction_db"] > max(summary["psnr_measurements_db"])
+    if denoiser == "drunet":  # ADMM with the σ schedule over the 10 iterations asked, the denoiser averaged
+        assert summary["settings"]["algorithm"] == "admm" and len(summary["settings"]["sigma_denoiser"]) == 10
+        assert "averaged over 8 flips/rotations" in summary["algorithm"]
+    else:
+        assert summary["settings"]["algorithm"] == "red"
     assert zarr.open_array(str(out / "reconstruction.zarr")).shape == (1, 3, 64, 64)
     for name in ("demo.png", "convergence.png"):
         assert (out / name).stat().st_size > 1000
+
+
+def test_the_demo_schedule_decreases_and_its_step_follows():
+    s = demo_schedule(5)
+    sig, gam = s["sigma_denoiser"], s["step_size"]
+    assert len(sig) == 5 and sig[0] == pytest.approx(0.2) and sig[-1] == pytest.approx(0.08)
+    assert all(a > b for a, b in zip(sig, sig[1:]))
+    assert gam == pytest.approx([(v / 0.05) ** 2 for v in sig])
+    assert demo_schedule(1)["sigma_denoiser"] == [0.08]
+    with pytest.raises(ValueError, match="iterations must be a positive int"):
+        demo_schedule(0)
 
 
 def test_demo_refuses_an_unknown_denoiser(tmp_path):
