@@ -157,8 +157,11 @@ def run_demo(
         if equivariant:
             import deepinv as dinv
 
-            base = model
-            model = lambda: dinv.models.EquivariantDenoiser(base(), random=False)  # noqa: E731
+            plain = model
+
+            def model() -> torch.nn.Module:
+                return dinv.models.EquivariantDenoiser(plain(), random=False)
+
             label += ", averaged over 8 flips/rotations"
     else:
         iterations = 30 if iterations is None else iterations
