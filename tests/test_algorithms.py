@@ -94,6 +94,20 @@ def test_schedules_match_deepinvs_per_iteration_lists(problem, non_blind, algori
         assert _rel(other, ref) > 1e-3, constant  # each schedule is followed, not its first value
 
 
+def test_deepinvs_own_dpir_runs_on_the_distributed_physics_and_denoiser(problem):
+    """``dinv.optim.DPIR(sigma, denoiser=dden)(y, dphys)`` as a deepinv user writes it, against the plain objects
+    (the bundled DRUNet, one tile: its U-Net is not exact under overlap tiling)."""
+    from daskrecon.models import bundled_drunet
+
+    ops, x_true, y, _, dphys, _ = problem
+    net, dnet = bundled_drunet(), dr.distribute(bundled_drunet(), dphys.ctx, patch_size=64, overlap=0)
+    with torch.no_grad():
+        ref = dinv.optim.DPIR(sigma=0.05, denoiser=net)(y, dinv.physics.stack(*ops))
+        out = dinv.optim.DPIR(sigma=0.05, denoiser=dnet)(y, dphys)
+    assert _rel(out, ref) <= 1e-4, _rel(out, ref)
+    assert _rel(ref, dphys.A_adjoint(y) / 4) > 1e-2  # it iterated
+
+
 def test_a_resumed_schedule_continues_where_it_stopped(problem, non_blind, tmp_path):
     y, dphys = problem[2], problem[4]
     kw = {"algorithm": "admm", "n_iter": 4, "step_size": STEPS, "sigma_denoiser": SIGMAS, "progress": False}
