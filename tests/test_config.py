@@ -93,9 +93,10 @@ def test_configs_take_the_other_algorithms(inputs, solver):
     assert out.shape == (1, 3, 48, 48) and np.isfinite(out).all() and float(np.abs(out).max()) > 0.1
 
 
-def test_check_projects_the_run(inputs):
+@pytest.mark.parametrize("solver", ['algorithm = "red"', 'algorithm = "admm"\nsigma_denoiser = [0.1, 0.08, 0.06, 0.05]'])
+def test_check_projects_the_run(inputs, solver):
     cfg = inputs / "run.toml"
-    cfg.write_text(CONFIG.format(out="result.zarr"))
+    cfg.write_text(CONFIG.format(out="result.zarr").replace('algorithm = "red"', solver))
     result = run(cfg, "--check")
     assert result.exit_code == 0, result.output
     assert "one gradient (3 operator tasks)" in result.output and "projected:" in result.output
