@@ -92,6 +92,11 @@ def test_schedules_match_deepinvs_per_iteration_lists(problem, non_blind, algori
         other = dr.reconstruct(dphys, y, dnet, algorithm=algorithm, n_iter=4, x0=x0, progress=False,
                                prox_solver="fourier", **constant)
         assert _rel(other, ref) > 1e-3, constant  # each schedule is followed, not its first value
+    # A distributed prior takes σ as its prox's keyword: the same schedule reaches it
+    dprior = dr.distribute(dinv.optim.PnP(denoiser=net), dphys.ctx, patch_size=16, overlap=6)
+    via_prior = dr.reconstruct(dphys, y, dprior, algorithm=algorithm, n_iter=4, step_size=STEPS, sigma_denoiser=SIGMAS,
+                               x0=x0, progress=False, prox_solver="fourier")
+    assert _rel(via_prior, ref) <= 1e-4, _rel(via_prior, ref)
 
 
 def test_deepinvs_own_dpir_runs_on_the_distributed_physics_and_denoiser(problem):
