@@ -77,8 +77,9 @@ def test_schedules_match_deepinvs_per_iteration_lists(problem, non_blind, algori
     ops, x_true, y, _, dphys, _ = problem
     net, dnet = non_blind
     x0 = torch.zeros_like(x_true)
-    out = dr.reconstruct(dphys, y, dnet, algorithm=algorithm, n_iter=4, step_size=STEPS, sigma_denoiser=SIGMAS, x0=x0,
-                         progress=False, prox_solver="fourier")
+    out, hist = dr.reconstruct(dphys, y, dnet, algorithm=algorithm, n_iter=4, step_size=STEPS, sigma_denoiser=SIGMAS,
+                               x0=x0, progress=False, prox_solver="fourier", return_history=True)
+    assert [h["sigma_denoiser"] for h in hist] == SIGMAS and [h["step_size"] for h in hist] == STEPS
     stacked = dinv.physics.stack(*ops)
     stacked.set_ls_solver("CG", max_iter=100, tol=1e-6)
     init = (lambda y, p: (x0.clone(), torch.zeros_like(x0))) if algorithm == "admm" else (lambda y, p: x0.clone())

@@ -27,7 +27,7 @@ from daskrecon.engine.options import ReconstructOptions
 from daskrecon.engine.problem import Problem, remove_stored_inputs, store_inputs, with_stager
 from daskrecon.engine.signal import DistributedSignal, Pending, advance, submit
 from daskrecon.errors import DaskreconError
-from daskrecon.planning.schedules import check_covers
+from daskrecon.planning.schedules import check_covers, value_at
 from daskrecon.runtime.halos import Stager
 
 __all__ = ["open_checkpoint", "psnr", "psnr_of_mse", "run"]
@@ -232,6 +232,10 @@ class _Loop:
             # Per-iteration values (schedules): the rule's step size and the denoiser's σ at k.
             new, value, metrics = self.rule.at(k).step(self.problem.at(k), state, k)
             info = self.rule.report()
+            if len(self.rule.step_sizes) > 1:  # a schedule's values go into the history rows
+                info["step_size"] = self.rule.step_size
+            if len(self.problem.sigma_schedule) > 1:
+                info["sigma_denoiser"] = value_at(self.problem.sigma_schedule, k)
 
             def extra(values: dict, k: int = k, info: dict = info) -> dict:
                 self.history.append({**_row(k + 1, values, self.problem), **info})
