@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _common import machine, write  # noqa: E402
 
 #: ADMM with a decreasing σ: (iterations, first σ, last σ, λ) of ``daskrecon.demo.demo_schedule`` (the demo's
-#: first), picked by a plain-torch sweep of 54 (length 4-6, first σ 0.15-0.3, last 0.05-0.08, λ 0.7-1), 2026-12-05.
+#: first), among the best three of the plain-torch sweep of 54 in ``bench_demo_schedules.py``.
 ADMM_SCHEDULES = [(5, 0.2, 0.08, 1.0), (4, 0.15, 0.08, 0.7)]
 
 

@@ -105,7 +105,8 @@ def demo_schedule(iterations: int = 5, noise: float = 0.05, sigma_from: float = 
     σ decreases geometrically from ``sigma_from`` to ``sigma_to`` over ``iterations``, and
     ``γ_k = (σ_k / noise)² / weight`` follows it (DPIR's coupling of the data term's weight to the
     denoiser's strength). Chosen from a sweep of the schedule's length, ends and weight on the demo's
-    problem, confirmed on the cluster by ``benchmarks/bench_demo_priors.py``.
+    problem (``benchmarks/bench_demo_schedules.py``), confirmed on the cluster by
+    ``benchmarks/bench_demo_priors.py``.
 
     Returns
     -------
