@@ -147,8 +147,9 @@ def run_demo(
 
     if denoiser not in DEMO_DENOISERS:
         raise ValueError(f"denoiser must be one of {DEMO_DENOISERS}, got {denoiser!r}")
-    model, overlap, label = {"drunet": (bundled_drunet, 32, "the bundled DRUNet"),
-                             "dncnn": (bundled_denoiser, 8, "the bundled DnCNN")}[denoiser]
+    make, overlap, label = {"drunet": (bundled_drunet, 32, "the bundled DRUNet"),
+                            "dncnn": (bundled_denoiser, 8, "the bundled DnCNN")}[denoiser]
+    model = make()
     if denoiser == "drunet":
         iterations = 5 if iterations is None else iterations
         settings = {"algorithm": "admm", **demo_schedule(iterations, noise)}
@@ -158,11 +159,7 @@ def run_demo(
         if equivariant:
             import deepinv as dinv
 
-            plain = model
-
-            def model() -> torch.nn.Module:
-                return dinv.models.EquivariantDenoiser(plain(), random=False)
-
+            model = dinv.models.EquivariantDenoiser(model, random=False)
             label += ", averaged over 8 flips/rotations"
     else:
         iterations = 30 if iterations is None else iterations
@@ -176,7 +173,7 @@ def run_demo(
     with dr.DistributedContext(n_workers=n_workers, dashboard_address=dashboard_address) as ctx:
         echo(f"Dask cluster: {ctx.num_workers} workers; dashboard: {ctx.dashboard_link}")
         dphys = dr.distribute(ops, ctx)
-        dden = dr.distribute(model(), ctx, patch_size=max(32, size // 2), overlap=overlap)
+        dden = dr.distribute(model, ctx, patch_size=max(32, size // 2), overlap=overlap)
         x, history = dr.reconstruct(dphys, y, dden, n_iter=iterations, x_true=x_true, progress=progress,
                                     return_history=True, **settings)
     seconds = time.perf_counter() - t0
