@@ -13,7 +13,8 @@
   listed apart;
 - duplicated blocks: runs of at least 6 identical (whitespace-normalised, non-blank,
   non-comment) lines appearing in two places;
-- import cycles between modules.
+- import cycles between modules: at run time, and with the imports made only for type checkers
+  (``if TYPE_CHECKING:``) counted too.
 """
 
 from __future__ import annotations
@@ -94,9 +95,22 @@ def own_private(tree: ast.AST) -> set[str]:
     return names
 
 
-def imports(tree: ast.AST, module: str, known: set[str]) -> set[str]:
+def _type_only(tree: ast.AST) -> set[int]:
+    """``id``s of the import nodes inside ``if TYPE_CHECKING:`` blocks (never executed)."""
     out = set()
     for node in ast.walk(tree):
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+            out.update(id(n) for stmt in node.body for n in ast.walk(stmt))
+    return out
+
+
+def imports(tree: ast.AST, module: str, known: set[str], type_only: bool = True) -> set[str]:
+    """The daskrecon modules ``module`` imports; without ``type_only``, those imported at run time only."""
+    out = set()
+    skip = set() if type_only else _type_only(tree)
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
         if isinstance(node, ast.ImportFrom) and node.module:
             base = node.module
             if node.level:
@@ -169,7 +183,7 @@ def measure() -> dict:
     mods = modules()
     known = set(mods)
     per_package: dict[str, int] = defaultdict(int)
-    classes, functions, reach, outside, graph, texts = [], [], [], [], {}, {}
+    classes, functions, reach, outside, graph, runtime, texts = [], [], [], [], {}, {}, {}
     trees = {name: ast.parse(path.read_text()) for name, path in mods.items()}
     defined: dict[str, set[str]] = defaultdict(set)
     for name, tree in trees.items():
@@ -188,6 +202,7 @@ def measure() -> dict:
             ours = attr in defined and name not in defined[attr] and not base.endswith("client")
             (reach if ours or base.startswith("daskrecon") else outside).append(f"{name}: {r}")
         graph[name] = imports(tree, name, known)
+        runtime[name] = imports(tree, name, known, type_only=False)
         texts[name] = src.splitlines()
     classes.sort(reverse=True)
     functions.sort(reverse=True)
@@ -201,7 +216,8 @@ def measure() -> dict:
         "private_reach": sorted(reach),
         "private_members_of_other_libraries": sorted(outside),
         "duplicated_blocks_of_6_lines": duplicates(texts),
-        "import_cycles": cycles(graph),
+        "import_cycles": cycles(runtime),
+        "import_cycles_with_type_only_imports": cycles(graph),
     }
 
 
@@ -224,7 +240,8 @@ def main() -> None:
     if args.reach:
         print("\n".join("  " + r for r in m["private_reach"]))
     print("duplicated blocks (>= 6 lines):", m["duplicated_blocks_of_6_lines"])
-    print("import cycles:", m["import_cycles"] or "none")
+    print("import cycles at run time:", m["import_cycles"] or "none")
+    print("import cycles counting type-only imports:", m["import_cycles_with_type_only_imports"] or "none")
 
 
 if __name__ == "__main__":
