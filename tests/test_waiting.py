@@ -15,7 +15,7 @@ import daskrecon as dr
 from daskrecon.errors import StalledError, TransferError
 from daskrecon.runtime.waiting import gather
 
-from helpers import SlowBlur
+from helpers import SlowBlur, small_dncnn
 
 
 class Unshippable:
@@ -143,3 +143,46 @@ def test_fetching_finished_results_from_a_frozen_worker_raises_stalled():
 def test_stall_timeout_is_validated():
     with pytest.raises(ValueError, match="stall_timeout must be a positive number"):
         dr.DistributedContext(stall_timeout=0)
+
+
+class DieOnce:
+    """A worker plugin whose set-up kills worker 1 the first time (a worker leaving during a broadcast)."""
+
+    name = "test-die-once"
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def setup(self, worker):
+        if worker.name == 1 and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os._exit(1)
+
+
+@pytest.mark.parametrize("idempotent", [True, False])
+def test_a_worker_leaving_during_a_registration_does_not_fail_it(tmp_path, idempotent):
+    """distributed fails a plugin registration (and ``client.run``) when one worker leaves as it is
+    reached, though the others answered; daskrecon's setup calls send it again to those there are."""
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    from daskrecon.runtime.waiting import bounded
+
+    class Plugin(DieOnce, WorkerPlugin):
+        pass
+
+    marker = tmp_path / "died"
+    with dr.DistributedContext(n_workers=2, processes=True, dashboard_address="127.0.0.1:0", torch_threads=1) as ctx:
+        client = ctx.client
+        bounded(client, client._register_worker_plugin, plugin=Plugin(str(marker)), name=Plugin.name,
+                idempotent=idempotent, what="a test plugin", timeout=60)
+        assert marker.exists()  # worker 1 did die during the registration
+        client.wait_for_workers(2, timeout=60)  # its nanny restarts it
+        has = bounded(client, client._run, lambda dask_worker: Plugin.name in dask_worker.plugins,
+                      what="asking the workers", timeout=60)
+        assert len(has) == 2 and all(has.values()), has
+        # and a model sent now reaches both (the restarted worker included) and denoises as the plain one
+        model = small_dncnn(1, depth=2)
+        x = torch.rand(1, 1, 32, 32)
+        out = dr.distribute(model, ctx, patch_size=16, overlap=2)(x)
+        with torch.no_grad():
+            assert torch.allclose(out, model(x), atol=1e-5)

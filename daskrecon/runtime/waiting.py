@@ -26,6 +26,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, NoReturn
 
 from distributed import Client, Future
+from distributed.comm.core import CommClosedError
 
 from daskrecon.errors import DaskreconError, StalledError, TransferError, WorkerTaskError
 from daskrecon.runtime.scheduler_plugin import task_view
@@ -35,6 +36,8 @@ __all__ = ["DEFAULT_STALL_TIMEOUT", "bounded", "compute", "gather"]
 
 #: Seconds without any progress before a call raises :class:`StalledError`.
 DEFAULT_STALL_TIMEOUT = 120.0
+#: How many times :func:`bounded` sends again a call that reached a worker as it left.
+DEPARTURE_RETRIES = 3
 _FIRST_LOOK = 1.0  # a call shorter than this is never inspected
 _PROBE_TIMEOUT = 10.0  # at most this long for a worker or the scheduler to describe its tasks
 _RUNNING = ("executing", "long-running")
@@ -143,15 +146,29 @@ def bounded(client: Client, coroutine_function: Any, *args: Any, what: str, time
 
     ``client.register_plugin`` or ``client.run`` wait for every worker's answer; one frozen
     worker makes them wait for ever. This raises :class:`StalledError` naming ``what`` instead.
+
+    A worker that leaves while the call reaches it (killed, scaled down, pre-empted) fails the
+    whole call with ``CommClosedError`` though the others answered: the call is sent again, to the
+    workers there are then (at most :data:`DEPARTURE_RETRIES` times). A plugin registration with
+    ``idempotent=True`` is re-sent with ``idempotent=False``: the first attempt stored the plugin
+    on the scheduler, where an idempotent registration would stop without reaching the workers.
     """
     timeout = DEFAULT_STALL_TIMEOUT if timeout is None else float(timeout)
-    try:
-        return client.sync(coroutine_function, *args, callback_timeout=timeout, **kwargs)
-    except TimeoutError as exc:
-        raise StalledError(
-            f"{what} got no answer within {timeout:g} s: a worker or the scheduler does not respond "
-            "(frozen, overloaded or cut off); check the dashboard, or raise DistributedContext(stall_timeout=...)"
-        ) from exc
+    for attempt in range(DEPARTURE_RETRIES + 1):
+        try:
+            return client.sync(coroutine_function, *args, callback_timeout=timeout, **kwargs)
+        except TimeoutError as exc:
+            raise StalledError(
+                f"{what} got no answer within {timeout:g} s: a worker or the scheduler does not respond "
+                "(frozen, overloaded or cut off); check the dashboard, or raise DistributedContext(stall_timeout=...)"
+            ) from exc
+        except CommClosedError:
+            if attempt == DEPARTURE_RETRIES or client.status != "running":
+                raise
+            time.sleep(0.5)  # time for the scheduler to drop the worker that left
+            if kwargs.get("idempotent"):
+                kwargs = {**kwargs, "idempotent": False}
+    raise AssertionError("unreachable")
 
 
 def _collect(client: Client, futures: list[Future], what: str, timeout: float) -> list[Any]:
