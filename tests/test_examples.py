@@ -102,7 +102,7 @@ def test_readme_example_runs_as_written(tmp_path):
     import re
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.DOTALL)
     assert len(blocks) == 1, "the README has one Python example"
     script = tmp_path / "example.py"
     script.write_text(blocks[0])
