@@ -9,10 +9,18 @@ of the last iteration. The chosen schedules are confirmed on the cluster, tiled,
 ``benchmarks/bench_demo_priors.py``. Writes benchmarks/results/demo_schedules.json.
 
     python benchmarks/bench_demo_schedules.py
+    python benchmarks/bench_demo_schedules.py --weights /tmp/a.pt   # the demo's schedule only, with other
+                                                                     # DRUNet weights against the bundled ones
+
+With ``--weights`` (state dicts of the bundled DRUNet's architecture, e.g. from
+``scripts/train_denoiser.py --init``), only the demo's schedule runs, plain and averaged over the 8
+flips and rotations as the demo does, with the bundled weights and each file; the PSNR per iteration
+goes to benchmarks/results/demo_schedules_weights.json (the sweep's file is kept).
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import os
 import sys
@@ -32,12 +40,36 @@ def main() -> None:
     from daskrecon.engine.loop import psnr
     from daskrecon.models import bundled_drunet
 
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--weights", nargs="+", default=None, help="DRUNet state dicts to compare with the bundled one")
+    args = p.parse_args()
+
     torch.set_num_threads(2)
     x, ops, y = demo_problem(256)
     ys = torch.stack([y[i] for i in range(len(ops))], 1)
     spectra = blur_spectra([op.filter for op in ops], tuple(x.shape[-2:]))[None]
     model = bundled_drunet()
     best_meas = max(psnr(y[i], x) for i in range(len(ops)))
+    if args.weights:
+        import deepinv as dinv
+
+        relative = [s / 0.05 for s in demo_schedule(5, 0.05)["sigma_denoiser"]]
+        rows = []
+        for weights in ["bundled", *args.weights]:
+            model = bundled_drunet()
+            if weights != "bundled":
+                model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+            model.eval()
+            for averaged in (False, True):
+                den = dinv.models.EquivariantDenoiser(model, random=False) if averaged else model
+                with torch.no_grad():  # σ as a float: the averaged batch of 8 takes one σ for all
+                    xs = unrolled_admm(den, torch.fft.fft2(ys), spectra, 0.05, ys.mean(1), relative, 1.0)
+                values = [psnr(v, x) for v in xs]
+                rows.append({"weights": weights, "averaged": averaged, "psnr": values})
+                print(f"{weights} {'averaged' if averaged else 'plain'}: " + " ".join(f"{v:.3f}" for v in values),
+                      flush=True)
+        write("demo_schedules_weights", {"machine": machine(), "best_measurement_psnr": best_meas, "results": rows})
+        return
     rows = []
     for n, s0, s1, lam in itertools.product((4, 5, 6), (0.15, 0.2, 0.3), (0.05, 0.06, 0.08), (0.7, 1.0)):
         relative = [s / 0.05 for s in demo_schedule(n, 0.05, s0, s1, lam)["sigma_denoiser"]]
