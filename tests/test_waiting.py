@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from distributed import wait
+from distributed.diagnostics.plugin import WorkerPlugin
 
 import daskrecon as dr
 from daskrecon.errors import StalledError, TransferError
@@ -145,7 +146,7 @@ def test_stall_timeout_is_validated():
         dr.DistributedContext(stall_timeout=0)
 
 
-class DieOnce:
+class DieOnce(WorkerPlugin):
     """A worker plugin whose set-up kills worker 1 the first time (a worker leaving during a broadcast)."""
 
     name = "test-die-once"
@@ -163,21 +164,16 @@ class DieOnce:
 def test_a_worker_leaving_during_a_registration_does_not_fail_it(tmp_path, idempotent):
     """distributed fails a plugin registration (and ``client.run``) when one worker leaves as it is
     reached, though the others answered; daskrecon's setup calls send it again to those there are."""
-    from distributed.diagnostics.plugin import WorkerPlugin
-
     from daskrecon.runtime.waiting import bounded
-
-    class Plugin(DieOnce, WorkerPlugin):
-        pass
 
     marker = tmp_path / "died"
     with dr.DistributedContext(n_workers=2, processes=True, dashboard_address="127.0.0.1:0", torch_threads=1) as ctx:
         client = ctx.client
-        bounded(client, client._register_worker_plugin, plugin=Plugin(str(marker)), name=Plugin.name,
+        bounded(client, client._register_worker_plugin, plugin=DieOnce(str(marker)), name=DieOnce.name,
                 idempotent=idempotent, what="a test plugin", timeout=60)
         assert marker.exists()  # worker 1 did die during the registration
         client.wait_for_workers(2, timeout=60)  # its nanny restarts it
-        has = bounded(client, client._run, lambda dask_worker: Plugin.name in dask_worker.plugins,
+        has = bounded(client, client._run, lambda dask_worker: DieOnce.name in dask_worker.plugins,
                       what="asking the workers", timeout=60)
         assert len(has) == 2 and all(has.values()), has
         # and a model sent now reaches both (the restarted worker included) and denoises as the plain one
