@@ -233,7 +233,7 @@ class _Loop:
             new, value, metrics = self.rule.at(k).step(self.problem.at(k), state, k)
             info = self.rule.report()
             if len(self.rule.step_sizes) > 1:  # a schedule's values go into the history rows
-                info["step_size"] = self.rule.step_size
+                info["step_size"] = value_at(self.rule.step_sizes, k)
             if len(self.problem.sigma_schedule) > 1:
                 info["sigma_denoiser"] = value_at(self.problem.sigma_schedule, k)
 
