@@ -16,8 +16,10 @@ Example (every key shown; only ``measurements`` and ``operators`` are required):
     padding = "circular"                       # deepinv Blur padding
 
     [denoiser]
-    weights = "bundled"                        # bundled | bundled-3d | a state-dict file (loaded weights_only)
-    architecture = "dncnn"                     # dncnn | drunet (for a weight file)
+    weights = "bundled"                        # bundled (DnCNN) | bundled-drunet (the demo's) | bundled-3d |
+                                               # a state-dict file (loaded weights_only; deepinv's DRUNet or
+                                               # DnCNN, sizes read from the weights)
+    architecture = "drunet"                    # optional: checked against a weight file's
     patch_size = 256
     overlap = 8
     precision = "fp32"                         # fp32 | bf16 | fp16 | auto: the tiles' network (probed, see docs)
@@ -503,26 +505,24 @@ def build_operator(spec: dict, i: int, shape: tuple[int, ...], base: Path | None
 
 
 def build_denoiser(spec: dict, base: Path) -> torch.nn.Module:
-    from daskrecon.models import bundled_denoiser, bundled_denoiser_3d, load_state_dict
+    from daskrecon.models import (ARCHITECTURES, bundled_denoiser, bundled_denoiser_3d, bundled_drunet,
+                                  load_network)
 
     weights = _get(spec, "weights", "denoiser", str, "bundled")
-    if weights == "bundled":
-        return bundled_denoiser()
-    if weights == "bundled-3d":
-        return bundled_denoiser_3d()
-    arch = _get(spec, "architecture", "denoiser", str, "dncnn")
-    from deepinv.models import DnCNN, DRUNet
-
-    nets = {"dncnn": lambda: DnCNN(pretrained=None), "drunet": lambda: DRUNet(pretrained=None)}
-    if arch not in nets:
-        raise ConfigError(f"denoiser.architecture must be one of {sorted(nets)}, got {arch!r}")
-    model = nets[arch]()
-    state = load_state_dict(_resolve(base, weights))
+    bundled = {"bundled": bundled_denoiser, "bundled-drunet": bundled_drunet, "bundled-3d": bundled_denoiser_3d}
+    if weights in bundled:
+        return bundled[weights]()
+    arch = _get(spec, "architecture", "denoiser", str, None)
+    if arch is not None and arch not in ARCHITECTURES:
+        raise ConfigError(f"denoiser.architecture must be one of {list(ARCHITECTURES)}, got {arch!r}")
+    path = _resolve(base, weights)
+    if not Path(path).is_file():
+        raise ConfigError(f"denoiser.weights must be one of {sorted(bundled)} or a weight file; "
+                          f"{str(path)!r} does not exist")
     try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ConfigError(f"denoiser.weights do not fit a {arch} network: {str(exc).splitlines()[0]}") from None
-    return model.eval()
+        return load_network(path, arch)
+    except ValueError as exc:
+        raise ConfigError(f"denoiser.weights: {exc}") from None
 
 
 @contextlib.contextmanager
@@ -597,10 +597,11 @@ def run_config(path: str | Path, check: bool = False, echo: Any = print) -> Any:
     overwrite = _get(out, "overwrite", "output", bool, False)
     if not overwrite and _fs(out_path)[0].exists(_fs(out_path)[1]):
         raise ConfigError(f"output {out_path!r} exists; set output.overwrite = true or choose another path")
+    model = build_denoiser(den, base) if _uses_denoiser(cfg) else None  # a bad weight file: before any cluster
     with make_context(cfg.get("cluster", {})) as ctx:
         echo(f"cluster: {ctx.num_workers} workers, dashboard {ctx.dashboard_link}")
-        dden = None if not _uses_denoiser(cfg) else dr.distribute(
-            build_denoiser(den, base), ctx, patch_size=_get(den, "patch_size", "denoiser", int, 256),
+        dden = None if model is None else dr.distribute(
+            model, ctx, patch_size=_get(den, "patch_size", "denoiser", int, 256),
             overlap=_get(den, "overlap", "denoiser", int, 8), precision=_get(den, "precision", "denoiser", str, "fp32"),
             precision_tol=_get(den, "precision_tol", "denoiser", float, None))
         if streamed_check:

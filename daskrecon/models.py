@@ -10,8 +10,9 @@ from typing import Any
 import torch
 from deepinv.models import Denoiser
 
-__all__ = ["BUNDLED_DENOISER", "BUNDLED_DENOISER_3D", "BUNDLED_DRUNET", "SliceBySlice", "bundled_denoiser",
-           "bundled_denoiser_3d", "bundled_drunet", "load_state_dict"]
+__all__ = ["ARCHITECTURES", "BUNDLED_DENOISER", "BUNDLED_DENOISER_3D", "BUNDLED_DRUNET", "SliceBySlice",
+           "bundled_denoiser", "bundled_denoiser_3d", "bundled_drunet", "load_network", "load_state_dict",
+           "network_from_state_dict"]
 
 #: Architecture of the bundled weights (a small DnCNN: stride 1, receptive radius 8).
 BUNDLED_DENOISER = dict(in_channels=3, out_channels=3, depth=8, nf=32)
@@ -50,6 +51,107 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise ValueError(f"{str(path)!r} does not hold a state dict (a mapping of names to tensors)")
     return obj
+
+
+#: The deepinv networks :func:`network_from_state_dict` rebuilds from their weights alone.
+ARCHITECTURES = ("dncnn", "drunet")
+
+
+def _architecture_of(state: dict[str, torch.Tensor]) -> str | None:
+    if "m_head.weight" in state and "m_tail.weight" in state:
+        return "drunet"
+    if "in_conv.weight" in state and "out_conv.weight" in state:
+        return "dncnn"
+    return None
+
+
+def _drunet_options(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    head, tail = state["m_head.weight"], state["m_tail.weight"]
+    nb = sum(1 for k in state if k.startswith("m_down1.") and k.endswith(".res.0.weight"))
+    downs = [state.get(f"m_down{i}.{nb}.weight") for i in (1, 2, 3)]
+    if any(w is None for w in downs):
+        raise ValueError("these DRUNet weights have no strided-convolution down-sampling (downsample_mode "
+                         "'strideconv'); build the network yourself and load them with load_state_dict")
+    # The head takes the image and a noise-level map: in_channels + 1 inputs.
+    return dict(in_channels=head.shape[1] - 1, out_channels=tail.shape[0],
+                nc=(head.shape[0], *(int(w.shape[0]) for w in downs)), nb=nb, dim=head.ndim - 2)
+
+
+def _dncnn_options(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    first, last = state["in_conv.weight"], state["out_conv.weight"]
+    inner = sum(1 for k in state if k.startswith("conv_list.") and k.endswith(".weight"))
+    return dict(in_channels=first.shape[1], out_channels=last.shape[0], depth=inner + 2, nf=first.shape[0],
+                bias="in_conv.bias" in state, dim=first.ndim - 2)
+
+
+def network_from_state_dict(state: dict[str, torch.Tensor], architecture: str | None = None) -> torch.nn.Module:
+    """The deepinv network these weights belong to, built to their sizes, with them loaded (eval mode).
+
+    Channels, widths, depth and dimension (2-D or 3-D) are read from the weights' shapes, so deepinv's
+    own DRUNet and DnCNN checkpoints (colour or grey), the bundled networks and those trained by
+    ``scripts/train_denoiser.py`` all load without their constructor's arguments.
+
+    Parameters
+    ----------
+    state : dict of str to Tensor
+        A state dict (:func:`load_state_dict` reads one from a file safely).
+    architecture : {"dncnn", "drunet"}, optional
+        Checked against the weights when given; read from their names when not.
+
+    Returns
+    -------
+    torch.nn.Module
+        A ``deepinv.models.DnCNN`` or ``DRUNet``.
+
+    Raises
+    ------
+    ValueError
+        The weights are not those of a network in :data:`ARCHITECTURES`, not of the one named, or do
+        not load into the network their shapes describe.
+    """
+    from deepinv.models import DnCNN, DRUNet
+
+    found = _architecture_of(state)
+    if architecture is not None and architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture must be one of {list(ARCHITECTURES)}, got {architecture!r}")
+    if found is None:
+        first = ", ".join(list(state)[:3])
+        raise ValueError(f"these weights are not those of a deepinv {' or '.join(ARCHITECTURES)} (their first "
+                         f"names: {first}); build the network and load them with load_state_dict")
+    if architecture is not None and architecture != found:
+        raise ValueError(f"architecture {architecture!r} was asked, but these are {found} weights")
+    options = _drunet_options(state) if found == "drunet" else _dncnn_options(state)
+    model = (DRUNet if found == "drunet" else DnCNN)(**options, pretrained=None)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(f"these {found} weights do not load into {type(model).__name__}({options}): "
+                         f"{str(exc).splitlines()[0]}") from None
+    return model.eval()
+
+
+def load_network(path: str | Path, architecture: str | None = None,
+                 device: str | torch.device = "cpu") -> torch.nn.Module:
+    """A DnCNN or DRUNet from a weight file of yours (``torch.load(weights_only=True)``: no code runs).
+
+    ``load_network("drunet_color.pth")`` gives the network deepinv's ``DRUNet(pretrained=...)``
+    would, without a download; sizes are read from the weights (:func:`network_from_state_dict`).
+
+    Parameters
+    ----------
+    path : str or Path
+        A state dict, or a checkpoint with a ``"state_dict"`` entry.
+    architecture : {"dncnn", "drunet"}, optional
+        Checked against the weights when given.
+    device : str or torch.device
+        Where the model is placed.
+
+    Returns
+    -------
+    torch.nn.Module
+        The network in eval mode.
+    """
+    return network_from_state_dict(load_state_dict(path), architecture).to(device)
 
 
 def bundled_denoiser(device: str | torch.device = "cpu") -> torch.nn.Module:

@@ -340,3 +340,27 @@ def test_a_config_runs_its_denoiser_in_the_precision_it_names(inputs):
     a, b = zarr.open_array(str(inputs / "bf16.zarr"))[...], zarr.open_array(str(inputs / "fp32.zarr"))[...]
     rel = float(np.linalg.norm(a - b) / np.linalg.norm(b))
     assert 0 < rel < 5e-2, rel  # the bundled denoiser really ran in bf16, close to fp32
+
+
+def test_a_config_takes_the_bundled_drunet_or_a_weight_file_of_any_size(inputs):
+    """`bundled-drunet` is the demo's denoiser; a file's sizes are read from its weights (no architecture key)."""
+    from daskrecon.models import bundled_drunet
+
+    torch.save(bundled_drunet().state_dict(), inputs / "mine.pth")
+    results = {}
+    for name, weights in [("bundled", "bundled-drunet"), ("file", "mine.pth"), ("dncnn", "bundled")]:
+        cfg = inputs / f"{name}.toml"
+        cfg.write_text(CONFIG.format(out=f"{name}.npy").replace("[denoiser]", f'[denoiser]\nweights = "{weights}"'))
+        result = run(cfg)
+        assert result.exit_code == 0, result.output
+        results[name] = np.load(inputs / f"{name}.npy")
+    assert np.array_equal(results["bundled"], results["file"])
+    assert np.abs(results["bundled"] - results["dncnn"]).max() > 1e-3  # another network really ran
+    torch.save({"weight": torch.ones(2, 2)}, inputs / "linear.pth")
+    for weights, message in [("linear.pth", "not those of a deepinv dncnn or drunet"),
+                             ("gone.pth", "denoiser.weights must be one of ['bundled', 'bundled-3d', 'bundled-drunet']")]:
+        cfg = inputs / "bad.toml"
+        cfg.write_text(CONFIG.format(out="bad.npy").replace("[denoiser]", f'[denoiser]\nweights = "{weights}"'))
+        result = run(cfg)
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert "cluster:" not in result.output  # refused before a cluster started

@@ -1,7 +1,10 @@
 import pytest
 import torch
 
-from daskrecon.models import bundled_denoiser, load_state_dict
+from deepinv.models import DnCNN, DRUNet
+
+from daskrecon.models import (BUNDLED_DENOISER_3D, BUNDLED_DRUNET, bundled_denoiser, load_network, load_state_dict,
+                              network_from_state_dict)
 
 
 def test_bundled_denoiser_denoises():
@@ -77,3 +80,36 @@ def test_weight_files_are_loaded_as_state_dicts_only(tmp_path):
         load_state_dict(tmp_path / "list.pth")
     with pytest.raises(FileNotFoundError):
         load_state_dict(tmp_path / "missing.pth")
+
+
+@pytest.mark.parametrize("make", [
+    lambda: DRUNet(in_channels=1, out_channels=1, nc=(8, 16, 24, 32), nb=1, pretrained=None),  # deepinv's grey layout
+    lambda: DRUNet(**BUNDLED_DRUNET, pretrained=None),
+    lambda: DnCNN(in_channels=2, out_channels=1, depth=4, nf=8, bias=False, pretrained=None),
+    lambda: DnCNN(**BUNDLED_DENOISER_3D, pretrained=None),
+])
+def test_a_network_is_rebuilt_from_its_weights_alone(tmp_path, make):
+    torch.manual_seed(0)
+    model = make().eval()
+    torch.save(model.state_dict(), tmp_path / "w.pth")
+    loaded = load_network(tmp_path / "w.pth")
+    assert type(loaded) is type(model) and not loaded.training
+    dim = next(model.parameters()).ndim - 2
+    channels = next(iter(model.state_dict().values())).shape[1] - (1 if isinstance(model, DRUNet) else 0)
+    x = torch.rand(1, channels, *([16] * dim))
+    with torch.no_grad():
+        assert torch.equal(loaded(x, 0.1), model(x, 0.1))
+
+
+def test_weights_of_another_network_are_refused_with_what_they_are(tmp_path):
+    drunet = DRUNet(in_channels=1, out_channels=1, nc=(8, 16, 24, 32), nb=1, pretrained=None).state_dict()
+    with pytest.raises(ValueError, match="architecture 'dncnn' was asked, but these are drunet weights"):
+        network_from_state_dict(drunet, "dncnn")
+    with pytest.raises(ValueError, match="architecture must be one of"):
+        network_from_state_dict(drunet, "unet")
+    with pytest.raises(ValueError, match=r"not those of a deepinv dncnn or drunet \(their first names: weight, bias"):
+        network_from_state_dict(torch.nn.Linear(2, 2).state_dict())
+    broken = dict(drunet)
+    broken["m_tail.weight"] = torch.zeros(1, 9, 3, 3)  # a tail that does not fit the widths above it
+    with pytest.raises(ValueError, match=r"do not load into DRUNet\("):
+        network_from_state_dict(broken)

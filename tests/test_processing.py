@@ -225,6 +225,23 @@ def test_bad_input(ctx):
         dr.distribute(model, ctx, num_operators=3)
 
 
+def test_a_call_the_network_cannot_take_is_refused_where_it_is_made(ctx):
+    """DRUNet needs sigma: without it, a lazy array used to build and then fail inside a worker at .to_zarr()."""
+    model = DRUNet(3, 3, nc=[8, 8, 8, 8], nb=1, pretrained=None).eval()
+    d = dr.distribute(model, ctx, patch_size=32, overlap=8)
+    lazy_in = da.random.random((1, 3, 64, 64), chunks=(1, 3, 32, 32)).astype(np.float32)
+    for x in (lazy_in, torch.rand(1, 3, 64, 64)):
+        with pytest.raises(TypeError, match=r"DRUNet.forward\(x, sigma\) .*'sigma'.*dden\(x, sigma=0.05\)"):
+            d(x)
+        with pytest.raises(TypeError, match="unexpected keyword argument 'sigmaa'"):
+            d(x, 0.05, sigmaa=0.05)
+    out = d(lazy_in, sigma=0.05)  # and the right call still builds and computes
+    assert_allclose(torch.from_numpy(out.compute()), plain(model, torch.from_numpy(lazy_in.compute()), 0.05),
+                    atol=1e-5)
+    anything = dr.DistributedProcessing(ctx, lambda x, *a, **k: 2 * x, patch_size=32, overlap=0)
+    assert_allclose(anything(torch.ones(1, 1, 8, 8), 1, gamma=3), 2 * torch.ones(1, 1, 8, 8))  # a callable taking anything is not second-guessed
+
+
 def test_a_tile_too_large_for_the_workers_is_refused_with_its_size_and_the_limit(ctx):
     from deepinv.models import DnCNN
 

@@ -15,6 +15,7 @@ forward, the backward and the dask-array path run in :mod:`.tile_executors`.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,7 +34,7 @@ from daskrecon.frontend.xarrays import is_dataarray, unwrap, wrap
 from daskrecon.planning.strategies import DistributedSignalStrategy, check_sizes, create_strategy
 from daskrecon.runtime.defaults import pick
 
-__all__ = ["CHECKPOINT_MODES", "DistributedPrior", "DistributedProcessing", "default_align"]
+__all__ = ["CHECKPOINT_MODES", "DistributedPrior", "DistributedProcessing", "check_call", "default_align"]
 
 
 def default_align(model: Any) -> int:
@@ -245,6 +246,7 @@ class DistributedProcessing(torch.nn.Module):
         if not isinstance(x, (da.Array, torch.Tensor)):
             raise TypeError(f"x must be a torch.Tensor or a dask.array.Array, got {type(x).__name__}")
         self.check_dtype(x.dtype)
+        check_call(self.processor, method, args, kwargs)
         self.resolve_precision(x, method, args, kwargs)
         if isinstance(x, da.Array):
             return self.run_dask(x, method, args, kwargs, portable=True)
@@ -330,6 +332,31 @@ class DistributedProcessing(torch.nn.Module):
         return tile_executors.map_dask(self, x, method, args, kwargs, name=name, workers=workers, portable=portable,
                                        stager=stager, precision=precision or self.precision_choice.active)
 
+
+
+def check_call(processor: Any, method: str, args: tuple, kwargs: dict) -> None:
+    """Raise ``TypeError`` on the driver when ``processor.<method>(tile, *args, **kwargs)`` cannot bind.
+
+    Without it a missing argument (``DRUNet`` needs ``sigma``) surfaces only when a worker runs the
+    first tile — for a lazy array, at ``.compute()`` or ``.to_zarr()``, far from the call that made it.
+    Callables whose signature Python cannot read are not checked.
+    """
+    fn, name = getattr(processor, method, None), method
+    if method == "__call__" and isinstance(processor, torch.nn.Module):
+        fn, name = processor.forward, "forward"  # Module.__call__ takes (*args, **kwargs)
+    if fn is None:
+        return
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    try:
+        sig.bind(None, *args, **kwargs)
+    except TypeError as e:
+        params = ", ".join(str(p.replace(annotation=inspect.Parameter.empty)) for p in sig.parameters.values())
+        hint = " (deepinv's denoisers take the noise level: dden(x, sigma=0.05))" if "sigma" in str(e) else ""
+        raise TypeError(f"{type(processor).__name__}.{name}({params}) cannot take these arguments: {e}{hint}") \
+            from None
 
 
 def _check_options(processor: Any, method: str, strategy: Any, checkpoint_batches: Any, max_batch_size: Any,
