@@ -86,14 +86,14 @@ import dask.array as da
 import numpy as np
 import torch
 
+from daskrecon import errors
 from daskrecon.engine.algorithms import ALGORITHMS
 from daskrecon.engine.options import SUBSET_ALGORITHMS, ReconstructOptions
 from daskrecon.engine.problem import iterate_chunks
-from daskrecon.frontend.omezarr import is_ome_zarr
-from daskrecon import errors
 from daskrecon.errors import DaskreconError
-from daskrecon.planning.precision import check_precision
+from daskrecon.frontend.omezarr import is_ome_zarr
 from daskrecon.operators.chunkwise import local_form
+from daskrecon.planning.precision import check_precision
 from daskrecon.runtime.arrays import as_numpy
 from daskrecon.runtime.waiting import bounded, compute
 
@@ -505,8 +505,7 @@ def build_operator(spec: dict, i: int, shape: tuple[int, ...], base: Path | None
 
 
 def build_denoiser(spec: dict, base: Path) -> torch.nn.Module:
-    from daskrecon.models import (ARCHITECTURES, bundled_denoiser, bundled_denoiser_3d, bundled_drunet,
-                                  load_network)
+    from daskrecon.models import ARCHITECTURES, bundled_denoiser, bundled_denoiser_3d, bundled_drunet, load_network
 
     weights = _get(spec, "weights", "denoiser", str, "bundled")
     bundled = {"bundled": bundled_denoiser, "bundled-drunet": bundled_drunet, "bundled-3d": bundled_denoiser_3d}
