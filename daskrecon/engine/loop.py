@@ -131,6 +131,11 @@ def _resumed(store: Checkpoint | None, record: dict, options: ReconstructOptions
     if options.resume:
         store.check(record)
         meta = store.meta()
+        if meta["iteration"] > options.n_iter:
+            # A checkpoint keeps its last iterate only: the one asked for is gone.
+            warnings.warn(f"{store.url!r} holds iteration {meta['iteration']}, past n_iter={options.n_iter}: its "
+                          f"iterate (and history) is returned as it is; pass overwrite=True instead of resume=True "
+                          f"to run {options.n_iter} iterations from the start", UserWarning, stacklevel=4)
         return meta["iteration"], list(meta.get("extra", {}).get("history", []))
     if not options.overwrite:
         raise DaskreconError(f"{store.url!r} already holds a checkpoint (iteration {store.meta()['iteration']}); "
