@@ -20,6 +20,8 @@ Example (every key shown; only ``measurements`` and ``operators`` are required):
                                                # a state-dict file (loaded weights_only; deepinv's DRUNet or
                                                # DnCNN, sizes read from the weights)
     architecture = "drunet"                    # optional: checked against a weight file's
+                                               # a colour network on grey measurements runs through
+                                               # daskrecon.models.GreyThroughColour (said when it starts)
     patch_size = 256
     overlap = 8
     precision = "fp32"                         # fp32 | bf16 | fp16 | auto: the tiles' network (probed, see docs)
@@ -524,6 +526,23 @@ def build_denoiser(spec: dict, base: Path) -> torch.nn.Module:
         raise ConfigError(f"denoiser.weights: {exc}") from None
 
 
+def fit_channels(model: torch.nn.Module, shape: tuple[int, ...], echo: Any = print) -> torch.nn.Module:
+    """``model`` for a signal of ``shape``: a colour network on a grey signal through
+    :class:`~daskrecon.models.GreyThroughColour` (said); other mismatches refused."""
+    from daskrecon.frontend.processing import input_channels
+    from daskrecon.models import GreyThroughColour
+
+    want = input_channels(model)
+    if want is None or want == shape[1]:
+        return model
+    if (want, shape[1]) == (3, 1):
+        echo("the denoiser is a colour network and the signal grey: its channel goes through it three times and "
+             "the outputs are averaged (daskrecon.models.GreyThroughColour)")
+        return GreyThroughColour(model)
+    raise ConfigError(f"denoiser: the network takes {want}-channel signals, the measurements give {shape[1]} "
+                      f"(shape {shape}); give weights for {shape[1]} channels (denoiser.weights)")
+
+
 @contextlib.contextmanager
 def make_context(spec: dict) -> Iterator[Any]:
     """A started :class:`DistributedContext` for ``[cluster]``; a cluster it starts (SLURM) is closed on exit."""
@@ -596,7 +615,8 @@ def run_config(path: str | Path, check: bool = False, echo: Any = print) -> Any:
     overwrite = _get(out, "overwrite", "output", bool, False)
     if not overwrite and _fs(out_path)[0].exists(_fs(out_path)[1]):
         raise ConfigError(f"output {out_path!r} exists; set output.overwrite = true or choose another path")
-    model = build_denoiser(den, base) if _uses_denoiser(cfg) else None  # a bad weight file: before any cluster
+    # a bad weight file, or one for other channels: before any cluster
+    model = fit_channels(build_denoiser(den, base), shape, echo) if _uses_denoiser(cfg) else None
     with make_context(cfg.get("cluster", {})) as ctx:
         echo(f"cluster: {ctx.num_workers} workers, dashboard {ctx.dashboard_link}")
         dden = None if model is None else dr.distribute(

@@ -364,3 +364,27 @@ def test_a_config_takes_the_bundled_drunet_or_a_weight_file_of_any_size(inputs):
         result = run(cfg)
         assert result.exit_code == 2 and message in result.output, result.output
         assert "cluster:" not in result.output  # refused before a cluster started
+
+
+def test_a_grey_image_goes_through_a_colour_denoiser_and_other_channels_are_refused(tmp_path):
+    import deepinv as dinv
+
+    x_true, _, _ = demo_problem(48)
+    x = x_true.mean(1, keepdim=True)  # grey
+    op = dinv.physics.Blur(filter=dinv.physics.blur.gaussian_blur(sigma=(1.0, 1.0)), padding="circular")
+    y = op(x) + 0.03 * torch.randn_like(x)
+    io.imsave(str(tmp_path / "y.png"), util.img_as_ubyte(np.clip(y[0, 0].numpy(), 0, 1)), check_contrast=False)
+    np.save(tmp_path / "two.npy", torch.cat([y, y], 1).numpy())
+    text = ('[input]\nmeasurements = ["{m}"]\n[[operators]]\ntype = "blur"\nsigma = [1.0, 1.0]\n'
+            '[denoiser]\nweights = "bundled-drunet"\npatch_size = 32\noverlap = 8\n[solver]\niterations = 3\n'
+            '[output]\npath = "{out}"\n[cluster]\nn_workers = 1\n')
+    cfg = tmp_path / "grey.toml"
+    cfg.write_text(text.format(m="y.png", out="x.png"))
+    result = run(cfg)
+    assert result.exit_code == 0, result.output
+    assert "the signal grey: its channel goes through it three times" in result.output
+    assert io.imread(str(tmp_path / "x.png")).shape == (48, 48)
+    cfg.write_text(text.format(m="two.npy", out="x2.npy"))
+    result = run(cfg)
+    assert result.exit_code == 2 and "the network takes 3-channel signals, the measurements give 2" in result.output
+    assert "cluster:" not in result.output

@@ -3,8 +3,8 @@ import torch
 
 from deepinv.models import DnCNN, DRUNet
 
-from daskrecon.models import (BUNDLED_DENOISER_3D, BUNDLED_DRUNET, bundled_denoiser, load_network, load_state_dict,
-                              network_from_state_dict)
+from daskrecon.models import (BUNDLED_DENOISER_3D, BUNDLED_DRUNET, GreyThroughColour, bundled_denoiser, bundled_drunet,
+                              load_network, load_state_dict, network_from_state_dict)
 
 
 def test_bundled_denoiser_denoises():
@@ -113,3 +113,26 @@ def test_weights_of_another_network_are_refused_with_what_they_are(tmp_path):
     broken["m_tail.weight"] = torch.zeros(1, 9, 3, 3)  # a tail that does not fit the widths above it
     with pytest.raises(ValueError, match=r"do not load into DRUNet\("):
         network_from_state_dict(broken)
+
+
+def test_a_colour_denoiser_denoises_grey_images_through_its_three_channels():
+    from skimage import data, util
+
+    torch.manual_seed(0)
+    model = bundled_drunet()
+    x = torch.from_numpy(util.img_as_float32(data.camera()))[None, None]
+    y = x + 0.1 * torch.randn_like(x)
+    grey, told_sigma = GreyThroughColour(model), GreyThroughColour(model, sigma_scale=1.0)
+    with torch.no_grad():
+        out = grey(y, 0.1)
+        assert torch.equal(out, model(y.repeat(1, 3, 1, 1), 0.1 * 3 ** 0.5).mean(1, keepdim=True))
+        assert torch.equal(grey(y, sigma=0.1), out)
+        plain = told_sigma(y, 0.1)
+
+    def psnr(a):
+        return float(-10 * torch.log10(((a - x) ** 2).mean()))
+
+    # measured: 20.0 -> 28.9 dB (26.2 told σ itself: equal noise in the three channels is σ·√3 to the network)
+    assert out.shape == x.shape and psnr(out) > 28.5 and psnr(out) > psnr(plain) + 2, (psnr(y), psnr(plain), psnr(out))
+    with pytest.raises(ValueError, match="takes 1-channel signals"):
+        grey(torch.rand(1, 3, 16, 16), 0.1)

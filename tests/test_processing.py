@@ -242,6 +242,28 @@ def test_a_call_the_network_cannot_take_is_refused_where_it_is_made(ctx):
     assert_allclose(anything(torch.ones(1, 1, 8, 8), 1, gamma=3), 2 * torch.ones(1, 1, 8, 8))  # a callable taking anything is not second-guessed
 
 
+def test_a_signal_with_other_channels_than_the_network_is_refused_before_it_runs(ctx):
+    """A grey image and a colour network used to fail in the first tile on a worker (reconstruct: after
+    the power method and the staging of every input)."""
+    import deepinv as dinv
+    from daskrecon.models import GreyThroughColour
+
+    model = small_dncnn(3)
+    d = dr.distribute(model, ctx, patch_size=16, overlap=8)
+    x = torch.rand(1, 1, 32, 32)
+    for grey in (x, da.from_array(x.numpy(), chunks=(1, 1, 16, 16))):
+        with pytest.raises(ShapeError, match=r"\(DnCNN\) takes 3-channel signals, this one has 1 .*GreyThroughColour"):
+            d(grey)
+    op = dinv.physics.Blur(filter=dinv.physics.blur.gaussian_blur(sigma=(1.0, 1.0)))
+    dphys = dr.distribute([op, op], ctx)
+    with pytest.raises(ShapeError, match="takes 3-channel signals, this one has 1"):
+        dr.reconstruct(dphys, [op(x), op(x)], d, n_iter=1, progress=False)
+    wrapped = GreyThroughColour(model)
+    assert_allclose(dr.distribute(wrapped, ctx, patch_size=16, overlap=8)(x), plain(wrapped, x), atol=1e-5)
+    with pytest.raises(ShapeError, match=r"\(GreyThroughColour\) takes 1-channel signals, this one has 3"):
+        dr.distribute(wrapped, ctx, patch_size=16, overlap=8)(torch.rand(1, 3, 32, 32))
+
+
 def test_a_tile_too_large_for_the_workers_is_refused_with_its_size_and_the_limit(ctx):
     from deepinv.models import DnCNN
 

@@ -199,6 +199,8 @@ def plan(physics: Any, ys: list, denoising: Denoising, fidelity: Any, *, x0: Any
         x0 = _whole_start(ctx, physics, [place_measurement(ctx, physics, i, v, None, (), (), np.dtype("f4"), True)
                                          for i, v in enumerate(ys)])
     shape, dtype = _shape_and_dtype(x0, local, y_shapes, ys)
+    if denoising.processing is not None:
+        denoising.processing.check_channels(shape)
     nbytes = math.prod(shape) * dtype.itemsize
     forms, distances = _forms(physics, local, fidelity, shape, y_shapes, nbytes)
     chunks = _chunks(denoising.processing, shape, dtype, forms, chunks, x0)

@@ -30,11 +30,13 @@ from daskrecon.frontend.context import DistributedContext
 from daskrecon.frontend.model_shipping import ModelShipment, module_of, param_dtype
 from daskrecon.frontend.tile_plan import CHECKPOINT_MODES, ActivationBudget, TilePlan
 from daskrecon.frontend.tile_precision import PrecisionChoice
+from daskrecon.errors import ShapeError
 from daskrecon.frontend.xarrays import is_dataarray, unwrap, wrap
 from daskrecon.planning.strategies import DistributedSignalStrategy, check_sizes, create_strategy
 from daskrecon.runtime.defaults import pick
 
-__all__ = ["CHECKPOINT_MODES", "DistributedPrior", "DistributedProcessing", "check_call", "default_align"]
+__all__ = ["CHECKPOINT_MODES", "DistributedPrior", "DistributedProcessing", "check_call", "default_align",
+           "input_channels"]
 
 
 def default_align(model: Any) -> int:
@@ -48,6 +50,21 @@ def default_align(model: Any) -> int:
         ups = sum(1 for n, _ in net.named_children() if n.startswith("Up") and n[2:].isdigit())
         return 2 ** ups if ups else 2 ** max(0, int(getattr(net, "scales", 4)) - 1)
     return 1
+
+
+def input_channels(model: Any) -> int | None:
+    """Channels a network takes, when known: a wrapper's declared ``in_channels``, else deepinv's DnCNN
+    or DRUNet (inside a prior too); ``None`` for others (not checked)."""
+    declared = getattr(type(model), "in_channels", None)
+    if isinstance(declared, int):
+        return declared
+    net = getattr(model, "denoiser", model)
+    name = type(net).__name__
+    if name == "DnCNN" and hasattr(net, "in_conv"):
+        return int(net.in_conv.in_channels)
+    if name == "DRUNet" and hasattr(net, "m_head"):
+        return int(net.m_head.in_channels) - 1  # the head also takes the noise-level map
+    return None
 
 
 def _unwrap_state(module: Any, state: dict, prefix: str, local_metadata: Any) -> None:
@@ -246,6 +263,7 @@ class DistributedProcessing(torch.nn.Module):
         if not isinstance(x, (da.Array, torch.Tensor)):
             raise TypeError(f"x must be a torch.Tensor or a dask.array.Array, got {type(x).__name__}")
         self.check_dtype(x.dtype)
+        self.check_channels(x.shape)
         check_call(self.processor, method, args, kwargs)
         self.resolve_precision(x, method, args, kwargs)
         if isinstance(x, da.Array):
@@ -277,6 +295,19 @@ class DistributedProcessing(torch.nn.Module):
         if weights is not None and t != weights:
             raise TypeError(f"x is {t} but the denoiser's weights are {weights}; convert x "
                             f"(x.to({weights})) or the model (model.to({t})) before distributing it")
+
+    def check_channels(self, shape: Sequence[int]) -> None:
+        """Refuse a signal whose channels the network does not take (where :func:`input_channels` knows them).
+
+        Otherwise the first tile fails on a worker, after the cluster has read and moved the data.
+        """
+        want = input_channels(self.processor)
+        if want is None or len(shape) < 2 or shape[1] == want:
+            return
+        hint = (" For a grey image and a colour network: daskrecon.models.GreyThroughColour(model)."
+                if (shape[1], want) == (1, 3) else "")
+        raise ShapeError(f"the denoiser ({type(self.processor).__name__}) takes {want}-channel signals, this one has "
+                         f"{shape[1]} (shape {tuple(shape)}; channels are axis 1, (B, C, [D,] H, W)).{hint}")
 
     def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         """The model's parameters gradients flow to: those that require grad, while autograd records."""
