@@ -112,6 +112,7 @@ def test_refusals_write_nothing(ctx, problem, tmp_path):
             dr.reconstruct(dphys, _dask(bad), dden, n_iter=1, step_size=0.3, progress=False,
                            checkpoint=str(tmp_path / "nan"))
         # A whole-image operator on an image no worker can hold: refused before anything runs or is written.
+        dden = dr.distribute(small_dncnn(1), ctx, patch_size=16, overlap=6)  # grey, as these images
         tomo = dr.distribute([dinv.physics.Tomography(angles=4, img_width=16)], ctx)
         huge = (1, 1, 60000, 60000)
         with pytest.raises(MemoryLimitError, match=r"operators \[0\] \(no chunk-wise form\) run on the whole image"):

@@ -242,7 +242,7 @@ def test_a_call_the_network_cannot_take_is_refused_where_it_is_made(ctx):
     assert_allclose(anything(torch.ones(1, 1, 8, 8), 1, gamma=3), 2 * torch.ones(1, 1, 8, 8))  # a callable taking anything is not second-guessed
 
 
-def test_a_signal_with_other_channels_than_the_network_is_refused_before_it_runs(ctx):
+def test_a_signal_with_other_channels_or_dimensions_than_the_network_is_refused_before_it_runs(ctx):
     """A grey image and a colour network used to fail in the first tile on a worker (reconstruct: after
     the power method and the staging of every input)."""
     import deepinv as dinv
@@ -262,6 +262,17 @@ def test_a_signal_with_other_channels_than_the_network_is_refused_before_it_runs
     assert_allclose(dr.distribute(wrapped, ctx, patch_size=16, overlap=8)(x), plain(wrapped, x), atol=1e-5)
     with pytest.raises(ShapeError, match=r"\(GreyThroughColour\) takes 1-channel signals, this one has 3"):
         dr.distribute(wrapped, ctx, patch_size=16, overlap=8)(torch.rand(1, 3, 32, 32))
+    with pytest.raises(ShapeError, match=r"\(DnCNN\) is a 2-D network, of images .*shape \(1, 3, 4, 32, 32\)\. "
+                                         r"For a volume and a 2-D network: daskrecon.models.SliceBySlice"):
+        d(torch.rand(1, 3, 4, 32, 32))
+    with pytest.raises(ShapeError, match=r"is a 3-D network, of volumes \(B, C, D, H, W\); this signal has shape "
+                                         r"\(1, 1, 32, 32\)\.$"):
+        dr.distribute(small_dncnn(1, dim=3), ctx, patch_size=16, overlap=8)(x)
+    from daskrecon.models import SliceBySlice
+
+    sliced = SliceBySlice(small_dncnn(3))  # a 2-D network made for volumes: not second-guessed
+    vol = torch.rand(1, 3, 4, 32, 32)
+    assert_allclose(dr.distribute(sliced, ctx, patch_size=16, overlap=(0, 8, 8))(vol), plain(sliced, vol), atol=1e-5)
 
 
 def test_a_tile_too_large_for_the_workers_is_refused_with_its_size_and_the_limit(ctx):

@@ -36,7 +36,7 @@ from daskrecon.planning.strategies import DistributedSignalStrategy, check_sizes
 from daskrecon.runtime.defaults import pick
 
 __all__ = ["CHECKPOINT_MODES", "DistributedPrior", "DistributedProcessing", "check_call", "default_align",
-           "input_channels"]
+           "input_channels", "spatial_dims"]
 
 
 def default_align(model: Any) -> int:
@@ -52,19 +52,37 @@ def default_align(model: Any) -> int:
     return 1
 
 
+def _known_network(model: Any) -> Any:
+    """deepinv's DnCNN or DRUNet inside ``model`` (itself, a prior's or a wrapper's ``denoiser``), else None."""
+    net = getattr(model, "denoiser", model)
+    name = type(net).__name__
+    if (name == "DnCNN" and hasattr(net, "in_conv")) or (name == "DRUNet" and hasattr(net, "m_head")):
+        return net
+    return None
+
+
 def input_channels(model: Any) -> int | None:
     """Channels a network takes, when known: a wrapper's declared ``in_channels``, else deepinv's DnCNN
     or DRUNet (inside a prior too); ``None`` for others (not checked)."""
     declared = getattr(type(model), "in_channels", None)
     if isinstance(declared, int):
         return declared
-    net = getattr(model, "denoiser", model)
-    name = type(net).__name__
-    if name == "DnCNN" and hasattr(net, "in_conv"):
+    net = _known_network(model)
+    if net is None:
+        return None
+    if type(net).__name__ == "DnCNN":
         return int(net.in_conv.in_channels)
-    if name == "DRUNet" and hasattr(net, "m_head"):
-        return int(net.m_head.in_channels) - 1  # the head also takes the noise-level map
-    return None
+    return int(net.m_head.in_channels) - 1  # DRUNet's head also takes the noise-level map
+
+
+def spatial_dims(model: Any) -> int | None:
+    """2 for a network of images, 3 for one of volumes, when known (deepinv's DnCNN or DRUNet, inside a
+    prior or a wrapper's ``denoiser``); ``None`` for others (not checked)."""
+    net = _known_network(model)
+    if net is None:
+        return None
+    first = net.in_conv if type(net).__name__ == "DnCNN" else net.m_head
+    return first.weight.dim() - 2
 
 
 def _unwrap_state(module: Any, state: dict, prefix: str, local_metadata: Any) -> None:
@@ -297,16 +315,25 @@ class DistributedProcessing(torch.nn.Module):
                             f"(x.to({weights})) or the model (model.to({t})) before distributing it")
 
     def check_channels(self, shape: Sequence[int]) -> None:
-        """Refuse a signal whose channels the network does not take (where :func:`input_channels` knows them).
+        """Refuse a signal whose channels or spatial dimensions the network does not take (where
+        :func:`input_channels` and :func:`spatial_dims` know them).
 
         Otherwise the first tile fails on a worker, after the cluster has read and moved the data.
         """
+        name = type(self.processor).__name__
+        dims = spatial_dims(self.processor)
+        if dims is not None and len(shape) - 2 != dims:
+            kind = {2: "images (B, C, H, W)", 3: "volumes (B, C, D, H, W)"}.get(dims, f"{dims}-D signals")
+            hint = (" For a volume and a 2-D network: daskrecon.models.SliceBySlice(model), tiled with "
+                    "overlap=(0, o, o)." if (dims, len(shape)) == (2, 5) else "")
+            raise ShapeError(f"the denoiser ({name}) is a {dims}-D network, of {kind}; this signal has shape "
+                             f"{tuple(shape)}.{hint}")
         want = input_channels(self.processor)
         if want is None or len(shape) < 2 or shape[1] == want:
             return
         hint = (" For a grey image and a colour network: daskrecon.models.GreyThroughColour(model)."
                 if (shape[1], want) == (1, 3) else "")
-        raise ShapeError(f"the denoiser ({type(self.processor).__name__}) takes {want}-channel signals, this one has "
+        raise ShapeError(f"the denoiser ({name}) takes {want}-channel signals, this one has "
                          f"{shape[1]} (shape {tuple(shape)}; channels are axis 1, (B, C, [D,] H, W)).{hint}")
 
     def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
