@@ -137,9 +137,12 @@ def test_bad_input(problem, tmp_path):
     with pytest.raises(ValueError, match="x0 has"):
         dr.reconstruct(dphys, y, dden, n_iter=1, progress=False, x0=torch.full_like(x_true, float("inf")),
                        checkpoint=ck, overwrite=True)
-    with pytest.raises(TypeError, match="x is torch.float64 but the denoiser's weights are torch.float32"):
+    with pytest.raises(TypeError, match=r"x0 is torch.float64 but the denoiser's weights are torch.float32; "
+                                        r"convert x0 \(x0.to\(torch.float32\)\)"):
         dr.reconstruct(dphys, y, dden, n_iter=1, progress=False, x0=torch.zeros_like(x_true, dtype=torch.float64),
                        checkpoint=ck, overwrite=True)
+    with pytest.raises(TypeError, match="y\\[0\\] is torch.float64 but the denoiser's weights"):  # named, not "x"
+        dr.reconstruct(dphys, [t.double() for t in y], dden, n_iter=1, progress=False, checkpoint=ck, overwrite=True)
     assert snapshot(tmp_path) == before  # refused runs leave the existing checkpoint as it was
     with pytest.raises(MeasurementError, match="y has 2 entries"):
         dr.reconstruct(dphys, dinv.utils.TensorList([y[0], y[1]]), dden, n_iter=1, progress=False)

@@ -250,7 +250,7 @@ def _validate(proc: Any, ys: list, x0: Any, storage: str) -> list[tuple[str, Any
         named.append(("x0", x0))
     for name, v in named:
         if proc is not None:
-            proc.check_dtype(v.dtype)  # before any pass over the data
+            proc.check_dtype(v.dtype, name)  # before any pass over the data
         if isinstance(v, torch.Tensor) and v.is_complex():
             raise TypeError(f"{name} is complex: the denoiser takes real images")
     return named

@@ -297,7 +297,7 @@ class DistributedProcessing(torch.nn.Module):
         own settings for one run (``reconstruct(precision=…)``) without changing them."""
         return self.precision_choice.resolve(self, x, method, args, kwargs or {}, requested=precision, tol=tol)
 
-    def check_dtype(self, dtype: Any) -> None:
+    def check_dtype(self, dtype: Any, name: str = "x") -> None:
         """Refuse inputs the network cannot take: complex values, or a float type other than its weights'.
 
         Casting silently would either lose precision (float64 → float32) or double the
@@ -311,8 +311,8 @@ class DistributedProcessing(torch.nn.Module):
         if not t.is_floating_point:
             raise TypeError(f"the denoiser takes floating-point images, got {t}; convert with x.float()")
         if weights is not None and t != weights:
-            raise TypeError(f"x is {t} but the denoiser's weights are {weights}; convert x "
-                            f"(x.to({weights})) or the model (model.to({t})) before distributing it")
+            raise TypeError(f"{name} is {t} but the denoiser's weights are {weights}; convert {name} "
+                            f"({name}.to({weights})) or the model (model.to({t})) before distributing it")
 
     def check_channels(self, shape: Sequence[int]) -> None:
         """Refuse a signal whose channels or spatial dimensions the network does not take (where
