@@ -268,6 +268,8 @@ def test_a_signal_with_other_channels_or_dimensions_than_the_network_is_refused_
     with pytest.raises(ShapeError, match=r"is a 3-D network, of volumes \(B, C, D, H, W\); this signal has shape "
                                          r"\(1, 1, 32, 32\)\.$"):
         dr.distribute(small_dncnn(1, dim=3), ctx, patch_size=16, overlap=8)(x)
+    with pytest.raises(ShapeError, match=r"shape \(32, 32\)\. Add the batch and channel axes: x\[None, None\]"):
+        d(torch.rand(32, 32))
     from daskrecon.models import SliceBySlice
 
     sliced = SliceBySlice(small_dncnn(3))  # a 2-D network made for volumes: not second-guessed

@@ -33,8 +33,13 @@ def test_the_denoiser_keeps_dims_coords_and_attrs(ctx):
         assert isinstance(lazy.data, da.Array)  # dask-backed in: lazy out
         with ctx.client.as_current():
             np.testing.assert_allclose(lazy.values, ref.numpy(), atol=1e-5)
-    with pytest.raises(ValueError, match="transpose it"):
-        dden(_labelled(x.numpy())[0], 0.05)  # 3 dims: refused, naming the layout
+    with pytest.raises(ValueError, match=r"add the axes it lacks: x.expand_dims\('b'\) for \(c, y, x\)"):
+        dden(_labelled(x.numpy())[0], 0.05)  # 3 dims: refused, naming the layout and the fix
+    grey = xr.DataArray(x[0, 0].numpy(), dims=("y", "x"))
+    with pytest.raises(ValueError, match=r"add the batch and channel axes: x.expand_dims\(\('b', 'c'\)\)"):
+        dden(grey, 0.05)
+    with pytest.raises(ValueError, match=r"transpose or reshape it"):
+        dden(xr.DataArray(x[..., None, None].numpy(), dims=("t", "band", "y", "x", "p", "q")), 0.05)
 
 
 def test_reconstruct_gives_a_dataarray_like_its_input(ctx):

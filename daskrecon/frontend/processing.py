@@ -325,7 +325,9 @@ class DistributedProcessing(torch.nn.Module):
         if dims is not None and len(shape) - 2 != dims:
             kind = {2: "images (B, C, H, W)", 3: "volumes (B, C, D, H, W)"}.get(dims, f"{dims}-D signals")
             hint = (" For a volume and a 2-D network: daskrecon.models.SliceBySlice(model), tiled with "
-                    "overlap=(0, o, o)." if (dims, len(shape)) == (2, 5) else "")
+                    "overlap=(0, o, o)." if (dims, len(shape)) == (2, 5) else
+                    " Add the batch and channel axes: x[None, None] for (H, W), x[None] for (C, H, W)."
+                    if len(shape) < dims + 2 else "")
             raise ShapeError(f"the denoiser ({name}) is a {dims}-D network, of {kind}; this signal has shape "
                              f"{tuple(shape)}.{hint}")
         want = input_channels(self.processor)

@@ -34,8 +34,13 @@ def unwrap(v: Any, name: str) -> Any:
     if not is_dataarray(v):
         return v
     if v.ndim not in (4, 5):
+        # Fewer axes is the common case (a microscope's (y, x) image): adding axes, not transposing, fits it.
+        fix = {2: f"add the batch and channel axes: {name}.expand_dims(('b', 'c')) for (y, x)",
+               3: f"add the axes it lacks: {name}.expand_dims('b') for (c, y, x), "
+                  f"{name}.expand_dims(('b', 'c')) for a volume (z, y, x)"}.get(
+            v.ndim, "transpose or reshape it (DataArray.transpose) to that layout")
         raise ValueError(f"{name} is a DataArray with dims {v.dims}: daskrecon takes (B, C, H, W) or (B, C, D, H, W) "
-                         "data in that order; transpose it (DataArray.transpose) to that layout first")
+                         f"data, by position; {fix} (the result keeps them; .squeeze() drops them)")
     data = v.data
     if isinstance(data, da.Array):
         return data
