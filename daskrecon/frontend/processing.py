@@ -327,7 +327,7 @@ class DistributedProcessing(torch.nn.Module):
             hint = (" For a volume and a 2-D network: daskrecon.models.SliceBySlice(model), tiled with "
                     "overlap=(0, o, o)." if (dims, len(shape)) == (2, 5) else
                     " Add the batch and channel axes: x[None, None] for (H, W), x[None] for (C, H, W)."
-                    if len(shape) < dims + 2 else "")
+                    if len(shape) < 4 else "")
             raise ShapeError(f"the denoiser ({name}) is a {dims}-D network, of {kind}; this signal has shape "
                              f"{tuple(shape)}.{hint}")
         want = input_channels(self.processor)
