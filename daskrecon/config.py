@@ -15,7 +15,7 @@ Example (every key shown; only ``measurements`` and ``operators`` are required):
     angle = 0.0
     padding = "circular"                       # deepinv Blur padding
 
-    [denoiser]
+    [denoiser]                                 # keys left out: daskrecon.denoiser.* of dask.config
     weights = "bundled"                        # bundled (DnCNN) | bundled-drunet (the demo's) | bundled-3d |
                                                # a state-dict file (loaded weights_only; deepinv's DRUNet or
                                                # DnCNN, sizes read from the weights)
@@ -97,6 +97,7 @@ from daskrecon.frontend.omezarr import is_ome_zarr
 from daskrecon.operators.chunkwise import local_form
 from daskrecon.planning.precision import check_precision
 from daskrecon.runtime.arrays import as_numpy
+from daskrecon.runtime.defaults import pick
 from daskrecon.runtime.waiting import bounded, compute
 
 __all__ = ["ConfigError", "OutputExistsError", "load_config", "run_config"]
@@ -192,7 +193,7 @@ def load_config(path: str | Path) -> dict:
                           "or change the algorithm")
     den = cfg.get("denoiser", {})
     try:
-        check_precision(_get(den, "precision", "denoiser", str, "fp32"),
+        check_precision(pick(_get(den, "precision", "denoiser", str, None), "denoiser.precision"),
                         _get(den, "precision_tol", "denoiser", float, None))
     except ValueError as exc:
         raise ConfigError(f"denoiser: {exc}") from None
@@ -620,8 +621,9 @@ def run_config(path: str | Path, check: bool = False, echo: Any = print) -> Any:
     with make_context(cfg.get("cluster", {})) as ctx:
         echo(f"cluster: {ctx.num_workers} workers, dashboard {ctx.dashboard_link}")
         dden = None if model is None else dr.distribute(
-            model, ctx, patch_size=_get(den, "patch_size", "denoiser", int, 256),
-            overlap=_get(den, "overlap", "denoiser", int, 8), precision=_get(den, "precision", "denoiser", str, "fp32"),
+            # keys left out: None, the configured defaults (daskrecon.denoiser.* in dask.config), as in Python
+            model, ctx, patch_size=_get(den, "patch_size", "denoiser", int, None),
+            overlap=_get(den, "overlap", "denoiser", int, None), precision=_get(den, "precision", "denoiser", str, None),
             precision_tol=_get(den, "precision_tol", "denoiser", float, None))
         if streamed_check:
             return _check_streamed(ctx, cfg, ys, x_true, dden, echo)

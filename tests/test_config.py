@@ -388,3 +388,31 @@ def test_a_grey_image_goes_through_a_colour_denoiser_and_other_channels_are_refu
     result = run(cfg)
     assert result.exit_code == 2 and "the network takes 3-channel signals, the measurements give 2" in result.output
     assert "cluster:" not in result.output
+
+
+def test_denoiser_keys_left_out_take_the_configured_defaults(inputs, monkeypatch):
+    """As the Python API does (docs/configuration.md): the CLI used to fix 256 / 8 / fp32 itself."""
+    import dask
+
+    from daskrecon.frontend.processing import DistributedProcessing
+
+    made = []
+    init = DistributedProcessing.__init__
+
+    def record(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append((self.patch_size, self.overlap, self.precision))
+
+    monkeypatch.setattr(DistributedProcessing, "__init__", record)
+    cfg = inputs / "run.toml"
+    cfg.write_text(CONFIG.format(out="a.npy").replace("patch_size = 32\noverlap = 8\n", ""))
+    with dask.config.set({"daskrecon.denoiser.patch-size": 24, "daskrecon.denoiser.overlap": 6}):
+        assert run(cfg).exit_code == 0
+    assert made[-1] == (24, 6, "fp32")
+    with dask.config.set({"daskrecon.denoiser.precision": "half"}):  # checked before anything runs
+        result = run(cfg)
+    assert result.exit_code == 2 and "precision must be one of" in result.output and "cluster:" not in result.output
+    cfg.write_text(CONFIG.format(out="b.npy"))  # the keys given win
+    with dask.config.set({"daskrecon.denoiser.patch-size": 24}):
+        assert run(cfg).exit_code == 0
+    assert made[-1] == (32, 8, "fp32")
