@@ -90,7 +90,8 @@ def network_from_state_dict(state: dict[str, torch.Tensor], architecture: str | 
 
     Channels, widths, depth and dimension (2-D or 3-D) are read from the weights' shapes, so deepinv's
     own DRUNet and DnCNN checkpoints (colour or grey), the bundled networks and those trained by
-    ``scripts/train_denoiser.py`` all load without their constructor's arguments.
+    ``scripts/train_denoiser.py`` all load without their constructor's arguments; names saved from
+    ``DataParallel``/DDP (``module.``) or ``torch.compile`` (``_orig_mod.``) are taken too.
 
     Parameters
     ----------
@@ -112,6 +113,9 @@ def network_from_state_dict(state: dict[str, torch.Tensor], architecture: str | 
     """
     from deepinv.models import DnCNN, DRUNet
 
+    for prefix in ("module.", "_orig_mod."):  # saved from DataParallel/DDP, or from torch.compile
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
     found = _architecture_of(state)
     if architecture is not None and architecture not in ARCHITECTURES:
         raise ValueError(f"architecture must be one of {list(ARCHITECTURES)}, got {architecture!r}")

@@ -99,6 +99,8 @@ def test_a_network_is_rebuilt_from_its_weights_alone(tmp_path, make):
     x = torch.rand(1, channels, *([16] * dim))
     with torch.no_grad():
         assert torch.equal(loaded(x, 0.1), model(x, 0.1))
+        torch.save({"state_dict": torch.nn.DataParallel(model).state_dict()}, tmp_path / "ddp.pth")  # "module." names
+        assert torch.equal(load_network(tmp_path / "ddp.pth")(x, 0.1), model(x, 0.1))
 
 
 def test_weights_of_another_network_are_refused_with_what_they_are(tmp_path):
