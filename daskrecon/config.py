@@ -4,7 +4,8 @@ Example (every key shown; only ``measurements`` and ``operators`` are required):
 
     [input]
     measurements = ["y0.zarr", "y1.png"]       # one per operator: .zarr (read lazily), .npy, .png, .tif;
-                                               # volumes: 5-D (1, C, D, H, W) .zarr / .npy arrays;
+                                               # volumes: 5-D (1, C, D, H, W) .zarr / .npy arrays,
+                                               # TIFF stacks (axes read from the file: ZYX, ZCYX...);
                                                # OME-Zarr images (read lazily, axes mapped to (B, C, [D,] H, W))
     ground_truth = "x.png"                     # optional, for the PSNR
     level = 0                                  # which level of OME-Zarr inputs (0: full resolution)
@@ -348,9 +349,9 @@ def read_lazy(path: str | Path, level: int = 0) -> Any:
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """An image as float32 ``(1, C, H, W)`` (a volume ``(1, C, D, H, W)`` from a 5-D Zarr / .npy array):
-    Zarr / .npy arrays as stored (made at least 4-D), PNG/TIFF scaled to [0, 1]. ``path``: a local path
-    or an fsspec URL."""
+    """An image as float32 ``(1, C, H, W)`` (a volume ``(1, C, D, H, W)`` from a 5-D Zarr / .npy array or
+    a TIFF stack): Zarr / .npy arrays as stored (made at least 4-D), PNG/TIFF scaled to [0, 1], a TIFF's
+    axes read from the file (:func:`_read_tiff`). ``path``: a local path or an fsspec URL."""
     path = str(path)
     fs, root = _fs(path)
     if not fs.exists(root):
@@ -367,6 +368,8 @@ def read_image(path: str | Path) -> np.ndarray:
     elif _suffix(path) == ".npy":
         with fs.open(root, "rb") as f:
             a = np.load(f).astype(np.float32)
+    elif _suffix(path) in (".tif", ".tiff"):
+        a = _read_tiff(fs.cat_file(root), path)
     else:
         import imageio.v3 as iio
         from skimage import util
@@ -376,6 +379,43 @@ def read_image(path: str | Path) -> np.ndarray:
     while a.ndim < 4:
         a = a[None]
     return np.ascontiguousarray(a)
+
+
+#: TIFF axes (tifffile's letters) taken as channels, and as the depth of a volume.
+_TIFF_CHANNELS, _TIFF_DEPTH = ("S", "C"), ("Z", "Q", "I")
+
+
+def _read_tiff(data: bytes, path: str) -> np.ndarray:
+    """A TIFF as float32 ``(1, C, H, W)``, or ``(1, C, D, H, W)`` for a stack, scaled to [0, 1].
+
+    The axes are the file's own (tifffile reads them from its tags, OME and ImageJ metadata
+    included), not guessed from the array's shape: a (Z, Y, X) stack of 5 slices is a volume, not an
+    RGB image of its first three columns. Axes of length 1 are dropped; time series and other
+    axes are refused.
+    """
+    import io
+
+    import tifffile
+    from skimage import util
+
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        series = tif.series[0]
+        axes, a = series.axes.upper(), series.asarray()
+    keep = [i for i, n in enumerate(a.shape) if n > 1 or axes[i] in "YX"]
+    a, axes = a.reshape([a.shape[i] for i in keep]), "".join(axes[i] for i in keep)
+    unknown = [c for c in axes if c not in "YX" + "".join(_TIFF_CHANNELS + _TIFF_DEPTH)]
+    chans, depth = [c for c in axes if c in _TIFF_CHANNELS], [c for c in axes if c in _TIFF_DEPTH]
+    if unknown or len(chans) > 1 or len(depth) > 1 or "Y" not in axes or "X" not in axes:
+        raise ConfigError(f"{path!r} has TIFF axes {axes!r} (shape {a.shape}): daskrecon reads images (Y, X), "
+                          "colour images (Y, X, S) and stacks (Z, Y, X), with or without channels; save one "
+                          "time point / position per file")
+    order = [*chans, *depth, "Y", "X"]
+    a = np.transpose(a, [axes.index(c) for c in order])
+    if not chans:
+        a = a[None]
+    elif chans == ["S"] and a.shape[0] == 4:
+        a = a[:3]  # RGBA: the alpha channel is not image
+    return util.img_as_float32(a)[None]
 
 
 def write_image(path: str | Path, x: Any, overwrite: bool, ctx: Any = None, ome: dict | None = None) -> str:

@@ -416,3 +416,49 @@ def test_denoiser_keys_left_out_take_the_configured_defaults(inputs, monkeypatch
     with dask.config.set({"daskrecon.denoiser.patch-size": 24}):
         assert run(cfg).exit_code == 0
     assert made[-1] == (32, 8, "fp32")
+
+
+def test_tiff_axes_are_read_from_the_file_and_a_stack_is_a_volume(tmp_path):
+    """A (Z, Y, X) stack used to be read as an RGB image of its first three columns."""
+    import tifffile
+    from deepinv.physics import Blur
+    from deepinv.physics.functional import gaussian_blur
+
+    from daskrecon.config import read_image
+    from daskrecon.demo import demo_volume
+
+    rng = np.random.default_rng(0)
+    stack = (rng.random((5, 24, 20)) * 255).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "stack.tif", stack)
+    np.testing.assert_allclose(read_image(tmp_path / "stack.tif"), stack[None, None] / 255, rtol=1e-6)
+    rgb = (rng.random((24, 20, 4)) * 255).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "rgba.tif", rgb, photometric="rgb", extrasamples=["unassalpha"])
+    np.testing.assert_allclose(read_image(tmp_path / "rgba.tif"),
+                               np.moveaxis(rgb[..., :3], -1, 0)[None] / 255, rtol=1e-6)
+    zcyx = (rng.random((4, 2, 24, 20)) * 65535).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "zcyx.tif", zcyx, imagej=True, metadata={"axes": "ZCYX"})
+    np.testing.assert_allclose(read_image(tmp_path / "zcyx.tif"), zcyx.transpose(1, 0, 2, 3)[None] / 65535, rtol=1e-6)
+    tifffile.imwrite(tmp_path / "time.tif", zcyx[:, :1], imagej=True, metadata={"axes": "TZYX"})
+    with pytest.raises(ValueError, match="has TIFF axes 'TYX'"):  # (3 time points; the one-slice Z dropped)
+        read_image(tmp_path / "time.tif")
+    # the batch CLI on a TIFF stack: the volume run, as from the same values in .npy files
+    x = demo_volume((16, 32, 32), chunks=16, seed=5).compute(scheduler="sync")
+    blur = Blur(filter=gaussian_blur(psf_size=None, sigma=(1.0, 1.0, 1.0)), padding="reflect")
+    y = np.clip(blur.A(torch.from_numpy(x)).numpy() + 0.02 * rng.standard_normal(x.shape).astype(np.float32), 0, 1)
+    outs = []
+    for kind in ("tif", "npy"):
+        for name, v in (("y", y), ("x", x)):
+            q = (v[0, 0] * 65535).round().astype(np.uint16)
+            if kind == "tif":
+                tifffile.imwrite(tmp_path / f"{name}.tif", q)
+            else:
+                np.save(tmp_path / f"{name}.npy", (q / np.float32(65535)).astype(np.float32)[None, None])
+        cfg = tmp_path / f"{kind}.toml"
+        cfg.write_text(VOLUME_CONFIG.replace('"y.zarr"', f'"y.{kind}"').replace('"x.zarr"', f'"x.{kind}"')
+                       .replace('"result.zarr"', f'"result-{kind}.npy"').replace("iterations = 4", "iterations = 2"))
+        result = run(cfg)
+        assert result.exit_code == 0, result.output
+        outs.append(np.load(tmp_path / f"result-{kind}.npy"))
+    assert outs[0].shape == (1, 1, 16, 32, 32)
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-6)
+    assert np.abs(outs[0] - y).max() > 1e-2  # it ran: not the measurement copied
