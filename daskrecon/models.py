@@ -270,10 +270,10 @@ class GreyThroughColour(Denoiser):
 
     A grey image is a colour image whose channels are equal, inside what the bundled (colour) networks were
     trained on, but its noise is equal in the three channels too: what a colour network would see as
-    noise of ``σ·√3`` per channel, averaged over them. Told ``σ`` it leaves most of the noise in
-    (measured with the bundled DRUNet at σ 0.1 on scikit-image's camera, 512²: 26.2 dB told σ, 29.0 dB
-    told σ·√3, from 20.0; astronaut in grey 26.4 and 29.6). Blind networks (the bundled DnCNN) ignore
-    the level. ``daskrecon reconstruct`` wraps a colour denoiser in this for a grey image by itself and
+    noise of ``σ·√3`` per channel, averaged over them. Told ``σ`` it leaves much of the noise in
+    (the bundled DRUNet at σ 0.1 on scikit-image's camera, 512²: 26.2 dB told σ, 28.9 dB told σ·√3, from
+    20.0; the astronaut in grey 26.5 and 29.6; ``python benchmarks/bench_grey_through_colour.py``). Blind
+    networks (the bundled DnCNN) ignore the level. ``daskrecon reconstruct`` wraps a colour denoiser in this for a grey image by itself and
     says so.
 
     Parameters
@@ -310,4 +310,4 @@ class GreyThroughColour(Denoiser):
         return out.mean(dim=1, keepdim=True)
 
     def _scaled(self, sigma: Any) -> Any:
-        return sigma * self.sigma_scale if isinstance(sigma, (int, float, torch.Tensor)) and sigma is not None else sigma
+        return sigma * self.sigma_scale if isinstance(sigma, (int, float, torch.Tensor)) else sigma

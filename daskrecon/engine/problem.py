@@ -200,7 +200,7 @@ def plan(physics: Any, ys: list, denoising: Denoising, fidelity: Any, *, x0: Any
                                          for i, v in enumerate(ys)])
     shape, dtype = _shape_and_dtype(x0, local, y_shapes, ys)
     if denoising.processing is not None:
-        denoising.processing.check_channels(shape)
+        denoising.processing.check_layout(shape)
     nbytes = math.prod(shape) * dtype.itemsize
     forms, distances = _forms(physics, local, fidelity, shape, y_shapes, nbytes)
     chunks = _chunks(denoising.processing, shape, dtype, forms, chunks, x0)

@@ -281,7 +281,7 @@ class DistributedProcessing(torch.nn.Module):
         if not isinstance(x, (da.Array, torch.Tensor)):
             raise TypeError(f"x must be a torch.Tensor or a dask.array.Array, got {type(x).__name__}")
         self.check_dtype(x.dtype)
-        self.check_channels(x.shape)
+        self.check_layout(x.shape)
         check_call(self.processor, method, args, kwargs)
         self.resolve_precision(x, method, args, kwargs)
         if isinstance(x, da.Array):
@@ -314,7 +314,7 @@ class DistributedProcessing(torch.nn.Module):
             raise TypeError(f"{name} is {t} but the denoiser's weights are {weights}; convert {name} "
                             f"({name}.to({weights})) or the model (model.to({t})) before distributing it")
 
-    def check_channels(self, shape: Sequence[int]) -> None:
+    def check_layout(self, shape: Sequence[int]) -> None:
         """Refuse a signal whose channels or spatial dimensions the network does not take (where
         :func:`input_channels` and :func:`spatial_dims` know them).
 
