@@ -12,8 +12,7 @@ from deepinv.models import Denoiser
 
 __all__ = ["ARCHITECTURES", "BUNDLED_DENOISER", "BUNDLED_DENOISER_3D", "BUNDLED_DRUNET", "SliceBySlice",
            "GreyThroughColour", "bundled_denoiser", "bundled_denoiser_3d", "bundled_drunet", "load_network",
-           "load_state_dict",
-           "network_from_state_dict"]
+           "load_state_dict", "network_from_state_dict", "network_layout"]
 
 #: Architecture of the bundled weights (a small DnCNN: stride 1, receptive radius 8).
 BUNDLED_DENOISER = dict(in_channels=3, out_channels=3, depth=8, nf=32)
@@ -66,6 +65,17 @@ def _architecture_of(state: dict[str, torch.Tensor]) -> str | None:
     return None
 
 
+def network_layout(state: dict[str, torch.Tensor]) -> tuple[int, int] | None:
+    """``(input channels, spatial dimensions)`` of deepinv DnCNN or DRUNet weights (2 for images, 3 for
+    volumes), read from their first convolution; ``None`` for other weights."""
+    arch = _architecture_of(state)
+    if arch is None:
+        return None
+    first = state["m_head.weight" if arch == "drunet" else "in_conv.weight"]
+    # DRUNet's head also takes the noise-level map: one input channel more than the image has
+    return int(first.shape[1]) - (arch == "drunet"), first.dim() - 2
+
+
 def _drunet_options(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     head, tail = state["m_head.weight"], state["m_tail.weight"]
     nb = sum(1 for k in state if k.startswith("m_down1.") and k.endswith(".res.0.weight"))
@@ -73,16 +83,17 @@ def _drunet_options(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     if any(w is None for w in downs):
         raise ValueError("these DRUNet weights have no strided-convolution down-sampling (downsample_mode "
                          "'strideconv'); build the network yourself and load them with load_state_dict")
-    # The head takes the image and a noise-level map: in_channels + 1 inputs.
-    return dict(in_channels=head.shape[1] - 1, out_channels=tail.shape[0],
-                nc=(head.shape[0], *(int(w.shape[0]) for w in downs)), nb=nb, dim=head.ndim - 2)
+    channels, dim = network_layout(state)
+    return dict(in_channels=channels, out_channels=tail.shape[0],
+                nc=(head.shape[0], *(int(w.shape[0]) for w in downs)), nb=nb, dim=dim)
 
 
 def _dncnn_options(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     first, last = state["in_conv.weight"], state["out_conv.weight"]
     inner = sum(1 for k in state if k.startswith("conv_list.") and k.endswith(".weight"))
-    return dict(in_channels=first.shape[1], out_channels=last.shape[0], depth=inner + 2, nf=first.shape[0],
-                bias="in_conv.bias" in state, dim=first.ndim - 2)
+    channels, dim = network_layout(state)
+    return dict(in_channels=channels, out_channels=last.shape[0], depth=inner + 2, nf=first.shape[0],
+                bias="in_conv.bias" in state, dim=dim)
 
 
 def network_from_state_dict(state: dict[str, torch.Tensor], architecture: str | None = None) -> torch.nn.Module:

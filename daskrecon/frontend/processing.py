@@ -24,14 +24,15 @@ import numpy as np
 import torch
 from distributed import Future
 
+from daskrecon.errors import ShapeError
 from daskrecon.frontend import tile_executors
 from daskrecon.frontend.autograd import denoiser_call, needs_grad
 from daskrecon.frontend.context import DistributedContext
 from daskrecon.frontend.model_shipping import ModelShipment, module_of, param_dtype
 from daskrecon.frontend.tile_plan import CHECKPOINT_MODES, ActivationBudget, TilePlan
 from daskrecon.frontend.tile_precision import PrecisionChoice
-from daskrecon.errors import ShapeError
 from daskrecon.frontend.xarrays import is_dataarray, unwrap, wrap
+from daskrecon.models import network_layout
 from daskrecon.planning.strategies import DistributedSignalStrategy, check_sizes, create_strategy
 from daskrecon.runtime.defaults import pick
 
@@ -52,13 +53,13 @@ def default_align(model: Any) -> int:
     return 1
 
 
-def _known_network(model: Any) -> Any:
-    """deepinv's DnCNN or DRUNet inside ``model`` (itself, a prior's or a wrapper's ``denoiser``), else None."""
+def _layout(model: Any) -> tuple[int, int] | None:
+    """(channels, spatial dims) of deepinv's DnCNN or DRUNet inside ``model`` (itself, a prior's or a
+    wrapper's ``denoiser``), read from its weights (:func:`daskrecon.models.network_layout`); else None."""
     net = getattr(model, "denoiser", model)
-    name = type(net).__name__
-    if (name == "DnCNN" and hasattr(net, "in_conv")) or (name == "DRUNet" and hasattr(net, "m_head")):
-        return net
-    return None
+    if type(net).__name__ not in ("DnCNN", "DRUNet") or not isinstance(net, torch.nn.Module):
+        return None
+    return network_layout(net.state_dict())
 
 
 def input_channels(model: Any) -> int | None:
@@ -67,22 +68,15 @@ def input_channels(model: Any) -> int | None:
     declared = getattr(type(model), "in_channels", None)
     if isinstance(declared, int):
         return declared
-    net = _known_network(model)
-    if net is None:
-        return None
-    if type(net).__name__ == "DnCNN":
-        return int(net.in_conv.in_channels)
-    return int(net.m_head.in_channels) - 1  # DRUNet's head also takes the noise-level map
+    layout = _layout(model)
+    return layout[0] if layout else None
 
 
 def spatial_dims(model: Any) -> int | None:
     """2 for a network of images, 3 for one of volumes, when known (deepinv's DnCNN or DRUNet, inside a
     prior or a wrapper's ``denoiser``); ``None`` for others (not checked)."""
-    net = _known_network(model)
-    if net is None:
-        return None
-    first = net.in_conv if type(net).__name__ == "DnCNN" else net.m_head
-    return first.weight.dim() - 2
+    layout = _layout(model)
+    return layout[1] if layout else None
 
 
 def _unwrap_state(module: Any, state: dict, prefix: str, local_metadata: Any) -> None:
