@@ -10,9 +10,21 @@ from typing import Any
 import torch
 from deepinv.models import Denoiser
 
-__all__ = ["ARCHITECTURES", "BUNDLED_DENOISER", "BUNDLED_DENOISER_3D", "BUNDLED_DRUNET", "SliceBySlice",
-           "GreyThroughColour", "bundled_denoiser", "bundled_denoiser_3d", "bundled_drunet", "load_network",
-           "load_state_dict", "network_from_state_dict", "network_layout"]
+__all__ = [
+    "ARCHITECTURES",
+    "BUNDLED_DENOISER",
+    "BUNDLED_DENOISER_3D",
+    "BUNDLED_DRUNET",
+    "GreyThroughColour",
+    "SliceBySlice",
+    "bundled_denoiser",
+    "bundled_denoiser_3d",
+    "bundled_drunet",
+    "load_network",
+    "load_state_dict",
+    "network_from_state_dict",
+    "network_layout",
+]
 
 #: Architecture of the bundled weights (a small DnCNN: stride 1, receptive radius 8).
 BUNDLED_DENOISER = dict(in_channels=3, out_channels=3, depth=8, nf=32)
