@@ -8,7 +8,7 @@ import typer
 
 from daskrecon.config import ConfigError, run_config
 from daskrecon.demo import DEMO_DENOISERS, run_demo
-from daskrecon.errors import ClusterConnectionError
+from daskrecon.errors import ClusterConnectionError, OutputExistsError
 from daskrecon.frontend.context import DistributedContext
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -31,8 +31,12 @@ def demo(
     if denoiser not in DEMO_DENOISERS:
         raise typer.BadParameter(f"{denoiser!r} is not a bundled denoiser: choose {' or '.join(DEMO_DENOISERS)}",
                                  param_hint="--denoiser")
-    run_demo(size=size, iterations=iterations, n_workers=workers, output=output, denoiser=denoiser,
-             equivariant=equivariant, progress=progress, echo=typer.echo)
+    try:
+        run_demo(size=size, iterations=iterations, n_workers=workers, output=output, denoiser=denoiser,
+                 equivariant=equivariant, progress=progress, echo=typer.echo)
+    except OutputExistsError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
 
 
 @app.command()

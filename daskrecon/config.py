@@ -202,8 +202,65 @@ def load_config(path: str | Path) -> dict:
     if prox_solver not in ("auto", "cg", "fourier"):
         raise ConfigError(f"solver.prox_solver must be 'auto', 'cg' or 'fourier', got {prox_solver!r}")
     _check_output(cfg, base)
+    _check_apart(cfg, base)
     cfg["_base"] = base
     return cfg
+
+
+def _location(base: Path, p: str) -> str:
+    """Where ``p`` points, comparable with another location: symlinks resolved for local paths."""
+    p = _resolve(base, p)
+    if p.startswith("file://"):
+        p = p[len("file://"):]
+    if _is_url(p):
+        return p.rstrip("/")
+    return os.path.realpath(p)
+
+
+def _relation(a: str, b: str) -> str | None:
+    """How location ``a`` stands to ``b``: "is", "holds", "lies inside", or None when apart."""
+    if a == b:
+        return "is"
+    if b.startswith(a.rstrip("/") + "/"):
+        return "holds"
+    if a.startswith(b.rstrip("/") + "/"):
+        return "lies inside"
+    return None
+
+
+def _check_apart(cfg: dict, base: Path) -> None:
+    """The output and the checkpoint never write over an input, nor the output over the checkpoint.
+
+    Writing the result replaces what is at ``output.path`` (with ``overwrite``) while the run may still
+    read from its inputs and its checkpoint: the same location, or one inside the other, would destroy
+    the user's data, whatever ``overwrite`` says.
+    """
+    inp = cfg["input"]
+    inputs = [(f"input.measurements[{i}]", p) for i, p in enumerate(inp["measurements"])]
+    if inp.get("ground_truth") is not None:
+        inputs.append(("input.ground_truth", _get(inp, "ground_truth", "input", str)))
+    out = _get(cfg.get("output", {}), "path", "output", str, "result.zarr")
+    ckpt = _get(cfg.get("checkpoint", {}), "path", "checkpoint", str, None)
+    here = _location(base, out)
+    for name, p in inputs:
+        rel = _relation(here, _location(base, p))
+        if rel:
+            raise ConfigError(f"output.path {out!r} {rel} {name} {p!r}: writing the result there would destroy that "
+                              f"input; choose another output path")
+    if ckpt is None:
+        return
+    there = _location(base, ckpt)
+    rel = _relation(here, there)
+    if rel in ("is", "holds"):
+        raise ConfigError(f"output.path {out!r} {rel} checkpoint.path {ckpt!r}: the result is streamed from the "
+                          f"checkpoint while it is written, and writing it there would destroy both; choose another "
+                          f"output path")
+    for name, p in inputs:
+        # a checkpoint folder that holds the inputs is fine: daskrecon touches only the arrays it made there
+        rel = _relation(there, _location(base, p))
+        if rel in ("is", "lies inside"):
+            raise ConfigError(f"checkpoint.path {ckpt!r} {rel} {name} {p!r}: the checkpoint's arrays would be written "
+                              f"into that input; choose another checkpoint folder")
 
 
 #: Output formats: what each can hold.
@@ -444,7 +501,10 @@ def write_image(path: str | Path, x: Any, overwrite: bool, ctx: Any = None, ome:
             raise ValueError("writing a dask array needs the context whose cluster holds it")
         bound = dict(client=ctx.client, what="writing the result", stall_timeout=ctx.stall_timeout)
         if suffix == ".zarr":  # streams into Zarr chunk by chunk, written by the workers: they must see it
-            from daskrecon.runtime.storage import check_shared
+            from daskrecon.runtime.storage import check_not_source, check_shared
+
+            if overwrite:
+                check_not_source(x, target)
 
             tfs, troot = _fs(target)
             parent = tfs._parent(troot)

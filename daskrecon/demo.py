@@ -15,10 +15,35 @@ from daskrecon.engine.loop import psnr as _psnr
 if TYPE_CHECKING:
     import dask.array as da
 
-__all__ = ["DEMO_DENOISERS", "demo_image", "demo_problem", "demo_schedule", "demo_volume", "run_demo"]
+__all__ = ["DEMO_DENOISERS", "DEMO_OUTPUTS", "demo_image", "demo_problem", "demo_schedule", "demo_volume", "run_demo"]
 
 #: The bundled denoisers the demo can run (``run_demo(denoiser=...)``, ``daskrecon demo --denoiser``).
 DEMO_DENOISERS = ("drunet", "dncnn")
+#: What the demo writes into its output folder.
+DEMO_OUTPUTS = ("reconstruction.zarr", "demo.png", "convergence.png", "summary.json")
+_MARK = "daskrecon demo"
+
+
+def _is_demo_folder(out: Path) -> bool:
+    """Whether ``out`` holds an earlier demo's outputs (its summary.json is the demo's)."""
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(summary, dict) and (summary.get("written_by") == _MARK
+                                          or {"psnr_reconstruction_db", "outputs"} <= set(summary))
+
+
+def _check_output_folder(out: Path) -> None:
+    """Refuse a folder where files of the demo's output names exist that an earlier demo did not write."""
+    from daskrecon.errors import OutputExistsError
+
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{str(out)!r} is a file: the demo writes a folder; pass --output a new folder")
+    taken = [n for n in DEMO_OUTPUTS if (out / n).exists()]
+    if taken and not _is_demo_folder(out):
+        raise OutputExistsError(f"{str(out)!r} holds {', '.join(taken)}, not written by an earlier demo: they are left "
+                                f"as they are; pass --output a new folder (output= in Python)")
 
 
 def demo_image(size: int = 256) -> torch.Tensor:
@@ -133,6 +158,10 @@ def run_demo(
 ) -> dict:
     """Run the demo and write ``reconstruction.zarr``, ``demo.png``, ``convergence.png`` and ``summary.json``.
 
+    Into ``output``: a new folder, or one an earlier demo wrote (its outputs are replaced); files of
+    those names that the demo did not write are refused (:class:`~daskrecon.errors.OutputExistsError`),
+    before any work.
+
     ``denoiser`` is ``"drunet"`` (the bundled small DRUNet, tiles overlapping by 32 pixels) or
     ``"dncnn"`` (the bundled DnCNN, exact with an overlap of 8). Each runs the algorithm measured
     best for it (``benchmarks/bench_demo_priors.py``): the non-blind DRUNet ADMM with a decreasing σ
@@ -167,6 +196,7 @@ def run_demo(
         described = "RED, step 0.5, weight 0.5"
 
     out = Path(output)
+    _check_output_folder(out)  # before the cluster: someone else's files there are never replaced
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     x_true, ops, y = demo_problem(size, noise)
@@ -177,9 +207,12 @@ def run_demo(
         x, history = dr.reconstruct(dphys, y, dden, n_iter=iterations, x_true=x_true, progress=progress,
                                     return_history=True, **settings)
     seconds = time.perf_counter() - t0
-    zarr.save_array(str(out / "reconstruction.zarr"), x.cpu().numpy())
+    result = x.cpu().numpy()
+    # an earlier demo's (checked above): replaced
+    zarr.create_array(str(out / "reconstruction.zarr"), shape=result.shape, dtype=result.dtype, overwrite=True)[...] = result
     _figures(out, x_true, y[0], x, history)
     summary = {
+        "written_by": _MARK,
         "image": f"skimage astronaut, 1x3x{size}x{size}",
         "operators": "3 circular Gaussian blurs (sigma 1, 2, (1.5, 3) at 30 degrees) + Gaussian noise "
                      f"sigma={noise}",
@@ -189,7 +222,7 @@ def run_demo(
         "psnr_measurements_db": [_psnr(y[i], x_true) for i in range(len(y))],
         "psnr_reconstruction_db": _psnr(x, x_true),
         "seconds": seconds,
-        "outputs": [str(out / n) for n in ("reconstruction.zarr", "demo.png", "convergence.png", "summary.json")],
+        "outputs": [str(out / n) for n in DEMO_OUTPUTS],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     best = max(summary["psnr_measurements_db"])

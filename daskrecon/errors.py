@@ -122,3 +122,12 @@ class OutputExistsError(DaskreconError, FileExistsError):
 
     Nothing is deleted: pass ``overwrite=True`` (``output.overwrite = true`` in a config) or another path.
     """
+
+
+class OverwriteSourceError(DaskreconError, ValueError):
+    """A result would be written over the data it is computed from.
+
+    Replacing a Zarr store that a dask array still reads would delete the chunks before they are
+    read (the written result would be the fill value). Refused whatever ``overwrite`` says: write
+    to another path, and move it afterwards if it must take the input's place.
+    """

@@ -28,6 +28,11 @@ def test_demo_runs_small_and_writes_its_outputs(tmp_path, denoiser):
     assert zarr.open_array(str(out / "reconstruction.zarr")).shape == (1, 3, 64, 64)
     for name in ("demo.png", "convergence.png"):
         assert (out / name).stat().st_size > 1000
+    if denoiser == "dncnn":  # the same folder again: an earlier demo's outputs are replaced
+        again = CliRunner().invoke(app, ["demo", "--size", "64", "--iterations", "2", "--workers", "1",
+                                         "--output", str(out), "--no-progress", "--denoiser", denoiser])
+        assert again.exit_code == 0, again.output
+        assert json.loads((out / "summary.json").read_text())["iterations"] == 2
 
 
 def test_the_demo_schedule_decreases_and_its_step_follows():
@@ -52,3 +57,22 @@ def test_info():
     assert result.exit_code == 0 and "deepinv" in result.output and "GPUs:" in result.output
     bad = CliRunner().invoke(app, ["info", "--scheduler", "tcp://127.0.0.1:9", "--timeout", "1"])
     assert bad.exit_code == 1 and "NOT reachable" in bad.output
+
+
+def test_the_demo_never_replaces_files_it_did_not_write(tmp_path):
+    """`--output` a folder holding someone's demo.png / summary.json: refused before any work, all kept."""
+    from helpers import snapshot
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "summary.json").write_text('{"my": "notes"}')
+    (mine / "demo.png").write_bytes(b"not the demo's")
+    before = snapshot(tmp_path)
+    result = CliRunner().invoke(app, ["demo", "--size", "32", "--output", str(mine), "--no-progress"])
+    assert result.exit_code == 2 and "not written by an earlier demo" in result.output
+    assert "dashboard" not in result.output  # refused before the cluster
+    (tmp_path / "afile").write_text("x")
+    before = snapshot(tmp_path)
+    result = CliRunner().invoke(app, ["demo", "--size", "32", "--output", str(tmp_path / "afile"), "--no-progress"])
+    assert result.exit_code == 2 and "is a file" in result.output
+    assert snapshot(tmp_path) == before

@@ -462,3 +462,43 @@ def test_tiff_axes_are_read_from_the_file_and_a_stack_is_a_volume(tmp_path):
     assert outs[0].shape == (1, 1, 16, 32, 32)
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-6)
     assert np.abs(outs[0] - y).max() > 1e-2  # it ran: not the measurement copied
+
+
+@pytest.mark.parametrize("out, ckpt, message", [
+    ("y0.npy", None, "output.path 'y0.npy' is input.measurements\\[0\\]"),
+    ("truth.npy", None, "output.path 'truth.npy' is input.ground_truth"),
+    ("./sub/../y1.npy", None, "is input.measurements\\[1\\]"),  # the same file by another name
+    ("z.zarr/result.zarr", None, "lies inside input.measurements\\[2\\]"),
+    ("ck.zarr", "ck.zarr", "output.path 'ck.zarr' is checkpoint.path 'ck.zarr'"),
+    ("ck.zarr", "ck.zarr/run1", "output.path .ck.zarr. holds checkpoint.path"),
+    ("result.zarr", "z.zarr", "checkpoint.path 'z.zarr' is input.measurements\\[2\\]"),
+    ("result.zarr", "z.zarr/ck", "checkpoint.path 'z.zarr/ck' lies inside input.measurements\\[2\\]"),
+])
+def test_the_output_and_checkpoint_never_replace_an_input(inputs, out, ckpt, message):
+    """Even with output.overwrite = true: the result (or the checkpoint) would destroy what the run reads."""
+    from daskrecon.config import ConfigError, load_config
+
+    import zarr
+
+    (inputs / "sub").mkdir()
+    zarr.save_array(str(inputs / "z.zarr"), np.load(inputs / "y0.npy"))
+    text = CONFIG.replace('"y2.png"', '"z.zarr"').replace('path = "{out}"', 'path = "{out}"\noverwrite = true').format(out=out)
+    if ckpt:
+        text += f'[checkpoint]\npath = "{ckpt}"\n'
+    cfg = inputs / "run.toml"
+    cfg.write_text(text)
+    before = snapshot(inputs)
+    with pytest.raises(ConfigError, match=message):
+        load_config(cfg)
+    result = run(cfg)
+    assert result.exit_code == 2 and "choose another" in result.output
+    assert snapshot(inputs) == before
+
+
+def test_a_checkpoint_folder_may_hold_the_inputs(inputs):
+    """daskrecon touches only what it made there: the config's own folder is a valid checkpoint location."""
+    from daskrecon.config import load_config
+
+    cfg = inputs / "run.toml"
+    cfg.write_text(CONFIG.format(out="result.zarr") + '[checkpoint]\npath = "."\n')
+    assert load_config(cfg)["checkpoint"]["path"] == "."

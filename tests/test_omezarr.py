@@ -240,3 +240,40 @@ def test_ome_keys_without_an_ome_output_are_refused(tmp_path):
     bad.write_text(OME_CONFIG.replace('ngff = "0.5"', 'ngff = "0.6"'))
     with pytest.raises(ConfigError, match="output.ngff must be one of"):
         load_config(bad)
+
+
+def test_an_image_is_never_written_over_the_arrays_it_is_read_from(tmp_path):
+    """overwrite=True replaces a path; when the signal is read from it, that would delete the data first."""
+    from daskrecon.errors import OverwriteSourceError
+
+    target = str(tmp_path / "img.ome.zarr")
+    x = np.random.default_rng(0).random((1, 1, 32, 32), dtype=np.float32)
+    dr.write_ome_zarr(x, target, levels=2)
+    before = _tree_hash(tmp_path)
+    img = dr.open_ome_zarr(target)
+    for data in (img.data, img.data * 2, img.data[..., :16, :16]):  # read from it, or computed from what is
+        with pytest.raises(OverwriteSourceError, match=r"img.ome.zarr/s?0' that the array to write is read from"):
+            dr.write_ome_zarr(data, target, overwrite=True, levels=2)
+    assert _tree_hash(tmp_path) == before
+    np.testing.assert_array_equal(dr.open_ome_zarr(target).data.compute(), x)
+    # elsewhere it writes; and over an unrelated image, overwrite replaces as documented
+    other = str(tmp_path / "other.ome.zarr")
+    dr.write_ome_zarr(img.data * 2, other, levels=2)
+    dr.write_ome_zarr(img.data, other, overwrite=True, levels=2)
+    np.testing.assert_array_equal(dr.open_ome_zarr(other).data.compute(), x)
+
+
+def test_a_plain_zarr_result_is_never_written_over_its_source(ctx, tmp_path):
+    from daskrecon.config import write_image
+    from daskrecon.errors import OverwriteSourceError
+    from daskrecon.runtime.storage import zarr_sources
+
+    plain = str(tmp_path / "x.zarr")
+    zarr.save_array(plain, np.arange(256, dtype=np.float32).reshape(1, 1, 16, 16))
+    before = _tree_hash(tmp_path)
+    lazy = da.from_zarr(plain) * 2
+    assert zarr_sources(lazy) == [str((tmp_path / "x.zarr").resolve())]
+    with pytest.raises(OverwriteSourceError, match="x.zarr"):
+        write_image(plain, lazy, overwrite=True, ctx=ctx)
+    assert _tree_hash(tmp_path) == before
+    assert write_image(str(tmp_path / "y.zarr"), lazy, overwrite=True, ctx=ctx).endswith("y.zarr")

@@ -360,6 +360,8 @@ def write_ome_zarr(
     ------
     OutputExistsError
         Something is at ``path`` and ``overwrite`` is False.
+    OverwriteSourceError
+        ``x`` is read from a Zarr array at ``path`` (or inside it): replacing it would lose the data.
     StorageNotSharedError
         The workers cannot see ``path``'s folder.
     OMEZarrError
@@ -371,6 +373,7 @@ def write_ome_zarr(
     from ome_zarr.scale import Methods
     from ome_zarr.writer import write_image
 
+    from daskrecon.runtime.storage import check_not_source
     from daskrecon.runtime.waiting import compute
 
     path = str(path)
@@ -398,6 +401,7 @@ def write_ome_zarr(
     factors = pyramid_factors([data.shape[i] for i, t in enumerate(types) if t == "space"], levels)
     fs, root = url_to_fs(path)
     if fs.exists(root):
+        check_not_source(data, path)
         if not overwrite:
             raise OutputExistsError(f"{path!r} exists: pass overwrite=True to replace it, or another path")
         fs.rm(root, recursive=True)

@@ -26,17 +26,28 @@ like any other, so a cluster whose workers cannot see it is told to pass ``scrat
 
 from __future__ import annotations
 
+import os
 import posixpath
 import tempfile
 import time
 import uuid
 from typing import Any
 
-from daskrecon.errors import StorageNotSharedError
+from daskrecon.errors import OverwriteSourceError, StorageNotSharedError
 from daskrecon.runtime.waiting import bounded
 from daskrecon.tasks import storage as storage_tasks
 
-__all__ = ["OWNER_ATTR", "OWNER_FILE", "check_shared", "default_scratch", "owned", "owner_attributes"]
+__all__ = [
+    "OWNER_ATTR",
+    "OWNER_FILE",
+    "check_not_source",
+    "check_shared",
+    "default_scratch",
+    "location",
+    "owned",
+    "owner_attributes",
+    "zarr_sources",
+]
 
 #: The file that marks a folder as daskrecon's (a checkpoint, a scratch folder).
 OWNER_FILE = ".daskrecon.json"
@@ -64,6 +75,79 @@ def owned(zarr_array: Any) -> bool:
         return OWNER_ATTR in zarr_array.attrs
     except (AttributeError, KeyError, TypeError):
         return False
+
+
+def location(path: str) -> str:
+    """``path`` in a form comparable with another: local paths absolute with symlinks resolved,
+    URLs as they are (without a trailing ``/``)."""
+    path = str(path)
+    if path.startswith("file://"):
+        path = path[len("file://"):]
+    if "://" in path:
+        return path.rstrip("/")
+    return os.path.realpath(path)
+
+
+def _zarr_location(a: Any) -> str | None:
+    store = a.store
+    root = getattr(store, "root", None)  # a LocalStore
+    if root is not None:
+        base = location(str(root))
+    else:  # an FsspecStore (what dask.array.from_zarr opens paths with)
+        fs, path = getattr(store, "fs", None), getattr(store, "path", None)
+        if fs is None or path is None:
+            return None  # a memory store: nothing on disk to overwrite
+        protocol = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
+        base = location(path) if protocol in ("file", "local") else f"{protocol}://{path.rstrip('/')}"
+    return posixpath.join(base, a.path) if a.path else base
+
+
+def zarr_sources(x: Any) -> list[str]:
+    """Where the Zarr arrays that dask array ``x`` reads live (as :func:`location` gives them)."""
+    import zarr
+
+    found: set[str] = set()
+    seen: set[int] = set()
+
+    def walk(v: Any, depth: int = 0) -> None:
+        if depth > 8 or id(v) in seen:
+            return
+        seen.add(id(v))
+        if isinstance(v, zarr.Array):
+            where = _zarr_location(v)
+            if where is not None:
+                found.add(where)
+        elif isinstance(v, tuple | list):
+            for item in v:
+                walk(item, depth + 1)
+        elif isinstance(v, dict):
+            for item in v.values():
+                walk(item, depth + 1)
+        else:  # dask's task objects: a Task's arguments, a DataNode's value
+            for attr in ("value", "args", "kwargs"):
+                inner = getattr(v, attr, None)
+                if inner is not None and not callable(inner):
+                    walk(inner, depth + 1)
+
+    for v in dict(x.__dask_graph__()).values():
+        walk(v)
+    return sorted(found)
+
+
+def check_not_source(x: Any, path: str) -> None:
+    """Refuse to write (or replace) ``path`` when dask array ``x`` reads from a Zarr array there or inside it.
+
+    Raises
+    ------
+    OverwriteSourceError
+        Naming the array read and the path.
+    """
+    target = location(path)
+    for src in zarr_sources(x):
+        if src == target or src.startswith(target.rstrip("/") + "/") or target.startswith(src.rstrip("/") + "/"):
+            raise OverwriteSourceError(
+                f"{path!r} holds the Zarr array {src!r} that the array to write is read from: replacing it would "
+                f"delete the data before it is read; write to another path (and move it afterwards)")
 
 
 def check_shared(ctx: Any, fs: Any, root: str, url: str, *, why: str = "", hint: str = HINT) -> float:
