@@ -32,7 +32,7 @@ def test_an_unreachable_scheduler_is_named_in_time():
 
 def test_a_cluster_without_workers_is_refused_and_the_client_closed():
     with LocalCluster(n_workers=0, processes=False, dashboard_address="127.0.0.1:0") as cluster, \
-            pytest.raises(ClusterConnectionError, match="no worker join"):
+            pytest.raises(ClusterConnectionError, match="no worker joined the cluster within .*dask worker"):
         connect(cluster.scheduler_address, timeout=1, local={})
 
 

@@ -68,9 +68,10 @@ def connect(arg: None | str | Client | Cluster, *, timeout: float, local: dict[s
     except Exception as exc:
         conn.close()
         raise ClusterConnectionError(
-            f"{'the local workers did not all' if conn.owns_cluster else 'no worker'} join the cluster within "
+            f"{'the local workers did not all join' if conn.owns_cluster else 'no worker joined'} the cluster within "
             f"{wait_s:g} s; " + ("their processes' errors are printed above" if conn.owns_cluster else
-                                "scale the cluster (e.g. cluster.scale(jobs=...)) or raise timeout")
+                                "start workers (dask worker <scheduler address>), scale the cluster (e.g. "
+                                "cluster.scale(jobs=...)) or raise timeout")
         ) from exc
     return conn
 
