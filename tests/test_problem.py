@@ -123,3 +123,22 @@ def test_the_axes_along_which_every_operator_is_the_same(ctx):
     assert problem.reduced(()) == (problem.shape, problem.chunks) and problem.chunks[2] == (2, 2, 2)
     flat, _ = _plan(ctx)  # 2-D blurs: the same nowhere (their borders)
     assert flat.invariant_axes() == ()
+
+
+def test_x_true_of_another_shape_or_kind_is_refused_by_name(ctx):
+    """Before any pass over the data, with the shapes or the kind named (it was dask's "Chunks do not add up")."""
+    import dask.array as da
+
+    torch.manual_seed(0)
+    ops = blurs(2)
+    x = torch.rand(1, 3, 16, 16)
+    y = noisy_measurements(ops, x)
+    physics = dr.distribute(ops, ctx)
+    den = dr.distribute(small_dncnn(3), ctx, patch_size=16, overlap=4)
+    for bad in (x[..., :8], da.from_array(x.numpy())[..., :8]):
+        with pytest.raises(ShapeError, match=r"x_true has shape \(1, 3, 16, 8\), and the signal \(1, 3, 16, 16\)"):
+            dr.reconstruct(physics, y, den, n_iter=1, x_true=bad)
+    with pytest.raises(TypeError, match=r"x_true must be .* got ndarray \(torch.from_numpy"):
+        dr.reconstruct(physics, y, den, n_iter=1, x_true=x.numpy())
+    with pytest.raises(TypeError, match=r"y\[0\] must be .* got ndarray \(torch.from_numpy"):
+        dr.reconstruct(physics, [v.numpy() for v in y], den, n_iter=1)

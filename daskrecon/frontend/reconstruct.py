@@ -333,7 +333,9 @@ def _entries(y: Any, n: int) -> list:
         raise MeasurementError(f"y has {len(ys)} entries but the physics has {n} operators")
     for i, v in enumerate(ys):
         if not isinstance(v, (torch.Tensor, da.Array)):
-            raise TypeError(f"y[{i}] must be a torch.Tensor or a dask array, got {type(v).__name__}")
+            hint = " (torch.from_numpy(a), or dask.array.from_array(a, chunks=...) to keep it chunked)" \
+                if isinstance(v, np.ndarray) else ""
+            raise TypeError(f"y[{i}] must be a torch.Tensor or a dask array, got {type(v).__name__}{hint}")
     return ys
 
 
