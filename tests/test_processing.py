@@ -219,7 +219,7 @@ def test_bad_input(ctx):
     d = dr.distribute(model, ctx, patch_size=16, overlap=8)
     with pytest.raises(ShapeError, match=r"chunks along axis 2 \(4 px\) are smaller than overlap=8"):
         d(da.zeros((1, 3, 40, 40), chunks=(1, 3, 4, 40), dtype=np.float32))
-    with pytest.raises(TypeError, match="x must be a torch.Tensor or a dask.array.Array"):
+    with pytest.raises(TypeError, match=r"x must be a torch.Tensor or a dask.array.Array, got ndarray \(torch.from_numpy\(a\)"):
         d(np.zeros((1, 3, 8, 8)))
     with pytest.raises(TypeError, match="do not apply to 'denoiser'"):
         dr.distribute(model, ctx, num_operators=3)

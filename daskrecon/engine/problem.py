@@ -42,7 +42,7 @@ from daskrecon.planning.chunking import plan_chunks, whole_axes, working_chunks,
 from daskrecon.planning.fingerprint import fingerprint
 from daskrecon.planning.schedules import Schedule, describe, value_at
 from daskrecon.runtime import graphs
-from daskrecon.runtime.arrays import as_numpy, persist_fresh
+from daskrecon.runtime.arrays import as_numpy, convert_hint, persist_fresh
 from daskrecon.runtime.cluster import scheduler_workers
 from daskrecon.runtime.halos import Stager, read_array
 from daskrecon.runtime.waiting import compute, gather
@@ -202,7 +202,7 @@ def plan(physics: Any, ys: list, denoising: Denoising, fidelity: Any, *, x0: Any
     if x_true is not None:  # before any pass over the data
         if not isinstance(x_true, (torch.Tensor, da.Array)):
             raise TypeError(f"x_true must be a torch.Tensor or a dask array, got "
-                            f"{type(x_true).__name__}{_HINT.get(type(x_true), '')}")
+                            f"{type(x_true).__name__}{convert_hint(x_true)}")
         if tuple(x_true.shape) != shape:
             raise ShapeError(f"x_true has shape {tuple(x_true.shape)}, and the signal {shape}")
     if denoising.processing is not None:
@@ -252,7 +252,7 @@ def _validate(proc: Any, ys: list, x0: Any, storage: str) -> list[tuple[str, Any
     named = [(f"y[{i}]", v) for i, v in enumerate(ys) if not isinstance(v, Future)]
     if x0 is not None:
         if not isinstance(x0, (torch.Tensor, da.Array)):
-            raise TypeError(f"x0 must be a torch.Tensor or a dask array, got {type(x0).__name__}{_HINT.get(type(x0), '')}")
+            raise TypeError(f"x0 must be a torch.Tensor or a dask array, got {type(x0).__name__}{convert_hint(x0)}")
         named.append(("x0", x0))
     for name, v in named:
         if proc is not None:
@@ -462,7 +462,7 @@ def _whole_start(ctx: Any, physics: Any, ys: list) -> da.Array:
 
 def _as_chunked(v: Any, chunks: tuple, dtype: np.dtype, name: str) -> da.Array:
     if not isinstance(v, (torch.Tensor, da.Array)):
-        raise TypeError(f"{name} must be a torch.Tensor or a dask array, got {type(v).__name__}{_HINT.get(type(v), '')}")
+        raise TypeError(f"{name} must be a torch.Tensor or a dask array, got {type(v).__name__}{convert_hint(v)}")
     shape = tuple(sum(c) for c in chunks)
     if tuple(v.shape) != shape:
         raise ShapeError(f"{name} has shape {tuple(v.shape)}, and the signal {shape}")
@@ -470,9 +470,6 @@ def _as_chunked(v: Any, chunks: tuple, dtype: np.dtype, name: str) -> da.Array:
         v = da.from_array(as_numpy(v, name), chunks=chunks)
     return v.astype(dtype).rechunk(chunks)
 
-
-#: What to do with an array of another kind, for messages.
-_HINT = {np.ndarray: " (torch.from_numpy(a), or dask.array.from_array(a, chunks=...) to keep it chunked)"}
 
 
 def _digest(values: list) -> str:

@@ -34,6 +34,7 @@ from daskrecon.frontend.tile_precision import PrecisionChoice
 from daskrecon.frontend.xarrays import is_dataarray, unwrap, wrap
 from daskrecon.models import network_layout
 from daskrecon.planning.strategies import DistributedSignalStrategy, check_sizes, create_strategy
+from daskrecon.runtime.arrays import convert_hint
 from daskrecon.runtime.defaults import pick
 
 __all__ = ["CHECKPOINT_MODES", "DistributedPrior", "DistributedProcessing", "check_call", "default_align",
@@ -273,7 +274,7 @@ class DistributedProcessing(torch.nn.Module):
         if is_dataarray(x):
             return wrap(self.run(unwrap(x, "x"), method, args, kwargs), x)
         if not isinstance(x, (da.Array, torch.Tensor)):
-            raise TypeError(f"x must be a torch.Tensor or a dask.array.Array, got {type(x).__name__}")
+            raise TypeError(f"x must be a torch.Tensor or a dask.array.Array, got {type(x).__name__}{convert_hint(x)}")
         self.check_dtype(x.dtype)
         self.check_layout(x.shape)
         check_call(self.processor, method, args, kwargs)

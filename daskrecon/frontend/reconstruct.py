@@ -31,6 +31,7 @@ from daskrecon.frontend.physics import DistributedPhysics
 from daskrecon.frontend.processing import DistributedPrior, DistributedProcessing
 from daskrecon.frontend.xarrays import is_dataarray, unwrap, wrap
 from daskrecon.planning.schedules import as_schedule
+from daskrecon.runtime.arrays import convert_hint
 from daskrecon.runtime.waiting import compute, gather
 from daskrecon.tasks import operators as operator_tasks
 from daskrecon.tasks.substitutes import FFTConvolution, specialize
@@ -333,9 +334,7 @@ def _entries(y: Any, n: int) -> list:
         raise MeasurementError(f"y has {len(ys)} entries but the physics has {n} operators")
     for i, v in enumerate(ys):
         if not isinstance(v, (torch.Tensor, da.Array)):
-            hint = " (torch.from_numpy(a), or dask.array.from_array(a, chunks=...) to keep it chunked)" \
-                if isinstance(v, np.ndarray) else ""
-            raise TypeError(f"y[{i}] must be a torch.Tensor or a dask array, got {type(v).__name__}{hint}")
+            raise TypeError(f"y[{i}] must be a torch.Tensor or a dask array, got {type(v).__name__}{convert_hint(v)}")
     return ys
 
 

@@ -15,7 +15,14 @@ from distributed import Client, Future
 from daskrecon.runtime.waiting import gather
 from daskrecon.tasks import arrays as array_tasks
 
-__all__ = ["as_numpy", "gather_arrays", "gather_tensors", "persist_fresh", "place", "place_on_owners"]
+__all__ = ["as_numpy", "convert_hint", "gather_arrays", "gather_tensors", "persist_fresh", "place", "place_on_owners"]
+
+
+def convert_hint(v: Any) -> str:
+    """For a message refusing ``v``: how to turn an array of another kind into what daskrecon takes."""
+    if isinstance(v, np.ndarray):
+        return " (torch.from_numpy(a), or dask.array.from_array(a, chunks=...) to keep it chunked)"
+    return ""
 
 
 def as_numpy(t: torch.Tensor | np.ndarray, name: str = "x") -> np.ndarray:
