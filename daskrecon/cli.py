@@ -6,9 +6,9 @@ from typing import Optional
 
 import typer
 
-from daskrecon.config import ConfigError, run_config
+from daskrecon.batch.run import run_config
 from daskrecon.demo import DEMO_DENOISERS, run_demo
-from daskrecon.errors import ClusterConnectionError, OutputExistsError
+from daskrecon.errors import ClusterConnectionError, ConfigError, OutputExistsError
 from daskrecon.frontend.context import DistributedContext
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,

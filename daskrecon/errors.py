@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "ClusterConnectionError",
+    "ConfigError",
     "DaskreconError",
     "DeviceError",
     "LinearityError",
@@ -17,6 +18,7 @@ __all__ = [
     "NotOwnedError",
     "OMEZarrError",
     "OutputExistsError",
+    "OverwriteSourceError",
     "PrecisionError",
     "SerializationError",
     "ShapeError",
@@ -131,3 +133,7 @@ class OverwriteSourceError(DaskreconError, ValueError):
     read (the written result would be the fill value). Refused whatever ``overwrite`` says: write
     to another path, and move it afterwards if it must take the input's place.
     """
+
+
+class ConfigError(DaskreconError, ValueError):
+    """A configuration file (``daskrecon reconstruct CONFIG``) is invalid; the message names the key and the fix."""

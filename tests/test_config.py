@@ -1,3 +1,5 @@
+"""daskrecon.config (the format, checked before any work) and daskrecon.batch (files, build, check, run): the batch command end to end."""
+
 import torch
 import numpy as np
 import pytest
@@ -182,7 +184,7 @@ def test_check_on_inputs_too_large_to_read_whole_times_a_crop(tmp_path, monkeypa
     from deepinv.physics import Blur
     from deepinv.physics.functional import gaussian_blur
 
-    from daskrecon import config
+    from daskrecon.batch import run as batch_run
     from daskrecon.demo import demo_volume
 
     x = demo_volume((64, 64, 64), chunks=16, seed=5).compute(scheduler="sync")
@@ -192,10 +194,10 @@ def test_check_on_inputs_too_large_to_read_whole_times_a_crop(tmp_path, monkeypa
     zarr.save_array(str(tmp_path / "x.zarr"), x)
     cfg = tmp_path / "vol.toml"
     cfg.write_text(VOLUME_CONFIG)
-    monkeypatch.setattr(config, "CHECK_MAX_BYTES", 1024)
+    monkeypatch.setattr(batch_run, "CHECK_MAX_BYTES", 1024)
     read = []
     before = snapshot(tmp_path)
-    report = config.run_config(cfg, check=True, echo=read.append)
+    report = batch_run.run_config(cfg, check=True, echo=read.append)
     assert report.crop is not None and report.seconds_per_operator_task is None
     # the run's chunks (32×32×64 here), one per axis, grown until the 1 worker has two
     assert report.crop == (32, 64, 64) and report.seconds_per_iteration > 0
@@ -205,7 +207,7 @@ def test_check_on_inputs_too_large_to_read_whole_times_a_crop(tmp_path, monkeypa
 
 
 def test_crop_shape_gives_every_worker_two_chunks():
-    from daskrecon.config import crop_shape
+    from daskrecon.batch.check import crop_shape
 
     assert crop_shape((1, 1, 512, 512), (128, 128), 2) == (256, 256)
     assert crop_shape((1, 1, 512, 512), (128, 128), 1) == (128, 256)
@@ -261,11 +263,11 @@ def test_an_output_that_appears_during_the_run_is_kept(inputs, monkeypatch):
 
 
 def test_urls_pass_through_unchanged(inputs, tmp_path):
-    from daskrecon.config import _resolve, write_image
+    from daskrecon.batch.files import resolve, write_image
 
-    assert _resolve(inputs, "s3://bucket/run") == "s3://bucket/run"
-    assert _resolve(inputs, "memory://scratch/a.npy") == "memory://scratch/a.npy"
-    assert _resolve(inputs, "ckpt") == str(inputs / "ckpt")
+    assert resolve(inputs, "s3://bucket/run") == "s3://bucket/run"
+    assert resolve(inputs, "memory://scratch/a.npy") == "memory://scratch/a.npy"
+    assert resolve(inputs, "ckpt") == str(inputs / "ckpt")
     # a whole run with file:// inputs, checkpoint and output
     text = CONFIG.format(out=f"file://{inputs}/url-result.npy")
     for name in ("y0.npy", "y1.npy", "y2.png", "truth.npy"):
@@ -424,7 +426,7 @@ def test_tiff_axes_are_read_from_the_file_and_a_stack_is_a_volume(tmp_path):
     from deepinv.physics import Blur
     from deepinv.physics.functional import gaussian_blur
 
-    from daskrecon.config import read_image
+    from daskrecon.batch.files import read_image
     from daskrecon.demo import demo_volume
 
     rng = np.random.default_rng(0)

@@ -264,7 +264,7 @@ def test_an_image_is_never_written_over_the_arrays_it_is_read_from(tmp_path):
 
 
 def test_a_plain_zarr_result_is_never_written_over_its_source(ctx, tmp_path):
-    from daskrecon.config import write_image
+    from daskrecon.batch.files import write_image
     from daskrecon.errors import OverwriteSourceError
     from daskrecon.runtime.storage import zarr_sources
 

@@ -191,7 +191,7 @@ def test_a_lazy_result_is_written_only_where_the_workers_see_it(island, tmp_path
     """The batch config writes a lazy result to Zarr from the workers: a driver-only folder is refused."""
     import dask.array as da
 
-    from daskrecon.config import write_image
+    from daskrecon.batch.files import write_image
 
     with dr.DistributedContext(island) as ctx:
         x = da.ones((1, 1, 32, 32), chunks=16, dtype="f4")

@@ -1,0 +1,102 @@
+"""``daskrecon reconstruct CONFIG``: read the inputs, build the objects, run on the cluster, write the result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import torch
+
+from daskrecon.batch.build import build_denoiser, build_operator, fit_channels, make_context
+from daskrecon.batch.check import CHECK_MAX_BYTES, check_streamed, check_whole, eager
+from daskrecon.batch.files import filesystem, is_ome_path, is_zarr, open_ome, read_lazy, resolve, write_image
+from daskrecon.config import (
+    OutputExistsError,
+    keywords,
+    load_config,
+    ome_options,
+    options_from,
+    read_key,
+    uses_denoiser,
+)
+from daskrecon.errors import ConfigError
+from daskrecon.frontend.omezarr import is_ome_zarr
+
+__all__ = ["run_config"]
+
+
+def run_config(path: str | Path, check: bool = False, echo: Any = print) -> Any:
+    """Run (or, with ``check``, time one operator task and one tile of) the reconstruction in ``path``."""
+    from deepinv.utils import TensorList
+
+    import daskrecon as dr
+
+    cfg = load_config(path)
+    base = cfg["_base"]
+    # Zarr inputs stay lazy (a volume larger than memory streams); other files are read whole.
+    level = read_key(cfg["input"], "level", "input", int, 0)
+    ys = [read_lazy(resolve(base, p), level) for p in cfg["input"]["measurements"]]
+    truth = cfg["input"].get("ground_truth")
+    x_true = read_lazy(resolve(base, truth), level) if truth else None
+    # --check reads the inputs whole when they are small enough, else times an iteration on a crop.
+    streamed_check = check and any(isinstance(v, da.Array) and v.nbytes > CHECK_MAX_BYTES for v in [*ys, x_true])
+    if check and not streamed_check:
+        ys = [eager(v) for v in ys]
+        x_true = eager(x_true) if x_true is not None else None
+    lazy = any(not isinstance(v, torch.Tensor) for v in [*ys, x_true] if v is not None)
+    shape = tuple((x_true if x_true is not None else ys[0]).shape)
+    # (not for a check on a crop: a full-size Inpainting mask of a volume that large need not exist)
+    ops = None if streamed_check else [build_operator(s, i, shape, base) for i, s in enumerate(cfg["operators"])]
+    den = cfg.get("denoiser", {})
+    out = cfg.get("output", {})
+    out_path = resolve(base, read_key(out, "path", "output", str, "result.zarr"))
+    overwrite = read_key(out, "overwrite", "output", bool, False)
+    if not overwrite and filesystem(out_path)[0].exists(filesystem(out_path)[1]):
+        raise ConfigError(f"output {out_path!r} exists; set output.overwrite = true or choose another path")
+    # a bad weight file, or one for other channels: before any cluster
+    model = fit_channels(build_denoiser(den, base), shape, echo) if uses_denoiser(cfg) else None
+    with make_context(cfg.get("cluster", {})) as ctx:
+        echo(f"cluster: {ctx.num_workers} workers, dashboard {ctx.dashboard_link}")
+        dden = None if model is None else dr.distribute(
+            # keys left out: None, the configured defaults (daskrecon.denoiser.* in dask.config), as in Python
+            model, ctx, patch_size=read_key(den, "patch_size", "denoiser", int, None),
+            overlap=read_key(den, "overlap", "denoiser", int, None), precision=read_key(den, "precision", "denoiser", str, None),
+            precision_tol=read_key(den, "precision_tol", "denoiser", float, None))
+        if streamed_check:
+            return check_streamed(ctx, cfg, ys, x_true, dden, echo)
+        dphys = dr.distribute(ops, ctx)
+        y = ys if lazy else TensorList(ys)
+        # zeros when some measurement is not image-shaped (lazy inputs: the default Aᵀy / N, on the workers)
+        x0 = torch.zeros(shape) if not lazy and any(tuple(y_.shape) != shape for y_ in ys) else None
+        opts = options_from(cfg)
+        if check:
+            return check_whole(ctx, dphys, dden, y, shape, opts.n_iter, echo)
+        x = dr.reconstruct(dphys, y, dden, x0=x0, x_true=x_true, **keywords(opts))
+        # inside the context: a lazy result reads chunks from the cluster (or its checkpoint) as it is written
+        written = write_image(out_path, x if not isinstance(x, torch.Tensor) else x.cpu().numpy(),
+                              overwrite=overwrite, ctx=ctx, ome=_ome_output(cfg, shape) if is_ome_path(out_path) else None)
+    echo(f"wrote {written}")
+    if written != out_path:
+        raise OutputExistsError(f"output {out_path!r} appeared during the run and output.overwrite = false: it was left "
+                                f"as it is; the result was written to {written!r}")
+    return x
+
+
+def _ome_output(cfg: dict, shape: tuple[int, ...]) -> dict:
+    """:func:`daskrecon.write_ome_zarr`'s keywords for the output: ``[output]``'s, and ``like=`` the first
+    OME-Zarr input the size of the signal (the ground truth, else a measurement), whose axes, voxel
+    size and units the result keeps."""
+    base = cfg["_base"]
+    level = read_key(cfg["input"], "level", "input", int, 0)
+    kw = ome_options(cfg.get("output", {}))
+    for p in [cfg["input"].get("ground_truth"), *cfg["input"]["measurements"]]:
+        if p is None:
+            continue
+        path = resolve(base, p)
+        if is_zarr(path) and is_ome_zarr(path):
+            img = open_ome(path, level)
+            if tuple(img.data.shape) == tuple(shape):
+                kw["like"] = img
+                break
+    return kw
