@@ -87,6 +87,7 @@ def test_without_a_checkpoint_the_iterate_goes_to_a_named_temporary_directory(ct
     with ctx.client.as_current(), pytest.warns(UserWarning, match="no checkpoint given") as rec:
         out = dr.reconstruct(dphys, _dask(y), dden, n_iter=1, step_size=0.3, progress=False, storage="zarr")
     where = pathlib.Path(str(rec[0].message).split(" kept in ")[1].split(",")[0])
+    assert rec[0].filename == __file__  # points at the user's call, not inside daskrecon
     try:
         assert (where / "COMMIT.json").is_file()
         assert out.shape == x_true.shape and np.isfinite(out.compute()).all()

@@ -63,9 +63,11 @@ def test_resume_after_a_crash_is_bitwise_equal(problem, tmp_path):
     assert seen == [4, 5, 6]
     assert hist == full_hist and len(hist) == 6  # the checkpointed rows come back with the run
     assert torch.equal(resumed, full)
-    with pytest.warns(UserWarning, match=r"holds iteration 6, past n_iter=4: its iterate \(and history\) is returned"):
+    with pytest.warns(UserWarning, match=r"holds iteration 6, past n_iter=4: its iterate \(and history\) is returned") \
+            as rec:
         past, hist = dr.reconstruct(dphys, y, dden, n_iter=4, step_size=0.3, progress=False,
                                     checkpoint=str(tmp_path / "ck"), resume=True, return_history=True)
+    assert [r.filename for r in rec if "past n_iter" in str(r.message)] == [__file__]  # points at the user's call
     assert torch.equal(past, full) and len(hist) == 6  # said, not silently more iterations than asked
     with pytest.raises(CheckpointMismatchError, match="step_size differ"):
         dr.reconstruct(dphys, y, dden, n_iter=6, step_size=0.2, progress=False, checkpoint=str(tmp_path / "ck"),
