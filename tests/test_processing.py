@@ -391,3 +391,31 @@ def test_one_task_per_worker_runs_its_tiles_one_at_a_time_with_all_the_threads(t
         assert other.shipment.fingerprint != dden.shipment.fingerprint  # a checkpoint tells the two apart
     with pytest.raises(TypeError, match="one_task_per_worker must be True or False"):
         dr.distribute(model, c, one_task_per_worker="yes")
+
+
+def test_the_network_is_found_through_nested_wrappers_and_the_alignment_registry():
+    """Alignment, channels and dimensions come from the network inside priors and wrappers, however nested;
+    a wrapper that declares its channels (GreyThroughColour) speaks for what is inside it."""
+    import deepinv as dinv
+
+    from daskrecon.frontend import processing
+    from daskrecon.models import GreyThroughColour, bundled_denoiser_3d, bundled_drunet
+
+    net = bundled_drunet()
+    eq = dinv.models.EquivariantDenoiser
+    cases = [(net, 8, 3, 2), (eq(net), 8, 3, 2), (dinv.optim.PnP(eq(net)), 8, 3, 2), (GreyThroughColour(net), 8, 1, 2),
+             (eq(GreyThroughColour(net)), 8, 1, 2), (bundled_denoiser_3d(), 1, 1, 3)]
+    for model, align, channels, dims in cases:
+        assert (processing.default_align(model), processing.input_channels(model),
+                processing.spatial_dims(model)) == (align, channels, dims), type(model).__name__
+
+    class Pooling(torch.nn.Module):  # a network of one's own, down-sampling by 16
+        def forward(self, x, sigma=None):
+            return x
+
+    assert processing.default_align(eq(Pooling())) == 1
+    processing.ALIGNMENTS[Pooling] = lambda m: 16
+    try:
+        assert processing.default_align(eq(Pooling())) == 16
+    finally:
+        del processing.ALIGNMENTS[Pooling]

@@ -16,10 +16,11 @@ forward, the backward and the dask-array path run in :mod:`.tile_executors`.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import dask.array as da
+import deepinv as dinv
 import numpy as np
 import torch
 from distributed import Future
@@ -37,47 +38,74 @@ from daskrecon.planning.strategies import DistributedSignalStrategy, check_sizes
 from daskrecon.runtime.arrays import convert_hint
 from daskrecon.runtime.defaults import pick
 
-__all__ = ["CHECKPOINT_MODES", "DistributedPrior", "DistributedProcessing", "check_call", "default_align",
+__all__ = ["ALIGNMENTS", "CHECKPOINT_MODES", "DistributedPrior", "DistributedProcessing", "check_call", "default_align",
            "input_channels", "spatial_dims"]
 
 
+def _chain(model: Any) -> list[Any]:
+    """``model`` and the modules inside it through priors' and wrappers' ``denoiser`` (deepinv's PnP /
+    RED, ``EquivariantDenoiser``, :class:`~daskrecon.models.GreyThroughColour`; nested), outermost first."""
+    chain = [model]
+    while len(chain) < 8:
+        inner = getattr(chain[-1], "denoiser", None)
+        if not isinstance(inner, torch.nn.Module) or any(inner is m for m in chain):
+            break
+        chain.append(inner)
+    return chain
+
+
+def _unet_align(net: Any) -> int:
+    # deepinv's UNet does not keep `scales`: it has one up-sampling block "Up<k>" per pooling
+    ups = sum(1 for n, _ in net.named_children() if n.startswith("Up") and n[2:].isdigit())
+    return 2 ** ups if ups else 2 ** max(0, int(getattr(net, "scales", 4)) - 1)
+
+
+#: Network class -> the factor its tiles' sides must be multiples of (its total down-sampling).
+ALIGNMENTS: dict[type, Callable[[Any], int]] = {
+    dinv.models.DRUNet: lambda net: 8,
+    dinv.models.UNet: _unet_align,
+}
+
+#: Networks whose channels and spatial dimensions are read from their weights.
+_READABLE = (dinv.models.DnCNN, dinv.models.DRUNet)
+
+
 def default_align(model: Any) -> int:
-    """Down-sampling factor a network's tiles must align to (8 for DRUNet, 1 for stride-1 CNNs)."""
-    net = getattr(model, "denoiser", model)
-    name = type(net).__name__
-    if name == "DRUNet":
-        return 8
-    if name == "UNet":
-        # deepinv's UNet does not keep `scales`: it has one up-sampling block "Up<k>" per pooling
-        ups = sum(1 for n, _ in net.named_children() if n.startswith("Up") and n[2:].isdigit())
-        return 2 ** ups if ups else 2 ** max(0, int(getattr(net, "scales", 4)) - 1)
+    """Down-sampling factor a network's tiles must align to (8 for DRUNet, 1 for stride-1 CNNs).
+
+    Looked up in :data:`ALIGNMENTS` by class (and base classes), for ``model`` or the network inside
+    it (priors' and wrappers' ``denoiser``, nested); 1 when none is there. Add a network of your own
+    with ``ALIGNMENTS[MyNet] = lambda net: 16``, or pass ``align=`` to :func:`daskrecon.distribute`.
+    """
+    for m in _chain(model):
+        for cls in type(m).__mro__:
+            if cls in ALIGNMENTS:
+                return int(ALIGNMENTS[cls](m))
     return 1
 
 
-def _layout(model: Any) -> tuple[int, int] | None:
-    """(channels, spatial dims) of deepinv's DnCNN or DRUNet inside ``model`` (itself, a prior's or a
-    wrapper's ``denoiser``), read from its weights (:func:`daskrecon.models.network_layout`); else None."""
-    net = getattr(model, "denoiser", model)
-    if type(net).__name__ not in ("DnCNN", "DRUNet") or not isinstance(net, torch.nn.Module):
-        return None
-    return network_layout(net.state_dict())
+def _declared_or_read(model: Any, attr: str, index: int) -> int | None:
+    """A wrapper's declared ``attr`` (a class attribute: it changes the layout for what is inside), else
+    the DnCNN / DRUNet inside read from its weights (:func:`daskrecon.models.network_layout`)."""
+    for m in _chain(model):
+        declared = getattr(type(m), attr, None)
+        if isinstance(declared, int):
+            return declared
+        if isinstance(m, _READABLE):
+            return network_layout(m.state_dict())[index]
+    return None
 
 
 def input_channels(model: Any) -> int | None:
     """Channels a network takes, when known: a wrapper's declared ``in_channels``, else deepinv's DnCNN
-    or DRUNet (inside a prior too); ``None`` for others (not checked)."""
-    declared = getattr(type(model), "in_channels", None)
-    if isinstance(declared, int):
-        return declared
-    layout = _layout(model)
-    return layout[0] if layout else None
+    or DRUNet (inside priors and wrappers too); ``None`` for others (not checked)."""
+    return _declared_or_read(model, "in_channels", 0)
 
 
 def spatial_dims(model: Any) -> int | None:
-    """2 for a network of images, 3 for one of volumes, when known (deepinv's DnCNN or DRUNet, inside a
-    prior or a wrapper's ``denoiser``); ``None`` for others (not checked)."""
-    layout = _layout(model)
-    return layout[1] if layout else None
+    """2 for a network of images, 3 for one of volumes, when known (a wrapper's declared ``spatial_dims``,
+    else deepinv's DnCNN or DRUNet, inside priors and wrappers too); ``None`` for others (not checked)."""
+    return _declared_or_read(model, "spatial_dims", 1)
 
 
 def _unwrap_state(module: Any, state: dict, prefix: str, local_metadata: Any) -> None:
