@@ -46,7 +46,8 @@ Example (every key shown; only ``measurements`` and ``operators`` are required):
     prox_solver = "auto"                       # hqs | admm: "auto" (FFT for circular blurs) | "cg" | "fourier"
 
     [output]
-    path = "result.zarr"                       # .zarr, .npy (any signal), .png, .tif (an image of 1 or 3 channels),
+    path = "result.zarr"                       # .zarr, .npy (any signal), .tif (an image or volume, float32, ImageJ
+                                               # axes), .png (an 8-bit view: 1 or 3 channels, clipped to [0, 1]),
                                                # .ome.zarr: an OME-Zarr pyramid, axes / voxel size / units copied
                                                # from the OME-Zarr ground truth or signal-sized measurement
     ngff = "0.4"                               # .ome.zarr: NGFF version, "0.4" (Zarr v2) or "0.5" (Zarr v3)
@@ -264,8 +265,10 @@ def _check_apart(cfg: dict, base: Path) -> None:
 
 
 #: Output formats: what each can hold.
-OUTPUT_FORMATS = {".zarr": "any signal", ".npy": "any signal", ".png": "an image of 1 or 3 channels",
-                  ".tif": "an image of 1 or 3 channels", ".tiff": "an image of 1 or 3 channels"}
+OUTPUT_FORMATS = {".zarr": "any signal", ".npy": "any signal",
+                  ".png": "an 8-bit view of an image of 1 or 3 channels (clipped to [0, 1])",
+                  ".tif": "an image or volume, float32 (ImageJ hyperstack)",
+                  ".tiff": "an image or volume, float32 (ImageJ hyperstack)"}
 
 
 def _check_output(cfg: dict, base: Path) -> None:
@@ -289,12 +292,17 @@ def _check_output(cfg: dict, base: Path) -> None:
         return
     source = inp.get("ground_truth") or inp["measurements"][0]
     shape = input_shape(resolve(base, source), level)
+    if shape[0] != 1:
+        raise ConfigError(f"output.path {path!r}: a {suffix} file holds one image or volume, and this problem's "
+                          f"signal has a batch of {shape[0]} {shape}; write it to .zarr or .npy")
+    if suffix in (".tif", ".tiff"):
+        return
     if len(shape) == 5:
         raise ConfigError(f"output.path {path!r}: a {suffix} file holds a 2-D image, and this problem's signal is a "
-                          f"volume {shape}; write it to .zarr or .npy")
+                          f"volume {shape}; write it to .tif (float32), .zarr or .npy")
     if shape[1] not in (1, 3):
         raise ConfigError(f"output.path {path!r}: a {suffix} file holds 1 or 3 channels, and this problem's signal has "
-                          f"{shape[1]}; write it to .zarr or .npy")
+                          f"{shape[1]}; write it to .tif (float32), .zarr or .npy")
 
 
 def ome_options(out: dict) -> dict:

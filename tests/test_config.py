@@ -504,3 +504,40 @@ def test_a_checkpoint_folder_may_hold_the_inputs(inputs):
     cfg = inputs / "run.toml"
     cfg.write_text(CONFIG.format(out="result.zarr") + '[checkpoint]\npath = "."\n')
     assert load_config(cfg)["checkpoint"]["path"] == "."
+
+
+def test_tiff_results_keep_their_values_and_axes(tmp_path):
+    """A .tif result is float32 as computed (not clipped to [0, 1], not 8-bit), any channels, volumes too,
+    with ImageJ axes that daskrecon (and Fiji, napari) read back as they were written."""
+    import tifffile
+
+    from daskrecon.batch.files import read_image, write_image
+
+    rng = np.random.default_rng(0)
+    for shape, axes in [((1, 1, 12, 10), "YX"), ((1, 3, 12, 10), "CYX"), ((1, 5, 12, 10), "CYX"),
+                        ((1, 1, 6, 12, 10), "ZYX"), ((1, 2, 6, 12, 10), "ZCYX")]:
+        x = (rng.standard_normal(shape) * 2).astype(np.float32)  # negative and above 1: kept
+        path = tmp_path / f"r{len(shape)}-{shape[1]}.tif"
+        assert write_image(str(path), x, overwrite=False) == str(path)
+        with tifffile.TiffFile(path) as tif:
+            assert tif.series[0].axes == axes and tif.series[0].dtype == np.float32
+        np.testing.assert_array_equal(read_image(path), x)
+    with pytest.raises(ValueError, match=r"holds one image or volume, and the result has a batch of 2"):
+        write_image(str(tmp_path / "b.tif"), np.zeros((2, 1, 4, 4), np.float32), overwrite=False)
+    assert not (tmp_path / "b.tif").exists()
+
+
+def test_a_volume_may_go_to_tiff_and_a_batch_only_to_zarr_or_npy(tmp_path):
+    import zarr
+
+    from daskrecon.config import ConfigError, load_config
+
+    zarr.save_array(str(tmp_path / "y.zarr"), np.zeros((1, 1, 8, 8, 8), np.float32))
+    zarr.save_array(str(tmp_path / "x.zarr"), np.zeros((1, 1, 8, 8, 8), np.float32))
+    cfg = tmp_path / "vol.toml"
+    cfg.write_text(VOLUME_CONFIG.replace('path = "result.zarr"', 'path = "result.tif"'))
+    assert load_config(cfg)["output"]["path"] == "result.tif"
+    zarr.save_array(str(tmp_path / "x.zarr"), np.zeros((2, 1, 8, 8, 8), np.float32), overwrite=True)
+    with pytest.raises(ConfigError, match=r"a .tif file holds one image or volume, and this problem's signal has a "
+                                          r"batch of 2"):
+        load_config(cfg)

@@ -196,6 +196,10 @@ def write_image(path: str | Path, x: Any, overwrite: bool, ctx: Any = None, ome:
     image written by :func:`daskrecon.write_ome_zarr` with the keywords ``ome``); return where it was
     written.
 
+    Formats: ``.zarr`` / ``.npy`` any signal as computed; ``.tif`` / ``.tiff`` an image or a volume
+    (any channels) as float32, unclipped, in an ImageJ hyperstack with its axes; ``.png`` an 8-bit
+    view (1 or 3 channels, clipped to [0, 1]).
+
     Without ``overwrite`` nothing that exists is replaced, also if it appeared since the run
     started: the result then goes to the first free ``<name>-<k><suffix>`` next to it (the
     output is never lost), and that path is returned.
@@ -236,12 +240,17 @@ def write_image(path: str | Path, x: Any, overwrite: bool, ctx: Any = None, ome:
         z = zarr.create_array(target, shape=x.shape, dtype=x.dtype, overwrite=overwrite)  # refuses an existing one
         z[...] = x
         return target
+    if x.shape[0] != 1 and suffix not in (".npy", ".zarr"):
+        raise ConfigError(f"{path!r}: a {suffix} file holds one image or volume, and the result has a batch of "
+                          f"{x.shape[0]} (shape {tuple(x.shape)}); write it to .zarr or .npy")
     if suffix == ".npy":
         import io
 
         buf = io.BytesIO()
         np.save(buf, x)
         data = buf.getvalue()
+    elif suffix in (".tif", ".tiff"):
+        data = _tiff_bytes(np.asarray(x, dtype=np.float32)[0])
     else:
         import imageio.v3 as iio
         from skimage import util
@@ -251,6 +260,24 @@ def write_image(path: str | Path, x: Any, overwrite: bool, ctx: Any = None, ome:
         data = iio.imwrite("<bytes>", util.img_as_ubyte(img), extension=suffix)
     _write_bytes(fs, filesystem(target)[1], data, exclusive=not overwrite)
     return target
+
+
+def _tiff_bytes(a: np.ndarray) -> bytes:
+    """``(C, [D,] H, W)`` as a float32 ImageJ hyperstack (Fiji, napari and tifffile read its axes): values
+    as computed, neither clipped nor quantised; a volume's axes ``ZCYX``, a single channel's dropped."""
+    import io
+
+    import tifffile
+
+    if a.ndim == 4:
+        a, axes = a.transpose(1, 0, 2, 3), "ZCYX"
+    else:
+        axes = "CYX"
+    if a.shape[axes.index("C")] == 1:
+        a, axes = a.squeeze(axes.index("C")), axes.replace("C", "")
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.ascontiguousarray(a), imagej=True, metadata={"axes": axes})
+    return buf.getvalue()
 
 
 def _free_name(path: str) -> str:
