@@ -52,7 +52,7 @@ def run_config(path: str | Path, check: bool = False, echo: Any = print) -> Any:
     out = cfg.get("output", {})
     out_path = resolve(base, read_key(out, "path", "output", str, "result.zarr"))
     overwrite = read_key(out, "overwrite", "output", bool, False)
-    if not overwrite and filesystem(out_path)[0].exists(filesystem(out_path)[1]):
+    if not check and not overwrite and filesystem(out_path)[0].exists(filesystem(out_path)[1]):  # --check writes none
         raise ConfigError(f"output {out_path!r} exists; set output.overwrite = true or choose another path")
     # a bad weight file, or one for other channels: before any cluster
     model = fit_channels(build_denoiser(den, base), shape, echo) if uses_denoiser(cfg) else None
