@@ -6,9 +6,9 @@ from typing import Optional
 
 import typer
 
-from daskrecon.batch.run import run_config
+from daskrecon.batch.run import interrupted_message, run_config
 from daskrecon.demo import DEMO_DENOISERS, run_demo
-from daskrecon.errors import ClusterConnectionError, ConfigError, OutputExistsError
+from daskrecon.errors import ClusterConnectionError, ConfigError, DaskreconError, OutputExistsError
 from daskrecon.frontend.context import DistributedContext
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -50,6 +50,12 @@ def reconstruct(
     except ConfigError as exc:
         typer.echo(f"config error: {exc}", err=True)
         raise typer.Exit(2)
+    except DaskreconError as exc:  # errors are API: their message says what happened and what to do
+        typer.echo(f"error ({type(exc).__name__}): {exc}", err=True)
+        raise typer.Exit(1)
+    except KeyboardInterrupt:
+        typer.echo(interrupted_message(config), err=True)
+        raise typer.Exit(130)
 
 
 @app.command()

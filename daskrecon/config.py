@@ -60,7 +60,8 @@ Example (every key shown; only ``measurements`` and ``operators`` are required):
     [checkpoint]                               # optional
     path = "ckpt"                              # a folder every worker sees, or an fsspec URL
     every = 1
-    resume = true
+    resume = true                              # continue the checkpoint there (else one there is refused)
+    overwrite = false                          # or start over: replaces only what daskrecon wrote there
     scratch = "/shared/tmp"                    # where out-of-core runs without a path keep their iterate
                                                # (default: the driver's temporary directory)
 
@@ -122,7 +123,7 @@ _KEYS = {
     "solver": {"algorithm", "iterations", "step_size", "sigma_denoiser", "red_weight", "tol", "max_time", "n_subsets",
                "seed", "cg_max_iter", "cg_tol", "prox_solver"},
     "output": {"path", "overwrite", "ngff", "levels", "voxel_size", "units"},
-    "checkpoint": {"path", "every", "resume", "scratch"},
+    "checkpoint": {"path", "every", "resume", "overwrite", "scratch"},
     "cluster": {"kind", "n_workers", "address", "timeout", "jobs", "slurm"},
 }
 
@@ -209,8 +210,34 @@ def load_config(path: str | Path) -> dict:
         raise ConfigError(f"solver.prox_solver must be 'auto', 'cg' or 'fourier', got {prox_solver!r}")
     _check_output(cfg, base)
     _check_apart(cfg, base)
+    _check_checkpoint(cfg, base)
     cfg["_base"] = base
     return cfg
+
+
+def _check_checkpoint(cfg: dict, base: Path) -> None:
+    """A checkpoint folder that holds a checkpoint is continued or started over only when the config says which."""
+    ck = cfg.get("checkpoint", {})
+    resume = read_key(ck, "resume", "checkpoint", bool, False)
+    overwrite = read_key(ck, "overwrite", "checkpoint", bool, False)
+    if resume and overwrite:
+        raise ConfigError("checkpoint.resume and checkpoint.overwrite are both true: resume continues the checkpoint, "
+                          "overwrite starts over; set one")
+    if "path" not in ck or resume or overwrite:
+        return
+    import json
+
+    from fsspec.core import url_to_fs
+
+    fs, root = url_to_fs(resolve(base, read_key(ck, "path", "checkpoint", str)))
+    commit = root.rstrip("/") + "/COMMIT.json"
+    if fs.isfile(commit):
+        try:
+            done = f" (iteration {json.loads(fs.cat_file(commit))['iteration']})"
+        except (ValueError, KeyError, TypeError):
+            done = ""
+        raise ConfigError(f"checkpoint.path {ck['path']!r} already holds a checkpoint{done}: set checkpoint.resume = "
+                          f"true to continue it, or checkpoint.overwrite = true to start over")
 
 
 def _location(base: Path, p: str) -> str:
@@ -352,6 +379,7 @@ def options_from(cfg: dict) -> ReconstructOptions:
             scratch=resolve(base, read_key(ck, "scratch", "checkpoint", str)) if "scratch" in ck else d("scratch"),
             checkpoint_every=read_key(ck, "every", "checkpoint", int, d("checkpoint_every")),
             resume=read_key(ck, "resume", "checkpoint", bool, d("resume")),
+            overwrite=read_key(ck, "overwrite", "checkpoint", bool, d("overwrite")),
         )
     except (ValueError, TypeError) as exc:
         raise ConfigError(str(exc)) from None

@@ -547,3 +547,44 @@ def test_a_volume_may_go_to_tiff_and_a_batch_only_to_zarr_or_npy(tmp_path):
     with pytest.raises(ConfigError, match=r"a .tif file holds one image or volume, and this problem's signal has a "
                                           r"batch of 2"):
         load_config(cfg)
+
+
+def test_a_checkpoint_is_continued_or_started_over_only_when_the_config_says_which(inputs, monkeypatch):
+    """Refused before the cluster, in the config's words; library errors and Ctrl-C end with a message, no traceback."""
+    import daskrecon
+
+    cfg = inputs / "run.toml"
+    base = CONFIG.format(out="result.npy").replace('[cluster]', '[checkpoint]\npath = "ck"\n{extra}\n[cluster]')
+    cfg.write_text(base.format(extra=""))
+    assert run(cfg).exit_code == 0
+    (inputs / "result.npy").unlink()
+    before = snapshot(inputs)
+    again = run(cfg)
+    assert again.exit_code == 2 and "'ck' already holds a checkpoint (iteration 4): set checkpoint.resume = true" \
+        in again.output and "cluster:" not in again.output
+    cfg.write_text(base.format(extra="resume = true\noverwrite = true"))
+    assert "both true" in run(cfg).output
+    after = snapshot(inputs)
+    assert {k: v for k, v in after.items() if k != "run.toml"} == {k: v for k, v in before.items() if k != "run.toml"}
+    # resumed with another step: the engine's CheckpointMismatchError, as a message
+    cfg.write_text(base.format(extra="resume = true").replace("step_size = 0.3", "step_size = 0.2"))
+    mismatch = run(cfg)
+    assert mismatch.exit_code == 1 and "error (CheckpointMismatchError)" in mismatch.output, mismatch.output
+    assert "Traceback" not in mismatch.output
+    # started over: replaces what daskrecon wrote
+    cfg.write_text(base.format(extra="overwrite = true").replace("iterations = 4", "iterations = 2"))
+    assert run(cfg).exit_code == 0 and np.load(inputs / "result.npy").shape == (1, 3, 48, 48)
+    assert '"iteration": 2' in (inputs / "ck" / "COMMIT.json").read_text()
+    # Ctrl-C during the run: where it can go on
+    (inputs / "result.npy").unlink()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(daskrecon, "reconstruct", interrupted)
+    cfg.write_text(base.format(extra="resume = true"))
+    stopped = run(cfg)
+    assert stopped.exit_code == 130 and "interrupted: 'ck' holds iteration 2; run the same config with " \
+        "checkpoint.resume = true" in stopped.output
+    cfg.write_text(CONFIG.format(out="result.npy"))
+    assert "interrupted: nothing was written" in run(cfg).output

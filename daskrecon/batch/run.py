@@ -23,7 +23,7 @@ from daskrecon.config import (
 from daskrecon.errors import ConfigError
 from daskrecon.frontend.omezarr import is_ome_zarr
 
-__all__ = ["run_config"]
+__all__ = ["interrupted_message", "run_config"]
 
 
 def run_config(path: str | Path, check: bool = False, echo: Any = print) -> Any:
@@ -100,3 +100,23 @@ def _ome_output(cfg: dict, shape: tuple[int, ...]) -> dict:
                 kw["like"] = img
                 break
     return kw
+
+
+def interrupted_message(path: str | Path) -> str:
+    """What to tell the user after a run of config ``path`` was interrupted (Ctrl-C): where it can go on."""
+    import json
+
+    try:
+        cfg = load_config(path)
+    except ConfigError:
+        cfg = None
+    ck = (cfg or {}).get("checkpoint", {})
+    if "path" not in ck:
+        return "interrupted: nothing was written (no checkpoint.path: a run with one can be continued)"
+    fs, root = filesystem(resolve(cfg["_base"], ck["path"]))
+    try:
+        done = json.loads(fs.cat_file(root.rstrip("/") + "/COMMIT.json"))["iteration"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"interrupted before the first checkpoint in {ck['path']!r}: run the config again"
+    return (f"interrupted: {ck['path']!r} holds iteration {done}; run the same config with checkpoint.resume = true "
+            f"to continue from there")
