@@ -146,8 +146,11 @@ def read_key(d: dict, key: str, where: str, kind: type | tuple, default: Any = .
     return v
 
 
-def load_config(path: str | Path) -> dict:
-    """Read and check a TOML/YAML config; relative paths are taken from its folder."""
+def load_config(path: str | Path, *, check_existing: bool = True) -> dict:
+    """Read and check a TOML/YAML config; relative paths are taken from its folder.
+
+    ``check_existing``: also refuse a checkpoint folder that holds a checkpoint the config neither
+    continues nor starts over (what a run needs; not what reading the config back afterwards does)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
@@ -210,7 +213,8 @@ def load_config(path: str | Path) -> dict:
         raise ConfigError(f"solver.prox_solver must be 'auto', 'cg' or 'fourier', got {prox_solver!r}")
     _check_output(cfg, base)
     _check_apart(cfg, base)
-    _check_checkpoint(cfg, base)
+    if check_existing:
+        _check_checkpoint(cfg, base)
     cfg["_base"] = base
     return cfg
 

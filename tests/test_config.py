@@ -578,13 +578,17 @@ def test_a_checkpoint_is_continued_or_started_over_only_when_the_config_says_whi
     # Ctrl-C during the run: where it can go on
     (inputs / "result.npy").unlink()
 
-    def interrupted(*args, **kwargs):
+    original = daskrecon.reconstruct
+
+    def interrupted(*args, **kwargs):  # Ctrl-C once the run has checkpointed its iterations
+        original(*args, **kwargs)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(daskrecon, "reconstruct", interrupted)
-    cfg.write_text(base.format(extra="resume = true"))
+    cfg.write_text(base.replace('path = "ck"', 'path = "ck-new"').format(extra="").replace("iterations = 4",
+                                                                                          "iterations = 3"))
     stopped = run(cfg)
-    assert stopped.exit_code == 130 and "interrupted: 'ck' holds iteration 2; run the same config with " \
-        "checkpoint.resume = true" in stopped.output
+    assert stopped.exit_code == 130 and "interrupted: 'ck-new' holds iteration 3; run the same config with " \
+        "checkpoint.resume = true" in stopped.output, stopped.output
     cfg.write_text(CONFIG.format(out="result.npy"))
     assert "interrupted: nothing was written" in run(cfg).output

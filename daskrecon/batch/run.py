@@ -107,7 +107,7 @@ def interrupted_message(path: str | Path) -> str:
     import json
 
     try:
-        cfg = load_config(path)
+        cfg = load_config(path, check_existing=False)  # the checkpoint it left is there now
     except ConfigError:
         cfg = None
     ck = (cfg or {}).get("checkpoint", {})
