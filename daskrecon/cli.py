@@ -37,6 +37,12 @@ def demo(
     except OutputExistsError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)
+    except DaskreconError as exc:
+        typer.echo(f"error ({type(exc).__name__}): {exc}", err=True)
+        raise typer.Exit(1)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130)
 
 
 @app.command()
