@@ -205,7 +205,7 @@ def write_image(path: str | Path, x: Any, overwrite: bool, ctx: Any = None, ome:
     output is never lost), and that path is returned.
     """
     path = str(path)
-    fs, root = filesystem(path)
+    fs = filesystem(path)[0]
     if overwrite:
         target = path
     else:

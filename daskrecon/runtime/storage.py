@@ -80,9 +80,7 @@ def owned(zarr_array: Any) -> bool:
 def location(path: str) -> str:
     """``path`` in a form comparable with another: local paths absolute with symlinks resolved,
     URLs as they are (without a trailing ``/``)."""
-    path = str(path)
-    if path.startswith("file://"):
-        path = path[len("file://"):]
+    path = str(path).removeprefix("file://")
     if "://" in path:
         return path.rstrip("/")
     return os.path.realpath(path)
