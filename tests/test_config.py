@@ -592,3 +592,27 @@ def test_a_checkpoint_is_continued_or_started_over_only_when_the_config_says_whi
         "checkpoint.resume = true" in stopped.output, stopped.output
     cfg.write_text(CONFIG.format(out="result.npy"))
     assert "interrupted: nothing was written" in run(cfg).output
+
+
+def test_an_out_of_core_run_without_a_checkpoint_leaves_no_scratch_behind(inputs):
+    """Its iterate streams through a temporary folder (two slots of the image): removed once the result
+    is written, which is the in-memory run's."""
+    import dask
+
+    scratch = inputs / "scratch"
+    scratch.mkdir()
+    cfg = inputs / "run.toml"
+    cfg.write_text(CONFIG.format(out="memory.npy"))
+    assert run(cfg).exit_code == 0
+    import zarr
+
+    for i in range(2):  # Zarr measurements, read lazily: the result is lazy, read from the scratch folder
+        zarr.save_array(str(inputs / f"y{i}.zarr"), np.load(inputs / f"y{i}.npy"))
+    cfg.write_text(CONFIG.format(out="streamed.npy").replace("[cluster]", '[checkpoint]\nscratch = "scratch"\n\n[cluster]')
+                   .replace('"y0.npy", "y1.npy"', '"y0.zarr", "y1.zarr"'))
+    with dask.config.set({"daskrecon.reconstruct.storage": "zarr"}):
+        result = run(cfg)
+    assert result.exit_code == 0, result.output
+    assert "removed the run's scratch folder" in result.output and "no checkpoint given" not in result.output
+    assert list(scratch.iterdir()) == []
+    np.testing.assert_allclose(np.load(inputs / "streamed.npy"), np.load(inputs / "memory.npy"), atol=1e-5)

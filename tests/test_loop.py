@@ -79,6 +79,29 @@ def test_resume_after_a_crash_is_bitwise_equal(ctx, problem, tmp_path):
                            step_size=0.2, progress=False)
 
 
+def test_a_temporary_folder_that_nothing_reads_is_removed(ctx, problem, tmp_path):
+    """Out of core without a checkpoint: with tensor inputs the result is a tensor and its folder goes, silently;
+    a run that fails in a folder it never named goes too (it cannot be resumed)."""
+    import warnings
+
+    ops, x_true, y, dphys, dden = problem
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        out = dr.reconstruct(dphys, y, dden, n_iter=2, step_size=0.3, progress=False, storage="zarr",
+                             scratch=str(scratch))
+    assert isinstance(out, torch.Tensor) and out.shape == x_true.shape and list(scratch.iterdir()) == []
+
+    def crash(k, x):
+        raise KeyboardInterrupt("simulated Ctrl-C")
+
+    with pytest.raises(KeyboardInterrupt):
+        dr.reconstruct(dphys, _dask(y), dden, n_iter=3, step_size=0.3, progress=False, storage="zarr",
+                       scratch=str(scratch), callback=crash)
+    assert list(scratch.iterdir()) == []
+
+
 def test_without_a_checkpoint_the_iterate_goes_to_a_named_temporary_directory(ctx, problem):
     import pathlib
     import shutil

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,12 @@ __all__ = ["interrupted_message", "run_config"]
 
 
 def run_config(path: str | Path, check: bool = False, echo: Any = print) -> Any:
-    """Run (or, with ``check``, time one operator task and one tile of) the reconstruction in ``path``."""
+    """Run (or, with ``check``, time one operator task and one tile of) the reconstruction in ``path``.
+
+    Returns the result (with ``check``: the :class:`~daskrecon.batch.check.CheckReport`). An out-of-core
+    run without ``checkpoint.path`` keeps its iterate in a temporary folder under the scratch location;
+    once the result is written that folder is removed and the result returned is read from the output.
+    """
     from deepinv.utils import TensorList
 
     import daskrecon as dr
@@ -72,15 +78,44 @@ def run_config(path: str | Path, check: bool = False, echo: Any = print) -> Any:
         opts = options_from(cfg)
         if check:
             return check_whole(ctx, dphys, dden, y, shape, opts.n_iter, echo)
-        x = dr.reconstruct(dphys, y, dden, x0=x0, x_true=x_true, **keywords(opts))
+        with warnings.catch_warnings():  # its scratch folder is removed below, once the result is written
+            warnings.filterwarnings("ignore", message="no checkpoint given", category=UserWarning)
+            x = dr.reconstruct(dphys, y, dden, x0=x0, x_true=x_true, **keywords(opts))
         # inside the context: a lazy result reads chunks from the cluster (or its checkpoint) as it is written
         written = write_image(out_path, x if not isinstance(x, torch.Tensor) else x.cpu().numpy(),
                               overwrite=overwrite, ctx=ctx, ome=_ome_output(cfg, shape) if is_ome_path(out_path) else None)
     echo(f"wrote {written}")
+    if isinstance(x, da.Array) and opts.checkpoint is None:
+        for folder in _scratch_folders(x):
+            echo(f"removed the run's scratch folder {folder}")
+        x = read_lazy(written) if not is_ome_path(written) else open_ome(written, 0).data
     if written != out_path:
         raise OutputExistsError(f"output {out_path!r} appeared during the run and output.overwrite = false: it was left "
                                 f"as it is; the result was written to {written!r}")
     return x
+
+
+def _scratch_folders(x: da.Array) -> list[str]:
+    """Remove the temporary checkpoint folders an out-of-core result ``x`` reads from (made by the run
+    because the config names no checkpoint): each only if all of it is daskrecon's. The ones removed."""
+    import posixpath
+
+    from daskrecon.engine.checkpoint import Checkpoint
+    from daskrecon.runtime.storage import zarr_sources
+
+    removed = []
+    for src in zarr_sources(x):
+        folder = src
+        for _ in range(3):  # the slot array sits in the folder (x.zarr), or one level further in it
+            folder = posixpath.dirname(folder.rstrip("/"))
+            if posixpath.basename(folder).startswith("daskrecon-") and filesystem(folder)[0].isfile(
+                    posixpath.join(folder, "COMMIT.json")):
+                store = Checkpoint(folder)
+                store.remove()  # nothing happens to a folder with anything in it that daskrecon did not make
+                if not filesystem(folder)[0].exists(folder):
+                    removed.append(folder)
+                break
+    return removed
 
 
 def _ome_output(cfg: dict, shape: tuple[int, ...]) -> dict:

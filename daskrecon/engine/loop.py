@@ -11,6 +11,7 @@ and resume live here, once, for every algorithm.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -89,28 +90,33 @@ def run(problem: Problem, rule: StepRule, x0: Any, options: ReconstructOptions, 
     store = store if store is not None else open_checkpoint(problem.ctx, options)
     start, history = _resumed(store, record, options)
     streamed = problem.storage == "zarr"
-    if streamed and store is None:
+    temporary = streamed and store is None
+    if temporary:
         # The iterate has to live somewhere larger than memory, and the result reads from it.
+        # (the caller removes it once a result computed from it is no longer read from it, or says where it is)
         store = Checkpoint.temporary(problem.ctx, options.scratch, why=f"the iterate streams through Zarr (two slots "
                                      f"of {problem.nbytes / 2**30:.2f} GiB) and no checkpoint was given")
-        warnings.warn(f"no checkpoint given: the out-of-core iterate (two slots of {problem.nbytes / 2**30:.2f} GiB) "
-                      f"is kept in {store.url}, which the result reads from; pass checkpoint=… to choose the place, "
-                      "and delete it when done", UserWarning, stacklevel=3)
-    if streamed:  # the driver's inputs are read from the store, not carried by every graph
-        problem = store_inputs(problem, store)
-    rule.check(problem)
-    # Out of core, stencils exchange halos through scratch Zarr arrays next to the state
-    # (daskrecon.runtime.halos): no stage holds a front of chunks for the next.
-    stager = Stager(store) if streamed else None
-    problem = with_stager(problem, stager)
     try:
-        loop = _Loop(problem, rule, store, streamed, record, options, callback, history, t0)
-        loop.begin(x0, start)
-        return loop.signals, loop.iterate(start)
-    finally:
-        if stager is not None:
-            stager.cleanup()
-            remove_stored_inputs(problem, store)
+        if streamed:  # the driver's inputs are read from the store, not carried by every graph
+            problem = store_inputs(problem, store)
+        rule.check(problem)
+        # Out of core, stencils exchange halos through scratch Zarr arrays next to the state
+        # (daskrecon.runtime.halos): no stage holds a front of chunks for the next.
+        stager = Stager(store) if streamed else None
+        problem = with_stager(problem, stager)
+        try:
+            loop = _Loop(problem, rule, store, streamed, record, options, callback, history, t0)
+            loop.begin(x0, start)
+            return loop.signals, loop.iterate(start)
+        finally:
+            if stager is not None:
+                stager.cleanup()
+                remove_stored_inputs(problem, store)
+    except BaseException:
+        if temporary:  # a run that failed in a folder whose name it never gave cannot be resumed: not kept
+            with contextlib.suppress(OSError):
+                store.remove()
+        raise
 
 
 def open_checkpoint(ctx: Any, options: ReconstructOptions) -> Checkpoint | None:

@@ -7,6 +7,7 @@ The problem is planned once (:mod:`daskrecon.engine.problem`), the algorithm is 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -272,10 +273,17 @@ def reconstruct(
         start = x0_arr if x0_arr is not None else (lambda p: graph.adjoint_sum(p, scale=1.0 / p.num_operators))
     signals, history = engine.run(problem, rule, start, opts, store=store, callback=callback)
     x = signals["x"].array
+    temporary = signals["x"].store if store is None else None  # out of core without a checkpoint: the run's own
     if _tensor_inputs(y, x0):
         ctx = problem.ctx
         x = torch.from_numpy(np.asarray(compute([x], client=ctx.client, what="the result",
                                                 stall_timeout=ctx.stall_timeout)[0])).to(ctx.device)
+        if temporary is not None:
+            temporary.remove()  # the tensor holds the result: nothing reads the folder any more
+    elif temporary is not None:
+        warnings.warn(f"no checkpoint given: the out-of-core iterate (two slots of {problem.nbytes / 2**30:.2f} GiB) "
+                      f"is kept in {temporary.url}, which the result reads from; pass checkpoint=… to choose the "
+                      "place, and delete it when done", UserWarning, stacklevel=2)
     if template is not None:
         x = wrap(x, template)
     return (x, history) if return_history else x
