@@ -552,6 +552,7 @@ def test_a_volume_may_go_to_tiff_and_a_batch_only_to_zarr_or_npy(tmp_path):
 def test_a_checkpoint_is_continued_or_started_over_only_when_the_config_says_which(inputs, monkeypatch):
     """Refused before the cluster, in the config's words; library errors and Ctrl-C end with a message, no traceback."""
     import daskrecon
+    from daskrecon.batch.run import interrupted_message
 
     cfg = inputs / "run.toml"
     base = CONFIG.format(out="result.npy").replace('[cluster]', '[checkpoint]\npath = "ck"\n{extra}\n[cluster]')
@@ -571,40 +572,32 @@ def test_a_checkpoint_is_continued_or_started_over_only_when_the_config_says_whi
     mismatch = run(cfg)
     assert mismatch.exit_code == 1 and "error (CheckpointMismatchError)" in mismatch.output, mismatch.output
     assert "Traceback" not in mismatch.output
-    # started over: replaces what daskrecon wrote
-    cfg.write_text(base.format(extra="overwrite = true").replace("iterations = 4", "iterations = 2"))
-    assert run(cfg).exit_code == 0 and np.load(inputs / "result.npy").shape == (1, 3, 48, 48)
-    assert '"iteration": 2' in (inputs / "ck" / "COMMIT.json").read_text()
-    # Ctrl-C during the run: where it can go on
-    (inputs / "result.npy").unlink()
-
+    # started over (what daskrecon wrote replaced), then Ctrl-C once it has checkpointed: where it can go on
     original = daskrecon.reconstruct
 
-    def interrupted(*args, **kwargs):  # Ctrl-C once the run has checkpointed its iterations
+    def interrupted(*args, **kwargs):
         original(*args, **kwargs)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(daskrecon, "reconstruct", interrupted)
-    cfg.write_text(base.replace('path = "ck"', 'path = "ck-new"').format(extra="").replace("iterations = 4",
-                                                                                          "iterations = 3"))
+    cfg.write_text(base.format(extra="overwrite = true").replace("iterations = 4", "iterations = 2"))
     stopped = run(cfg)
-    assert stopped.exit_code == 130 and "interrupted: 'ck-new' holds iteration 3; run the same config with " \
+    assert stopped.exit_code == 130 and "interrupted: 'ck' holds iteration 2; run the same config with " \
         "checkpoint.resume = true" in stopped.output, stopped.output
+    assert '"iteration": 2' in (inputs / "ck" / "COMMIT.json").read_text()
     cfg.write_text(CONFIG.format(out="result.npy"))
-    assert "interrupted: nothing was written" in run(cfg).output
+    assert interrupted_message(cfg).startswith("interrupted: nothing was written")
 
 
 def test_an_out_of_core_run_without_a_checkpoint_leaves_no_scratch_behind(inputs):
     """Its iterate streams through a temporary folder (two slots of the image): removed once the result
-    is written, which is the in-memory run's."""
+    is written (the result equals the in-memory one: tests/test_engine.py)."""
     import dask
+    import zarr
 
     scratch = inputs / "scratch"
     scratch.mkdir()
     cfg = inputs / "run.toml"
-    cfg.write_text(CONFIG.format(out="memory.npy"))
-    assert run(cfg).exit_code == 0
-    import zarr
 
     for i in range(2):  # Zarr measurements, read lazily: the result is lazy, read from the scratch folder
         zarr.save_array(str(inputs / f"y{i}.zarr"), np.load(inputs / f"y{i}.npy"))
@@ -615,4 +608,5 @@ def test_an_out_of_core_run_without_a_checkpoint_leaves_no_scratch_behind(inputs
     assert result.exit_code == 0, result.output
     assert "removed the run's scratch folder" in result.output and "no checkpoint given" not in result.output
     assert list(scratch.iterdir()) == []
-    np.testing.assert_allclose(np.load(inputs / "streamed.npy"), np.load(inputs / "memory.npy"), atol=1e-5)
+    out = np.load(inputs / "streamed.npy")
+    assert out.shape == (1, 3, 48, 48) and np.isfinite(out).all() and float(out.std()) > 0.05
