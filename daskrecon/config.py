@@ -90,7 +90,7 @@ from daskrecon.engine.options import SUBSET_ALGORITHMS, ReconstructOptions
 from daskrecon.errors import ConfigError
 from daskrecon.planning.precision import check_precision
 from daskrecon.runtime.defaults import pick
-from daskrecon.runtime.storage import location
+from daskrecon.runtime.storage import location, relation
 
 __all__ = ["ConfigError", "OutputExistsError", "load_config", "options_from"]
 
@@ -229,35 +229,18 @@ def _check_checkpoint(cfg: dict, base: Path) -> None:
                           "overwrite starts over; set one")
     if "path" not in ck or resume or overwrite:
         return
-    import json
+    from daskrecon.engine.checkpoint import Checkpoint
 
-    from fsspec.core import url_to_fs
-
-    fs, root = url_to_fs(resolve(base, read_key(ck, "path", "checkpoint", str)))
-    commit = root.rstrip("/") + "/COMMIT.json"
-    if fs.isfile(commit):
-        try:
-            done = f" (iteration {json.loads(fs.cat_file(commit))['iteration']})"
-        except (ValueError, KeyError, TypeError):
-            done = ""
-        raise ConfigError(f"checkpoint.path {ck['path']!r} already holds a checkpoint{done}: set checkpoint.resume = "
-                          f"true to continue it, or checkpoint.overwrite = true to start over")
+    store = Checkpoint(resolve(base, read_key(ck, "path", "checkpoint", str)))
+    if store.exists():
+        raise ConfigError(f"checkpoint.path {ck['path']!r} already holds a checkpoint (iteration "
+                          f"{store.meta()['iteration']}): set checkpoint.resume = true to continue it, or "
+                          f"checkpoint.overwrite = true to start over")
 
 
 def _location(base: Path, p: str) -> str:
     """Where ``p`` points, comparable with another location: symlinks resolved for local paths."""
     return location(resolve(base, p))
-
-
-def _relation(a: str, b: str) -> str | None:
-    """How location ``a`` stands to ``b``: "is", "holds", "lies inside", or None when apart."""
-    if a == b:
-        return "is"
-    if b.startswith(a.rstrip("/") + "/"):
-        return "holds"
-    if a.startswith(b.rstrip("/") + "/"):
-        return "lies inside"
-    return None
 
 
 def _check_apart(cfg: dict, base: Path) -> None:
@@ -275,21 +258,21 @@ def _check_apart(cfg: dict, base: Path) -> None:
     ckpt = read_key(cfg.get("checkpoint", {}), "path", "checkpoint", str, None)
     here = _location(base, out)
     for name, p in inputs:
-        rel = _relation(here, _location(base, p))
+        rel = relation(here, _location(base, p))
         if rel:
             raise ConfigError(f"output.path {out!r} {rel} {name} {p!r}: writing the result there would destroy that "
                               f"input; choose another output path")
     if ckpt is None:
         return
     there = _location(base, ckpt)
-    rel = _relation(here, there)
+    rel = relation(here, there)
     if rel in ("is", "holds"):
         raise ConfigError(f"output.path {out!r} {rel} checkpoint.path {ckpt!r}: the result is streamed from the "
                           f"checkpoint while it is written, and writing it there would destroy both; choose another "
                           f"output path")
     for name, p in inputs:
         # a checkpoint folder that holds the inputs is fine: daskrecon touches only the arrays it made there
-        rel = _relation(there, _location(base, p))
+        rel = relation(there, _location(base, p))
         if rel in ("is", "lies inside"):
             raise ConfigError(f"checkpoint.path {ckpt!r} {rel} {name} {p!r}: the checkpoint's arrays would be written "
                               f"into that input; choose another checkpoint folder")

@@ -86,7 +86,7 @@ def run_config(path: str | Path, check: bool = False, echo: Any = print) -> Any:
                               overwrite=overwrite, ctx=ctx, ome=_ome_output(cfg, shape) if is_ome_path(out_path) else None)
     echo(f"wrote {written}")
     if isinstance(x, da.Array) and opts.checkpoint is None:
-        for folder in _scratch_folders(x):
+        for folder in _remove_scratch(x):
             echo(f"removed the run's scratch folder {folder}")
         x = read_lazy(written) if not is_ome_path(written) else open_ome(written, 0).data
     if written != out_path:
@@ -95,7 +95,7 @@ def run_config(path: str | Path, check: bool = False, echo: Any = print) -> Any:
     return x
 
 
-def _scratch_folders(x: da.Array) -> list[str]:
+def _remove_scratch(x: da.Array) -> list[str]:
     """Remove the temporary checkpoint folders an out-of-core result ``x`` reads from (made by the run
     because the config names no checkpoint): each only if all of it is daskrecon's. The ones removed."""
     import posixpath
@@ -108,11 +108,10 @@ def _scratch_folders(x: da.Array) -> list[str]:
         folder = src
         for _ in range(3):  # the slot array sits in the folder (x.zarr), or one level further in it
             folder = posixpath.dirname(folder.rstrip("/"))
-            if posixpath.basename(folder).startswith("daskrecon-") and filesystem(folder)[0].isfile(
-                    posixpath.join(folder, "COMMIT.json")):
-                store = Checkpoint(folder)
+            store = Checkpoint(folder)
+            if posixpath.basename(folder).startswith("daskrecon-") and store.exists():
                 store.remove()  # nothing happens to a folder with anything in it that daskrecon did not make
-                if not filesystem(folder)[0].exists(folder):
+                if not store.fs.exists(store.folder.root):
                     removed.append(folder)
                 break
     return removed
@@ -139,8 +138,6 @@ def _ome_output(cfg: dict, shape: tuple[int, ...]) -> dict:
 
 def interrupted_message(path: str | Path) -> str:
     """What to tell the user after a run of config ``path`` was interrupted (Ctrl-C): where it can go on."""
-    import json
-
     try:
         cfg = load_config(path, check_existing=False)  # the checkpoint it left is there now
     except ConfigError:
@@ -148,10 +145,11 @@ def interrupted_message(path: str | Path) -> str:
     ck = (cfg or {}).get("checkpoint", {})
     if "path" not in ck:
         return "interrupted: nothing was written (no checkpoint.path: a run with one can be continued)"
-    fs, root = filesystem(resolve(cfg["_base"], ck["path"]))
-    try:
-        done = json.loads(fs.cat_file(root.rstrip("/") + "/COMMIT.json"))["iteration"]
-    except (OSError, ValueError, KeyError, TypeError):
+    from daskrecon.engine.checkpoint import Checkpoint
+
+    store = Checkpoint(resolve(cfg["_base"], ck["path"]))
+    if not store.exists():
         return f"interrupted before the first checkpoint in {ck['path']!r}: run the config again"
+    done = store.meta()["iteration"]
     return (f"interrupted: {ck['path']!r} holds iteration {done}; run the same config with checkpoint.resume = true "
             f"to continue from there")

@@ -46,6 +46,7 @@ __all__ = [
     "location",
     "owned",
     "owner_attributes",
+    "relation",
     "zarr_sources",
 ]
 
@@ -84,6 +85,18 @@ def location(path: str) -> str:
     if "://" in path:
         return path.rstrip("/")
     return os.path.realpath(path)
+
+
+def relation(a: str, b: str) -> str | None:
+    """How location ``a`` stands to ``b`` (both as :func:`location` gives them): ``"is"``, ``"holds"``,
+    ``"lies inside"``, or None when they are apart."""
+    if a == b:
+        return "is"
+    if b.startswith(a.rstrip("/") + "/"):
+        return "holds"
+    if a.startswith(b.rstrip("/") + "/"):
+        return "lies inside"
+    return None
 
 
 def _zarr_location(a: Any) -> str | None:
@@ -142,7 +155,7 @@ def check_not_source(x: Any, path: str) -> None:
     """
     target = location(path)
     for src in zarr_sources(x):
-        if src == target or src.startswith(target.rstrip("/") + "/") or target.startswith(src.rstrip("/") + "/"):
+        if relation(target, src):
             raise OverwriteSourceError(
                 f"{path!r} holds the Zarr array {src!r} that the array to write is read from: replacing it would "
                 f"delete the data before it is read; write to another path (and move it afterwards)")
