@@ -52,3 +52,20 @@ def test_the_start_is_the_mean_of_the_adjoints(ctx):
     start = _value(ctx, iteration.adjoint_sum(problem, scale=1.0 / len(ops)))
     want = sum(op.A_adjoint(y[i]) for i, op in enumerate(ops)) / len(ops)
     np.testing.assert_allclose(start, want.numpy(), atol=1e-6)
+
+
+def test_metric_partials_sum_per_batch_element_whatever_the_chunks():
+    """The change and norm sums are kept per batch element (deepinv's residual averages their ratios),
+    whether a chunk holds the whole batch or part of it."""
+    from daskrecon.tasks.iteration import metric_partial, sum_metrics
+
+    rng = np.random.default_rng(0)
+    new, old, truth = (rng.random((3, 2, 6, 5)).astype(np.float32) for _ in range(3))
+    whole = metric_partial(new, old, truth, batch=3)
+    parts = [metric_partial(new[b0:b1, :, h0:h1], old[b0:b1, :, h0:h1], truth[b0:b1, :, h0:h1], batch=3, first=b0)
+             for b0, b1 in ((0, 1), (1, 3)) for h0, h1 in ((0, 4), (4, 6))]
+    n, o = new.astype(np.float64), old.astype(np.float64)
+    expected = np.concatenate([((n - o) ** 2).sum(axis=(1, 2, 3)), (n ** 2).sum(axis=(1, 2, 3)),
+                               [((np.clip(n, 0, 1) - truth) ** 2).sum(), n.size]])
+    np.testing.assert_allclose(whole, expected, rtol=1e-12)
+    np.testing.assert_allclose(sum_metrics(*parts), expected, rtol=1e-12)

@@ -9,7 +9,7 @@ from daskrecon.engine.checkpoint import Checkpoint, CheckpointMismatchError
 from daskrecon.errors import DaskreconError, MeasurementError
 from daskrecon.testing import assert_allclose
 
-from helpers import blurs, noisy_measurements, small_dncnn, snapshot
+from helpers import NonBlind, blurs, noisy_measurements, small_dncnn, snapshot
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +99,39 @@ def test_fista_matches_deepinvs_fista(problem):
 def test_fista_refuses_a_momentum_parameter_without_convergence():
     with pytest.raises(ValueError, match="a must be > 2"):
         FISTA(0.3, a=2)
+
+
+def test_tol_is_deepinvs_residual_criterion_and_stops_where_deepinv_does(problem, ctx):
+    """``relative_change`` is deepinv's ``crit_conv="residual"``: per batch element ‖x_k − x_{k+1}‖ /
+    (‖x_{k+1}‖ + 1e-6), averaged over the batch; ``tol`` stops where deepinv's ``thres_conv`` does (on a
+    run that converges: deepinv checks from its third iteration on, daskrecon from the first)."""
+    ops = problem[0]
+    model = NonBlind(3)  # at σ 0.005 a mild contraction: PnP converges, the changes decrease
+    torch.manual_seed(1)
+    x_true = torch.rand(2, 3, 40, 36)
+    x_true[1] *= 0.3  # elements of other norms: an average of ratios, not a ratio of sums
+    y = noisy_measurements(ops, x_true, sigma=0.02)
+    x0 = torch.zeros_like(x_true)  # from zero: the first change is ~1, not a division by ‖x0‖ = 0
+
+    def deepinv_pgd(**stop):
+        solver = dinv.optim.optim_builder("PGD", data_fidelity=L2(), prior=dinv.optim.PnP(denoiser=model),
+                                          params_algo={"stepsize": 0.3, "g_param": 0.005}, max_iter=8,
+                                          custom_init=lambda y, p: x0.clone(), **stop)
+        with torch.no_grad():
+            _, m = solver(y, dinv.physics.stack(*ops), compute_metrics=True)
+        return [sum(r) / len(r) for r in zip(*m["residual"])]
+
+    dphys, dden = problem[4], dr.distribute(model, ctx, patch_size=16, overlap=6)
+    kw = dict(n_iter=8, step_size=0.3, sigma_denoiser=0.005, x0=x0, progress=False, return_history=True)
+    ref = deepinv_pgd(early_stop=False)
+    _, hist = dr.reconstruct(dphys, y, dden, **kw)
+    got = [h["relative_change"] for h in hist]
+    assert abs(got[0] - 1) < 1e-3 and all(abs(g - r) <= 1e-3 * r for g, r in zip(got, ref)), (got, ref)
+    assert all(a > b for a, b in zip(ref, ref[1:5]))
+    tol = (ref[3] * ref[4]) ** 0.5  # between the 4th and 5th changes
+    stops = len(deepinv_pgd(early_stop=True, thres_conv=tol, crit_conv="residual"))
+    _, hist = dr.reconstruct(dphys, y, dden, tol=tol, **kw)
+    assert len(hist) == stops == 5 and hist[-1]["stop"] == "tol", (ref, tol, stops)
 
 
 def test_stopping_rules_end_the_run_and_commit_where_it_stopped(problem, tmp_path):

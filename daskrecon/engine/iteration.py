@@ -120,14 +120,18 @@ def denoise(problem: Problem, z: da.Array, name: str) -> da.Array:
 
 
 def metrics(problem: Problem, new: da.Array, old: da.Array, name: str) -> Delayed:
-    """``[‖new − old‖², ‖old‖², Σ(clip(new) − truth)², pixels]`` in float64, one partial per chunk."""
+    """``[‖new_b − old_b‖² for each batch element b, ‖new_b‖² for each b, Σ(clip(new) − truth)², pixels]`` in
+    float64, one partial per chunk (:func:`daskrecon.tasks.iteration.metric_partial`), summed in chunk order."""
     if problem.stager is not None:  # out of core: not held from the step to the metrics
         old = problem.stager.fresh(old, after=new)
     blocks_new, blocks_old = new.to_delayed(optimize_graph=False).ravel(), old.to_delayed(optimize_graph=False).ravel()
     truth = (problem.truth.to_delayed(optimize_graph=False).ravel() if problem.truth is not None
              else [None] * len(blocks_new))
-    parts = [delayed(iteration_tasks.metric_partial, pure=True)(a, b, t, dask_key_name=f"{name}-{k}")
-             for k, (a, b, t) in enumerate(zip(blocks_new, blocks_old, truth))]
+    starts = np.cumsum((0,) + new.chunks[0])  # the first batch element of each block along axis 0
+    firsts = [int(starts[np.unravel_index(k, new.numblocks)[0]]) for k in range(len(blocks_new))]
+    parts = [delayed(iteration_tasks.metric_partial, pure=True)(a, b, t, batch=new.shape[0], first=f,
+                                                               dask_key_name=f"{name}-{k}")
+             for k, (a, b, t, f) in enumerate(zip(blocks_new, blocks_old, truth, firsts))]
     if len(parts) == 1:
         return parts[0]
     return delayed(iteration_tasks.sum_metrics, pure=True)(*parts, dask_key_name=f"{name}-sum")

@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 from distributed import span
 from tqdm.auto import tqdm
 
@@ -62,8 +63,8 @@ def run(problem: Problem, rule: StepRule, x0: Any, options: ReconstructOptions, 
         ``scratch`` (where a state that streams lives without one: a new folder under it,
         default the driver's temporary directory, checked to be seen by every worker);
         ``resume`` / ``overwrite``; ``progress`` (a progress bar with the metrics); ``tol``
-        (stop after the first iteration whose relative change ``‖x_{k+1} − x_k‖ / ‖x_k‖`` is at
-        most ``tol``); ``max_time`` (no iteration starts once this many seconds of this call
+        (stop after the first iteration whose relative change, deepinv's residual criterion
+        ``‖x_k − x_{k+1}‖ / (‖x_{k+1}‖ + 1e-6)`` per batch element averaged, is at most ``tol``); ``max_time`` (no iteration starts once this many seconds of this call
         are spent; at least one runs). The results never depend on them, only how many run.
     store : Checkpoint, optional
         ``options.checkpoint`` opened already (claimed and checked by the caller).
@@ -286,9 +287,14 @@ class _Loop:
 
 
 def _row(iteration: int, values: dict, problem: Problem) -> dict:
-    change2, norm2, err2, pixels = (float(v) for v in values["metrics"])
+    m = np.asarray(values["metrics"], dtype=np.float64)
+    batch = (m.size - 2) // 2
+    err2, pixels = float(m[-2]), float(m[-1])
+    # deepinv's residual criterion (BaseOptim's crit_conv="residual", thres_conv): per batch element
+    # ‖x_k − x_{k+1}‖ / (‖x_{k+1}‖ + 1e-6), averaged over the batch, so `tol` stops where deepinv's does.
+    change = np.sqrt(m[:batch]) / (np.sqrt(m[batch:2 * batch]) + 1e-6)
     row = {"iteration": iteration, "data_fidelity": float(values["value"]) * problem.scale,
-           "relative_change": math.sqrt(change2) / max(math.sqrt(norm2), 1e-12)}
+           "relative_change": float(change.mean())}
     if problem.truth is not None:
         row["psnr"] = psnr_of_mse(err2 / pixels)
     row.update(problem.precision_row)  # the denoiser's reduced precision and its measured error, if any

@@ -178,8 +178,11 @@ def reconstruct(
         (:func:`daskrecon.planning.chunking.plan_chunks`: whole denoiser tiles, large chunks, a small
         image in one piece), or a dask ``x0``'s. Results do not depend on the cluster.
     tol : float, optional
-        Stopping rule: stop after the first iteration whose relative change
-        ``‖x_{k+1} − x_k‖ / ‖x_k‖`` is at most ``tol`` (``n_iter`` stays the cap).
+        Stopping rule: stop after the first iteration whose relative change is at most ``tol``
+        (``n_iter`` stays the cap). The relative change is deepinv's residual criterion
+        (``thres_conv`` with ``crit_conv="residual"``): ``‖x_k − x_{k+1}‖ / (‖x_{k+1}‖ + 1e-6)`` per batch
+        element, averaged over the batch. deepinv checks it from its third iteration on; daskrecon
+        from the first.
     max_time : float, optional
         Stopping rule: a wall-clock budget in seconds; no iteration starts once it is spent
         (at least one runs). With ``checkpoint``, the state at the stop is committed, and
@@ -220,7 +223,7 @@ def reconstruct(
         Only with ``return_history=True``: one dict per iteration since the start (a
         resumed run includes the checkpointed ones), with ``"iteration"`` (1-based),
         ``"data_fidelity"`` (``f(x)`` at the start of the iteration), ``"relative_change"``
-        (``‖x_{k+1} − x_k‖ / ‖x_k‖``) and, with ``x_true``, ``"psnr"``; the last row of a
+        (``‖x_k − x_{k+1}‖ / (‖x_{k+1}‖ + 1e-6)``, per batch element, averaged; see ``tol``) and, with ``x_true``, ``"psnr"``; the last row of a
         run ended by a stopping rule has ``"stop"`` (``"tol"`` or ``"max_time"``).
 
     Notes

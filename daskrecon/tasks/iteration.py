@@ -6,8 +6,21 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["assemble_blocks", "axpy_block", "dual_block", "svrg_step_block", "block_of", "gradient_of", "metric_partial", "momentum_block", "pnp_step_block",
-           "red_step_block", "sum_metrics", "sum_values", "value_of"]
+__all__ = [
+    "assemble_blocks",
+    "axpy_block",
+    "block_of",
+    "dual_block",
+    "gradient_of",
+    "metric_partial",
+    "momentum_block",
+    "pnp_step_block",
+    "red_step_block",
+    "sum_metrics",
+    "sum_values",
+    "svrg_step_block",
+    "value_of",
+]
 
 
 def assemble_blocks(blocks: list) -> np.ndarray:
@@ -76,18 +89,26 @@ def red_step_block(x: np.ndarray, g: np.ndarray, d: np.ndarray, tau: float, scal
     return x - np.asarray(tau, dtype=dt) * (g + np.asarray(lam, dtype=dt) * (x - d))
 
 
-def metric_partial(new: np.ndarray, old: np.ndarray, truth: np.ndarray | None = None) -> np.ndarray:
-    """``[Σ(new − old)², Σ old², Σ(clip(new, 0, 1) − truth)², pixels]`` of one chunk, in float64."""
+def metric_partial(new: np.ndarray, old: np.ndarray, truth: np.ndarray | None = None, *, batch: int = 1,
+                   first: int = 0) -> np.ndarray:
+    """The metrics of one chunk, in float64: ``Σ(new − old)²`` and ``Σ new²`` for each of the ``batch``
+    elements (axis 0; the chunk holds elements ``first, first + 1, …``, the other entries stay 0), then
+    ``Σ(clip(new, 0, 1) − truth)²`` and the pixel count: ``2·batch + 2`` values."""
     n, o = new.astype(np.float64), old.astype(np.float64)
-    out = np.array([((n - o) ** 2).sum(), (o ** 2).sum(), 0.0, float(n.size)])
+    out = np.zeros(2 * batch + 2)
+    rows = slice(first, first + n.shape[0])
+    axes = tuple(range(1, n.ndim))
+    out[rows] = ((n - o) ** 2).sum(axis=axes)
+    out[batch:][rows] = (n ** 2).sum(axis=axes)
+    out[-1] = float(n.size)
     if truth is not None:
-        out[2] = ((np.clip(n, 0, 1) - truth.astype(np.float64)) ** 2).sum()
+        out[-2] = ((np.clip(n, 0, 1) - truth.astype(np.float64)) ** 2).sum()
     return out
 
 
 def sum_metrics(*partials: np.ndarray) -> np.ndarray:
     """Chunk partials of :func:`metric_partial` summed in chunk order."""
-    total = np.zeros(4)
+    total = np.zeros_like(partials[0])
     for p in partials:
         total += p
     return total
