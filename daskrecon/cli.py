@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import signal
 from typing import Optional
 
 import typer
@@ -13,6 +15,22 @@ from daskrecon.frontend.context import DistributedContext
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="DeepInverse reconstructions on Dask clusters.")
+
+
+def _quiet_on_interrupt() -> None:
+    """On Ctrl-C, silence the in-process scheduler's and asyncio's logs before the cluster closes.
+
+    A cluster closed mid-operation (e.g. a model being broadcast to the workers) makes the scheduler log
+    each failed send and asyncio each task whose exception nobody awaits: dozens of tracebacks after
+    "interrupted". The command ends there, so nothing needs them back; a library user's own session
+    (a notebook) keeps its handler and logs.
+    """
+    def interrupt(signum, frame):
+        for name in ("distributed", "asyncio", "tornado"):
+            logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
 
 
 @app.command()
@@ -31,6 +49,7 @@ def demo(
     if denoiser not in DEMO_DENOISERS:
         raise typer.BadParameter(f"{denoiser!r} is not a bundled denoiser: choose {' or '.join(DEMO_DENOISERS)}",
                                  param_hint="--denoiser")
+    _quiet_on_interrupt()
     try:
         run_demo(size=size, iterations=iterations, n_workers=workers, output=output, denoiser=denoiser,
                  equivariant=equivariant, progress=progress, echo=typer.echo)
@@ -51,6 +70,7 @@ def reconstruct(
     check: bool = typer.Option(False, "--check", help="Time one operator task and one tile (inputs over 2 GiB: one out-of-core iteration on a crop of whole chunks), project the total, and stop."),
 ) -> None:
     """Run the reconstruction described by CONFIG."""
+    _quiet_on_interrupt()
     try:
         run_config(config, check=check, echo=typer.echo)
     except ConfigError as exc:

@@ -76,3 +76,37 @@ def test_the_demo_never_replaces_files_it_did_not_write(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--size", "32", "--output", str(tmp_path / "afile"), "--no-progress"])
     assert result.exit_code == 2 and "is a file" in result.output
     assert snapshot(tmp_path) == before
+
+
+def test_ctrl_c_in_a_terminal_ends_the_demo_quietly_and_leaves_no_worker(tmp_path):
+    """A terminal's Ctrl-C signals the whole foreground process group: the driver must be the only one to
+    get it (the workers sit in sessions of their own), close the cluster and say "interrupted" — no
+    worker dying mid-task with a traceback, no scheduler logging each send that failed, no process left."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import psutil
+
+    cmd = [str(Path(sys.executable).parent / "daskrecon"), "demo", "--size", "128", "--iterations", "200", "--denoiser", "dncnn",
+           "--workers", "2", "--output", str(tmp_path / "demo"), "--no-progress"]
+    # the demo leads a process group of its own, as a shell's foreground job does
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            cwd=tmp_path)
+    lines = []
+    for line in proc.stdout:  # wait for the iterations to run
+        lines.append(line)
+        if line.startswith("Dask cluster:"):
+            break
+    time.sleep(3)
+    spawned = psutil.Process(proc.pid).children(recursive=True)
+    assert len(spawned) >= 4  # two nannies, two workers (and their resource trackers)
+    os.killpg(proc.pid, signal.SIGINT)
+    out = "".join(lines) + proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, out
+    assert out.rstrip().endswith("interrupted") and "Traceback" not in out and "distributed." not in out, out
+    gone, alive = psutil.wait_procs(spawned, timeout=30)
+    assert not alive, alive

@@ -57,7 +57,12 @@ class ScriptSafeWorker(SubprocessWorker):
     async def _start(self) -> None:
         spec = {"cls": self.worker_class, "opts": {**self.worker_kwargs, "name": self.name}}
         cmd = [sys.executable, "-m", "distributed.cli.dask_spec", self.scheduler, "--spec", json.dumps(spec)]
-        self.process = await asyncio.create_subprocess_exec(*cmd, env={**os.environ, **self.env})
+        # A session of its own: a terminal's Ctrl-C reaches the driver alone, which closes the cluster
+        # (killing each nanny and its worker), instead of every worker dying mid-task with a traceback. A
+        # driver that dies without closing loses nothing either: its scheduler goes with it, and the
+        # nannies close when it does (within seconds, tested).
+        self.process = await asyncio.create_subprocess_exec(*cmd, env={**os.environ, **self.env},
+                                                            start_new_session=True)
 
 
 def spawned_by_multiprocessing() -> bool:
