@@ -223,8 +223,10 @@ def reconstruct(
         Only with ``return_history=True``: one dict per iteration since the start (a
         resumed run includes the checkpointed ones), with ``"iteration"`` (1-based),
         ``"data_fidelity"`` (``f(x)`` at the start of the iteration), ``"relative_change"``
-        (``‖x_k − x_{k+1}‖ / (‖x_{k+1}‖ + 1e-6)``, per batch element, averaged; see ``tol``) and, with ``x_true``, ``"psnr"``; the last row of a
-        run ended by a stopping rule has ``"stop"`` (``"tol"`` or ``"max_time"``).
+        (``‖x_k − x_{k+1}‖ / (‖x_{k+1}‖ + 1e-6)``, per batch element, averaged; see ``tol``) and, with
+        ``x_true``, ``"psnr"`` (of ``x_{k+1}`` clipped to [0, 1], peak 1, the mean squared error taken over
+        the whole batch: the image as displayed; deepinv's ``PSNR`` metric does not clip); the last row
+        of a run ended by a stopping rule has ``"stop"`` (``"tol"`` or ``"max_time"``).
 
     Notes
     -----
