@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
+import threading
+from collections.abc import Iterator
 from typing import Optional
 
 import typer
@@ -17,20 +20,28 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="DeepInverse reconstructions on Dask clusters.")
 
 
-def _quiet_on_interrupt() -> None:
+@contextlib.contextmanager
+def _quiet_on_interrupt() -> Iterator[None]:
     """On Ctrl-C, silence the in-process scheduler's and asyncio's logs before the cluster closes.
 
     A cluster closed mid-operation (e.g. a model being broadcast to the workers) makes the scheduler log
     each failed send and asyncio each task whose exception nobody awaits: dozens of tracebacks after
-    "interrupted". The command ends there, so nothing needs them back; a library user's own session
-    (a notebook) keeps its handler and logs.
+    "interrupted". The command ends there, so nothing needs them back; the previous handler returns
+    when the command ends (a caller in another thread keeps Python's).
     """
     def interrupt(signum, frame):
         for name in ("distributed", "asyncio", "tornado"):
             logging.getLogger(name).setLevel(logging.CRITICAL + 1)
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGINT, interrupt)
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @app.command()
@@ -49,10 +60,10 @@ def demo(
     if denoiser not in DEMO_DENOISERS:
         raise typer.BadParameter(f"{denoiser!r} is not a bundled denoiser: choose {' or '.join(DEMO_DENOISERS)}",
                                  param_hint="--denoiser")
-    _quiet_on_interrupt()
     try:
-        run_demo(size=size, iterations=iterations, n_workers=workers, output=output, denoiser=denoiser,
-                 equivariant=equivariant, progress=progress, echo=typer.echo)
+        with _quiet_on_interrupt():
+            run_demo(size=size, iterations=iterations, n_workers=workers, output=output, denoiser=denoiser,
+                     equivariant=equivariant, progress=progress, echo=typer.echo)
     except OutputExistsError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)
@@ -68,11 +79,12 @@ def demo(
 def reconstruct(
     config: str = typer.Argument(..., help="A TOML or YAML file (see `python -c 'import daskrecon.config as c; print(c.__doc__)'`)."),
     check: bool = typer.Option(False, "--check", help="Time one operator task and one tile (inputs over 2 GiB: one out-of-core iteration on a crop of whole chunks), project the total, and stop."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Run on the Dask scheduler at this address (e.g. tcp://host:8786) instead of the config's [cluster]."),
 ) -> None:
     """Run the reconstruction described by CONFIG."""
-    _quiet_on_interrupt()
     try:
-        run_config(config, check=check, echo=typer.echo)
+        with _quiet_on_interrupt():
+            run_config(config, check=check, echo=typer.echo, scheduler=scheduler)
     except ConfigError as exc:
         typer.echo(f"config error: {exc}", err=True)
         raise typer.Exit(2)

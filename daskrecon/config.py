@@ -70,6 +70,8 @@ Example (every key shown; only ``measurements`` and ``operators`` are required):
     n_workers = 2                              # local / cuda
     address = "tcp://host:8786"                # address
     jobs = 4                                   # slurm: SLURMCluster(**[cluster.slurm]).scale(jobs=...)
+                                               # (`daskrecon reconstruct run.toml --scheduler ADDRESS` runs
+                                               # on a running scheduler instead of [cluster])
 
 Paths are taken relative to the config's folder; a URL (``s3://…``, ``file://…``, anything with
 ``://``) is used as it is.

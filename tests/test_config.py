@@ -58,14 +58,33 @@ def inputs(tmp_path):
     return tmp_path
 
 
-def run(path, *extra):
-    return CliRunner().invoke(app, ["reconstruct", str(path), *extra])
+LOCAL = 'kind = "local"\nn_workers = 1'
+_SHARED: dict = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shared_cluster():
+    """One 1-worker cluster for the module's runs: each `daskrecon reconstruct` of a config with
+    ``[cluster] kind = "local"`` would start one of its own (~4 s, some 30 times); :func:`run` sends those
+    to this one with ``--scheduler``. The cluster the command starts itself is run by ``own_cluster=True``
+    and by the configs whose ``[cluster]`` says something else."""
+    import daskrecon as dr
+
+    with dr.DistributedContext(n_workers=1, dashboard_address="127.0.0.1:0") as ctx:
+        _SHARED["address"], _SHARED["dashboard"] = ctx.client.scheduler.address, ctx.dashboard_link
+        yield
+    _SHARED.clear()
+
+
+def run(path, *extra, own_cluster=False):
+    shared = [] if own_cluster or LOCAL not in path.read_text() else ["--scheduler", _SHARED["address"]]
+    return CliRunner().invoke(app, ["reconstruct", str(path), *extra, *shared])
 
 
 def test_reconstruct_from_a_config(inputs):
     cfg = inputs / "run.toml"
     cfg.write_text(CONFIG.format(out="result.zarr"))
-    result = run(cfg)
+    result = run(cfg, own_cluster=True)  # the local cluster the command starts and closes
     assert result.exit_code == 0, result.output
     import zarr
 
@@ -91,6 +110,7 @@ def test_configs_take_the_other_algorithms(inputs, solver):
     cfg.write_text(text)
     result = run(cfg)
     assert result.exit_code == 0, result.output
+    assert f"dashboard {_SHARED['dashboard']}" in result.output  # --scheduler: on the running cluster
     out = np.load(inputs / "result.npy")
     assert out.shape == (1, 3, 48, 48) and np.isfinite(out).all() and float(np.abs(out).max()) > 0.1
 

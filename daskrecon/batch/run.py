@@ -27,8 +27,11 @@ from daskrecon.frontend.omezarr import is_ome_zarr
 __all__ = ["interrupted_message", "run_config"]
 
 
-def run_config(path: str | Path, check: bool = False, echo: Any = print) -> Any:
+def run_config(path: str | Path, check: bool = False, echo: Any = print, scheduler: str | None = None) -> Any:
     """Run (or, with ``check``, time one operator task and one tile of) the reconstruction in ``path``.
+
+    ``scheduler``: the address of a running Dask scheduler to run on instead of the config's
+    ``[cluster]`` (the same file on a laptop and on a cluster started apart, e.g. by dask-jobqueue).
 
     Returns the result (with ``check``: the :class:`~daskrecon.batch.check.CheckReport`). An out-of-core
     run without ``checkpoint.path`` keeps its iterate in a temporary folder under the scratch location;
@@ -62,7 +65,8 @@ def run_config(path: str | Path, check: bool = False, echo: Any = print) -> Any:
         raise ConfigError(f"output {out_path!r} exists; set output.overwrite = true or choose another path")
     # a bad weight file, or one for other channels: before any cluster
     model = fit_channels(build_denoiser(den, base), shape, echo) if uses_denoiser(cfg) else None
-    with make_context(cfg.get("cluster", {})) as ctx:
+    cluster = {"kind": "address", "address": scheduler} if scheduler else cfg.get("cluster", {})
+    with make_context(cluster) as ctx:
         echo(f"cluster: {ctx.num_workers} workers, dashboard {ctx.dashboard_link}")
         dden = None if model is None else dr.distribute(
             # keys left out: None, the configured defaults (daskrecon.denoiser.* in dask.config), as in Python
