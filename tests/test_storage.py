@@ -188,6 +188,34 @@ def test_a_location_every_worker_sees_gives_the_in_memory_result(island, shared_
     assert not any(n.startswith("scratch_power") for n in os.listdir(os.path.join(shared_dir, "ck")))
 
 
+def test_zarr_inputs_the_workers_cannot_open_are_refused_not_read_as_zeros(island, tmp_path, shared_dir):
+    """The user's own Zarr inputs on the driver's disk alone: every chunk would be "missing" on the workers,
+    which Zarr reads as its fill value — a reconstruction, a tiled denoising, ``A x`` of zeros, without a
+    word. Refused before any work, naming the input; from a folder they all see, the tensor result."""
+    with dr.DistributedContext(island) as ctx:
+        d, y, den = _problem(ctx)
+        run = dict(n_iter=2, step_size=0.5, progress=False)
+        ref = dr.reconstruct(d, y, den, **run)
+
+        def zarr_inputs(folder):
+            for i, t in enumerate(y):
+                da.from_array(t.numpy(), chunks=(1, 3, 32, 32)).to_zarr(os.path.join(folder, f"y{i}.zarr"))
+            return [da.from_zarr(os.path.join(folder, f"y{i}.zarr")) for i in range(len(y))]
+
+        private = zarr_inputs(str(tmp_path))
+        with pytest.raises(StorageNotSharedError, match=r"y\[0\] reads the Zarr array .* 2 of 2 workers cannot open"):
+            dr.reconstruct(d, private, den, **run)
+        with pytest.raises(StorageNotSharedError, match="x reads the Zarr array"):
+            den(private[0], sigma=0.05)
+        with pytest.raises(StorageNotSharedError, match="x reads the Zarr array"):
+            d.A(private[0])
+        with pytest.raises(StorageNotSharedError, match=r"y\[1\] reads the Zarr array"):
+            d.A_adjoint([da.from_array(y[0].numpy()), *private[1:]])
+        shared = zarr_inputs(shared_dir)
+        assert torch.equal(_tensor(ctx, dr.reconstruct(d, shared, den, **run)), ref)
+        assert torch.equal(_tensor(ctx, den(shared[0], sigma=0.05)), den(y[0], sigma=0.05))
+
+
 def test_a_lazy_result_is_written_only_where_the_workers_see_it(island, tmp_path, shared_dir):
     """The batch config writes a lazy result to Zarr from the workers: a driver-only folder is refused."""
     import dask.array as da
@@ -342,3 +370,18 @@ def test_with_overwrite_daskrecon_writes_next_to_the_users_files_and_changes_non
     after = snapshot(data)
     assert {k: after[k] for k in before} == before  # every file of theirs: same bytes, same mtime
     assert (data / "COMMIT.json").is_file() and (data / "x.zarr").is_dir()
+
+
+def test_a_worker_that_finds_another_array_at_an_inputs_place_says_so(tmp_path):
+    """What each worker answers for an input (run here as a worker would): the array, none, or another one."""
+    from daskrecon.tasks.storage import open_sources
+
+    path = str(tmp_path / "y.zarr")
+    da.zeros((1, 1, 8, 8), chunks=4, dtype="f4").to_zarr(path)
+    a = da.from_zarr(path)
+    (arr,) = storage.zarr_arrays(a)
+    assert open_sources([arr]) == [""]
+    shutil.rmtree(path)
+    assert open_sources([arr]) == ["!no array there"]
+    da.zeros((1, 1, 8, 6), chunks=4, dtype="f4").to_zarr(path)  # another node's copy, of another size
+    assert open_sources([arr])[0].startswith("!another array there: shape (1, 1, 8, 6)")

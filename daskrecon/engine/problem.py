@@ -45,6 +45,7 @@ from daskrecon.runtime import graphs
 from daskrecon.runtime.arrays import as_numpy, convert_hint, persist_fresh
 from daskrecon.runtime.cluster import scheduler_workers
 from daskrecon.runtime.halos import Stager, read_array
+from daskrecon.runtime.storage import check_sources_seen
 from daskrecon.runtime.waiting import compute, gather
 from daskrecon.tasks import arrays as array_tasks
 
@@ -190,6 +191,8 @@ def plan(physics: Any, ys: list, denoising: Denoising, fidelity: Any, *, x0: Any
     """
     ctx, n = physics.ctx, physics.num_operators
     named = _validate(denoising.processing, ys, x0, storage)
+    # before any pass: a Zarr input the workers cannot open would be read as zeros
+    check_sources_seen(ctx, {**dict(named), **({"x_true": x_true} if x_true is not None else {})})
     local = physics.chunkwise_forms()
     y_shapes = [_shape_of(ctx, v) for v in ys]
     if x0 is None and all(f is None for f in local):

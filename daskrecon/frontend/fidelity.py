@@ -21,6 +21,7 @@ from daskrecon.frontend.physics import DistributedPhysics
 from daskrecon.planning.reduction import REDUCTIONS
 from daskrecon.runtime.arrays import as_dask, gather_tensors
 from daskrecon.runtime.placement import ObjectSet
+from daskrecon.runtime.storage import check_sources_seen
 from daskrecon.tasks import fidelity as fidelity_tasks
 
 __all__ = ["DistributedDataFidelity"]
@@ -245,7 +246,9 @@ class DistributedDataFidelity(torch.nn.Module):
         ys = [y[i] for i in range(len(y))] if hasattr(y, "__len__") and not isinstance(y, torch.Tensor) else [y]
         if len(ys) != n:
             raise MeasurementError(f"y has {len(ys)} entries but the physics has {n} operators")
-        problem = plan_terms(physics, self, [as_dask(v, f"y[{i}]") for i, v in enumerate(ys)], x)
+        ys = [as_dask(v, f"y[{i}]") for i, v in enumerate(ys)]
+        check_sources_seen(physics.ctx, {"x": x, **{f"y[{i}]": v for i, v in enumerate(ys)}})  # else zeros
+        problem = plan_terms(physics, self, ys, x)
         if method == "grad":
             grad, _ = graph.gradient(problem, x)
             return grad * np.asarray(problem.scale, dtype=grad.dtype) if problem.scale != 1.0 else grad

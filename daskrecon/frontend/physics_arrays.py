@@ -18,6 +18,7 @@ from daskrecon.planning.reduction import REDUCTIONS
 from daskrecon.runtime import graphs
 from daskrecon.runtime.arrays import as_dask
 from daskrecon.runtime.memory import check_fits
+from daskrecon.runtime.storage import check_sources_seen
 from daskrecon.runtime.waiting import compute
 from daskrecon.tasks import arrays as array_tasks
 from daskrecon.tasks import operators as operator_tasks
@@ -38,6 +39,8 @@ def apply_lazily(physics: Any, method: str, arg: Any, reduce_op: str | None) -> 
         raise MeasurementError(f"y has {len(arg)} entries but the physics has {n} operators")
     forms = physics.chunkwise_forms()
     ins = [as_dask(v, f"y[{i}]") for i, v in enumerate(arg)] if method == "A_adjoint" else [arg] * n
+    # a Zarr input the workers cannot open would be read as zeros
+    check_sources_seen(physics.ctx, {f"y[{i}]": v for i, v in enumerate(ins)} if method == "A_adjoint" else {"x": arg})
     whole_ops = [i for i, f in enumerate(forms) if f is None]
     if whole_ops:
         largest = max(ins[i].nbytes for i in whole_ops)

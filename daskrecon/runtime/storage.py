@@ -42,11 +42,13 @@ __all__ = [
     "OWNER_FILE",
     "check_not_source",
     "check_shared",
+    "check_sources_seen",
     "default_scratch",
     "location",
     "owned",
     "owner_attributes",
     "relation",
+    "zarr_arrays",
     "zarr_sources",
 ]
 
@@ -113,11 +115,11 @@ def _zarr_location(a: Any) -> str | None:
     return posixpath.join(base, a.path) if a.path else base
 
 
-def zarr_sources(x: Any) -> list[str]:
-    """Where the Zarr arrays that dask array ``x`` reads live (as :func:`location` gives them)."""
+def zarr_arrays(x: Any) -> list[Any]:
+    """The Zarr arrays (``zarr.Array`` objects) that dask array ``x`` reads, found in its graph's tasks."""
     import zarr
 
-    found: set[str] = set()
+    found: dict[int, Any] = {}
     seen: set[int] = set()
 
     def walk(v: Any, depth: int = 0) -> None:
@@ -125,9 +127,7 @@ def zarr_sources(x: Any) -> list[str]:
             return
         seen.add(id(v))
         if isinstance(v, zarr.Array):
-            where = _zarr_location(v)
-            if where is not None:
-                found.add(where)
+            found[id(v)] = v
         elif isinstance(v, tuple | list):
             for item in v:
                 walk(item, depth + 1)
@@ -142,7 +142,12 @@ def zarr_sources(x: Any) -> list[str]:
 
     for v in dict(x.__dask_graph__()).values():
         walk(v)
-    return sorted(found)
+    return list(found.values())
+
+
+def zarr_sources(x: Any) -> list[str]:
+    """Where the Zarr arrays that dask array ``x`` reads live (as :func:`location` gives them)."""
+    return sorted({where for a in zarr_arrays(x) if (where := _zarr_location(a)) is not None})
 
 
 def check_not_source(x: Any, path: str) -> None:
@@ -159,6 +164,48 @@ def check_not_source(x: Any, path: str) -> None:
             raise OverwriteSourceError(
                 f"{path!r} holds the Zarr array {src!r} that the array to write is read from: replacing it would "
                 f"delete the data before it is read; write to another path (and move it afterwards)")
+
+
+def check_sources_seen(ctx: Any, inputs: dict[str, Any]) -> float:
+    """Check that every current worker opens the Zarr arrays the dask arrays in ``inputs`` read; the seconds it took.
+
+    A worker that cannot see an input's store would read each chunk as missing, and Zarr gives a
+    missing chunk its fill value: the input, silently, as zeros. The workers read each array's
+    metadata back through its own store (one ``Client.run`` for all, bounded by the context's
+    ``stall_timeout``); nothing is written (the arrays are the user's). Arrays in memory stores and
+    inputs that read no Zarr array pass without a call.
+
+    Raises
+    ------
+    StorageNotSharedError
+        Naming the input, the array's location, the workers that cannot open it and what they saw.
+    """
+    t0 = time.perf_counter()
+    arrays, owners = [], []
+    for name, x in inputs.items():
+        if not hasattr(x, "__dask_graph__"):
+            continue
+        for a in zarr_arrays(x):
+            where = _zarr_location(a)
+            if where is not None:
+                arrays.append(a)
+                owners.append((name, where))
+    if not arrays:
+        return 0.0
+    client = ctx.client
+    seen = bounded(client, client._run, storage_tasks.open_sources, arrays, on_error="return",
+                   what="checking that the workers see the inputs' Zarr arrays", timeout=ctx.stall_timeout)
+    for k, (name, where) in enumerate(owners):
+        bad = {w: (v[k][1:] if isinstance(v, list) else str(v)) for w, v in sorted(seen.items())
+               if not isinstance(v, list) or v[k]}
+        if bad:
+            which = "; ".join(f"{w}: {reason}" for w, reason in bad.items())
+            raise StorageNotSharedError(
+                f"{name} reads the Zarr array {where!r}, which {len(bad)} of {len(seen)} workers cannot open ({which}): "
+                f"they would read every chunk of it as missing, that is as zeros. Put the input where the driver and "
+                f"every worker see it — a shared file system, or an fsspec URL (s3://…, gs://…) — or pass it as a "
+                f"tensor")
+    return time.perf_counter() - t0
 
 
 def check_shared(ctx: Any, fs: Any, root: str, url: str, *, why: str = "", hint: str = HINT) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["here", "read_probe"]
+__all__ = ["here", "open_sources", "read_probe"]
 
 
 def here() -> str:
@@ -28,3 +28,29 @@ def read_probe(fs: Any, path: str) -> str:
         return "!no such file there"
     except Exception as exc:  # permissions, credentials, an unreachable endpoint
         return f"!{type(exc).__name__}: {exc}"
+
+
+def open_sources(arrays: list) -> list[str]:
+    """For each Zarr array (as the driver opened it), ``""`` when this worker opens the same array at its
+    place, else why not (``"!" + reason``): the array's metadata read back through its own store.
+
+    Never raises, and writes nothing: the arrays are the user's.
+    """
+    import zarr
+
+    answers = []
+    for a in arrays:
+        try:
+            seen = zarr.open_array(store=a.store, path=a.path, mode="r")
+        except FileNotFoundError:
+            answers.append("!no array there")
+            continue
+        except Exception as exc:  # zarr's not-found errors, permissions, credentials, an unreachable endpoint
+            answers.append(f"!{type(exc).__name__}: {exc}")
+            continue
+        if (seen.shape, seen.dtype, seen.chunks) != (a.shape, a.dtype, a.chunks):
+            answers.append(f"!another array there: shape {seen.shape}, {seen.dtype}, chunks {seen.chunks} against the "
+                           f"driver's {a.shape}, {a.dtype}, {a.chunks}")
+        else:
+            answers.append("")
+    return answers
