@@ -52,6 +52,14 @@ def test_demo_refuses_an_unknown_denoiser(tmp_path):
     assert not (tmp_path / "d").exists()
 
 
+def test_python_m_daskrecon_is_the_command():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "daskrecon", "info"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("daskrecon "), out.stdout + out.stderr
+
+
 def test_info():
     result = CliRunner().invoke(app, ["info"])
     assert result.exit_code == 0 and "deepinv" in result.output and "GPUs:" in result.output

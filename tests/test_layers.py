@@ -15,7 +15,8 @@ ROOT = Path(__file__).parents[1] / "daskrecon"
 #: Bottom to top: a module may import its own layer and those before it.
 LAYERS = ["errors", "planning", "tasks", "runtime", "operators", "engine", "frontend", "apps"]
 _TOP_LEVEL = {"errors": "errors", "models": "planning", "data": "planning", "cli": "apps", "config": "apps", "batch": "apps",
-              "demo": "apps", "testing": "apps", "_moved": "apps", "__init__": "apps"}
+              "demo": "apps", "testing": "apps", "_moved": "apps", "__init__": "apps",
+              "__main__": "apps"}
 
 
 def _layer(module: str) -> str:
