@@ -4,6 +4,8 @@ Before the first write to a checkpoint or scratch folder, daskrecon writes a pro
 and every worker reads it back (``daskrecon.runtime.storage.check_shared``). This times, in one run:
 
 - the probe alone, on a fresh folder each time (median of ``--probes``);
+- the check that every worker opens the user's Zarr inputs (``check_sources_seen``: each worker
+  reads each array's metadata; three inputs of 2048² in chunks of 128² and of 16², median of ``--probes``);
 - an out-of-core PnP reconstruction (3 circular blurs + DnCNN, ``storage="zarr"`` into a new
   checkpoint folder each run) with the check, and the same with ``check_shared`` replaced by a
   no-op, interleaved, median of ``--repeats``; the ratio is printed.
@@ -56,6 +58,17 @@ def main() -> None:
             os.makedirs(where)
             probes.append(real_check(ctx, fs, where, where))
         results["probe_s"] = {"median_s": statistics.median(probes), "min_s": min(probes), "times_s": probes}
+        results["inputs_check_s"] = {}
+        for side in (128, 16):
+            inputs = {}
+            for i in range(3):
+                where = os.path.join(tmp, f"input{side}-{i}.zarr")
+                da.zeros((1, 3, 2048, 2048), chunks=(1, 3, side, side), dtype="f4").to_zarr(where)
+                inputs[f"y[{i}]"] = da.from_zarr(where)
+            storage.check_sources_seen(ctx, inputs)  # warm-up
+            times = [storage.check_sources_seen(ctx, inputs) for _ in range(args.probes)]
+            results["inputs_check_s"][f"3 inputs of {inputs['y[0]'].npartitions} chunks"] = {
+                "median_s": statistics.median(times), "min_s": min(times)}
         d = dr.distribute(ops, ctx)
         den = dr.distribute(model, ctx, patch_size=128, overlap=8)
 
@@ -81,6 +94,8 @@ def main() -> None:
     results["ratio_with_vs_without_check"] = ratio
     print(f"probe (write, every worker reads, remove), 2 local workers: median "
           f"{1000 * results['probe_s']['median_s']:.1f} ms of {args.probes}")
+    for what, t in results["inputs_check_s"].items():
+        print(f"inputs opened by every worker, {what}: median {1000 * t['median_s']:.1f} ms of {args.probes}")
     print(f"out-of-core PnP {args.iterations} it., 1x3x{args.size}², new checkpoint folder, median of {args.repeats}: "
           f"with check {results['with_check']['median_s']:.3f} s, without {results['without_check']['median_s']:.3f} s "
           f"(ratio {ratio:.3f})")
