@@ -173,9 +173,12 @@ def snapshot(root):
     return out
 
 
-def kill_driver_after_commit(script, ckpt, iteration, then_sleep=0.0, timeout=180):
+def kill_driver_after_commit(script, ckpt, iteration, then_sleep=0.0, timeout=180, orphans=None):
     """Run ``script`` (a driver) in a subprocess, SIGKILL it once ``ckpt`` has committed ``iteration``
-    (plus ``then_sleep`` seconds, to land inside the next write); return the iteration left committed."""
+    (plus ``then_sleep`` seconds, to land inside the next write); return the iteration left committed.
+
+    ``orphans``: a list that receives the driver's child processes (its local cluster's nannies and
+    workers, in sessions of their own) as they were at the kill, for the caller to check they went."""
     import json
     import signal
     import subprocess
@@ -191,6 +194,10 @@ def kill_driver_after_commit(script, ckpt, iteration, then_sleep=0.0, timeout=18
             break
         time.sleep(0.05)
     time.sleep(then_sleep)
+    if orphans is not None:
+        import psutil
+
+        orphans.extend(psutil.Process(proc.pid).children(recursive=True))
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     return json.loads(commit.read_text())["iteration"]

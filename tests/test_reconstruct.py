@@ -204,7 +204,13 @@ def test_driver_killed_mid_run_resumes_bitwise_equal(ctx, tmp_path):
     ckpt = tmp_path / "ck"
     script = tmp_path / "driver.py"
     script.write_text(DRIVER.format(tests=os.path.dirname(__file__), ckpt=str(ckpt)))
-    done = kill_driver_after_commit(script, ckpt, 3)  # the driver dies between or during iterations
+    orphans = []
+    done = kill_driver_after_commit(script, ckpt, 3, orphans=orphans)  # the driver dies between or during iterations
     assert 3 <= done < 8
     resumed = run_solver(ctx, checkpoint=str(ckpt), resume=True)
     assert torch.equal(resumed, run_solver(ctx))
+    # its local cluster's workers (in sessions of their own, out of reach of a terminal's signals) went
+    # with their scheduler: none is left running for ever
+    import psutil
+
+    assert len(orphans) >= 2 and not psutil.wait_procs(orphans, timeout=30)[1]
