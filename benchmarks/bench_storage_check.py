@@ -6,6 +6,9 @@ and every worker reads it back (``daskrecon.runtime.storage.check_shared``). Thi
 - the probe alone, on a fresh folder each time (median of ``--probes``);
 - the check that every worker opens the user's Zarr inputs (``check_sources_seen``: each worker
   reads each array's metadata; three inputs of 2048² in chunks of 128² and of 16², median of ``--probes``);
+- reading those inputs (their sum, 3 × 256 chunks) plainly and through the strict sources that check a
+  worker which joins later (``strict_sources``: each worker process opens each array once, here anew
+  before every read — the worst case), interleaved, median of ``--probes``;
 - an out-of-core PnP reconstruction (3 circular blurs + DnCNN, ``storage="zarr"`` into a new
   checkpoint folder each run) with the check, and the same with ``check_shared`` replaced by a
   no-op, interleaved, median of ``--repeats``; the ratio is printed.
@@ -69,6 +72,8 @@ def main() -> None:
             times = [storage.check_sources_seen(ctx, inputs) for _ in range(args.probes)]
             results["inputs_check_s"][f"3 inputs of {inputs['y[0]'].npartitions} chunks"] = {
                 "median_s": statistics.median(times), "min_s": min(times)}
+            if side == 128:
+                results["inputs_read_s"] = read_times(ctx, inputs, args.probes)
         d = dr.distribute(ops, ctx)
         den = dr.distribute(model, ctx, patch_size=128, overlap=8)
 
@@ -96,10 +101,39 @@ def main() -> None:
           f"{1000 * results['probe_s']['median_s']:.1f} ms of {args.probes}")
     for what, t in results["inputs_check_s"].items():
         print(f"inputs opened by every worker, {what}: median {1000 * t['median_s']:.1f} ms of {args.probes}")
+    r = results["inputs_read_s"]
+    print(f"3 inputs of 256 chunks read (summed): plain {1000 * r['plain']['median_s']:.1f} ms, through strict sources "
+          f"opened anew {1000 * r['strict']['median_s']:.1f} ms (ratio {r['ratio_strict_vs_plain']:.3f}), median of "
+          f"{args.probes}")
     print(f"out-of-core PnP {args.iterations} it., 1x3x{args.size}², new checkpoint folder, median of {args.repeats}: "
           f"with check {results['with_check']['median_s']:.3f} s, without {results['without_check']['median_s']:.3f} s "
           f"(ratio {ratio:.3f})")
     print("wrote", write(args.out, results))
+
+
+def read_times(ctx, inputs: dict, repeats: int) -> dict:
+    """Seconds to sum the inputs read plainly and through strict sources (each worker opening them anew)."""
+    import dask.array as da
+
+    from daskrecon.runtime import storage
+    from daskrecon.tasks import storage as storage_tasks
+
+    def forget() -> None:
+        storage_tasks._OPENED.clear()
+
+    plain = da.stack(list(inputs.values())).sum()
+    strict = da.stack([storage.strict_sources(x) for x in inputs.values()]).sum()
+    assert float(ctx.client.compute(plain).result()) == float(ctx.client.compute(strict).result())
+    times: dict[str, list[float]] = {"plain": [], "strict": []}
+    for _ in range(repeats):
+        for name, x in (("plain", plain), ("strict", strict)):
+            ctx.client.run(forget)
+            t0 = time.perf_counter()
+            ctx.client.compute(x).result()
+            times[name].append(time.perf_counter() - t0)
+    out = {name: {"median_s": statistics.median(t), "min_s": min(t), "times_s": t} for name, t in times.items()}
+    out["ratio_strict_vs_plain"] = out["strict"]["median_s"] / out["plain"]["median_s"]
+    return out
 
 
 if __name__ == "__main__":

@@ -216,6 +216,43 @@ def test_zarr_inputs_the_workers_cannot_open_are_refused_not_read_as_zeros(islan
         assert torch.equal(_tensor(ctx, den(shared[0], sigma=0.05)), den(y[0], sigma=0.05))
 
 
+def test_a_worker_that_joins_after_the_check_raises_at_its_first_read_not_zeros(island, tmp_path, monkeypatch):
+    """The check above covers the workers present when a call starts. One that joins later (or recomputes a lost
+    input chunk on a node without the input's disk) reads through a strict source: its first read opens the
+    array's metadata, and one it cannot open is an error naming it — where a plain read gives zeros.
+
+    The island's workers stand for such late joiners: the start-of-call check is switched off, as if it had
+    run before they joined."""
+    with dr.DistributedContext(island) as ctx:
+        d, y, den = _problem(ctx)
+        path = str(tmp_path / "y0.zarr")
+        zarr.open_array(path, mode="w", shape=tuple(y[0].shape), chunks=(1, 3, 32, 32), dtype="f4")[:] = y[0].numpy()
+        # the hazard itself: a worker without the driver's disk reads the array as zeros, without a word
+        assert not np.asarray(ctx.client.compute(da.from_zarr(path)).result()).any()
+        monkeypatch.setattr(storage, "check_sources_seen", lambda ctx, inputs: 0.0)
+        late = r"worker tcp://.* cannot open the Zarr array .*y0\.zarr.* joined later"
+        with pytest.raises(StorageNotSharedError, match=late):
+            dr.reconstruct(d, [da.from_zarr(path), *y[1:]], den, n_iter=2, step_size=0.5, progress=False)
+        with pytest.raises(StorageNotSharedError, match=late):
+            ctx.client.compute(den(da.from_zarr(path), sigma=0.05)).result()
+        with pytest.raises(StorageNotSharedError, match=late):
+            ctx.client.compute(d.A(da.from_zarr(path))[0]).result()
+        with pytest.raises(StorageNotSharedError, match=late):
+            ctx.client.compute(d.A_adjoint([da.from_zarr(path), *(da.from_array(t.numpy()) for t in y[1:])])).result()
+
+
+def test_xarray_zarr_inputs_are_checked_too(island, tmp_path):
+    """``xarray.open_zarr`` hides the Zarr array inside its lazy indexing wrappers; the check finds it there."""
+    xr = pytest.importorskip("xarray")
+    with dr.DistributedContext(island) as ctx:
+        _, y, den = _problem(ctx)
+        path = str(tmp_path / "y.zarr")
+        xr.Dataset({"y": (("b", "c", "h", "w"), y[0].numpy())}).to_zarr(path)  # written here, not by the workers
+        image = xr.open_zarr(path)["y"]
+        with pytest.raises(StorageNotSharedError, match=r"x reads the Zarr array .*y\.zarr/y.* 2 of 2 workers"):
+            den(image, sigma=0.05)
+
+
 def test_a_lazy_result_is_written_only_where_the_workers_see_it(island, tmp_path, shared_dir):
     """The batch config writes a lazy result to Zarr from the workers: a driver-only folder is refused."""
     import dask.array as da
@@ -385,3 +422,26 @@ def test_a_worker_that_finds_another_array_at_an_inputs_place_says_so(tmp_path):
     assert open_sources([arr]) == ["!no array there"]
     da.zeros((1, 1, 8, 6), chunks=4, dtype="f4").to_zarr(path)  # another node's copy, of another size
     assert open_sources([arr])[0].startswith("!another array there: shape (1, 1, 8, 6)")
+
+
+def test_strict_sources_read_the_same_and_refuse_an_array_they_cannot_open(tmp_path):
+    """Run here as a late worker would: the wrapped array keeps its keys and values; a process that cannot open the
+    array raises, where the plain array reads its fill value."""
+    from daskrecon.tasks import storage as storage_tasks
+
+    path = str(tmp_path / "y.zarr")
+    da.arange(64, dtype="f4").reshape(1, 1, 8, 8).rechunk(4).to_zarr(path)
+    plain = da.from_zarr(path)
+    strict = storage.strict_sources(plain)
+    assert strict.name == plain.name and strict.chunks == plain.chunks
+    assert [type(v).__name__ for v in dict(strict.dask).values()].count("StrictSource") == 1
+    assert storage.zarr_sources(strict) == storage.zarr_sources(plain) == [os.path.realpath(path)]
+    np.testing.assert_array_equal(strict.compute(), plain.compute())
+    assert storage.strict_sources(strict).dask.layers.keys() == strict.dask.layers.keys()  # once only
+    inline = da.from_zarr(path, inline_array=True)
+    assert storage.strict_sources(inline) is inline  # checked when a call starts only
+    storage_tasks._OPENED.clear()  # as a process that has not read it yet
+    shutil.rmtree(path)
+    assert not plain.compute().any()
+    with pytest.raises(StorageNotSharedError, match=r"the driver cannot open the Zarr array .*y\.zarr.*no array there"):
+        strict.compute()

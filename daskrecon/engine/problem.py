@@ -45,7 +45,7 @@ from daskrecon.runtime import graphs
 from daskrecon.runtime.arrays import as_numpy, convert_hint, persist_fresh
 from daskrecon.runtime.cluster import scheduler_workers
 from daskrecon.runtime.halos import Stager, read_array
-from daskrecon.runtime.storage import check_sources_seen
+from daskrecon.runtime.storage import seen_inputs
 from daskrecon.runtime.waiting import compute, gather
 from daskrecon.tasks import arrays as array_tasks
 
@@ -191,8 +191,12 @@ def plan(physics: Any, ys: list, denoising: Denoising, fidelity: Any, *, x0: Any
     """
     ctx, n = physics.ctx, physics.num_operators
     named = _validate(denoising.processing, ys, x0, storage)
-    # before any pass: a Zarr input the workers cannot open would be read as zeros
-    check_sources_seen(ctx, {**dict(named), **({"x_true": x_true} if x_true is not None else {})})
+    # before any pass: a Zarr input the workers cannot open would be read as zeros (a worker that joins later: at its
+    # first read)
+    seen = seen_inputs(ctx, {**dict(named), **({"x_true": x_true} if x_true is not None else {})})
+    named = [(name, seen[name]) for name, _ in named]
+    ys = [seen.get(f"y[{i}]", v) for i, v in enumerate(ys)]
+    x0, x_true = seen.get("x0", x0), seen.get("x_true", x_true)
     local = physics.chunkwise_forms()
     y_shapes = [_shape_of(ctx, v) for v in ys]
     if x0 is None and all(f is None for f in local):

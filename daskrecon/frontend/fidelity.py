@@ -21,7 +21,7 @@ from daskrecon.frontend.physics import DistributedPhysics
 from daskrecon.planning.reduction import REDUCTIONS
 from daskrecon.runtime.arrays import as_dask, gather_tensors
 from daskrecon.runtime.placement import ObjectSet
-from daskrecon.runtime.storage import check_sources_seen
+from daskrecon.runtime.storage import seen_inputs
 from daskrecon.tasks import fidelity as fidelity_tasks
 
 __all__ = ["DistributedDataFidelity"]
@@ -247,7 +247,8 @@ class DistributedDataFidelity(torch.nn.Module):
         if len(ys) != n:
             raise MeasurementError(f"y has {len(ys)} entries but the physics has {n} operators")
         ys = [as_dask(v, f"y[{i}]") for i, v in enumerate(ys)]
-        check_sources_seen(physics.ctx, {"x": x, **{f"y[{i}]": v for i, v in enumerate(ys)}})  # else zeros
+        seen = seen_inputs(physics.ctx, {"x": x, **{f"y[{i}]": v for i, v in enumerate(ys)}})  # else zeros
+        x, ys = seen.pop("x"), list(seen.values())
         problem = plan_terms(physics, self, ys, x)
         if method == "grad":
             grad, _ = graph.gradient(problem, x)

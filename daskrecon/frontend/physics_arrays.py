@@ -18,7 +18,7 @@ from daskrecon.planning.reduction import REDUCTIONS
 from daskrecon.runtime import graphs
 from daskrecon.runtime.arrays import as_dask
 from daskrecon.runtime.memory import check_fits
-from daskrecon.runtime.storage import check_sources_seen
+from daskrecon.runtime.storage import seen_inputs
 from daskrecon.runtime.waiting import compute
 from daskrecon.tasks import arrays as array_tasks
 from daskrecon.tasks import operators as operator_tasks
@@ -38,9 +38,11 @@ def apply_lazily(physics: Any, method: str, arg: Any, reduce_op: str | None) -> 
     if method == "A_adjoint" and len(arg) != n:
         raise MeasurementError(f"y has {len(arg)} entries but the physics has {n} operators")
     forms = physics.chunkwise_forms()
-    ins = [as_dask(v, f"y[{i}]") for i, v in enumerate(arg)] if method == "A_adjoint" else [arg] * n
-    # a Zarr input the workers cannot open would be read as zeros
-    check_sources_seen(physics.ctx, {f"y[{i}]": v for i, v in enumerate(ins)} if method == "A_adjoint" else {"x": arg})
+    # a Zarr input the workers cannot open would be read as zeros: checked now, and by a worker that joins later
+    if method == "A_adjoint":
+        ins = list(seen_inputs(physics.ctx, {f"y[{i}]": as_dask(v, f"y[{i}]") for i, v in enumerate(arg)}).values())
+    else:
+        ins = [seen_inputs(physics.ctx, {"x": arg})["x"]] * n
     whole_ops = [i for i, f in enumerate(forms) if f is None]
     if whole_ops:
         largest = max(ins[i].nbytes for i in whole_ops)

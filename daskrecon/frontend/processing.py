@@ -37,7 +37,7 @@ from daskrecon.models import network_layout
 from daskrecon.planning.strategies import DistributedSignalStrategy, check_sizes, create_strategy
 from daskrecon.runtime.arrays import convert_hint
 from daskrecon.runtime.defaults import pick
-from daskrecon.runtime.storage import check_sources_seen
+from daskrecon.runtime.storage import seen_inputs
 
 __all__ = ["ALIGNMENTS", "CHECKPOINT_MODES", "DistributedPrior", "DistributedProcessing", "check_call", "default_align",
            "input_channels", "spatial_dims"]
@@ -309,7 +309,7 @@ class DistributedProcessing(torch.nn.Module):
         check_call(self.processor, method, args, kwargs)
         self.resolve_precision(x, method, args, kwargs)
         if isinstance(x, da.Array):
-            check_sources_seen(self.ctx, {"x": x})  # a Zarr input the workers cannot open: zeros
+            x = seen_inputs(self.ctx, {"x": x})["x"]  # a Zarr input the workers cannot open: zeros
             return self.run_dask(x, method, args, kwargs, portable=True)
         if needs_grad(x, *args, *kwargs.values()) or self.trainable_parameters():
             return denoiser_call(self, x, method, args, kwargs)

@@ -33,6 +33,8 @@ import time
 import uuid
 from typing import Any
 
+import dask.array as da
+
 from daskrecon.errors import OverwriteSourceError, StorageNotSharedError
 from daskrecon.runtime.waiting import bounded
 from daskrecon.tasks import storage as storage_tasks
@@ -48,7 +50,10 @@ __all__ = [
     "owned",
     "owner_attributes",
     "relation",
+    "seen_inputs",
+    "strict_sources",
     "zarr_arrays",
+    "zarr_arrays_in",
     "zarr_sources",
 ]
 
@@ -117,6 +122,11 @@ def _zarr_location(a: Any) -> str | None:
 
 def zarr_arrays(x: Any) -> list[Any]:
     """The Zarr arrays (``zarr.Array`` objects) that dask array ``x`` reads, found in its graph's tasks."""
+    return zarr_arrays_in(*dict(x.__dask_graph__()).values())
+
+
+def zarr_arrays_in(*values: Any) -> list[Any]:
+    """The Zarr arrays found in ``values`` (dask tasks, xarray's lazy wrappers, containers), each once."""
     import zarr
 
     found: dict[int, Any] = {}
@@ -128,6 +138,13 @@ def zarr_arrays(x: Any) -> list[Any]:
         seen.add(id(v))
         if isinstance(v, zarr.Array):
             found[id(v)] = v
+        elif isinstance(v, storage_tasks.StrictSource):
+            walk(v.source, depth + 1)
+        elif type(v).__module__.startswith("xarray."):  # xarray's lazy indexing chain around a backend array
+            for attr in ("array", "_array"):
+                inner = getattr(v, attr, None)
+                if inner is not None:
+                    walk(inner, depth + 1)
         elif isinstance(v, tuple | list):
             for item in v:
                 walk(item, depth + 1)
@@ -140,9 +157,56 @@ def zarr_arrays(x: Any) -> list[Any]:
                 if inner is not None and not callable(inner):
                     walk(inner, depth + 1)
 
-    for v in dict(x.__dask_graph__()).values():
+    for v in values:
         walk(v)
     return list(found.values())
+
+
+def strict_sources(x: Any) -> Any:
+    """``x`` reading its Zarr inputs through :class:`~daskrecon.tasks.storage.StrictSource`: a worker that cannot open one
+    raises instead of reading zeros.
+
+    The graph's chunk sources (the values that ``dask.array.from_zarr`` and xarray's ``open_zarr``
+    put in a layer of their own, which the chunk tasks index) are wrapped; the keys stay the same.
+    Anything else — tensors, arrays that read no Zarr array on disk, sources inlined into the
+    chunk tasks (``from_zarr(..., inline_array=True)``: checked when the call starts, not per
+    worker) — comes back unchanged.
+    """
+    from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
+
+    graph = getattr(x, "dask", None)
+    if not isinstance(x, da.Array) or not isinstance(graph, HighLevelGraph):
+        return x
+    layers, changed = dict(graph.layers), False
+    for name, layer in graph.layers.items():
+        if not isinstance(layer, MaterializedLayer):
+            continue
+        mapping, wrapped = dict(layer.mapping), False
+        for key, value in mapping.items():
+            # dask's graph nodes by name: a DataNode holds a value; Task, Alias, … compute one
+            node = type(value).__module__.startswith("dask.") and hasattr(value, "key")
+            source = value.value if node and type(value).__name__ == "DataNode" else None if node else value
+            if source is None or isinstance(source, tuple | storage_tasks.StrictSource) or callable(source):
+                continue  # a task, or already strict
+            arrays = [(a, w) for a in zarr_arrays_in(source) if (w := _zarr_location(a)) is not None]
+            if not arrays:
+                continue
+            strict = storage_tasks.StrictSource(source, [a for a, _ in arrays], [w for _, w in arrays])
+            mapping[key] = type(value)(key, strict) if node else strict
+            wrapped = True
+        if wrapped:
+            layers[name] = MaterializedLayer(mapping, annotations=layer.annotations)
+            changed = True
+    if not changed:
+        return x
+    return da.Array(HighLevelGraph(layers, graph.dependencies), x.name, x.chunks, meta=x._meta)
+
+
+def seen_inputs(ctx: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+    """:func:`check_sources_seen`, then each input through :func:`strict_sources`: the workers present now are
+    checked at once, those that join later at their first read."""
+    check_sources_seen(ctx, inputs)
+    return {name: strict_sources(x) for name, x in inputs.items()}
 
 
 def zarr_sources(x: Any) -> list[str]:
