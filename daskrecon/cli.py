@@ -46,7 +46,7 @@ def _quiet_on_interrupt() -> Iterator[None]:
 
 @app.command()
 def demo(
-    size: int = typer.Option(256, help="Image side in pixels."),
+    size: int = typer.Option(512, help="Image side in pixels (512: the bundled image's own size)."),
     iterations: Optional[int] = typer.Option(None, help="Iterations (default: 5 of ADMM with the DRUNet, 30 of RED "
                                                            "with the DnCNN)."),
     workers: Optional[int] = typer.Option(None, help="Local workers (default: sized to the machine)."),
@@ -54,6 +54,9 @@ def demo(
     denoiser: str = typer.Option("drunet", help="Bundled denoiser: drunet (the demo's) or dncnn (smaller, exact tiling)."),
     equivariant: bool = typer.Option(True, help="DRUNet: average it over the 8 flips and 90° rotations (8x the "
                                                  "denoiser's cost, +0.2 dB)."),
+    precision: Optional[str] = typer.Option(None, help="The denoiser's tiles: fp32, bf16, fp16 or auto (default: bf16 "
+                                                        "where this CPU runs it natively, else fp32; the error is "
+                                                        "probed against fp32 first)."),
     progress: bool = typer.Option(True, help="Show the progress bar."),
 ) -> None:
     """Deblur a bundled image from 3 blurred, noisy views with the bundled denoiser (no input needed)."""
@@ -63,7 +66,7 @@ def demo(
     try:
         with _quiet_on_interrupt():
             run_demo(size=size, iterations=iterations, n_workers=workers, output=output, denoiser=denoiser,
-                     equivariant=equivariant, progress=progress, echo=typer.echo)
+                     equivariant=equivariant, precision=precision, progress=progress, echo=typer.echo)
     except OutputExistsError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)

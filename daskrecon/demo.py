@@ -145,13 +145,14 @@ def demo_schedule(iterations: int = 5, noise: float = 0.05, sigma_from: float = 
 
 
 def run_demo(
-    size: int = 256,
+    size: int = 512,
     iterations: int | None = None,
     n_workers: int | None = None,
     output: str | Path = "daskrecon-demo",
     noise: float = 0.05,
     denoiser: str = "drunet",
     equivariant: bool = True,
+    precision: str | None = None,
     progress: bool = True,
     dashboard_address: str = "127.0.0.1:8787",
     echo: Any = print,
@@ -166,13 +167,19 @@ def run_demo(
     ``"dncnn"`` (the bundled DnCNN, exact with an overlap of 8). Each runs the algorithm measured
     best for it (``benchmarks/bench_demo_priors.py``): the non-blind DRUNet ADMM with a decreasing σ
     (:func:`demo_schedule`; 5 iterations by default), averaged over the 8 flips and 90° rotations
-    when ``equivariant`` (deepinv's ``EquivariantDenoiser``: 8 calls per tile, +0.2 dB here); the
-    blind DnCNN RED (step 0.5, weight 0.5; 30 iterations by default).
+    when ``equivariant`` (:class:`~daskrecon.models.FlipRotateAverage`: 8 calls per tile, +0.2 dB
+    here); the blind DnCNN RED (step 0.5, weight 0.5; 30 iterations by default).
+
+    ``size``: the image's side; 512 is scikit-image's astronaut at its own resolution (smaller
+    sizes resample it). ``precision``: the denoiser tiles' (``reconstruct(precision=...)``);
+    default bf16 where this machine's CPU runs it natively (its error probed against fp32 first),
+    else fp32.
     """
     import zarr
 
     import daskrecon as dr
     from daskrecon.models import bundled_denoiser, bundled_drunet
+    from daskrecon.tasks.precision import supported
 
     if denoiser not in DEMO_DENOISERS:
         raise ValueError(f"denoiser must be one of {DEMO_DENOISERS}, got {denoiser!r}")
@@ -186,15 +193,17 @@ def run_demo(
         described = (f"ADMM, denoiser sigma {sched[0]:.3g} -> {sched[-1]:.3g} over {iterations} iterations, "
                      f"step (sigma_k / {noise})^2")
         if equivariant:
-            import deepinv as dinv
+            from daskrecon.models import FlipRotateAverage
 
-            model = dinv.models.EquivariantDenoiser(model, random=False)
+            model = FlipRotateAverage(model)
             label += ", averaged over 8 flips/rotations"
     else:
         iterations = 30 if iterations is None else iterations
         settings = {"algorithm": "red", "step_size": 0.5, "red_weight": 0.5, "sigma_denoiser": 0.05}
         described = "RED, step 0.5, weight 0.5"
 
+    if precision is None:  # the local cluster's workers run on this CPU
+        precision = "bf16" if "bf16" in supported(torch.device("cpu")) else "fp32"
     out = Path(output)
     _check_output_folder(out)  # before the cluster: someone else's files there are never replaced
     out.mkdir(parents=True, exist_ok=True)
@@ -203,9 +212,11 @@ def run_demo(
     with dr.DistributedContext(n_workers=n_workers, dashboard_address=dashboard_address) as ctx:
         echo(f"Dask cluster: {ctx.num_workers} workers; dashboard: {ctx.dashboard_link}")
         dphys = dr.distribute(ops, ctx)
-        dden = dr.distribute(model, ctx, patch_size=max(32, size // 2), overlap=overlap)
+        dden = dr.distribute(model, ctx, patch_size=max(32, size // 2), overlap=overlap, precision=precision)
         x, history = dr.reconstruct(dphys, y, dden, n_iter=iterations, x_true=x_true, progress=progress,
                                     return_history=True, **settings)
+    last = history[-1] if history else {}
+    chosen = {"tiles": last.get("precision", "fp32"), "relative_error": last.get("precision_rel_error")}
     seconds = time.perf_counter() - t0
     result = x.cpu().numpy()
     # an earlier demo's (checked above): replaced
@@ -219,6 +230,7 @@ def run_demo(
         "algorithm": f"{described}, with {label}",
         "settings": settings,
         "iterations": iterations,
+        "precision": {"asked": precision, **chosen},
         "psnr_measurements_db": [_psnr(y[i], x_true) for i in range(len(y))],
         "psnr_reconstruction_db": _psnr(x, x_true),
         "seconds": seconds,
@@ -228,5 +240,7 @@ def run_demo(
     best = max(summary["psnr_measurements_db"])
     echo(f"PSNR: best measurement {best:.2f} dB -> reconstruction {summary['psnr_reconstruction_db']:.2f} dB "
          f"(+{summary['psnr_reconstruction_db'] - best:.2f} dB) in {seconds:.0f} s")
+    if chosen["relative_error"] is not None:
+        echo(f"denoiser tiles in {chosen['tiles']} (probe: relative error {chosen['relative_error']:.1e} against fp32)")
     echo(f"wrote {', '.join(summary['outputs'])}")
     return summary

@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import torch
 import pytest
 import zarr
 from typer.testing import CliRunner
@@ -23,6 +24,11 @@ def test_demo_runs_small_and_writes_its_outputs(tmp_path, denoiser):
     if denoiser == "drunet":  # ADMM with the σ schedule over the 10 iterations asked, the denoiser averaged
         assert summary["settings"]["algorithm"] == "admm" and len(summary["settings"]["sigma_denoiser"]) == 10
         assert "averaged over 8 flips/rotations" in summary["algorithm"]
+        from daskrecon.tasks.precision import supported  # bf16 where this CPU runs it, its error probed and shown
+
+        expected = "bf16" if "bf16" in supported(torch.device("cpu")) else "fp32"
+        assert summary["precision"]["asked"] == summary["precision"]["tiles"] == expected
+        assert (summary["precision"]["relative_error"] is not None) == (expected == "bf16")
     else:
         assert summary["settings"]["algorithm"] == "red"
     assert zarr.open_array(str(out / "reconstruction.zarr")).shape == (1, 3, 64, 64)

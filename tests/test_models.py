@@ -3,8 +3,8 @@ import torch
 
 from deepinv.models import DnCNN, DRUNet
 
-from daskrecon.models import (BUNDLED_DENOISER_3D, BUNDLED_DRUNET, GreyThroughColour, bundled_denoiser, bundled_drunet,
-                              load_network, load_state_dict, network_from_state_dict)
+from daskrecon.models import (BUNDLED_DENOISER_3D, BUNDLED_DRUNET, FlipRotateAverage, GreyThroughColour, bundled_denoiser,
+                              bundled_drunet, load_network, load_state_dict, network_from_state_dict)
 
 
 def test_bundled_denoiser_denoises():
@@ -138,3 +138,31 @@ def test_a_colour_denoiser_denoises_grey_images_through_its_three_channels():
     assert out.shape == x.shape and psnr(out) > 28.5 and psnr(out) > psnr(plain) + 2, (psnr(y), psnr(plain), psnr(out))
     with pytest.raises(ValueError, match="takes 1-channel signals"):
         grey(torch.rand(1, 3, 16, 16), 0.1)
+
+
+def test_the_flip_rotate_average_is_deepinvs_in_fp32_exact_on_rectangles_and_stays_exact_in_bf16():
+    """deepinv's ``EquivariantDenoiser(random=False)`` in fp32; equivariant under every flip and quarter turn, a
+    rectangle too (deepinv crops and pads it); in bf16 autocast on a 320² tile the transforms stay exact, where
+    resampling on a bf16 grid of coordinates (beyond 256 pixels) scrambled the image."""
+    from deepinv.models import EquivariantDenoiser
+
+    torch.manual_seed(0)
+    net = DnCNN(3, 3, depth=3, nf=8, pretrained=None).eval()
+    ours = FlipRotateAverage(net)
+    x = torch.rand(2, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), EquivariantDenoiser(net, random=False)(x), atol=1e-6, rtol=1e-5)
+        r = torch.rand(1, 3, 40, 56)
+        out = ours(r)
+        assert out.shape == r.shape
+        torch.testing.assert_close(ours(r.flip(-2)), out.flip(-2), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(ours(torch.rot90(r, 1, (-2, -1))), torch.rot90(out, 1, (-2, -1)), atol=1e-6, rtol=1e-5)
+        assert not torch.allclose(out, net(r), atol=1e-4)  # it does average
+        big = torch.rand(1, 3, 320, 320)
+        ref = ours(big)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = ours(big)
+        assert low.dtype == torch.float32
+        assert float((low - ref).norm() / ref.norm()) < 0.02  # daskrecon's default precision_tol
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\) images"):
+        ours(torch.rand(1, 3, 4, 8, 8))

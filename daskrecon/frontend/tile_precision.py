@@ -94,8 +94,10 @@ class PrecisionChoice:
         window = probe_window(x, proc.plan.geometry(x.shape), proc.plan.align, ctx)
         worker = sorted(ctx.client.scheduler_info()["workers"])[0]  # one worker: the same device kind as all
         candidates = list(REDUCED) if requested == "auto" else [requested]
+        # the choice never depends on timings: an asked precision needs one call of each (its error), auto times 3
         fut = ctx.client.submit(denoising_tasks.precision_probe, proc.key, ctx.device_mode, method, window, args, kwargs,
-                                candidates, pure=False, workers=[worker], allow_other_workers=True)
+                                candidates, 3 if requested == "auto" else 0, pure=False, workers=[worker],
+                                allow_other_workers=True)
         report = gather(ctx.client, [fut], what="the precision probe", stall_timeout=ctx.stall_timeout)[0]
         chosen, reason = choose(requested, report, tol)  # raises PrecisionError for an asked precision over budget
         out = {"precision": chosen, "requested": requested, "reason": reason, "tol": tol, "probe": report,
