@@ -16,6 +16,15 @@ With ``--weights`` (state dicts of the bundled DRUNet's architecture, e.g. from
 ``scripts/train_denoiser.py --init``), only the demo's schedule runs, plain and averaged over the 8
 flips and rotations as the demo does, with the bundled weights and each file; the PSNR per iteration
 goes to benchmarks/results/demo_schedules_weights.json (the sweep's file is kept).
+
+With ``--random N``, a random search instead (seeded): N schedules of 4 to ``--max-iterations``
+iterations, σ_k / 0.05 geometric from U(2.5, 8) to U(0.8, 2.2) and the data term's weight geometric
+between two draws of U(0.3, 2), the demo's schedule first for reference; ``--size`` and ``--bf16``
+(the network under bf16 autocast, as the demo's tiles) as asked; the best ten by the last
+iteration are printed, everything goes to benchmarks/results/demo_schedules_random_<size>.json.
+
+    python benchmarks/bench_demo_schedules.py --random 200 --max-iterations 12             # 256²
+    python benchmarks/bench_demo_schedules.py --random 105 --max-iterations 8 --size 512 --bf16
 """
 
 from __future__ import annotations
@@ -42,7 +51,14 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--weights", nargs="+", default=None, help="DRUNet state dicts to compare with the bundled one")
+    p.add_argument("--random", type=int, default=0, help="a seeded random search of this many schedules")
+    p.add_argument("--max-iterations", type=int, default=12)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    if args.random:
+        return random_search(args)
 
     torch.set_num_threads(2)
     x, ops, y = demo_problem(256)
@@ -87,6 +103,62 @@ def main() -> None:
         print(f"  {r['iterations']} iterations, σ {r['sigma_from']} → {r['sigma_to']}, λ {r['lam']}: "
               f"{r['psnr_final']:.2f} dB (+{r['psnr_final'] - best_meas:.2f})")
     write("demo_schedules", {"machine": machine(), "best_measurement_psnr": best_meas, "results": rows})
+
+
+def random_search(args) -> None:
+    """ADMM on the whole image with a σ and a weight per iteration, schedules drawn at random (see the module)."""
+    import contextlib
+    import random
+
+    import torch
+    from finetune_unrolled import blur_spectra
+
+    from daskrecon.demo import demo_problem, demo_schedule
+    from daskrecon.engine.loop import psnr
+    from daskrecon.models import bundled_drunet
+
+    torch.set_num_threads(2)
+    x, ops, y = demo_problem(args.size)
+    spectra = blur_spectra([op.filter for op in ops], tuple(x.shape[-2:]))[None]
+    y_fft = torch.fft.fft2(torch.stack([y[i] for i in range(len(ops))], 1))
+    hty, hth = (spectra.conj()[:, :, None] * y_fft).sum(1), (spectra.abs() ** 2).sum(1)[:, None]
+    x0 = sum(op.A_adjoint(y[i]) for i, op in enumerate(ops)) / len(ops)
+    model = bundled_drunet().eval()
+    best_meas = max(psnr(y[i], x) for i in range(len(ops)))
+
+    def admm(relative: list[float], weights: list[float]) -> list[float]:
+        xk, u, out = x0, torch.zeros_like(x0), []
+        with torch.no_grad():
+            for r, w in zip(relative, weights):
+                sigma = 0.05 * r
+                rho = w * 0.05 ** 2 / sigma ** 2
+                v = torch.fft.ifft2((hty + rho * torch.fft.fft2(xk - u)) / (hth + rho)).real
+                with torch.autocast("cpu", dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext():
+                    xk = model(v + u, sigma).float()
+                u = u + v - xk
+                out.append(psnr(xk, x))
+        return out
+
+    demo = [s / 0.05 for s in demo_schedule(5, 0.05)["sigma_denoiser"]]
+    reference = admm(demo, [1.0] * 5)
+    print("the demo's schedule: " + " ".join(f"{v:.3f}" for v in reference), flush=True)
+    rng, rows = random.Random(args.seed), []
+    for _ in range(args.random):
+        n = rng.randint(4, args.max_iterations)
+        s0, s1, w0, w1 = rng.uniform(2.5, 8), rng.uniform(0.8, 2.2), rng.uniform(0.3, 2.0), rng.uniform(0.3, 2.0)
+        relative = [s0 * (s1 / s0) ** (k / (n - 1)) for k in range(n)]
+        weights = [w0 * (w1 / w0) ** (k / (n - 1)) for k in range(n)]
+        values = admm(relative, weights)
+        rows.append({"iterations": n, "relative_sigma": [s0, s1], "weight": [w0, w1], "psnr": values,
+                     "psnr_final": values[-1], "psnr_best": max(values)})
+    rows.sort(key=lambda r: -r["psnr_final"])
+    print(f"best measurement {best_meas:.2f} dB; {len(rows)} schedules; the best ten by the last iteration:")
+    for r in rows[:10]:
+        print(f"  {r['iterations']} iterations, σ/0.05 {r['relative_sigma'][0]:.2f} → {r['relative_sigma'][1]:.2f}, "
+              f"weight {r['weight'][0]:.2f} → {r['weight'][1]:.2f}: {r['psnr_final']:.3f} dB (best {r['psnr_best']:.3f})")
+    print(f"the best at any iteration: {max(r['psnr_best'] for r in rows):.3f} dB")
+    write(f"demo_schedules_random_{args.size}", {"machine": machine(), "args": vars(args), "best_measurement_psnr": best_meas,
+                                                 "demo_schedule_psnr": reference, "results": rows})
 
 
 if __name__ == "__main__":

@@ -116,10 +116,7 @@ def read_times(ctx, inputs: dict, repeats: int) -> dict:
     import dask.array as da
 
     from daskrecon.runtime import storage
-    from daskrecon.tasks import storage as storage_tasks
-
-    def forget() -> None:
-        storage_tasks._OPENED.clear()
+    from daskrecon.tasks.storage import forget_opened
 
     plain = da.stack(list(inputs.values())).sum()
     strict = da.stack([storage.strict_sources(x) for x in inputs.values()]).sum()
@@ -127,7 +124,7 @@ def read_times(ctx, inputs: dict, repeats: int) -> dict:
     times: dict[str, list[float]] = {"plain": [], "strict": []}
     for _ in range(repeats):
         for name, x in (("plain", plain), ("strict", strict)):
-            ctx.client.run(forget)
+            ctx.client.run(forget_opened)
             t0 = time.perf_counter()
             ctx.client.compute(x).result()
             times[name].append(time.perf_counter() - t0)

@@ -15,6 +15,7 @@ from daskrecon.batch.run import interrupted_message, run_config
 from daskrecon.demo import DEMO_DENOISERS, run_demo
 from daskrecon.errors import ClusterConnectionError, ConfigError, DaskreconError, OutputExistsError
 from daskrecon.frontend.context import DistributedContext
+from daskrecon.planning.precision import PRECISIONS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="DeepInverse reconstructions on Dask clusters.")
@@ -63,6 +64,9 @@ def demo(
     if denoiser not in DEMO_DENOISERS:
         raise typer.BadParameter(f"{denoiser!r} is not a bundled denoiser: choose {' or '.join(DEMO_DENOISERS)}",
                                  param_hint="--denoiser")
+    if precision is not None and precision not in PRECISIONS:
+        raise typer.BadParameter(f"{precision!r} is not a precision: choose {', '.join(PRECISIONS)}",
+                                 param_hint="--precision")
     try:
         with _quiet_on_interrupt():
             run_demo(size=size, iterations=iterations, n_workers=workers, output=output, denoiser=denoiser,

@@ -294,7 +294,8 @@ class FlipRotateAverage(Denoiser):
     deepinv's ``EquivariantDenoiser(model, random=False)`` averages over the same eight transforms,
     but rotates through torchvision's resampling on a grid of coordinates: under ``torch.autocast``
     in bf16 those coordinates are rounded beyond 256 pixels (bf16 holds 8 significant bits), and a
-    512² image came back at 25.3 dB where fp32 gives 30.9 (daskrecon's precision probe refuses it).
+    512² image came back at 25.3 dB where fp32 gives 30.9 (daskrecon's precision probe refuses it;
+    ``benchmarks/bench_flip_rotate.py``).
     Here the transforms are ``torch.rot90`` and ``torch.flip``: exact in every dtype, so only the
     network runs in the reduced precision; a rectangular input is rotated as it is (deepinv crops
     and pads it to its shape). In fp32 the result equals deepinv's up to the order of the sum.

@@ -56,6 +56,9 @@ def test_demo_refuses_an_unknown_denoiser(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--denoiser", "drunett", "--output", str(tmp_path / "d")])
     assert result.exit_code == 2 and "not a bundled denoiser" in result.output
     assert not (tmp_path / "d").exists()
+    result = CliRunner().invoke(app, ["demo", "--precision", "bf61", "--output", str(tmp_path / "d")])
+    assert result.exit_code == 2 and "not a precision" in result.output
+    assert not (tmp_path / "d").exists()
 
 
 def test_python_m_daskrecon_is_the_command():

@@ -426,7 +426,8 @@ def test_a_worker_that_finds_another_array_at_an_inputs_place_says_so(tmp_path):
 
 def test_strict_sources_read_the_same_and_refuse_an_array_they_cannot_open(tmp_path):
     """Run here as a late worker would: the wrapped array keeps its keys and values; a process that cannot open the
-    array raises, where the plain array reads its fill value."""
+    array raises, where the plain array reads its fill value. Computed here, in this process (``sync``), whatever
+    client an earlier test left as the default."""
     from daskrecon.tasks import storage as storage_tasks
 
     path = str(tmp_path / "y.zarr")
@@ -436,12 +437,12 @@ def test_strict_sources_read_the_same_and_refuse_an_array_they_cannot_open(tmp_p
     assert strict.name == plain.name and strict.chunks == plain.chunks
     assert [type(v).__name__ for v in dict(strict.dask).values()].count("StrictSource") == 1
     assert storage.zarr_sources(strict) == storage.zarr_sources(plain) == [os.path.realpath(path)]
-    np.testing.assert_array_equal(strict.compute(), plain.compute())
+    np.testing.assert_array_equal(strict.compute(scheduler="sync"), plain.compute(scheduler="sync"))
     assert storage.strict_sources(strict).dask.layers.keys() == strict.dask.layers.keys()  # once only
     inline = da.from_zarr(path, inline_array=True)
     assert storage.strict_sources(inline) is inline  # checked when a call starts only
-    storage_tasks._OPENED.clear()  # as a process that has not read it yet
+    storage_tasks.forget_opened()  # as a process that has not read it yet
     shutil.rmtree(path)
-    assert not plain.compute().any()
+    assert not plain.compute(scheduler="sync").any()
     with pytest.raises(StorageNotSharedError, match=r"the driver cannot open the Zarr array .*y\.zarr.*no array there"):
-        strict.compute()
+        strict.compute(scheduler="sync")

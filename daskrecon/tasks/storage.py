@@ -7,7 +7,7 @@ from typing import Any
 
 from daskrecon.errors import StorageNotSharedError
 
-__all__ = ["StrictSource", "here", "open_sources", "read_probe"]
+__all__ = ["StrictSource", "forget_opened", "here", "open_sources", "read_probe"]
 
 
 def here() -> str:
@@ -62,6 +62,12 @@ def open_sources(arrays: list) -> list[str]:
 #: The Zarr arrays this process has opened at their place (location, shape, dtype, chunks): checked once.
 _OPENED: set[tuple] = set()
 _OPENED_LOCK = threading.Lock()
+
+
+def forget_opened() -> None:
+    """Forget which Zarr arrays this process has opened: the next read of each opens it again (as a new worker's)."""
+    with _OPENED_LOCK:
+        _OPENED.clear()
 
 
 class StrictSource:
