@@ -16,7 +16,10 @@ wrong result:
   refused, never "cleaned".
 * **Never read as zeros** — every chunk of an owned array is written (also one that equals
   the fill value), and reading one that is missing raises
-  :class:`~daskrecon.errors.MissingChunkError` (:mod:`daskrecon.tasks.regions`).
+  :class:`~daskrecon.errors.MissingChunkError` (:mod:`daskrecon.tasks.regions`). The user's own
+  Zarr inputs keep Zarr's meaning of a missing chunk, but an input a worker cannot open at all is
+  refused: every worker present opens it before any work (:func:`check_sources_seen`), and one
+  that joins later at its first read (:func:`strict_sources`).
 
 The default scratch location (:func:`default_scratch`) is a new folder under the driver's
 temporary directory (``tempfile.gettempdir()``: ``$TMPDIR``, else ``/tmp``); it is checked
