@@ -111,7 +111,7 @@ def random_search(args) -> None:
     import random
 
     import torch
-    from finetune_unrolled import blur_spectra
+    from finetune_unrolled import blur_spectra, unrolled_admm
 
     from daskrecon.demo import demo_problem, demo_schedule
     from daskrecon.engine.loop import psnr
@@ -121,23 +121,17 @@ def random_search(args) -> None:
     x, ops, y = demo_problem(args.size)
     spectra = blur_spectra([op.filter for op in ops], tuple(x.shape[-2:]))[None]
     y_fft = torch.fft.fft2(torch.stack([y[i] for i in range(len(ops))], 1))
-    hty, hth = (spectra.conj()[:, :, None] * y_fft).sum(1), (spectra.abs() ** 2).sum(1)[:, None]
     x0 = sum(op.A_adjoint(y[i]) for i, op in enumerate(ops)) / len(ops)
     model = bundled_drunet().eval()
     best_meas = max(psnr(y[i], x) for i in range(len(ops)))
 
+    def denoise(v, sigma):  # the demo's tiles: the network under bf16 autocast when asked
+        with torch.autocast("cpu", dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext():
+            return model(v, sigma)
+
     def admm(relative: list[float], weights: list[float]) -> list[float]:
-        xk, u, out = x0, torch.zeros_like(x0), []
         with torch.no_grad():
-            for r, w in zip(relative, weights):
-                sigma = 0.05 * r
-                rho = w * 0.05 ** 2 / sigma ** 2
-                v = torch.fft.ifft2((hty + rho * torch.fft.fft2(xk - u)) / (hth + rho)).real
-                with torch.autocast("cpu", dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext():
-                    xk = model(v + u, sigma).float()
-                u = u + v - xk
-                out.append(psnr(xk, x))
-        return out
+            return [psnr(v, x) for v in unrolled_admm(denoise, y_fft, spectra, 0.05, x0, relative, weights)]
 
     demo = [s / 0.05 for s in demo_schedule(5, 0.05)["sigma_denoiser"]]
     reference = admm(demo, [1.0] * 5)

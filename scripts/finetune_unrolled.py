@@ -49,16 +49,18 @@ def random_kernels(n: int, gen: torch.Generator) -> list[torch.Tensor]:
 
 
 def unrolled_admm(model, y_fft: torch.Tensor, spectra: torch.Tensor, noise: torch.Tensor, x0: torch.Tensor,
-                  relative_sigmas: list[float], weight: float) -> list[torch.Tensor]:
+                  relative_sigmas: list[float], weight: float | list[float]) -> list[torch.Tensor]:
     """ADMM on ``Σ_i ½‖H_i x − y_i‖²`` with ``D_σ``: the iterates. ``y_fft``: ``(B, M, C, H, W)``,
-    ``spectra``: ``(B, M, H, W)``, ``noise``: ``(B, 1, 1, 1)``; σ_k = noise · relative_sigmas[k] and
-    the data term's weight ρ_k = weight · noise² / σ_k² (the demo's γ_k = 1 / ρ_k)."""
+    ``spectra``: ``(B, M, H, W)``, ``noise``: ``(B, 1, 1, 1)`` or a float; σ_k = noise · relative_sigmas[k]
+    and the data term's weight ρ_k = weight_k · noise² / σ_k² (the demo's γ_k = 1 / ρ_k; ``weight`` one
+    value for all iterations or one per iteration)."""
     hty = (spectra.conj()[:, :, None] * y_fft).sum(1)
     hth = (spectra.abs() ** 2).sum(1)[:, None]
+    weights = list(weight) if isinstance(weight, (list, tuple)) else [weight] * len(relative_sigmas)
     x, u, out = x0, torch.zeros_like(x0), []
-    for r in relative_sigmas:
+    for r, w in zip(relative_sigmas, weights, strict=True):
         sigma = noise * r
-        rho = weight * noise ** 2 / sigma ** 2
+        rho = w * noise ** 2 / sigma ** 2
         v = torch.fft.ifft2((hty + rho * torch.fft.fft2(x - u)) / (hth + rho)).real
         x = model(v + u, sigma).float()
         u = u + v - x
