@@ -127,3 +127,24 @@ def test_ctrl_c_in_a_terminal_ends_the_demo_quietly_and_leaves_no_worker(tmp_pat
     assert out.rstrip().endswith("interrupted") and "Traceback" not in out and "distributed." not in out, out
     gone, alive = psutil.wait_procs(spawned, timeout=30)
     assert not alive, alive
+
+
+def test_the_interrupt_handler_gives_back_the_loggers_levels_and_the_previous_handler():
+    """The CLI silences the cluster's loggers on Ctrl-C; a caller that goes on in the same process (a
+    notebook running the command, a test runner) must get its logs and its own SIGINT handler back."""
+    import logging
+    import os
+    import signal
+    import time
+
+    from daskrecon.cli import _quiet_on_interrupt
+
+    names = ("distributed", "asyncio", "tornado")
+    before = {name: logging.getLogger(name).level for name in names}
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        with _quiet_on_interrupt():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # Python runs the handler in the main thread at its next bytecode
+    assert {name: logging.getLogger(name).level for name in names} == before
+    assert signal.getsignal(signal.SIGINT) is handler
