@@ -68,6 +68,12 @@ def test_a_prior_is_called_through_its_prox(ctx):
     with pytest.raises(TypeError, match="denoiser must be a DistributedProcessing or DistributedPrior"):
         plan_problem(dr.distribute(ops, ctx), y, small_dncnn(3), data_fidelity=None, x0=None, x_true=None,
                      sigma_denoiser=0.1)
+    from deepinv.optim import L2
+
+    for fidelity in ("l2", L2()):  # a name, or deepinv's object not distributed: said, not an AttributeError
+        with pytest.raises(TypeError, match=r"data_fidelity must be a DistributedDataFidelity: dr.distribute"):
+            plan_problem(dr.distribute(ops, ctx), y, prior, data_fidelity=fidelity, x0=None, x_true=None,
+                         sigma_denoiser=0.1)
 
 
 def test_the_stager_is_carried_by_the_plan_not_by_the_process(ctx, tmp_path):

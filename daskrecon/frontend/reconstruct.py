@@ -314,6 +314,9 @@ def plan_problem(physics: DistributedPhysics, y: Any, denoiser: DistributedProce
         denoising = Denoising(denoiser, denoiser.method, (sigmas[0],), {}, sigmas)
     else:
         raise TypeError("denoiser must be a DistributedProcessing or DistributedPrior: dr.distribute(denoiser, ctx)")
+    if data_fidelity is not None and not isinstance(data_fidelity, DistributedDataFidelity):
+        raise TypeError(f"data_fidelity must be a DistributedDataFidelity: dr.distribute(data_fidelity, ctx) "
+                        f"(e.g. deepinv.optim.L2()), got {type(data_fidelity).__name__}")
     fidelity = data_fidelity or DistributedDataFidelity(physics.ctx, L2())
     return plan(physics, _entries(y, physics.num_operators), denoising, fidelity, x0=x0, x_true=x_true,
                 storage=storage, chunks=chunks)
