@@ -202,9 +202,10 @@ def _collect(client: Client, futures: list[Future], what: str, timeout: float) -
 def _worker_error(futures: list[Future], what: str, exc: BaseException) -> NoReturn:
     failed = [i for i, f in enumerate(futures) if f.status in ("error", "cancelled", "lost")]
     where = f" (failed for {what} index {failed[0]})" if failed else ""
+    notes = "".join(f" ({note})" for note in getattr(exc, "__notes__", ()))  # the task's own context
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     raise WorkerTaskError(
-        f"{type(exc).__name__} in a worker task{where}: {exc}\n--- worker traceback ---\n{tb}"
+        f"{type(exc).__name__} in a worker task{where}: {exc}{notes}\n--- worker traceback ---\n{tb}"
     ) from exc
 
 

@@ -36,7 +36,12 @@ def _grad_and_value(op: torch.nn.Module, fidelity: Any, x: np.ndarray, y: np.nda
     v = None
     if uses_chain_rule(fidelity):
         with torch.no_grad():
-            ax = op.A(xt)
+            try:
+                ax = op.A(xt)
+            except Exception as exc:  # an x0 of another shape fails inside deepinv with its own words
+                exc.add_note(f"operator {index} was applied to x of shape {tuple(xt.shape)}"
+                             + ("" if yt is None else f"; its measurement y[{index}] has shape {tuple(yt.shape)}"))
+                raise
             if yt is None:  # zero measurements: for L2, the normal operator's term A_iᵀA_i x / σ²
                 yt = torch.zeros_like(ax)
             _check_measurement(index, ax, yt)
