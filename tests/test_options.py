@@ -28,6 +28,9 @@ def test_reconstruct_and_the_config_have_the_same_defaults():
     (dict(max_time=0), "max_time must be > 0"),
     (dict(storage="ram"), "storage must be one of"),
     (dict(prox_solver="direct"), "prox_solver must be one of"),
+    (dict(red_weight=-0.5), "red_weight must be a number >= 0"),
+    (dict(red_weight=float("nan")), "red_weight must be a number >= 0"),
+    (dict(progress="no"), "progress must be True or False"),
 ])
 def test_a_bad_option_is_named_when_the_options_are_made(bad, message):
     with pytest.raises(ValueError, match=message):

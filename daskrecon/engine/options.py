@@ -10,6 +10,7 @@ checked once, and hand it on whole: the step rule is built from it
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,6 +86,11 @@ class ReconstructOptions:
                 schedule = as_schedule(value, name, positive=name == "step_size")
                 check_covers(schedule, self.n_iter, name)
                 object.__setattr__(self, name, schedule if len(schedule) > 1 else schedule[0])
+        red_weight = self.red_weight
+        if isinstance(red_weight, bool) or not isinstance(red_weight, (int, float)) or not 0 <= red_weight < math.inf:
+            raise ValueError(f"red_weight must be a number >= 0 (the prior's weight), got {red_weight!r}")
+        if not isinstance(self.progress, bool):  # a configured "no" would be truthy
+            raise ValueError(f"progress must be True or False, got {self.progress!r}")
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be a positive int, got {self.checkpoint_every!r}")
         if self.tol is not None and not self.tol >= 0:
