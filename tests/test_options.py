@@ -31,6 +31,8 @@ def test_reconstruct_and_the_config_have_the_same_defaults():
     (dict(red_weight=-0.5), "red_weight must be a number >= 0"),
     (dict(red_weight=float("nan")), "red_weight must be a number >= 0"),
     (dict(progress="no"), "progress must be True or False"),
+    (dict(resume=True), "resume=True continues a checkpoint: pass checkpoint="),
+    (dict(resume=True, overwrite=True, checkpoint="ck"), "resume=True continues the checkpoint and overwrite=True"),
 ])
 def test_a_bad_option_is_named_when_the_options_are_made(bad, message):
     with pytest.raises(ValueError, match=message):

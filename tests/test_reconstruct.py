@@ -183,12 +183,12 @@ def test_bad_input(problem, tmp_path):
         dr.reconstruct(dphys, dinv.utils.TensorList([y[0], y[1]]), dden, n_iter=1, progress=False)
     with pytest.raises(ValueError, match="algorithm must be one of"):
         dr.reconstruct(dphys, y, dden, algorithm="lbfgs", progress=False)
-    # an x0 too small for the blurs' circular padding fails inside deepinv: the error says on what x
+    # an x0 narrower than every blur's circular padding fails inside deepinv: the error says on what x
     from daskrecon.errors import WorkerTaskError
 
-    said = r"\(operator \d was applied to x of shape \(1, 3, 40, 4\); its measurement y\[\d\] has shape \(1, 3, 40, 36\)\)"
+    said = r"\(operator \d was applied to x of shape \(1, 3, 40, 2\); its measurement y\[\d\] has shape \(1, 3, 40, 36\)\)"
     with pytest.raises(WorkerTaskError, match=said):
-        dr.reconstruct(dphys, y, dden, n_iter=1, step_size=0.3, progress=False, x0=x_true[..., :4])
+        dr.reconstruct(dphys, y, dden, n_iter=1, step_size=0.3, progress=False, x0=x_true[..., :2])
 
 
 DRIVER = """

@@ -89,6 +89,10 @@ class ReconstructOptions:
         red_weight = self.red_weight
         if isinstance(red_weight, bool) or not isinstance(red_weight, (int, float)) or not 0 <= red_weight < math.inf:
             raise ValueError(f"red_weight must be a number >= 0 (the prior's weight), got {red_weight!r}")
+        if self.resume and self.checkpoint is None:  # nothing to continue, ever: the run would start over silently
+            raise ValueError("resume=True continues a checkpoint: pass checkpoint= the folder of the run to continue")
+        if self.resume and self.overwrite:
+            raise ValueError("resume=True continues the checkpoint and overwrite=True starts over: pass one of them")
         if not isinstance(self.progress, bool):  # a configured "no" would be truthy
             raise ValueError(f"progress must be True or False, got {self.progress!r}")
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 1:
