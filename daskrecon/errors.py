@@ -24,6 +24,7 @@ __all__ = [
     "ShapeError",
     "StalledError",
     "StorageNotSharedError",
+    "StorageUnreachableError",
     "TransferError",
     "WorkerTaskError",
 ]
@@ -88,6 +89,14 @@ class StorageNotSharedError(DaskreconError, OSError):
     Raised before any work, by the probe of :func:`daskrecon.runtime.storage.check_shared`: the
     message names the location, the workers that cannot read the driver's probe file there,
     and what to pass instead (``checkpoint=`` or ``scratch=`` a shared path or an fsspec URL).
+    """
+
+
+class StorageUnreachableError(DaskreconError, OSError):
+    """The driver cannot reach a storage location it was given (credentials, network, permissions).
+
+    Raised at the first access, before any work: the message names the location, what it was
+    for, and the storage library's own error (the exception is chained to it).
     """
 
 

@@ -97,3 +97,20 @@ def test_a_temporary_folder_the_workers_cannot_see_is_refused_and_removed(ctx):
     fs = MemoryFileSystem()  # the driver's in-process store: the workers each have their own
     left = fs.ls("/daskrecon-folders-test", detail=False) if fs.exists("/daskrecon-folders-test") else []
     assert left == []
+
+
+def test_a_location_the_driver_cannot_reach_is_named_with_the_storage_librarys_error(tmp_path, monkeypatch):
+    """s3fs without credentials raised botocore's NoCredentialsError from deep inside the first claim."""
+    from daskrecon.errors import StorageUnreachableError
+
+    folder = OwnedFolder(tmp_path / "ck")
+
+    def no_credentials(path, **kw):
+        raise PermissionError("Unable to locate credentials")
+
+    monkeypatch.setattr(folder.fs, "exists", no_credentials)
+    with pytest.raises(StorageUnreachableError, match=r"cannot reach '.*ck' \(the folder daskrecon would write to\): "
+                                                      r"PermissionError: Unable to locate credentials") as err:
+        folder.claim()
+    assert isinstance(err.value.__cause__, PermissionError) and isinstance(err.value, OSError)
+    assert not (tmp_path / "ck").exists()  # nothing written

@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from daskrecon.errors import NotOwnedError
+from daskrecon.errors import NotOwnedError, StorageUnreachableError
 from daskrecon.runtime import storage
 
 __all__ = ["OwnedFolder"]
@@ -119,7 +119,15 @@ class OwnedFolder:
         """
         if self._claimed:
             return
-        if self.fs.exists(self.root):
+        try:
+            exists = self.fs.exists(self.root)
+        except Exception as exc:  # s3fs without credentials, an unknown host: the storage library's words, placed
+            raise StorageUnreachableError(
+                f"cannot reach {self.url!r} (the folder daskrecon would write to): {type(exc).__name__}: {exc}. "
+                "The driver and every worker need the protocol's package and its credentials (environment "
+                "variables, config files), or checkpoint=daskrecon.engine.checkpoint.Checkpoint(url, storage_options={...})"
+            ) from exc
+        if exists:
             if not self.fs.isdir(self.root):
                 raise NotOwnedError(f"checkpoint {self.url!r} is a file, not a folder: choose another path")
             if not self.owned():
