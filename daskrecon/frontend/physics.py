@@ -250,7 +250,7 @@ class DistributedPhysics(Physics):
             out = physics_call(self, "A", x=x, gather=gather, reduce_op=reduce_op, **kwargs)
             return (out, x) if return_graph_anchor else out
         futs = self.stack.submit(operator_tasks.forward_op, self.place_x(x), kwargs, None, False)
-        out = self.stack.finish(futs, gather, reduce_op, f"A(x), x of shape {tuple(x.shape)}: operator")
+        out = self.stack.finish(futs, gather, reduce_op, f"A(x), x of shape {tuple(x.shape)} and dtype {x.dtype}: operator")
         return (out, x) if return_graph_anchor else out
 
     def forward(self, x: torch.Tensor, gather: bool = True, reduce_op: str | None = None,
