@@ -83,6 +83,26 @@ class NonBlind(Denoiser):
         return x + (sigma / 0.05) * (self.net(x) - x)
 
 
+class Tripping(Denoiser):
+    """Raises on bright windows (mean > 0.5) at once; sleeps ``delay`` seconds on the others, then returns x.
+
+    A run whose image is bright on one side fails there while the other side's tiles are still
+    running: their chunks are written after the driver has seen the error.
+    """
+
+    def __init__(self, delay=1.5):
+        super().__init__()
+        self.delay = delay
+
+    def forward(self, x, sigma=None):
+        import time
+
+        if x.mean() > 0.5:
+            raise RuntimeError("tripped on a bright window")
+        time.sleep(self.delay)
+        return x
+
+
 class TwoStripes:
     """A custom strategy: the rows cut in two halves, each with a halo of `halo` rows."""
 

@@ -301,3 +301,48 @@ def test_downsampling_of_an_image_not_a_multiple_of_its_factor_keeps_the_image_s
         for _ in range(2):
             x = model(x - L2().grad(x, y[0], op))
     assert float((out - x).abs().max()) <= 1e-4 and float((out - x_true).abs().max()) > 0
+
+
+def test_a_failed_out_of_core_run_leaves_its_temporary_folder_removed_after_its_late_writes(ctx, tmp_path):
+    """A run that fails (or is interrupted) while other chunks are still being computed: the driver sees
+    the error at once, but the tasks that had started run to their end and write their chunks. The
+    temporary folder was removed before those writes, which made it again (orphan chunks, no owner
+    mark, never removed). The in-flight tasks are now cancelled and waited for before it goes."""
+    from daskrecon.errors import WorkerTaskError
+
+    from helpers import Tripping
+
+    torch.manual_seed(0)
+    ops = blurs(2)
+    x = torch.full((1, 3, 64, 64), 0.1)
+    x[..., :32] = 0.9  # the left tiles trip, the right ones take 1.5 s and are written after
+    y = noisy_measurements(ops, x, sigma=0.01)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    den = dr.distribute(Tripping(delay=1.5), ctx, patch_size=32, overlap=0)
+    with pytest.raises(WorkerTaskError, match="tripped on a bright window"):
+        dr.reconstruct(dr.distribute(ops, ctx), y, den, n_iter=2, step_size=0.1, progress=False, storage="zarr",
+                       chunks=(32, 32), scratch=str(scratch))
+    time.sleep(3)  # past the right tiles' end: any late write would be there now
+    assert list(scratch.iterdir()) == []
+    assert not any(v for v in ctx.client.processing().values())  # and nothing of the run left running
+
+
+def test_a_failed_run_in_memory_does_not_keep_the_cluster_busy_through_its_traceback(ctx):
+    """Jupyter keeps the last traceback (``sys.last_traceback``), and with it the frames holding the
+    iteration's futures: the cluster went on computing the abandoned iteration and holding its
+    results. The run's submissions are cancelled when it fails."""
+    from daskrecon.errors import WorkerTaskError
+
+    from helpers import Tripping
+
+    ops = blurs(2)
+    x = torch.full((1, 3, 64, 64), 0.1)
+    x[..., :32] = 0.9
+    y = noisy_measurements(ops, x, sigma=0.01)
+    d, den = dr.distribute(ops, ctx), dr.distribute(Tripping(delay=1.0), ctx, patch_size=32, overlap=0)
+    before = set(ctx.client.futures)
+    with pytest.raises(WorkerTaskError, match="tripped") as failure:
+        dr.reconstruct(d, y, den, n_iter=3, step_size=0.1, progress=False)
+    assert failure.value.__traceback__ is not None  # held, as a notebook holds it
+    assert set(ctx.client.futures) <= before

@@ -182,3 +182,22 @@ def test_a_worker_leaving_during_a_registration_does_not_fail_it(tmp_path, idemp
         out = dr.distribute(model, ctx, patch_size=16, overlap=2)(x)
         with torch.no_grad():
             assert torch.allclose(out, model(x), atol=1e-5)
+
+
+def test_drain_waits_for_a_cancelled_task_that_had_started(ctx):
+    """distributed cannot stop a running thread: a cancelled task runs to its end; drain waits for it."""
+    from daskrecon.runtime.waiting import drain
+
+    client = ctx.client
+    fut = client.submit(time.sleep, 1.5, pure=False)
+    deadline = time.monotonic() + 10
+    while not any(client.processing().values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # started on its worker
+    key = fut.key
+    client.cancel([fut])
+    assert not drain(client, {key}, timeout=0.2)  # still running after its cancellation
+    t0 = time.monotonic()
+    assert drain(client, {key}, timeout=10)
+    assert 0.3 < time.monotonic() - t0 < 8  # it waited, and not for its whole bound
+    assert drain(client, {"a key nobody runs"}, timeout=0.1)

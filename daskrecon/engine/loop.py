@@ -105,10 +105,13 @@ def run(problem: Problem, rule: StepRule, x0: Any, options: ReconstructOptions, 
         # (daskrecon.runtime.halos): no stage holds a front of chunks for the next.
         stager = Stager(store) if streamed else None
         problem = with_stager(problem, stager)
+        loop = _Loop(problem, rule, store, streamed, record, options, callback, history, t0)
         try:
-            loop = _Loop(problem, rule, store, streamed, record, options, callback, history, t0)
             loop.begin(x0, start)
             return loop.signals, loop.iterate(start)
+        except BaseException:
+            loop.cancel()  # before the scratch arrays and a temporary folder go: nothing of the run writes after
+            raise
         finally:
             if stager is not None:
                 stager.cleanup()
@@ -167,6 +170,13 @@ class _Loop:
         self.bar: Any = None
         self.committed = 0
         self.constant_writes = 0  # commits of this run that wrote the rule's constant state
+        self.submissions: list[Pending] = []  # pipelined: up to two in flight
+
+    def cancel(self) -> None:
+        """Cancel the submissions in flight and wait for their running tasks (the run failed or was interrupted)."""
+        for pending in self.submissions:
+            pending.cancel()
+        self.submissions = []
 
     def begin(self, x0: Any, start: int) -> None:
         """The state at iteration ``start``: restored from the checkpoint, or the rule's start (iteration 0)."""
@@ -253,8 +263,10 @@ class _Loop:
                 self.history.append({**_row(k + 1, values, self.problem), **info})
                 return {"history": self.history}
 
-            return submit(self.signals, new, iteration=k + 1, also={"value": value, "metrics": metrics},
-                          commit=commit, record=self.record, extra=extra, unchanged=self.constant_to_skip(commit)), extra
+            pending = submit(self.signals, new, iteration=k + 1, also={"value": value, "metrics": metrics},
+                             commit=commit, record=self.record, extra=extra, unchanged=self.constant_to_skip(commit))
+            self.submissions = [p for p in self.submissions if not p.done] + [pending]
+            return pending, extra
 
     def report(self) -> bool:
         """Report the pending iteration, if any: history row, bar, callback; whether ``tol`` stops the run."""

@@ -22,7 +22,7 @@ from distributed import futures_of
 
 from daskrecon.engine.checkpoint import Checkpoint
 from daskrecon.errors import ShapeError
-from daskrecon.runtime.waiting import compute, gather
+from daskrecon.runtime.waiting import compute, drain, gather
 
 if TYPE_CHECKING:  # annotations only: the front is a layer above
     from daskrecon.frontend.context import DistributedContext
@@ -240,10 +240,13 @@ class Pending:
 
     def __init__(self, signals: dict[str, DistributedSignal], kept: dict[str, da.Array], waited: list[list],
                  names: list[str], n_stores: int, slot: int | None, iteration: int, record: dict | None,
-                 extra: dict | Callable[[dict], dict] | None) -> None:
+                 extra: dict | Callable[[dict], dict] | None, graphs: Sequence[Any] = ()) -> None:
         self.signals, self.kept, self._waited, self._names = signals, kept, waited, names
         self._n_stores, self.slot, self.iteration = n_stores, slot, iteration
         self._record, self._extra = record, extra
+        self._graphs = list(graphs)  # the submitted graphs: which tasks are this submission's, if it is cancelled
+        #: Whether :meth:`finish` returned or :meth:`cancel` ran: the submission is over.
+        self.done = False
 
     @property
     def commits(self) -> bool:
@@ -255,8 +258,12 @@ class Pending:
         first = next(iter(self.signals.values()))
         ctx, store = first.ctx, first.store
         flat = [f for fs in self._waited for f in fs]
-        results = gather(ctx.client, flat, what=f"iteration {self.iteration}",
-                         stall_timeout=ctx.stall_timeout) if flat else []
+        try:
+            results = gather(ctx.client, flat, what=f"iteration {self.iteration}",
+                             stall_timeout=ctx.stall_timeout) if flat else []
+        except BaseException:  # a failed task, Ctrl-C: the rest of the submission is not wanted any more
+            self.cancel()
+            raise
         out, pos = {}, len(flat) - sum(len(fs) for fs in self._waited[self._n_stores:])
         for k, fs in zip(self._names, self._waited[self._n_stores:]):
             out[k] = results[pos] if len(fs) == 1 else results[pos:pos + len(fs)]
@@ -267,7 +274,27 @@ class Pending:
         for n, s in self.signals.items():
             s._array = self.kept[n] if s.in_memory else store.committed(n, s.block_chunks).astype(s._np_dtype)
             s.iteration = self.iteration
+        self.done, self._graphs = True, []
         return out
+
+    def cancel(self) -> None:
+        """Drop the submission: its tasks not started never run, and when it writes to a store, wait
+        (up to ``stall_timeout``, at most a minute) for its running ones to end, so that nothing
+        writes there once the caller goes on (to remove a temporary folder, to start again).
+        """
+        if self.done:
+            return
+        self.done = True
+        ctx, store = next(iter(self.signals.values())).ctx, next(iter(self.signals.values())).store
+        futures = [f for fs in self._waited for f in fs] + [f for a in self.kept.values() for f in futures_of(a)]
+        graphs, self._graphs = self._graphs, []
+        try:
+            if futures:
+                ctx.client.cancel(futures)
+            if store is not None:  # running tasks may still write chunks into it
+                drain(ctx.client, {k for g in graphs for k in g.keys()}, min(ctx.stall_timeout, 60.0))
+        except Exception:  # the cluster is gone: nothing of this submission runs any more
+            pass
 
 
 def submit(
@@ -306,12 +333,13 @@ def submit(
     # One submission for everything: new values, writes, metrics. Unoptimized, so that every key
     # (and the placement annotations) is the graph's own, and keys shared between the
     # collections are computed once.
+    collections = [*(arrays[n] for n in keep), *stores, *(also[k] for k in names)]
     with dask.config.set({"optimization.fuse.active": False}):
-        persisted = client.persist([*(arrays[n] for n in keep), *stores, *(also[k] for k in names)],
-                                   optimize_graph=False)
+        persisted = client.persist(collections, optimize_graph=False)
     kept = dict(zip(keep, persisted[:len(keep)]))
     waited = [futures_of(p) for p in persisted[len(keep):]]
-    return Pending(signals, kept, waited, names, len(stores), slot if committing else None, iteration, record, extra)
+    return Pending(signals, kept, waited, names, len(stores), slot if committing else None, iteration, record, extra,
+                   graphs=[c.__dask_graph__() for c in collections] if store is not None else ())
 
 
 def _normalize(chunks: Sequence[Any], shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:

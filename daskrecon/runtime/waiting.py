@@ -22,7 +22,7 @@ from __future__ import annotations
 import queue
 import time
 import traceback
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Collection, Hashable, Mapping, Sequence
 from typing import Any, NoReturn
 
 from distributed import Client, Future
@@ -30,9 +30,9 @@ from distributed.comm.core import CommClosedError
 
 from daskrecon.errors import DaskreconError, StalledError, TransferError, WorkerTaskError
 from daskrecon.runtime.scheduler_plugin import task_view
-from daskrecon.tasks.registry import task_states
+from daskrecon.tasks.registry import running_keys, task_states
 
-__all__ = ["DEFAULT_STALL_TIMEOUT", "bounded", "compute", "gather"]
+__all__ = ["DEFAULT_STALL_TIMEOUT", "bounded", "compute", "drain", "gather"]
 
 #: Seconds without any progress before a call raises :class:`StalledError`.
 DEFAULT_STALL_TIMEOUT = 120.0
@@ -169,6 +169,32 @@ def bounded(client: Client, coroutine_function: Any, *args: Any, what: str, time
             if kwargs.get("idempotent"):
                 kwargs = {**kwargs, "idempotent": False}
     raise AssertionError("unreachable")
+
+
+def drain(client: Client, keys: Collection[Hashable], timeout: float) -> bool:
+    """Wait until no worker runs one of ``keys``; whether that happened within ``timeout`` seconds.
+
+    A cancelled task that has started runs to its end on its worker (distributed cannot stop a
+    thread): one that writes chunks writes them after the cancellation. Whoever removes the
+    folder those chunks go to waits for it, or the folder comes back, made by the late writes.
+    Workers that do not answer are not waited for.
+    """
+    keys = set(keys)
+    deadline = time.monotonic() + timeout
+    while keys:
+        try:
+            answers = bounded(client, client._run, running_keys, on_error="return", what="asking the workers what runs",
+                              timeout=max(1.0, deadline - time.monotonic()))
+        except StalledError:
+            return False
+        except Exception:  # the cluster is going or gone: nothing more will run
+            return True
+        if not any(k in keys for running in answers.values() if isinstance(running, list) for k in running):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def _collect(client: Client, futures: list[Future], what: str, timeout: float) -> list[Any]:

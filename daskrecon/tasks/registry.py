@@ -12,7 +12,8 @@ import torch
 from daskrecon.tasks.arrays import worker_device
 from daskrecon.tasks.substitutes import specialize
 
-__all__ = ["build_object", "forget_objects", "held_objects", "object_builds", "obtain", "on_objects", "task_states"]
+__all__ = ["build_object", "forget_objects", "held_objects", "object_builds", "obtain", "on_objects", "running_keys",
+           "task_states"]
 
 
 def build_object(
@@ -133,3 +134,9 @@ def task_states(keys: list, dask_worker: Any = None) -> dict:
         failed = {d.key: (getattr(d, "exception_text", "") or "") for d in ts.dependencies if d.state == "error"}
         out[key] = (ts.state, failed)
     return out
+
+
+def running_keys(dask_worker: Any = None) -> list:
+    """The keys this worker's threads are running now, cancelled ones included (they run to their end)."""
+    state = dask_worker.state
+    return [ts.key for ts in (*state.executing, *state.long_running)]
