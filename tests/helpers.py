@@ -293,3 +293,13 @@ path = "result.zarr"
 kind = "local"
 n_workers = 1
 """
+
+
+def trip_on_first_block(block, block_info=None, delay=1.5):
+    """For ``map_blocks``: raise on the first block at once, return the others after ``delay`` seconds."""
+    import time
+
+    if block_info[0]["chunk-location"] == (0,) * block.ndim:
+        raise RuntimeError("tripped on the first block")
+    time.sleep(delay)
+    return block

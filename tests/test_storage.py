@@ -446,3 +446,26 @@ def test_strict_sources_read_the_same_and_refuse_an_array_they_cannot_open(tmp_p
     assert not plain.compute(scheduler="sync").any()
     with pytest.raises(StorageNotSharedError, match=r"the driver cannot open the Zarr array .*y\.zarr.*no array there"):
         strict.compute(scheduler="sync")
+
+
+def test_a_write_that_fails_leaves_no_half_written_store_even_after_its_late_writes(ctx, tmp_path):
+    """A result written by the workers fails in one chunk while the others are still running: the
+    store is removed (half of it would read as zeros), and the chunks written after the failure by
+    the tasks that had started do not make it again."""
+    import time
+
+    import dask.array as da
+
+    from daskrecon.batch.files import write_image
+    from daskrecon.errors import WorkerTaskError
+
+    from helpers import trip_on_first_block
+
+    x = da.ones((1, 1, 64, 64), chunks=(1, 1, 32, 32), dtype="f4").map_blocks(trip_on_first_block, dtype="f4")
+    with pytest.raises(WorkerTaskError, match="tripped on the first block"):
+        write_image(tmp_path / "result.zarr", x, overwrite=False, ctx=ctx)
+    pytest.importorskip("ome_zarr")  # the [ome] extra, installed by the [test] extra
+    with pytest.raises(WorkerTaskError, match="tripped on the first block"):
+        dr.write_ome_zarr(x, str(tmp_path / "result.ome.zarr"), levels=1, ctx=ctx)
+    time.sleep(3)  # past the other chunks' end
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -231,7 +231,13 @@ def write_image(path: str | Path, x: Any, overwrite: bool, ctx: Any = None, ome:
             check_shared(ctx, tfs, parent, target, why="the workers write the result there",
                          hint="write the result to a folder that the driver and every worker see (a shared file "
                               "system) or an fsspec URL (s3://…), or as .npy/.png/.tif (written by the driver)")
-            compute([x.to_zarr(target, overwrite=overwrite, compute=False)], **bound)
+            try:
+                compute([x.to_zarr(target, overwrite=overwrite, compute=False)], writes=True, **bound)
+            except BaseException:
+                # this call made the store: half of it would read as zeros where chunks are missing
+                if tfs.exists(troot):
+                    tfs.rm(troot, recursive=True)
+                raise
             return target
         x = np.asarray(compute([x], **bound)[0])
     if suffix == ".zarr":

@@ -845,7 +845,7 @@ def _stored_once(problem: Problem, store: Any, name: str, a: da.Array) -> da.Arr
     z = store.scratch(name, a.shape, a.dtype, zchunks)
     ctx = problem.ctx
     compute([da.store(a, z, lock=False, compute=False)], client=ctx.client, what=f"{name} (once per run)",
-            stall_timeout=ctx.stall_timeout)
+            stall_timeout=ctx.stall_timeout, writes=True)
     return read_array(z, (), a.chunks, name=f"{name}-{uuid.uuid4().hex}", sources=store.sources)
 
 

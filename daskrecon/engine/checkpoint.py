@@ -208,7 +208,7 @@ class Checkpoint:
         slot, stores = self.store_tasks(arrays)
         names = list(also or {})
         values = compute([*stores, *[also[k] for k in names]], client=client, what="checkpoint write",
-                         stall_timeout=stall_timeout)
+                         stall_timeout=stall_timeout, writes=True)
         return slot, dict(zip(names, values[len(stores):]))
 
     def commit(self, iteration: int, slot: int, problem: dict, extra: dict | None = None) -> None:

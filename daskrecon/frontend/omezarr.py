@@ -433,7 +433,7 @@ def write_ome_zarr(
                 data, path, scale_factors=[{a: f for a in space} for f in factors], method=Methods(method),
                 fmt=format_from_version(version), axes=axes, scale=scale, axes_units=unit or None,
                 name=name, compute=False)
-        compute(delayed, client=client, what="writing the OME-Zarr image", stall_timeout=stall_timeout)
+        compute(delayed, client=client, what="writing the OME-Zarr image", stall_timeout=stall_timeout, writes=True)
     except BaseException:
         # the metadata goes first: a half-written image would open in a viewer with holes read as zeros
         if fs.exists(root):

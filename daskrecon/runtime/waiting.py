@@ -116,13 +116,16 @@ def compute(
     labels: Mapping[Hashable, str] | None = None,
     stall_timeout: float | None = None,
     optimize_graph: bool = True,
+    writes: bool = False,
 ) -> list[Any]:
     """``dask.compute(*collections)`` in one graph, with the guarantees of :func:`gather`.
 
     ``client`` defaults to Dask's current client; without one, the local scheduler runs
     the graph (no worker can hang it). ``optimize_graph=False`` keeps every task's key,
     so that tasks already persisted on the cluster are reused, not recomputed under a
-    fused name.
+    fused name. ``writes``: the graph writes to storage; when the call fails or is
+    interrupted, its tasks are cancelled and those running are waited for (:func:`drain`,
+    at most a minute), so that nothing writes there once the caller cleans up.
     """
     import dask
 
@@ -136,8 +139,29 @@ def compute(
     futures = client.compute(list(collections), optimize_graph=optimize_graph)
     try:
         return gather(client, futures, what=what, labels=labels, stall_timeout=stall_timeout)
+    except BaseException:
+        if writes:
+            _stop(client, futures, DEFAULT_STALL_TIMEOUT if stall_timeout is None else stall_timeout)
+        raise
     finally:
         del futures
+
+
+def _stop(client: Client, futures: list[Future], timeout: float) -> None:
+    """Cancel ``futures`` and wait for the tasks the workers are running then.
+
+    The graph's keys are not known here (an optimized graph fuses them), and a failed task
+    has already made the scheduler release the others: what the workers run is asked of them
+    (another client's tasks running at that moment are waited for too, within the bound).
+    """
+    try:
+        client.cancel(futures)
+        answers = bounded(client, client._run, running_keys, on_error="return", what="asking the workers what runs",
+                          timeout=min(timeout, 60.0))
+        started = {k for running in answers.values() if isinstance(running, list) for k in running}
+        drain(client, started, min(timeout, 60.0))
+    except Exception:  # the cluster is gone: nothing runs any more
+        pass
 
 
 def bounded(client: Client, coroutine_function: Any, *args: Any, what: str, timeout: float | None = None,
