@@ -630,3 +630,18 @@ def test_an_out_of_core_run_without_a_checkpoint_leaves_no_scratch_behind(inputs
     assert list(scratch.iterdir()) == []
     out = np.load(inputs / "streamed.npy")
     assert out.shape == (1, 3, 48, 48) and np.isfinite(out).all() and float(out.std()) > 0.05
+
+
+def test_a_scheduler_that_does_not_answer_is_said_in_the_commands_words(inputs):
+    """The context's message said "pass cluster=None", a Python keyword the command has not."""
+    import dask
+
+    cfg = inputs / "unreachable.toml"
+    cfg.write_text(CONFIG.format(out="unreachable.npy").replace(LOCAL, 'kind = "address"\naddress = "tcp://127.0.0.1:1"'))
+    with dask.config.set({"daskrecon.context.timeout": 1.0}):
+        flag = CliRunner().invoke(app, ["reconstruct", str(cfg), "--scheduler", "tcp://127.0.0.1:1"])
+        key = CliRunner().invoke(app, ["reconstruct", str(cfg)])
+    assert flag.exit_code == key.exit_code == 1
+    assert "Check --scheduler and that the scheduler is running, or leave out --scheduler" in flag.output
+    assert 'Check cluster.address and that the scheduler is running, or set cluster.kind = "local"' in key.output
+    assert "cluster=None" not in flag.output + key.output and not (inputs / "unreachable.npy").exists()

@@ -107,8 +107,8 @@ def make_context(spec: dict) -> Iterator[Any]:
             yield ctx
         return
     if kind == "address":
-        with dr.DistributedContext(read_key(spec, "address", "cluster", str),
-                                   timeout=read_key(spec, "timeout", "cluster", float, 30.0)) as ctx:
+        with dr.DistributedContext(read_key(spec, "address", "cluster", str),  # no timeout: daskrecon.context.timeout
+                                   timeout=read_key(spec, "timeout", "cluster", float, None)) as ctx:
             yield ctx
         return
     if kind == "slurm":

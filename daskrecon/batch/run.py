@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +23,25 @@ from daskrecon.config import (
     read_key,
     uses_denoiser,
 )
-from daskrecon.errors import ConfigError
+from daskrecon.errors import ClusterConnectionError, ConfigError
 from daskrecon.frontend.omezarr import is_ome_zarr
 
 __all__ = ["interrupted_message", "run_config"]
+
+
+@contextlib.contextmanager
+def _reaching(scheduler: str | None, cluster: dict) -> Iterator[None]:
+    """A scheduler that does not answer, said in the command's words (the context's speak Python's)."""
+    try:
+        yield
+    except ClusterConnectionError as exc:
+        if "could not reach the Dask scheduler" not in str(exc) or not (scheduler or cluster.get("kind") == "address"):
+            raise
+        where = "--scheduler" if scheduler else "cluster.address"
+        other = ("leave out --scheduler to use the config's [cluster]" if scheduler else
+                 "set cluster.kind = \"local\" for a cluster on this machine")
+        raise ClusterConnectionError(f"{str(exc).split('. Check the address')[0]}. Check {where} and that the "
+                                     f"scheduler is running, or {other}") from exc.__cause__
 
 
 def run_config(path: str | Path, check: bool = False, echo: Any = print, scheduler: str | None = None) -> Any:
@@ -66,7 +83,7 @@ def run_config(path: str | Path, check: bool = False, echo: Any = print, schedul
     # a bad weight file, or one for other channels: before any cluster
     model = fit_channels(build_denoiser(den, base), shape, echo) if uses_denoiser(cfg) else None
     cluster = {"kind": "address", "address": scheduler} if scheduler else cfg.get("cluster", {})
-    with make_context(cluster) as ctx:
+    with _reaching(scheduler, cluster), make_context(cluster) as ctx:
         echo(f"cluster: {ctx.num_workers} workers, dashboard {ctx.dashboard_link}")
         dden = None if model is None else dr.distribute(
             # keys left out: None, the configured defaults (daskrecon.denoiser.* in dask.config), as in Python
