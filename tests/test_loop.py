@@ -160,6 +160,17 @@ def test_working_chunks_are_regular_and_valid():
         assert sizes[0] >= forms[0].min_chunk(len(sizes))
 
 
+@pytest.mark.parametrize("total, asked", [(67, 10), (93, 10), (67, 7), (40, 13), (64, 16), (100, 3)])
+def test_one_asked_size_gets_chunks_every_operator_can_run_on(total, asked):
+    """``chunks=(h, w)`` arrives as one size per axis: the halo each chunk needs is the one of an axis
+    cut into several chunks (it was taken for one chunk: a last chunk of 7 px under a halo of 6 made
+    dask's map_overlap rechunk, and the iteration's graph failed with "Shapes do not align")."""
+    form = local_form(dinv.physics.Blur(filter=torch.ones(1, 1, 13, 13) / 169, padding="reflect"))  # depth 6
+    sizes = working_chunks((1, 3, total, total), ((1,), (3,), (asked,), (asked,)), [form])[2]
+    assert sum(sizes) == total and len(set(sizes[:-1])) <= 1
+    assert min(sizes) >= form.min_chunk(len(sizes))
+
+
 DRIVER = """
 import sys, time
 sys.path.insert(0, {tests!r})

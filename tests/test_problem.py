@@ -43,6 +43,26 @@ def test_given_chunks_and_a_given_start(ctx):
         _plan(ctx, chunks=(32,))
 
 
+def test_asked_chunks_too_small_for_the_denoisers_tiles_are_named_in_its_terms(ctx):
+    """chunks=(10, 10) with reflect blurs and a denoiser of overlap 16 failed inside dask at the first
+    iteration ("Shapes do not align"); then in the tiled pass's words for a dask array ("rechunk")."""
+    import deepinv as dinv
+    from deepinv.physics.functional.blur import gaussian_blur
+
+    ops = [dinv.physics.Blur(filter=gaussian_blur(sigma=(s, s)), padding="reflect") for s in (1.0, 1.5)]
+    y = noisy_measurements(ops, torch.rand(1, 3, 67, 93))
+    den = dr.distribute(small_dncnn(3), ctx, patch_size=32, overlap=16)
+
+    def planned(chunks):
+        return plan_problem(dr.distribute(ops, ctx), y, den, data_fidelity=None, x0=None, x_true=None,
+                            sigma_denoiser=0.05, storage="zarr", chunks=chunks)[0]
+
+    with pytest.raises(ShapeError, match=r"chunks=\(10, 10\) makes chunks of 13-15 px along axis 2 .* the "
+                                         r"denoiser's tiles need at least its overlap, 16 px: pass chunks of at least 16 px"):
+        planned((10, 10))
+    assert planned((16, 16)).chunks[2:] == ((16, 16, 16, 19), (16, 16, 16, 16, 16, 13))  # a short remainder: folded
+
+
 def test_measurements_of_the_wrong_shape_are_named_when_planned(ctx):
     import deepinv as dinv
     from deepinv.physics.functional.blur import gaussian_blur

@@ -297,10 +297,32 @@ def _chunks(proc: Any, shape: tuple, dtype: np.dtype, forms: list, chunks: Any, 
                 and all(isinstance(c, int) and c > 0 for c in chunks)):
             what = "(height, width)" if len(shape) == 4 else "(depth, height, width)"
             raise ValueError(f"chunks must be {what} of the iterate's chunks, got {chunks!r}")
-        return working_chunks(shape, ((shape[0],), (shape[1],), *((c,) for c in chunks)), chunkwise_forms)
+        out = working_chunks(shape, ((shape[0],), (shape[1],), *((c,) for c in chunks)), chunkwise_forms)
+        if proc is not None:
+            _check_tiles_fit(proc, shape, out, chunks)
+        return out
     if isinstance(x0, da.Array):
         return working_chunks(shape, x0.chunks, chunkwise_forms)
     return iterate_chunks(proc, shape, dtype, chunkwise_forms)
+
+
+def _check_tiles_fit(proc: Any, shape: tuple, chunks: tuple, asked: Any) -> None:
+    """The denoiser's halo and alignment against the chunks the caller asked for, named in its terms.
+
+    (Otherwise the tiled pass refuses them later, in words for a dask array: "rechunk".)
+    """
+    dims, _, overlap = proc.geometry(shape)
+    for d, o in zip(dims, overlap):
+        c = chunks[d]
+        if len(c) > 1 and c[-1] < o <= min(c[:-1]):
+            c = (*c[:-2], c[-2] + c[-1])  # the tiled pass folds a short remainder into its neighbour
+        if len(c) > 1 and (min(c) < o or any(n % proc.align for n in c[:-1])):
+            step = proc.align
+            least = -(-o // step) * step
+            raise ShapeError(f"chunks={tuple(asked)} makes chunks of {min(c)}-{max(c)} px along axis {d} (at least what the operators' "
+                             f"halos need), and the denoiser's tiles need at least its overlap, {o} px"
+                             + (f", in multiples of {step} (its down-sampling)" if step > 1 else "")
+                             + f": pass chunks of at least {least} px" + (f", multiples of {step}" if step > 1 else ""))
 
 
 def _storage(ctx: Any, storage: str, nbytes: int, y_bytes: int) -> str:

@@ -134,7 +134,9 @@ def working_chunks(shape: tuple[int, ...], chunks: tuple[tuple[int, ...], ...],
         if axis in whole:
             out.append((shape[axis],))
             continue
-        n = len(chunks[axis])
+        sizes = chunks[axis]
+        # one size asked for (``chunks=(h, w)``) cuts the axis into several chunks all the same
+        n = len(sizes) if sum(sizes) == shape[axis] else -(-shape[axis] // max(1, sizes[0]))
         need = max((f.min_chunk(n) for f in forms), default=1)
         size = min(-(-max(chunks[axis][0], need) // factor) * factor, shape[axis])
         out.append(_regular(shape[axis], size, need, factor))
