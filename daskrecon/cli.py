@@ -27,15 +27,14 @@ def _quiet_on_interrupt() -> Iterator[None]:
 
     A cluster closed mid-operation (e.g. a model being broadcast to the workers) makes the scheduler log
     each failed send and asyncio each task whose exception nobody awaits: dozens of tracebacks after
-    "interrupted". The previous handler and the loggers' levels return when the command ends, so a
-    caller that goes on in the same process (a notebook, a test runner) keeps its logs (a caller in
-    another thread keeps Python's handler).
+    "interrupted". The command ends there, so nothing needs them back; the previous handler returns
+    when the command ends (a caller in another thread keeps Python's).
     """
-    names = ("distributed", "asyncio", "tornado")
-    levels = {name: logging.getLogger(name).level for name in names}
-
     def interrupt(signum, frame):
-        for name in names:
+        # distributed gives some loggers a level and a handler of their own (distributed.client: a
+        # reconnect cancelled by the closing client logs an ERROR with its traceback): each one, not the parent
+        names = [n for n in logging.root.manager.loggerDict if n.split(".")[0] in ("distributed", "asyncio", "tornado")]
+        for name in ("distributed", "asyncio", "tornado", *names):
             logging.getLogger(name).setLevel(logging.CRITICAL + 1)
         raise KeyboardInterrupt
 
@@ -47,8 +46,6 @@ def _quiet_on_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-        for name, level in levels.items():
-            logging.getLogger(name).setLevel(level)
 
 
 @app.command()
