@@ -51,7 +51,13 @@ class DeviceError(DaskreconError, RuntimeError):
 
 
 class ClusterConnectionError(DaskreconError, OSError):
-    """The scheduler could not be reached or the cluster could not be started."""
+    """The scheduler could not be reached or the cluster could not be started.
+
+    ``unreachable`` is ``(address, why)`` when a scheduler address did not answer (else ``None``):
+    a caller that took the address from elsewhere (a command's option) words its own advice.
+    """
+
+    unreachable: tuple[str, str] | None = None
 
 
 class WorkerTaskError(DaskreconError, RuntimeError):

@@ -35,13 +35,14 @@ def _reaching(scheduler: str | None, cluster: dict) -> Iterator[None]:
     try:
         yield
     except ClusterConnectionError as exc:
-        if "could not reach the Dask scheduler" not in str(exc) or not (scheduler or cluster.get("kind") == "address"):
+        if exc.unreachable is None or not (scheduler or cluster.get("kind") == "address"):
             raise
+        address, why = exc.unreachable
         where = "--scheduler" if scheduler else "cluster.address"
         other = ("leave out --scheduler to use the config's [cluster]" if scheduler else
                  "set cluster.kind = \"local\" for a cluster on this machine")
-        raise ClusterConnectionError(f"{str(exc).split('. Check the address')[0]}. Check {where} and that the "
-                                     f"scheduler is running, or {other}") from exc.__cause__
+        raise ClusterConnectionError(f"could not reach the Dask scheduler at {address!r} {why}. Check {where} and "
+                                     f"that the scheduler is running, or {other}") from exc.__cause__
 
 
 def run_config(path: str | Path, check: bool = False, echo: Any = print, scheduler: str | None = None) -> Any:

@@ -319,8 +319,8 @@ def _check_tiles_fit(proc: Any, shape: tuple, chunks: tuple, asked: Any) -> None
         if len(c) > 1 and (min(c) < o or any(n % proc.align for n in c[:-1])):
             step = proc.align
             least = -(-o // step) * step
-            raise ShapeError(f"chunks={tuple(asked)} makes chunks of {min(c)}-{max(c)} px along axis {d} (at least what the operators' "
-                             f"halos need), and the denoiser's tiles need at least its overlap, {o} px"
+            raise ShapeError(f"chunks={tuple(asked)} makes chunks of {min(c)}-{max(c)} px along axis {d} (at least what "
+                             f"the operators' halos need), and the denoiser's tiles need at least its overlap, {o} px"
                              + (f", in multiples of {step} (its down-sampling)" if step > 1 else "")
                              + f": pass chunks of at least {least} px" + (f", multiples of {step}" if step > 1 else ""))
 

@@ -285,7 +285,8 @@ class Pending:
         if self.done:
             return
         self.done = True
-        ctx, store = next(iter(self.signals.values())).ctx, next(iter(self.signals.values())).store
+        first = next(iter(self.signals.values()))
+        ctx, store = first.ctx, first.store
         futures = [f for fs in self._waited for f in fs] + [f for a in self.kept.values() for f in futures_of(a)]
         graphs, self._graphs = self._graphs, []
         try:

@@ -81,7 +81,9 @@ def _client_of(arg: str | Cluster, timeout: float) -> Client:
         return Client(arg, timeout=timeout)
     except (OSError, TimeoutError) as exc:
         where = arg if isinstance(arg, str) else getattr(arg, "scheduler_address", repr(arg))
-        raise ClusterConnectionError(
+        err = ClusterConnectionError(
             f"could not reach the Dask scheduler at {where!r} within timeout={timeout}s: {exc}. "
             "Check the address and that the scheduler is running, or pass cluster=None for a local cluster"
-        ) from exc
+        )
+        err.unreachable = (where, f"within timeout={timeout}s: {exc}")
+        raise err from exc
