@@ -89,7 +89,7 @@ def demo(
 def reconstruct(
     config: str = typer.Argument(..., help="A TOML or YAML file (see `python -c 'import daskrecon.config as c; print(c.__doc__)'`)."),
     check: bool = typer.Option(False, "--check", help="Time one operator task and one tile (inputs over 2 GiB: one out-of-core iteration on a crop of whole chunks), project the total, and stop."),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Run on the Dask scheduler at this address (e.g. tcp://host:8786) instead of the config's [cluster]."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Run on the Dask scheduler at this address (e.g. tcp://host:8786) instead of the config's cluster.address."),
 ) -> None:
     """Run the reconstruction described by CONFIG."""
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "ClusterConnectionError",
     "ConfigError",
+    "ContextMismatchError",
     "DaskreconError",
     "DeviceError",
     "LinearityError",
@@ -44,6 +45,14 @@ class MeasurementError(DaskreconError, ValueError):
 
 class LinearityError(DaskreconError, TypeError):
     """A linear operation (adjoint, pseudo-inverse, norm) was asked of non-linear physics."""
+
+
+class ContextMismatchError(DaskreconError, ValueError):
+    """Objects distributed with different :class:`~daskrecon.DistributedContext` objects were combined.
+
+    Each context's operators, models and results live on its own cluster (and belong to its own
+    client): one call can only combine objects of one context.
+    """
 
 
 class DeviceError(DaskreconError, RuntimeError):

@@ -383,6 +383,34 @@ def test_deepinv_trainer_trains_the_distributed_model_like_the_plain_one(ctx, tm
         close(a, b, rel=1e-4)
 
 
+def test_deepinv_trainer_with_a_physics_generator_trains_like_the_plain_one(ctx, tmp_path):
+    """A physics generator draws a new blur per batch and the Trainer hands it to ``physics.update``: the
+    distributed operators kept their first filters, so the model trained on other measurements."""
+    from deepinv.optim import PGD, PnP
+    from deepinv.physics.generator import MotionBlurGenerator
+
+    xs = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+
+    def train(model, physics, where):
+        generator = MotionBlurGenerator((5, 5), rng=torch.Generator().manual_seed(1))
+        trainer = dinv.Trainer(model=model, physics=physics, optimizer=torch.optim.Adam(model.parameters(), lr=1e-2),
+                               train_dataloader=torch.utils.data.DataLoader(xs, batch_size=1), epochs=1,
+                               losses=dinv.loss.SupLoss(), online_measurements=True, physics_generator=generator,
+                               save_path=str(where), verbose=False, show_progress_bar=False, plot_images=False,
+                               device="cpu", metrics=[])
+        return trainer.train()
+
+    def build(fidelity):
+        return PGD(data_fidelity=fidelity, prior=PnP(small_dncnn(3, depth=3)), stepsize=[0.4] * 2,
+                   sigma_denoiser=[0.05] * 2, max_iter=2, unfold=True, trainable_params=["stepsize"])
+
+    plain = train(build(StackedPhysicsDataFidelity([L2()] * 2)), StackedLinearPhysics(blurs(2)), tmp_path / "plain")
+    ours = train(dr.distribute(build(L2()), ctx, patch_size=16, overlap=4), dr.distribute(blurs(2), ctx),
+                 tmp_path / "ours")
+    for a, b in zip(ours.state_dict().values(), plain.state_dict().values()):
+        close(a, b, rel=1e-4)
+
+
 def test_second_derivatives_through_the_physics_and_the_fidelity_value(problem, ctx):
     # A gradient penalty: differentiate a gradient (create_graph=True) through the distributed calls.
     ops, dphys, ref = problem

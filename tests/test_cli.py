@@ -69,6 +69,22 @@ def test_python_m_daskrecon_is_the_command():
     assert out.returncode == 0 and out.stdout.startswith("daskrecon "), out.stdout + out.stderr
 
 
+@pytest.mark.parametrize("command", ["demo", "reconstruct", "info"])
+def test_every_option_s_help_is_shown_whole(command):
+    """Rich reads `[...]` in a help text as markup and drops it: each option's help must reach the screen."""
+    import re
+
+    import typer
+
+    click_command = typer.main.get_command(app).commands[command]
+    shown = CliRunner().invoke(app, [command, "--help"], terminal_width=100).output
+    flat = re.sub(r"\s+", " ", re.sub(r"[│╭╮╰╯─]", " ", shown))
+    helps = [p.help for p in click_command.params if getattr(p, "help", None)]
+    assert helps
+    for text in helps:
+        assert re.sub(r"\s+", " ", text) in flat, (text, shown)
+
+
 def test_info():
     result = CliRunner().invoke(app, ["info"])
     assert result.exit_code == 0 and "deepinv" in result.output and "GPUs:" in result.output

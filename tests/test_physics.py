@@ -265,3 +265,48 @@ def test_inputs_that_require_grad_are_never_cut(ctx):
     with torch.no_grad():
         assert len(d.A(x)) == 2
     assert len(d.A(x.detach())) == 2
+
+
+@pytest.mark.parametrize("form", ["list", "factory"])
+def test_updated_parameters_reach_the_operators_where_they_live(ctx, x, form):
+    """deepinv's ``update`` / ``update_parameters`` (its Trainer calls ``update`` with a physics generator's
+    parameters before every batch) changed only the driver's wrapper: the workers kept the first filters."""
+    from deepinv.physics.functional.blur import gaussian_blur
+
+    from daskrecon.tasks import registry
+
+    ops, mine = blurs(3), blurs(3)
+    ref = dinv.physics.stack(*ops)
+    d = dr.distribute(mine, ctx) if form == "list" else dr.distribute(lambda i, device, kw: blurs(3)[i], ctx,
+                                                                       num_operators=3)
+    before = d.A(x)  # the operators are on their workers now
+    y = noisy_measurements(ops, x)
+    new = gaussian_blur(sigma=(3.0, 0.7))
+    ref.update_parameters(filter=new)
+    d.update_parameters(filter=new)
+    assert_matches_serial(d, ref, x, y, methods=("A", "A_adjoint"))
+    assert float((d.A(x)[0] - before[0]).abs().max()) > 1e-2
+    other = gaussian_blur(sigma=(0.5, 2.0))  # one operator, through its view, with deepinv's update
+    ref.physics_list[1].update(filter=other)
+    d[1].update(filter=other)
+    assert_matches_serial(d, ref, x, y, methods=("A", "A_adjoint", "A_adjoint_A"))
+    # a worker without its copies (restarted, or new) builds them again, updated
+    ctx.client.run(registry.forget_objects, d.objects.token)
+    assert_matches_serial(d, ref, x, y, methods=("A",))
+    d.update()  # what the Trainer calls with no generator: nothing changes, nothing is rebuilt
+    assert_matches_serial(d, ref, x, y, methods=("A",))
+
+
+def test_noise_models_set_or_updated_reach_the_workers(ctx, x):
+    ops = [dinv.physics.Blur(filter=op.filter, padding="circular", noise_model=dinv.physics.GaussianNoise(0.1))
+           for op in blurs(2)]
+    d = dr.distribute(ops, ctx)
+    clean = d.A(x)
+    assert not torch.allclose(d(x)[1], clean[1])
+    d.set_noise_model(dinv.physics.GaussianNoise(0.0), item=1)  # deepinv's StackedPhysics.set_noise_model
+    noisy = d(x)
+    assert not torch.allclose(noisy[0], clean[0]) and torch.equal(noisy[1], clean[1])
+    d.update(sigma=0.0)  # each operator's update: its noise model's sigma too
+    assert torch.equal(d(x)[0], clean[0])
+    with pytest.raises(IndexError, match="operator index 2 out of range for 2 operators"):
+        d.set_noise_model(dinv.physics.GaussianNoise(0.0), item=2)

@@ -151,6 +151,38 @@ def test_a_downsampling_3d_unet_tiles_exactly_inside_volume_chunks(ctx):
     assert float((ref - x).abs().max()) > 1e-2
 
 
+def test_a_model_in_training_mode_with_batch_statistics_is_told_its_tiles_run_in_eval_mode(ctx):
+    """deepinv's UNet has batch normalization by default and a new module is in training mode: its tiles
+    ran in eval mode (a tile's batch statistics would depend on the tiling), without a word."""
+    import warnings
+
+    from deepinv.models import UNet
+
+    torch.manual_seed(0)
+    model = UNet(1, 1, scales=2)  # batch_norm=True, training mode: as built
+    x = torch.rand(1, 1, 32, 32)
+    with torch.no_grad():
+        for m in model.modules():  # running statistics other than (0, 1), so that eval mode shows
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+        in_training, in_eval = model(x), model.eval()(x)
+    model.train()
+    d = dr.distribute(model, ctx, patch_size=32, overlap=0)
+    with pytest.warns(UserWarning, match=r"UNet is in training mode .*BatchNorm2d.*tiles run in eval mode"):
+        with torch.no_grad():
+            out = d(x)
+    assert_allclose(out, in_eval, atol=1e-5)  # what it said: eval mode
+    assert float((out - in_training).abs().max()) > 1e-2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        d.eval()  # the wrapper passes the mode on to the model: said, so no warning
+        with torch.no_grad():
+            d(x)
+        plain = dr.distribute(small_dncnn(1), ctx, patch_size=16, overlap=6)  # training mode, no such layer
+        plain(x)
+
+
 def test_prior_and_pnp(ctx):
     model = small_dncnn(3)
     x = torch.rand(1, 3, 40, 40)

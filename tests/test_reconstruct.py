@@ -191,6 +191,44 @@ def test_bad_input(problem, tmp_path):
         dr.reconstruct(dphys, y, dden, n_iter=1, step_size=0.3, progress=False, x0=x_true[..., :2])
 
 
+def test_objects_of_two_contexts_are_refused_naming_both(problem, ctx, ctx1):
+    """A notebook that opened a second context and mixed its objects with the first's failed deep in
+    distributed (a model "not on this worker", futures of another client, a scheduler assertion)."""
+    from daskrecon.errors import ContextMismatchError
+
+    ops, x_true, y, model, dphys, dden = problem
+    other_den = dr.distribute(model, ctx1, patch_size=16, overlap=6)
+    other_fid = dr.distribute(L2(), ctx1)
+    for kwargs, names in [(dict(denoiser=other_den), "physics and denoiser"),
+                          (dict(denoiser=dden, data_fidelity=other_fid), "physics and data_fidelity")]:
+        with pytest.raises(ContextMismatchError, match=f"{names} were distributed with different DistributedContexts"):
+            dr.reconstruct(dphys, y, n_iter=1, step_size=0.3, progress=False, **kwargs)
+    with pytest.raises(ContextMismatchError, match="data_fidelity and physics were distributed with different"):
+        other_fid.grad(x_true, y, dphys)  # deepinv's call, as optim_builder makes it
+    measured = dr.DistributedMeasurements(ctx1, list(y))  # measurements held by the other cluster
+    with pytest.raises(ContextMismatchError, match="physics and y were"):
+        dphys.A_adjoint(measured)
+    with pytest.raises(ContextMismatchError, match="physics and y were"):
+        dr.reconstruct(dphys, measured, dden, n_iter=1, step_size=0.3, progress=False)
+    # the same objects, each with its own context's partners, still run
+    assert torch.isfinite(dr.reconstruct(dphys, y, dden, n_iter=1, step_size=0.3, progress=False)).all()
+
+
+def test_the_default_step_size_follows_an_update_of_the_operators(problem, ctx):
+    """``L`` is cached with the physics: after ``update_parameters`` it must be the new operators'."""
+    from deepinv.physics.functional.blur import gaussian_blur
+
+    ops, x_true, y, model, dphys, dden = problem
+    run = dict(n_iter=1, progress=False, return_history=True)
+    d = dr.distribute(blurs(3), ctx)
+    dr.reconstruct(d, y, dden, **run)  # the default step size of the first filters, cached
+    sharper = 2.0 * gaussian_blur(sigma=(0.8, 0.8))  # ‖A_i‖ doubles or more: L four times or more
+    d.update_parameters(filter=sharper)
+    fresh = dr.distribute([dinv.physics.Blur(filter=sharper, padding="circular") for _ in range(3)], ctx)
+    (got, got_h), (want, want_h) = dr.reconstruct(d, y, dden, **run), dr.reconstruct(fresh, y, dden, **run)
+    assert torch.equal(got, want) and got_h[0]["data_fidelity"] == want_h[0]["data_fidelity"]
+
+
 DRIVER = """
 import sys, time
 sys.path.insert(0, {tests!r})

@@ -9,7 +9,7 @@ import torch
 from distributed import Client
 from distributed.deploy import Cluster
 
-from daskrecon.errors import DeviceError
+from daskrecon.errors import ContextMismatchError, DeviceError
 from daskrecon.frontend.collectives import SingleRank
 from daskrecon.planning.sharding import SHARDINGS, assign_owners
 from daskrecon.runtime.cluster import MALLOC_MODES, configure_workers
@@ -17,7 +17,7 @@ from daskrecon.runtime.connection import Connection, connect
 from daskrecon.runtime.defaults import pick
 from daskrecon.runtime.roster import WorkerRoster
 
-__all__ = ["DistributedContext"]
+__all__ = ["DistributedContext", "one_context"]
 
 _DEVICE_MODES = (None, "cpu", "gpu")
 
@@ -284,6 +284,35 @@ class DistributedContext(SingleRank):
             f"DistributedContext(workers={self.num_workers}, sharding={self.sharding!r}, "
             f"device_mode={self.device_mode!r}, dashboard={self.dashboard_link})"
         )
+
+
+def one_context(**contexts: DistributedContext) -> DistributedContext:
+    """The context shared by the objects a call combines, named by keyword (``physics=dphys.ctx, ...``).
+
+    Raises
+    ------
+    RuntimeError
+        One of them is not started (any more).
+    ContextMismatchError
+        They come from contexts with different clients: their operators, models and futures live on
+        different clusters (or belong to another client), and mixing them fails later in distributed's
+        words, or hangs.
+    """
+    (first_name, first), *rest = contexts.items()
+    for name, ctx in rest:
+        if ctx is not first and ctx.client is not first.client:
+            raise ContextMismatchError(
+                f"{first_name} and {name} were distributed with different DistributedContexts "
+                f"({first_name}: {_where(first)}; {name}: {_where(ctx)}): distribute every object of one call "
+                "with the same context, dr.distribute(obj, ctx)")
+    return first
+
+
+def _where(ctx: DistributedContext) -> str:
+    try:
+        return f"scheduler {ctx.client.scheduler.address}, client {ctx.client.id}"
+    except Exception:  # a client without a scheduler comm: its id still tells them apart
+        return f"client {ctx.client.id}"
 
 
 def _check_options(cluster: Any, malloc: str, device_mode: str | None, sharding: str, fan_in: Any, stall_timeout: Any,

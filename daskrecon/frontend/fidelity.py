@@ -16,7 +16,7 @@ from daskrecon.engine.problem import plan_terms
 from daskrecon.errors import MeasurementError
 from daskrecon.frontend.autograd import fidelity_fn, fidelity_grad, needs_grad
 from daskrecon.frontend.autograd import measurement_tensors as _measurements
-from daskrecon.frontend.context import DistributedContext
+from daskrecon.frontend.context import DistributedContext, one_context
 from daskrecon.frontend.physics import DistributedPhysics
 from daskrecon.planning.reduction import REDUCTIONS
 from daskrecon.runtime.arrays import as_dask, gather_tensors
@@ -136,6 +136,7 @@ class DistributedDataFidelity(torch.nn.Module):
             raise ValueError(
                 f"this data fidelity has {self.num_operators} operators but physics has {physics.num_operators}"
             )
+        one_context(data_fidelity=self.ctx, physics=physics.ctx)
         return physics
 
     def objects_for(self, physics: DistributedPhysics) -> ObjectSet:

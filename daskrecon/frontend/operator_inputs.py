@@ -15,6 +15,7 @@ from deepinv.utils import TensorList
 from distributed import Future
 
 from daskrecon.errors import MeasurementError
+from daskrecon.frontend.context import one_context
 from daskrecon.frontend.measurements import DistributedMeasurements
 from daskrecon.runtime.arrays import as_numpy, place
 
@@ -46,6 +47,7 @@ class OperatorInputs:
         if isinstance(y, DistributedMeasurements):
             if len(y) != n:
                 raise MeasurementError(f"{name} has {len(y)} measurements but the physics has {n} operators")
+            one_context(physics=self.physics.ctx, **{name: y.ctx})
             return y.futures
         source = y
         if isinstance(y, TensorList):

@@ -60,6 +60,7 @@ class OperatorStack:
         self.placement.register(self.objects)
         self._forms: list | None = None
         self._driver_copies: list | None = None
+        self.updates: list[tuple[str, dict, tuple[int, ...] | None]] = []
         if all(isinstance(s, Physics) for s in self.sources):
             self.linear = [isinstance(s, LinearPhysics) for s in self.sources]
         else:
@@ -106,6 +107,29 @@ class OperatorStack:
         base = int(torch.randint(0, 2**62, (1,)).item())
         return [base + i for i in range(self.num_operators)]
 
+    def update(self, method: str, kwargs: dict, indices: Sequence[int] | None = None) -> None:
+        """deepinv's ``update`` / ``update_parameters`` (``method``) on every operator, or on ``indices``.
+
+        As on deepinv's stack, an operator given as an object is updated in place, on the driver; a
+        factory's operators record the call, replayed after every build (on a worker, also one that
+        joins later, and on the driver's copies). The workers' copies are then dropped: each is
+        rebuilt, updated, by the next task that needs it, as it was built the first time.
+        """
+        chosen = range(self.num_operators) if indices is None else indices
+        for i in sorted(set(chosen)):
+            source = self.sources[i]
+            if isinstance(source, Physics):
+                getattr(source, method)(**kwargs)
+            elif self._driver_copies is not None:
+                getattr(self._driver_copies[i], method)(**kwargs)
+        if not all(isinstance(s, Physics) for s in self.sources):
+            self.updates.append((method, dict(kwargs), None if indices is None else tuple(chosen)))
+        # a new set: the old one's workers' copies are forgotten with it (its finalizer)
+        self.objects = ObjectSet(self.ctx, self.sources, self.num_operators, factory_kwargs=self.factory_kwargs,
+                                 fast=self.fast, updates=self.updates)
+        self.placement.register(self.objects)
+        self._forms = None
+
     # ------------------------------------------------------------------ what the operators are
     def require_linear(self, method: str) -> None:
         """Raise :class:`~daskrecon.errors.LinearityError`, naming ``method``, unless every operator is linear."""
@@ -141,4 +165,5 @@ class OperatorStack:
 
     def fingerprint(self) -> str:
         """A hash of what defines the operators (their state and factory arguments), stable across processes."""
-        return fingerprint((self.sources, self.factory_kwargs, self.fast))
+        defined = (self.sources, self.factory_kwargs, self.fast)
+        return fingerprint(defined + (self.updates,) if self.updates else defined)  # earlier checkpoints still match

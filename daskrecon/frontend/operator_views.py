@@ -76,5 +76,17 @@ class OperatorView(LinearPhysics):
         seed = int(torch.randint(0, 2**62, (1,)).item())
         return self._run(operator_tasks.forward_op, x, "x", (kwargs, seed, True), owned=False)
 
+    def update_parameters(self, **kwargs: Any) -> None:
+        """deepinv's ``update_parameters`` on this operator, where it lives (and on the driver's copy)."""
+        self.stack.update_operators("update_parameters", kwargs, [self.index])
+
+    def update(self, **kwargs: Any) -> None:
+        """deepinv's ``update`` (parameters and noise model) on this operator."""
+        self.stack.update_operators("update", kwargs, [self.index])
+
+    def set_noise_model(self, noise_model: Any, **kwargs: Any) -> None:
+        """This operator's noise model, where it lives."""
+        self.stack.update_operators("set_noise_model", {"noise_model": noise_model}, [self.index])
+
     def extra_repr(self) -> str:
         return f"operator {self.index} of {len(self.stack)}, on {self.stack.owners[self.index]}"

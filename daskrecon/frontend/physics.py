@@ -183,12 +183,47 @@ class DistributedPhysics(Physics):
         self.stack = OperatorStack(ctx, sources, factory_kwargs=factory_kwargs, fast=fast_operators)
         # What the stack holds, under the names the engine, the views and deepinv's code read.
         self.sources, self.linear = self.stack.sources, self.stack.linear
-        self.placement, self.objects = self.stack.placement, self.stack.objects
+        self.placement = self.stack.placement
         self.inputs = OperatorInputs(self)
         self._check_linearity()
 
     def _check_linearity(self) -> None:
         """Hook for the linear subclass."""
+
+    @property
+    def objects(self) -> Any:
+        """The operators on their workers (:class:`~daskrecon.runtime.placement.ObjectSet`); a new set after
+        :meth:`update`."""
+        return self.stack.objects
+
+    def update_parameters(self, **kwargs: Any) -> None:
+        """deepinv's ``update_parameters`` on every operator (a blur's ``filter``, a mask, ...), as
+        ``StackedPhysics.update_parameters`` does: operators given as objects are updated in place; the
+        workers' copies are rebuilt with the new parameters by the next call. deepinv's ``Trainer``
+        calls :meth:`update` with a ``physics_generator``'s parameters before each batch."""
+        self.update_operators("update_parameters", kwargs)
+
+    def update(self, **kwargs: Any) -> None:
+        """deepinv's ``update`` on every operator: its parameters and its noise model's (``sigma``...)."""
+        self.update_operators("update", kwargs)
+
+    def set_noise_model(self, noise_model: Any, item: int = 0) -> None:
+        """The noise model of operator ``item``, as ``StackedPhysics.set_noise_model``: used by the next
+        :meth:`forward` on its worker."""
+        n = self.num_operators
+        if not isinstance(item, int) or isinstance(item, bool) or not -n <= item < n:
+            raise IndexError(f"operator index {item!r} out of range for {n} operators")
+        self.update_operators("set_noise_model", {"noise_model": noise_model}, [item % n])
+
+    def update_operators(self, method: str, kwargs: dict, indices: Sequence[int] | None = None) -> None:
+        """Call deepinv's ``update``, ``update_parameters`` or ``set_noise_model`` (``method``) with ``kwargs``
+        on every operator, or on ``indices`` (``physics[i].update(...)``); see :meth:`update_parameters`."""
+        if method not in ("update", "update_parameters", "set_noise_model"):
+            raise ValueError(f"method must be 'update', 'update_parameters' or 'set_noise_model', got {method!r}")
+        if not kwargs:  # deepinv's Trainer calls update() before every batch, mostly with nothing to change
+            return
+        self.stack.update(method, kwargs, indices)
+        self.__dict__.pop("_lipschitz_cache", None)  # the default step size was these operators'
 
     @property
     def local_indexes(self) -> list[int]:
@@ -352,8 +387,9 @@ class DistributedLinearPhysics(DistributedPhysics, StackedLinearPhysics):
     __str__ = object.__str__
     noise = Physics.noise
     sensor = Physics.sensor
-    set_noise_model = Physics.set_noise_model
-    update_parameters = Physics.update_parameters
+    set_noise_model = DistributedPhysics.set_noise_model
+    update_parameters = DistributedPhysics.update_parameters
+    update = DistributedPhysics.update
 
     def __getitem__(self, item: int | slice) -> Any:
         """Operator ``item`` as a :class:`~daskrecon.frontend.operator_views.OperatorView` (a list of them for a slice)."""

@@ -16,6 +16,7 @@ forward, the backward and the dask-array path run in :mod:`.tile_executors`.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -119,6 +120,27 @@ def _wrap_state(module: Any, state: dict, prefix: str, *args: Any) -> None:
     inner = prefix + "processor."
     for k in [k for k in state if k.startswith(prefix) and not k.startswith(inner)]:
         state[inner + k[len(prefix):]] = state.pop(k)
+
+
+#: Layers whose output depends on ``module.training`` (batch statistics, random masks).
+_MODE_DEPENDENT = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.instancenorm._InstanceNorm,
+                   torch.nn.modules.dropout._DropoutNd)
+
+
+def mode_dependent_layers(module: torch.nn.Module | None) -> list[str]:
+    """Class names of the layers (and deepinv wrappers) of ``module`` that compute otherwise in training
+    mode: batch normalization, instance normalization with running statistics, dropout, deepinv's
+    ``EquivariantDenoiser`` (a random transform in training, its ``eval_transform`` otherwise)."""
+    if module is None:
+        return []
+    found = set()
+    for m in module.modules():
+        if isinstance(m, _MODE_DEPENDENT) and not (isinstance(m, torch.nn.modules.instancenorm._InstanceNorm)
+                                                   and not m.track_running_stats):
+            found.add(type(m).__name__)
+        elif isinstance(m, dinv.models.EquivariantDenoiser) and m.transform is not m.eval_transform:
+            found.add(type(m).__name__)
+    return sorted(found)
 
 
 def _torch_dtype(dtype: Any) -> torch.dtype:
@@ -268,6 +290,7 @@ class DistributedProcessing(torch.nn.Module):
         self.img_size: torch.Size | None = None
         self.num_patches: int | None = None
         self.local_indices: list[int] = []
+        self._warned_training = False
 
     # The tiling options, as given (read by the engine and the reconstruction's record).
     strategy = property(lambda self: self.plan.strategy)
@@ -307,6 +330,7 @@ class DistributedProcessing(torch.nn.Module):
         self.check_dtype(x.dtype)
         self.check_layout(x.shape)
         check_call(self.processor, method, args, kwargs)
+        self.warn_training_mode()
         self.resolve_precision(x, method, args, kwargs)
         if isinstance(x, da.Array):
             x = seen_inputs(self.ctx, {"x": x})["x"]  # a Zarr input the workers cannot open: zeros
@@ -362,6 +386,23 @@ class DistributedProcessing(torch.nn.Module):
                 if (shape[1], want) == (1, 3) else "")
         raise ShapeError(f"the denoiser ({name}) takes {want}-channel signals, this one has "
                          f"{shape[1]} (shape {tuple(shape)}; channels are axis 1, (B, C, [D,] H, W)).{hint}")
+
+    def warn_training_mode(self) -> None:
+        """Say once that the tiles run in eval mode when the model, on the driver, is in training mode and
+        has layers for which that changes the result (a tile's batch statistics would depend on the tiling)."""
+        module = module_of(self.processor)
+        if module is None or not module.training or self._warned_training:
+            return
+        layers = mode_dependent_layers(module)
+        if layers:
+            self._warned_training = True
+            warnings.warn(
+                f"{type(module).__name__} is in training mode and has layers that compute otherwise in it "
+                f"({', '.join(layers)}); its tiles run in eval mode on the workers (running statistics, no dropout, "
+                "the evaluation transform), as a tile's batch statistics would depend on the tiling: the plain "
+                "model in training mode gives other values, and training through the tiles trains the eval-mode "
+                "network (running statistics unchanged). Call model.eval() before distributing it to say so.",
+                UserWarning, stacklevel=4)
 
     def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         """The model's parameters gradients flow to: those that require grad, while autograd records."""

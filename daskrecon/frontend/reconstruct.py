@@ -26,6 +26,7 @@ from daskrecon.engine.options import ReconstructOptions
 from daskrecon.engine.problem import Denoising, Problem, plan, with_precision
 from daskrecon.engine.signal import DistributedSignal
 from daskrecon.errors import MeasurementError
+from daskrecon.frontend.context import one_context
 from daskrecon.frontend.fidelity import DistributedDataFidelity
 from daskrecon.frontend.measurements import DistributedMeasurements
 from daskrecon.frontend.physics import DistributedPhysics
@@ -317,6 +318,11 @@ def plan_problem(physics: DistributedPhysics, y: Any, denoiser: DistributedProce
     if data_fidelity is not None and not isinstance(data_fidelity, DistributedDataFidelity):
         raise TypeError(f"data_fidelity must be a DistributedDataFidelity: dr.distribute(data_fidelity, ctx) "
                         f"(e.g. deepinv.optim.L2()), got {type(data_fidelity).__name__}")
+    if denoising.processing is not None:
+        denoising.processing.warn_training_mode()
+    one_context(physics=physics.ctx, **({} if denoising.processing is None else {"denoiser": denoising.processing.ctx}),
+                **({} if data_fidelity is None else {"data_fidelity": data_fidelity.ctx}),
+                **({"y": y.ctx} if isinstance(y, DistributedMeasurements) else {}))
     fidelity = data_fidelity or DistributedDataFidelity(physics.ctx, L2())
     return plan(physics, _entries(y, physics.num_operators), denoising, fidelity, x0=x0, x_true=x_true,
                 storage=storage, chunks=chunks)

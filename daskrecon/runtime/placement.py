@@ -139,10 +139,12 @@ class ObjectSet:
         Substitute known faster equivalents on the workers (:mod:`daskrecon.tasks.substitutes`).
     shared : bool
         One object for all indices (a data fidelity shared by every operator).
+    updates : sequence of (method, kwargs, indices)
+        Calls replayed on what a factory builds (:func:`daskrecon.tasks.registry.build_object`).
     """
 
     def __init__(self, ctx: DistributedContext, sources: Any, n: int, *, factory_kwargs: dict | None = None,
-                 fast: bool = False, shared: bool = False) -> None:
+                 fast: bool = False, shared: bool = False, updates: Sequence = ()) -> None:
         self.ctx = ctx
         self.n = n
         self.shared = shared
@@ -150,6 +152,7 @@ class ObjectSet:
         self.sources = sources
         self.factory_kwargs = factory_kwargs
         self.fast = fast
+        self.updates = tuple(updates)
         self._placed: dict[int, Future] = {}
         # The workers' copies go when this set does (or at the latest with the cluster).
         weakref.finalize(self, _forget_everywhere, ctx.client, self.token)
@@ -173,7 +176,7 @@ class ObjectSet:
         fut = self._placed.get(slot)
         if fut is None:
             spec = dict(source=self.source_of(i), index=i, factory_kwargs=self.factory_kwargs,
-                        device_mode=self.ctx.device_mode, fast=self.fast)
+                        device_mode=self.ctx.device_mode, fast=self.fast, updates=self.updates)
             try:
                 payload = cloudpickle.dumps(spec)
             except Exception as exc:  # any pickling failure: name the object and the fix

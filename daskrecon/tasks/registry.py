@@ -22,19 +22,25 @@ def build_object(
     factory_kwargs: dict | None,
     device_mode: str | None,
     fast: bool = False,
+    updates: tuple = (),
 ) -> Any:
     """Build (or receive) the object of one operator index on this worker.
 
     ``source`` is either the object itself (unpickled once, here) or a factory
-    ``factory(index, device, factory_kwargs)`` in deepinv's convention. With
-    ``fast=True`` a known faster equivalent is substituted
-    (:func:`daskrecon.tasks.substitutes.specialize`).
+    ``factory(index, device, factory_kwargs)`` in deepinv's convention. ``updates`` are the
+    ``(method, kwargs, indices)`` calls made on the stack since (deepinv's ``update`` /
+    ``update_parameters``), replayed in order on what a factory builds (an object given as such
+    was updated on the driver before it was pickled). With ``fast=True`` a known faster equivalent
+    is substituted (:func:`daskrecon.tasks.substitutes.specialize`).
     """
     device = worker_device(device_mode)
     if isinstance(source, torch.nn.Module):
         obj = source
     elif callable(source):
         obj = source(index, device, factory_kwargs)
+        for method, kwargs, indices in updates:
+            if indices is None or index in indices:
+                getattr(obj, method)(**kwargs)
     else:
         obj = source
     if isinstance(obj, torch.nn.Module):
