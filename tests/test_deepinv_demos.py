@@ -52,13 +52,29 @@ def _run(demo: Path, tmp_path: Path, edit=lambda text: text) -> subprocess.Compl
                           timeout=280)
 
 
-@pytest.mark.parametrize("size", [512, 256])
-def test_deepinvs_physics_demo_passes_its_own_checks(deepinv_demos, tmp_path, size):
+SIZES = (512, 256)
+
+
+@pytest.fixture(scope="module")
+def physics_demo_runs(deepinv_demos, tmp_path_factory):
+    """The physics demo at each size, both started at once (each is a script with a cluster of its own,
+    which leaves the cores idle about half its time)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(size):
+        return _run(deepinv_demos / "demo_physics_distributed.py", tmp_path_factory.mktemp(f"physics-{size}"),
+                    lambda text: text.replace("img_size = 512\n", f"img_size = {size}\n"))
+
+    with ThreadPoolExecutor(max_workers=len(SIZES)) as pool:
+        yield {size: pool.submit(run, size) for size in SIZES}
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_deepinvs_physics_demo_passes_its_own_checks(physics_demo_runs, size):
     """``demo_physics_distributed.py``: A, A_adjoint and A_adjoint_A against the plain stack at 1e-6.
 
     512² is the demo's own setting; 256² changes that one line."""
-    out = _run(deepinv_demos / "demo_physics_distributed.py", tmp_path,
-               lambda text: text.replace("img_size = 512\n", f"img_size = {size}\n"))
+    out = physics_demo_runs[size].result()
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert out.stdout.count("Results match exactly!") == 3 and "Demo completed successfully" in out.stdout
     assert f"Image shape: torch.Size([1, 3, {size}, {size}])" in out.stdout

