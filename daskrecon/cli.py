@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from daskrecon.batch.run import interrupted_message, run_config
-from daskrecon.demo import DEMO_DENOISERS, run_demo
+from daskrecon.demo import DEMO_DENOISERS, MIN_SIZE, run_demo
 from daskrecon.errors import ClusterConnectionError, ConfigError, DaskreconError, OutputExistsError
 from daskrecon.frontend.context import DistributedContext
 from daskrecon.planning.precision import PRECISIONS
@@ -50,10 +50,10 @@ def _quiet_on_interrupt() -> Iterator[None]:
 
 @app.command()
 def demo(
-    size: int = typer.Option(512, help="Image side in pixels (512: the bundled image's own size)."),
-    iterations: Optional[int] = typer.Option(None, help="Iterations (default: 5 of ADMM with the DRUNet, 30 of RED "
+    size: int = typer.Option(512, min=MIN_SIZE, help="Image side in pixels (512: the bundled image's own size)."),
+    iterations: Optional[int] = typer.Option(None, min=1, help="Iterations (default: 5 of ADMM with the DRUNet, 30 of RED "
                                                            "with the DnCNN)."),
-    workers: Optional[int] = typer.Option(None, help="Local workers (default: sized to the machine)."),
+    workers: Optional[int] = typer.Option(None, min=1, help="Local workers (default: sized to the machine)."),
     output: str = typer.Option("daskrecon-demo", help="Output directory."),
     denoiser: str = typer.Option("drunet", help="Bundled denoiser: drunet (the demo's) or dncnn (smaller, exact tiling)."),
     equivariant: bool = typer.Option(True, help="DRUNet: average it over the 8 flips and 90° rotations (8x the "

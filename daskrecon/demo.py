@@ -73,6 +73,10 @@ def demo_volume(shape: tuple[int, int, int] = (64, 64, 64), chunks: int | tuple[
                          name=f"demo-volume-{seed}-{'x'.join(map(str, shape))}-{'x'.join(map(str, chunks[2:]))}")
 
 
+#: The smallest ``size`` the demo's blurs run on (half the widest kernel, 23 pixels).
+MIN_SIZE = 11
+
+
 def demo_problem(size: int = 256, noise: float = 0.05, seed: int = 0):
     """scikit-image's astronaut at ``size``², three circular blurs with Gaussian noise.
 
@@ -81,9 +85,13 @@ def demo_problem(size: int = 256, noise: float = 0.05, seed: int = 0):
     """
     import deepinv as dinv
     from deepinv.physics.functional.blur import gaussian_blur
-    x_true = demo_image(size)
     kernels = [gaussian_blur(sigma=(1.0, 1.0)), gaussian_blur(sigma=(2.0, 2.0)),
                gaussian_blur(sigma=(1.5, 3.0), angle=30)]
+    smallest = max(max(k.shape[-2:]) for k in kernels) // 2  # a circular blur wraps around once at most
+    if not isinstance(size, int) or size < smallest:
+        raise ValueError(f"size must be at least {smallest} pixels (the demo's widest blur is "
+                         f"{2 * smallest + 1} pixels wide), got {size!r}")
+    x_true = demo_image(size)
     ops = []
     for i, k in enumerate(kernels):
         op = dinv.physics.Blur(filter=k, padding="circular")

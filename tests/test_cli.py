@@ -61,6 +61,22 @@ def test_demo_refuses_an_unknown_denoiser(tmp_path):
     assert not (tmp_path / "d").exists()
 
 
+def test_demo_refuses_sizes_and_counts_it_cannot_run_before_any_work(tmp_path):
+    """``--size 7`` failed inside torch ("Padding value causes wrapping around more than once") after the
+    cluster started, ``--size 0`` with an OverflowError, ``--iterations 0`` with a traceback."""
+    from daskrecon.demo import MIN_SIZE, demo_problem
+
+    for args, option in ((["--size", str(MIN_SIZE - 1)], "--size"), (["--size", "0"], "--size"),
+                         (["--iterations", "0"], "--iterations"), (["--workers", "0"], "--workers")):
+        result = CliRunner().invoke(app, ["demo", *args, "--output", str(tmp_path / "d")])
+        assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output, (args, result.output)
+    assert not (tmp_path / "d").exists()
+    x, ops, y = demo_problem(MIN_SIZE)  # the smallest it accepts runs its blurs
+    assert x.shape[-2:] == (MIN_SIZE, MIN_SIZE) and all(t.shape == x.shape for t in y)
+    with pytest.raises(ValueError, match=f"size must be at least {MIN_SIZE} pixels"):
+        demo_problem(MIN_SIZE - 1)
+
+
 def test_python_m_daskrecon_is_the_command():
     import subprocess
     import sys
@@ -77,7 +93,7 @@ def test_every_option_s_help_is_shown_whole(command):
     import typer
 
     click_command = typer.main.get_command(app).commands[command]
-    shown = CliRunner().invoke(app, [command, "--help"], terminal_width=100).output
+    shown = CliRunner().invoke(app, [command, "--help"], terminal_width=400, env={"COLUMNS": "400"}).output
     flat = re.sub(r"\s+", " ", re.sub(r"[│╭╮╰╯─]", " ", shown))
     helps = [p.help for p in click_command.params if getattr(p, "help", None)]
     assert helps
