@@ -128,3 +128,35 @@ def test_errors_name_the_argument(ctx):
         f.grad(x, y, dinv.physics.stack(*ops))
     with pytest.raises(ValueError, match="reduction must be one of"):
         dr.distribute(L2(), ctx, reduction="max")
+
+
+
+def test_l1_prox_on_a_stack_is_the_minimizer(ctx):
+    """deepinv's ``L1.prox`` starts its dual variable from ``x`` (one square operator); on a stack that failed
+    with "y is a single tensor but the physics has 2 operators". Its dual forward-backward, started in the
+    measurement space, gives the minimizer of ``γ Σ‖A_i u − y_i‖₁ + ½‖u − x‖²``."""
+    ops = blurs(2, channels=1)
+    x_true = torch.rand(1, 1, 16, 16)
+    y = noisy_measurements(ops, x_true, sigma=0.05)
+    z, gamma = x_true + 0.1, 0.5
+    stack = dinv.physics.stack(*ops)
+    step = 1.0 / sum(float(a.compute_sqnorm(z, tol=1e-6)) for a in ops)
+
+    def objective(u):
+        return float(gamma * sum((a.A(u) - t).abs().sum() for a, t in zip(ops, y)) + 0.5 * ((u - z) ** 2).sum())
+
+    def plain(n):  # the same iteration, on deepinv's stack, in this process
+        u = [torch.zeros_like(t) for t in y]
+        for _ in range(n):
+            at = stack.A(z - stack.A_adjoint(dinv.utils.TensorList(u)))
+            u_ = [a + step * b for a, b in zip(u, at)]
+            u = [a - step * L1().d.prox(a / step, t, gamma=gamma / step) for a, t in zip(u_, y)]
+        return z - stack.A_adjoint(dinv.utils.TensorList(u))
+
+    converged = plain(3000)
+    g = torch.Generator().manual_seed(1)
+    assert all(objective(converged + 1e-3 * torch.randn(z.shape, generator=g)) > objective(converged) for _ in range(10))
+    ours = dr.distribute(L1(), ctx).prox(z, y, dr.distribute(ops, ctx), gamma=gamma, stepsize=step, max_iter=60,
+                                         crit_conv=0.0)
+    assert_allclose(ours, plain(60), atol=1e-5)
+    assert objective(ours) - objective(converged) < 0.05 * (objective(z) - objective(converged))

@@ -8,7 +8,8 @@ from typing import Any
 import dask.array as da
 import numpy as np
 import torch
-from deepinv.optim.data_fidelity import DataFidelity, StackedPhysicsDataFidelity
+from deepinv.optim.data_fidelity import L1, DataFidelity, StackedPhysicsDataFidelity
+from deepinv.utils import TensorList
 from distributed import Future
 
 from daskrecon.engine import iteration as graph
@@ -270,7 +271,35 @@ class DistributedDataFidelity(torch.nn.Module):
         physics.require_linear("prox")
         if self.reduction == "mean":
             gamma = gamma / physics.num_operators
+        if type(shared).prox is L1.prox:
+            return _l1_prox(shared, x, y, physics, gamma=gamma, **kwargs)
         return shared.prox(x, y, physics, *args, gamma=gamma, **kwargs)
 
     def __repr__(self) -> str:
         return f"DistributedDataFidelity(num_operators={self.num_operators}, reduction={self.reduction!r})"
+
+
+def _l1_prox(fidelity: L1, x: torch.Tensor, y: Any, physics: DistributedPhysics, *, gamma: float,
+             stepsize: float | None = None, crit_conv: float = 1e-5, max_iter: int = 100) -> torch.Tensor:
+    """``argmin_u γ Σ_i ‖A_i u − y_i‖₁ + ½‖u − x‖²`` by deepinv's dual forward-backward, on the stack.
+
+    deepinv's ``L1.prox`` starts its dual variable from ``x``, which lives in the measurement space only for
+    one square operator (on a stack it fails: ``A_adjoint`` of an image); here it starts from zero
+    measurements, one per operator, and each proximal step of the ℓ1 distance is taken entry by entry.
+    Each iteration is one ``A_adjoint`` and one ``A`` on the workers.
+    """
+    ys = [y[i] for i in range(len(y))] if isinstance(y, (TensorList, list, tuple)) else [y]
+    step = 1.0 / float(physics.compute_sqnorm(x)) if stepsize is None else stepsize
+    u = [torch.zeros_like(t) for t in ys]
+    t = x
+    for it in range(max_iter):
+        t = x - physics.A_adjoint(TensorList(u))
+        at = physics.A(t)
+        u_ = [ui + step * at[i] for i, ui in enumerate(u)]
+        new = [ui - step * fidelity.d.prox(ui / step, yi, gamma=gamma / step) for ui, yi in zip(u_, ys)]
+        change = sum(float((a - b).pow(2).sum()) for a, b in zip(new, u)) ** 0.5
+        size = sum(float(a.pow(2).sum()) for a in new) ** 0.5
+        u = new
+        if change / (size + 1e-12) < crit_conv and it > 2:
+            break
+    return x - physics.A_adjoint(TensorList(u))
