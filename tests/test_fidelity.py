@@ -160,3 +160,19 @@ def test_l1_prox_on_a_stack_is_the_minimizer(ctx):
                                          crit_conv=0.0)
     assert_allclose(ours, plain(60), atol=1e-5)
     assert objective(ours) - objective(converged) < 0.05 * (objective(z) - objective(converged))
+
+
+def test_a_prox_without_closed_form_is_deepinvs_gradient_descent_on_the_stack(ctx):
+    """``PoissonLikelihood`` has no prox of its own: on the distributed stack its prox failed ("unsupported
+    operand type(s) for -: 'int' and 'TensorList'"); it is now what deepinv's StackedPhysicsDataFidelity
+    computes on the plain stack (deepinv's gradient descent, with the distributed gradient)."""
+    from deepinv.optim import PoissonLikelihood
+
+    ops = blurs(2, channels=1)
+    x_true = 0.2 + torch.rand(1, 1, 16, 16)
+    y = dinv.utils.TensorList([1.2 * a.A(x_true) for a in ops])  # positive, and not A(z): a real residual
+    z = x_true + 0.1
+    want = StackedPhysicsDataFidelity([PoissonLikelihood()] * 2).prox(z, y, dinv.physics.stack(*ops), gamma=0.3)
+    got = dr.distribute(PoissonLikelihood(), ctx).prox(z, y, dr.distribute(ops, ctx), gamma=0.3)
+    assert float((want - z).abs().max()) > 1e-2
+    assert_allclose(got, want, atol=1e-5)

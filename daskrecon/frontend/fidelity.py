@@ -9,6 +9,7 @@ import dask.array as da
 import numpy as np
 import torch
 from deepinv.optim.data_fidelity import L1, DataFidelity, StackedPhysicsDataFidelity
+from deepinv.optim.potential import Potential
 from deepinv.utils import TensorList
 from distributed import Future
 
@@ -273,6 +274,13 @@ class DistributedDataFidelity(torch.nn.Module):
             gamma = gamma / physics.num_operators
         if type(shared).prox is L1.prox:
             return _l1_prox(shared, x, y, physics, gamma=gamma, **kwargs)
+        if type(shared).prox in (DataFidelity.prox, Potential.prox):
+            # no closed form (PoissonLikelihood...): deepinv's gradient descent on γ f(u) + ½‖u − x‖², as its
+            # StackedPhysicsDataFidelity runs it, with this stack's gradient (the shared fidelity's own grad
+            # would apply its distance to the list of measurements at once, and fail)
+            mean = self.reduction == "mean"
+            return Potential.prox(self, x, y, physics, *args, gamma=gamma * physics.num_operators if mean else gamma,
+                                  **kwargs)
         return shared.prox(x, y, physics, *args, gamma=gamma, **kwargs)
 
     def __repr__(self) -> str:
