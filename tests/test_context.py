@@ -173,3 +173,23 @@ def test_collectives_of_the_only_rank(ctx):
         ctx.not_a_collective
     with pytest.raises(ValueError, match="op must be"):
         ctx.all_reduce(t, op="median")
+
+
+def test_a_memory_limit_no_worker_can_start_in_is_refused_before_any_process_starts():
+    """``memory_limit="250MB"``: each worker passed 95 % of it while loading torch and was restarted, over and
+    over; the first call then failed with "n_workers must be >= 1, got 0; the cluster has no workers"."""
+    import time
+
+    import psutil
+
+    from daskrecon.runtime.cluster import MIN_WORKER_MEMORY
+
+    before = set(psutil.Process().children(recursive=True))
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match=r"each of the 2 workers 238 MiB, less than the 1024 MiB a worker needs"):
+        dr.DistributedContext(n_workers=2, memory_limit="250MB", dashboard_address="127.0.0.1:0").start()
+    assert time.monotonic() - t0 < 5 and set(psutil.Process().children(recursive=True)) == before
+    # the floor itself holds: an idle worker (torch and deepinv loaded) sits under Dask's 80 % pause line
+    with dr.DistributedContext(n_workers=1, memory_limit=MIN_WORKER_MEMORY, dashboard_address="127.0.0.1:0") as ctx:
+        rss = list(ctx.client.run(lambda: psutil.Process().memory_info().rss).values())[0]
+        assert rss < 0.8 * MIN_WORKER_MEMORY, rss

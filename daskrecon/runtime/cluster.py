@@ -36,7 +36,11 @@ from daskrecon.runtime.defaults import default
 from daskrecon.runtime.waiting import bounded
 from daskrecon.tasks import arrays as array_tasks
 
-__all__ = ["MALLOC_MODES", "ScriptSafeWorker", "TorchThreads", "configure_workers", "local_cluster", "local_sizes", "scheduler_workers", "spawned_by_multiprocessing", "start_local_cluster"]
+__all__ = ["MALLOC_MODES", "MIN_WORKER_MEMORY", "ScriptSafeWorker", "TorchThreads", "configure_workers", "local_cluster", "local_sizes", "scheduler_workers", "spawned_by_multiprocessing", "start_local_cluster"]
+
+#: The least memory a local worker is given: an idle worker holds ~590 MiB here (torch, deepinv and
+#: daskrecon loaded; measured), and Dask pauses a worker at 80 % of its limit (740 MiB for that much).
+MIN_WORKER_MEMORY = 2**30
 
 # LocalCluster keywords that configure the scheduler; every other keyword goes to the workers.
 _SCHEDULER_KEYS = ("host", "scheduler_port", "protocol", "scheduler_kwargs", "blocked_handlers", "service_kwargs")
@@ -160,6 +164,13 @@ def local_cluster(
             scheduler_opts[key] = kwargs.pop(key)
     silence = kwargs.pop("silence_logs", logging.WARN)
     limit = parse_memory_limit(memory_limit, 1, n_workers, logger=_logger) if memory_limit is not None else None
+    if limit is not None and limit < MIN_WORKER_MEMORY:
+        raise ValueError(
+            f"memory_limit gives each of the {n_workers} workers {limit / 2**20:.0f} MiB, less than the "
+            f"{MIN_WORKER_MEMORY // 2**20} MiB a worker needs: a worker process holds ~600 MiB once torch and "
+            "deepinv are loaded, Dask pauses it at 80 % of its limit and restarts it at 95 %, so it would restart "
+            f"or pause for good before any task (memory_limit={memory_limit!r}); give more memory per worker, "
+            "or fewer workers")
     worker_opts = {"nthreads": threads_per_worker, "host": host, "silence_logs": silence, **kwargs}
     if limit is not None:
         worker_opts["memory_limit"] = limit
