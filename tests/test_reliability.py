@@ -157,3 +157,33 @@ def test_single_worker_killed_mid_call():
         killer.join()
         assert ctx.workers() != before
         assert torch.equal(g, expected)
+
+
+def test_everything_distributed_works_again_after_the_workers_restart(nanny_ctx):
+    """``client.restart()`` (a notebook freeing memory, the dashboard's restart) cancels every future of the
+    client: the physics, the fidelity and reconstruct then failed with "cancelled for reason: lost
+    dependencies" for the rest of the session. What they placed is placed again; measurements the user placed
+    are named as gone."""
+    from daskrecon.errors import MeasurementError
+    from helpers import blurs
+
+    ctx = nanny_ctx
+    ops = blurs(2, channels=1)
+    x = torch.rand(1, 1, 32, 32)
+    y = noisy_measurements(ops, x)
+    dphys, dfid = dr.distribute(ops, ctx), dr.distribute(L2(), ctx)
+    dden = dr.distribute(small_dncnn(1, depth=3), ctx, patch_size=16, overlap=4)
+    with torch.no_grad():
+        next(dden.parameters()).add_(0.01)  # weights changed since shipping: they travel as a placed state
+    placed = dr.DistributedMeasurements(ctx, list(y))
+
+    def results():
+        return [dphys.A(x)[1], dphys.A_adjoint(y), dfid.grad(x, y, dphys), dden(x, 0.05),
+                dr.reconstruct(dphys, y, dden, n_iter=2, step_size=0.5, progress=False)]
+
+    before = results()
+    ctx.client.restart()
+    for a, b in zip(results(), before):
+        assert torch.equal(a, b)
+    with pytest.raises(MeasurementError, match=r"measurements \[0, 1\] are no longer on the cluster"):
+        dphys.A_adjoint(placed)

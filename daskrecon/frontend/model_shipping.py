@@ -21,7 +21,7 @@ from distributed import Future
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from daskrecon.planning.fingerprint import fingerprint
-from daskrecon.runtime.arrays import place
+from daskrecon.runtime.arrays import place, usable
 from daskrecon.runtime.waiting import bounded
 from daskrecon.tasks import denoising as denoising_tasks
 
@@ -119,7 +119,7 @@ class ModelShipment:
         versions = _param_versions(self.module)
         if versions == self._sent_versions:
             return None
-        if self._state_cache is None or self._state_cache[0] != versions:
+        if self._state_cache is None or self._state_cache[0] != versions or not usable(self._state_cache[1]):
             state = {"version": uuid.uuid4().hex,
                      "params": {n: p.detach().cpu().numpy().copy() for n, p in self.module.named_parameters()}}
             self._state_cache = (versions, place(self.ctx.client, state))

@@ -17,7 +17,7 @@ from distributed import Future
 from daskrecon.errors import MeasurementError
 from daskrecon.frontend.context import one_context
 from daskrecon.frontend.measurements import DistributedMeasurements
-from daskrecon.runtime.arrays import as_numpy, place
+from daskrecon.runtime.arrays import as_numpy, place, usable
 
 __all__ = ["OperatorInputs"]
 
@@ -48,6 +48,11 @@ class OperatorInputs:
             if len(y) != n:
                 raise MeasurementError(f"{name} has {len(y)} measurements but the physics has {n} operators")
             one_context(physics=self.physics.ctx, **{name: y.ctx})
+            lost = [i for i, f in enumerate(y.futures) if not usable(f)]
+            if lost:
+                raise MeasurementError(
+                    f"{name}: measurements {lost} are no longer on the cluster (client.restart() cancels every "
+                    "future, and data placed without lineage goes with its worker); place them again")
             return y.futures
         source = y
         if isinstance(y, TensorList):
@@ -70,7 +75,8 @@ class OperatorInputs:
         if all(isinstance(t, Future) for t in y):
             return list(y)
         key = tuple((id(t), getattr(t, "_version", 0)) for t in y)
-        if self._y_cache is not None and self._y_cache[0] is source and self._y_cache[1] == key:
+        if (self._y_cache is not None and self._y_cache[0] is source and self._y_cache[1] == key
+                and all(usable(f) for f in self._y_cache[2].futures)):  # a restart cancels them: place again
             return self._y_cache[2].futures
         placed = DistributedMeasurements(self.physics.ctx, y, owners=self.physics.owners)
         self._y_cache = (source, key, placed)

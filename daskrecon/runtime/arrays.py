@@ -15,7 +15,7 @@ from distributed import Client, Future
 from daskrecon.runtime.waiting import gather
 from daskrecon.tasks import arrays as array_tasks
 
-__all__ = ["as_numpy", "convert_hint", "gather_arrays", "gather_tensors", "persist_fresh", "place", "place_on_owners"]
+__all__ = ["as_numpy", "convert_hint", "gather_arrays", "gather_tensors", "persist_fresh", "place", "place_on_owners", "usable"]
 
 
 def convert_hint(v: Any) -> str:
@@ -48,6 +48,12 @@ def place(client: Client, array: Any, worker: str | None = None) -> Future:
         # with dask instead does not apply, and would be printed on every large image
         warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
         return client.submit(array_tasks.place_array, array, pure=False, **restrict)
+
+
+def usable(future: Future | None) -> bool:
+    """Whether a future placed earlier still holds its value: not cancelled (``client.restart()``, the
+    dashboard's restart, cancels every future of the client), lost or failed."""
+    return future is not None and future.status not in ("cancelled", "lost", "error")
 
 
 def persist_fresh(client: Client, arr: da.Array, kind: str) -> da.Array:

@@ -25,7 +25,7 @@ from distributed import Client, Future
 
 from daskrecon.errors import SerializationError
 from daskrecon.planning.sharding import reassign_owners
-from daskrecon.runtime.arrays import place
+from daskrecon.runtime.arrays import place, usable
 from daskrecon.runtime.graphs import tree_reduce
 from daskrecon.runtime.scheduler_plugin import PLACED
 from daskrecon.tasks import registry
@@ -174,7 +174,7 @@ class ObjectSet:
         """What a task needs to obtain object ``i``: its key and the future of its source."""
         slot = self.slot(i)
         fut = self._placed.get(slot)
-        if fut is None:
+        if not usable(fut):  # first use, or cancelled by a restart of the workers: place the source again
             spec = dict(source=self.source_of(i), index=i, factory_kwargs=self.factory_kwargs,
                         device_mode=self.ctx.device_mode, fast=self.fast, updates=self.updates)
             try:
