@@ -193,3 +193,23 @@ def test_a_memory_limit_no_worker_can_start_in_is_refused_before_any_process_sta
     with dr.DistributedContext(n_workers=1, memory_limit=MIN_WORKER_MEMORY, dashboard_address="127.0.0.1:0") as ctx:
         rss = list(ctx.client.run(lambda: psutil.Process().memory_info().rss).values())[0]
         assert rss < 0.8 * MIN_WORKER_MEMORY, rss
+
+
+def test_objects_keep_working_when_their_context_is_closed_and_started_again():
+    """``ctx.close(); ctx.start()`` (a notebook restarting its cluster): the denoiser's model had been sent to
+    the old cluster only, and every call failed with "model ... has not reached this worker"."""
+    from helpers import blurs, noisy_measurements, small_dncnn
+
+    ops = blurs(2, channels=1)
+    x = torch.rand(1, 1, 32, 32)
+    y = noisy_measurements(ops, x)
+    ctx = dr.DistributedContext(n_workers=1, dashboard_address="127.0.0.1:0").start()
+    try:
+        dphys = dr.distribute(ops, ctx)
+        dden = dr.distribute(small_dncnn(1, depth=3), ctx, patch_size=16, overlap=4)
+        before = dr.reconstruct(dphys, y, dden, n_iter=2, step_size=0.5, progress=False)
+        ctx.close()
+        ctx.start()
+        assert torch.equal(dr.reconstruct(dphys, y, dden, n_iter=2, step_size=0.5, progress=False), before)
+    finally:
+        ctx.close()

@@ -99,9 +99,23 @@ class ModelShipment:
         # one task per worker changes the torch threads a tile runs with (and so, on CPUs, its last
         # bits): part of the identity a checkpoint checks; absent when off, as before the option
         self.fingerprint = fingerprint((processor, channels_last, *(["one task per worker"] * one_task_per_worker)))
-        bounded(ctx.client, ctx.client._register_worker_plugin, plugin=_ModelPlugin(self.key, payload),
+        self._pickled = payload
+        self._registered_on = None
+        ctx.client  # noqa: B018  (raises outside the context's with block, as before any shipping)
+        self.ensure_on_cluster()
+
+    def ensure_on_cluster(self) -> None:
+        """Register the model's plugin with the context's client, once per client: a context closed and
+        started again (``ctx.close(); ctx.start()``) has a new cluster, whose workers never got it."""
+        if not self.ctx.started:  # nothing to send to; a lazy array carries the payload in its graph anyway
+            return
+        client = self.ctx.client
+        if client is self._registered_on:
+            return
+        bounded(client, client._register_worker_plugin, plugin=_ModelPlugin(self.key, self._pickled),
                 name=self.plugin_name, idempotent=False, what="sending the model to the workers",
-                timeout=ctx.setup_timeout)
+                timeout=self.ctx.setup_timeout)
+        self._registered_on = client
         self._sent_versions = _param_versions(self.module)
         self._state_cache: tuple[tuple, Any] | None = None
 

@@ -310,6 +310,7 @@ class DistributedProcessing(torch.nn.Module):
     @property
     def key(self) -> str:
         """What tasks name the model by on the workers."""
+        self.shipment.ensure_on_cluster()
         return self.shipment.key
 
     # ------------------------------------------------------------------ public
