@@ -361,8 +361,12 @@ class DistributedProcessing(torch.nn.Module):
         if not t.is_floating_point:
             raise TypeError(f"the denoiser takes floating-point images, got {t}; convert with x.float()")
         if weights is not None and t != weights:
-            raise TypeError(f"{name} is {t} but the denoiser's weights are {weights}; convert {name} "
-                            f"({name}.to({weights})) or the model (model.to({t})) before distributing it")
+            if isinstance(dtype, torch.dtype):
+                given, convert = str(t), f"{name}.to({weights})"
+            else:  # a dask (numpy) array: a Zarr of float64, say
+                given, convert = f"{np.dtype(dtype).name} (a dask array)", f"{name}.astype('{str(weights)[6:]}')"
+            raise TypeError(f"{name} is {given} but the denoiser's weights are {weights}; convert {name} "
+                            f"({convert}) or the model (model.to({t})) before distributing it")
 
     def check_layout(self, shape: Sequence[int]) -> None:
         """Refuse a signal whose channels or spatial dimensions the network does not take (where
