@@ -334,6 +334,10 @@ def test_dtype_policy(ctx):
     dden = dr.distribute(small_dncnn(1), ctx, patch_size=16, overlap=6)
     with pytest.raises(TypeError, match="x is torch.float64 but the denoiser's weights are torch.float32"):
         dden(torch.zeros(1, 1, 20, 20, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"x is torch.uint16: convert it, e.g. x.astype\('float32'\) / 65535"):
+        dden(da.zeros((1, 1, 20, 20), dtype="u2"))  # a microscope's 16-bit image, from Zarr
+    with pytest.raises(TypeError, match=r"x is torch.uint8: convert it, e.g. x.float\(\) / 255"):
+        dden(torch.zeros(1, 1, 20, 20, dtype=torch.uint8))
     with pytest.raises(TypeError, match="real images"):
         dden(torch.zeros(1, 1, 20, 20, dtype=torch.complex64))
     with pytest.raises(TypeError, match=r"x is float64 \(a dask array\) .* convert x \(x.astype\('float32'\)\)"):

@@ -359,7 +359,11 @@ class DistributedProcessing(torch.nn.Module):
             raise TypeError(f"the denoiser takes real images, got {t}; pass x.real, x.abs() or a 2-channel "
                             "real view (torch.view_as_real) as the network expects")
         if not t.is_floating_point:
-            raise TypeError(f"the denoiser takes floating-point images, got {t}; convert with x.float()")
+            peak = torch.iinfo(t).max if t != torch.bool else 1
+            convert = f"{name}.float() / {peak}" if isinstance(dtype, torch.dtype) else f"{name}.astype('float32') / {peak}"
+            raise TypeError(f"the denoiser takes floating-point images, scaled as it was trained (deepinv's "
+                            f"denoisers: [0, 1]); {name} is {t}: convert it, e.g. {convert} (or divide by the "
+                            "image's own maximum)")
         if weights is not None and t != weights:
             if isinstance(dtype, torch.dtype):
                 given, convert = str(t), f"{name}.to({weights})"
