@@ -87,10 +87,10 @@ def demo_problem(size: int = 256, noise: float = 0.05, seed: int = 0):
     from deepinv.physics.functional.blur import gaussian_blur
     kernels = [gaussian_blur(sigma=(1.0, 1.0)), gaussian_blur(sigma=(2.0, 2.0)),
                gaussian_blur(sigma=(1.5, 3.0), angle=30)]
-    smallest = max(max(k.shape[-2:]) for k in kernels) // 2  # a circular blur wraps around once at most
-    if not isinstance(size, int) or size < smallest:
-        raise ValueError(f"size must be at least {smallest} pixels (the demo's widest blur is "
-                         f"{2 * smallest + 1} pixels wide), got {size!r}")
+    widest = max(max(k.shape[-2:]) for k in kernels)  # a circular blur wraps around once at most
+    if not isinstance(size, int) or size < widest // 2:
+        raise ValueError(f"size must be at least {widest // 2} pixels (the demo's widest blur is {widest} "
+                         f"pixels wide), got {size!r}")
     x_true = demo_image(size)
     ops = []
     for i, k in enumerate(kernels):

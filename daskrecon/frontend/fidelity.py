@@ -298,11 +298,9 @@ def _l1_prox(fidelity: L1, x: torch.Tensor, y: Any, physics: DistributedPhysics,
     """
     ys = [y[i] for i in range(len(y))] if isinstance(y, (TensorList, list, tuple)) else [y]
     step = 1.0 / float(physics.compute_sqnorm(x)) if stepsize is None else stepsize
-    u = [torch.zeros_like(t) for t in ys]
-    t = x
+    u = [torch.zeros_like(v) for v in ys]
     for it in range(max_iter):
-        t = x - physics.A_adjoint(TensorList(u))
-        at = physics.A(t)
+        at = physics.A(x - physics.A_adjoint(TensorList(u)))
         u_ = [ui + step * at[i] for i, ui in enumerate(u)]
         new = [ui - step * fidelity.d.prox(ui / step, yi, gamma=gamma / step) for ui, yi in zip(u_, ys)]
         change = sum(float((a - b).pow(2).sum()) for a, b in zip(new, u)) ** 0.5
