@@ -213,3 +213,21 @@ def test_objects_keep_working_when_their_context_is_closed_and_started_again():
         assert torch.equal(dr.reconstruct(dphys, y, dden, n_iter=2, step_size=0.5, progress=False), before)
     finally:
         ctx.close()
+
+
+def test_a_cluster_given_with_workers_too_small_for_torch_is_warned_about():
+    """A cluster the user started (``dask worker --memory-limit 600MB``) is theirs to size: said, not refused."""
+    import warnings
+
+    from distributed import LocalCluster
+
+    for limit, warned in (("600MB", True), ("2GiB", False)):
+        with LocalCluster(n_workers=1, processes=False, memory_limit=limit, dashboard_address="127.0.0.1:0") as cluster:
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                with dr.DistributedContext(cluster):
+                    pass
+            said = [w for w in seen if "memory limit under 1024 MiB" in str(w.message)]
+            assert bool(said) == warned, [str(w.message) for w in seen]
+            if warned:
+                assert "572 MiB" in str(said[0].message) and "--memory-limit" in str(said[0].message)

@@ -12,7 +12,7 @@ from distributed.deploy import Cluster
 from daskrecon.errors import ContextMismatchError, DeviceError
 from daskrecon.frontend.collectives import SingleRank
 from daskrecon.planning.sharding import SHARDINGS, assign_owners
-from daskrecon.runtime.cluster import MALLOC_MODES, configure_workers
+from daskrecon.runtime.cluster import MALLOC_MODES, MIN_WORKER_MEMORY, configure_workers, scheduler_workers
 from daskrecon.runtime.connection import Connection, connect
 from daskrecon.runtime.defaults import pick
 from daskrecon.runtime.roster import WorkerRoster
@@ -197,6 +197,8 @@ class DistributedContext(SingleRank):
         except Exception:
             self.close()
             raise
+        if self._cluster_arg is not None:  # a local cluster's limit was checked before it started
+            _warn_small_workers(self._conn.client, self.setup_timeout)
         if self.seed is not None:
             torch.manual_seed(self.seed)
         if self.deterministic:
@@ -306,6 +308,19 @@ def one_context(**contexts: DistributedContext) -> DistributedContext:
                 f"({first_name}: {_where(first)}; {name}: {_where(ctx)}): distribute every object of one call "
                 "with the same context, dr.distribute(obj, ctx)")
     return first
+
+
+def _warn_small_workers(client: Client, timeout: float) -> None:
+    """Warn when workers of a cluster we were given have a memory limit no worker runs daskrecon's tasks in."""
+    small = {w: info.get("memory_limit") for w, info in scheduler_workers(client, timeout).items()
+             if 0 < (info.get("memory_limit") or 0) < MIN_WORKER_MEMORY}
+    if small:
+        warnings.warn(
+            f"{len(small)} worker(s) have a memory limit under {MIN_WORKER_MEMORY // 2**20} MiB "
+            f"({', '.join(f'{w}: {m / 2**20:.0f} MiB' for w, m in sorted(small.items())[:4])}): a worker process "
+            "holds ~600 MiB once torch and deepinv are loaded, and Dask pauses it at 80 % of its limit and "
+            "restarts it at 95 %; start them with more (dask worker --memory-limit 2GiB, or the cluster class's "
+            "memory option)", UserWarning, stacklevel=3)
 
 
 def _where(ctx: DistributedContext) -> str:
