@@ -338,7 +338,8 @@ def lipschitz(problem: Problem, workspace: Workspace, *, max_iter: int = 100, to
     physics = problem.physics
     cache = physics.__dict__.setdefault("_lipschitz_cache", {})
     fids = fingerprint([problem.fidelity.source(i) for i in range(problem.num_operators)])
-    key = (problem.shape, problem.chunks, str(problem.dtype), fids, problem.scale, max_iter, tol, seed)
+    key = (problem.shape, problem.chunks, str(problem.dtype), fids, problem.scale, max_iter, tol, seed,
+           getattr(physics, "operators_version", 0))  # an update of the operators changes L
     if key in cache:
         return cache[key]
     tag = graphs.token("power")

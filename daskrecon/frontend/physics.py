@@ -184,6 +184,9 @@ class DistributedPhysics(Physics):
         # What the stack holds, under the names the engine, the views and deepinv's code read.
         self.sources, self.linear = self.stack.sources, self.stack.linear
         self.placement = self.stack.placement
+        #: Counts the updates of the operators (:meth:`update_operators`): caches of what is derived from
+        #: them (the engine's default step size) key on it.
+        self.operators_version = 0
         self.inputs = OperatorInputs(self)
         self._check_linearity()
 
@@ -223,7 +226,7 @@ class DistributedPhysics(Physics):
         if not kwargs:  # deepinv's Trainer calls update() before every batch, mostly with nothing to change
             return
         self.stack.update(method, kwargs, indices)
-        self.__dict__.pop("_lipschitz_cache", None)  # the default step size was these operators'
+        self.operators_version += 1  # what was derived from the operators before (a step size) no longer holds
 
     @property
     def local_indexes(self) -> list[int]:
