@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Optional
@@ -29,8 +31,17 @@ def _quiet_on_interrupt() -> Iterator[None]:
     each failed send and asyncio each task whose exception nobody awaits: dozens of tracebacks after
     "interrupted". The command ends there, so nothing needs them back; the previous handler returns
     when the command ends (a caller in another thread keeps Python's).
+
+    Python runs the handler at the main thread's next bytecode, which may be inside a garbage-collector
+    callback (distributed installs one), a ``__del__`` or a weakref callback: there the
+    ``KeyboardInterrupt`` is printed as "Exception ignored" and dropped, and the command ran on to its
+    end as if no Ctrl-C had come. Such a dropped interrupt is caught by ``sys.unraisablehook`` and
+    delivered again from a timer, so that it lands in ordinary code.
     """
+    redelivery: list[threading.Timer] = []
+
     def interrupt(signum, frame):
+        redelivery.clear()
         # distributed gives some loggers a level and a handler of their own (distributed.client: a
         # reconnect cancelled by the closing client logs an ERROR with its traceback): each one, not the parent
         names = [n for n in logging.root.manager.loggerDict if n.split(".")[0] in ("distributed", "asyncio", "tornado")]
@@ -38,14 +49,29 @@ def _quiet_on_interrupt() -> Iterator[None]:
             logging.getLogger(name).setLevel(logging.CRITICAL + 1)
         raise KeyboardInterrupt
 
+    def redeliver(unraisable):
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            # not from here: the hook runs inside the code that dropped it, which would drop it again
+            timer = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT))
+            timer.daemon = True
+            redelivery[:] = [timer]
+            timer.start()
+        else:
+            previous_hook(unraisable)
+
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = signal.signal(signal.SIGINT, interrupt)
+    previous_hook, sys.unraisablehook = sys.unraisablehook, redeliver
     try:
         yield
+        if redelivery:  # the work ended before the dropped interrupt came back: it still ends the command
+            redelivery[0].cancel()
+            raise KeyboardInterrupt
     finally:
         signal.signal(signal.SIGINT, previous)
+        sys.unraisablehook = previous_hook
 
 
 @app.command()
