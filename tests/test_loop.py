@@ -279,3 +279,50 @@ def test_constant_state_is_written_into_both_slots_then_never_again(ctx, problem
     assert [constant in names for names in written] == [True, True, False]
     whole = dr.reconstruct(dphys, _dask(y), None, n_iter=7, checkpoint=str(tmp_path / "whole"), **opts)
     assert np.array_equal(np.asarray(resumed), np.asarray(whole)) and float(np.abs(np.asarray(whole)).max()) > 0
+
+
+def test_a_ctrl_c_mid_run_leaves_the_users_own_arrays_on_the_cluster(ctx, problem):
+    """A real SIGINT while pipelined iterations are in flight. distributed's ``client.cancel`` of the
+    persisted iterate (whose dependents are the next iteration's intermediate tasks) tripped an assertion
+    on the scheduler, which dropped the client's connection: every future the client held was cancelled,
+    the user's own persisted arrays with them ("lost dependencies")."""
+    import os
+    import signal
+    import threading
+    import time
+
+    ops, x_true, y, dphys, dden = problem
+    client = ctx.client
+    mine = client.persist(da.arange(100, chunks=10) * 3)  # the user's own data, on the same client
+    expected = int((np.arange(100) * 3).sum())
+    assert int(mine.sum().compute()) == expected
+    dr.reconstruct(dphys, y, dden, n_iter=2, step_size=0.3, progress=False)  # warm: operators and model placed
+    armed = threading.Event()
+
+    def interrupt(signum, frame):
+        if armed.is_set():  # a late timer never ends the test session
+            armed.clear()
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    try:
+        armed.set()
+        timer.start()
+        t0 = time.perf_counter()
+        with pytest.raises(KeyboardInterrupt):
+            dr.reconstruct(dphys, y, dden, n_iter=500, step_size=0.3, progress=False)
+        assert time.perf_counter() - t0 < 60
+    finally:
+        armed.clear()
+        timer.cancel()
+        timer.join()
+        signal.signal(signal.SIGINT, previous)
+    assert int(mine.sum().compute()) == expected  # still there, not "lost dependencies"
+    deadline = time.monotonic() + 10  # and nothing of the interrupted run is left running
+    while any(client.processing().values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(client.processing().values())
+    out = dr.reconstruct(dphys, y, dden, n_iter=2, step_size=0.3, progress=False)
+    ref = dr.reconstruct(dphys, y, dden, n_iter=2, step_size=0.3, progress=False)
+    assert torch.equal(out, ref)

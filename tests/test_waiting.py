@@ -201,3 +201,30 @@ def test_drain_waits_for_a_cancelled_task_that_had_started(ctx):
     assert drain(client, {key}, timeout=10)
     assert 0.3 < time.monotonic() - t0 < 8  # it waited, and not for its whole bound
     assert drain(client, {"a key nobody runs"}, timeout=0.1)
+
+
+def test_cancel_stops_the_work_and_keeps_the_clients_other_futures(ctx):
+    """Cancelling a persisted array while a graph built on it runs: distributed's ``client.cancel`` trips
+    an assertion on the scheduler (an intermediate dependent nobody wants) and the client loses every
+    future it holds; ``waiting.cancel`` releases the keys instead, with the same end for the work."""
+    import dask.array as da
+    import numpy as np
+    from distributed import futures_of, wait
+
+    from daskrecon.runtime.waiting import cancel
+
+    client = ctx.client
+    mine = client.persist(da.arange(10, chunks=5) * 7)
+    wait(mine)
+    x = client.persist(da.ones((8, 8), chunks=2))
+    wait(x)
+    slow = client.compute(x.map_blocks(lambda b: (time.sleep(0.5), b + 1)[1]).sum())  # 16 tasks of 0.5 s
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    cancel(client, [slow, *futures_of(x)])
+    assert slow.status == "cancelled" and all(f.status == "cancelled" for f in futures_of(x))
+    while any(client.processing().values()) and time.monotonic() - t0 < 10:
+        time.sleep(0.05)
+    assert time.monotonic() - t0 < 3  # what had not started never ran (16 × 0.5 s on two workers: 4 s)
+    assert int(mine.sum().compute()) == int((np.arange(10) * 7).sum())
+    assert not set(client.who_has()) & {f.key for f in futures_of(x)}  # the scheduler forgot them

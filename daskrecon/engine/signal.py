@@ -22,7 +22,7 @@ from distributed import futures_of
 
 from daskrecon.engine.checkpoint import Checkpoint
 from daskrecon.errors import ShapeError
-from daskrecon.runtime.waiting import compute, drain, gather
+from daskrecon.runtime.waiting import cancel, compute, drain, gather
 
 if TYPE_CHECKING:  # annotations only: the front is a layer above
     from daskrecon.frontend.context import DistributedContext
@@ -291,7 +291,7 @@ class Pending:
         graphs, self._graphs = self._graphs, []
         try:
             if futures:
-                ctx.client.cancel(futures)
+                cancel(ctx.client, futures)
             if store is not None:  # running tasks may still write chunks into it
                 drain(ctx.client, {k for g in graphs for k in g.keys()}, min(ctx.stall_timeout, 60.0))
         except Exception:  # the cluster is gone: nothing of this submission runs any more

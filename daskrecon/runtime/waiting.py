@@ -32,7 +32,7 @@ from daskrecon.errors import DaskreconError, StalledError, TransferError, Worker
 from daskrecon.runtime.scheduler_plugin import task_view
 from daskrecon.tasks.registry import running_keys, task_states
 
-__all__ = ["DEFAULT_STALL_TIMEOUT", "bounded", "compute", "drain", "gather"]
+__all__ = ["DEFAULT_STALL_TIMEOUT", "bounded", "cancel", "compute", "drain", "gather"]
 
 #: Seconds without any progress before a call raises :class:`StalledError`.
 DEFAULT_STALL_TIMEOUT = 120.0
@@ -147,6 +147,34 @@ def compute(
         del futures
 
 
+def cancel(client: Client, futures: Collection[Future], reason: str = "daskrecon cancelled it") -> None:
+    """``client.cancel(futures)`` without losing the client's other futures.
+
+    distributed's cancel walks each key's dependents on the scheduler and asserts that every one
+    is wanted by a client (``Scheduler.stimulus_cancel``); a persisted iterate whose dependents are
+    intermediate tasks of the next graph (a pipelined iteration, a metric) fails that assertion. The
+    scheduler then drops the client's connection, the client reconnects and every future it held is
+    cancelled: a user's own persisted arrays ("lost dependencies"), the placed operators, the model.
+    Releasing the keys is what the cancel ends with anyway: the scheduler forgets each task no
+    client wants any more (its unstarted work never runs), the rest of the graph with it, and the
+    futures here end as cancelled, as ``client.cancel`` leaves them.
+    """
+    from distributed import futures_of
+
+    keys = list({f.key for f in futures_of(list(futures))})
+    if not keys or client.status not in ("running", "connecting", "newly-created"):
+        return
+
+    async def release() -> None:  # the futures' states live on the client's event loop
+        client._send_to_scheduler({"op": "client-releases-keys", "keys": keys, "client": client.id})
+        for key in keys:
+            state = client.futures.pop(key, None)
+            if state is not None:
+                state.cancel(reason=reason)
+
+    client.sync(release, callback_timeout=10)
+
+
 def _stop(client: Client, futures: list[Future], timeout: float) -> None:
     """Cancel ``futures`` and wait for the tasks the workers are running then.
 
@@ -155,7 +183,7 @@ def _stop(client: Client, futures: list[Future], timeout: float) -> None:
     (another client's tasks running at that moment are waited for too, within the bound).
     """
     try:
-        client.cancel(futures)
+        cancel(client, futures)
         answers = bounded(client, client._run, running_keys, on_error="return", what="asking the workers what runs",
                           timeout=min(timeout, 60.0))
         started = {k for running in answers.values() if isinstance(running, list) for k in running}
@@ -393,6 +421,6 @@ class _Watchdog:
 
     def _cancel(self) -> None:
         try:  # free the cluster from work nobody will collect
-            self.client.cancel(self.futures, reason="daskrecon gave up waiting")
+            cancel(self.client, self.futures, reason="daskrecon gave up waiting")
         except Exception:
             pass
