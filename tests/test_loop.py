@@ -295,7 +295,7 @@ def test_a_ctrl_c_mid_run_leaves_the_users_own_arrays_on_the_cluster(ctx, proble
     client = ctx.client
     mine = client.persist(da.arange(100, chunks=10) * 3)  # the user's own data, on the same client
     expected = int((np.arange(100) * 3).sum())
-    assert int(mine.sum().compute()) == expected
+    assert int(client.compute(mine.sum()).result()) == expected
     dr.reconstruct(dphys, y, dden, n_iter=2, step_size=0.3, progress=False)  # warm: operators and model placed
     armed = threading.Event()
 
@@ -318,7 +318,7 @@ def test_a_ctrl_c_mid_run_leaves_the_users_own_arrays_on_the_cluster(ctx, proble
         timer.cancel()
         timer.join()
         signal.signal(signal.SIGINT, previous)
-    assert int(mine.sum().compute()) == expected  # still there, not "lost dependencies"
+    assert int(client.compute(mine.sum()).result()) == expected  # still there, not "lost dependencies"
     deadline = time.monotonic() + 10  # and nothing of the interrupted run is left running
     while any(client.processing().values()) and time.monotonic() < deadline:
         time.sleep(0.1)
