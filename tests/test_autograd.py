@@ -279,7 +279,7 @@ def test_checkpoint_modes_same_gradients_and_kept_activations_are_freed(ctx):
         out = d(xr)
         kept = _kept_on_workers(ctx)
         assert (kept > 0) == (mode != "always"), (mode, kept)  # auto keeps: the workers have room
-        results[mode] = _grads(lambda: out, xr, *model.parameters())
+        results[mode] = _grads(lambda out=out: out, xr, *model.parameters())
         assert _wait_released(ctx) == 0
         out = d(xr)  # a forward whose backward never comes: freed with its graph
         del out
