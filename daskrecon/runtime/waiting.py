@@ -25,7 +25,7 @@ import traceback
 from collections.abc import Collection, Hashable, Mapping, Sequence
 from typing import Any, NoReturn
 
-from distributed import Client, Future
+from distributed import Client, Future, futures_of
 from distributed.comm.core import CommClosedError
 
 from daskrecon.errors import DaskreconError, StalledError, TransferError, WorkerTaskError
@@ -159,13 +159,11 @@ def cancel(client: Client, futures: Collection[Future], reason: str = "daskrecon
     client wants any more (its unstarted work never runs), the rest of the graph with it, and the
     futures here end as cancelled, as ``client.cancel`` leaves them.
     """
-    from distributed import futures_of
-
     keys = list({f.key for f in futures_of(list(futures))})
     if not keys or client.status not in ("running", "connecting", "newly-created"):
         return
 
-    async def release() -> None:  # the futures' states live on the client's event loop
+    async def release() -> None:  # the futures' states live on the client's event loop (as in Client._cancel)
         client._send_to_scheduler({"op": "client-releases-keys", "keys": keys, "client": client.id})
         for key in keys:
             state = client.futures.pop(key, None)
