@@ -203,7 +203,15 @@ def test_drain_waits_for_a_cancelled_task_that_had_started(ctx):
     assert drain(client, {"a key nobody runs"}, timeout=0.1)
 
 
-def test_cancel_stops_the_work_and_keeps_the_clients_other_futures(ctx):
+def _slow_block(b, where):
+    import uuid
+
+    time.sleep(0.5)
+    (where / uuid.uuid4().hex).touch()  # one file per block that ran to its end
+    return b + 1
+
+
+def test_cancel_stops_the_work_and_keeps_the_clients_other_futures(ctx, tmp_path):
     """Cancelling a persisted array while a graph built on it runs: distributed's ``client.cancel`` trips
     an assertion on the scheduler (an intermediate dependent nobody wants) and the client loses every
     future it holds; ``waiting.cancel`` releases the keys instead, with the same end for the work."""
@@ -218,13 +226,15 @@ def test_cancel_stops_the_work_and_keeps_the_clients_other_futures(ctx):
     wait(mine)
     x = client.persist(da.ones((8, 8), chunks=2))
     wait(x)
-    slow = client.compute(x.map_blocks(lambda b: (time.sleep(0.5), b + 1)[1]).sum())  # 16 tasks of 0.5 s
+    slow = client.compute(x.map_blocks(_slow_block, where=tmp_path).sum())  # 16 tasks of 0.5 s
     time.sleep(0.3)
-    t0 = time.monotonic()
     cancel(client, [slow, *futures_of(x)])
     assert slow.status == "cancelled" and all(f.status == "cancelled" for f in futures_of(x))
-    while any(client.processing().values()) and time.monotonic() - t0 < 10:
+    deadline = time.monotonic() + 10
+    while any(client.processing().values()) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert time.monotonic() - t0 < 3  # what had not started never ran (16 × 0.5 s on two workers: 4 s)
+    assert not any(client.processing().values())
+    time.sleep(1.0)  # past the end of any block that had started
+    assert len(list(tmp_path.iterdir())) <= 4  # those that had started (two workers, one thread each), not 16
     assert int(client.compute(mine.sum()).result()) == int((np.arange(10) * 7).sum())
     assert not set(client.who_has()) & {f.key for f in futures_of(x)}  # the scheduler forgot them
